@@ -1,0 +1,108 @@
+"""`meadow` command line: argument parsing only; each command calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from meadow.wire import BlockRange
+
+
+def _block_range(text: str) -> BlockRange:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+        return BlockRange(start=start, end=end)
+    except Exception:
+        raise argparse.ArgumentTypeError(f"expected START:END with START < END, got {text!r}") from None
+
+
+def _add_network(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    parser.add_argument("--nat-port-map", action="store_true", help="ask the router for a port via UPnP (sends SSDP multicast)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meadow", description="Run large language models across many machines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dht = commands.add_parser("dht", help="start a DHT bootstrap node and print its multiaddr")
+    _add_network(dht)
+    dht.add_argument("--initial-peers", nargs="*", default=[], help="other DHT nodes to join")
+
+    serve = commands.add_parser("serve", help="host a span of a model's blocks")
+    serve.add_argument("model", help="checkpoint folder, or a model id in the local HF cache")
+    serve.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
+    span = serve.add_mutually_exclusive_group(required=True)
+    span.add_argument("--blocks", type=_block_range, help="blocks to host, START:END (END excluded)")
+    span.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm needs them")
+    _add_network(serve)
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
+    serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
+    serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
+    serve.add_argument("--public-name", help="a name shown to other users of the swarm")
+    serve.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
+
+    generate = commands.add_parser("generate", help="generate text through the swarm")
+    generate.add_argument("model")
+    generate.add_argument("--initial-peers", nargs="+", required=True)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    generate.add_argument("--dht-prefix")
+
+    demo = commands.add_parser("demo", help="start a local swarm on a small model and generate text")
+    demo.add_argument("--model", help="checkpoint folder (default: a tiny random Llama, created on first run)")
+    demo.add_argument("--prompt", default="Once upon a time")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+
+    bench = commands.add_parser("bench", help="measure swarm vs local speed")
+    bench.add_argument("model", nargs="?", help="checkpoint folder (default: a ~100M random Llama)")
+    bench.add_argument("--servers", type=int, default=2, help="split the blocks over this many servers")
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+
+    if args.command == "dht":
+        from meadow.swarm import serve_dht_node
+
+        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map)
+    elif args.command == "serve":
+        from meadow.server.handler import Limits
+        from meadow.server.server import Server, ServerConfig
+
+        limits = Limits(max_length=args.max_length, idle_timeout=args.idle_timeout)
+        config = ServerConfig(
+            model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
+            host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
+            dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
+            nat_port_map=args.nat_port_map, limits=limits,
+        )  # fmt: skip
+        Server(config).run()
+    elif args.command == "generate":
+        from meadow.client.text import stream_generate
+
+        stream_generate(args.model, args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix)
+    elif args.command == "demo":
+        from meadow.demo import run_demo
+
+        run_demo(args.model, args.prompt, args.max_new_tokens)
+    elif args.command == "bench":
+        from meadow.bench import run_bench
+
+        run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Text in, text out: what `meadow generate` does."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, TextStreamer
+
+from meadow.models import resolve_model_path
+
+
+def stream_generate(
+    model: str, initial_peers: list[str], prompt: str, max_new_tokens: int, temperature: float = 0.0, dht_prefix: str | None = None
+) -> str:
+    """Generate through the swarm, printing text to stdout as it arrives; returns the new text."""
+    from meadow.client.model import AutoDistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    outputs = distributed.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    return tokenizer.decode(outputs[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

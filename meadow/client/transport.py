@@ -1,0 +1,81 @@
+"""Talking to one server: a forward call and an inference stream. Async; the sync API wraps it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from meadow.wire import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, RemoteError, Reply, pack, unpack
+
+MAX_REPLY_BYTES = 2**34  # replies come from servers we chose; the size cap guards servers, not clients
+
+
+async def read_reply(responses: AsyncIterator[runtime_pb2.ExpertResponse], peer: PeerID, timeout: float) -> list[torch.Tensor]:
+    message = await asyncio.wait_for(unpack(responses, MAX_REPLY_BYTES), timeout)
+    if message is None:
+        raise RemoteError("the server closed the stream", kind="ConnectionError", peer=str(peer))
+    tensors, meta = message
+    reply = Reply.from_wire(meta)
+    if reply.error is not None:
+        raise RemoteError(reply.error, kind=reply.error_kind or "MeadowError", peer=str(peer))
+    return tensors
+
+
+async def forward(
+    p2p: P2P, peer: PeerID, request: ForwardRequest, tensors: list[torch.Tensor], timeout: float
+) -> torch.Tensor:
+    responses = await asyncio.wait_for(
+        p2p.iterate_protobuf_handler(
+            peer, RPC_FORWARD, _iterate(pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest)), runtime_pb2.ExpertResponse
+        ),
+        timeout,
+    )
+    try:
+        (output,) = await read_reply(responses, peer, timeout)
+        return output
+    finally:
+        await responses.aclose()
+
+
+class InferenceStream:
+    """One open rpc_inference stream to one server: requests go through a queue, replies are read in order."""
+
+    def __init__(self, p2p: P2P, peer: PeerID):
+        self.p2p, self.peer = p2p, peer
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+
+    async def open(self, request: OpenSession, timeout: float) -> None:
+        self._send([], request.to_wire())
+        self.responses = await asyncio.wait_for(
+            self.p2p.iterate_protobuf_handler(self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse),
+            timeout,
+        )
+        await read_reply(self.responses, self.peer, timeout)
+
+    async def step(self, tensors: list[torch.Tensor], timeout: float) -> torch.Tensor:
+        self._send(tensors, {})
+        (output,) = await read_reply(self.responses, self.peer, timeout)
+        return output
+
+    async def close(self) -> None:
+        self.queue.put_nowait(None)
+        if self.responses is not None:
+            await self.responses.aclose()
+
+    def _send(self, tensors: list[torch.Tensor], meta: dict) -> None:
+        for message in pack(tensors, meta, runtime_pb2.ExpertRequest):
+            self.queue.put_nowait(message)
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (message := await self.queue.get()) is not None:
+            yield message
+
+
+async def _iterate(items):
+    for item in items:
+        yield item

@@ -1,0 +1,105 @@
+"""Start a DHT node and servers as real processes on 127.0.0.1, and stop them all: for the demo, benchmarks and tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class ProcessFailed(RuntimeError):
+    """A swarm process exited or did not become ready in time."""
+
+
+class Process:
+    """A `meadow ...` child in its own process group; its output is kept and optionally echoed."""
+
+    def __init__(self, args: list[str], name: str, echo: bool = False):
+        self.name, self.lines, self.echo = name, [], echo
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "meadow", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.echo:
+                print(f"[{self.name}] {line}", end="", flush=True)
+
+    def wait_for(self, predicate, timeout: float) -> str:
+        deadline, seen = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            while seen < len(self.lines):
+                line = self.lines[seen]
+                seen += 1
+                if predicate(line):
+                    return line
+            if self.popen.poll() is not None and seen >= len(self.lines):
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.lines[-30:])
+        state = f"exited with {self.popen.returncode}" if self.popen.poll() is not None else "timed out"
+        raise ProcessFailed(f"{self.name} {state}; last output:\n{tail}")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (graceful: the server announces it is offline), then SIGKILL the whole group if needed."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # also reaps p2pd / DHT children left behind
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+
+
+class LocalSwarm:
+    """A DHT node plus servers on 127.0.0.1. Use as a context manager; every process is stopped on exit."""
+
+    def __init__(self, echo: bool = False):
+        self.echo = echo
+        self.dht: Process | None = None
+        self.servers: list[Process] = []
+        self.initial_peers: list[str] = []
+
+    def start_dht(self, timeout: float = 60.0) -> list[str]:
+        self.dht = Process(["dht", "--host", "127.0.0.1"], "dht", self.echo)
+        maddr = self.dht.wait_for(lambda line: line.startswith("/ip4/"), timeout)
+        self.initial_peers = [maddr.strip()]
+        return self.initial_peers
+
+    def start_server(self, model: str | Path, *args: str, wait: bool = True, timeout: float = 120.0) -> Process:
+        name = f"server{len(self.servers)}"
+        server = Process(["serve", str(model), "--initial-peers", *self.initial_peers, *args], name, self.echo)
+        self.servers.append(server)
+        if wait:
+            server.wait_for(lambda line: "ready" in line, timeout)
+        return server
+
+    def stop(self) -> None:
+        for process in [*self.servers, *([self.dht] if self.dht else [])]:
+            process.stop()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

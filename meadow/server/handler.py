@@ -1,0 +1,149 @@
+"""The server's RPCs. Every request is validated here, once; a bad one gets a clear error reply and
+nothing else changes, so one client's mistake never reaches another client's session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import msgpack
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from meadow.server.memory import CacheBudget
+from meadow.server.span import Session, Span
+from meadow.wire import (
+    PROTOCOL_VERSION,
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_INFO,
+    BadRequest,
+    ForwardRequest,
+    MeadowError,
+    OpenSession,
+    Reply,
+    Request,
+    pack,
+    unpack,
+)
+
+logger = logging.getLogger(__name__)
+Requests = AsyncIterator[runtime_pb2.ExpertRequest]
+Responses = AsyncIterator[runtime_pb2.ExpertResponse]
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this server."""
+
+    max_batch_tokens: int = 8192  # batch x new tokens in one forward or inference step
+    max_length: int = 8192  # longest inference session
+    max_batch_size: int = 256
+    idle_timeout: float = 300.0  # seconds an inference session may wait between steps before it is closed
+
+
+class BlockHandler:
+    """Serves rpc_info, rpc_forward and rpc_inference for one Span. Compute runs on a single thread."""
+
+    def __init__(self, span: Span, budget: CacheBudget, limits: Limits, info: Callable[[], dict]):
+        self.span, self.budget, self.limits, self.info = span, budget, limits, info
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meadow-compute")
+        # the biggest legal request: max tokens of hidden states in float32 plus positions and mask, with slack
+        self.max_request_bytes = self.limits.max_batch_tokens * (span.config.hidden_size * 4 + 16) + 65536
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
+        for name, handler in ((RPC_FORWARD, self.rpc_forward), (RPC_INFERENCE, self.rpc_inference)):
+            await p2p.add_protobuf_handler(
+                name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            )
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(self.info()))
+
+    async def rpc_forward(self, requests: Requests, context: P2PContext) -> Responses:
+        try:
+            message = await unpack(requests, self.max_request_bytes)
+            if message is None:
+                raise BadRequest("empty request")
+            tensors, meta = message
+            request = self._check_request(ForwardRequest.from_wire(meta))
+            hidden, position_ids, key_mask = self._check_inputs(tensors)
+            output = await self._run(self.span.run, hidden, position_ids, key_mask, request.blocks)
+            for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+                yield response
+        except MeadowError as e:
+            yield self._error(e, context)
+
+    async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
+        try:
+            message = await unpack(requests, self.max_request_bytes)
+            if message is None:
+                return
+            request = self._check_request(OpenSession.from_wire(message[1]))
+            if request.max_length > self.limits.max_length:
+                raise BadRequest(f"max_length {request.max_length} exceeds this server's limit {self.limits.max_length}")
+            if request.batch_size > self.limits.max_batch_size:
+                raise BadRequest(f"batch size {request.batch_size} exceeds this server's limit {self.limits.max_batch_size}")
+            with self.budget.reserve(request.batch_size * request.max_length):
+                session = Session.open(self.span, request.blocks, request.batch_size, request.max_length)
+                yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
+                while True:
+                    try:
+                        message = await asyncio.wait_for(
+                            unpack(requests, self.max_request_bytes), self.limits.idle_timeout
+                        )
+                    except asyncio.TimeoutError:
+                        raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed") from None
+                    if message is None:
+                        return  # the client closed the session
+                    hidden, position_ids, key_mask = self._check_inputs(message[0])
+                    output = await self._run(session.step, self.span, hidden, position_ids, key_mask)
+                    for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+                        yield response
+        except MeadowError as e:
+            yield self._error(e, context)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    def _check_request(self, request: Request) -> Request:
+        if request.version != PROTOCOL_VERSION:
+            raise BadRequest(f"client speaks protocol {request.version}, this server speaks {PROTOCOL_VERSION}")
+        hosted = self.span.range
+        if not (hosted.start <= request.blocks.start and request.blocks.end <= hosted.end):
+            raise BadRequest(f"blocks {request.blocks} requested, this server holds blocks {hosted}")
+        return request
+
+    def _check_inputs(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if len(tensors) != 3:
+            raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
+        hidden, position_ids, key_mask = tensors
+        hidden_size = self.span.config.hidden_size
+        if hidden.ndim != 3 or hidden.shape[-1] != hidden_size or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise BadRequest(f"hidden states must have shape (batch, length, {hidden_size}), got {tuple(hidden.shape)}")
+        if hidden.dtype not in FLOAT_DTYPES:
+            raise BadRequest(f"hidden states must be float32, float16 or bfloat16, got {hidden.dtype}")
+        batch, length = hidden.shape[:2]
+        if batch * length > self.limits.max_batch_tokens:
+            raise BadRequest(f"{batch}x{length} tokens exceed this server's limit of {self.limits.max_batch_tokens} per request")
+        if position_ids.shape != (batch, length) or position_ids.dtype not in (torch.int64, torch.int32):
+            raise BadRequest(f"position_ids must be int64 of shape {(batch, length)}, got {position_ids.dtype} {tuple(position_ids.shape)}")
+        if key_mask.shape != (batch, length) or key_mask.dtype != torch.bool:
+            raise BadRequest(f"key_mask must be bool of shape {(batch, length)}, got {key_mask.dtype} {tuple(key_mask.shape)}")
+        if position_ids.min() < 0 or position_ids.max() >= 2**24:
+            raise BadRequest("position_ids must lie in [0, 2**24)")
+        if not torch.isfinite(hidden).all():
+            raise BadRequest("hidden states contain NaN or infinity")
+        return hidden, position_ids.long(), key_mask
+
+    @staticmethod
+    def _error(error: MeadowError, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        logger.info(f"refused a request from {context.remote_id}: {error}")
+        reply = Reply(error=str(error), error_kind=type(error).__name__)
+        return pack([], reply.to_wire(), runtime_pb2.ExpertResponse)[0]

@@ -1,0 +1,85 @@
+"""Starting DHT nodes with Meadow's network hygiene, and writing / reading server announcements."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import hivemind
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from meadow.swarm.records import ServerInfo, ServerState, block_key
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    client_mode: bool = False,
+    nat_port_map: bool = False,
+) -> hivemind.DHT:
+    """A hivemind DHT node listening on host:port only. UPnP port mapping stays off unless asked for:
+    hivemind's default multicasts SSDP on the local network even when bound to 127.0.0.1."""
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        client_mode=client_mode,
+        nat_port_map=nat_port_map,
+        start=True,
+    )
+
+
+def announce(dht: hivemind.DHT, dht_prefix: str, info: ServerInfo, expiration: float) -> None:
+    """Write `info` under every block key of the server's span, subkey = its peer id."""
+    keys = [block_key(dht_prefix, i) for i in range(info.start, info.end)]
+    peer = dht.peer_id.to_base58()
+    value = info.to_wire()
+    dht.run_coroutine(partial(_store_many, keys=keys, value=value, subkey=peer, expiration=expiration))
+
+
+def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[PeerID, ServerInfo]]:
+    """For each block, the servers that announce it and are not offline; malformed records are skipped."""
+    keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
+    found = dht.run_coroutine(partial(_get_many, keys=keys))
+    servers: list[dict[PeerID, ServerInfo]] = []
+    for key in keys:
+        entry, by_peer = found.get(key), {}
+        if entry is not None and isinstance(entry.value, dict):
+            for subkey, record in entry.value.items():
+                try:
+                    info = ServerInfo.model_validate(record.value)
+                    peer = PeerID.from_base58(subkey)
+                except Exception:
+                    continue  # a stranger's garbage must not break discovery
+                if info.state != ServerState.OFFLINE:
+                    by_peer[peer] = info
+        servers.append(by_peer)
+    return servers
+
+
+# run_coroutine pickles its function into the DHT's process, so these live at module level.
+async def _store_many(_dht, node, *, keys: list[str], value: dict, subkey: str, expiration: float) -> None:
+    await node.store_many(keys, [value] * len(keys), get_dht_time() + expiration, subkeys=[subkey] * len(keys))
+
+
+async def _get_many(_dht, node, *, keys: list[str]) -> dict:
+    return await node.get_many(keys)
+
+
+def serve_dht_node(host: str = "127.0.0.1", port: int = 0, initial_peers: Sequence[str] = (), nat_port_map: bool = False) -> None:
+    """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map)
+    try:
+        for maddr in dht.get_visible_maddrs():
+            print(maddr, flush=True)
+        stop.wait()
+    finally:
+        dht.shutdown()

@@ -1,0 +1,49 @@
+"""What a server announces in the DHT, and the key layout. The only module that knows how keys are spelled."""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum
+from pathlib import Path
+
+from pydantic import Field
+
+from meadow.wire.schemas import PROTOCOL_VERSION, Schema
+
+
+class ServerState(IntEnum):
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+class ServerInfo(Schema):
+    """One server's announcement for each block of its span."""
+
+    state: ServerState
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    throughput: float = 0.0  # tokens/s through the whole span when batching many tokens (prefill, forward)
+    inference_rps: float = 0.0  # single-token inference steps/s through one block
+    cache_tokens_left: int = 0
+    dtype: str = "float32"
+    version: int = PROTOCOL_VERSION
+    public_name: str | None = None
+    adapters: tuple[str, ...] = ()
+
+
+def dht_prefix_for(model: str | Path) -> str:
+    """Swarm name of a model: a hub id ("org/name" -> "org--name"), the id of a folder in the HF cache,
+    or else a folder's name; flattened to [A-Za-z0-9_-]. Servers and clients given the same model agree."""
+    path = Path(model)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        name = path.parent.parent.name.removeprefix("models--")
+    elif path.exists():
+        name = path.resolve().name
+    else:
+        name = str(model).replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "model"
+
+
+def block_key(dht_prefix: str, index: int) -> str:
+    return f"{dht_prefix}.{index}"
