@@ -1,1 +1,12 @@
+"""Meadow: run and fine-tune large language models across many machines."""
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lazy, so that `meadow dht` and `meadow serve` do not import the client stack
+    if name in ("AutoDistributedModelForCausalLM", "DistributedModelForCausalLM"):
+        from meadow.client import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'meadow' has no attribute {name!r}")

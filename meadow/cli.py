@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
+    serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     serve.add_argument("--public-name", help="a name shown to other users of the swarm")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
 
-        limits = Limits(max_length=args.max_length, idle_timeout=args.idle_timeout)
+        limits = Limits(max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout)
         config = ServerConfig(
             model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,

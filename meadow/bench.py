@@ -1,0 +1,96 @@
+"""`meadow bench`: the same model run locally (transformers) and through a loopback swarm, side by side."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from meadow.local_swarm import LocalSwarm
+from meadow.models import load_config
+
+BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
+PREFILL_BATCH, PREFILL_LENGTH = 8, 128
+
+
+def default_bench_model() -> Path:
+    """A ~100M-parameter Llama-shaped random checkpoint (8 blocks of hidden 768, vocab 32000)."""
+    if not (BENCH_MODEL_DIR / "config.json").exists():
+        from meadow.models.tiny import make_tiny_checkpoint
+
+        print(f"Creating a ~100M-parameter random Llama checkpoint in {BENCH_MODEL_DIR}")
+        make_tiny_checkpoint(BENCH_MODEL_DIR, "llama", num_layers=8, hidden_size=768, intermediate_size=2048,
+                             num_heads=12, num_kv_heads=4, vocab_size=32000, seed=0)  # fmt: skip
+    return BENCH_MODEL_DIR
+
+
+def peak_rss_mib(pid: int | None = None) -> float:
+    """Peak resident memory of a process (VmHWM), in MiB."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, repeats: int = 1) -> float:
+    fn()  # warm-up
+    began = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - began) / repeats
+
+
+def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
+    prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        generate_time = timed(lambda: model.generate(prompt, **kwargs))
+        prefill_time = timed(lambda: model(prefill), repeats=2)
+    return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time}
+
+
+def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str) -> None:
+    from meadow.client.model import AutoDistributedModelForCausalLM
+
+    model = str(model or default_bench_model())
+    config = load_config(model)
+    blocks = config.num_hidden_layers
+    bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        servers = [
+            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=600)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers)
+        remote = measure(distributed, new_tokens, config.vocab_size)
+        client_peak = peak_rss_mib()
+        server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
+        distributed.sequence.close()
+
+    local_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
+    local = measure(local_model, new_tokens, config.vocab_size)
+    params = sum(p.numel() for p in local_model.parameters()) / 1e6
+
+    local_step, remote_step = 1 / local["tokens_per_s"], 1 / remote["tokens_per_s"]
+    print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, "
+          f"{num_servers} servers (spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))})")  # fmt: skip
+    print(f"| measure | local | swarm | swarm/local |")
+    print(f"|---|---|---|---|")
+    print(f"| generation, tokens/s (batch 1, {new_tokens} new) | {local['tokens_per_s']:.1f} | {remote['tokens_per_s']:.1f} "
+          f"| {remote['tokens_per_s'] / local['tokens_per_s']:.2f}x |")  # fmt: skip
+    print(f"| prefill {PREFILL_BATCH}x{PREFILL_LENGTH}, s | {local['prefill_s']:.3f} | {remote['prefill_s']:.3f} "
+          f"| {remote['prefill_s'] / local['prefill_s']:.2f}x |")  # fmt: skip
+    print(f"per-hop overhead per generated token: {(remote_step - local_step) / num_servers * 1000:.2f} ms "
+          f"({num_servers} hops; (swarm - local) time per token / hops)")  # fmt: skip
+    print(f"peak memory: client {client_peak:.0f} MiB (holds embeddings and head, no blocks); servers "
+          + ", ".join(f"{peak:.0f} MiB" for peak in server_peaks))

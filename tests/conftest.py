@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random checkpoints and real swarms (a DHT node and servers as processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meadow.local_swarm import LocalSwarm
+
+
+def start_swarm(model, spans: list[str], *extra: str) -> LocalSwarm:
+    """A DHT node and one server per span ("START:END"), started in parallel, all ready on return."""
+    swarm = LocalSwarm()
+    try:
+        swarm.start_dht()
+        servers = [swarm.start_server(model, "--blocks", span, *extra, wait=False) for span in spans]
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+    except BaseException:
+        swarm.stop()
+        raise
+    return swarm
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Tiny random checkpoints per family, made once per test run."""
+    from meadow.models.tiny import make_tiny_checkpoint
+
+    made = {}
+
+    def get(family: str, **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{family}") / f"tiny-{family}"
+            made[key] = make_tiny_checkpoint(path, family, **kwargs)
+        return made[key]
+
+    return get

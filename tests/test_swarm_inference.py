@@ -1,0 +1,89 @@
+"""End to end through real processes: a DHT node and servers on 127.0.0.1, a client through the public API.
+Every result is compared with transformers running the same checkpoint locally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import start_swarm
+from meadow import AutoDistributedModelForCausalLM
+
+FAMILIES = {  # family -> server spans over a 6-block model
+    "llama": ["0:2", "2:4", "4:6"],
+    "mistral": ["0:3", "3:6"],
+    "qwen2": ["0:4", "4:6"],
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def swarm_and_models(request, checkpoints):
+    family = request.param
+    path = checkpoints(family, num_layers=6)
+    swarm = start_swarm(path, FAMILIES[family])
+    try:
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        yield distributed, local, tokenizer
+        distributed.sequence.close()
+    finally:
+        swarm.stop()
+
+
+def test_logits_equal_local_model(swarm_and_models):
+    distributed, local, _ = swarm_and_models
+    input_ids = torch.randint(0, local.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = local(input_ids).logits
+        got = distributed(input_ids).logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_client_holds_no_block_weights(swarm_and_models):
+    distributed, local, _ = swarm_and_models
+    names = [name for name, _ in distributed.named_parameters()]
+    assert not [name for name in names if ".layers." in name]
+    assert sum(p.numel() for p in distributed.parameters()) < sum(p.numel() for p in local.parameters()) / 2
+
+
+def test_greedy_generation_is_identical(swarm_and_models):
+    distributed, local, tokenizer = swarm_and_models
+    inputs = tokenizer("A meadow of many machines", return_tensors="pt")
+    expected = local.generate(**inputs, max_new_tokens=12, do_sample=False)
+    got = distributed.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_left_padded_batch_is_identical(swarm_and_models):
+    distributed, local, tokenizer = swarm_and_models
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["Hi", "A longer prompt than the first"], return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any()
+    expected = local.generate(**inputs, max_new_tokens=8, do_sample=False)
+    got = distributed.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_chat_over_several_generate_calls_equals_one_generation(swarm_and_models):
+    distributed, local, tokenizer = swarm_and_models
+    input_ids = tokenizer("Tell me", return_tensors="pt")["input_ids"]
+    expected = local.generate(input_ids, max_new_tokens=12, do_sample=False)
+    with distributed.inference_session(max_length=64):
+        ids = input_ids
+        for _ in range(3):
+            ids = distributed.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ids, expected)
+
+
+def test_sampling_with_a_seed_matches_local(swarm_and_models):
+    distributed, local, tokenizer = swarm_and_models
+    inputs = tokenizer("Sample", return_tensors="pt")
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    torch.manual_seed(7)
+    expected = local.generate(**inputs, **kwargs)
+    torch.manual_seed(7)
+    got = distributed.generate(**inputs, **kwargs)
+    assert torch.equal(got, expected)
