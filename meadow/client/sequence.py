@@ -63,7 +63,11 @@ class RemoteSequence:
         return InferenceSession(self, max_length, batch_size)
 
     def close(self) -> None:
-        self.dht.shutdown()
+        """Leave the swarm: close our P2P connection on its own event loop, then stop the DHT process."""
+        if self.p2p is not None:
+            run(self.p2p.shutdown())
+            self.p2p = None
+            self.dht.shutdown()
 
     async def _ping_all(self, peers: list[PeerID]) -> dict[PeerID, float]:
         async def ping(peer: PeerID) -> tuple[PeerID, float]:

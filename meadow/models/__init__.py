@@ -1,0 +1,30 @@
+"""Block math per model family and loading of only the wanted tensors from HF checkpoints."""
+
+from meadow.models.checkpoint import (
+    SUPPORTED_MODEL_TYPES,
+    ClientParts,
+    UnsupportedModelError,
+    load_block,
+    load_blocks,
+    load_client_parts,
+    load_config,
+    resolve_model_path,
+)
+from meadow.models.llama import BlockConfig, KVCache, LlamaBlock, RMSNorm
+from meadow.models.tiny import make_tiny_checkpoint
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "BlockConfig",
+    "ClientParts",
+    "KVCache",
+    "LlamaBlock",
+    "RMSNorm",
+    "UnsupportedModelError",
+    "load_block",
+    "load_blocks",
+    "load_client_parts",
+    "load_config",
+    "make_tiny_checkpoint",
+    "resolve_model_path",
+]
