@@ -49,14 +49,13 @@ class RemoteSequence:
         return choose_chain(self.servers, self.rtt, blocks, default_rtt=self.config.default_rtt)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        key_mask = _full_mask(hidden, key_mask)
-        for hop in self.make_chain():
+        return run(self._forward(self.make_chain(), hidden, position_ids, _full_mask(hidden, key_mask)))
+
+    async def _forward(self, chain: list[Hop], hidden, position_ids, key_mask) -> torch.Tensor:
+        for hop in chain:
             request = ForwardRequest(blocks=hop.blocks)
-            hidden = run(
-                transport.forward(
-                    self.p2p, hop.peer, request, [hidden, position_ids, key_mask], self.config.request_timeout
-                )
-            )
+            tensors = [hidden, position_ids, key_mask]
+            hidden = await transport.forward(self.p2p, hop.peer, request, tensors, self.config.request_timeout)
         return hidden
 
     def inference_session(self, max_length: int, batch_size: int) -> "InferenceSession":
@@ -97,12 +96,14 @@ class InferenceSession:
         if self.position + length > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {length} tokens")
         if self.streams is None:
-            self.streams = run(self._open())
-        key_mask = _full_mask(hidden, key_mask)
-        timeout = self.sequence.config.request_timeout
-        for _, stream in self.streams:
-            hidden = run(stream.step([hidden, position_ids, key_mask], timeout))
+            self.streams = run(self._open(self.sequence.make_chain()))  # route here: make_chain blocks on the loop
+        hidden = run(self._step(hidden, position_ids, _full_mask(hidden, key_mask)))
         self.position += length
+        return hidden
+
+    async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        for _, stream in self.streams:
+            hidden = await stream.step([hidden, position_ids, key_mask], self.sequence.config.request_timeout)
         return hidden
 
     def close(self) -> None:
@@ -110,10 +111,10 @@ class InferenceSession:
             run(self._close())
             self.streams = None
 
-    async def _open(self) -> list[tuple[Hop, transport.InferenceStream]]:
+    async def _open(self, chain: list[Hop]) -> list[tuple[Hop, transport.InferenceStream]]:
         opened = []
         try:
-            for hop in self.sequence.make_chain():
+            for hop in chain:
                 stream = transport.InferenceStream(self.sequence.p2p, hop.peer)
                 opened.append((hop, stream))
                 request = OpenSession(blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size)

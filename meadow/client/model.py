@@ -1,0 +1,276 @@
+"""The client's model: embeddings, final norm and LM head run here; every transformer block runs on the swarm.
+
+`DistributedModelForCausalLM` is a transformers `PreTrainedModel` + `GenerationMixin`, so `generate` is
+transformers' own loop (greedy, sampling, logits processors, stopping criteria, streamers). What differs is
+the KV cache: it lives on the servers, inside an inference session. transformers' cache objects are not used
+at all (`_supports_default_dynamic_cache` is False); instead `prepare_inputs_for_generation` hands `forward`
+the whole sequence every step, and `forward` sends the servers only the tokens they have not processed yet.
+That one rule also gives chats: inside `with model.inference_session(...)`, each `generate` call gets the
+whole conversation and only its new suffix travels.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from meadow.models import load_client_parts, load_config, resolve_model_path
+
+DEFAULT_NEW_TOKENS = 20  # what transformers generates when neither max_new_tokens nor max_length is set
+
+
+class GenerationSession:
+    """A server-side inference session seen from the model: the remote session plus the token ids
+    (and attention mask) the servers have processed, so that each call sends only what is new."""
+
+    def __init__(self, sequence, max_length: int, batch_size: int | None):
+        self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.remote = None  # the sequence's InferenceSession, opened at the first step (when the batch size is known)
+        self.token_ids: torch.Tensor | None = None  # (B, position) ids the servers have processed
+        self.mask: torch.Tensor | None = None  # (B, position) bool, their attention mask
+
+    @property
+    def position(self) -> int:
+        """How many tokens (per row) the servers hold in their KV caches."""
+        return 0 if self.token_ids is None else self.token_ids.shape[1]
+
+    def split_new(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check that the whole sequence `input_ids` (B, L) continues what the servers have processed and
+        return the new tokens' ids, rotary positions and key mask, each (B, L - position)."""
+        batch, length = input_ids.shape
+        seen = self.position
+        expected_batch = self.batch_size if self.token_ids is None else self.token_ids.shape[0]
+        if expected_batch is not None and batch != expected_batch:
+            raise ValueError(f"this inference session is for batch size {expected_batch}, got a batch of {batch}")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        if length <= seen or (seen and not torch.equal(input_ids[:, :seen], self.token_ids.to(input_ids.device))):
+            raise ValueError(
+                f"input_ids (length {length}) do not extend this inference session: the servers have processed "
+                f"{seen} tokens, and input_ids must be those same tokens followed by at least one new token. Pass "
+                "the whole conversation so far (e.g. the previous generate output plus the new text), or open a new "
+                "session."
+            )
+        if seen and not torch.equal(mask[:, :seen], self.mask.to(mask.device)):
+            raise ValueError("attention_mask disagrees with the mask of the tokens this session has processed")
+        if position_ids is None:
+            position_ids = positions_from_mask(mask)
+        if position_ids.shape[-1] == length:
+            position_ids = position_ids[..., seen:]
+        elif position_ids.shape[-1] != length - seen:
+            raise ValueError(f"position_ids must cover all {length} tokens or the {length - seen} new ones")
+        return input_ids[:, seen:], position_ids.expand(batch, -1), mask[:, seen:]
+
+    def step(
+        self, hidden: torch.Tensor, new_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the new tokens' hidden states (B, T, H) through the servers; remember the tokens once they are stored."""
+        if self.remote is None:
+            self.remote = self.sequence.inference_session(self.max_length, self.batch_size or hidden.shape[0])
+        output = self.remote.step(hidden, position_ids, mask)
+        new_ids, mask = new_ids.detach().cpu(), mask.detach().cpu()
+        self.token_ids = new_ids if self.token_ids is None else torch.cat([self.token_ids, new_ids], dim=1)
+        self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
+        return output
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose blocks run on the swarm: holds the HF config, the embeddings, the final norm,
+    the LM head and a remote sequence of blocks (no block weights)."""
+
+    config_class = PreTrainedConfig
+    main_input_name = "input_ids"
+    base_model_prefix = ""
+    # Beam search and assisted decoding need to reorder or roll back the KV cache, which lives on the servers.
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+
+    def __init__(self, config: PreTrainedConfig, parts, sequence):
+        super().__init__(config)
+        self.embed_tokens: nn.Embedding = parts.embed_tokens
+        self.norm: nn.Module = parts.norm
+        self.lm_head: nn.Linear = parts.lm_head
+        self.sequence = sequence  # RemoteSequence (or a stand-in with the same interface), not an nn.Module
+        self.session: GenerationSession | None = None  # the active inference session, if any
+        self.all_tied_weights_keys = {}  # what post_init would set; post_init itself would re-initialise weights
+        self.eval()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the KV cache is server-side: generate must not build a DynamicCache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits for `input_ids` (B, L). Outside an inference session: one full pass over the swarm, logits
+        (B, L, V). Inside one (and unless use_cache=False): `input_ids` is the whole sequence so far, only
+        the tokens the servers have not processed are sent, and the logits cover those new tokens only."""
+        if past_key_values is not None:
+            raise ValueError("Meadow keeps the KV cache on the servers: use `with model.inference_session(...)`")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        session = self.session if use_cache is not False else None
+        if session is not None:
+            if input_ids is None:
+                raise NotImplementedError("inputs_embeds inside an inference session are not supported yet")
+            if labels is not None:
+                raise ValueError("labels inside an inference session are not supported: compute the loss without one")
+            new_ids, positions, key_mask = session.split_new(input_ids, attention_mask, position_ids)
+            hidden = session.step(self.embed_tokens(new_ids), new_ids, positions, key_mask)
+        else:
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            key_mask = attention_mask.bool() if attention_mask is not None else None
+            batch, length = hidden.shape[:2]
+            if position_ids is None and key_mask is None:
+                position_ids = torch.arange(length, device=hidden.device)
+            elif position_ids is None:
+                position_ids = positions_from_mask(key_mask)
+            hidden = self.sequence.forward(hidden, position_ids.expand(batch, length), key_mask)
+        hidden = hidden.to(self.lm_head.weight.device)
+
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.norm(hidden[:, keep]))
+        loss = None
+        if labels is not None:
+            extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | None = None,
+        **unused,
+    ) -> dict:
+        """Every step gets the WHOLE sequence (no slicing to the last token as transformers does for its
+        caches): `forward` knows from the session which suffix the servers still need."""
+        device = self.embed_tokens.weight.device  # as transformers does: inputs may live elsewhere
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        inputs = {name: None if value is None else value.to(device) for name, value in inputs.items()}
+        inputs["use_cache"] = use_cache
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    @contextmanager
+    def inference_session(self, max_length: int, batch_size: int | None = 1) -> Iterator[GenerationSession]:
+        """Keep a KV cache of up to `max_length` tokens per row on the servers (batch_size None: that of the
+        first step). Inside, forward and generate continue it: several generate calls, each given the whole
+        conversation so far, make one chat."""
+        if self.session is not None:
+            raise RuntimeError("this model already has an active inference session")
+        self.session = GenerationSession(self.sequence, max_length, batch_size)
+        try:
+            yield self.session
+        finally:
+            session, self.session = self.session, None
+            session.close()
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+        """transformers' generate. Outside an inference session it opens one sized for this call
+        (prompt + new tokens) and closes it when the call returns or raises."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise NotImplementedError("generate with inputs_embeds is not supported yet; pass input_ids")
+        use_cache = _setting("use_cache", kwargs, generation_config, self.generation_config)
+        if self.session is not None or use_cache is False:
+            return super().generate(inputs, generation_config, **kwargs)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is None:
+            raise ValueError("generate needs input_ids (a prompt) to size its inference session")
+        max_length = self._total_length(prompt.shape[-1], kwargs, generation_config)
+        with self.inference_session(max_length, batch_size=None):
+            return super().generate(inputs, generation_config, **kwargs)
+
+    def _total_length(self, prompt_length: int, kwargs: dict, generation_config: GenerationConfig | None) -> int:
+        """Prompt plus new tokens, read the way generate reads it: kwargs, then the generation config passed,
+        then the model's."""
+        max_new_tokens = _setting("max_new_tokens", kwargs, generation_config, self.generation_config)
+        if max_new_tokens is not None:
+            return prompt_length + max_new_tokens
+        max_length = _setting("max_length", kwargs, generation_config, self.generation_config)
+        return max(max_length, prompt_length + 1) if max_length is not None else prompt_length + DEFAULT_NEW_TOKENS
+
+
+def _setting(name: str, kwargs: dict, *configs: GenerationConfig | None):
+    """A generation setting by transformers' priority: a generate kwarg, then the first config that sets it."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    values = (getattr(config, name, None) for config in configs if config is not None)
+    return next((value for value in values if value is not None), None)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (B, L) the way transformers' generate makes them from an attention mask (B, L):
+    real tokens count 0, 1, 2, ... (cumsum - 1) and padding sits at 0."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(~mask.bool(), 0)
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point like transformers' AutoModelForCausalLM: `from_pretrained(model, initial_peers)`."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        initial_peers: Sequence[str] = (),
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        sequence=None,
+        **kwargs,
+    ) -> DistributedModelForCausalLM:
+        """Load the config and the client-side parts only (never block weights), and join the swarm
+        (`kwargs` go to `connect_sequence`). `sequence=` replaces the swarm with any object of the
+        RemoteSequence interface (tests use an in-process one)."""
+        path = resolve_model_path(model)
+        config = AutoConfig.from_pretrained(path)
+        block_config = load_config(path)
+        parts = load_client_parts(path, block_config, dtype, device)
+        if sequence is None:
+            from meadow.client.sequence import connect_sequence
+
+            sequence = connect_sequence(path, block_config, initial_peers=initial_peers, **kwargs)
+        distributed = DistributedModelForCausalLM(config, parts, sequence)
+        if (path / "generation_config.json").exists():
+            distributed.generation_config = GenerationConfig.from_pretrained(path)
+        return distributed
