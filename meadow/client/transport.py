@@ -48,24 +48,41 @@ class InferenceStream:
         self.p2p, self.peer = p2p, peer
         self.queue: asyncio.Queue = asyncio.Queue()
         self.responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self.closed = False
 
     async def open(self, request: OpenSession, timeout: float) -> None:
-        self._send([], request.to_wire())
-        self.responses = await asyncio.wait_for(
-            self.p2p.iterate_protobuf_handler(self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse),
-            timeout,
-        )
-        await read_reply(self.responses, self.peer, timeout)
+        try:
+            self._send([], request.to_wire())
+            self.responses = await asyncio.wait_for(
+                self.p2p.iterate_protobuf_handler(self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse),
+                timeout,
+            )
+            await read_reply(self.responses, self.peer, timeout)
+        except BaseException:
+            await self.close()
+            raise
 
     async def step(self, tensors: list[torch.Tensor], timeout: float) -> torch.Tensor:
-        self._send(tensors, {})
-        (output,) = await read_reply(self.responses, self.peer, timeout)
-        return output
+        if self.closed:
+            raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
+        try:
+            self._send(tensors, {})
+            (output,) = await read_reply(self.responses, self.peer, timeout)
+            return output
+        except BaseException:
+            await self.close()  # after an error or timeout the stream is out of step: never reuse it
+            raise
 
     async def close(self) -> None:
-        self.queue.put_nowait(None)
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.put_nowait(None)  # ends our request generator, so hivemind's writer task finishes
         if self.responses is not None:
-            await self.responses.aclose()
+            try:
+                await self.responses.aclose()
+            except Exception:
+                pass  # the connection may already be gone; there is nothing left to release
 
     def _send(self, tensors: list[torch.Tensor], meta: dict) -> None:
         for message in pack(tensors, meta, runtime_pb2.ExpertRequest):

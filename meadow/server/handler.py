@@ -79,6 +79,7 @@ class BlockHandler:
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
+            await _drain(requests)
 
     async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
         try:
@@ -108,6 +109,7 @@ class BlockHandler:
                         yield response
         except MeadowError as e:
             yield self._error(e, context)
+            await _drain(requests)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -147,3 +149,16 @@ class BlockHandler:
         logger.info(f"refused a request from {context.remote_id}: {error}")
         reply = Reply(error=str(error), error_kind=type(error).__name__)
         return pack([], reply.to_wire(), runtime_pb2.ExpertResponse)[0]
+
+
+async def _drain(requests: Requests, timeout: float = 5.0) -> None:
+    """Read what the client still sends before closing: closing first breaks its pipe, and the client's
+    socket would then drop our error reply unread."""
+    async def consume():
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(consume(), timeout)
+    except Exception:
+        pass
