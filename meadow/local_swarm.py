@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -9,6 +10,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL, so no swarm outlives its owner."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class ProcessFailed(RuntimeError):
@@ -26,7 +35,8 @@ class Process:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            start_new_session=True,
+            start_new_session=True,  # its own group, so stop() reaches the DHT and p2pd children too
+            preexec_fn=_die_with_parent,
             env=env,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -1,0 +1,92 @@
+"""The command line as a person uses it: `meadow dht`, `meadow serve --num-blocks`, `meadow generate`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from meadow.local_swarm import LocalSwarm
+from meadow.models import load_config
+from meadow.swarm import dht_prefix_for, fetch_servers, start_dht
+
+
+@pytest.fixture(scope="module")
+def swarm_by_num_blocks(checkpoints):
+    path = checkpoints("llama", num_layers=6)
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        # one after the other, so that each sees the previous announcement
+        for _ in range(3):
+            swarm.start_server(path, "--num-blocks", "2")
+        yield swarm, path
+
+
+def test_dht_prints_a_full_loopback_multiaddr(swarm_by_num_blocks):
+    swarm, _ = swarm_by_num_blocks
+    (maddr,) = swarm.initial_peers
+    assert maddr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3" in maddr
+
+
+def test_servers_started_with_num_blocks_cover_the_model(swarm_by_num_blocks):
+    swarm, path = swarm_by_num_blocks
+    dht = start_dht(swarm.initial_peers, client_mode=True)
+    try:
+        per_block = fetch_servers(dht, dht_prefix_for(str(path)), load_config(path).num_hidden_layers)
+    finally:
+        dht.shutdown()
+    assert [len(servers) for servers in per_block] == [1] * 6
+
+
+def test_generate_command_streams_the_local_models_text(swarm_by_num_blocks):
+    swarm, path = swarm_by_num_blocks
+    prompt = "The swarm says"
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "generate", str(path), "--initial-peers", *swarm.initial_peers,
+         "--prompt", prompt, "--max-new-tokens", "10"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    expected = tokenizer.decode(local.generate(**inputs, max_new_tokens=10, do_sample=False)[0], skip_special_tokens=True)
+    assert expected in result.stdout
+
+
+def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
+    swarm, _ = swarm_by_num_blocks
+    roots = {process.popen.pid for process in [swarm.dht, *swarm.servers]}
+    daemons = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            group = os.getpgid(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if group in roots and args and args[0].endswith(b"p2pd"):
+            daemons.append([arg.decode() for arg in args])
+    assert len(daemons) >= len(roots)
+    for args in daemons:
+        assert "-natPortMap=0" in args, args
+        listen = [arg for arg in args if arg.startswith("-hostAddrs=")]
+        assert listen and all("/ip4/127.0.0.1/" in addr for addr in listen[0].split("=", 1)[1].split(",")), args
+
+
+def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "serve", str(tmp_path), "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7", "--blocks", "0:1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "gpt2" in result.stderr and "llama" in result.stderr and "qwen2" in result.stderr
