@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config
@@ -44,16 +44,18 @@ def run_demo(model: str | None, prompt: str, max_new_tokens: int) -> None:
         tokenizer = AutoTokenizer.from_pretrained(model)
         inputs = tokenizer(prompt, return_tensors="pt")
         distributed = AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers)
+        print("Swarm: ", end="", flush=True)
         began = time.perf_counter()
-        swarm_ids = distributed.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        swarm_ids = distributed.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer)
+        )
         elapsed = time.perf_counter() - began
-        print(f"Swarm: {tokenizer.decode(swarm_ids[0], skip_special_tokens=True)!r}")
-        print(f"  {max_new_tokens} tokens in {elapsed:.2f} s ({max_new_tokens / elapsed:.1f} tokens/s)")
+        print(f"  ({max_new_tokens} tokens in {elapsed:.2f} s, {max_new_tokens / elapsed:.1f} tokens/s)")
 
         local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         local_ids = local.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         same = torch.equal(local_ids, swarm_ids)
-        print(f"Local: {tokenizer.decode(local_ids[0], skip_special_tokens=True)!r}")
+        print(f"Local: {tokenizer.decode(local_ids[0], skip_special_tokens=True)}")
         print(f"Same tokens as the whole model run locally: {'yes' if same else 'NO'}")
         distributed.sequence.close()
     print("All processes stopped.")
