@@ -47,7 +47,7 @@ def run_demo(model: str | None, prompt: str, max_new_tokens: int) -> None:
         print("Swarm: ", end="", flush=True)
         began = time.perf_counter()
         swarm_ids = distributed.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer)
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer, skip_special_tokens=True)
         )
         elapsed = time.perf_counter() - began
         print(f"  ({max_new_tokens} tokens in {elapsed:.2f} s, {max_new_tokens / elapsed:.1f} tokens/s)")

@@ -17,6 +17,6 @@ def stream_generate(
     distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
     inputs = tokenizer(prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     outputs = distributed.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
     return tokenizer.decode(outputs[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
