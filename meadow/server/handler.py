@@ -28,6 +28,7 @@ from meadow.wire import (
     Reply,
     Request,
     pack,
+    WrongServer,
     unpack,
 )
 
@@ -119,7 +120,7 @@ class BlockHandler:
             raise BadRequest(f"client speaks protocol {request.version}, this server speaks {PROTOCOL_VERSION}")
         hosted = self.span.range
         if not (hosted.start <= request.blocks.start and request.blocks.end <= hosted.end):
-            raise BadRequest(f"blocks {request.blocks} requested, this server holds blocks {hosted}")
+            raise WrongServer(f"blocks {request.blocks} requested, this server holds blocks {hosted}")
         return request
 
     def _check_inputs(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

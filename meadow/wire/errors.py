@@ -19,3 +19,7 @@ class RemoteError(MeadowError):
     def __init__(self, message: str, kind: str = "MeadowError", peer: str | None = None):
         super().__init__(f"{kind} from {peer}: {message}" if peer else f"{kind}: {message}")
         self.kind, self.peer, self.remote_message = kind, peer, message
+
+
+class WrongServer(MeadowError):
+    """This server does not (or no longer) hold the requested blocks: the client's routes are stale; retry elsewhere."""
