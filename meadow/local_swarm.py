@@ -68,8 +68,10 @@ class Process:
             os.killpg(self.popen.pid, sig)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (graceful: the server announces it is offline), then SIGKILL the whole group if needed."""
-        self.signal(signal.SIGTERM)
+        """SIGTERM to the main process only (graceful: a server announces it is offline and stops its own DHT and
+        p2pd children in order; signalling them too would make that shutdown hang), then SIGKILL what is left."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -11,6 +11,7 @@ from hivemind.proto import runtime_pb2
 
 from conftest import start_swarm
 from meadow.client import transport
+from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
 from meadow.client.sequence import connect_sequence, run
 from meadow.models import load_config
@@ -25,7 +26,8 @@ def served(checkpoints):
     path = checkpoints("llama", num_layers=4, hidden_size=HIDDEN)
     limits = ["--cache-tokens", "64", "--max-length", "48", "--max-batch-tokens", "256", "--idle-timeout", "3"]
     swarm = start_swarm(path, [str(SPAN)], *limits)
-    sequence = connect_sequence(str(path), load_config(path), swarm.initial_peers)
+    config = ClientConfig(wait_for_servers=1.0, max_retries=0)
+    sequence = connect_sequence(str(path), load_config(path), swarm.initial_peers, client_config=config)
     sequence.update_routes(force=True)
     (peer,) = sequence.servers
     try:

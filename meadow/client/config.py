@@ -1,4 +1,4 @@
-"""How patient a client is. Every wait is bounded; retries and timeouts live here and nowhere else."""
+"""How patient a client is. Every wait is bounded; retries, bans and timeouts live here and nowhere else."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Timeouts (seconds) and routing settings of a client, with defaults fit for a loopback or LAN swarm."""
+    """Timeouts (seconds), retry limits and routing settings of a client, with defaults fit for a LAN or the internet."""
 
     dht_prefix: str | None = None  # swarm name of the model; default: derived from the model's name
-    request_timeout: float = 60.0  # one forward or one inference step on one server
-    connect_timeout: float = 20.0  # opening a session or pinging a server
+    request_timeout: float = 30.0  # one forward or one inference step on one server; a server silent longer is failed over
+    connect_timeout: float = 10.0  # opening a session or pinging a server
+    max_retries: int = 5  # failovers for one request before its last error is raised
+    ban_seconds: float = 15.0  # first ban of a failed server; doubles with each further failure...
+    max_ban_seconds: float = 300.0  # ...up to this
+    wait_for_servers: float = 30.0  # how long to wait for some server to hold missing blocks before giving up
     routes_max_age: float = 10.0  # re-read the DHT when the last look is older than this
     default_rtt: float = 0.05  # assumed round trip to a server not yet pinged
+    replay_chunk_tokens: int = 4096  # batch x tokens per message when replaying history to a replacement server

@@ -1,9 +1,12 @@
-"""The chain of remote servers that together run every block of the model, seen as one module."""
+"""The chain of remote servers that together run every block of the model, seen as one module:
+routing over the DHT's announcements, bans of failed servers, and a forward pass that survives failures."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -14,14 +17,26 @@ from hivemind.proto import runtime_pb2
 
 from meadow.client import transport
 from meadow.client.config import ClientConfig
-from meadow.client.routing import Hop, choose_chain, servers_by_peer
+from meadow.client.routing import Hop, MissingBlocksError, choose_chain, servers_by_peer
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
-from meadow.wire import RPC_INFO, BlockRange, ForwardRequest, OpenSession
+from meadow.wire import RPC_INFO, BlockRange, ForwardRequest, RemoteError
+
+logger = logging.getLogger(__name__)
 
 
 def run(coroutine):
     """Run a coroutine on the client's background event loop (hivemind's) and wait for it."""
     return RemoteExpertWorker.run_coroutine(coroutine)
+
+
+def is_server_failure(error: BaseException) -> bool:
+    """True if another server may succeed where this one failed (it died, hung, left, or moved).
+    A BadRequest is the client's own fault: every server would refuse it, so it is raised at once."""
+    if isinstance(error, RemoteError):
+        return error.kind != "BadRequest"
+    return isinstance(error, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)) or (
+        type(error).__name__ in ("P2PHandlerError", "P2PDaemonError", "ControlFailure")
+    )
 
 
 class RemoteSequence:
@@ -33,6 +48,8 @@ class RemoteSequence:
         self.servers: dict[PeerID, ServerInfo] = {}
         self.rtt: dict[PeerID, float] = {}
         self.routes_updated = 0.0
+        self.banned_until: dict[PeerID, float] = {}
+        self.failures: dict[PeerID, int] = defaultdict(int)
 
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
@@ -43,22 +60,52 @@ class RemoteSequence:
             self.rtt.update(run(self._ping_all(unpinged)))
         self.routes_updated = time.monotonic()
 
+    def ban(self, peer: PeerID, error: BaseException) -> None:
+        """Avoid a failed server for a while; each further failure doubles the while."""
+        self.failures[peer] += 1
+        seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
+        self.banned_until[peer] = time.monotonic() + seconds
+        logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s")
+
+    def banned(self) -> frozenset[PeerID]:
+        now = time.monotonic()
+        return frozenset(peer for peer, until in self.banned_until.items() if until > now)
+
     def make_chain(self, blocks: BlockRange | None = None) -> list[Hop]:
-        self.update_routes()
+        """The fastest chain for `blocks`, waiting up to `wait_for_servers` for missing blocks to appear."""
         blocks = blocks or BlockRange(start=0, end=self.num_blocks)
-        return choose_chain(self.servers, self.rtt, blocks, default_rtt=self.config.default_rtt)
+        deadline = time.monotonic() + self.config.wait_for_servers
+        self.update_routes()
+        while True:
+            try:
+                return choose_chain(self.servers, self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned())
+            except MissingBlocksError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+                self.update_routes(force=True)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        return run(self._forward(self.make_chain(), hidden, position_ids, _full_mask(hidden, key_mask)))
-
-    async def _forward(self, chain: list[Hop], hidden, position_ids, key_mask) -> torch.Tensor:
-        for hop in chain:
-            request = ForwardRequest(blocks=hop.blocks)
-            tensors = [hidden, position_ids, key_mask]
-            hidden = await transport.forward(self.p2p, hop.peer, request, tensors, self.config.request_timeout)
+        """A full pass without cache. A failed hop is retried on other servers from the failed block on."""
+        key_mask, block, failovers = full_mask(hidden, key_mask), 0, 0
+        while block < self.num_blocks:
+            for hop in self.make_chain(BlockRange(start=block, end=self.num_blocks)):
+                request, tensors = ForwardRequest(blocks=hop.blocks), [hidden, position_ids, key_mask]
+                try:
+                    hidden = run(transport.forward(self.p2p, hop.peer, request, tensors, self.config.request_timeout))
+                except Exception as e:
+                    if not is_server_failure(e) or failovers >= self.config.max_retries:
+                        raise
+                    failovers += 1
+                    self.ban(hop.peer, e)
+                    break  # route again from `block`
+                self.failures.pop(hop.peer, None)
+                block = hop.blocks.end
         return hidden
 
-    def inference_session(self, max_length: int, batch_size: int) -> "InferenceSession":
+    def inference_session(self, max_length: int, batch_size: int):
+        from meadow.client.session import InferenceSession
+
         return InferenceSession(self, max_length, batch_size)
 
     def close(self) -> None:
@@ -83,60 +130,7 @@ class RemoteSequence:
         return dict(await asyncio.gather(*(ping(peer) for peer in peers)))
 
 
-class InferenceSession:
-    """A server-side KV cache along the chain. `step` sends new tokens' hidden states through every hop."""
-
-    def __init__(self, sequence: RemoteSequence, max_length: int, batch_size: int):
-        self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
-        self.position = 0
-        self.streams: list[tuple[Hop, transport.InferenceStream]] | None = None
-
-    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        length = hidden.shape[1]
-        if self.position + length > self.max_length:
-            raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {length} tokens")
-        if self.streams is None:
-            self.streams = run(self._open(self.sequence.make_chain()))  # route here: make_chain blocks on the loop
-        hidden = run(self._step(hidden, position_ids, _full_mask(hidden, key_mask)))
-        self.position += length
-        return hidden
-
-    async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        for _, stream in self.streams:
-            hidden = await stream.step([hidden, position_ids, key_mask], self.sequence.config.request_timeout)
-        return hidden
-
-    def close(self) -> None:
-        if self.streams is not None:
-            run(self._close())
-            self.streams = None
-
-    async def _open(self, chain: list[Hop]) -> list[tuple[Hop, transport.InferenceStream]]:
-        opened = []
-        try:
-            for hop in chain:
-                stream = transport.InferenceStream(self.sequence.p2p, hop.peer)
-                opened.append((hop, stream))
-                request = OpenSession(blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size)
-                await stream.open(request, self.sequence.config.connect_timeout)
-        except BaseException:
-            for _, stream in opened:
-                await stream.close()
-            raise
-        return opened
-
-    async def _close(self) -> None:
-        for _, stream in self.streams:
-            await stream.close()
-
-    def __enter__(self) -> "InferenceSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _full_mask(hidden: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+def full_mask(hidden: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     if key_mask is None:
         return torch.ones(hidden.shape[:2], dtype=torch.bool)
     return key_mask.bool()

@@ -1,0 +1,133 @@
+"""An inference session along a chain of servers that keeps going when one of them fails.
+
+Each segment (one server, some blocks) remembers every input it was sent. When a server dies, hangs or
+leaves, the client bans it, routes a replacement for exactly its blocks (one server or several, maybe
+ones that joined after the session began), replays the remembered inputs to rebuild their KV caches,
+and resends the step that failed. Downstream servers never notice, so greedy results stay identical."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from meadow.client import transport
+from meadow.client.routing import Hop
+from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure, run
+from meadow.wire import BlockRange, OpenSession
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
+
+
+@dataclass
+class Segment:
+    """One server's part of the chain and the inputs it has been sent (for replay)."""
+
+    hop: Hop
+    stream: transport.InferenceStream
+    history: list[Inputs] = field(default_factory=list)
+
+
+class InferenceSession:
+    """A server-side KV cache along the chain. `step` sends new tokens' hidden states through every server."""
+
+    def __init__(self, sequence: RemoteSequence, max_length: int, batch_size: int):
+        self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.position = 0
+        self.segments: list[Segment] | None = None
+
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        length = hidden.shape[1]
+        if self.position + length > self.max_length:
+            raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {length} tokens")
+        if self.segments is None:
+            self.segments = self._open(BlockRange(start=0, end=self.sequence.num_blocks))
+        inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
+        index, failovers = 0, 0
+        while index < len(self.segments):
+            segment = self.segments[index]
+            try:
+                output = run(segment.stream.step(list(inputs), self.sequence.config.request_timeout))
+            except Exception as e:
+                if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
+                    raise
+                failovers += 1
+                self.sequence.ban(segment.hop.peer, e)
+                self.segments[index : index + 1] = self._replace(segment)
+                continue  # resend this step to the replacement
+            segment.history.append(inputs)
+            inputs = (output, inputs[1], inputs[2])
+            index += 1
+        self.position += length
+        return inputs[0]
+
+    def _open(self, blocks: BlockRange, history: list[Inputs] | None = None) -> list[Segment]:
+        """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is
+        banned and another tried, up to max_retries times."""
+        failovers = 0
+        while True:
+            segments: list[Segment] = []
+            try:
+                chain = self.sequence.make_chain(blocks)  # routes here, not on the loop: make_chain waits on it
+                segments = run(self._open_streams(chain))
+                if history:
+                    self._replay(history, segments)
+                return segments
+            except Exception as e:
+                if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
+                    raise
+                failovers += 1
+                for segment in segments:
+                    run(segment.stream.close())
+                if getattr(e, "failed_peer", None) is not None:
+                    self.sequence.ban(e.failed_peer, e)
+
+    def _replace(self, failed: Segment) -> list[Segment]:
+        run(failed.stream.close())
+        return self._open(failed.hop.blocks, failed.history)
+
+    async def _open_streams(self, chain: list[Hop]) -> list[Segment]:
+        opened: list[Segment] = []
+        try:
+            for hop in chain:
+                stream = transport.InferenceStream(self.sequence.p2p, hop.peer)
+                request = OpenSession(blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size)
+                try:
+                    await stream.open(request, self.sequence.config.connect_timeout)
+                except Exception as e:
+                    e.failed_peer = hop.peer
+                    raise
+                opened.append(Segment(hop, stream))
+        except BaseException:
+            for segment in opened:
+                await segment.stream.close()
+            raise
+        return opened
+
+    def _replay(self, history: list[Inputs], segments: list[Segment]) -> None:
+        """Send the failed segment's past inputs through its replacements, in chunks a server accepts."""
+        hidden, position_ids, key_mask = (torch.cat(parts, dim=1) for parts in zip(*history))
+        chunk = max(1, self.sequence.config.replay_chunk_tokens // hidden.shape[0])
+        for segment in segments:
+            outputs = []
+            for start in range(0, hidden.shape[1], chunk):
+                piece = [tensor[:, start : start + chunk] for tensor in (hidden, position_ids, key_mask)]
+                try:
+                    outputs.append(run(segment.stream.step(piece, self.sequence.config.request_timeout)))
+                except Exception as e:
+                    e.failed_peer = segment.hop.peer
+                    raise
+            segment.history = [(hidden, position_ids, key_mask)]
+            hidden = torch.cat(outputs, dim=1)
+
+    def close(self) -> None:
+        if self.segments is not None:
+            for segment in self.segments:
+                run(segment.stream.close())
+            self.segments = None
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

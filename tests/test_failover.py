@@ -1,0 +1,124 @@
+"""Servers die, hang and leave mid-generation; the client fails over and the tokens do not change."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import start_swarm
+from meadow import AutoDistributedModelForCausalLM
+from meadow.client.config import ClientConfig
+from meadow.client.routing import MissingBlocksError
+
+NEW_TOKENS = 16
+
+
+class AfterTokens:
+    """A generate() streamer that does something once `count` tokens have been generated."""
+
+    def __init__(self, count: int, action):
+        self.count, self.action, self.seen = count, action, -1  # the first put() is the prompt
+
+    def put(self, value) -> None:
+        self.seen += 1
+        if self.seen == self.count:
+            self.action()
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def model_path(checkpoints):
+    return checkpoints("llama", num_layers=6)
+
+
+@pytest.fixture(scope="module")
+def expected(model_path):
+    local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    prompt = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    return prompt, local.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def client(model_path, swarm, **config):
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        str(model_path), swarm.initial_peers, client_config=ClientConfig(**config)
+    )
+
+
+def server_of(swarm, span: str):
+    return next(server for server in swarm.servers if f"--blocks {span}" in " ".join(server.popen.args))
+
+
+def server_running(swarm, peer):
+    return next(server for server in swarm.servers if peer.to_base58() in "\n".join(server.lines))
+
+
+def signal_current_server(model, swarm, first_block: int, sig: int):
+    """An action that signals whichever server the model's open session uses for `first_block`."""
+
+    def action():
+        peer = next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == first_block)
+        server_running(swarm, peer).signal(sig)
+
+    return action
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_greedy_tokens_survive_a_dead_or_hung_server(model_path, expected, how):
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:3", "3:6", "3:6"])
+    try:
+        model = client(model_path, swarm, request_timeout=3.0)
+        streamer = AfterTokens(5, signal_current_server(model, swarm, 3, how))
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
+        assert torch.equal(got, reference)
+        model.sequence.close()
+    finally:
+        for server in swarm.servers:
+            server.signal(signal.SIGCONT)
+        swarm.stop()
+
+
+def test_failover_to_smaller_servers_that_join_after_the_session_began(model_path, expected):
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:3", "3:6"], "--update-period", "2")
+    try:
+        model = client(model_path, swarm, wait_for_servers=120.0)
+
+        def replace_with_two_small_servers():
+            server_of(swarm, "3:6").signal(signal.SIGKILL)
+            swarm.start_server(model_path, "--blocks", "3:5", wait=False)
+            swarm.start_server(model_path, "--blocks", "5:6", wait=False)
+
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens(6, replace_with_two_small_servers))
+        assert torch.equal(got, reference)
+        model.sequence.close()
+    finally:
+        swarm.stop()
+
+
+def test_forward_survives_a_killed_server_and_missing_blocks_are_named(model_path, expected):
+    prompt, _ = expected
+    swarm = start_swarm(model_path, ["0:4", "0:4", "4:6"])
+    try:
+        model = client(model_path, swarm, wait_for_servers=2.0)
+        local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        with torch.no_grad():
+            reference = local(prompt).logits
+            assert (model(prompt).logits - reference).abs().max() <= 1e-4
+            server_running(swarm, model.sequence.make_chain()[0].peer).signal(signal.SIGKILL)  # the one in use
+            assert (model(prompt).logits - reference).abs().max() <= 1e-4
+
+            server_of(swarm, "4:6").signal(signal.SIGKILL)
+            began = time.monotonic()
+            with pytest.raises(MissingBlocksError, match="blocks 4:6"):
+                model(prompt)
+            assert time.monotonic() - began < 30  # bounded wait, then a clear error
+        model.sequence.close()
+    finally:
+        swarm.stop()
