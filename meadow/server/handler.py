@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 Requests = AsyncIterator[runtime_pb2.ExpertRequest]
 Responses = AsyncIterator[runtime_pb2.ExpertResponse]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INLINE_TOKENS = 8  # decoding steps this small run on the event loop: a thread hand-off costs more than they do
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,10 @@ class BlockHandler:
                     if message is None:
                         return  # the client closed the session
                     hidden, position_ids, key_mask = self._check_inputs(message[0])
-                    output = await self._run(session.step, self.span, hidden, position_ids, key_mask)
+                    if hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS:
+                        output = session.step(self.span, hidden, position_ids, key_mask)
+                    else:
+                        output = await self._run(session.step, self.span, hidden, position_ids, key_mask)
                     for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
                         yield response
         except MeadowError as e:
