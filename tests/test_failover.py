@@ -73,7 +73,7 @@ def test_greedy_tokens_survive_a_dead_or_hung_server(model_path, expected, how):
     prompt, reference = expected
     swarm = start_swarm(model_path, ["0:3", "3:6", "3:6"])
     try:
-        model = client(model_path, swarm, request_timeout=3.0)
+        model = client(model_path, swarm, step_timeout=3.0)
         streamer = AfterTokens(5, signal_current_server(model, swarm, 3, how))
         got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
         assert torch.equal(got, reference)

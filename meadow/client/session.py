@@ -17,6 +17,7 @@ from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure,
 from meadow.wire import BlockRange, OpenSession
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
+DECODING_TOKENS = 4  # steps of at most this many new tokens get ClientConfig.step_timeout
 
 
 @dataclass
@@ -43,11 +44,13 @@ class InferenceSession:
         if self.segments is None:
             self.segments = self._open(BlockRange(start=0, end=self.sequence.num_blocks))
         inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
+        config = self.sequence.config
+        timeout = config.step_timeout if length <= DECODING_TOKENS else config.request_timeout
         index, failovers = 0, 0
         while index < len(self.segments):
             segment = self.segments[index]
             try:
-                output = run(segment.stream.step(list(inputs), self.sequence.config.request_timeout))
+                output = run(segment.stream.step(list(inputs), timeout))
             except Exception as e:
                 if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
                     raise

@@ -1,0 +1,72 @@
+"""How long generation stalls when a server of the chain dies, with a short and a long history to replay.
+
+    python benchmarks/failover_stall.py [MODEL] [--history 16 512]
+
+Servers: 0:half, half:end and a spare half:end, on 127.0.0.1. A session prefills `history` tokens, decodes a few
+steps, then the server in use for half:end is SIGKILLed and the next step is timed: stall = that step - a normal
+step. The replacement rebuilds its KV cache by replaying the history; compare with a prefill of the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import time
+
+import torch
+
+from meadow.bench import default_bench_model
+from meadow.client.sequence import connect_sequence
+from meadow.local_swarm import LocalSwarm
+from meadow.models import load_config
+
+
+def one_run(model: str, history: int) -> dict[str, float]:
+    config = load_config(model)
+    half, total = config.num_hidden_layers // 2, config.num_hidden_layers
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        servers = [swarm.start_server(model, "--blocks", span, wait=False) for span in (f"0:{half}", f"{half}:{total}", f"{half}:{total}")]
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=600)
+        sequence = connect_sequence(model, config, swarm.initial_peers)
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(1, history + 64, config.hidden_size, generator=generator)
+        positions = torch.arange(history + 64)[None]
+        with sequence.inference_session(history + 64, 1) as session:
+            began = time.perf_counter()
+            session.step(hidden[:, :history], positions[:, :history], None)
+            prefill = time.perf_counter() - began
+            steps = []
+            for i in range(history, history + 8):
+                began = time.perf_counter()
+                session.step(hidden[:, i : i + 1], positions[:, i : i + 1], None)
+                steps.append(time.perf_counter() - began)
+            victim = next(s.hop.peer for s in session.segments if s.hop.blocks.start == half)
+            next(s for s in servers if victim.to_base58() in "\n".join(s.lines)).signal(signal.SIGKILL)
+            i = history + 8
+            began = time.perf_counter()
+            session.step(hidden[:, i : i + 1], positions[:, i : i + 1], None)
+            after_kill = time.perf_counter() - began
+        sequence.close()
+    step = statistics.median(steps)
+    return {"history": history, "prefill_s": prefill, "step_ms": step * 1000, "stall_s": after_kill - step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--history", type=int, nargs="+", default=[16, 512])
+    args = parser.parse_args()
+    model = str(args.model or default_bench_model())
+    print(f"model {model}")
+    print("| history (tokens) | prefill of history, s | decode step, ms | stall after SIGKILL, s | stall / prefill |")
+    print("|---|---|---|---|---|")
+    for history in args.history:
+        r = one_run(model, history)
+        print(f"| {history} | {r['prefill_s']:.3f} | {r['step_ms']:.1f} | {r['stall_s']:.3f} | {r['stall_s'] / r['prefill_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
