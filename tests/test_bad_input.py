@@ -13,7 +13,8 @@ from conftest import start_swarm
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
-from meadow.client.sequence import connect_sequence, run
+from meadow.client.event_loop import run
+from meadow.client.sequence import connect_sequence
 from meadow.models import load_config
 from meadow.wire import RPC_FORWARD, BlockRange, ForwardRequest, OpenSession, RemoteError, pack, serialize
 
@@ -88,7 +89,10 @@ def test_malformed_tensor_bytes_and_garbage_headers(served):
     for message, expected in zip(bad_messages, ["needs", "malformed message header", "invalid ForwardRequest", "protocol"]):
         async def call():
             responses = await sequence.p2p.iterate_protobuf_handler(peer, RPC_FORWARD, transport._iterate([message]), runtime_pb2.ExpertResponse)
-            return await transport.read_reply(responses, peer, 30)
+            try:
+                return await transport.read_reply(responses, peer, 30)
+            finally:
+                await responses.aclose()
 
         with pytest.raises(RemoteError, match=expected):
             run(call())

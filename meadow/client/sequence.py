@@ -11,22 +11,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from meadow.client import transport
 from meadow.client.config import ClientConfig
+from meadow.client.event_loop import run
 from meadow.client.routing import Hop, MissingBlocksError, choose_chain, servers_by_peer
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.wire import RPC_INFO, BlockRange, ForwardRequest, RemoteError
 
 logger = logging.getLogger(__name__)
-
-
-def run(coroutine):
-    """Run a coroutine on the client's background event loop (hivemind's) and wait for it."""
-    return RemoteExpertWorker.run_coroutine(coroutine)
 
 
 def is_server_failure(error: BaseException) -> bool:
