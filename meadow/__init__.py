@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from meadow.client import model
 
         return getattr(model, name)
+    if name in ("AutoDistributedModelForSequenceClassification", "DistributedModelForSequenceClassification"):
+        from meadow.client import classification
+
+        return getattr(classification, name)
     raise AttributeError(f"module 'meadow' has no attribute {name!r}")

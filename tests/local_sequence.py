@@ -1,5 +1,5 @@
-"""An in-process stand-in for the swarm: every block of a checkpoint behind RemoteSequence's interface,
-so the client model can be tested without processes. It also records what the client sent."""
+"""An in-process stand-in for the swarm: every block of a checkpoint behind RemoteSequence's interface, run by the
+server's own Span and Session, so the client model can be tested without processes. It records what the client sent."""
 
 from __future__ import annotations
 
@@ -8,30 +8,40 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from meadow.models import KVCache, load_block, load_config
+from meadow.client.tuning import RemoteTuning
+from meadow.models import load_block, load_config
+from meadow.server.span import Session, Span
+from meadow.server.tuning import TuningInputs
+from meadow.wire import BlockRange
+
+
+def span_tuning(tuning: RemoteTuning | None, blocks: BlockRange) -> TuningInputs:
+    tuning = tuning or RemoteTuning()
+    return TuningInputs(blocks, tuning.prompts, tuning.lora_flat, tuning.entries)
 
 
 class LocalSequence:
-    """All blocks of a model loaded here; `forward` is a full pass, `inference_session` keeps KV caches."""
+    """All blocks of a model loaded here; `forward` is a full pass (differentiable), `inference_session` keeps KV caches."""
 
     def __init__(self, model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        self.config = load_config(model)
-        self.dtype, self.device = dtype, torch.device(device)
-        blocks = range(self.config.num_hidden_layers)
-        self.blocks = [load_block(model, self.config, index, dtype, self.device) for index in blocks]
+        config = load_config(model)
+        blocks = [load_block(model, config, index, dtype, device) for index in range(config.num_hidden_layers)]
+        self.span = Span(blocks, 0, config, dtype, torch.device(device))
+        self.num_blocks = config.num_hidden_layers
         self.sessions: list[LocalInferenceSession] = []  # every session opened, for tests to inspect
         self.forward_calls = 0
 
-    @torch.no_grad()
-    def forward(self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor | None) -> Tensor:
+    def forward(self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor | None, tuning: RemoteTuning | None = None) -> Tensor:
         """Full pass without a cache: hidden (B, T, H) -> (B, T, H); key_mask (B, T) bool or None."""
         self.forward_calls += 1
-        for block in self.blocks:
-            hidden = block(hidden, position_ids, key_mask)
-        return hidden
+        blocks = self.span.range
+        key_mask = torch.ones(hidden.shape[:2], dtype=torch.bool) if key_mask is None else key_mask.bool()
+        tuning = span_tuning(tuning, blocks)
+        lora = tuning.block_loras(self.span.config)
+        return self.span.forward(hidden, position_ids, key_mask, blocks, tuning.prompts, lora)
 
-    def inference_session(self, max_length: int, batch_size: int) -> "LocalInferenceSession":
-        session = LocalInferenceSession(self, max_length, batch_size)
+    def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None) -> "LocalInferenceSession":
+        session = LocalInferenceSession(self, max_length, batch_size, tuning)
         self.sessions.append(session)
         return session
 
@@ -40,35 +50,25 @@ class LocalSequence:
 
 
 class LocalInferenceSession:
-    """KV caches of every block for one session; `step` takes only the new tokens, as the servers do."""
+    """A server Session over every block; `step` takes only the new tokens, as the servers do."""
 
-    def __init__(self, sequence: LocalSequence, max_length: int, batch_size: int):
+    def __init__(self, sequence: LocalSequence, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
-        config = sequence.config
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.caches = [KVCache(*shape, sequence.dtype, sequence.device) for _ in sequence.blocks]
-        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=sequence.device)
-        self.position = 0
+        self.session = Session.open(sequence.span, sequence.span.range, batch_size, max_length, span_tuning(tuning, sequence.span.range))
         self.closed = False
         self.steps: list[int] = []  # number of tokens sent by each step
 
-    @torch.no_grad()
     def step(self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor | None) -> Tensor:
-        """hidden (B, T, H) of the new tokens; key_mask (B, T) for them only (accumulated here)."""
+        """hidden (B, T, H) of the new tokens; key_mask (B, T) for them only (accumulated by the session)."""
         if self.closed:
             raise RuntimeError("step on a closed inference session")
-        batch, length = hidden.shape[:2]
-        if batch != self.batch_size:
-            raise ValueError(f"session opened for batch size {self.batch_size}, step has batch {batch}")
-        if self.position + length > self.max_length:
-            raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {length} tokens")
-        start, end = self.position, self.position + length
-        self.key_mask[:, start:end] = True if key_mask is None else key_mask.bool()
-        for block, cache in zip(self.sequence.blocks, self.caches):
-            hidden = block(hidden, position_ids, self.key_mask[:, :end], cache=cache, start=start)
-        self.position = end
-        self.steps.append(length)
-        return hidden
+        key_mask = torch.ones(hidden.shape[:2], dtype=torch.bool) if key_mask is None else key_mask.bool()
+        try:
+            output = self.session.step(self.sequence.span, hidden, position_ids, key_mask)
+        except Exception as e:  # the remote session raises ValueError for these too
+            raise ValueError(str(e)) from None
+        self.steps.append(hidden.shape[1])
+        return output
 
     def close(self) -> None:
         self.closed = True

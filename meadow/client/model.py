@@ -21,6 +21,7 @@ from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrain
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from meadow.client.tuning import ClientLora, PromptTuning, RemoteTuning
 from meadow.models import load_client_parts, load_config, resolve_model_path
 
 DEFAULT_NEW_TOKENS = 20  # what transformers generates when neither max_new_tokens nor max_length is set
@@ -30,8 +31,17 @@ class GenerationSession:
     """A server-side inference session seen from the model: the remote session plus the token ids
     (and attention mask) the servers have processed, so that each call sends only what is new."""
 
-    def __init__(self, sequence, max_length: int, batch_size: int | None):
+    def __init__(
+        self,
+        sequence,
+        max_length: int,
+        batch_size: int | None,
+        prefix: torch.Tensor | None = None,
+        tuning: RemoteTuning | None = None,
+    ):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.prefix = prefix  # (P, H) trained prompt embeddings that go before the first token, if any
+        self.tuning = tuning  # deep prompts and LoRA weights the servers apply for the whole session
         self.remote = None  # the sequence's InferenceSession, opened at the first step (when the batch size is known)
         self.token_ids: torch.Tensor | None = None  # (B, position) ids the servers have processed
         self.mask: torch.Tensor | None = None  # (B, position) bool, their attention mask
@@ -69,15 +79,24 @@ class GenerationSession:
             position_ids = position_ids[..., seen:]
         elif position_ids.shape[-1] != length - seen:
             raise ValueError(f"position_ids must cover all {length} tokens or the {length - seen} new ones")
-        return input_ids[:, seen:], position_ids.expand(batch, -1), mask[:, seen:]
+        return input_ids[:, seen:], position_ids.expand(batch, -1) + self.prefix_length, mask[:, seen:]
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[0]
 
     def step(
         self, hidden: torch.Tensor, new_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Run the new tokens' hidden states (B, T, H) through the servers; remember the tokens once they are stored."""
         if self.remote is None:
-            self.remote = self.sequence.inference_session(self.max_length, self.batch_size or hidden.shape[0])
-        output = self.remote.step(hidden, position_ids, mask)
+            batch_size = self.batch_size or hidden.shape[0]
+            self.remote = self.sequence.inference_session(self.max_length + self.prefix_length, batch_size, self.tuning)
+        if self.position == 0 and self.prefix is not None:  # the trained prompt goes first, once
+            hidden, position_ids, remote_mask = with_prefix(self.prefix, hidden, position_ids, mask)
+            output = self.remote.step(hidden, position_ids, remote_mask)[:, self.prefix_length :]
+        else:
+            output = self.remote.step(hidden, position_ids, mask)
         new_ids, mask = new_ids.detach().cpu(), mask.detach().cpu()
         self.token_ids = new_ids if self.token_ids is None else torch.cat([self.token_ids, new_ids], dim=1)
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
@@ -89,35 +108,79 @@ class GenerationSession:
             self.remote = None
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
-    """A causal LM whose blocks run on the swarm: holds the HF config, the embeddings, the final norm,
-    the LM head and a remote sequence of blocks (no block weights)."""
+class DistributedPreTrainedModel(PreTrainedModel):
+    """What every Meadow model holds on the client: the HF config, the embeddings, the final norm, the remote
+    sequence of blocks (no block weights), and what the client trains for those blocks: prompts, its own LoRA."""
 
     config_class = PreTrainedConfig
     main_input_name = "input_ids"
     base_model_prefix = ""
-    # Beam search and assisted decoding need to reorder or roll back the KV cache, which lives on the servers.
-    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
 
-    def __init__(self, config: PreTrainedConfig, parts, sequence):
+    def __init__(self, config: PreTrainedConfig, parts, sequence, prompts: PromptTuning | None = None, lora: ClientLora | None = None):
         super().__init__(config)
         self.embed_tokens: nn.Embedding = parts.embed_tokens
         self.norm: nn.Module = parts.norm
-        self.lm_head: nn.Linear = parts.lm_head
         self.sequence = sequence  # RemoteSequence (or a stand-in with the same interface), not an nn.Module
-        self.session: GenerationSession | None = None  # the active inference session, if any
+        self.prompts = prompts  # "ptune" / "deep_ptune": trainable prompts, or None
+        self.lora = lora  # the client's own trainable LoRA weights for the remote blocks, or None
         self.all_tied_weights_keys = {}  # what post_init would set; post_init itself would re-initialise weights
         self.eval()
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the KV cache is server-side: generate must not build a DynamicCache
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def remote_tuning(self) -> RemoteTuning:
+        """The deep prompts and LoRA weights the servers apply, as differentiable tensors."""
+        tuning = self.lora.remote_tuning() if self.lora is not None else RemoteTuning()
+        if self.prompts is not None and self.prompts.deep is not None:
+            tuning = tuning.with_tensors(self.prompts.deep, tuning.lora_flat)
+        return tuning
+
+    def remote_hidden(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The last block's output (B, L, H) for the given tokens: one full pass over the swarm, no cache, with
+        the trained prompt in front (and cut off again). Differentiable through the servers."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        batch, length = hidden.shape[:2]
+        if position_ids is None and key_mask is None:
+            position_ids = torch.arange(length, device=hidden.device)
+        elif position_ids is None:
+            position_ids = positions_from_mask(key_mask)
+        position_ids = position_ids.expand(batch, length)
+        if self.prompts is not None:
+            if key_mask is None:
+                key_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+            hidden, position_ids, key_mask = with_prefix(self.prompts.prefix, hidden, position_ids + self.prompts.length, key_mask)
+        hidden = self.sequence.forward(hidden, position_ids, key_mask, self.remote_tuning())
+        prefix_length = 0 if self.prompts is None else self.prompts.length
+        return hidden[:, prefix_length:]
+
+
+class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
+    """A causal LM whose blocks run on the swarm: adds the LM head and generation with server-side KV caches."""
+
+    # Beam search and assisted decoding need to reorder or roll back the KV cache, which lives on the servers.
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+
+    def __init__(self, config: PreTrainedConfig, parts, sequence, prompts: PromptTuning | None = None, lora: ClientLora | None = None):
+        super().__init__(config, parts, sequence, prompts, lora)
+        self.lm_head: nn.Linear = parts.lm_head
+        self.session: GenerationSession | None = None  # the active inference session, if any
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the KV cache is server-side: generate must not build a DynamicCache
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -139,8 +202,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits for `input_ids` (B, L). Outside an inference session: one full pass over the swarm, logits
-        (B, L, V). Inside one (and unless use_cache=False): `input_ids` is the whole sequence so far, only
-        the tokens the servers have not processed are sent, and the logits cover those new tokens only."""
+        (B, L, V), differentiable (loss.backward() reaches through the servers). Inside one (and unless
+        use_cache=False): `input_ids` is the whole sequence so far, only the tokens the servers have not
+        processed are sent, and the logits cover those new tokens only."""
         if past_key_values is not None:
             raise ValueError("Meadow keeps the KV cache on the servers: use `with model.inference_session(...)`")
         if (input_ids is None) == (inputs_embeds is None):
@@ -154,14 +218,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             new_ids, positions, key_mask = session.split_new(input_ids, attention_mask, position_ids)
             hidden = session.step(self.embed_tokens(new_ids), new_ids, positions, key_mask)
         else:
-            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            key_mask = attention_mask.bool() if attention_mask is not None else None
-            batch, length = hidden.shape[:2]
-            if position_ids is None and key_mask is None:
-                position_ids = torch.arange(length, device=hidden.device)
-            elif position_ids is None:
-                position_ids = positions_from_mask(key_mask)
-            hidden = self.sequence.forward(hidden, position_ids.expand(batch, length), key_mask)
+            hidden = self.remote_hidden(input_ids, inputs_embeds, attention_mask, position_ids)
         hidden = hidden.to(self.lm_head.weight.device)
 
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -199,7 +256,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         conversation so far, make one chat."""
         if self.session is not None:
             raise RuntimeError("this model already has an active inference session")
-        self.session = GenerationSession(self.sequence, max_length, batch_size)
+        with torch.no_grad():  # generation does not train: send plain copies of the trained tensors
+            tuning = self.remote_tuning()
+            tuning = tuning.with_tensors(*(None if t is None else t.detach() for t in (tuning.prompts, tuning.lora_flat)))
+            prefix = None if self.prompts is None else self.prompts.prefix.detach()
+        self.session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning)
         try:
             yield self.session
         finally:
@@ -239,38 +300,76 @@ def _setting(name: str, kwargs: dict, *configs: GenerationConfig | None):
     return next((value for value in values if value is not None), None)
 
 
+def with_prefix(
+    prefix: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Put the prompt embeddings (P, H) before every row of hidden (B, T, H), at positions 0..P-1 and unmasked;
+    position_ids (B, T) must already count from P."""
+    prefix_length, batch = prefix.shape[0], hidden.shape[0]
+    hidden = torch.cat([prefix.to(hidden.device, hidden.dtype).expand(batch, prefix_length, -1), hidden], dim=1)
+    prefix_positions = torch.arange(prefix_length, device=position_ids.device).expand(batch, prefix_length)
+    position_ids = torch.cat([prefix_positions, position_ids], dim=1)
+    mask = torch.cat([torch.ones(batch, prefix_length, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
+    return hidden, position_ids, mask
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions (B, L) the way transformers' generate makes them from an attention mask (B, L):
     real tokens count 0, 1, 2, ... (cumsum - 1) and padding sits at 0."""
     return (mask.long().cumsum(-1) - 1).masked_fill(~mask.bool(), 0)
 
 
+TUNING_MODES = ("ptune", "deep_ptune")
+
+
+def load_distributed(
+    model_class: type[DistributedPreTrainedModel],
+    model: str | Path,
+    initial_peers: Sequence[str] = (),
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    sequence=None,
+    tuning_mode: str | None = None,
+    pre_seq_len: int = 0,
+    lora=None,
+    config_overrides: dict | None = None,
+    **kwargs,
+) -> DistributedPreTrainedModel:
+    """Load the config and the client-side parts only (never block weights), add what the client trains, and join
+    the swarm (`kwargs` go to `connect_sequence`: client_config, dht_prefix, active_adapter, ...). `sequence=`
+    replaces the swarm with any object of the RemoteSequence interface (tests use an in-process one)."""
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path, **(config_overrides or {}))
+    block_config = load_config(path)
+    parts = load_client_parts(path, block_config, dtype, device)
+    prompts = None
+    if tuning_mode is not None:
+        if tuning_mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES} or None, got {tuning_mode!r}")
+        std = getattr(config, "initializer_range", 0.02)
+        prompts = PromptTuning(block_config, pre_seq_len, deep=tuning_mode == "deep_ptune", init_std=std).to(device, dtype)
+    client_lora = None
+    if lora is not None:
+        if getattr(lora, "lora_dropout", 0.0):
+            raise ValueError("LoRA dropout is not supported for client-owned LoRA; set lora_dropout=0.0")
+        client_lora = ClientLora.from_peft_config(block_config, lora).to(device, dtype)
+    if sequence is None:
+        from meadow.client.sequence import connect_sequence
+
+        sequence = connect_sequence(path, block_config, initial_peers=initial_peers, **kwargs)
+    distributed = model_class(config, parts, sequence, prompts, client_lora)
+    if (path / "generation_config.json").exists() and isinstance(distributed, GenerationMixin):
+        distributed.generation_config = GenerationConfig.from_pretrained(path)
+    return distributed
+
+
 class AutoDistributedModelForCausalLM:
-    """Entry point like transformers' AutoModelForCausalLM: `from_pretrained(model, initial_peers)`."""
+    """Entry point like transformers' AutoModelForCausalLM: `from_pretrained(model, initial_peers, ...)`.
+    Options: `tuning_mode="ptune"|"deep_ptune"` with `pre_seq_len=N` (trainable prompts), `lora=LoraConfig(...)`
+    (trainable LoRA weights of the client's own for the remote blocks), `active_adapter=NAME` (a LoRA adapter the
+    servers serve), `client_config=ClientConfig(...)`, `dtype`, `device`."""
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | Path,
-        initial_peers: Sequence[str] = (),
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        sequence=None,
-        **kwargs,
-    ) -> DistributedModelForCausalLM:
-        """Load the config and the client-side parts only (never block weights), and join the swarm
-        (`kwargs` go to `connect_sequence`). `sequence=` replaces the swarm with any object of the
-        RemoteSequence interface (tests use an in-process one)."""
-        path = resolve_model_path(model)
-        config = AutoConfig.from_pretrained(path)
-        block_config = load_config(path)
-        parts = load_client_parts(path, block_config, dtype, device)
-        if sequence is None:
-            from meadow.client.sequence import connect_sequence
-
-            sequence = connect_sequence(path, block_config, initial_peers=initial_peers, **kwargs)
-        distributed = DistributedModelForCausalLM(config, parts, sequence)
-        if (path / "generation_config.json").exists():
-            distributed.generation_config = GenerationConfig.from_pretrained(path)
-        return distributed
+    def from_pretrained(cls, model: str | Path, initial_peers: Sequence[str] = (), **kwargs) -> DistributedModelForCausalLM:
+        return load_distributed(DistributedModelForCausalLM, model, initial_peers, **kwargs)

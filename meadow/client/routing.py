@@ -14,9 +14,10 @@ from meadow.wire import BlockRange, MeadowError
 class MissingBlocksError(MeadowError):
     """No online server holds some blocks of the model."""
 
-    def __init__(self, missing: list[int]):
-        super().__init__(f"no online server holds blocks {_ranges(missing)} of this model; start a server for them")
-        self.missing = missing
+    def __init__(self, missing: list[int], adapter: str | None = None):
+        holds = f"holds blocks {_ranges(missing)} of this model" + (f" with adapter {adapter!r}" if adapter else "")
+        super().__init__(f"no online server {holds}; start a server for them")
+        self.missing, self.adapter = missing, adapter
 
 
 @dataclass(frozen=True)

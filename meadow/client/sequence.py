@@ -19,7 +19,8 @@ from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.routing import Hop, MissingBlocksError, choose_chain, servers_by_peer
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
-from meadow.wire import RPC_INFO, BlockRange, ForwardRequest, RemoteError
+from meadow.client.tuning import RemoteTuning
+from meadow.wire import RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ def is_server_failure(error: BaseException) -> bool:
 class RemoteSequence:
     """All blocks of one model, served by the swarm. `forward` runs a full pass; `inference_session` keeps KV caches."""
 
-    def __init__(self, dht, dht_prefix: str, num_blocks: int, config: ClientConfig):
+    def __init__(self, dht, dht_prefix: str, num_blocks: int, config: ClientConfig, active_adapter: str | None = None):
         self.dht, self.dht_prefix, self.num_blocks, self.config = dht, dht_prefix, num_blocks, config
+        self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
         self.p2p = run(dht.replicate_p2p())
         self.servers: dict[PeerID, ServerInfo] = {}
         self.rtt: dict[PeerID, float] = {}
@@ -73,21 +75,43 @@ class RemoteSequence:
         self.update_routes()
         while True:
             try:
-                return choose_chain(self.servers, self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned())
-            except MissingBlocksError:
+                return choose_chain(self.usable_servers(), self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned())
+            except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise MissingBlocksError(e.missing, self.active_adapter) from None
                 time.sleep(1.0)
                 self.update_routes(force=True)
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """A full pass without cache. A failed hop is retried on other servers from the failed block on."""
-        key_mask, block, failovers = full_mask(hidden, key_mask), 0, 0
+    def usable_servers(self) -> dict[PeerID, ServerInfo]:
+        if self.active_adapter is None:
+            return self.servers
+        return {peer: info for peer, info in self.servers.items() if self.active_adapter in info.adapters}
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        tuning: RemoteTuning | None = None,
+    ) -> torch.Tensor:
+        """A full pass without cache, differentiable: backward asks the servers for the gradients w.r.t. `hidden`
+        and the tuning tensors (deep prompts, LoRA weights)."""
+        from meadow.client.autograd import RemoteBlocks
+
+        tuning = tuning or RemoteTuning()
+        key_mask = full_mask(hidden, key_mask)
+        return RemoteBlocks.apply(self, position_ids, key_mask, tuning, hidden, tuning.prompts, tuning.lora_flat)
+
+    def forward_hops(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, tuning: RemoteTuning
+    ) -> tuple[torch.Tensor, list[tuple[BlockRange, torch.Tensor]]]:
+        """The output of every block, and each hop's blocks and input (what backward needs). A failed hop is
+        retried on other servers from the failed block on."""
+        block, failovers, hops = 0, 0, []
         while block < self.num_blocks:
             for hop in self.make_chain(BlockRange(start=block, end=self.num_blocks)):
-                request, tensors = ForwardRequest(blocks=hop.blocks), [hidden, position_ids, key_mask]
                 try:
-                    hidden = run(transport.forward(self.p2p, hop.peer, request, tensors, self.config.request_timeout))
+                    (output,) = run(self._call(RPC_FORWARD, hop, hidden, position_ids, key_mask, tuning))
                 except Exception as e:
                     if not is_server_failure(e) or failovers >= self.config.max_retries:
                         raise
@@ -95,13 +119,78 @@ class RemoteSequence:
                     self.ban(hop.peer, e)
                     break  # route again from `block`
                 self.failures.pop(hop.peer, None)
-                block = hop.blocks.end
-        return hidden
+                hops.append((hop.blocks, hidden))
+                hidden, block = output, hop.blocks.end
+        return hidden, hops
 
-    def inference_session(self, max_length: int, batch_size: int):
+    def backward_hop(
+        self,
+        blocks: BlockRange,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        tuning: RemoteTuning,
+    ) -> list[torch.Tensor | None]:
+        """Gradients w.r.t. the input `hidden` of `blocks`, their deep prompts and their LoRA weights (None for
+        what was not sent). Any server or chain of servers holding `blocks` can do it: if the forward's server is
+        gone, the replacement chain recomputes its inner activations first."""
+        failovers = 0
+        while True:
+            chain = self.make_chain(blocks)
+            hop = chain[0]
+            try:
+                inputs = [hidden]
+                for hop in chain[:-1]:
+                    inputs.append(run(self._call(RPC_FORWARD, hop, inputs[-1], position_ids, key_mask, tuning))[0])
+                grad, prompt_grads, lora_grads = grad_output, [], []
+                for hop, x in zip(reversed(chain), reversed(inputs)):
+                    grad, *rest = run(self._call(RPC_BACKWARD, hop, x, position_ids, key_mask, tuning, grad))
+                    rest = iter(rest)
+                    if tuning.prompts is not None:
+                        prompt_grads.insert(0, next(rest))
+                    lora_grads.insert(0, next(rest, None))
+                    self.failures.pop(hop.peer, None)
+                prompts = torch.cat(prompt_grads) if prompt_grads else None
+                lora = [g for g in lora_grads if g is not None]
+                return [grad, prompts, torch.cat(lora) if lora else None]
+            except Exception as e:
+                if not is_server_failure(e) or failovers >= self.config.max_retries:
+                    raise
+                failovers += 1
+                self.ban(hop.peer, e)
+
+    async def _call(
+        self,
+        rpc: str,
+        hop: Hop,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        tuning: RemoteTuning,
+        grad_output: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """rpc_forward or rpc_backward on one server, the batch cut into micro-batches of at most
+        `micro_batch_tokens` tokens sent together; outputs are joined, gradients of shared tensors summed."""
+        fields, extra = tuning.for_hop(hop.blocks)
+        request_type = BackwardRequest if grad_output is not None else ForwardRequest
+        request = request_type(blocks=hop.blocks, adapter=self.active_adapter, **fields)
+        batch, length = hidden.shape[:2]
+        step = max(1, self.config.micro_batch_tokens // max(length, 1))
+        batched = [hidden, position_ids.expand(batch, length), key_mask] + ([grad_output] if grad_output is not None else [])
+        calls = []
+        for start in range(0, batch, step):
+            part = [tensor[start : start + step] for tensor in batched]
+            tensors = part[:3] + extra + part[3:]
+            calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout))
+        replies = await asyncio.gather(*calls)
+        joined = [torch.cat([reply[0] for reply in replies])]
+        return joined + [sum(reply[i] for reply in replies) for i in range(1, len(replies[0]))]
+
+    def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
         from meadow.client.session import InferenceSession
 
-        return InferenceSession(self, max_length, batch_size)
+        return InferenceSession(self, max_length, batch_size, tuning)
 
     def close(self) -> None:
         """Leave the swarm: close our P2P connection on its own event loop, then stop the DHT process."""
@@ -139,7 +228,7 @@ def connect_sequence(
     client_config: ClientConfig | None = None,
     dht_prefix: str | None = None,
     host: str = "127.0.0.1",
-    **unused,
+    active_adapter: str | None = None,
 ) -> RemoteSequence:
     """Join the swarm as a client (no listening for strangers, no UPnP) and return the model's remote blocks."""
     client_config = client_config or ClientConfig()
@@ -147,4 +236,4 @@ def connect_sequence(
         raise ValueError("initial_peers is empty: pass the multiaddr printed by `meadow dht` (or a server's)")
     dht = start_dht(initial_peers, host=host, client_mode=True)
     prefix = dht_prefix or client_config.dht_prefix or dht_prefix_for(model)
-    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config)
+    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter)

@@ -13,7 +13,9 @@ import torch
 
 from meadow.client import transport
 from meadow.client.routing import Hop
-from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure, run
+from meadow.client.event_loop import run
+from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure
+from meadow.client.tuning import RemoteTuning
 from meadow.wire import BlockRange, OpenSession
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
@@ -32,8 +34,9 @@ class Segment:
 class InferenceSession:
     """A server-side KV cache along the chain. `step` sends new tokens' hidden states through every server."""
 
-    def __init__(self, sequence: RemoteSequence, max_length: int, batch_size: int):
+    def __init__(self, sequence: RemoteSequence, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.tuning = tuning or RemoteTuning()  # deep prompts and LoRA weights, sent once per server at open
         self.position = 0
         self.segments: list[Segment] | None = None
 
@@ -94,9 +97,13 @@ class InferenceSession:
         try:
             for hop in chain:
                 stream = transport.InferenceStream(self.sequence.p2p, hop.peer)
-                request = OpenSession(blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size)
+                fields, tensors = self.tuning.for_hop(hop.blocks)
+                request = OpenSession(
+                    blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size,
+                    adapter=self.sequence.active_adapter, **fields,
+                )  # fmt: skip
                 try:
-                    await stream.open(request, self.sequence.config.connect_timeout)
+                    await stream.open(request, self.sequence.config.connect_timeout, tensors)
                 except Exception as e:
                     e.failed_peer = hop.peer
                     raise

@@ -9,7 +9,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from meadow.wire import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, RemoteError, Reply, pack, unpack
+from meadow.wire import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, RemoteError, Reply, Request, pack, unpack
 
 MAX_REPLY_BYTES = 2**34  # replies come from servers we chose; the size cap guards servers, not clients
 
@@ -25,20 +25,25 @@ async def read_reply(responses: AsyncIterator[runtime_pb2.ExpertResponse], peer:
     return tensors
 
 
+async def call(
+    p2p: P2P, peer: PeerID, rpc: str, request: Request, tensors: list[torch.Tensor], timeout: float
+) -> list[torch.Tensor]:
+    """One request, one reply (rpc_forward, rpc_backward): the reply's tensors."""
+    messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest)
+    responses = await asyncio.wait_for(
+        p2p.iterate_protobuf_handler(peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout
+    )
+    try:
+        return await read_reply(responses, peer, timeout)
+    finally:
+        await responses.aclose()
+
+
 async def forward(
     p2p: P2P, peer: PeerID, request: ForwardRequest, tensors: list[torch.Tensor], timeout: float
 ) -> torch.Tensor:
-    responses = await asyncio.wait_for(
-        p2p.iterate_protobuf_handler(
-            peer, RPC_FORWARD, _iterate(pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest)), runtime_pb2.ExpertResponse
-        ),
-        timeout,
-    )
-    try:
-        (output,) = await read_reply(responses, peer, timeout)
-        return output
-    finally:
-        await responses.aclose()
+    (output,) = await call(p2p, peer, RPC_FORWARD, request, tensors, timeout)
+    return output
 
 
 class InferenceStream:
@@ -50,9 +55,10 @@ class InferenceStream:
         self.responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self.closed = False
 
-    async def open(self, request: OpenSession, timeout: float) -> None:
+    async def open(self, request: OpenSession, timeout: float, tensors: list[torch.Tensor] = ()) -> None:
+        """Open the session; `tensors` are its tuning tensors (deep prompts, LoRA weights), if any."""
         try:
-            self._send([], request.to_wire())
+            self._send(list(tensors), request.to_wire())
             self.responses = await asyncio.wait_for(
                 self.p2p.iterate_protobuf_handler(self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse),
                 timeout,

@@ -6,12 +6,15 @@ Checked numerically against transformers' own implementation in tests/test_model
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+if TYPE_CHECKING:
+    from meadow.models.lora import BlockLora
 
 # HF module names -> ours, one layer's prefix at a time ("self_attn.q_proj.weight" -> "attention.q_proj.weight").
 # Leaf names (q_proj, ..., down_proj) stay HF's so that peft LoRA adapters name our modules too.
@@ -138,13 +141,15 @@ class LlamaBlock(nn.Module):
         key_mask: Tensor | None = None,
         cache: KVCache | None = None,
         start: int = 0,
+        lora: BlockLora | None = None,
     ) -> Tensor:
         """x (B, T, hidden); position_ids (B, T) rotary positions; key_mask (B, S) True = real key.
 
         Without a cache S = T; with one, this step's keys go to [start, start+T) and S = start+T.
+        `lora` adds low-rank updates to the linear layers it names (models/lora.py).
         """
-        h = x + self.attention(self.attention_norm(x), position_ids, key_mask, cache, start)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.attention(self.attention_norm(x), position_ids, key_mask, cache, start, lora)
+        return h + self.feed_forward(self.ffn_norm(h), lora)
 
 
 class Attention(nn.Module):
@@ -169,12 +174,18 @@ class Attention(nn.Module):
         self.inv_freq, self.rope_scaling = rope_frequencies(config)
 
     def forward(
-        self, x: Tensor, position_ids: Tensor, key_mask: Tensor | None, cache: KVCache | None, start: int
+        self,
+        x: Tensor,
+        position_ids: Tensor,
+        key_mask: Tensor | None,
+        cache: KVCache | None,
+        start: int,
+        lora: BlockLora | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = project(self.q_proj, x, lora, "q_proj").view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, x, lora, "k_proj").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = project(self.v_proj, x, lora, "v_proj").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
 
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
@@ -194,7 +205,7 @@ class Attention(nn.Module):
         else:
             mask = attention_mask(T, k.shape[2], start, key_mask, self.sliding_window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim), lora, "o_proj")
 
 
 class FeedForward(nn.Module):
@@ -207,8 +218,9 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
+        hidden = F.silu(project(self.gate_proj, x, lora, "gate_proj")) * project(self.up_proj, x, lora, "up_proj")
+        return project(self.down_proj, hidden, lora, "down_proj")
 
 
 class RMSNorm(nn.Module):
@@ -223,6 +235,26 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def project(layer: nn.Linear, x: Tensor, lora: BlockLora | None, name: str) -> Tensor:
+    """layer(x) plus the LoRA updates that `lora` holds for the layer called `name`, if any."""
+    y = layer(x)
+    for update in lora.get(name, ()) if lora else ():
+        y = y + update(x)
+    return y
+
+
+def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of a block, by its HF leaf name."""
+    hidden, q, kv, ffn = (
+        config.hidden_size,
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+        config.intermediate_size,
+    )
+    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn), "down_proj": (ffn, hidden)}  # fmt: skip
 
 
 def attention_mask(

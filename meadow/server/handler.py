@@ -14,13 +14,17 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from meadow.models.llama import linear_shapes
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Session, Span
+from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
 from meadow.wire import (
     PROTOCOL_VERSION,
+    RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    BackwardRequest,
     BadRequest,
     ForwardRequest,
     MeadowError,
@@ -35,7 +39,6 @@ from meadow.wire import (
 logger = logging.getLogger(__name__)
 Requests = AsyncIterator[runtime_pb2.ExpertRequest]
 Responses = AsyncIterator[runtime_pb2.ExpertResponse]
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INLINE_TOKENS = 8  # decoding steps this small run on the event loop: a thread hand-off costs more than they do
 
 
@@ -47,6 +50,8 @@ class Limits:
     max_length: int = 8192  # longest inference session
     max_batch_size: int = 256
     idle_timeout: float = 300.0  # seconds an inference session may wait between steps before it is closed
+    max_prompt_tokens: int = 256  # longest deep prompt (prefix) a client may send
+    max_lora_rank: int = 64  # highest rank of a client's own LoRA weights
 
 
 class BlockHandler:
@@ -55,12 +60,19 @@ class BlockHandler:
     def __init__(self, span: Span, budget: CacheBudget, limits: Limits, info: Callable[[], dict]):
         self.span, self.budget, self.limits, self.info = span, budget, limits, info
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meadow-compute")
-        # the biggest legal request: max tokens of hidden states in float32 plus positions and mask, with slack
-        self.max_request_bytes = self.limits.max_batch_tokens * (span.config.hidden_size * 4 + 16) + 65536
+        # the biggest legal request: hidden states and their gradient in float32 plus positions and mask, the
+        # longest deep prompts and the highest-rank LoRA on every linear layer of every hosted block, with slack
+        config, hosted = span.config, len(span.blocks)
+        tokens = self.limits.max_batch_tokens * (config.hidden_size * 8 + 16)
+        prompts = hosted * self.limits.max_prompt_tokens * config.hidden_size * 4
+        lora = hosted * sum(i + o for i, o in linear_shapes(config).values()) * self.limits.max_lora_rank * 4
+        self.max_request_bytes = tokens + prompts + lora + 65536
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
-        for name, handler in ((RPC_FORWARD, self.rpc_forward), (RPC_INFERENCE, self.rpc_inference)):
+        for name, handler in (
+            (RPC_FORWARD, self.rpc_forward), (RPC_BACKWARD, self.rpc_backward), (RPC_INFERENCE, self.rpc_inference)
+        ):  # fmt: skip
             await p2p.add_protobuf_handler(
                 name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
@@ -75,9 +87,31 @@ class BlockHandler:
                 raise BadRequest("empty request")
             tensors, meta = message
             request = self._check_request(ForwardRequest.from_wire(meta))
-            hidden, position_ids, key_mask = self._check_inputs(tensors)
-            output = await self._run(self.span.run, hidden, position_ids, key_mask, request.blocks)
+            (hidden, position_ids, key_mask), tuning, _ = self._check_run(request, tensors)
+            output = await self._run(self.span.run, hidden, position_ids, key_mask, request.blocks, tuning)
             for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+                yield response
+        except MeadowError as e:
+            yield self._error(e, context)
+            await _drain(requests)
+
+    async def rpc_backward(self, requests: Requests, context: P2PContext) -> Responses:
+        try:
+            message = await unpack(requests, self.max_request_bytes)
+            if message is None:
+                raise BadRequest("empty request")
+            tensors, meta = message
+            request = self._check_request(BackwardRequest.from_wire(meta))
+            (hidden, position_ids, key_mask), tuning, (grad_output,) = self._check_run(request, tensors, "grad_output")
+            if grad_output.shape != hidden.shape or grad_output.dtype not in FLOAT_DTYPES:
+                raise BadRequest(f"grad_output must be a float tensor of shape {tuple(hidden.shape)}, got "
+                                 f"{grad_output.dtype} {tuple(grad_output.shape)}")  # fmt: skip
+            if not torch.isfinite(grad_output).all():
+                raise BadRequest("grad_output contains NaN or infinity")
+            grads = await self._run(
+                self.span.backward, hidden, position_ids, key_mask, request.blocks, grad_output, tuning
+            )
+            for response in pack(grads, Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
@@ -93,8 +127,9 @@ class BlockHandler:
                 raise BadRequest(f"max_length {request.max_length} exceeds this server's limit {self.limits.max_length}")
             if request.batch_size > self.limits.max_batch_size:
                 raise BadRequest(f"batch size {request.batch_size} exceeds this server's limit {self.limits.max_batch_size}")
+            tuning = self._check_tuning(request, message[0])
             with self.budget.reserve(request.batch_size * request.max_length):
-                session = Session.open(self.span, request.blocks, request.batch_size, request.max_length)
+                session = Session.open(self.span, request.blocks, request.batch_size, request.max_length, tuning)
                 yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
                 while True:
                     try:
@@ -105,6 +140,8 @@ class BlockHandler:
                         raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed") from None
                     if message is None:
                         return  # the client closed the session
+                    if len(message[0]) != 3:
+                        raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(message[0])}")
                     hidden, position_ids, key_mask = self._check_inputs(message[0])
                     if hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS:
                         output = session.step(self.span, hidden, position_ids, key_mask)
@@ -127,9 +164,28 @@ class BlockHandler:
             raise WrongServer(f"blocks {request.blocks} requested, this server holds blocks {hosted}")
         return request
 
+    def _check_run(
+        self, request: ForwardRequest, tensors: list[torch.Tensor], *extra: str
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], TuningInputs, list[torch.Tensor]]:
+        """Split a forward/backward request's tensors into the checked inputs, tuning, and `extra` ones at the end."""
+        names = ["hidden", "position_ids", "key_mask"] + ["deep prompts"] * request.prompts
+        names += ["LoRA weights"] * bool(request.lora) + list(extra)
+        if len(tensors) != len(names):
+            raise BadRequest(f"expected {len(names)} tensors ({', '.join(names)}), got {len(tensors)}")
+        inputs = self._check_inputs(tensors[:3])
+        tuning = self._check_tuning(request, tensors[3 : len(names) - len(extra)])
+        if tuning.prompts is not None and tuning.prompts.shape[1] > inputs[0].shape[1]:
+            raise BadRequest(f"deep prompts of {tuning.prompts.shape[1]} tokens for {inputs[0].shape[1]} tokens")
+        return inputs, tuning, tensors[len(names) - len(extra) :]
+
+    def _check_tuning(self, request: ForwardRequest | OpenSession, tensors: list[torch.Tensor]) -> TuningInputs:
+        limits = self.limits
+        return check_tuning(
+            request, request.blocks, tensors, self.span.config, self.span.adapters, self.span.first,
+            limits.max_prompt_tokens, limits.max_lora_rank,
+        )  # fmt: skip
+
     def _check_inputs(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if len(tensors) != 3:
-            raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
         hidden, position_ids, key_mask = tensors
         hidden_size = self.span.config.hidden_size
         if hidden.ndim != 3 or hidden.shape[-1] != hidden_size or hidden.shape[0] == 0 or hidden.shape[1] == 0:

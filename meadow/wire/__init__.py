@@ -3,13 +3,18 @@
 from meadow.wire.errors import BadRequest, MeadowError, RemoteError, ServerBusy, WrongServer
 from meadow.wire.schemas import (
     PROTOCOL_VERSION,
+    MAX_LORA_RANK,
+    RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    BackwardRequest,
     BlockRange,
     ForwardRequest,
+    LoraEntry,
     OpenSession,
     Reply,
     Request,
+    Tuning,
 )
 from meadow.wire.tensors import deserialize, pack, serialize, unpack

@@ -47,12 +47,41 @@ class Request(Schema):
     blocks: BlockRange
 
 
-class ForwardRequest(Request):
-    """rpc_forward: tensors are hidden (B, T, H), position_ids (B, T), key_mask (B, T)."""
+MAX_LORA_RANK = 256
 
 
-class OpenSession(Request):
-    """First message of rpc_inference: reserve a KV cache for batch_size x max_length tokens."""
+class LoraEntry(Schema):
+    """One low-rank update a client sends for one linear layer of one block. Its weights travel flattened in a
+    single tensor with every other entry's, in order: A (rank, in_features), then B (out_features, rank)."""
+
+    block: int = Field(ge=0)
+    module: str  # a linear layer of the block, by its HF leaf name: q_proj, k_proj, ..., down_proj
+    rank: int = Field(gt=0, le=MAX_LORA_RANK)
+    scale: float = Field(allow_inf_nan=False)
+
+
+class Tuning(Schema):
+    """What a client adds to the served blocks. Tensors follow the request's own, in this order:
+    deep prompts (blocks, batch or 1, prefix length, hidden) if `prompts`, then the flat LoRA weights if `lora`."""
+
+    adapter: str | None = None  # a LoRA adapter this server loaded with --adapters
+    prompts: bool = False
+    lora: tuple[LoraEntry, ...] = ()
+
+
+class ForwardRequest(Request, Tuning):
+    """rpc_forward: tensors are hidden (B, T, H), position_ids (B, T), key_mask (B, T), then the tuning tensors.
+    The reply holds the output hidden states (B, T, H)."""
+
+
+class BackwardRequest(ForwardRequest):
+    """rpc_backward: the forward's tensors plus the gradient w.r.t. its output (B, T, H), last. The reply holds the
+    gradients w.r.t. the hidden states, then w.r.t. the deep prompts and the LoRA weights if they were sent."""
+
+
+class OpenSession(Request, Tuning):
+    """First message of rpc_inference: reserve a KV cache for batch_size x max_length tokens. Its tuning tensors
+    (deep prompts, LoRA weights) hold for the whole session."""
 
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
@@ -69,3 +98,4 @@ class Reply(Schema):
 RPC_INFO = "meadow.rpc_info"
 RPC_FORWARD = "meadow.rpc_forward"
 RPC_INFERENCE = "meadow.rpc_inference"
+RPC_BACKWARD = "meadow.rpc_backward"
