@@ -22,7 +22,8 @@ class RemoteBlocks(torch.autograd.Function):
         )
         output, hops = sequence.forward_hops(hidden.detach(), position_ids, key_mask, tuning)
         ctx.sequence, ctx.position_ids, ctx.key_mask, ctx.tuning, ctx.hops = sequence, position_ids, key_mask, tuning, hops
-        return output
+        ctx.device = hidden.device
+        return output.to(hidden.device)
 
     @staticmethod
     @once_differentiable
@@ -31,11 +32,12 @@ class RemoteBlocks(torch.autograd.Function):
         grad_prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
         grad_lora = None if tuning.lora_flat is None else torch.zeros_like(tuning.lora_flat)
         grad = grad_output.contiguous()
-        for blocks, hidden in reversed(ctx.hops):
+        for hop, hidden in reversed(ctx.hops):
+            blocks = hop.blocks
             grad, prompts, lora = ctx.sequence.backward_hop(blocks, hidden, grad, ctx.position_ids, ctx.key_mask, tuning)
             if prompts is not None:
-                grad_prompts[blocks.start : blocks.end] += prompts
+                grad_prompts[blocks.start : blocks.end] += prompts.to(grad_prompts.device)
             if lora is not None:
                 start, end = tuning.lora_range(blocks)
-                grad_lora[start:end] += lora
-        return None, None, None, None, grad, grad_prompts, grad_lora
+                grad_lora[start:end] += lora.to(grad_lora.device)
+        return None, None, None, None, grad.to(ctx.device), grad_prompts, grad_lora

@@ -41,6 +41,7 @@ class RemoteSequence:
     def __init__(self, dht, dht_prefix: str, num_blocks: int, config: ClientConfig, active_adapter: str | None = None):
         self.dht, self.dht_prefix, self.num_blocks, self.config = dht, dht_prefix, num_blocks, config
         self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
+        self.last_hops: list[Hop] = []  # the chain of the last forward pass (for logs and tests)
         self.p2p = run(dht.replicate_p2p())
         self.servers: dict[PeerID, ServerInfo] = {}
         self.rtt: dict[PeerID, float] = {}
@@ -104,9 +105,9 @@ class RemoteSequence:
 
     def forward_hops(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, tuning: RemoteTuning
-    ) -> tuple[torch.Tensor, list[tuple[BlockRange, torch.Tensor]]]:
-        """The output of every block, and each hop's blocks and input (what backward needs). A failed hop is
-        retried on other servers from the failed block on."""
+    ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """The output of every block, and each hop (server and blocks) with its input, which backward needs.
+        A failed hop is retried on other servers from the failed block on."""
         block, failovers, hops = 0, 0, []
         while block < self.num_blocks:
             for hop in self.make_chain(BlockRange(start=block, end=self.num_blocks)):
@@ -119,8 +120,9 @@ class RemoteSequence:
                     self.ban(hop.peer, e)
                     break  # route again from `block`
                 self.failures.pop(hop.peer, None)
-                hops.append((hop.blocks, hidden))
+                hops.append((hop, hidden))
                 hidden, block = output, hop.blocks.end
+        self.last_hops = [hop for hop, _ in hops]
         return hidden, hops
 
     def backward_hop(
