@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     serve.add_argument("--public-name", help="a name shown to other users of the swarm")
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
+    serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
+                       help="peft LoRA adapter folders to serve; clients pick one by its folder name")  # fmt: skip
 
     generate = commands.add_parser("generate", help="generate text through the swarm")
     generate.add_argument("model")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
             dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
-            nat_port_map=args.nat_port_map, limits=limits,
+            nat_port_map=args.nat_port_map, adapters=args.adapters, limits=limits,
         )  # fmt: skip
         Server(config).run()
     elif args.command == "generate":

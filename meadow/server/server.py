@@ -7,10 +7,12 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from meadow.models import load_blocks, load_config, resolve_model_path
+from meadow.models.lora import BlockLora, load_peft_adapter
 from meadow.server.block_selection import choose_span
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
@@ -39,6 +41,7 @@ class ServerConfig:
     public_name: str | None = None
     update_period: float = 30.0  # seconds between announcements; records expire after 3 periods
     nat_port_map: bool = False
+    adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
 
 
@@ -75,7 +78,8 @@ class Server:
                     self.model_path, self.model_config, self.span_range.start, self.span_range.end, self.dtype, self.device
                 ),
             )
-            self.span = Span(blocks, self.span_range.start, self.model_config, self.dtype, self.device)
+            adapters = await loop.run_in_executor(None, self._load_adapters)
+            self.span = Span(blocks, self.span_range.start, self.model_config, self.dtype, self.device, adapters)
             self.budget = CacheBudget(config.cache_tokens)
             self.throughput, self.inference_rps = await loop.run_in_executor(None, self._measure_speed)
             handler = BlockHandler(self.span, self.budget, config.limits, self.info_dict)
@@ -114,6 +118,14 @@ class Server:
         start = choose_span(coverage, num_blocks)
         return BlockRange(start=start, end=start + num_blocks)
 
+    def _load_adapters(self) -> dict[str, list[BlockLora]]:
+        """The LoRA updates of every --adapters folder for this server's blocks (AdapterError if one does not fit)."""
+        start, end = self.span_range.start, self.span_range.end
+        return {
+            Path(path).name: load_peft_adapter(path, self.model_config, start, end, self.dtype, self.device)
+            for path in self.config.adapters
+        }
+
     def info(self) -> ServerInfo:
         return ServerInfo(
             state=self.state,
@@ -124,6 +136,7 @@ class Server:
             cache_tokens_left=self.budget.left if hasattr(self, "budget") else self.config.cache_tokens,
             dtype=self.config.dtype,
             public_name=self.config.public_name,
+            adapters=tuple(Path(path).name for path in self.config.adapters),
         )
 
     def info_dict(self) -> dict:
