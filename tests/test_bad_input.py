@@ -16,7 +16,17 @@ from meadow.client.routing import MissingBlocksError
 from meadow.client.event_loop import run
 from meadow.client.sequence import connect_sequence
 from meadow.models import load_config
-from meadow.wire import RPC_FORWARD, BlockRange, ForwardRequest, OpenSession, RemoteError, pack, serialize
+from meadow.wire import (
+    RPC_BACKWARD,
+    RPC_FORWARD,
+    BackwardRequest,
+    BlockRange,
+    ForwardRequest,
+    LoraEntry,
+    OpenSession,
+    RemoteError,
+    serialize,
+)
 
 HIDDEN = 64
 SPAN = BlockRange(start=1, end=3)  # of a 4-block model: blocks 0 and 3 are served by nobody
@@ -162,3 +172,69 @@ def test_missing_blocks_are_named(served):
     sequence, _, _ = served
     with pytest.raises(MissingBlocksError, match=r"blocks 0:1, 3:4"):
         sequence.make_chain()
+
+
+def call(sequence, peer, rpc, request, tensors):
+    return run(transport.call(sequence.p2p, peer, rpc, request, tensors, 30))
+
+
+def lora_entry(module="q_proj", block=1, rank=2):
+    return LoraEntry(block=block, module=module, rank=rank, scale=1.0)
+
+
+def q_proj_weights(rank=2):
+    return torch.randn(rank * (HIDDEN + HIDDEN))  # A (rank, 64) and B (64, rank) of a 64-wide q_proj
+
+
+@pytest.mark.parametrize(
+    "fields, extra, message",
+    [
+        (dict(prompts=True), [torch.randn(1, 2, HIDDEN)], "deep prompts must have shape"),  # 1 block of 2 requested
+        (dict(prompts=True), [torch.randn(2, 2, HIDDEN + 1)], "deep prompts must have shape"),
+        (dict(prompts=True), [torch.ones(2, 2, HIDDEN, dtype=torch.int32)], "deep prompts must be float"),
+        (dict(prompts=True), [torch.full((2, 2, HIDDEN), float("inf"))], "deep prompts contain NaN or infinity"),
+        (dict(prompts=True), [torch.randn(2, 4, HIDDEN)], "deep prompts of 4 tokens for 3 tokens"),
+        (dict(prompts=True), [], "expected 4 tensors"),
+        (dict(lora=[lora_entry("w_proj")]), [q_proj_weights()], "unknown module 'w_proj'"),
+        (dict(lora=[lora_entry(block=0)]), [q_proj_weights()], "outside the requested blocks"),
+        (dict(lora=[lora_entry(), lora_entry()]), [torch.randn(2 * 2 * 128)], "two LoRA entries"),
+        (dict(lora=[lora_entry()]), [torch.randn(7)], "one flat tensor of 256 values"),
+        (dict(lora=[lora_entry()]), [torch.full((256,), float("nan"))], "LoRA weights contain NaN"),
+        (dict(lora=[lora_entry(rank=100)]), [q_proj_weights(100)], "exceeds this server's limit"),
+        (dict(adapter="not-here"), [], "adapter 'not-here' is not served here"),
+    ],
+)
+def test_bad_tuning_gets_a_clear_error(served, fields, extra, message):
+    sequence, peer, _ = served
+    request = ForwardRequest(blocks=SPAN, **fields)
+    with pytest.raises(RemoteError, match=message):
+        call(sequence, peer, RPC_FORWARD, request, inputs() + extra)
+    assert_still_serving(sequence, peer)
+
+
+@pytest.mark.parametrize(
+    "grad, message",
+    [
+        (torch.randn(1, 3, HIDDEN + 1), "grad_output must be a float tensor of shape"),
+        (torch.ones(1, 3, HIDDEN, dtype=torch.int64), "grad_output must be a float tensor of shape"),
+        (torch.full((1, 3, HIDDEN), float("nan")), "grad_output contains NaN"),
+        (None, "expected 4 tensors"),
+    ],
+)
+def test_bad_backward_gets_a_clear_error(served, grad, message):
+    sequence, peer, _ = served
+    tensors = inputs() + ([grad] if grad is not None else [])
+    with pytest.raises(RemoteError, match=message):
+        call(sequence, peer, RPC_BACKWARD, BackwardRequest(blocks=SPAN), tensors)
+    assert_still_serving(sequence, peer)
+
+
+def test_backward_returns_gradients_for_everything_sent(served):
+    sequence, peer, _ = served
+    request = BackwardRequest(blocks=SPAN, prompts=True, lora=[lora_entry()])
+    prompts, weights = torch.randn(2, 2, HIDDEN), q_proj_weights()
+    grads = call(sequence, peer, RPC_BACKWARD, request, inputs() + [prompts, weights, torch.randn(1, 3, HIDDEN)])
+    assert [g.shape for g in grads] == [(1, 3, HIDDEN), prompts.shape, weights.shape]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(RemoteError, match="exceed this server's limit"):  # oversized batches are refused here too
+        call(sequence, peer, RPC_BACKWARD, BackwardRequest(blocks=SPAN), inputs(4, 100) + [torch.randn(4, 100, HIDDEN)])
