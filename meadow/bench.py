@@ -57,7 +57,13 @@ def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
     with torch.no_grad():
         generate_time = timed(lambda: model.generate(prompt, **kwargs))
         prefill_time = timed(lambda: model(prefill), repeats=2)
-    return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time}
+    model.requires_grad_(False)  # frozen weights, as on the servers; the gradient flows to the input embeddings
+
+    def train_step() -> None:
+        embeds = model.get_input_embeddings()(prefill).detach().requires_grad_()
+        model(inputs_embeds=embeds, labels=prefill).loss.backward()
+
+    return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=2)}
 
 
 def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str) -> None:
@@ -94,6 +100,8 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
           f"| {remote['tokens_per_s'] / local['tokens_per_s']:.2f}x |")  # fmt: skip
     print(f"| prefill {PREFILL_BATCH}x{PREFILL_LENGTH}, s | {local['prefill_s']:.3f} | {remote['prefill_s']:.3f} "
           f"| {remote['prefill_s'] / local['prefill_s']:.2f}x |")  # fmt: skip
+    print(f"| training step {PREFILL_BATCH}x{PREFILL_LENGTH} (forward + backward), s | {local['train_s']:.3f} "
+          f"| {remote['train_s']:.3f} | {remote['train_s'] / local['train_s']:.2f}x |")  # fmt: skip
     print(f"per-hop overhead per generated token: {(remote_step - local_step) / num_servers * 1000:.2f} ms "
           f"({num_servers} hops; (swarm - local) time per token / hops)")  # fmt: skip
     print(f"peak memory: client {client_peak:.0f} MiB (holds embeddings and head, no blocks); servers "
