@@ -82,11 +82,7 @@ class BlockHandler:
 
     async def rpc_forward(self, requests: Requests, context: P2PContext) -> Responses:
         try:
-            message = await unpack(requests, self.max_request_bytes)
-            if message is None:
-                raise BadRequest("empty request")
-            tensors, meta = message
-            request = self._check_request(ForwardRequest.from_wire(meta))
+            tensors, request = await self._receive(requests, ForwardRequest)
             (hidden, position_ids, key_mask), tuning, _ = self._check_run(request, tensors)
             output = await self._run(self.span.run, hidden, position_ids, key_mask, request.blocks, tuning)
             for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
@@ -97,11 +93,7 @@ class BlockHandler:
 
     async def rpc_backward(self, requests: Requests, context: P2PContext) -> Responses:
         try:
-            message = await unpack(requests, self.max_request_bytes)
-            if message is None:
-                raise BadRequest("empty request")
-            tensors, meta = message
-            request = self._check_request(BackwardRequest.from_wire(meta))
+            tensors, request = await self._receive(requests, BackwardRequest)
             (hidden, position_ids, key_mask), tuning, (grad_output,) = self._check_run(request, tensors, "grad_output")
             if grad_output.shape != hidden.shape or grad_output.dtype not in FLOAT_DTYPES:
                 raise BadRequest(f"grad_output must be a float tensor of shape {tuple(hidden.shape)}, got "
@@ -152,6 +144,14 @@ class BlockHandler:
         except MeadowError as e:
             yield self._error(e, context)
             await _drain(requests)
+
+    async def _receive(self, requests: Requests, schema: type[ForwardRequest]) -> tuple[list[torch.Tensor], ForwardRequest]:
+        """The one message of a forward or backward request: its tensors and its checked metadata."""
+        message = await unpack(requests, self.max_request_bytes)
+        if message is None:
+            raise BadRequest("empty request")
+        tensors, meta = message
+        return tensors, self._check_request(schema.from_wire(meta))
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
