@@ -29,6 +29,16 @@ def _throughput(text: str) -> str | float:
     return value
 
 
+def _quality(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _add_network(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
@@ -62,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
     serve.add_argument("--balance-period", type=float, default=60.0,
                        help="mean seconds between checks whether to move to other blocks (--num-blocks servers only)")
-    serve.add_argument("--balance-quality", type=float, default=0.75,
+    serve.add_argument("--balance-quality", type=_quality, default=0.75,
                        help="move only if the swarm's weakest block would get faster than its speed now / this (0, 1]")
     serve.add_argument("--throughput", type=_throughput, default="auto",
                        help="auto: measure once per model shape, device and dtype, then reuse (default); eval: measure "

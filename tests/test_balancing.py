@@ -114,3 +114,37 @@ def test_a_gap_left_by_a_killed_server_is_filled(swarm):
     assert sum(count(server, "Moving from") for server in swarm.servers) > moves  # filled by a move, not by chance
     spans = wait_until_settled(dht, path, timeout=60)
     assert len(spans) == 3
+
+
+def test_generation_survives_losing_the_only_server_of_some_blocks_when_another_moves_there(checkpoints, caplog):
+    """A fixed server holds 3:6 and a --num-blocks server takes the gap 0:3, so the client's chain is those two.
+    Mid-generation the 3:6 server is killed and a fixed 0:3 server starts: the --num-blocks server moves to 3:6,
+    ending its open session on 0:3 with ServerLeaving, and the client fails over to both: the tokens do not change."""
+    from transformers import AutoModelForCausalLM
+
+    from meadow import AutoDistributedModelForCausalLM
+    from meadow.client.config import ClientConfig
+    from test_failover import AfterTokens
+
+    path = checkpoints("llama", num_layers=NUM_BLOCKS)
+    prompt = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).generate(prompt, max_new_tokens=16, do_sample=False)
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        tail = swarm.start_server(path, "--blocks", "3:6", *PERIODS)
+        mover = swarm.start_server(path, "--num-blocks", "3", *PERIODS)
+        assert "blocks 0:3" in mover.wait_for(lambda line: "ready" in line, timeout=1)
+
+        def kill_the_tail_and_start_a_head():
+            tail.signal(signal.SIGKILL)
+            swarm.start_server(path, "--blocks", "0:3", *PERIODS, wait=False)
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(path), swarm.initial_peers, client_config=ClientConfig(wait_for_servers=90.0)
+        )
+        with caplog.at_level("WARNING", logger="meadow.client.sequence"):
+            got = model.generate(prompt, max_new_tokens=16, do_sample=False, streamer=AfterTokens(5, kill_the_tail_and_start_a_head))
+        assert torch.equal(got, reference)
+        assert any("Moving from blocks 0:3 to 3:6" in line for line in mover.lines)
+        assert "is moving from blocks 0:3 to 3:6" in caplog.text  # the client's session on the mover was told
+        model.sequence.close()

@@ -168,7 +168,10 @@ class Server:
                 if moved:
                     next_announce = loop.time() + config.update_period
             if loop.time() >= next_announce:
-                await self._announce()
+                try:
+                    await self._announce()
+                except Exception as e:  # the record lives 3 periods: the next announcement may still make it
+                    logger.warning(f"could not announce: {e!r}")
                 next_announce = loop.time() + config.update_period
 
     def _balance_wait(self) -> float:
@@ -178,7 +181,11 @@ class Server:
     async def _balance(self) -> bool:
         """One balance check: move if the swarm needs this server elsewhere. True if it moved."""
         total, loop = self.model_config.num_hidden_layers, asyncio.get_running_loop()
-        per_block = await loop.run_in_executor(None, fetch_servers, self.dht, self.dht_prefix, total)
+        try:
+            per_block = await loop.run_in_executor(None, fetch_servers, self.dht, self.dht_prefix, total)
+        except Exception as e:  # a DHT hiccup: keep serving where we are, look again next time
+            logger.warning(f"balance check skipped: could not read the swarm ({e!r})")
+            return False
         others = placements(per_block, total)
         others.pop(self.dht.peer_id, None)  # our own record may lag; our contribution is known exactly
         mine = Placement(self.span_range.start, self.span_range.end, self.throughput)
