@@ -47,8 +47,6 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
 
 
-
-
 class Server:
     """One volunteer server. `run()` blocks until SIGINT/SIGTERM, then tells its sessions it is leaving, announces
     it is offline and exits. Started with --num-blocks, it moves to other blocks when the swarm needs it there."""
