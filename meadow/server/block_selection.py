@@ -9,7 +9,7 @@ improves the swarm by a fixed step, so moves cannot go in circles and a balanced
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from meadow.swarm import ServerInfo, ServerState
@@ -76,11 +76,6 @@ def placements(per_block: list[dict[Hashable, ServerInfo]], num_blocks: int) -> 
             if info.state in (ServerState.ONLINE, ServerState.JOINING) and info.start < min(info.end, num_blocks):
                 found[peer] = Placement(info.start, min(info.end, num_blocks), info.throughput)
     return found
-
-
-def swarm_min(placements_by_peer: Mapping[Hashable, Placement], num_blocks: int) -> float:
-    """The weakest block's throughput: how fast the swarm as a whole can serve."""
-    return min(block_throughputs(placements_by_peer.values(), num_blocks))
 
 
 def _with(rest: list[float], start: int, length: int, throughput: float) -> list[float]:
