@@ -17,6 +17,28 @@ def _block_range(text: str) -> BlockRange:
         raise argparse.ArgumentTypeError(f"expected START:END with START < END, got {text!r}") from None
 
 
+def _throughput(text: str) -> str | float:
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected auto, eval or a positive number of tokens/s, got {text!r}")
+    return value
+
+
+def _quality(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _add_network(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
@@ -50,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
     serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
                        help="peft LoRA adapter folders to serve; clients pick one by its folder name")  # fmt: skip
+    serve.add_argument("--balance-period", type=float, default=60.0,
+                       help="mean seconds between checks whether to move to other blocks (--num-blocks servers only)")
+    serve.add_argument("--balance-quality", type=_quality, default=0.75,
+                       help="move only if the swarm's weakest block would get faster than its speed now / this (0, 1]")
+    serve.add_argument("--throughput", type=_throughput, default="auto",
+                       help="auto: measure once per model shape, device and dtype, then reuse (default); eval: measure "
+                            "again; a number: announce this many tokens/s and measure nothing")  # fmt: skip
 
     generate = commands.add_parser("generate", help="generate text through the swarm")
     generate.add_argument("model")
@@ -90,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
             dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
+            balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
             nat_port_map=args.nat_port_map, adapters=args.adapters, limits=limits,
         )  # fmt: skip
+        logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
         Server(config).run()
     elif args.command == "generate":
         from meadow.client.text import stream_generate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from meadow.local_swarm import LocalSwarm
@@ -19,6 +21,18 @@ def start_swarm(model, spans: list[str], *extra: str) -> LocalSwarm:
         swarm.stop()
         raise
     return swarm
+
+
+@pytest.fixture(scope="session", autouse=True)
+def meadow_home(tmp_path_factory):
+    """A fresh MEADOW_HOME for the test run (servers cache their measured speed there), never the user's."""
+    home, before = tmp_path_factory.mktemp("meadow-home"), os.environ.get("MEADOW_HOME")
+    os.environ["MEADOW_HOME"] = str(home)  # servers are child processes: they inherit it
+    yield home
+    if before is None:
+        os.environ.pop("MEADOW_HOME", None)
+    else:
+        os.environ["MEADOW_HOME"] = before
 
 
 @pytest.fixture(scope="session")

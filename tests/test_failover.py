@@ -122,3 +122,32 @@ def test_forward_survives_a_killed_server_and_missing_blocks_are_named(model_pat
         model.sequence.close()
     finally:
         swarm.stop()
+
+
+def test_a_server_leaving_on_sigterm_mid_generation_tells_its_client_at_once(model_path, expected, caplog):
+    """SIGTERM: the server ends its sessions with a ServerLeaving reply before it goes (without it, the client
+    only learns from a reset connection, or from its step timeout if the server lingers: 60 s here), and exits."""
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:3", "3:6", "3:6"])
+    try:
+        model = client(model_path, swarm, step_timeout=60.0)
+        leaving = []
+
+        def terminate_current_server():
+            peer = next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == 3)
+            leaving.append(server_running(swarm, peer))
+            leaving[0].popen.send_signal(signal.SIGTERM)  # the main process only, as a person's Ctrl-C or `kill` would
+            leaving[0].popen.wait(timeout=15)  # the next steps go to a server that is gone
+
+        began = time.monotonic()
+        with caplog.at_level("WARNING", logger="meadow.client.sequence"):
+            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens(5, terminate_current_server))
+        took = time.monotonic() - began
+        assert torch.equal(got, reference)
+        assert "ServerLeaving" in caplog.text  # the client was told, rather than finding out by a timeout
+        assert took < 30, f"generation took {took:.1f} s: the client waited for a timeout"
+        assert leaving[0].popen.wait(timeout=15) == 0
+        assert any("Server stopped" in line for line in leaving[0].lines)
+        model.sequence.close()
+    finally:
+        swarm.stop()

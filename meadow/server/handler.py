@@ -14,6 +14,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from meadow.models import BlockConfig
 from meadow.models.llama import linear_shapes
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Session, Span
@@ -31,8 +32,9 @@ from meadow.wire import (
     OpenSession,
     Reply,
     Request,
-    pack,
+    ServerLeaving,
     WrongServer,
+    pack,
     unpack,
 )
 
@@ -55,18 +57,44 @@ class Limits:
 
 
 class BlockHandler:
-    """Serves rpc_info, rpc_forward and rpc_inference for one Span. Compute runs on a single thread."""
+    """Serves rpc_info, rpc_forward and rpc_inference for the server's current Span (None while it loads or moves).
+    Compute runs on a single thread."""
 
-    def __init__(self, span: Span, budget: CacheBudget, limits: Limits, info: Callable[[], dict]):
-        self.span, self.budget, self.limits, self.info = span, budget, limits, info
+    def __init__(self, config: BlockConfig, budget: CacheBudget, limits: Limits, info: Callable[[], dict]):
+        self.config, self.budget, self.limits, self.info = config, budget, limits, info
+        self.span: Span | None = None
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meadow-compute")
-        # the biggest legal request: hidden states and their gradient in float32 plus positions and mask, the
-        # longest deep prompts and the highest-rank LoRA on every linear layer of every hosted block, with slack
-        config, hosted = span.config, len(span.blocks)
-        tokens = self.limits.max_batch_tokens * (config.hidden_size * 8 + 16)
-        prompts = hosted * self.limits.max_prompt_tokens * config.hidden_size * 4
-        lora = hosted * sum(i + o for i, o in linear_shapes(config).values()) * self.limits.max_lora_rank * 4
-        self.max_request_bytes = tokens + prompts + lora + 65536
+        self.max_request_bytes = self._max_request_bytes(hosted=1)
+        self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
+        self.sessions: set[object] = set()  # open sessions that have not yet been told why they end
+
+    def serve(self, span: Span) -> None:
+        """Start serving `span`; sessions opened from now on belong to it."""
+        self.span, self.leaving = span, asyncio.get_running_loop().create_future()
+        self.max_request_bytes = self._max_request_bytes(len(span.blocks))
+
+    def release(self, reason: str) -> None:
+        """Stop serving the current span: refuse new requests and end every open session with a ServerLeaving
+        reply saying `reason`, so that its client fails over at once instead of after a timeout."""
+        self.span = None
+        if self.leaving is not None and not self.leaving.done():
+            self.leaving.set_result(reason)
+
+    async def sessions_told(self, timeout: float = 1.0) -> bool:
+        """Wait (up to `timeout`) until every session ended by `release` has been sent its reply."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.sessions
+
+    def _max_request_bytes(self, hosted: int) -> int:
+        """The biggest legal request: hidden states and their gradient in float32 plus positions and mask, the
+        longest deep prompts and the highest-rank LoRA on every linear layer of every hosted block, with slack."""
+        config, limits = self.config, self.limits
+        tokens = limits.max_batch_tokens * (config.hidden_size * 8 + 16)
+        prompts = hosted * limits.max_prompt_tokens * config.hidden_size * 4
+        lora = hosted * sum(i + o for i, o in linear_shapes(config).values()) * limits.max_lora_rank * 4
+        return tokens + prompts + lora + 65536
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
@@ -82,9 +110,9 @@ class BlockHandler:
 
     async def rpc_forward(self, requests: Requests, context: P2PContext) -> Responses:
         try:
-            tensors, request = await self._receive(requests, ForwardRequest)
-            (hidden, position_ids, key_mask), tuning, _ = self._check_run(request, tensors)
-            output = await self._run(self.span.run, hidden, position_ids, key_mask, request.blocks, tuning)
+            tensors, (span, request) = await self._receive(requests, ForwardRequest)
+            (hidden, position_ids, key_mask), tuning, _ = self._check_run(span, request, tensors)
+            output = await self._run(span.run, hidden, position_ids, key_mask, request.blocks, tuning)
             for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response
         except MeadowError as e:
@@ -93,15 +121,15 @@ class BlockHandler:
 
     async def rpc_backward(self, requests: Requests, context: P2PContext) -> Responses:
         try:
-            tensors, request = await self._receive(requests, BackwardRequest)
-            (hidden, position_ids, key_mask), tuning, (grad_output,) = self._check_run(request, tensors, "grad_output")
+            tensors, (span, request) = await self._receive(requests, BackwardRequest)
+            (hidden, position_ids, key_mask), tuning, (grad_output,) = self._check_run(span, request, tensors, "grad_output")
             if grad_output.shape != hidden.shape or grad_output.dtype not in FLOAT_DTYPES:
                 raise BadRequest(f"grad_output must be a float tensor of shape {tuple(hidden.shape)}, got "
                                  f"{grad_output.dtype} {tuple(grad_output.shape)}")  # fmt: skip
             if not torch.isfinite(grad_output).all():
                 raise BadRequest("grad_output contains NaN or infinity")
             grads = await self._run(
-                self.span.backward, hidden, position_ids, key_mask, request.blocks, grad_output, tuning
+                span.backward, hidden, position_ids, key_mask, request.blocks, grad_output, tuning
             )
             for response in pack(grads, Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response
@@ -110,43 +138,63 @@ class BlockHandler:
         await _drain(requests)
 
     async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
+        me = object()
         try:
             message = await unpack(requests, self.max_request_bytes)
             if message is None:
                 return
-            request = self._check_request(OpenSession.from_wire(message[1]))
+            span, request = self._check_request(OpenSession.from_wire(message[1]))
+            leaving = self.leaving
             if request.max_length > self.limits.max_length:
                 raise BadRequest(f"max_length {request.max_length} exceeds this server's limit {self.limits.max_length}")
             if request.batch_size > self.limits.max_batch_size:
                 raise BadRequest(f"batch size {request.batch_size} exceeds this server's limit {self.limits.max_batch_size}")
-            tuning = self._check_tuning(request, message[0])
+            tuning = self._check_tuning(span, request, message[0])
             with self.budget.reserve(request.batch_size * request.max_length):
-                session = Session.open(self.span, request.blocks, request.batch_size, request.max_length, tuning)
+                session = Session.open(span, request.blocks, request.batch_size, request.max_length, tuning)
+                self.sessions.add(me)
                 yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
                 while True:
-                    try:
-                        message = await asyncio.wait_for(
-                            unpack(requests, self.max_request_bytes), self.limits.idle_timeout
-                        )
-                    except asyncio.TimeoutError:
-                        raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed") from None
+                    message = await self._next_step(requests, leaving)
                     if message is None:
                         return  # the client closed the session
                     if len(message[0]) != 3:
                         raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(message[0])}")
                     hidden, position_ids, key_mask = self._check_inputs(message[0])
                     if hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS:
-                        output = session.step(self.span, hidden, position_ids, key_mask)
+                        output = session.step(span, hidden, position_ids, key_mask)
                     else:
-                        output = await self._run(session.step, self.span, hidden, position_ids, key_mask)
+                        output = await self._run(session.step, span, hidden, position_ids, key_mask)
                     for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
                         yield response
         except MeadowError as e:
             yield self._error(e, context)
+            self.sessions.discard(me)  # the client has its answer: a leaving server need not wait for the drain
             await _drain(requests)
+        finally:
+            self.sessions.discard(me)
 
-    async def _receive(self, requests: Requests, schema: type[ForwardRequest]) -> tuple[list[torch.Tensor], ForwardRequest]:
-        """The one message of a forward or backward request: its tensors and its checked metadata."""
+    async def _next_step(self, requests: Requests, leaving: asyncio.Future) -> tuple | None:
+        """The session's next message; ServerLeaving as soon as the server leaves (even mid-wait), BadRequest when
+        the client stays idle too long."""
+        if leaving.done():
+            raise ServerLeaving(leaving.result())
+        receive = asyncio.ensure_future(unpack(requests, self.max_request_bytes))
+        await asyncio.wait((receive, leaving), timeout=self.limits.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if leaving.done():  # even if a step came in too: the client will resend it elsewhere
+            receive.cancel()
+            await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
+            raise ServerLeaving(leaving.result())
+        if not receive.done():
+            receive.cancel()
+            await asyncio.wait((receive,))
+            raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed")
+        return receive.result()
+
+    async def _receive(
+        self, requests: Requests, schema: type[ForwardRequest]
+    ) -> tuple[list[torch.Tensor], tuple[Span, ForwardRequest]]:
+        """The one message of a forward or backward request: its tensors, the span that serves it and its metadata."""
         message = await unpack(requests, self.max_request_bytes)
         if message is None:
             raise BadRequest("empty request")
@@ -156,16 +204,19 @@ class BlockHandler:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
-    def _check_request(self, request: Request) -> Request:
+    def _check_request(self, request: Request) -> tuple[Span, Request]:
         if request.version != PROTOCOL_VERSION:
             raise BadRequest(f"client speaks protocol {request.version}, this server speaks {PROTOCOL_VERSION}")
-        hosted = self.span.range
+        span = self.span
+        if span is None:
+            raise WrongServer(f"blocks {request.blocks} requested, this server holds no blocks right now (loading or moving)")
+        hosted = span.range
         if not (hosted.start <= request.blocks.start and request.blocks.end <= hosted.end):
             raise WrongServer(f"blocks {request.blocks} requested, this server holds blocks {hosted}")
-        return request
+        return span, request
 
     def _check_run(
-        self, request: ForwardRequest, tensors: list[torch.Tensor], *extra: str
+        self, span: Span, request: ForwardRequest, tensors: list[torch.Tensor], *extra: str
     ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], TuningInputs, list[torch.Tensor]]:
         """Split a forward/backward request's tensors into the checked inputs, tuning, and `extra` ones at the end."""
         names = ["hidden", "position_ids", "key_mask"] + ["deep prompts"] * request.prompts
@@ -173,21 +224,21 @@ class BlockHandler:
         if len(tensors) != len(names):
             raise BadRequest(f"expected {len(names)} tensors ({', '.join(names)}), got {len(tensors)}")
         inputs = self._check_inputs(tensors[:3])
-        tuning = self._check_tuning(request, tensors[3 : len(names) - len(extra)])
+        tuning = self._check_tuning(span, request, tensors[3 : len(names) - len(extra)])
         if tuning.prompts is not None and tuning.prompts.shape[1] > inputs[0].shape[1]:
             raise BadRequest(f"deep prompts of {tuning.prompts.shape[1]} tokens for {inputs[0].shape[1]} tokens")
         return inputs, tuning, tensors[len(names) - len(extra) :]
 
-    def _check_tuning(self, request: ForwardRequest | OpenSession, tensors: list[torch.Tensor]) -> TuningInputs:
+    def _check_tuning(self, span: Span, request: ForwardRequest | OpenSession, tensors: list[torch.Tensor]) -> TuningInputs:
         limits = self.limits
         return check_tuning(
-            request, request.blocks, tensors, self.span.config, self.span.adapters, self.span.first,
+            request, request.blocks, tensors, span.config, span.adapters, span.first,
             limits.max_prompt_tokens, limits.max_lora_rank,
         )  # fmt: skip
 
     def _check_inputs(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, position_ids, key_mask = tensors
-        hidden_size = self.span.config.hidden_size
+        hidden_size = self.config.hidden_size
         if hidden.ndim != 3 or hidden.shape[-1] != hidden_size or hidden.shape[0] == 0 or hidden.shape[1] == 0:
             raise BadRequest(f"hidden states must have shape (batch, length, {hidden_size}), got {tuple(hidden.shape)}")
         if hidden.dtype not in FLOAT_DTYPES:

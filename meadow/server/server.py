@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import random
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 
 from meadow.models import load_blocks, load_config, resolve_model_path
 from meadow.models.lora import BlockLora, load_peft_adapter
-from meadow.server.block_selection import choose_span
+from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Span
+from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.swarm import ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, start_dht
 from meadow.wire import BlockRange
 
@@ -40,13 +42,17 @@ class ServerConfig:
     dht_prefix: str | None = None
     public_name: str | None = None
     update_period: float = 30.0  # seconds between announcements; records expire after 3 periods
+    balance_period: float = 60.0  # mean seconds between checks whether to move (only servers without --blocks move)
+    balance_quality: float = 0.75  # move only if the weakest block's throughput then exceeds (what it is now) / this
+    throughput: str | float = "auto"  # "auto": measured once, then cached; "eval": measure again; a number: announce it
     nat_port_map: bool = False
     adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
 
 
 class Server:
-    """One volunteer server. `run()` blocks until SIGINT/SIGTERM, then announces it is offline and exits."""
+    """One volunteer server. `run()` blocks until SIGINT/SIGTERM, then tells its sessions it is leaving, announces
+    it is offline and exits. Started with --num-blocks, it moves to other blocks when the swarm needs it there."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -55,9 +61,14 @@ class Server:
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
         if config.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype}")
+        if not 0 < config.balance_quality <= 1:
+            raise ValueError(f"--balance-quality must be in (0, 1], got {config.balance_quality}")
         self.dtype, self.device = DTYPES[config.dtype], torch.device(config.device)
         self.state = ServerState.JOINING
-        self.throughput = self.inference_rps = 0.0
+        self.span_range: BlockRange | None = None
+        self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
+        self.budget = CacheBudget(config.cache_tokens)  # one budget for the server's life: a move keeps its size
+        self.handler = BlockHandler(self.model_config, self.budget, config.limits, self.info_dict)
 
     def run(self) -> None:
         asyncio.run(self._serve())
@@ -70,42 +81,52 @@ class Server:
 
         self.dht = start_dht(config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map)
         try:
-            self.span_range = self._pick_span()
-            await self._announce()  # joining: clients see who is coming but do not route through us yet
-            blocks = await loop.run_in_executor(
-                None,
-                lambda: load_blocks(
-                    self.model_path, self.model_config, self.span_range.start, self.span_range.end, self.dtype, self.device
-                ),
-            )
-            adapters = await loop.run_in_executor(None, self._load_adapters)
-            self.span = Span(blocks, self.span_range.start, self.model_config, self.dtype, self.device, adapters)
-            self.budget = CacheBudget(config.cache_tokens)
-            self.throughput, self.inference_rps = await loop.run_in_executor(None, self._measure_speed)
-            handler = BlockHandler(self.span, self.budget, config.limits, self.info_dict)
-            p2p = await self.dht.replicate_p2p()
-            await handler.register(p2p)
-
-            self.state = ServerState.ONLINE
-            await self._announce()
+            speed_source = await loop.run_in_executor(None, self._measure)
+            rtt = await loop.run_in_executor(None, ping_peers, self.dht)
+            first = self._pick_span()
+            self.span_range = first
+            await self.handler.register(await self.dht.replicate_p2p())
+            await self._take(first)
             print(
                 f"Server ready: {self.dht_prefix} blocks {self.span_range} as {self.dht.peer_id}, "
-                f"{self.throughput:.0f} tokens/s, {self.inference_rps:.0f} steps/s/block",
+                f"{self.throughput:.0f} tokens/s, {self.inference_rps:.0f} steps/s/block ({speed_source}), "
+                f"DHT ping {'none answered' if rtt is None else f'{rtt * 1000:.1f} ms'}",
                 flush=True,
             )
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), config.update_period)
-                except asyncio.TimeoutError:
-                    await self._announce()
+            await self._run_until(stop)
         finally:
+            # tell open sessions first, so their clients fail over now rather than after their step timeout
+            self.handler.release("the server is leaving the swarm")
             self.state = ServerState.OFFLINE
             try:
-                await self._announce()  # at once, so clients reroute before the record would expire
+                if self.span_range is not None:
+                    await self._announce()  # at once, so clients reroute before the record would expire
             except Exception as e:
                 logger.warning(f"could not announce going offline: {e}")
+            await self.handler.sessions_told(timeout=1.0)
             self.dht.shutdown()
             print("Server stopped", flush=True)
+
+    @property
+    def throughput(self) -> float:
+        """Tokens/s through the whole span when batching, as announced."""
+        if self.speed is None:
+            return float(self.config.throughput)
+        return self.speed.span_throughput(len(self.span_range)) if self.span_range is not None else 0.0
+
+    @property
+    def inference_rps(self) -> float:
+        return self.speed.inference_rps if self.speed is not None else 0.0
+
+    def _measure(self) -> str:
+        """Set self.speed per --throughput; return where the numbers came from."""
+        option = self.config.throughput
+        if option not in ("auto", "eval"):
+            if float(option) <= 0:
+                raise ValueError(f"--throughput must be auto, eval or a positive number, got {option}")
+            return "given"
+        self.speed, cached = block_speed(self.model_config, self.dtype, self.device, remeasure=option == "eval")
+        return "cached" if cached else "measured"
 
     def _pick_span(self) -> BlockRange:
         total = self.model_config.num_hidden_layers
@@ -114,17 +135,90 @@ class Server:
                 raise ValueError(f"--blocks {self.config.blocks} is out of range: the model has {total} blocks")
             return self.config.blocks
         num_blocks = min(self.config.num_blocks or total, total)
-        coverage = [len(servers) for servers in fetch_servers(self.dht, self.dht_prefix, total)]
-        start = choose_span(coverage, num_blocks)
+        swarm = placements(fetch_servers(self.dht, self.dht_prefix, total), total)
+        start = choose_span(block_throughputs(swarm.values(), total), num_blocks)
         return BlockRange(start=start, end=start + num_blocks)
 
-    def _load_adapters(self) -> dict[str, list[BlockLora]]:
-        """The LoRA updates of every --adapters folder for this server's blocks (AdapterError if one does not fit)."""
-        start, end = self.span_range.start, self.span_range.end
+    def _load_adapters(self, blocks: BlockRange) -> dict[str, list[BlockLora]]:
+        """The LoRA updates of every --adapters folder for `blocks` (AdapterError if one does not fit)."""
+        start, end = blocks.start, blocks.end
         return {
             Path(path).name: load_peft_adapter(path, self.model_config, start, end, self.dtype, self.device)
             for path in self.config.adapters
         }
+
+    async def _take(self, blocks: BlockRange) -> None:
+        """Announce `blocks` as joining, load them, serve them, announce them online."""
+        self.span_range, self.state = blocks, ServerState.JOINING
+        await self._announce()  # clients see who is coming but do not route through us yet
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: load_blocks(self.model_path, self.model_config, blocks.start, blocks.end, self.dtype, self.device)
+        )
+        adapters = await asyncio.get_running_loop().run_in_executor(None, self._load_adapters, blocks)
+        self.handler.serve(Span(loaded, blocks.start, self.model_config, self.dtype, self.device, adapters))
+        self.state = ServerState.ONLINE
+        await self._announce()
+
+    async def _run_until(self, stop: asyncio.Event) -> None:
+        """Announce every update period; with --num-blocks, also check the balance every (jittered) balance period."""
+        loop, config = asyncio.get_running_loop(), self.config
+        next_announce = loop.time() + config.update_period
+        next_check = loop.time() + self._balance_wait() if config.blocks is None else float("inf")
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, min(next_announce, next_check) - loop.time()))
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                break
+            if loop.time() >= next_check:
+                moved = await self._balance()
+                # a server that just moved sits out one more period: the swarm's view of it needs time to settle
+                next_check = loop.time() + self._balance_wait() + (config.balance_period if moved else 0.0)
+                if moved:
+                    next_announce = loop.time() + config.update_period
+            if loop.time() >= next_announce:
+                try:
+                    await self._announce()
+                except Exception as e:  # the record lives 3 periods: the next announcement may still make it
+                    logger.warning(f"could not announce: {e!r}")
+                next_announce = loop.time() + config.update_period
+
+    def _balance_wait(self) -> float:
+        # random, so that servers which see the same swarm do not all decide (and move) at the same moment
+        return self.config.balance_period * random.uniform(0.5, 1.5)
+
+    async def _balance(self) -> bool:
+        """One balance check: move if the swarm needs this server elsewhere. True if it moved."""
+        total, loop = self.model_config.num_hidden_layers, asyncio.get_running_loop()
+        try:
+            per_block = await loop.run_in_executor(None, fetch_servers, self.dht, self.dht_prefix, total)
+        except Exception as e:  # a DHT hiccup: keep serving where we are, look again next time
+            logger.warning(f"balance check skipped: could not read the swarm ({e!r})")
+            return False
+        others = placements(per_block, total)
+        others.pop(self.dht.peer_id, None)  # our own record may lag; our contribution is known exactly
+        mine = Placement(self.span_range.start, self.span_range.end, self.throughput)
+        start = choose_move(mine, others.values(), total, self.config.balance_quality)
+        weakest = min(block_throughputs([*others.values(), mine], total))
+        if start is None:
+            logger.info(f"balance check: staying at blocks {self.span_range} (weakest block {weakest:.0f} tokens/s)")
+            return False
+        await self._move(BlockRange(start=start, end=start + len(mine)), weakest)
+        return True
+
+    async def _move(self, new: BlockRange, weakest: float) -> None:
+        old = self.span_range
+        print(f"Moving from blocks {old} to {new} (weakest block {weakest:.0f} tokens/s)", flush=True)
+        self.state = ServerState.OFFLINE
+        await self._announce()  # the old span, at once: clients and other servers stop counting on us there
+        self.handler.release(f"the server is moving from blocks {old} to {new}")
+        await self.handler.sessions_told(timeout=1.0)
+        gc.collect()  # free the old blocks before loading the new ones: memory stays one span's worth
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        await self._take(new)
+        print(f"Server moved: blocks {new} online", flush=True)
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -133,7 +227,7 @@ class Server:
             end=self.span_range.end,
             throughput=self.throughput,
             inference_rps=self.inference_rps,
-            cache_tokens_left=self.budget.left if hasattr(self, "budget") else self.config.cache_tokens,
+            cache_tokens_left=self.budget.left,
             dtype=self.config.dtype,
             public_name=self.config.public_name,
             adapters=tuple(Path(path).name for path in self.config.adapters),
@@ -145,23 +239,3 @@ class Server:
     async def _announce(self) -> None:
         info, expiration = self.info(), 3 * self.config.update_period
         await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration)
-
-    @torch.inference_mode()
-    def _measure_speed(self) -> tuple[float, float]:
-        """Rough speeds for routing: tokens/s of a 128-token forward through the span, and 1-token steps/s per block.
-        (Proper, cached measurement belongs to load balancing.)"""
-        block = self.span.blocks[0]
-        hidden_size = self.model_config.hidden_size
-        timings = []
-        for length in (1, 128):
-            x = torch.randn(1, length, hidden_size, dtype=self.dtype, device=self.device)
-            positions = torch.arange(length, device=self.device)[None]
-            block(x, positions)  # warm-up
-            began = time.perf_counter()
-            for _ in range(3):
-                block(x, positions)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            timings.append((time.perf_counter() - began) / 3)
-        step_time, forward_time = timings
-        return 128 / (forward_time * len(self.span.blocks)), 1 / step_time

@@ -1,6 +1,6 @@
 """What crosses the wire between clients and servers: tensors, framing, request schemas, errors."""
 
-from meadow.wire.errors import BadRequest, MeadowError, RemoteError, ServerBusy, WrongServer
+from meadow.wire.errors import BadRequest, MeadowError, RemoteError, ServerBusy, ServerLeaving, WrongServer
 from meadow.wire.schemas import (
     PROTOCOL_VERSION,
     MAX_LORA_RANK,

@@ -23,3 +23,7 @@ class RemoteError(MeadowError):
 
 class WrongServer(MeadowError):
     """This server does not (or no longer) hold the requested blocks: the client's routes are stale; retry elsewhere."""
+
+
+class ServerLeaving(MeadowError):
+    """The server is shutting down or moving to other blocks: its sessions end now; retry elsewhere at once."""
