@@ -140,7 +140,7 @@ def test_a_server_leaving_on_sigterm_mid_generation_tells_its_client_at_once(mod
             leaving[0].popen.wait(timeout=15)  # the next steps go to a server that is gone
 
         began = time.monotonic()
-        with caplog.at_level("WARNING", logger="meadow.client.sequence"):
+        with caplog.at_level("INFO", logger="meadow.client.sequence"):
             got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens(5, terminate_current_server))
         took = time.monotonic() - began
         assert torch.equal(got, reference)
