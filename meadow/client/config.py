@@ -12,6 +12,8 @@ class ClientConfig:
     dht_prefix: str | None = None  # swarm name of the model; default: derived from the model's name
     request_timeout: float = 30.0  # one forward, prefill or replay on one server; a server silent longer is failed over
     step_timeout: float = 5.0  # one decoding step (a few tokens): a server that dies silently must not stall us long
+    min_step_timeout: float = 1.5  # ...and once a server's pace is known, `step_slowdown` times its usual step,
+    step_slowdown: float = 10.0  # but at least this long (a loaded machine has hiccups)
     connect_timeout: float = 10.0  # opening a session or pinging a server
     max_retries: int = 5  # failovers for one request before its last error is raised
     ban_seconds: float = 15.0  # first ban of a failed server; doubles with each further failure...

@@ -7,28 +7,41 @@ and resends the step that failed. Downstream servers never notice, so greedy res
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from meadow.client import transport
 from meadow.client.routing import Hop
+from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure
 from meadow.client.tuning import RemoteTuning
 from meadow.wire import BlockRange, OpenSession
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
-DECODING_TOKENS = 4  # steps of at most this many new tokens get ClientConfig.step_timeout
+DECODING_TOKENS = 4  # steps of at most this many new tokens are decoding steps, timed against the server's own pace
 
 
 @dataclass
 class Segment:
-    """One server's part of the chain and the inputs it has been sent (for replay)."""
+    """One server's part of the chain, the inputs it has been sent (for replay) and how long its decoding steps took."""
 
     hop: Hop
     stream: transport.InferenceStream
     history: list[Inputs] = field(default_factory=list)
+    step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
+
+    def decoding_timeout(self, config: ClientConfig) -> float:
+        """A server that takes `step_slowdown` times its usual step is taken as hung (a killed server's connection
+        is not always seen to drop): never under min_step_timeout, never over step_timeout."""
+        if not self.step_times:
+            return config.step_timeout
+        usual = statistics.median(self.step_times) * config.step_slowdown
+        return min(config.step_timeout, max(config.min_step_timeout, usual))
 
 
 class InferenceSession:
@@ -48,11 +61,13 @@ class InferenceSession:
             self.segments = self._open(BlockRange(start=0, end=self.sequence.num_blocks))
         inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
         config = self.sequence.config
-        timeout = config.step_timeout if length <= DECODING_TOKENS else config.request_timeout
+        decoding = length <= DECODING_TOKENS
         index, failovers = 0, 0
         while index < len(self.segments):
             segment = self.segments[index]
+            began = time.perf_counter()
             try:
+                timeout = segment.decoding_timeout(config) if decoding else config.request_timeout
                 output = run(segment.stream.step(list(inputs), timeout))
             except Exception as e:
                 if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
@@ -61,6 +76,8 @@ class InferenceSession:
                 self.sequence.ban(segment.hop.peer, e)
                 self.segments[index : index + 1] = self._replace(segment)
                 continue  # resend this step to the replacement
+            if decoding:
+                segment.step_times.append(time.perf_counter() - began)
             segment.history.append(inputs)
             inputs = (output, inputs[1], inputs[2])
             index += 1
