@@ -56,14 +56,14 @@ def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
         generate_time = timed(lambda: model.generate(prompt, **kwargs))
-        prefill_time = timed(lambda: model(prefill), repeats=2)
+        prefill_time = timed(lambda: model(prefill), repeats=3)
     model.requires_grad_(False)  # frozen weights, as on the servers; the gradient flows to the input embeddings
 
     def train_step() -> None:
         embeds = model.get_input_embeddings()(prefill).detach().requires_grad_()
         model(inputs_embeds=embeds, labels=prefill).loss.backward()
 
-    return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=2)}
+    return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=3)}
 
 
 def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str) -> None:

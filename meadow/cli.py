@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--graph-cache-mb", type=float, default=1024,
+                       help="MiB of training clients' activations kept from forward to backward (0: always recompute)")  # fmt: skip
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     serve.add_argument("--public-name", help="a name shown to other users of the swarm")
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
 
-        limits = Limits(max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout)
+        limits = Limits(
+            max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
+            graph_cache_bytes=int(args.graph_cache_mb * 2**20),
+        )  # fmt: skip
         config = ServerConfig(
             model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,

@@ -29,7 +29,9 @@ class Process:
 
     def __init__(self, args: list[str], name: str, echo: bool = False):
         self.name, self.lines, self.echo = name, [], echo
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
+        # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "meadow", *args],
             stdout=subprocess.PIPE,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -108,18 +109,27 @@ class RemoteSequence:
 
         tuning = tuning or RemoteTuning()
         key_mask = full_mask(hidden, key_mask)
-        return RemoteBlocks.apply(self, position_ids, key_mask, tuning, hidden, tuning.prompts, tuning.lora_flat)
+        tensors = (hidden, tuning.prompts, tuning.lora_flat)
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return RemoteBlocks.apply(self, position_ids, key_mask, tuning, training, *tensors)
 
     def forward_hops(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, tuning: RemoteTuning
-    ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """The output of every block, and each hop (server and blocks) with its input, which backward needs.
-        A failed hop is retried on other servers from the failed block on."""
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        tuning: RemoteTuning,
+        training: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor, str | None]]]:
+        """The output of every block, and each hop (server and blocks) with its input and, when `training`, the name
+        under which its server keeps the pass's graph: what backward needs. A failed hop is retried on other
+        servers from the failed block on."""
         block, failovers, hops = 0, 0, []
         while block < self.num_blocks:
             for hop in self.make_chain(BlockRange(start=block, end=self.num_blocks)):
+                graph_id = uuid.uuid4().hex if training else None
                 try:
-                    (output,) = run(self._call(RPC_FORWARD, hop, hidden, position_ids, key_mask, tuning))
+                    (output,) = run(self._call(RPC_FORWARD, hop, hidden, position_ids, key_mask, tuning, graph_id=graph_id))
                 except Exception as e:
                     if not is_server_failure(e) or failovers >= self.config.max_retries:
                         raise
@@ -127,39 +137,41 @@ class RemoteSequence:
                     self.ban(hop.peer, e)
                     break  # route again from `block`
                 self.failures.pop(hop.peer, None)
-                hops.append((hop, hidden))
+                hops.append((hop, hidden, graph_id))
                 hidden, block = output, hop.blocks.end
-        self.last_hops = [hop for hop, _ in hops]
+        self.last_hops = [hop for hop, _, _ in hops]
         return hidden, hops
 
     def backward_hop(
         self,
-        blocks: BlockRange,
+        hop: Hop,
         hidden: torch.Tensor,
         grad_output: torch.Tensor,
         position_ids: torch.Tensor,
         key_mask: torch.Tensor,
         tuning: RemoteTuning,
+        graph_id: str | None = None,
     ) -> list[torch.Tensor | None]:
-        """Gradients w.r.t. the input `hidden` of `blocks`, their deep prompts and their LoRA weights (None for
-        what was not sent). Any server or chain of servers holding `blocks` can do it: if the forward's server is
-        gone, the replacement chain recomputes its inner activations first."""
-        failovers = 0
+        """Gradients w.r.t. the input `hidden` of `hop`'s blocks, their deep prompts and their LoRA weights (None
+        for what was not sent). The forward's server goes first, as it may still hold the pass's graph; any server or
+        chain of servers holding the blocks can do it too: a replacement chain recomputes its inner activations."""
+        failovers, chain = 0, [hop] if hop.peer not in self.banned() else self.make_chain(hop.blocks)
         while True:
-            chain = self.make_chain(blocks)
-            hop = chain[0]
+            current = chain[0]
             try:
                 inputs = [hidden]
-                for hop in chain[:-1]:
-                    inputs.append(run(self._call(RPC_FORWARD, hop, inputs[-1], position_ids, key_mask, tuning))[0])
+                for current in chain[:-1]:
+                    inputs.append(run(self._call(RPC_FORWARD, current, inputs[-1], position_ids, key_mask, tuning))[0])
+                kept = graph_id if chain == [hop] else None
                 grad, prompt_grads, lora_grads = grad_output, [], []
-                for hop, x in zip(reversed(chain), reversed(inputs)):
-                    grad, *rest = run(self._call(RPC_BACKWARD, hop, x, position_ids, key_mask, tuning, grad))
+                for current, x in zip(reversed(chain), reversed(inputs)):
+                    rpc = self._call(RPC_BACKWARD, current, x, position_ids, key_mask, tuning, grad, graph_id=kept)
+                    grad, *rest = run(rpc)
                     rest = iter(rest)
                     if tuning.prompts is not None:
                         prompt_grads.insert(0, next(rest))
                     lora_grads.insert(0, next(rest, None))
-                    self.failures.pop(hop.peer, None)
+                    self.failures.pop(current.peer, None)
                 prompts = torch.cat(prompt_grads) if prompt_grads else None
                 lora = [g for g in lora_grads if g is not None]
                 return [grad, prompts, torch.cat(lora) if lora else None]
@@ -167,7 +179,8 @@ class RemoteSequence:
                 if not is_server_failure(e) or failovers >= self.config.max_retries:
                     raise
                 failovers += 1
-                self.ban(hop.peer, e)
+                self.ban(current.peer, e)
+                chain = self.make_chain(hop.blocks)
 
     async def _call(
         self,
@@ -178,19 +191,22 @@ class RemoteSequence:
         key_mask: torch.Tensor,
         tuning: RemoteTuning,
         grad_output: torch.Tensor | None = None,
+        graph_id: str | None = None,
     ) -> list[torch.Tensor]:
         """rpc_forward or rpc_backward on one server, the batch cut into micro-batches of at most
-        `micro_batch_tokens` tokens sent together; outputs are joined, gradients of shared tensors summed."""
+        `micro_batch_tokens` tokens sent together; outputs are joined, gradients of shared tensors summed.
+        Micro-batch i of a pass named `graph_id` is named f"{graph_id}.{i}", in the forward and its backward alike."""
         fields, extra = tuning.for_hop(hop.blocks)
         request_type = BackwardRequest if grad_output is not None else ForwardRequest
-        request = request_type(blocks=hop.blocks, adapter=self.active_adapter, **fields)
         batch, length = hidden.shape[:2]
         step = max(1, self.config.micro_batch_tokens // max(length, 1))
         batched = [hidden, position_ids.expand(batch, length), key_mask] + ([grad_output] if grad_output is not None else [])
         calls = []
-        for start in range(0, batch, step):
+        for i, start in enumerate(range(0, batch, step)):
             part = [tensor[start : start + step] for tensor in batched]
             tensors = part[:3] + extra + part[3:]
+            name = None if graph_id is None else f"{graph_id}.{i}"
+            request = request_type(blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, **fields)
             calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout))
         replies = await asyncio.gather(*calls)
         joined = [torch.cat([reply[0] for reply in replies])]

@@ -16,6 +16,7 @@ from hivemind.proto import runtime_pb2
 
 from meadow.models import BlockConfig
 from meadow.models.llama import linear_shapes
+from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Session, Span
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
@@ -54,6 +55,7 @@ class Limits:
     idle_timeout: float = 300.0  # seconds an inference session may wait between steps before it is closed
     max_prompt_tokens: int = 256  # longest deep prompt (prefix) a client may send
     max_lora_rank: int = 64  # highest rank of a client's own LoRA weights
+    graph_cache_bytes: int = 1 << 30  # activations of training clients' forward passes kept for their backward
 
 
 class BlockHandler:
@@ -64,6 +66,7 @@ class BlockHandler:
         self.config, self.budget, self.limits, self.info = config, budget, limits, info
         self.span: Span | None = None
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meadow-compute")
+        self.graphs = GraphCache(limits.graph_cache_bytes)  # training clients' forward graphs, for their backward
         self.max_request_bytes = self._max_request_bytes(hosted=1)
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
         self.sessions: set[object] = set()  # open sessions that have not yet been told why they end
@@ -77,6 +80,7 @@ class BlockHandler:
         """Stop serving the current span: refuse new requests and end every open session with a ServerLeaving
         reply saying `reason`, so that its client fails over at once instead of after a timeout."""
         self.span = None
+        self.graphs.clear()
         if self.leaving is not None and not self.leaving.done():
             self.leaving.set_result(reason)
 
@@ -112,7 +116,11 @@ class BlockHandler:
         try:
             tensors, (span, request) = await self._receive(requests, ForwardRequest)
             (hidden, position_ids, key_mask), tuning, _ = self._check_run(span, request, tensors)
-            output = await self._run(span.run, hidden, position_ids, key_mask, request.blocks, tuning)
+            if request.graph_id is None:
+                output = await self._run(span.run, hidden, position_ids, key_mask, request.blocks, tuning)
+            else:
+                output, graph = await self._run(span.run_keeping_graph, hidden, position_ids, key_mask, request.blocks, tuning)
+                self.graphs.put((context.remote_id, request.graph_id), graph)
             for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response
         except MeadowError as e:
@@ -128,8 +136,9 @@ class BlockHandler:
                                  f"{grad_output.dtype} {tuple(grad_output.shape)}")  # fmt: skip
             if not torch.isfinite(grad_output).all():
                 raise BadRequest("grad_output contains NaN or infinity")
+            graph = None if request.graph_id is None else self.graphs.pop((context.remote_id, request.graph_id))
             grads = await self._run(
-                span.backward, hidden, position_ids, key_mask, request.blocks, grad_output, tuning
+                span.backward, hidden, position_ids, key_mask, request.blocks, grad_output, tuning, graph
             )
             for response in pack(grads, Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response

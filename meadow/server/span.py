@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 
 from meadow.models import BlockConfig, KVCache, LlamaBlock
 from meadow.models.lora import BlockLora
+from meadow.server.graph_cache import Graph, counting_saved_activations
 from meadow.server.tuning import TuningInputs, add_prompt
 from meadow.wire import BadRequest, BlockRange
 
@@ -60,6 +62,13 @@ class Span:
         out = self.forward(x, position_ids, key_mask, blocks, tuning.prompts, tuning.block_loras(self.config))
         return out.to("cpu", hidden.dtype)
 
+    def run_keeping_graph(
+        self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, tuning: TuningInputs | None = None
+    ) -> tuple[Tensor, Graph]:
+        """rpc_forward of a training client: the output, and the autograd graph for its backward."""
+        graph = self._graph(hidden, position_ids, key_mask, blocks, tuning or TuningInputs(blocks))
+        return graph.output.detach().to("cpu", hidden.dtype), graph
+
     def backward(
         self,
         hidden: Tensor,
@@ -68,21 +77,29 @@ class Span:
         blocks: BlockRange,
         grad_output: Tensor,
         tuning: TuningInputs | None = None,
+        graph: Graph | None = None,
     ) -> list[Tensor]:
-        """rpc_backward: recompute the forward with autograd on, then the gradients w.r.t. the hidden states and,
-        if sent, the deep prompts and the client's LoRA weights, each on the CPU in the dtype it came in.
-        The served weights never require grad, so they get none."""
+        """rpc_backward: the gradients w.r.t. the hidden states and, if sent, the deep prompts and the client's LoRA
+        weights, each on the CPU in the dtype it came in. Uses the forward's kept `graph` if there is one, else
+        recomputes the forward with autograd on. The served weights never require grad, so they get none."""
         tuning = tuning or TuningInputs(blocks)
         sent = [t for t in (hidden, tuning.prompts, tuning.lora_flat) if t is not None]
-        with torch.enable_grad():
+        if graph is None or graph.output.shape != grad_output.shape or len(graph.leaves) != len(sent):
+            graph = self._graph(hidden, position_ids, key_mask, blocks, tuning)
+        grads = torch.autograd.grad(graph.output, graph.leaves, grad_output.to(self.device, self.dtype))
+        return [grad.to("cpu", original.dtype) for grad, original in zip(grads, sent)]
+
+    def _graph(self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, tuning: TuningInputs) -> Graph:
+        """The forward with autograd on, differentiable w.r.t. the hidden states and the tuning tensors sent."""
+        sent = [t for t in (hidden, tuning.prompts, tuning.lora_flat) if t is not None]
+        with torch.enable_grad(), counting_saved_activations() as saved:
             leaves = [t.detach().to(self.device, self.dtype).requires_grad_() for t in sent]
             x, rest = leaves[0], iter(leaves[1:])
             prompts = next(rest) if tuning.prompts is not None else None
             lora_flat = next(rest) if tuning.lora_flat is not None else None
             lora = tuning.to(self.device, self.dtype).block_loras(self.config, lora_flat)
-            out = self.forward(x, position_ids, key_mask, blocks, prompts, lora)
-            grads = torch.autograd.grad(out, leaves, grad_output.to(self.device, self.dtype))
-        return [grad.to("cpu", original.dtype) for grad, original in zip(grads, sent)]
+            output = self.forward(x, position_ids, key_mask, blocks, prompts, lora)
+        return Graph(output, leaves, saved[0], time.monotonic())
 
 
 @dataclass

@@ -71,7 +71,10 @@ class Tuning(Schema):
 
 class ForwardRequest(Request, Tuning):
     """rpc_forward: tensors are hidden (B, T, H), position_ids (B, T), key_mask (B, T), then the tuning tensors.
-    The reply holds the output hidden states (B, T, H)."""
+    The reply holds the output hidden states (B, T, H). A training client names the pass (`graph_id`): the server
+    may keep its autograd graph for the backward of the same name, which then need not recompute it."""
+
+    graph_id: str | None = Field(default=None, max_length=64)
 
 
 class BackwardRequest(ForwardRequest):
