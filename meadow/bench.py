@@ -55,7 +55,7 @@ def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
     prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
-        generate_time = timed(lambda: model.generate(prompt, **kwargs))
+        generate_time = timed(lambda: model.generate(prompt, **kwargs), repeats=3)
         prefill_time = timed(lambda: model(prefill), repeats=3)
     model.requires_grad_(False)  # frozen weights, as on the servers; the gradient flows to the input embeddings
 
