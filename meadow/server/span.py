@@ -44,6 +44,8 @@ class Span:
     ) -> Tensor:
         """x (B, T, H) on this span's device and dtype through `blocks`; differentiable w.r.t. x, prompts and lora."""
         position_ids, key_mask = position_ids.to(self.device), key_mask.to(self.device)
+        if bool(key_mask.all()):
+            key_mask = None  # no padding: the blocks may then use attention's fast causal path, with no mask to build
         for offset, index in enumerate(range(blocks.start, blocks.end)):
             if prompts is not None:
                 x = add_prompt(x, prompts[offset], start)
