@@ -104,9 +104,9 @@ def test_failover_to_smaller_servers_that_join_after_the_session_began(model_pat
 
 def test_forward_survives_a_killed_server_and_missing_blocks_are_named(model_path, expected):
     prompt, _ = expected
-    swarm = start_swarm(model_path, ["0:4", "0:4", "4:6"])
+    swarm = start_swarm(model_path, ["0:4", "0:4", "4:6"], "--update-period", "2")  # records refreshed often
     try:
-        model = client(model_path, swarm, wait_for_servers=2.0)
+        model = client(model_path, swarm, wait_for_servers=6.0)
         local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         with torch.no_grad():
             reference = local(prompt).logits

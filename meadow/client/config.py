@@ -23,4 +23,5 @@ class ClientConfig:
     routes_max_age: float = 10.0  # re-read the DHT when the last look is older than this
     default_rtt: float = 0.05  # assumed round trip to a server not yet pinged
     replay_chunk_tokens: int = 4096  # batch x tokens per message when replaying history to a replacement server
+    push_steps: bool = True  # servers hand each decoding step's output straight to the next server of the chain
     micro_batch_tokens: int = 4096  # batch x tokens per forward/backward request; bigger batches go in several

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure
 from meadow.client.tuning import RemoteTuning
-from meadow.wire import BlockRange, OpenSession
+from meadow.wire import BlockRange, OpenSession, PushTarget, Step
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
 DECODING_TOKENS = 4  # steps of at most this many new tokens are decoding steps, timed against the server's own pace
@@ -32,6 +33,7 @@ class Segment:
 
     hop: Hop
     stream: transport.InferenceStream
+    session_id: str  # the session's name on its server: the previous server pushes decoding steps to it
     history: list[Inputs] = field(default_factory=list)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
 
@@ -68,7 +70,10 @@ class InferenceSession:
             began = time.perf_counter()
             try:
                 timeout = segment.decoding_timeout(config) if decoding else config.request_timeout
-                output = run(segment.stream.step(list(inputs), timeout))
+                later = self.segments[index + 1 :] if decoding and config.push_steps else []
+                push_to = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in later]
+                meta = Step(position=self.position, push_to=push_to).to_wire()
+                output = run(segment.stream.step(list(inputs), timeout, meta))
             except Exception as e:
                 if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
                     raise
@@ -115,16 +120,17 @@ class InferenceSession:
             for hop in chain:
                 stream = transport.InferenceStream(self.sequence.p2p, hop.peer)
                 fields, tensors = self.tuning.for_hop(hop.blocks)
+                session_id = uuid.uuid4().hex
                 request = OpenSession(
                     blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size,
-                    adapter=self.sequence.active_adapter, **fields,
+                    adapter=self.sequence.active_adapter, session_id=session_id, **fields,
                 )  # fmt: skip
                 try:
                     await stream.open(request, self.sequence.config.connect_timeout, tensors)
                 except Exception as e:
                     e.failed_peer = hop.peer
                     raise
-                opened.append(Segment(hop, stream))
+                opened.append(Segment(hop, stream, session_id))
         except BaseException:
             for segment in opened:
                 await segment.stream.close()
@@ -140,7 +146,8 @@ class InferenceSession:
             for start in range(0, hidden.shape[1], chunk):
                 piece = [tensor[:, start : start + chunk] for tensor in (hidden, position_ids, key_mask)]
                 try:
-                    outputs.append(run(segment.stream.step(piece, self.sequence.config.request_timeout)))
+                    meta = Step(position=start).to_wire()
+                    outputs.append(run(segment.stream.step(piece, self.sequence.config.request_timeout, meta)))
                 except Exception as e:
                     e.failed_peer = segment.hop.peer
                     raise

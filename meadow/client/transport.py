@@ -68,11 +68,12 @@ class InferenceStream:
             await self.close()
             raise
 
-    async def step(self, tensors: list[torch.Tensor], timeout: float) -> torch.Tensor:
+    async def step(self, tensors: list[torch.Tensor], timeout: float, meta: dict | None = None) -> torch.Tensor:
+        """Send one step (`meta`: its Step fields) and wait for its output."""
         if self.closed:
             raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
         try:
-            self._send(tensors, {})
+            self._send(tensors, meta or {})
             (output,) = await read_reply(self.responses, self.peer, timeout)
             return output
         except BaseException:

@@ -18,6 +18,7 @@ from meadow.models import BlockConfig
 from meadow.models.llama import linear_shapes
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
+from meadow.server.push import Inbox, push
 from meadow.server.span import Session, Span
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
 from meadow.wire import (
@@ -26,13 +27,16 @@ from meadow.wire import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     BackwardRequest,
     BadRequest,
     ForwardRequest,
     MeadowError,
     OpenSession,
+    Push,
     Reply,
     Request,
+    Step,
     ServerLeaving,
     WrongServer,
     pack,
@@ -70,6 +74,7 @@ class BlockHandler:
         self.max_request_bytes = self._max_request_bytes(hosted=1)
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
         self.sessions: set[object] = set()  # open sessions that have not yet been told why they end
+        self.inboxes: dict[str, tuple[Inbox, Session]] = {}  # sessions that accept pushed steps, by session id
 
     def serve(self, span: Span) -> None:
         """Start serving `span`; sessions opened from now on belong to it."""
@@ -101,7 +106,9 @@ class BlockHandler:
         return tokens + prompts + lora + 65536
 
     async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p  # to push decoding steps on to the next server of a chain
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
+        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
         for name, handler in (
             (RPC_FORWARD, self.rpc_forward), (RPC_BACKWARD, self.rpc_backward), (RPC_INFERENCE, self.rpc_inference)
         ):  # fmt: skip
@@ -147,7 +154,7 @@ class BlockHandler:
         await _drain(requests)
 
     async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
-        me = object()
+        me, registered = object(), None  # registered: our session id in self.inboxes
         try:
             message = await unpack(requests, self.max_request_bytes)
             if message is None:
@@ -159,46 +166,98 @@ class BlockHandler:
             if request.batch_size > self.limits.max_batch_size:
                 raise BadRequest(f"batch size {request.batch_size} exceeds this server's limit {self.limits.max_batch_size}")
             tuning = self._check_tuning(span, request, message[0])
+            if request.session_id is not None and request.session_id in self.inboxes:
+                raise BadRequest(f"session id {request.session_id!r} is already in use here")
             with self.budget.reserve(request.batch_size * request.max_length):
                 session = Session.open(span, request.blocks, request.batch_size, request.max_length, tuning)
+                inbox = Inbox()
+                if request.session_id is not None:
+                    registered = request.session_id
+                    self.inboxes[registered] = (inbox, session)
                 self.sessions.add(me)
                 yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
-                while True:
-                    message = await self._next_step(requests, leaving)
-                    if message is None:
-                        return  # the client closed the session
-                    if len(message[0]) != 3:
-                        raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(message[0])}")
-                    hidden, position_ids, key_mask = self._check_inputs(message[0])
-                    if hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS:
-                        output = session.step(span, hidden, position_ids, key_mask)
-                    else:
-                        output = await self._run(session.step, span, hidden, position_ids, key_mask)
-                    for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
-                        yield response
+                receive: asyncio.Future | None = None  # the client's next message, read across pushed steps
+                try:
+                    while True:
+                        if receive is None:
+                            receive = asyncio.ensure_future(unpack(requests, self.max_request_bytes))
+                        step = await self._next_step(receive, inbox, session.position, leaving)
+                        if step is None:  # a message from the client
+                            message, receive = receive.result(), None
+                            if message is None:
+                                return  # the client closed the session
+                            tensors, meta = message
+                            if len(tensors) != 3:
+                                raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
+                            inputs, push_to = self._check_inputs(tensors), Step.from_wire(meta)
+                            if push_to.position is not None and push_to.position < session.position:
+                                continue  # already served from a push: its reply has gone
+                            if push_to.position not in (None, session.position):
+                                raise BadRequest(f"step at position {push_to.position}, the session holds {session.position}")
+                            push_to = push_to.push_to
+                        else:
+                            inputs, push_to = step
+                        position = session.position
+                        if inputs[0].shape[0] * inputs[0].shape[1] <= INLINE_TOKENS:
+                            output = session.step(span, *inputs)
+                        else:
+                            output = await self._run(session.step, span, *inputs)
+                        if push_to:
+                            asyncio.ensure_future(push(self.p2p, push_to, position, (output, inputs[1], inputs[2])))
+                        for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+                            yield response
+                finally:
+                    if receive is not None and not receive.done():
+                        receive.cancel()
+                        await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
         except MeadowError as e:
             yield self._error(e, context)
             self.sessions.discard(me)  # the client has its answer: a leaving server need not wait for the drain
             await _drain(requests)
         finally:
             self.sessions.discard(me)
+            if registered is not None:
+                del self.inboxes[registered]
 
-    async def _next_step(self, requests: Requests, leaving: asyncio.Future) -> tuple | None:
-        """The session's next message; ServerLeaving as soon as the server leaves (even mid-wait), BadRequest when
-        the client stays idle too long."""
+    async def _next_step(self, receive: asyncio.Future, inbox: Inbox, position: int, leaving: asyncio.Future):
+        """Wait for the client's next message (returns None: read it from `receive`) or a step pushed to this session
+        for `position` (returns it). ServerLeaving as soon as the server leaves, BadRequest if nothing comes for
+        the idle timeout."""
         if leaving.done():
             raise ServerLeaving(leaving.result())
-        receive = asyncio.ensure_future(unpack(requests, self.max_request_bytes))
-        await asyncio.wait((receive, leaving), timeout=self.limits.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+        pushed = asyncio.ensure_future(inbox.get(position))
+        try:
+            await asyncio.wait((receive, pushed, leaving), timeout=self.limits.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pushed.done():
+                pushed.cancel()
         if leaving.done():  # even if a step came in too: the client will resend it elsewhere
-            receive.cancel()
-            await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
             raise ServerLeaving(leaving.result())
-        if not receive.done():
-            receive.cancel()
-            await asyncio.wait((receive,))
-            raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed")
-        return receive.result()
+        if pushed.done() and not pushed.cancelled():
+            return pushed.result()
+        if receive.done():
+            return None
+        raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed")
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A decoding step's input, pushed by the previous server of a client's chain into one of our sessions."""
+        try:
+            message = await unpack(_single(request), self.max_request_bytes)
+            if message is None:
+                raise BadRequest("empty push")
+            tensors, meta = message
+            pushed = Push.from_wire(meta)
+            if pushed.version != PROTOCOL_VERSION:
+                raise BadRequest(f"peer speaks protocol {pushed.version}, this server speaks {PROTOCOL_VERSION}")
+            if pushed.session_id not in self.inboxes:
+                raise BadRequest("no session with this id here (it ended, or never began)")
+            if len(tensors) != 3:
+                raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
+            inbox, session = self.inboxes[pushed.session_id]
+            inbox.put(pushed.position, self._check_inputs(tensors), pushed.push_to, session.position)
+            return runtime_pb2.ExpertResponse()
+        except MeadowError as e:
+            return self._error(e, context)
 
     async def _receive(
         self, requests: Requests, schema: type[ForwardRequest]
@@ -270,6 +329,10 @@ class BlockHandler:
         logger.info(f"refused a request from {context.remote_id}: {error}")
         reply = Reply(error=str(error), error_kind=type(error).__name__)
         return pack([], reply.to_wire(), runtime_pb2.ExpertResponse)[0]
+
+
+async def _single(message):
+    yield message
 
 
 async def _drain(requests: Requests, timeout: float = 5.0) -> None:

@@ -8,13 +8,17 @@ from meadow.wire.schemas import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     BackwardRequest,
     BlockRange,
     ForwardRequest,
     LoraEntry,
     OpenSession,
+    Push,
+    PushTarget,
     Reply,
     Request,
+    Step,
     Tuning,
 )
 from meadow.wire.tensors import deserialize, pack, serialize, unpack

@@ -84,10 +84,37 @@ class BackwardRequest(ForwardRequest):
 
 class OpenSession(Request, Tuning):
     """First message of rpc_inference: reserve a KV cache for batch_size x max_length tokens. Its tuning tensors
-    (deep prompts, LoRA weights) hold for the whole session."""
+    (deep prompts, LoRA weights) hold for the whole session. With a `session_id`, the previous server of the chain
+    may push this session's inputs to it directly (rpc_push)."""
 
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    session_id: str | None = Field(default=None, min_length=8, max_length=64)
+
+
+class PushTarget(Schema):
+    """A later server of a chain and the id of the client's session there."""
+
+    peer: str = Field(max_length=128)  # base58 peer id
+    session_id: str = Field(min_length=8, max_length=64)
+
+
+class Step(Schema):
+    """Metadata of every rpc_inference message after the first: the session position of the step's first token
+    (a step already served from a push is then recognised and skipped), and the servers after this one, in chain
+    order, to which the output should be pushed at once rather than waiting for the client to pass it on."""
+
+    position: int | None = Field(default=None, ge=0)
+    push_to: tuple[PushTarget, ...] = Field(default=(), max_length=64)
+
+
+class Push(Step):
+    """rpc_push: a step's input handed over by the previous server of the chain, for one of this server's sessions.
+    Tensors: hidden (B, T, H), position_ids (B, T), key_mask (B, T)."""
+
+    version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=8, max_length=64)
+    position: int = Field(ge=0)
 
 
 class Reply(Schema):
@@ -102,3 +129,4 @@ RPC_INFO = "meadow.rpc_info"
 RPC_FORWARD = "meadow.rpc_forward"
 RPC_INFERENCE = "meadow.rpc_inference"
 RPC_BACKWARD = "meadow.rpc_backward"
+RPC_PUSH = "meadow.rpc_push"

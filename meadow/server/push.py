@@ -1,0 +1,64 @@
+"""Decoding steps handed from server to server: the output of one server of a chain goes straight to the next
+(rpc_push) instead of back to the client and out again, which saves a client round trip per hop. The client still
+sends every step itself as well, so a push that never arrives only costs that saving; each step is served once,
+from whichever copy of its input comes first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from meadow.wire import RPC_PUSH, Push, PushTarget, ServerBusy, pack
+
+logger = logging.getLogger(__name__)
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
+
+
+class Inbox:
+    """Inputs pushed to one session by the previous server, by the session position they start at."""
+
+    def __init__(self, limit: int = 8):
+        self.limit = limit  # a pusher cannot make us hold more than this many steps
+        self.items: dict[int, tuple[Inputs, tuple[PushTarget, ...]]] = {}
+        self.changed = asyncio.Event()
+
+    def put(self, position: int, inputs: Inputs, push_to: tuple[PushTarget, ...], served: int) -> None:
+        """Keep a pushed step; one for a position already served (`served` tokens are stored) is dropped."""
+        if position < served:
+            return
+        if len(self.items) >= self.limit and position not in self.items:
+            raise ServerBusy(f"this session already holds {self.limit} pushed steps")
+        self.items[position] = (inputs, push_to)
+        self.changed.set()
+
+    async def get(self, position: int) -> tuple[Inputs, tuple[PushTarget, ...]]:
+        """The pushed step that starts at `position`, once it is here."""
+        while position not in self.items:
+            self.changed.clear()
+            await self.changed.wait()
+        for stale in [p for p in self.items if p < position]:
+            del self.items[stale]
+        return self.items.pop(position)
+
+
+async def push(p2p: P2P, targets: tuple[PushTarget, ...], position: int, inputs: Inputs, timeout: float = 10.0) -> None:
+    """Hand a step's output to the first of `targets` (with the rest, for it to pass on). Failures are only logged:
+    the client sends the step too."""
+    target, rest = targets[0], targets[1:]
+    meta = Push(session_id=target.session_id, position=position, push_to=rest).to_wire()
+    messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest)
+    if len(messages) != 1:
+        return  # too big for one message: pushing is for decoding steps; the client passes this one on
+    try:
+        peer = PeerID.from_base58(target.peer)
+        reply = await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer, RPC_PUSH, messages[0], runtime_pb2.ExpertResponse), timeout
+        )
+        if reply.tensors or reply.metadata:  # only errors carry anything
+            logger.debug(f"push to {target.peer} refused: {reply.metadata!r}")
+    except Exception as e:
+        logger.debug(f"push to {target.peer} failed: {e!r}")

@@ -1,0 +1,88 @@
+"""Decoding steps pushed from server to server: the next server of a chain gets its input without the client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from conftest import start_swarm
+from meadow.client import transport
+from meadow.client.config import ClientConfig
+from meadow.client.event_loop import run
+from meadow.client.sequence import connect_sequence
+from meadow.models import load_config
+from meadow.wire import RPC_PUSH, BlockRange, OpenSession, Push, PushTarget, RemoteError, Step, pack
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def chain(checkpoints):
+    path = checkpoints("llama", num_layers=4)
+    swarm = start_swarm(path, ["0:2", "2:4"])
+    sequence = connect_sequence(str(path), load_config(path), swarm.initial_peers, client_config=ClientConfig())
+    try:
+        yield sequence, sequence.make_chain()
+    finally:
+        sequence.close()
+        swarm.stop()
+
+
+def step_inputs(position: int):
+    generator = torch.Generator().manual_seed(position)
+    return [torch.randn(1, 1, HIDDEN, generator=generator), torch.tensor([[position]]), torch.ones(1, 1, dtype=torch.bool)]
+
+
+def test_the_next_server_answers_a_pushed_step_the_client_never_sent_it(chain):
+    sequence, (first, second) = chain
+
+    async def scenario():
+        streams = [transport.InferenceStream(sequence.p2p, hop.peer) for hop in (first, second)]
+        ids = ["first-session", "second-session"]
+        for stream, hop, session_id in zip(streams, (first, second), ids):
+            await stream.open(OpenSession(blocks=hop.blocks, max_length=8, batch_size=1, session_id=session_id), 30)
+        try:
+            outputs = []
+            for position in range(3):
+                target = PushTarget(peer=second.peer.to_base58(), session_id=ids[1])
+                middle = await streams[0].step(step_inputs(position), 30, Step(position=position, push_to=[target]).to_wire())
+                # the second server computed this step from the push: its reply is there though we sent nothing
+                (pushed,) = await transport.read_reply(streams[1].responses, second.peer, 10)
+                outputs.append((middle, pushed))
+            # a copy of the last step from the client is recognised as served: no second reply, no error
+            streams[1]._send([outputs[-1][0], torch.tensor([[2]]), torch.ones(1, 1, dtype=torch.bool)], Step(position=2).to_wire())
+            with pytest.raises(asyncio.TimeoutError):
+                await transport.read_reply(streams[1].responses, second.peer, 1.0)
+            return outputs
+        finally:
+            for stream in streams:
+                await stream.close()
+
+    outputs = run(scenario())
+    # the same steps sent by the client alone give the same outputs
+    with sequence.inference_session(max_length=8, batch_size=1) as session:
+        for position, (_, pushed) in enumerate(outputs):
+            hidden, positions, mask = step_inputs(position)
+            assert torch.allclose(session.step(hidden, positions, mask), pushed, atol=1e-5)
+
+
+def test_a_push_to_an_unknown_session_is_refused_and_harms_nothing(chain):
+    sequence, (first, second) = chain
+    meta = Push(session_id="nobody-has-this", position=0).to_wire()
+    (message,) = pack(step_inputs(0), meta, runtime_pb2.ExpertRequest)
+    reply = run(sequence.p2p.call_protobuf_handler(second.peer, RPC_PUSH, message, runtime_pb2.ExpertResponse))
+    with pytest.raises(RemoteError, match="no session with this id"):
+        run(transport.read_reply(_one(reply), second.peer, 10))
+    garbage = runtime_pb2.ExpertRequest(metadata=b"\x93garbage")
+    reply = run(sequence.p2p.call_protobuf_handler(second.peer, RPC_PUSH, garbage, runtime_pb2.ExpertResponse))
+    with pytest.raises(RemoteError, match="malformed message header"):
+        run(transport.read_reply(_one(reply), second.peer, 10))
+    with sequence.inference_session(max_length=4, batch_size=1) as session:  # still serving
+        assert session.step(*step_inputs(0)).shape == (1, 1, HIDDEN)
+
+
+async def _one(message):
+    yield message
