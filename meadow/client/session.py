@@ -24,10 +24,11 @@ from meadow.client.tuning import RemoteTuning
 from meadow.wire import BlockRange, OpenSession, PushTarget, Step
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
+MAX_PUSH_MISSES = 2  # after this many late pushes to a server, the client passes its steps on itself
 DECODING_TOKENS = 4  # steps of at most this many new tokens are decoding steps, timed against the server's own pace
 
 
-@dataclass
+@dataclass(eq=False)  # segments are compared by identity
 class Segment:
     """One server's part of the chain, the inputs it has been sent (for replay) and how long its decoding steps took."""
 
@@ -36,6 +37,13 @@ class Segment:
     session_id: str  # the session's name on its server: the previous server pushes decoding steps to it
     history: list[Inputs] = field(default_factory=list)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
+    push_misses: int = 0  # pushed steps whose output did not come in time
+
+    def push_grace(self, config: ClientConfig) -> float:
+        """How long to wait for the output of a step pushed to this server before sending the step ourselves."""
+        if not self.step_times:
+            return min(0.5, config.step_timeout)
+        return min(self.decoding_timeout(config), max(0.05, 3 * statistics.median(self.step_times)))
 
     def decoding_timeout(self, config: ClientConfig) -> float:
         """A server that takes `step_slowdown` times its usual step is taken as hung (a killed server's connection
@@ -64,16 +72,22 @@ class InferenceSession:
         inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
         config = self.sequence.config
         decoding = length <= DECODING_TOKENS
+        pushed_to: list[Segment] = []  # segments whose server gets this step's input pushed by the previous one
         index, failovers = 0, 0
         while index < len(self.segments):
             segment = self.segments[index]
             began = time.perf_counter()
             try:
-                timeout = segment.decoding_timeout(config) if decoding else config.request_timeout
-                later = self.segments[index + 1 :] if decoding and config.push_steps else []
-                push_to = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in later]
-                meta = Step(position=self.position, push_to=push_to).to_wire()
-                output = run(segment.stream.step(list(inputs), timeout, meta))
+                output = None
+                if segment in pushed_to:
+                    output = run(segment.stream.pushed_output(segment.push_grace(config)))
+                    segment.push_misses += output is None
+                if output is None:  # not pushed, or the push is late: send the step ourselves
+                    pushed_to = self._push_chain(index + 1) if decoding and config.push_steps else []
+                    targets = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in pushed_to]
+                    timeout = segment.decoding_timeout(config) if decoding else config.request_timeout
+                    meta = Step(position=self.position, push_to=targets).to_wire()
+                    output = run(segment.stream.step(list(inputs), timeout, meta))
             except Exception as e:
                 if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
                     raise
@@ -88,6 +102,16 @@ class InferenceSession:
             index += 1
         self.position += length
         return inputs[0]
+
+    def _push_chain(self, start: int) -> list[Segment]:
+        """The segments from `start` on that the step can be pushed along: up to one whose pushes keep not arriving
+        (its server cannot be reached by the previous one, say)."""
+        chain = []
+        for segment in self.segments[start:]:
+            if segment.push_misses >= MAX_PUSH_MISSES:
+                break
+            chain.append(segment)
+        return chain
 
     def _open(self, blocks: BlockRange, history: list[Inputs] | None = None) -> list[Segment]:
         """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is

@@ -14,7 +14,9 @@ from meadow.wire import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession,
 MAX_REPLY_BYTES = 2**34  # replies come from servers we chose; the size cap guards servers, not clients
 
 
-async def read_reply(responses: AsyncIterator[runtime_pb2.ExpertResponse], peer: PeerID, timeout: float) -> list[torch.Tensor]:
+async def read_reply(
+    responses: AsyncIterator[runtime_pb2.ExpertResponse], peer: PeerID, timeout: float | None
+) -> list[torch.Tensor]:
     message = await asyncio.wait_for(unpack(responses, MAX_REPLY_BYTES), timeout)
     if message is None:
         raise RemoteError("the server closed the stream", kind="ConnectionError", peer=str(peer))
@@ -47,12 +49,15 @@ async def forward(
 
 
 class InferenceStream:
-    """One open rpc_inference stream to one server: requests go through a queue, replies are read in order."""
+    """One open rpc_inference stream to one server: requests go through a queue; a reader task puts every reply
+    in order into another, so waiting for a reply can time out without leaving the stream half-read."""
 
     def __init__(self, p2p: P2P, peer: PeerID):
         self.p2p, self.peer = p2p, peer
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.replies: asyncio.Queue = asyncio.Queue()  # outputs, or the exception that ended the stream
         self.responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self.reader: asyncio.Task | None = None
         self.closed = False
 
     async def open(self, request: OpenSession, timeout: float, tensors: list[torch.Tensor] = ()) -> None:
@@ -64,6 +69,7 @@ class InferenceStream:
                 timeout,
             )
             await read_reply(self.responses, self.peer, timeout)
+            self.reader = asyncio.ensure_future(self._read_replies())
         except BaseException:
             await self.close()
             raise
@@ -72,19 +78,50 @@ class InferenceStream:
         """Send one step (`meta`: its Step fields) and wait for its output."""
         if self.closed:
             raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
+        self._send(tensors, meta or {})
+        return await self.output(timeout)
+
+    async def output(self, timeout: float) -> torch.Tensor:
+        """The next step's output; after an error or timeout the stream is out of step, so it is closed."""
         try:
-            self._send(tensors, meta or {})
-            (output,) = await read_reply(self.responses, self.peer, timeout)
-            return output
+            return await self._next(timeout)
         except BaseException:
-            await self.close()  # after an error or timeout the stream is out of step: never reuse it
+            await self.close()
             raise
+
+    async def pushed_output(self, grace: float) -> torch.Tensor | None:
+        """The output of a step the previous server pushed to this one, if it comes within `grace` seconds; None
+        otherwise (the stream stays usable: send the step yourself)."""
+        try:
+            return await self._next(grace)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _next(self, timeout: float) -> torch.Tensor:
+        if self.closed and self.replies.empty():
+            raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
+        reply = await asyncio.wait_for(self.replies.get(), timeout)
+        if isinstance(reply, BaseException):
+            self.replies.put_nowait(reply)  # the stream has ended: every later wait gets the same error
+            raise reply
+        return reply
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                (output,) = await read_reply(self.responses, self.peer, timeout=None)
+                self.replies.put_nowait(output)
+        except Exception as e:
+            self.replies.put_nowait(e)
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.queue.put_nowait(None)  # ends our request generator, so hivemind's writer task finishes
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.wait((self.reader,))
         if self.responses is not None:
             try:
                 await self.responses.aclose()
