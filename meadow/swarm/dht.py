@@ -65,7 +65,9 @@ async def _store_many(_dht, node, *, keys: list[str], value: dict, subkey: str, 
 
 
 async def _get_many(_dht, node, *, keys: list[str]) -> dict:
-    return await node.get_many(keys)
+    # every server stores its own subkey under a block's key, on the nodes it knows: by default the search stops at the
+    # first node with any record, which may lack some servers. "Latest" searches on and merges what it finds.
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
 
 def serve_dht_node(host: str = "127.0.0.1", port: int = 0, initial_peers: Sequence[str] = (), nat_port_map: bool = False) -> None:
