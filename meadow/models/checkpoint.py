@@ -14,7 +14,7 @@ from huggingface_hub import constants, snapshot_download
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from meadow.models.llama import HF_TO_MEADOW, STATIC_ROPE_TYPES, BlockConfig, LlamaBlock, RMSNorm
 
@@ -61,6 +61,16 @@ def load_config(model: str | Path) -> BlockConfig:
             f"{path}: rope type {config.rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
         )
     return config
+
+
+def load_hf_config(model: str | Path) -> PreTrainedConfig:
+    """The model's transformers config (what `AutoConfig.from_pretrained` gives for a checkpoint folder)."""
+    return AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True)
+
+
+def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with its chat template when it has one."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
 
 
 def load_block(
