@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoModelForCausalLM, TextStreamer
 
 from meadow.local_swarm import LocalSwarm
-from meadow.models import load_config
+from meadow.models import load_config, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "demo-llama"
 
@@ -41,7 +41,7 @@ def run_demo(model: str | None, prompt: str, max_new_tokens: int) -> None:
         swarm.start_server(model, "--blocks", f"{half}:{num_blocks}")
         print(f"Two servers ready (blocks 0:{half} and {half}:{num_blocks}) after {time.perf_counter() - began:.1f} s")
 
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = load_tokenizer(model)
         inputs = tokenizer(prompt, return_tensors="pt")
         distributed = AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers)
         print("Swarm: ", end="", flush=True)

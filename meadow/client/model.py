@@ -17,12 +17,12 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from meadow.client.tuning import ClientLora, PromptTuning, RemoteTuning
-from meadow.models import load_client_parts, load_config, resolve_model_path
+from meadow.models import load_client_parts, load_config, load_hf_config, resolve_model_path
 
 DEFAULT_NEW_TOKENS = 20  # what transformers generates when neither max_new_tokens nor max_length is set
 
@@ -340,7 +340,7 @@ def load_distributed(
     the swarm (`kwargs` go to `connect_sequence`: client_config, dht_prefix, active_adapter, ...). `sequence=`
     replaces the swarm with any object of the RemoteSequence interface (tests use an in-process one)."""
     path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path, **(config_overrides or {}))
+    config = load_hf_config(path, **(config_overrides or {}))
     block_config = load_config(path)
     parts = load_client_parts(path, block_config, dtype, device)
     prompts = None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, TextStreamer
+from transformers import TextStreamer
 
-from meadow.models import resolve_model_path
+from meadow.models import load_tokenizer
 
 
 def stream_generate(
@@ -13,7 +13,7 @@ def stream_generate(
     """Generate through the swarm, printing text to stdout as it arrives; returns the new text."""
     from meadow.client.model import AutoDistributedModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    tokenizer = load_tokenizer(model)
     distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
     inputs = tokenizer(prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)

@@ -63,9 +63,9 @@ def load_config(model: str | Path) -> BlockConfig:
     return config
 
 
-def load_hf_config(model: str | Path) -> PreTrainedConfig:
+def load_hf_config(model: str | Path, **overrides) -> PreTrainedConfig:
     """The model's transformers config (what `AutoConfig.from_pretrained` gives for a checkpoint folder)."""
-    return AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True)
+    return AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True, **overrides)
 
 
 def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
