@@ -1,0 +1,24 @@
+"""A conversation (OpenAI-style messages) as the token ids a model expects: its own chat template, or a plain one."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+# for models without a chat template (e.g. base models): a plain transcript that ends where the assistant speaks
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_STOP = "\nUser:"  # a base model continues the transcript: its reply ends where it starts the user's next turn
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> torch.Tensor:
+    """Token ids (1, L) of `messages` followed by the start of the assistant's reply."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    lines = [f"{PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+    return tokenizer("\n".join(lines) + "\nAssistant:", return_tensors="pt")["input_ids"]
+
+
+def stop_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Text that ends a reply besides the end-of-sequence token."""
+    return [] if tokenizer.chat_template else [PLAIN_STOP]
