@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")],
+                       help="N[,N...]: N client processes generating at once; prints aggregate tokens/s and efficiency")
     return parser
 
 
@@ -141,9 +143,12 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(args.model, args.question, args.max_new_tokens, args.servers, args.keep)
     elif args.command == "bench":
-        from meadow.bench import run_bench
+        from meadow.bench import run_bench, run_clients_bench
 
-        run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device)
+        if args.clients:
+            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
+        else:
+            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device)
 
 
 if __name__ == "__main__":
