@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--chunk-tokens", type=int, default=256,
+                       help="prefill/forward/training tokens per batched pass: how long decoding may wait behind them")
     serve.add_argument("--graph-cache-mb", type=float, default=1024,
                        help="MiB of training clients' activations kept from forward to backward (0: always recompute)")  # fmt: skip
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
-            graph_cache_bytes=int(args.graph_cache_mb * 2**20),
+            graph_cache_bytes=int(args.graph_cache_mb * 2**20), chunk_tokens=args.chunk_tokens,
         )  # fmt: skip
         config = ServerConfig(
             model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,

@@ -229,14 +229,13 @@ class Attention(nn.Module):
         T, start, key_mask = q.shape[2], part.start, part.key_mask
         if part.cache is not None:
             k, v = part.cache.update(start, k, v)
-        n_rep = self.n_head // self.n_kv_head
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        gqa = self.n_head != self.n_kv_head  # each kv head serves n_head / n_kv_head query heads; SDPA needs no copies
 
         if key_mask is None and self.sliding_window is None and (start == 0 or T == 1):
             # plain causal (or one new token that sees everything): let SDPA pick its fastest kernel
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         mask = attention_mask(T, k.shape[2], start, key_mask, self.sliding_window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -304,14 +303,6 @@ def attention_mask(
     else:
         mask = mask[None, None]
     return mask
-
-
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """(B, n_kv, S, D) -> (B, n_kv * n_rep, S, D), each kv head serving n_rep consecutive query heads."""
-    if n_rep == 1:
-        return x
-    B, n_kv, S, D = x.shape
-    return x[:, :, None].expand(B, n_kv, n_rep, S, D).reshape(B, n_kv * n_rep, S, D)
 
 
 def rope_frequencies(config: BlockConfig) -> tuple[Tensor, float]:

@@ -22,6 +22,7 @@ from typing import Any, Hashable, Iterable, Protocol, TypeVar
 from meadow.server.span import Piece, Pieces, Separate, Span
 
 logger = logging.getLogger(__name__)
+GATHER_WINDOW = 1.0  # seconds: a session whose last decoding step ended this recently will likely send another soon
 
 
 @dataclass(eq=False)  # jobs are compared by identity
@@ -34,6 +35,8 @@ class Job:
     priority: int  # higher first; 0 unless something (contribution points, say) raises it
     decoding: bool  # a decoding step: joins every iteration; other work shares chunk_tokens per iteration
     order: int  # arrival order
+    session: Hashable = None  # the session whose step this is, if any
+    arrived: float = 0.0  # event loop time of arrival
     piece: Piece | Separate | None = None
     finished: bool = False
     result: Any = None
@@ -107,11 +110,17 @@ class ComputeLoop:
         self.orders = count()
         self.changed: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        self.decoders: dict[Hashable, float] = {}  # session -> when its last decoding step ended
+        self.pass_seconds = 0.0  # how long a batched pass with decoding steps takes, on average lately
 
-    async def run(self, pieces: Pieces, span: Span, peer: Hashable, priority: int = 0, decoding: bool = False) -> Any:
+    async def run(
+        self, pieces: Pieces, span: Span, peer: Hashable, priority: int = 0, decoding: bool = False,
+        session: Hashable = None,
+    ) -> Any:  # fmt: skip
         """Queue a job and wait for its result. Its first piece is made here, so a step that does not fit its
         session raises (BadRequest) at once."""
-        job = Job(pieces, span, peer, priority, decoding, next(self.orders))
+        arrived = asyncio.get_running_loop().time()
+        job = Job(pieces, span, peer, priority, decoding, next(self.orders), session, arrived)
         job.advance(first=True)
         if job.finished:
             return job.result
@@ -123,6 +132,10 @@ class ComputeLoop:
         finally:
             if job in self.waiting:  # cancelled while waiting: its client is gone
                 self.waiting.remove(job)
+
+    def forget(self, session: Hashable) -> None:
+        """The session has ended: expect no more steps from it."""
+        self.decoders.pop(session, None)
 
     def _wake(self) -> None:
         if self.task is None:
@@ -137,17 +150,30 @@ class ComputeLoop:
                 self.changed.clear()
                 await self.changed.wait()
                 continue
+            await self._gather()
             chosen = choose_batch(self.waiting, self.last_turn, self.max_decoding_tokens, self.chunk_tokens)
+            if not chosen:
+                continue
             self.iterations += 1
             for job in chosen:
                 self.waiting.remove(job)
                 self.last_turn[job.decoding][job.peer] = self.iterations
+            began = loop.time()
             try:
                 await loop.run_in_executor(self.thread, self._compute, chosen)
             except Exception as e:  # a bug or out of memory: the jobs of this pass fail, the loop goes on
                 logger.exception("a batched pass failed")
                 for job in chosen:
                     job.finished, job.error = True, e
+            ended = loop.time()
+            import os  # PROBE
+            if os.environ.get("MEADOW_PROBE"):  # PROBE
+                print(f"PROBE jobs={len(chosen)} wait={len(self.waiting)} s={ended-began:.4f}", flush=True)  # PROBE
+            if any(job.decoding for job in chosen):
+                self.pass_seconds = 0.8 * self.pass_seconds + 0.2 * (ended - began) if self.pass_seconds else ended - began
+            for job in chosen:
+                if job.decoding and job.session is not None:
+                    self.decoders[job.session] = ended
             for job in chosen:
                 if job.future.done():  # cancelled: its client is gone
                     continue
@@ -157,6 +183,26 @@ class ComputeLoop:
                     job.future.set_result(job.result)
                 else:
                     self.waiting.append(job)
+
+    async def _gather(self) -> None:
+        """Before a pass with decoding steps, wait (at most as long as a pass takes) for the steps of the other
+        sessions that decode regularly: their next steps are coming, and batching them now saves running another
+        whole pass for them later. A server shares its cores with clients; while it waits, they compute."""
+        loop = asyncio.get_running_loop()
+        while True:
+            decoding = [job for job in self.waiting if job.decoding]
+            if not decoding:
+                return
+            now, queued = loop.time(), {job.session for job in decoding}
+            expected = any(now - ended < GATHER_WINDOW and session not in queued for session, ended in self.decoders.items())
+            remaining = self.pass_seconds - (now - min(job.arrived for job in decoding))
+            if not expected or remaining <= 0:
+                return
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     def _compute(self, jobs: list[Job]) -> None:
         """One pass (on the compute thread): the packed pieces of each span together, then each separate piece."""

@@ -247,11 +247,12 @@ class BlockHandler:
                 position = session.position
                 decoding = inputs[0].shape[1] <= DECODING_LENGTH
                 pieces = session.step_pieces(*inputs, self.limits.chunk_tokens)
-                output = await self.compute.run(pieces, span, peer, self.priority(peer), decoding)
+                output = await self.compute.run(pieces, span, peer, self.priority(peer), decoding, session)
                 if targets:
                     asyncio.ensure_future(push(self.p2p, targets, position, (output, inputs[1], inputs[2])))
                 yield output
         finally:
+            self.compute.forget(session)
             if receive is not None and not receive.done():
                 receive.cancel()
                 await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again

@@ -282,7 +282,7 @@ class Span:
         return Graph(output, leaves, saved[0], time.monotonic())
 
 
-@dataclass
+@dataclass(eq=False)  # sessions are compared by identity
 class Session:
     """One client's inference session: the KV cache of its blocks, the key mask of every stored token, and the
     session's tuning (deep prompts apply to the first positions; LoRA to every step)."""
