@@ -1,11 +1,19 @@
-"""Pure decisions on simulated swarms: which chain a client takes, which span a new server takes."""
+"""Pure decisions on simulated swarms: which chain a client takes, which span a new server takes; and, on a real
+swarm, which servers a client pings."""
 
 import math
 import random
+import signal
+import time
 from collections import Counter
 
 import pytest
 from hivemind.p2p import PeerID
+
+from conftest import start_swarm
+from meadow.client.config import ClientConfig
+from meadow.client.sequence import connect_sequence
+from meadow.models import load_config
 
 from meadow.client.routing import Hop, MeasuredStep, MissingBlocksError, chain_cost, choose_chain, peers_to_ping
 from meadow.server.block_selection import choose_span
@@ -200,6 +208,30 @@ def test_pinging_converges_on_measured_chains_without_pinging_the_swarm():
     # in a small swarm every server is on some chain, so all of them get pinged
     small = {peer(0): server(0, 3), peer(1): server(3, 6), peer(2): server(3, 6)}
     assert set(peers_to_ping(small, {}, BlockRange(start=0, end=6))) == set(small)
+
+
+def test_a_server_that_does_not_answer_its_ping_is_pinged_again_later(checkpoints):
+    path = checkpoints("llama", num_layers=2)
+    swarm = start_swarm(path, ["0:2", "0:2"])
+    hung = swarm.servers[1]
+    try:
+        hung.signal(signal.SIGSTOP)
+        config = ClientConfig(connect_timeout=1.0, ping_retry=5.0)
+        sequence = connect_sequence(str(path), load_config(path), swarm.initial_peers, client_config=config)
+        chain = sequence.make_chain()
+        silent = [p for p, rtt in sequence.rtt.items() if rtt == math.inf]
+        assert len(sequence.rtt) == 2 and len(silent) == 1 and silent[0].to_base58() in "\n".join(hung.lines)
+        assert [hop.peer for hop in chain] != silent  # the answering server, not the silent one
+        hung.signal(signal.SIGCONT)
+        sequence.update_routes(force=True)  # within ping_retry: the failed ping stands
+        assert sequence.rtt[silent[0]] == math.inf
+        time.sleep(max(0.0, sequence.rtt_expires[silent[0]] - time.monotonic()))
+        sequence.update_routes(force=True)
+        assert sequence.rtt[silent[0]] < math.inf
+        sequence.close()
+    finally:
+        hung.signal(signal.SIGCONT)
+        swarm.stop()
 
 
 def test_new_servers_fill_uncovered_blocks_first():

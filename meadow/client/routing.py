@@ -118,16 +118,19 @@ def choose_chain(
         if low >= high or (banned and peer in banned):
             continue
         step, failed = steps.get(peer) if steps else None, failures.get(peer, 0) if failures else 0
-        hop_fixed, per_block = hop_cost(info, rtt.get(peer, default_rtt), step=step, failures=failed, cache_tokens=cache_tokens)
+        options = dict(step=step, failures=failed, cache_tokens=cache_tokens)
+        hop_fixed, per_block = hop_cost(info, rtt.get(peer, default_rtt), **options)
         noise = 1.0 + jitter * (random.random() if salt is None else _unit_hash(salt, peer))
         peers.append(peer)
         lines.append((low, high, hop_fixed * noise, per_block * noise))
-    low, high, fixed, slope = np.array(lines, dtype=np.float64).reshape(-1, 4).T
+    if not lines:
+        raise MissingBlocksError(list(range(blocks.start, blocks.end)))
+    low, high, fixed, slope = np.array(lines).T
 
     best = np.full(blocks.end + 1, np.inf)  # least cost to reach each block boundary
     best[blocks.start] = 0.0
     came_from = [(0, 0)] * (blocks.end + 1)  # (boundary the last hop started at, its server)
-    entry = np.full(len(peers), np.inf)  # per server: min over boundaries i it could be entered at of best[i] - i * slope
+    entry = np.full(len(peers), np.inf)  # per server: min of best[i] - i * slope over boundaries i it could start at
     entry_at = np.zeros(len(peers), dtype=np.int64)  # ...and that i
     for i in range(blocks.start, blocks.end):
         holds = (low <= i) & (i < high)  # the servers holding block i
@@ -135,12 +138,10 @@ def choose_chain(
         better = holds & (entered < entry)
         entry[better], entry_at[better] = entered[better], i
         cost = np.where(holds, entry + fixed + (i + 1) * slope, np.inf)
-        via = int(cost.argmin()) if len(peers) else 0
-        best[i + 1] = cost[via] if len(peers) else np.inf
-        if best[i + 1] == np.inf:
-            covered = set()
-            for start, end, _, _ in lines:
-                covered.update(range(int(start), int(end)))
+        via = int(cost.argmin())
+        best[i + 1] = cost[via]
+        if best[i + 1] == np.inf:  # nobody holds block i: name every such block
+            covered = {block for start, end, _, _ in lines for block in range(start, end)}
             raise MissingBlocksError([i for i in range(blocks.start, blocks.end) if i not in covered])
         came_from[i + 1] = (int(entry_at[via]), via)
     chain, here = [], blocks.end
@@ -168,7 +169,8 @@ def peers_to_ping(
     avoided: dict[PeerID, int] = {}  # servers of earlier chains, taken as if they had failed many times
     for _ in range(chains):
         try:
-            chain = choose_chain(servers, rtt, blocks, default_rtt=default_rtt, banned=banned, failures=avoided, salt=salt)
+            options = dict(default_rtt=default_rtt, banned=banned, failures=avoided, salt=salt)
+            chain = choose_chain(servers, rtt, blocks, **options)
         except MissingBlocksError:
             return found
         new = [hop.peer for hop in chain if hop.peer not in rtt and hop.peer not in found]

@@ -97,7 +97,8 @@ class InferenceSession:
                 continue  # resend this step to the replacement
             if decoding:
                 segment.step_times.append(time.perf_counter() - began)
-                self.sequence.steps[segment.hop.peer] = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
+                usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
+                self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
             inputs = (output, inputs[1], inputs[2])
             index += 1
@@ -121,7 +122,8 @@ class InferenceSession:
         while True:
             segments: list[Segment] = []
             try:
-                chain = self.sequence.make_chain(blocks, self.batch_size * self.max_length)  # routes here, not on the loop: make_chain waits on it
+                cache_tokens = self.batch_size * self.max_length  # what each server must have room for
+                chain = self.sequence.make_chain(blocks, cache_tokens)  # routes here, not on the loop: make_chain waits on it
                 segments = run(self._open_streams(chain))
                 if history:
                     self._replay(history, segments)
