@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf.quants import dequantize
 from local_sequence import LocalSequence
 from transformers import AutoModelForCausalLM
 
@@ -20,6 +21,7 @@ from meadow.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from meadow.models import gguf
 from meadow.models.tiny import make_tiny_gguf
 from meadow.swarm import dht_prefix_for
 
@@ -89,6 +91,18 @@ def test_swarm_serving_a_gguf_equals_transformers(tiny_gguf):
         swarm.stop()
 
 
+def test_a_block_dequantizes_only_its_own_tensors(tiny_gguf, monkeypatch):
+    path = tiny_gguf("Q4_0")
+    config = load_config(path)
+    calls = []
+    monkeypatch.setattr(gguf, "dequantize", lambda data, qtype: calls.append(qtype) or dequantize(data, qtype))
+    load_block(path, config, 2, torch.float32)
+    assert len(calls) == 9  # two norms, q, k, v, o, gate, up, down: nothing of the other blocks
+    calls.clear()
+    load_client_parts(path, config, torch.float32)
+    assert len(calls) == 3  # embeddings, final norm, head (this file's head is not tied)
+
+
 def test_quant_type_gguf_py_cannot_dequantize_is_named_with_its_tensor(tiny_gguf):
     path = tiny_gguf("Q8_K")
     config = load_config(path)  # the metadata is fine; only the tensors cannot be read
@@ -118,7 +132,8 @@ def test_default_model_blocks_and_head_equal_transformers(smollm):
     config = load_config(path)
     parts = load_client_parts(path, config, torch.float32)
     assert config.tie_word_embeddings and parts.lm_head.weight is parts.embed_tokens.weight
-    first, last = load_blocks(path, config, 0, 3, torch.float32), load_blocks(path, config, 27, 30, torch.float32)
+    first = load_blocks(path, config, 0, 3, torch.float32, progress=False)
+    last = load_blocks(path, config, 27, 30, torch.float32, progress=False)
     ids = random_ids(config.vocab_size)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
@@ -150,7 +165,8 @@ def test_default_model_swarm_answers_like_transformers(smollm, smollm_swarm):
     path, local = smollm
     tokenizer = load_tokenizer(path)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
     distributed = AutoDistributedModelForCausalLM.from_pretrained(path, smollm_swarm.initial_peers)
     try:
         expected = local.generate(ids, max_new_tokens=12, do_sample=False)

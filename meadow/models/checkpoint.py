@@ -31,7 +31,9 @@ def resolve_model_path(model: str | Path) -> Path:
     """A checkpoint folder with config.json, a .gguf file, or the one of a folder without config.json; a model id
     already in the local HF cache is resolved to its snapshot the same way. Never downloads."""
     path = Path(model).expanduser()
-    if path.is_file() and gguf.is_gguf(path):
+    if path.is_file():
+        if not gguf.is_gguf(path):
+            raise FileNotFoundError(f"{path} is a file but not a .gguf: pass a checkpoint folder or a GGUF file")
         return path.resolve()
     if path.is_dir():
         return model_in_folder(path)
@@ -55,7 +57,7 @@ def model_in_folder(path: Path) -> Path:
         return files[0].resolve()
     if files:
         raise FileNotFoundError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}): pass one")
-    raise FileNotFoundError(f"{path} has neither config.json (an HF checkpoint) nor a .gguf file")
+    raise FileNotFoundError(f"{path} has no config.json (an HF checkpoint) and no .gguf file")
 
 
 def load_config(model: str | Path) -> BlockConfig:

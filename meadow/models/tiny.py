@@ -155,9 +155,11 @@ def make_tiny_gguf(
     add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
 
     state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
-    gguf_names = {f"{hf}.weight": f"{name}.weight" for name, hf in MODEL_TENSOR_NAMES.items()}
-    for i in range(config.num_hidden_layers):
-        gguf_names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight" for name, hf in BLOCK_TENSOR_NAMES.items()})
+    gguf_names = {f"{hf}.weight": f"{name}.weight" for name, hf in MODEL_TENSOR_NAMES.items()} | {
+        f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight"
+        for i in range(config.num_hidden_layers)
+        for name, hf in BLOCK_TENSOR_NAMES.items()
+    }
     for hf_name, gguf_name in gguf_names.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # a tied model's file has no output.weight
