@@ -7,7 +7,6 @@ import pytest
 import torch
 from gguf.quants import dequantize
 from local_sequence import LocalSequence
-from transformers import AutoModelForCausalLM
 
 from conftest import start_swarm
 from meadow import AutoDistributedModelForCausalLM
@@ -18,6 +17,7 @@ from meadow.models import (
     load_blocks,
     load_client_parts,
     load_config,
+    load_reference_model,
     load_tokenizer,
     resolve_model_path,
 )
@@ -44,11 +44,6 @@ def tiny_gguf(checkpoints, tmp_path_factory):
     return get
 
 
-def transformers_model(path):
-    """transformers' own loading of a GGUF file (it dequantizes with gguf-py too), in float32."""
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-
 def random_ids(vocab_size: int, shape=(2, 11)) -> torch.Tensor:
     return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(1))
 
@@ -56,7 +51,7 @@ def random_ids(vocab_size: int, shape=(2, 11)) -> torch.Tensor:
 @pytest.mark.parametrize("quant", QUANTS)
 def test_blocks_and_client_parts_equal_transformers(tiny_gguf, quant):
     path = tiny_gguf(quant)
-    local = transformers_model(path)
+    local = load_reference_model(path)  # transformers dequantizes with gguf-py too
     ours = AutoDistributedModelForCausalLM.from_pretrained(path, sequence=LocalSequence(path))
     ids = random_ids(local.config.vocab_size)
     with torch.no_grad():
@@ -79,7 +74,7 @@ def test_swarm_serving_a_gguf_equals_transformers(tiny_gguf):
     swarm = start_swarm(path.parent, ["0:2", "2:4"])  # servers given the folder, the client the file: one swarm
     try:
         distributed = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers)
-        local = transformers_model(path)
+        local = load_reference_model(path)
         ids = random_ids(local.config.vocab_size)
         with torch.no_grad():
             expected, got = local(ids).logits, distributed(ids).logits
@@ -124,7 +119,7 @@ def test_unsupported_gguf_architecture_is_refused_by_name(tiny_gguf):
 @pytest.fixture(scope="module")
 def smollm():
     path = default_model_path()
-    return path, transformers_model(path)
+    return path, load_reference_model(path)  # transformers dequantizes the whole file itself
 
 
 def test_default_model_blocks_and_head_equal_transformers(smollm):

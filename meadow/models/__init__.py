@@ -15,6 +15,7 @@ from meadow.models.checkpoint import (
 from meadow.models.default import default_model_path
 from meadow.models.gguf import SUPPORTED_GGUF_ARCHITECTURES
 from meadow.models.llama import BlockConfig, KVCache, LlamaBlock, RMSNorm
+from meadow.models.reference import load_reference_model
 from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "load_hf_config",
     "load_tokenizer",
     "default_model_path",
+    "load_reference_model",
     "make_tiny_checkpoint",
     "make_tiny_gguf",
     "resolve_model_path",
