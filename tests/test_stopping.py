@@ -1,6 +1,6 @@
 """`meadow dht` and `meadow serve` stop for good, whichever way they are stopped: SIGINT or SIGTERM, sent to the main
 process or to its whole process group (as `kill -- -PGID`, supervisors and systemd do). No process of the group
-(hivemind's DHT process, the p2pd daemons) survives."""
+(hivemind's DHT process, the p2pd daemons) survives. A client's close() ends its own DHT process and p2pd."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from meadow.client.model import AutoDistributedModelForCausalLM
+from meadow.client.sequence import ClosedError
 from meadow.local_swarm import LocalSwarm, Process
+from meadow.stopping import descendants
 
 HANG = 20.0  # seconds: a hang detector, not a speed requirement
 
@@ -99,3 +103,20 @@ def test_every_process_ends_when_the_group_is_stopped_during_start_up(command, s
         assert_group_ends(process, pgid)
     finally:
         process.stop(timeout=1)
+
+
+def test_closing_a_client_ends_its_dht_process_and_p2p_daemon(started):
+    _, initial_peers, model_path = started
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers) as model:
+        dht_process = model.sequence.dht.pid
+        ours = {dht_process, *descendants(dht_process)}
+        assert len(ours) >= 2 and ours <= set(descendants(os.getpid())), ours  # hivemind's DHT process and its p2pd
+    deadline = time.monotonic() + HANG
+    while ours & set(descendants(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not ours & set(descendants(os.getpid()))
+    model.close()  # again: nothing to do
+    with pytest.raises(ClosedError, match="closed"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    with pytest.raises(ClosedError, match="closed"):
+        model(torch.tensor([[1, 2, 3]]))
