@@ -15,9 +15,11 @@ import time
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer
 
 from conftest import start_swarm
+from meadow.cli import build_parser
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.models.reference import load_reference_model
 from meadow.swarm import dht_prefix_for
@@ -35,15 +37,22 @@ WAIT = 180.0
 @pytest.fixture(scope="module")
 def chat_swarm(checkpoints, tmp_path_factory):
     """A swarm of a tiny model whose tokenizer has a chat template, and a copy of the model without one (plain
-    transcript prompts) that finds the same servers through --dht-prefix."""
+    transcript prompts) that finds the same servers through --dht-prefix. The servers also serve a LoRA adapter."""
     path = checkpoints("llama", num_layers=4)
     templated = tmp_path_factory.mktemp("chat") / "tiny-chat"
     shutil.copytree(path, templated)
     tokenizer = AutoTokenizer.from_pretrained(templated)
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(templated)
-    with start_swarm(templated, ["0:2", "2:4"]) as swarm:
-        yield swarm, templated, path, load_reference_model(templated)
+    adapter = tmp_path_factory.mktemp("adapters") / "tiny-adapter"
+    peft_model = get_peft_model(load_reference_model(templated), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # peft starts B at zero: the adapter would change nothing
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    peft_model.save_pretrained(adapter)
+    with start_swarm(templated, ["0:2", "2:4"], "--adapters", str(adapter)) as swarm:
+        yield swarm, templated, path, load_reference_model(templated), adapter
 
 
 class Chat:
@@ -127,7 +136,7 @@ def user(text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain-transcript"])
 def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm, template):
-    swarm, templated, plain, reference = chat_swarm
+    swarm, templated, plain, reference, _ = chat_swarm
     path = templated if template else plain  # the plain copy has the same weights and no chat template
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert bool(tokenizer.chat_template) == template
@@ -164,7 +173,7 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_swarm):
-    swarm, templated, _, reference = chat_swarm
+    swarm, templated, _, reference, _ = chat_swarm
     tokenizer = AutoTokenizer.from_pretrained(templated)
     chat = Chat(str(templated), "--initial-peers", *swarm.initial_peers, "--max-new-tokens", "400", "--max-length", "1024")
     try:
@@ -185,3 +194,46 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_swarm):
         assert chat.popen.wait(60) == 0
     finally:
         chat.close()
+
+
+def test_chat_and_generate_use_a_served_adapter(chat_swarm):
+    swarm, templated, _, reference, adapter = chat_swarm
+    tokenizer = AutoTokenizer.from_pretrained(templated)
+    tuned = PeftModel.from_pretrained(load_reference_model(templated), adapter).eval()
+    prompt = "Hello there"
+    ids = chat_prompt_ids(tokenizer, [user(prompt)])[0].tolist()
+    _, text = local_reply(tuned, tokenizer, ids, 8)
+    assert text != local_reply(reference, tokenizer, ids, 8)[1]  # the adapter changes the reply
+
+    chat = Chat(str(templated), "--initial-peers", *swarm.initial_peers, "--max-new-tokens", "8", "--adapter", adapter.name)
+    try:
+        chat.wait(lambda: chat.out.endswith("> "), "prompt")
+        assert text in chat.turn(prompt)[2]
+    finally:
+        chat.close()
+
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "generate", str(templated), "--initial-peers", *swarm.initial_peers,
+         "--prompt", prompt, "--max-new-tokens", "8", "--adapter", adapter.name],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    inputs = tokenizer(prompt, return_tensors="pt")
+    expected = tuned.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    base = reference.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(expected, base) and tokenizer.decode(expected[0], skip_special_tokens=True) in result.stdout
+
+
+def test_model_is_optional_and_defaults_to_the_default_model(capsys):
+    parser, peers = build_parser(), ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX"]
+    args = parser.parse_args(["serve", *peers, "--blocks", "0:10"])
+    assert args.model is None and args.blocks.end == 10
+    assert parser.parse_args(["generate", *peers, "--prompt", "hi"]).model is None
+    assert parser.parse_args(["chat", *peers]).model is None
+    for command in ("serve", "generate", "chat"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert "default: SmolLM2-135M-Instruct" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):  # a MODEL after --initial-peers would be taken for a peer: say so
+        parser.parse_args(["chat", *peers, "some-model"])
+    assert "a MODEL goes before --initial-peers" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -302,7 +303,7 @@ def run_chat(
     tokenizer = load_tokenizer(model)
     with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter) as distributed:
         conversation = Conversation(distributed, tokenizer, max_length, system)
-        print(f"Chatting with {model} through the swarm. /help lists the commands.", flush=True)
+        print(f"Chatting with {Path(model).name} through the swarm. /help lists the commands.", flush=True)
         try:
             chat_loop(conversation, sampling)
         finally:

@@ -30,7 +30,8 @@ DEFAULT_NEW_TOKENS = 20  # what transformers generates when neither max_new_toke
 
 # The active inference session of each model, per thread (and per asyncio task): one model object serves many
 # requests at once (a web server's handlers), and `with model.inference_session()` in one must not touch another.
-# A new mapping on each change, so that a context copied into another thread (asyncio.to_thread) shares nothing.
+# Each change sets a new mapping: a context copied into a task or thread (asyncio.to_thread) sees the sessions active
+# when it was copied, and what it opens itself stays its own.
 _active_sessions: ContextVar[Mapping[int, "GenerationSession"]] = ContextVar("meadow_sessions", default=MappingProxyType({}))
 
 
