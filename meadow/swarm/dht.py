@@ -72,13 +72,15 @@ async def _get_many(_dht, node, *, keys: list[str]) -> dict:
 
 def serve_dht_node(host: str = "127.0.0.1", port: int = 0, initial_peers: Sequence[str] = (), nat_port_map: bool = False) -> None:
     """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
-    import signal
     import threading
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    from meadow.stopping import exit_now, on_stop_signals
+
+    started, stop = threading.Event(), threading.Event()
+    # stopped while the DHT starts (it may have died, and would never report ready), or stopped twice: do not wait
+    on_stop_signals(lambda: stop.set() if started.is_set() and not stop.is_set() else exit_now(1))
     dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map)
+    started.set()
     try:
         for maddr in dht.get_visible_maddrs():
             print(maddr, flush=True)
