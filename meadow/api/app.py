@@ -41,7 +41,7 @@ class _GenerationResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.generation.cancel()
+            self.generation.close()
 
 
 async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:

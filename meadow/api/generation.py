@@ -36,7 +36,7 @@ class Sampling:
 class Outcome:
     """How a generation ended: filled in by the time `TextGeneration.deltas` is exhausted."""
 
-    finish_reason: str | None = None  # "stop" (end of sequence or a stop string), "length", or "cancelled"
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string), "length"; or "cancelled", "error"
     completion_tokens: int = 0
     servers: list[dict] = field(default_factory=list)  # the chain that served it: [{"peer", "blocks"}]
     seconds: float = 0.0
@@ -72,8 +72,8 @@ class _ToLoop(BaseStreamer):
 class TextGeneration:
     """`start()` runs generate on a new thread and returns at its first token (raising what it raised before that:
     missing blocks, a refused session); `deltas()` then yields the text as it grows, up to a stop string, and
-    leaves how it ended in `outcome`. Leaving `deltas()` early (a client that went away) stops generate, which closes
-    its inference session on the servers."""
+    leaves how it ended in `outcome`. `close()` (a client that went away) stops generate, which closes its inference
+    session on the servers."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling):
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
@@ -84,6 +84,7 @@ class TextGeneration:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._first: tuple | None = None
         self._began = 0.0
+        self._closed = False
 
     async def start(self) -> None:
         loop, self._began = asyncio.get_running_loop(), time.perf_counter()
@@ -97,6 +98,8 @@ class TextGeneration:
         threading.Thread(target=self._generate, args=(send,), name="meadow-api-generate", daemon=True).start()
         self._first = await self._queue.get()
         if self._first[0] == "done" and self._first[2] is not None:
+            self.outcome.finish_reason = "error"
+            self.close()
             raise self._first[2]
 
     def _generate(self, send) -> None:
@@ -136,6 +139,7 @@ class TextGeneration:
                     _, hops, error = item
                     self.outcome.servers = hops
                     if error is not None and self.outcome.finish_reason is None:
+                        self.outcome.finish_reason = "error"
                         raise error
                     break
                 if self.outcome.finish_reason is not None:
@@ -153,16 +157,7 @@ class TextGeneration:
             if len(text) > len(sent) and not text.endswith("\ufffd"):
                 yield text[len(sent) :]  # held back as a possible start of a stop string that never came
         finally:
-            if self.outcome.finish_reason is None:
-                self.outcome.finish_reason = "cancelled"
-            self.cancelled.set()
-            self.outcome.seconds = time.perf_counter() - self._began
-            out = self.outcome
-            chain = " ".join(f"{server['peer'][-6:]}[{server['blocks']}]" for server in out.servers) or "-"
-            logger.info(
-                f"generation {out.finish_reason}: {self.prompt_tokens} prompt + {out.completion_tokens} completion tokens "
-                f"in {out.seconds:.2f} s (first token {out.first_token_seconds or 0:.3f} s) via {chain}"
-            )
+            self.close()
 
     def _add(self, ids: list[int], new: list[int]) -> tuple[str, int]:
         """Take new token ids until one ends the reply; return the text so far and how much of it is safe to send
@@ -189,8 +184,19 @@ class TextGeneration:
             safe -= 1
         return text, safe
 
-    def cancel(self) -> None:
+    def close(self) -> None:
+        """Stop generating (if it still runs) and log how the request went; the response calls it however it ends."""
         self.cancelled.set()
+        if self._closed:
+            return
+        self._closed, out = True, self.outcome
+        out.finish_reason = out.finish_reason or "cancelled"
+        out.seconds = time.perf_counter() - self._began
+        chain = " ".join(f"{server['peer'][-6:]}[{server['blocks']}]" for server in out.servers) or "-"
+        logger.info(
+            f"generation {out.finish_reason}: {self.prompt_tokens} prompt + {out.completion_tokens} completion tokens "
+            f"in {out.seconds:.2f} s (first token {out.first_token_seconds or 0:.3f} s) via {chain}"
+        )
 
 
 def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +48,10 @@ def run_api(
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"API ready: http://{shown_host}:{bound_port}/ (model {model_id})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    # after its graceful shutdown uvicorn raises the signal again for the handler it found: make that an exit through
+    # `finally`, so that the client's DHT process stops too (SIGTERM's default would leave it running)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -58,8 +58,8 @@ function serverTable(model) {
   for (const [label, numeric] of [["Peer"], ["Blocks"], ["State"], ["Throughput", true], ["Cache left", true], ["Version", true], ["Name"]]) {
     head.append(element("th", numeric ? "num" : "", label));
   }
-  table.append(element("thead")).append(head);
-  const body = table.appendChild(element("tbody"));
+  table.createTHead().append(head);
+  const body = table.createTBody();
   for (const server of model.servers) {
     const row = element("tr");
     const peer = element("td", "peer", shortPeer(server.peer));
