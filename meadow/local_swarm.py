@@ -92,6 +92,7 @@ class LocalSwarm:
         self.echo = echo
         self.dht: Process | None = None
         self.servers: list[Process] = []
+        self.extra: list[Process] = []  # other processes to stop with the swarm (an API server, say)
         self.initial_peers: list[str] = []
 
     def start_dht(self, timeout: float = 60.0) -> list[str]:
@@ -109,7 +110,7 @@ class LocalSwarm:
         return server
 
     def stop(self) -> None:
-        for process in [*self.servers, *([self.dht] if self.dht else [])]:
+        for process in [*self.extra, *self.servers, *([self.dht] if self.dht else [])]:
             process.stop()
 
     def __enter__(self) -> "LocalSwarm":

@@ -23,12 +23,12 @@ CACHE_TOKENS = 16384  # a server's default KV-cache budget: all of it is free wh
 
 
 def start_api(model, initial_peers: list[str], *extra: str) -> Process:
-    """`meadow api` on a free port (its URL is in its first line: "API ready: URL (model ID)")."""
+    """`meadow api` on a free port; it prints "API ready: URL (model ID)" once it serves."""
     return Process(["api", str(model), "--initial-peers", *initial_peers, "--port", "0", *extra], "api")
 
 
 def api_url(api: Process) -> str:
-    return api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2]
+    return api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
 
 
 @pytest.fixture(scope="module")

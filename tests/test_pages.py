@@ -56,7 +56,7 @@ def served(checkpoints):
         try:
             for server in swarm.servers:
                 server.wait_for(lambda line: "ready" in line, timeout=180)
-            url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2]
+            url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
             yield {"path": path, "swarm": swarm, "url": url}
         finally:
             for process in (api, *swarm.servers):  # all at once: each takes a few seconds to leave

@@ -25,7 +25,7 @@ def run_api(
     dht_prefix: str | None = None,
     adapter: str | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT/ (model ID)` once it accepts requests."""
+    """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)` once it accepts requests."""
     from meadow.api.app import create_app
     from meadow.client.model import AutoDistributedModelForCausalLM
     from meadow.models import load_tokenizer
@@ -46,7 +46,7 @@ def run_api(
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"API ready: http://{shown_host}:{bound_port}/ (model {model_id})", flush=True)
+    print(f"API ready: http://{shown_host}:{bound_port} (model {model_id})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
     # after its graceful shutdown uvicorn raises the signal again for the handler it found: make that an exit through
     # `finally`, so that the client's DHT process stops too (SIGTERM's default would leave it running)

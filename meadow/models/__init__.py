@@ -13,6 +13,7 @@ from meadow.models.checkpoint import (
     resolve_model_path,
 )
 from meadow.models.default import default_model_path
+from meadow.models.reference import load_reference_model
 from meadow.models.llama import BlockConfig, KVCache, LlamaBlock, RMSNorm
 from meadow.models.tiny import make_tiny_checkpoint
 
@@ -31,6 +32,7 @@ __all__ = [
     "load_hf_config",
     "load_tokenizer",
     "default_model_path",
+    "load_reference_model",
     "make_tiny_checkpoint",
     "resolve_model_path",
 ]

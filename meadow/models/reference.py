@@ -1,0 +1,20 @@
+"""The whole model run locally by transformers: the reference the swarm must match (demo, bench, tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from meadow.models.checkpoint import resolve_model_path
+
+
+def load_reference_model(model: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """transformers' own model for a checkpoint folder or a GGUF file (transformers dequantizes GGUF itself)."""
+    path = resolve_model_path(model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        path = next(path.glob("*.gguf"), path)  # a folder holding a GGUF file
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
