@@ -13,6 +13,7 @@ function element(tag, className, text) {
 }
 
 const shortPeer = (peer) => "…" + peer.slice(-6);
+const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
 const number = (value, digits = 0) => Number(value).toLocaleString("en-US", {maximumFractionDigits: digits});
 
 function withUnit(value, unit) {
@@ -24,7 +25,7 @@ function withUnit(value, unit) {
 function coverageCard(model) {
   const card = element("article", "model-card");
   const title = element("h2", "", model.name);
-  title.append(element("span", "prefix", model.dht_prefix));
+  if (model.dht_prefix !== model.name) title.append(element("span", "prefix", `swarm name ${model.dht_prefix}`));
   const online = model.coverage.filter((state) => state === "online").length;
   const complete = online === model.num_blocks;
   title.append(element("span", `summary ${complete ? "ok" : "gap"}`,
@@ -48,7 +49,8 @@ function coverageCard(model) {
 
 function serverTable(model) {
   const section = element("div");
-  section.append(element("h3", "", `${model.name} — ${model.servers.length} server${model.servers.length === 1 ? "" : "s"}`));
+  const name = model.dht_prefix === model.name ? model.name : `${model.name} (${model.dht_prefix})`;
+  section.append(element("h3", "", `${name}: ${plural(model.servers.length, "server")}`));
   if (!model.servers.length) {
     section.append(element("div", "empty", "No server holds any block of this model right now."));
     return section;
@@ -95,6 +97,7 @@ function render(swarm) {
   overview.replaceChildren();
   servers.replaceChildren();
   if (!swarm.models.length) {
+    $("totals").textContent = "no models";
     overview.append(element("div", "empty", "No model is announced in this swarm yet. Servers appear here a moment after they start."));
     return;
   }
@@ -102,6 +105,8 @@ function render(swarm) {
     overview.append(coverageCard(model));
     servers.append(serverTable(model));
   }
+  const peers = new Set(swarm.models.flatMap((model) => model.servers.map((server) => server.peer)));
+  $("totals").textContent = `${plural(swarm.models.length, "model")} · ${plural(peers.size, "server")}`;
 }
 
 function showAge() {
