@@ -3,6 +3,7 @@ swarm's state at /api/swarm, and the chat (/) and monitor (/monitor) pages."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -81,6 +82,9 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         generation = TextGeneration(model, tokenizer, prompt_ids, sampling)
         try:
             await generation.start()
+        except asyncio.CancelledError:  # the API is shutting down
+            generation.close()
+            raise
         except Exception as e:
             raise api_error(e) from None
         return generation

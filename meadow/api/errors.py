@@ -53,15 +53,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json").response()
-        param = ".".join(location) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return APIError(400, message, param=param, code="invalid_value").response()
+        errors = error.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+        # the deepest location is the most specific complaint (a union's other members fail at its top)
+        param = max((_param(e.get("loc", ())) for e in errors), key=lambda p: p.count(".") if p else -1)
+        reasons = dict.fromkeys(str(e.get("msg")).removeprefix("Value error, ") for e in errors if _param(e.get("loc", ())) == param)
+        message = " or ".join(reasons)
+        return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value").response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return APIError(error.status_code, str(error.detail), kind).response()
+
+
+def _param(location: tuple) -> str | None:
+    """A field's path as OpenAI names it ("messages.0.content"), without pydantic's union member tags ("str",
+    "list[TextPart]") and the "body" it starts with."""
+    tags = {"str", "int", "float", "bool", "none", "body"}
+    parts = [str(part) for part in location if isinstance(part, int) or (str(part).isidentifier() and str(part) not in tags)]
+    return ".".join(parts) or None

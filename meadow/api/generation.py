@@ -81,6 +81,7 @@ class TextGeneration:
         self.outcome = Outcome()
         self.cancelled = threading.Event()
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._first: tuple | None = None
         self._began = 0.0
@@ -119,7 +120,7 @@ class TextGeneration:
                     stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
                     streamer=_ToLoop(send),
                     eos_token_id=self.eos_ids or None,
-                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0],
+                    pad_token_id=self.pad_id,
                 )
                 remote = session.remote
                 hops = [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
@@ -128,6 +129,7 @@ class TextGeneration:
         send(("done", hops, error))
 
     async def deltas(self) -> AsyncIterator[str]:
+        """The reply's text, piece by piece, as the tokens come; raises what generate raised."""
         ids: list[int] = []
         sent = ""  # text already yielded
         text = ""
