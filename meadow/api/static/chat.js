@@ -104,7 +104,8 @@ async function send() {
   if (!text || running) return;
   prompt.value = "";
   autosize();
-  messages.push({role: "user", content: text});
+  const history = messages;  // this conversation, even if "New chat" replaces it while the answer streams
+  history.push({role: "user", content: text});
   addTurn("user", text);
   const {turn, bubble} = addTurn("assistant", "");
   const cursor = element("span", "cursor");
@@ -123,7 +124,7 @@ async function send() {
       method: "POST",
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify({
-        model, messages, stream: true, stream_options: {include_usage: true},
+        model, messages: history, stream: true, stream_options: {include_usage: true},
         temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
       }),
       signal: controller.signal,
@@ -147,7 +148,7 @@ async function send() {
     if (!state.stopped) {
       cursor.remove();
       if (!answer) turn.remove();
-      messages.pop();  // the question got no answer: let the user ask again
+      history.pop();  // the question got no answer: let the user ask again
       addTurn("error", `Error: ${error.message}`);
       setRunning(null);
       prompt.focus();
@@ -155,7 +156,7 @@ async function send() {
     }
   }
   cursor.remove();
-  messages.push({role: "assistant", content: answer});
+  history.push({role: "assistant", content: answer});
   showMeta(turn, {
     seconds: info?.seconds ?? (performance.now() - began) / 1000,
     servers: info?.servers, tokens, stopped: state.stopped,
