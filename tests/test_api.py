@@ -34,13 +34,13 @@ def api_url(api: Process) -> str:
 @pytest.fixture(scope="module")
 def served(checkpoints):
     """A swarm of the model on blocks 0:2 and 2:4 with an API over it; and an API over a second swarm name whose only
-    server holds blocks 0:2. Servers announce every second, so that their free cache shows up fast in /api/swarm.
+    server holds blocks 0:2. Servers announce every 2 s, so that their free cache shows up soon in /api/swarm.
     Everything starts at once."""
     path = checkpoints("llama", num_layers=4)
     with LocalSwarm() as swarm:
         swarm.start_dht()
         for span in ("0:2", "2:4"):
-            swarm.start_server(path, "--blocks", span, "--update-period", "1", wait=False)
+            swarm.start_server(path, "--blocks", span, "--update-period", "2", wait=False)
         swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "partial", wait=False)
         api, partial = start_api(path, swarm.initial_peers), start_api(path, swarm.initial_peers, "--dht-prefix", "partial")
         try:
@@ -273,17 +273,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_server_sessions(client, 
     url, api = served["url"], served["api"]
     wait_until(lambda: free_cache(url) == [CACHE_TOKENS, CACHE_TOKENS])
     lines_before = len(api.lines)
-    stream = client.completions.create(model=model_id, prompt="Endless", max_tokens=3000, temperature=0, stream=True)
+    stream = client.completions.create(model=model_id, prompt="Endless", max_tokens=4000, temperature=0, stream=True)
     pieces = [next(stream).choices[0].text for _ in range(3)]
     assert pieces
     # the session holds cache on both servers while it runs (as the servers announce)...
     wait_until(lambda: all(left < CACHE_TOKENS for left in free_cache(url)))
     stream.close()
-    # ...and gives it back once the client went away, long before its 3000 tokens
+    # ...and gives it back once the client went away, long before its 4000 tokens
     wait_until(lambda: free_cache(url) == [CACHE_TOKENS, CACHE_TOKENS])
     ended = api.wait_for(lambda line: "generation cancelled" in line, timeout=30)
     assert api.lines.index(ended) >= lines_before
     generated = int(ended.split(" prompt + ")[1].split()[0])
-    assert generated < 3000
+    assert generated < 4000
     # and the API goes on serving
     assert client.completions.create(model=model_id, prompt="Again", max_tokens=3, temperature=0).choices[0].text
