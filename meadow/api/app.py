@@ -63,7 +63,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
     def check_model(name: str) -> None:
         if name != model_id:
-            raise APIError(404, f"The model `{name}` does not exist: this API serves `{model_id}`", param="model", code="model_not_found")
+            message = f"The model `{name}` does not exist: this API serves `{model_id}`"
+            raise APIError(404, message, param="model", code="model_not_found")
 
     def budget(prompt_tokens: int, requested: int | None, default: int, param: str) -> int:
         """max_tokens for the request: what it asked for, or the default cut to the context left."""
@@ -71,7 +72,9 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             raise APIError(400, "the prompt is empty", param=param)
         room = context_length - prompt_tokens
         if room < 1 or (requested is not None and requested > room):
-            asked = f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the completion)" if requested else f"{prompt_tokens} tokens in the prompt"
+            asked = f"{prompt_tokens} tokens in the prompt"
+            if requested:
+                asked = f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the completion)"
             raise APIError(
                 400, f"This model's maximum context length is {context_length} tokens, but you requested {asked}. "
                 "Shorten the prompt or ask for fewer tokens.", param=param, code="context_length_exceeded",
@@ -91,7 +94,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
     def usage(generation: TextGeneration) -> dict:
         done = generation.outcome.completion_tokens
-        return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": done, "total_tokens": generation.prompt_tokens + done}
+        prompt = generation.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     def meadow_info(generation: TextGeneration) -> dict:
         return {"servers": generation.outcome.servers, "seconds": round(generation.outcome.seconds, 3)}
@@ -113,7 +117,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             text = await _collect(generation)
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": generation.outcome.finish_reason}
-            return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(generation), "meadow": meadow_info(generation)}
+            extra = {"usage": usage(generation), "meadow": meadow_info(generation)}
+            return {**head, "object": "chat.completion", "choices": [choice], **extra}
 
         async def chunks() -> AsyncIterator[dict]:
             def chunk(delta: dict, finish_reason: str | None = None) -> dict:
@@ -146,7 +151,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
         if not request.stream:
             text = await _collect(generation)
-            return {**head, "choices": [choice(text, generation.outcome.finish_reason)], "usage": usage(generation), "meadow": meadow_info(generation)}
+            extra = {"usage": usage(generation), "meadow": meadow_info(generation)}
+            return {**head, "choices": [choice(text, generation.outcome.finish_reason)], **extra}
 
         async def chunks() -> AsyncIterator[dict]:
             async for text in generation.deltas():

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 class APIError(Exception):
     """An error to answer with: HTTP status and OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
