@@ -44,10 +44,15 @@ MODELS_KEY = "_meadow.models"
 
 
 def dht_prefix_for(model: str | Path) -> str:
-    """Swarm name of a model: a hub id ("org/name" -> "org--name"), the id of a folder in the HF cache,
-    or else a folder's name; flattened to [A-Za-z0-9_-]. Servers and clients given the same model agree."""
+    """Swarm name of a model: a GGUF file's stem (also for a folder holding one and no config.json), a hub id
+    ("org/name" -> "org--name"), the id of a folder in the HF cache, or else a folder's name; flattened to
+    [A-Za-z0-9_-]. Servers and clients given the same model agree."""
     path = Path(model)
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+    if path.is_dir() and not (path / "config.json").exists() and len(files := list(path.glob("*.gguf"))) == 1:
+        path = files[0]
+    if path.suffix == ".gguf":
+        name = path.stem
+    elif path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         name = path.parent.parent.name.removeprefix("models--")
     elif path.exists():
         name = path.resolve().name
