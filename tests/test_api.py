@@ -13,11 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.local_swarm import LocalSwarm, Process
-from meadow.models import load_tokenizer
+from meadow.models import load_reference_model, load_tokenizer
 
 CACHE_TOKENS = 16384  # a server's default KV-cache budget: all of it is free when no session is open
 
@@ -67,7 +66,7 @@ def model_id(client) -> str:
 @pytest.fixture(scope="module")
 def reference(served):
     """The whole model run locally by transformers, and its tokenizer."""
-    local = AutoModelForCausalLM.from_pretrained(served["path"], dtype=torch.float32).eval()
+    local = load_reference_model(served["path"])
     return local, load_tokenizer(served["path"])
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.local_swarm import LocalSwarm, Process
-from meadow.models import load_tokenizer
+from meadow.models import load_reference_model, load_tokenizer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SCREENSHOTS = os.environ.get("MEADOW_SCREENSHOTS") == "1"
@@ -74,7 +73,7 @@ def page(browser):
 def local_answer(path, question: str, max_tokens: int) -> str:
     """The local transformers model's greedy reply, cut where the API cuts it."""
     tokenizer = load_tokenizer(path)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    local = load_reference_model(path)
     prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
     with torch.no_grad():
         out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_tokens, do_sample=False)

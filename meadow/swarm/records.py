@@ -39,6 +39,11 @@ class ModelInfo(Schema):
     name: str  # what to call the model on a monitor: its checkpoint folder's or file's name
 
 
+def model_name(path: Path) -> str:
+    """What a monitor calls a checkpoint: a folder's name, or a GGUF file's name without its extension."""
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
 # Block keys say nothing about which models exist, so servers also list their model here: a monitor reads it first.
 MODELS_KEY = "_meadow.models"
 
