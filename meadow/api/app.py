@@ -165,7 +165,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
     @app.get("/api/swarm")
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block
-        return JSONResponse({**read_swarm(model.sequence.dht), "api_model": model_id})
+        return JSONResponse(read_swarm(model.sequence.dht))
 
     @app.get("/", include_in_schema=False)
     def chat_page() -> FileResponse:
