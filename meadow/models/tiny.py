@@ -112,7 +112,6 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-
 # gguf-py cannot quantize K-quants, so make_tiny_gguf fills their matrices with random blocks; these f16 scales (byte
 # offset in a block -> value) keep the weights small and roughly centred, like a trained model's
 RANDOM_BLOCK_SCALES = {
@@ -125,7 +124,7 @@ RANDOM_BLOCK_SCALES = {
 def make_tiny_gguf(
     checkpoint: str | Path, path: str | Path, quant: str = "F32", *, architecture: str = "llama", seed: int = 0
 ) -> Path:
-    """Write a Llama-family checkpoint folder (such as make_tiny_checkpoint's) as a GGUF file, as llama.cpp's
+    """Write a Llama checkpoint folder (such as make_tiny_checkpoint's) as a GGUF file, as llama.cpp's
     convert_hf_to_gguf does: its tensor names, q/k rows permuted for GGML's rotary, norms in F32, every matrix in
     `quant`, and the tokenizer (byte-level BPE) and chat template in the metadata. Returns the path.
 
@@ -135,8 +134,8 @@ def make_tiny_gguf(
     """
     checkpoint, path = Path(checkpoint), Path(path)
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    if config.model_type not in ("llama", "mistral") or config.rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError("make_tiny_gguf writes Llama/Mistral checkpoints without rope scaling only")
+    if config.model_type != "llama" or config.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError("make_tiny_gguf writes Llama checkpoints without rope scaling only")
     qtype, rng = GGMLQuantizationType[quant], np.random.default_rng(seed)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -193,7 +192,7 @@ def add_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerFast) -> Non
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_unk_token_id(tokenizer.unk_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(True)
+    writer.add_add_bos_token(tokenizer("a").input_ids[0] == tokenizer.bos_token_id)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -26,6 +26,7 @@ class ServerInfo(Schema):
     throughput: float = 0.0  # tokens/s through the whole span when batching many tokens (prefill, forward)
     inference_rps: float = 0.0  # single-token inference steps/s through one block
     cache_tokens_left: int = 0
+    open_sessions: int = Field(default=0, ge=0)  # inference sessions open now: the server's load, for routing
     dtype: str = "float32"
     version: int = PROTOCOL_VERSION
     public_name: str | None = None
