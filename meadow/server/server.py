@@ -20,7 +20,7 @@ from meadow.server.memory import CacheBudget
 from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
-from meadow.swarm import ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, start_dht
+from meadow.swarm import ModelInfo, ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, model_name, start_dht
 from meadow.wire import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -264,4 +264,5 @@ class Server:
 
     async def _announce(self) -> None:
         info, expiration = self.info(), 3 * self.config.update_period
-        await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration)
+        model = ModelInfo(num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path))  # for monitors
+        await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)

@@ -33,6 +33,22 @@ class ServerInfo(Schema):
     adapters: tuple[str, ...] = ()
 
 
+class ModelInfo(Schema):
+    """A model the swarm serves, announced by its servers under MODELS_KEY (subkey = the model's dht_prefix)."""
+
+    num_blocks: int = Field(gt=0)
+    name: str  # what to call the model on a monitor: its checkpoint folder's or file's name
+
+
+def model_name(path: Path) -> str:
+    """What a monitor calls a checkpoint: a folder's name, or a GGUF file's name without its extension."""
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+# Block keys say nothing about which models exist, so servers also list their model here: a monitor reads it first.
+MODELS_KEY = "_meadow.models"
+
+
 def dht_prefix_for(model: str | Path) -> str:
     """Swarm name of a model: a GGUF file's stem (also for a folder holding one and no config.json), a hub id
     ("org/name" -> "org--name"), the id of a folder in the HF cache, or else a folder's name; flattened to
