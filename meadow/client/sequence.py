@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -18,12 +19,14 @@ from hivemind.proto import runtime_pb2
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.client.routing import Hop, MissingBlocksError, choose_chain, servers_by_peer
+from meadow.client.routing import Hop, MeasuredStep, MissingBlocksError, choose_chain, peers_to_ping, servers_by_peer
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.client.tuning import RemoteTuning
 from meadow.wire import RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError
 
 logger = logging.getLogger(__name__)
+PING_ROUNDS = 2  # a route refresh pings the best chains' unmeasured servers up to this many times (each round waits
+# for its slowest ping); the next refreshes go on where it stopped
 MOVED = ("ServerLeaving", "WrongServer", "ServerBusy")  # healthy servers that left, moved or are full: skipped, not banned
 
 
@@ -37,59 +40,88 @@ def is_server_failure(error: BaseException) -> bool:
     )
 
 
+class ClosedError(RuntimeError):
+    """The model was closed: it has left the swarm."""
+
+
 class RemoteSequence:
-    """All blocks of one model, served by the swarm. `forward` runs a full pass; `inference_session` keeps KV caches."""
+    """All blocks of one model, served by the swarm. `forward` runs a full pass; `inference_session` keeps KV caches.
+    Threads may share one: routes and bans are shared (a failed server is avoided by all), each session is its own."""
 
     def __init__(self, dht, dht_prefix: str, num_blocks: int, config: ClientConfig, active_adapter: str | None = None):
         self.dht, self.dht_prefix, self.num_blocks, self.config = dht, dht_prefix, num_blocks, config
         self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
         self.last_hops: list[Hop] = []  # the chain of the last forward pass (for logs and tests)
         self.p2p = run(dht.replicate_p2p())
+        self.salt = self.p2p.peer_id.to_bytes()  # our tie-break among near-equal chains: other clients take others
         self.servers: dict[PeerID, ServerInfo] = {}
-        self.rtt: dict[PeerID, float] = {}
+        self.rtt: dict[PeerID, float] = {}  # measured round trips (inf: the ping failed)...
+        self.rtt_expires: dict[PeerID, float] = {}  # ...until these times, when a server is pinged again if we may use it
+        self.steps: dict[PeerID, MeasuredStep] = {}  # a decoding step as our sessions last timed it on each server
         self.routes_updated = 0.0
         self.banned_until: dict[PeerID, float] = {}
         self.failures: dict[PeerID, int] = defaultdict(int)
+        # one DHT read (and round of pings) at a time, for all threads that need routes; bans change under a lock
+        self._routes_lock, self._bans_lock, self._close_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
         self.servers = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
-        unpinged = [peer for peer in self.servers if peer not in self.rtt]
-        if unpinged:
-            self.rtt.update(run(self._ping_all(unpinged)))
+        now = time.monotonic()
+        self.rtt = {peer: rtt for peer, rtt in self.rtt.items() if self.rtt_expires.get(peer, now) >= now}
+        everything = BlockRange(start=0, end=self.num_blocks)
+        options = dict(default_rtt=self.config.default_rtt, banned=self.banned(), salt=self.salt)
+        for _ in range(PING_ROUNDS):  # ping the servers of the chains we would take; measured, they may change them
+            peers = peers_to_ping(self.usable_servers(), self.rtt, everything, **options)
+            if not peers:
+                break
+            for peer, rtt in run(self._ping_all(peers)).items():
+                self.rtt[peer] = rtt
+                self.rtt_expires[peer] = now + (self.config.rtt_max_age if rtt < float("inf") else self.config.ping_retry)
         self.routes_updated = time.monotonic()
 
     def ban(self, peer: PeerID, error: BaseException) -> None:
         """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left,
         moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again."""
         if isinstance(error, RemoteError) and error.kind in MOVED:
-            self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
+            with self._bans_lock:
+                self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
             self.routes_updated = 0.0
             logger.info(f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
             return
-        self.failures[peer] += 1
-        seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
-        self.banned_until[peer] = time.monotonic() + seconds
+        with self._bans_lock:
+            self.failures[peer] += 1
+            seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
+            self.banned_until[peer] = time.monotonic() + seconds
         logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s")
 
     def banned(self) -> frozenset[PeerID]:
         now = time.monotonic()
-        return frozenset(peer for peer, until in self.banned_until.items() if until > now)
+        with self._bans_lock:
+            return frozenset(peer for peer, until in self.banned_until.items() if until > now)
 
-    def make_chain(self, blocks: BlockRange | None = None) -> list[Hop]:
-        """The fastest chain for `blocks`, waiting up to `wait_for_servers` for missing blocks to appear."""
+    def make_chain(self, blocks: BlockRange | None = None, cache_tokens: int = 0) -> list[Hop]:
+        """The fastest chain for `blocks` (for a session that needs `cache_tokens` KV-cache slots on each server),
+        waiting up to `wait_for_servers` for missing blocks to appear."""
         blocks = blocks or BlockRange(start=0, end=self.num_blocks)
         deadline = time.monotonic() + self.config.wait_for_servers
-        self.update_routes()
+        force = False
         while True:
+            self.check_open()
+            with self._routes_lock:
+                self.update_routes(force)
+                servers, rtt = dict(self.usable_servers()), dict(self.rtt)  # copies: other threads update routes
             try:
-                return choose_chain(self.usable_servers(), self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned())
+                return choose_chain(
+                    servers, rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned(),
+                    steps=dict(self.steps), failures=dict(self.failures), cache_tokens=cache_tokens, salt=self.salt,
+                )  # fmt: skip
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(e.missing, self.active_adapter) from None
                 time.sleep(1.0)
-                self.update_routes(force=True)
+                force = True
 
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
         if self.active_adapter is None:
@@ -215,26 +247,39 @@ class RemoteSequence:
     def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
         from meadow.client.session import InferenceSession
 
+        self.check_open()
         return InferenceSession(self, max_length, batch_size, tuning)
 
+    def check_open(self) -> None:
+        if self.p2p is None:
+            raise ClosedError("this model is closed (it has left the swarm): load it again with from_pretrained")
+
     def close(self) -> None:
-        """Leave the swarm: close our P2P connection on its own event loop, then stop the DHT process."""
-        if self.p2p is not None:
-            run(self.p2p.shutdown())
-            self.p2p = None
-            self.dht.shutdown()
+        """Leave the swarm: close our P2P connection, then stop the DHT process (and with it the p2p daemon).
+        Closing again does nothing."""
+        with self._close_lock:
+            if self.p2p is not None:
+                p2p, self.p2p = self.p2p, None
+                try:
+                    run(p2p.shutdown())
+                finally:
+                    self.dht.shutdown()
 
     async def _ping_all(self, peers: list[PeerID]) -> dict[PeerID, float]:
+        """Round trips to `peers`, at most `max_concurrent_pings` at a time; inf for a server that did not answer."""
+        slots = asyncio.Semaphore(self.config.max_concurrent_pings)
+
         async def ping(peer: PeerID) -> tuple[PeerID, float]:
-            began = time.perf_counter()
-            try:
-                await asyncio.wait_for(
-                    self.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo),
-                    self.config.connect_timeout,
-                )
-                return peer, time.perf_counter() - began
-            except Exception:
-                return peer, float("inf")
+            async with slots:
+                began = time.perf_counter()
+                try:
+                    await asyncio.wait_for(
+                        self.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo),
+                        self.config.connect_timeout,
+                    )
+                    return peer, time.perf_counter() - began
+                except Exception:
+                    return peer, float("inf")
 
         return dict(await asyncio.gather(*(ping(peer) for peer in peers)))
 

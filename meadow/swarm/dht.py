@@ -9,7 +9,7 @@ import hivemind
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from meadow.swarm.records import ServerInfo, ServerState, block_key
+from meadow.swarm.records import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
 
 
 def start_dht(
@@ -31,12 +31,29 @@ def start_dht(
     )
 
 
-def announce(dht: hivemind.DHT, dht_prefix: str, info: ServerInfo, expiration: float) -> None:
-    """Write `info` under every block key of the server's span, subkey = its peer id."""
+def announce(
+    dht: hivemind.DHT, dht_prefix: str, info: ServerInfo, expiration: float, model: ModelInfo | None = None
+) -> None:
+    """Write `info` under every block key of the server's span, subkey = its peer id; and `model`, if given, in the
+    swarm's list of models, subkey = dht_prefix."""
     keys = [block_key(dht_prefix, i) for i in range(info.start, info.end)]
-    peer = dht.peer_id.to_base58()
-    value = info.to_wire()
-    dht.run_coroutine(partial(_store_many, keys=keys, value=value, subkey=peer, expiration=expiration))
+    values, subkeys = [info.to_wire()] * len(keys), [dht.peer_id.to_base58()] * len(keys)
+    if model is not None:
+        keys, values, subkeys = [*keys, MODELS_KEY], [*values, model.to_wire()], [*subkeys, dht_prefix]
+    dht.run_coroutine(partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=expiration))
+
+
+def fetch_models(dht: hivemind.DHT) -> dict[str, ModelInfo]:
+    """Every model some server announced, by dht_prefix; malformed records are skipped."""
+    entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
+    models = {}
+    if entry is not None and isinstance(entry.value, dict):
+        for dht_prefix, record in entry.value.items():
+            try:
+                models[str(dht_prefix)] = ModelInfo.model_validate(record.value)
+            except Exception:
+                continue  # a stranger's garbage must not hide the other models
+    return models
 
 
 def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[PeerID, ServerInfo]]:
@@ -60,8 +77,8 @@ def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[d
 
 
 # run_coroutine pickles its function into the DHT's process, so these live at module level.
-async def _store_many(_dht, node, *, keys: list[str], value: dict, subkey: str, expiration: float) -> None:
-    await node.store_many(keys, [value] * len(keys), get_dht_time() + expiration, subkeys=[subkey] * len(keys))
+async def _store_many(_dht, node, *, keys: list[str], values: list[dict], subkeys: list[str], expiration: float) -> None:
+    await node.store_many(keys, values, get_dht_time() + expiration, subkeys=subkeys)
 
 
 async def _get_many(_dht, node, *, keys: list[str]) -> dict:
@@ -72,13 +89,15 @@ async def _get_many(_dht, node, *, keys: list[str]) -> dict:
 
 def serve_dht_node(host: str = "127.0.0.1", port: int = 0, initial_peers: Sequence[str] = (), nat_port_map: bool = False) -> None:
     """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
-    import signal
     import threading
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    from meadow.stopping import exit_now, on_stop_signals
+
+    started, stop = threading.Event(), threading.Event()
+    # stopped while the DHT starts (it may have died, and would never report ready), or stopped twice: do not wait
+    on_stop_signals(lambda: stop.set() if started.is_set() and not stop.is_set() else exit_now(1))
     dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map)
+    started.set()
     try:
         for maddr in dht.get_visible_maddrs():
             print(maddr, flush=True)
