@@ -166,9 +166,6 @@ class ComputeLoop:
                 for job in chosen:
                     job.finished, job.error = True, e
             ended = loop.time()
-            import os  # PROBE
-            if os.environ.get("MEADOW_PROBE"):  # PROBE
-                print(f"PROBE jobs={len(chosen)} wait={len(self.waiting)} s={ended-began:.4f}", flush=True)  # PROBE
             if any(job.decoding for job in chosen):
                 self.pass_seconds = 0.8 * self.pass_seconds + 0.2 * (ended - began) if self.pass_seconds else ended - began
             for job in chosen:
