@@ -22,7 +22,7 @@ from typing import Any, Hashable, Iterable, Protocol, TypeVar
 from meadow.server.span import Piece, Pieces, Separate, Span
 
 logger = logging.getLogger(__name__)
-GATHER_WINDOW = 1.0  # seconds: a session whose last decoding step ended this recently will likely send another soon
+GATHER_PASSES = 2.0  # a decoding step may wait this many passes' time for other sessions' steps to join it
 
 
 @dataclass(eq=False)  # jobs are compared by identity
@@ -53,6 +53,28 @@ class Job:
             self.piece = next(self.pieces) if first else self.pieces.send(output)
         except StopIteration as stop:
             self.finished, self.result = True, stop.value
+
+
+@dataclass
+class Decoder:
+    """A session that decodes: when its last step ended and how long it takes to send the next one."""
+
+    ended: float = 0.0
+    interval: float | None = None  # seconds from a step's end to the next step's arrival, on average lately
+
+    def arrived(self, now: float) -> None:
+        seconds = now - self.ended
+        self.interval = seconds if self.interval is None else 0.7 * self.interval + 0.3 * seconds
+
+    @property
+    def next(self) -> float:
+        """When its next step should come."""
+        return self.ended + self.interval if self.interval is not None else float("inf")
+
+    @property
+    def due(self) -> float:
+        """When its next step is overdue: no more waiting for it."""
+        return self.ended + 1.5 * self.interval if self.interval is not None else float("-inf")
 
 
 class Waiting(Protocol):
@@ -110,7 +132,7 @@ class ComputeLoop:
         self.orders = count()
         self.changed: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
-        self.decoders: dict[Hashable, float] = {}  # session -> when its last decoding step ended
+        self.decoders: dict[Hashable, Decoder] = {}  # sessions that decode, and when their next step should come
         self.pass_seconds = 0.0  # how long a batched pass with decoding steps takes, on average lately
 
     async def run(
@@ -120,6 +142,8 @@ class ComputeLoop:
         """Queue a job and wait for its result. Its first piece is made here, so a step that does not fit its
         session raises (BadRequest) at once."""
         arrived = asyncio.get_running_loop().time()
+        if decoding and session in self.decoders:
+            self.decoders[session].arrived(arrived)
         job = Job(pieces, span, peer, priority, decoding, next(self.orders), session, arrived)
         job.advance(first=True)
         if job.finished:
@@ -170,7 +194,7 @@ class ComputeLoop:
                 self.pass_seconds = 0.8 * self.pass_seconds + 0.2 * (ended - began) if self.pass_seconds else ended - began
             for job in chosen:
                 if job.decoding and job.session is not None:
-                    self.decoders[job.session] = ended
+                    self.decoders.setdefault(job.session, Decoder()).ended = ended
             for job in chosen:
                 if job.future.done():  # cancelled: its client is gone
                     continue
@@ -182,22 +206,24 @@ class ComputeLoop:
                     self.waiting.append(job)
 
     async def _gather(self) -> None:
-        """Before a pass with decoding steps, wait (at most as long as a pass takes) for the steps of the other
-        sessions that decode regularly: their next steps are coming, and batching them now saves running another
-        whole pass for them later. A server shares its cores with clients; while it waits, they compute."""
+        """Before a pass with decoding steps, wait a little for the steps of other sessions that decode regularly and
+        should send their next step soon: batching them now saves a whole pass later. The wait ends when they are
+        in, when they are overdue, or after GATHER_PASSES passes' time since the oldest waiting step came. (A server
+        shares its cores with its clients: while it waits, they compute the steps it waits for.)"""
         loop = asyncio.get_running_loop()
         while True:
             decoding = [job for job in self.waiting if job.decoding]
             if not decoding:
                 return
             now, queued = loop.time(), {job.session for job in decoding}
-            expected = any(now - ended < GATHER_WINDOW and session not in queued for session, ended in self.decoders.items())
-            remaining = self.pass_seconds - (now - min(job.arrived for job in decoding))
-            if not expected or remaining <= 0:
+            deadline = min(job.arrived for job in decoding) + GATHER_PASSES * self.pass_seconds
+            coming = [d.due for s, d in self.decoders.items() if s not in queued and now < d.due and d.next <= deadline]
+            until = min(deadline, max(coming, default=now))
+            if until <= now:
                 return
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                await asyncio.wait_for(self.changed.wait(), until - now)
             except asyncio.TimeoutError:
                 return
 
