@@ -27,6 +27,7 @@ class ServerInfo(Schema):
     inference_rps: float = 0.0  # single-token inference steps/s through one block
     cache_tokens_left: int = 0
     dtype: str = "float32"
+    quant: str = "none"  # the blocks' linear layers: none, int8 (LLM.int8()) or nf4 (models/quant.py ranks them)
     version: int = PROTOCOL_VERSION
     public_name: str | None = None
     adapters: tuple[str, ...] = ()
