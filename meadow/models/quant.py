@@ -50,7 +50,7 @@ def check_quant(quant: str, dtype: torch.dtype, device: str | torch.device) -> N
     if quant == "none":
         return
     try:
-        layer = nn.Linear(128, 128)
+        layer = nn.Linear(128, 128, dtype=dtype)
         quantized = quantize_linear(layer, quant, device)
         with torch.inference_mode():
             quantized(torch.randn(2, 128, dtype=dtype, device=device))
@@ -73,6 +73,12 @@ def quantize_block(block: nn.Module, quant: str, device: str | torch.device) -> 
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             setattr(parent, child, quantize_linear(getattr(parent, child), quant, device))
+        # A loader's tensors may be views of the checkpoint's memory map (safetensors): the norms, kept as they are,
+        # would keep the whole map alive, and with it every float weight just read from it, resident. Copies let go.
+        for module in block.modules():
+            if not _is_quantized(module):
+                for parameter in module.parameters(recurse=False):
+                    parameter.data = parameter.data.clone()
     return block.to(device)
 
 
@@ -100,8 +106,12 @@ def quantize_linear(linear: nn.Linear, quant: str, device: str | torch.device) -
     else:
         raise ValueError(f"quantize_linear: quant must be int8 or nf4, got {quant!r}")
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to("cpu"), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach().to("cpu", copy=True), requires_grad=False)  # a copy: see quantize_block
     return layer.to(device).requires_grad_(False)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes.")
 
 
 def _bitsandbytes_version() -> str:
