@@ -22,6 +22,9 @@ class ClientConfig:
     wait_for_servers: float = 30.0  # how long to wait for some server to hold missing blocks before giving up
     routes_max_age: float = 10.0  # re-read the DHT when the last look is older than this
     default_rtt: float = 0.05  # assumed round trip to a server not yet pinged
+    rtt_max_age: float = 300.0  # a measured round trip is measured again after this long...
+    ping_retry: float = 30.0  # ...and a failed ping after this long (meanwhile the server is a last resort)
+    max_concurrent_pings: int = 16  # pings in flight at once during a route refresh
     replay_chunk_tokens: int = 4096  # batch x tokens per message when replaying history to a replacement server
     push_steps: bool = True  # servers hand each decoding step's output straight to the next server of the chain
     micro_batch_tokens: int = 4096  # batch x tokens per forward/backward request; bigger batches go in several

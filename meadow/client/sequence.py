@@ -18,13 +18,15 @@ from hivemind.proto import runtime_pb2
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.client.routing import Hop, MissingBlocksError, choose_chain, servers_by_peer
+from meadow.client.routing import Hop, MeasuredStep, MissingBlocksError, choose_chain, peers_to_ping, servers_by_peer
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.client.tuning import RemoteTuning
 from meadow.models.quant import with_quant_at_least
 from meadow.wire import RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError
 
 logger = logging.getLogger(__name__)
+PING_ROUNDS = 2  # a route refresh pings the best chains' unmeasured servers up to this many times (each round waits
+# for its slowest ping); the next refreshes go on where it stopped
 MOVED = ("ServerLeaving", "WrongServer")  # error kinds of healthy servers that no longer hold the blocks asked for
 
 
@@ -46,8 +48,11 @@ class RemoteSequence:
         self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
         self.last_hops: list[Hop] = []  # the chain of the last forward pass (for logs and tests)
         self.p2p = run(dht.replicate_p2p())
+        self.salt = self.p2p.peer_id.to_bytes()  # our tie-break among near-equal chains: other clients take others
         self.servers: dict[PeerID, ServerInfo] = {}
-        self.rtt: dict[PeerID, float] = {}
+        self.rtt: dict[PeerID, float] = {}  # measured round trips (inf: the ping failed)...
+        self.rtt_expires: dict[PeerID, float] = {}  # ...until these times, when a server is pinged again if we may use it
+        self.steps: dict[PeerID, MeasuredStep] = {}  # a decoding step as our sessions last timed it on each server
         self.routes_updated = 0.0
         self.banned_until: dict[PeerID, float] = {}
         self.failures: dict[PeerID, int] = defaultdict(int)
@@ -56,9 +61,17 @@ class RemoteSequence:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
         self.servers = with_quant_at_least(servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks)), self.config.min_quant)
-        unpinged = [peer for peer in self.servers if peer not in self.rtt]
-        if unpinged:
-            self.rtt.update(run(self._ping_all(unpinged)))
+        now = time.monotonic()
+        self.rtt = {peer: rtt for peer, rtt in self.rtt.items() if self.rtt_expires.get(peer, now) >= now}
+        everything = BlockRange(start=0, end=self.num_blocks)
+        options = dict(default_rtt=self.config.default_rtt, banned=self.banned(), salt=self.salt)
+        for _ in range(PING_ROUNDS):  # ping the servers of the chains we would take; measured, they may change them
+            peers = peers_to_ping(self.usable_servers(), self.rtt, everything, **options)
+            if not peers:
+                break
+            for peer, rtt in run(self._ping_all(peers)).items():
+                self.rtt[peer] = rtt
+                self.rtt_expires[peer] = now + (self.config.rtt_max_age if rtt < float("inf") else self.config.ping_retry)
         self.routes_updated = time.monotonic()
 
     def ban(self, peer: PeerID, error: BaseException) -> None:
@@ -78,14 +91,18 @@ class RemoteSequence:
         now = time.monotonic()
         return frozenset(peer for peer, until in self.banned_until.items() if until > now)
 
-    def make_chain(self, blocks: BlockRange | None = None) -> list[Hop]:
-        """The fastest chain for `blocks`, waiting up to `wait_for_servers` for missing blocks to appear."""
+    def make_chain(self, blocks: BlockRange | None = None, cache_tokens: int = 0) -> list[Hop]:
+        """The fastest chain for `blocks` (for a session that needs `cache_tokens` KV-cache slots on each server),
+        waiting up to `wait_for_servers` for missing blocks to appear."""
         blocks = blocks or BlockRange(start=0, end=self.num_blocks)
         deadline = time.monotonic() + self.config.wait_for_servers
         self.update_routes()
         while True:
             try:
-                return choose_chain(self.usable_servers(), self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned())
+                return choose_chain(
+                    self.usable_servers(), self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned(),
+                    steps=self.steps, failures=self.failures, cache_tokens=cache_tokens, salt=self.salt,
+                )  # fmt: skip
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(e.missing, self.active_adapter) from None
@@ -226,16 +243,20 @@ class RemoteSequence:
             self.dht.shutdown()
 
     async def _ping_all(self, peers: list[PeerID]) -> dict[PeerID, float]:
+        """Round trips to `peers`, at most `max_concurrent_pings` at a time; inf for a server that did not answer."""
+        slots = asyncio.Semaphore(self.config.max_concurrent_pings)
+
         async def ping(peer: PeerID) -> tuple[PeerID, float]:
-            began = time.perf_counter()
-            try:
-                await asyncio.wait_for(
-                    self.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo),
-                    self.config.connect_timeout,
-                )
-                return peer, time.perf_counter() - began
-            except Exception:
-                return peer, float("inf")
+            async with slots:
+                began = time.perf_counter()
+                try:
+                    await asyncio.wait_for(
+                        self.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo),
+                        self.config.connect_timeout,
+                    )
+                    return peer, time.perf_counter() - began
+                except Exception:
+                    return peer, float("inf")
 
         return dict(await asyncio.gather(*(ping(peer) for peer in peers)))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from meadow.client import transport
-from meadow.client.routing import Hop
+from meadow.client.routing import Hop, MeasuredStep
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure
@@ -97,6 +97,8 @@ class InferenceSession:
                 continue  # resend this step to the replacement
             if decoding:
                 segment.step_times.append(time.perf_counter() - began)
+                usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
+                self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
             inputs = (output, inputs[1], inputs[2])
             index += 1
@@ -120,7 +122,8 @@ class InferenceSession:
         while True:
             segments: list[Segment] = []
             try:
-                chain = self.sequence.make_chain(blocks)  # routes here, not on the loop: make_chain waits on it
+                cache_tokens = self.batch_size * self.max_length  # what each server must have room for
+                chain = self.sequence.make_chain(blocks, cache_tokens)  # routes here, not on the loop: make_chain waits on it
                 segments = run(self._open_streams(chain))
                 if history:
                     self._replay(history, segments)

@@ -1,6 +1,7 @@
-"""Loading from an HF checkpoint folder: the config, only the tensors of the wanted blocks, the client's parts.
+"""Loading a model: the config, only the tensors of the wanted blocks, the client's parts, the tokenizer.
 
-Nothing here touches the network: a model is a local folder or a snapshot already in the local HF cache.
+A model is an HF checkpoint folder (config.json + safetensors), a GGUF file or a folder holding one (see gguf.py),
+or a hub id already in the local HF cache. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
+from meadow.models import gguf
 from meadow.models.llama import HF_TO_MEADOW, STATIC_ROPE_TYPES, BlockConfig, LlamaBlock, RMSNorm
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
@@ -26,34 +28,55 @@ class UnsupportedModelError(ValueError):
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A local folder with config.json, or a model id already in the local HF cache. Never downloads."""
+    """A checkpoint folder with config.json, a .gguf file, or the one of a folder without config.json; a model id
+    already in the local HF cache is resolved to its snapshot the same way. Never downloads."""
     path = Path(model).expanduser()
+    if path.is_file():
+        if not gguf.is_gguf(path):
+            raise FileNotFoundError(f"{path} is a file but not a .gguf: pass a checkpoint folder or a GGUF file")
+        return path.resolve()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no config.json, so it is not an HF checkpoint")
-        return path
+        return model_in_folder(path)
     try:
         snapshot = Path(snapshot_download(str(model), local_files_only=True))
     except Exception as e:  # not a valid repo id, or not cached
         raise FileNotFoundError(
-            f"model {str(model)!r} is neither a local folder ({path.resolve()} does not exist) nor in the local "
-            f"Hugging Face cache ({constants.HF_HUB_CACHE}); Meadow never downloads, so put the checkpoint "
+            f"model {str(model)!r} is neither a local folder or .gguf file ({path.resolve()} does not exist) nor in "
+            f"the local Hugging Face cache ({constants.HF_HUB_CACHE}); Meadow never downloads, so put the checkpoint "
             f"there first ({type(e).__name__})"
         ) from None
-    if not (snapshot / "config.json").is_file():
-        raise FileNotFoundError(f"cached snapshot {snapshot} of {model!r} has no config.json")
-    return snapshot
+    return model_in_folder(snapshot)
+
+
+def model_in_folder(path: Path) -> Path:
+    """The folder itself when it has config.json, else the one .gguf file in it."""
+    if (path / "config.json").is_file():
+        return path
+    files = sorted(path.glob("*.gguf"))
+    if len(files) == 1:
+        return files[0].resolve()
+    if files:
+        raise FileNotFoundError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}): pass one")
+    raise FileNotFoundError(f"{path} has no config.json (an HF checkpoint) and no .gguf file")
 
 
 def load_config(model: str | Path) -> BlockConfig:
     """The block config of a checkpoint; UnsupportedModelError for architectures without block math here."""
     path = resolve_model_path(model)
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} of {path} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    config = BlockConfig.from_hf(AutoConfig.from_pretrained(path, local_files_only=True))
+    if gguf.is_gguf(path):
+        arch = gguf.architecture(path)
+        if arch not in gguf.SUPPORTED_GGUF_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {arch!r} of {path} is not supported; supported: "
+                f"{', '.join(gguf.SUPPORTED_GGUF_ARCHITECTURES)}"
+            )
+    else:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} of {path} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+    config = BlockConfig.from_hf(load_hf_config(path))
     if config.hidden_act != "silu":
         raise UnsupportedModelError(f"{path}: hidden_act {config.hidden_act!r} is not supported (only 'silu')")
     if config.rope_type not in STATIC_ROPE_TYPES:
@@ -64,13 +87,19 @@ def load_config(model: str | Path) -> BlockConfig:
 
 
 def load_hf_config(model: str | Path, **overrides) -> PreTrainedConfig:
-    """The model's transformers config (what `AutoConfig.from_pretrained` gives for a checkpoint folder)."""
-    return AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True, **overrides)
+    """The model's transformers config (what `AutoConfig.from_pretrained` gives for a checkpoint folder, or
+    transformers' conversion of a GGUF file's metadata)."""
+    return AutoConfig.from_pretrained(hf_files(resolve_model_path(model)), local_files_only=True, **overrides)
 
 
 def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with its chat template when it has one."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
+    return AutoTokenizer.from_pretrained(hf_files(resolve_model_path(model)), local_files_only=True)
+
+
+def hf_files(path: Path) -> Path:
+    """The folder with config.json and tokenizer files: the checkpoint itself, or a GGUF file's converted ones."""
+    return gguf.converted_folder(path) if gguf.is_gguf(path) else path
 
 
 def load_block(
@@ -80,7 +109,7 @@ def load_block(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
 ) -> LlamaBlock:
-    """Block `index`, reading only the tensors model.layers.{index}.* from the shard files that hold them."""
+    """Block `index`, reading only the tensors model.layers.{index}.* from the shard files (or GGUF) that hold them."""
     if not 0 <= index < config.num_hidden_layers:
         raise ValueError(f"block index {index} is out of range: the model has {config.num_hidden_layers} blocks")
     prefix = f"model.layers.{index}."
@@ -153,7 +182,9 @@ def hf_to_meadow(name: str) -> str:
 def read_tensors(
     path: Path, wanted: Callable[[str], bool], dtype: torch.dtype, device: str | torch.device
 ) -> dict[str, torch.Tensor]:
-    """Tensors whose names satisfy `wanted`, opening only the safetensors files that hold them."""
+    """Tensors whose (HF) names satisfy `wanted`, opening only the safetensors files that hold them."""
+    if gguf.is_gguf(path):
+        return gguf.read_tensors(path, wanted, dtype, device)
     index_file, single_file = path / "model.safetensors.index.json", path / "model.safetensors"
     if index_file.is_file():
         weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]

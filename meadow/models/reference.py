@@ -12,9 +12,7 @@ from meadow.models.checkpoint import resolve_model_path
 
 def load_reference_model(model: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """transformers' own model for a checkpoint folder or a GGUF file (transformers dequantizes GGUF itself)."""
-    path = resolve_model_path(model)
-    if path.is_dir() and not (path / "config.json").is_file():
-        path = next(path.glob("*.gguf"), path)  # a folder holding a GGUF file
+    path = resolve_model_path(model)  # a checkpoint folder, or a GGUF file (also when given the folder holding it)
     if path.suffix == ".gguf":
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

@@ -1,12 +1,27 @@
-"""Tiny random checkpoints with a real tokenizer, for tests and the demo (no hub can be reached here)."""
+"""Tiny random checkpoints with a real tokenizer, for tests and the demo (no hub can be reached here), and the same
+as GGUF files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.quants import quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, permute_rotary_rows
 
 FAMILIES = ("llama", "mistral", "qwen2")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
@@ -96,3 +111,102 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
 
+
+# gguf-py cannot quantize K-quants, so make_tiny_gguf fills their matrices with random blocks; these f16 scales (byte
+# offset in a block -> value) keep the weights small and roughly centred, like a trained model's
+RANDOM_BLOCK_SCALES = {
+    "Q4_K": {0: 2e-4, 2: 1.5e-3},  # d, dmin: w = d * scale * q - dmin * min, q in 0..15, scale and min in 0..63
+    "Q5_K": {0: 1e-4, 2: 1.5e-3},  # the same with q in 0..31
+    "Q6_K": {208: 4e-5},  # d: w = d * scale * (q - 32), scale in -128..127, q in 0..63
+}
+
+
+def make_tiny_gguf(
+    checkpoint: str | Path, path: str | Path, quant: str = "F32", *, architecture: str = "llama", seed: int = 0
+) -> Path:
+    """Write a Llama checkpoint folder (such as make_tiny_checkpoint's) as a GGUF file, as llama.cpp's
+    convert_hf_to_gguf does: its tensor names, q/k rows permuted for GGML's rotary, norms in F32, every matrix in
+    `quant`, and the tokenizer (byte-level BPE) and chat template in the metadata. Returns the path.
+
+    Types gguf-py can dequantize but not quantize (the K-quants) get random blocks: such a file is a random model
+    of the checkpoint's shapes (rows must be multiples of 256). Types it cannot dequantize either get random bytes,
+    and `architecture` other than "llama" mislabels the file: both only make files that loaders must refuse.
+    """
+    checkpoint, path = Path(checkpoint), Path(path)
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    if config.model_type != "llama" or config.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError("make_tiny_gguf writes Llama checkpoints without rope scaling only")
+    qtype, rng = GGMLQuantizationType[quant], np.random.default_rng(seed)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    writer = GGUFWriter(path, architecture)
+    writer.add_name("tiny")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
+
+    state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    gguf_names = {f"{hf}.weight": f"{name}.weight" for name, hf in MODEL_TENSOR_NAMES.items()} | {
+        f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight"
+        for i in range(config.num_hidden_layers)
+        for name, hf in BLOCK_TENSOR_NAMES.items()
+    }
+    for hf_name, gguf_name in gguf_names.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a tied model's file has no output.weight
+        weight = state[hf_name]
+        if ".attn_q." in gguf_name:
+            weight = permute_rotary_rows(weight, config.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            weight = permute_rotary_rows(weight, config.num_key_value_heads)
+        if weight.ndim == 1:
+            writer.add_tensor(gguf_name, weight.numpy())
+        else:
+            writer.add_tensor(gguf_name, quantized(weight.numpy(), qtype, rng), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerFast) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" tokenizer metadata."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if i in special else TokenType.NORMAL for i in range(len(tokens))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])  # none: skipped ...
+    writer.add_token_scores([0.0] * len(tokens))  # ... and then transformers derives merges from the vocabulary
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(tokenizer("a").input_ids[0] == tokenizer.bos_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def quantized(weight: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
+    """`weight` (rows, columns) in GGUF's encoding of `qtype`, or random blocks where gguf-py cannot quantize it."""
+    try:
+        return quantize(weight, qtype)
+    except NotImplementedError:
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        rows, columns = weight.shape
+        if columns % block_size:
+            raise ValueError(f"{qtype.name} needs rows of a multiple of {block_size} values, not {columns}") from None
+        blocks = rng.integers(0, 256, (rows, columns // block_size, type_size), dtype=np.uint8)
+        for offset, scale in RANDOM_BLOCK_SCALES.get(qtype.name, {}).items():
+            blocks[..., offset : offset + 2] = np.full(blocks.shape[:2], scale, np.float16)[..., None].view(np.uint8)
+        return blocks.reshape(rows, -1)

@@ -241,6 +241,7 @@ class Server:
             throughput=self.throughput,
             inference_rps=self.inference_rps,
             cache_tokens_left=self.budget.left,
+            open_sessions=len(self.handler.sessions),
             dtype=self.config.dtype,
             quant=self.config.quant,
             public_name=self.config.public_name,

@@ -26,6 +26,7 @@ class ServerInfo(Schema):
     throughput: float = 0.0  # tokens/s through the whole span when batching many tokens (prefill, forward)
     inference_rps: float = 0.0  # single-token inference steps/s through one block
     cache_tokens_left: int = 0
+    open_sessions: int = Field(default=0, ge=0)  # inference sessions open now: the server's load, for routing
     dtype: str = "float32"
     quant: str = "none"  # the blocks' linear layers: none, int8 (LLM.int8()) or nf4 (models/quant.py ranks them)
     version: int = PROTOCOL_VERSION
@@ -34,10 +35,15 @@ class ServerInfo(Schema):
 
 
 def dht_prefix_for(model: str | Path) -> str:
-    """Swarm name of a model: a hub id ("org/name" -> "org--name"), the id of a folder in the HF cache,
-    or else a folder's name; flattened to [A-Za-z0-9_-]. Servers and clients given the same model agree."""
+    """Swarm name of a model: a GGUF file's stem (also for a folder holding one and no config.json), a hub id
+    ("org/name" -> "org--name"), the id of a folder in the HF cache, or else a folder's name; flattened to
+    [A-Za-z0-9_-]. Servers and clients given the same model agree."""
     path = Path(model)
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+    if path.is_dir() and not (path / "config.json").exists() and len(files := list(path.glob("*.gguf"))) == 1:
+        path = files[0]
+    if path.suffix == ".gguf":
+        name = path.stem
+    elif path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         name = path.parent.parent.name.removeprefix("models--")
     elif path.exists():
         name = path.resolve().name

@@ -1,0 +1,140 @@
+"""Loading from a GGUF file (llama.cpp's format): tensors dequantized one at a time under HF names, and the config
+and tokenizer that transformers converts from the file's metadata, cached under MEADOW_HOME.
+
+gguf-py's GGUFReader memory-maps the file, so reading a span's tensors touches only their bytes; opening it parses
+all the metadata (the whole vocabulary: ~2 s for a 49k-token model), so a process opens each file once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from transformers import AutoConfig, AutoTokenizer
+
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)  # llama.cpp's name, also used for Mistral-style models
+
+# llama.cpp tensor names -> HF ones: inside one block (blk.N. -> model.layers.N.), and outside the blocks
+BLOCK_TENSOR_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+MODEL_TENSOR_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf"
+
+
+@lru_cache(maxsize=8)
+def open_gguf(path: Path) -> GGUFReader:
+    """The file's reader (memory-mapped), opened once per process."""
+    return GGUFReader(path)
+
+
+def metadata(path: Path, key: str, default=None):
+    """One metadata value of the file ('general.architecture', 'llama.block_count', ...)."""
+    field = open_gguf(path).fields.get(key)
+    return default if field is None else field.contents()
+
+
+def architecture(path: Path) -> str:
+    return metadata(path, "general.architecture")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for tensors Meadow does not use."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, index, part = base.split(".", 2)
+        name = BLOCK_TENSOR_NAMES.get(part)
+        return f"model.layers.{index}.{name}.{suffix}" if name else None
+    name = MODEL_TENSOR_NAMES.get(base)
+    return f"{name}.{suffix}" if name else None
+
+
+def read_tensors(
+    path: Path, wanted: Callable[[str], bool], dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """Tensors whose HF names satisfy `wanted`, dequantized one at a time (peak memory: the wanted tensors plus one
+    in float32), q/k rows back in HF's rotary layout."""
+    reader, arch = open_gguf(path), architecture(path)
+    num_heads = metadata(path, f"{arch}.attention.head_count")
+    num_kv_heads = metadata(path, f"{arch}.attention.head_count_kv", num_heads)
+    tensors = {}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None or not wanted(name):
+            continue
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise ValueError(
+                f"{path}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which gguf-py cannot "
+                "dequantize; convert the file to a supported type such as Q4_K, Q6_K, Q8_0 or F16"
+            ) from None
+        weight = torch.from_numpy(np.array(weights))  # a copy: the memory map is read-only
+        if ".self_attn.q_proj." in name:
+            weight = unpermute_rotary_rows(weight, num_heads)
+        elif ".self_attn.k_proj." in name:
+            weight = unpermute_rotary_rows(weight, num_kv_heads)
+        tensors[name] = weight.to(device=device, dtype=dtype)
+    return tensors
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf permutation of q/k rows: it interleaves the two rotary halves of each
+    head (GGML's rotary pairs neighbours; HF's rotate_half pairs i with i + head_dim / 2)."""
+    half = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's permutation of q/k rows (HF -> GGUF), for writing test files."""
+    half = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def converted_folder(path: Path) -> Path:
+    """A folder with the config.json and tokenizer files that transformers converts from the file's metadata.
+
+    transformers' conversion parses the whole file with gguf-py (~2 s for the config, as much again for the
+    tokenizer), so it is done once per file and kept under $MEADOW_HOME/gguf, keyed by the file's size and mtime
+    and the transformers version; clients and servers then load plain HF files in milliseconds.
+    """
+    stat = path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "gguf"
+    folder = cache / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # servers starting together convert once; the others wait for it
+        if not (folder / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{folder.name}-"))
+            try:
+                for auto in (AutoConfig, AutoTokenizer):
+                    auto.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True).save_pretrained(tmp)
+                tmp.rename(folder)  # atomic: a folder under its final name is complete
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder
