@@ -1,7 +1,7 @@
 """How fast this server is. Compute speed per block is measured once per model shape, device, dtype, quant and
-torch version, on a random block of the model's shape quantized like the served ones, and cached on disk so a restart does not measure again.
-The network is not speed-tested (that would mean traffic to strangers): the server only times a DHT ping to
-a few peers it already knows, and reports that round trip."""
+torch version, on a random block of the model's shape quantized like the served ones, and cached on disk so a
+restart does not measure again. The network is not speed-tested (that would mean traffic to strangers): the
+server only times a DHT ping to a few peers it already knows, and reports that round trip."""
 
 from __future__ import annotations
 
