@@ -21,7 +21,7 @@ from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config
-from meadow.models.quant import quant_at_least, quantize_block, with_quant_at_least
+from meadow.models.quant import QuantUnavailable, check_quant, quant_at_least, quantize_block, with_quant_at_least
 from meadow.server.server import Server, ServerConfig
 from meadow.server.throughput import cache_key, random_block
 from meadow.swarm import ServerInfo, ServerState
@@ -193,5 +193,7 @@ def test_a_quant_that_cannot_run_stops_the_server_with_a_clear_error(path, tmp_p
     (broken / "__init__.py").write_text("raise ImportError('libbitsandbytes_cpu.so: cannot open shared object file')\n")
     result = serve(path, "--quant", "nf4", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode != 0
-    assert "meadow serve: error: --quant nf4 cannot run on cpu in float32 here" in result.stderr
+    assert "meadow serve: error: --quant nf4 needs bitsandbytes, which cannot be imported here" in result.stderr
     assert "libbitsandbytes_cpu.so" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(QuantUnavailable, match="--quant nf4 cannot run on meta in float32 with bitsandbytes"):
+        check_quant("nf4", torch.float32, "meta")  # bitsandbytes imports, but has no kernel for this device

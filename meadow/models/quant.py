@@ -50,16 +50,18 @@ def check_quant(quant: str, dtype: torch.dtype, device: str | torch.device) -> N
     if quant == "none":
         return
     try:
-        layer = nn.Linear(128, 128, dtype=dtype)
-        quantized = quantize_linear(layer, quant, device)
+        import bitsandbytes
+    except Exception as e:  # not installed, or its native library fails to load
+        raise QuantUnavailable(f"--quant {quant} needs bitsandbytes, which cannot be imported here "
+                               f"({type(e).__name__}: {e}); install it, or serve with --quant none") from e  # fmt: skip
+    try:
+        quantized = quantize_linear(nn.Linear(128, 128, dtype=dtype), quant, device)
         with torch.inference_mode():
             quantized(torch.randn(2, 128, dtype=dtype, device=device))
-    except Exception as e:  # ImportError, a missing kernel, an unsupported device: all mean "not here"
-        version = _bitsandbytes_version()
-        raise QuantUnavailable(
-            f"--quant {quant} cannot run on {torch.device(device)} in {str(dtype).removeprefix('torch.')} here "
-            f"({version}): {type(e).__name__}: {e}"
-        ) from e
+    except Exception as e:  # a missing kernel, an unsupported device or dtype
+        where = f"{torch.device(device)} in {str(dtype).removeprefix('torch.')}"
+        raise QuantUnavailable(f"--quant {quant} cannot run on {where} with bitsandbytes {bitsandbytes.__version__} "
+                               f"({type(e).__name__}: {e}); serve with --quant none") from e  # fmt: skip
 
 
 def quantize_block(block: nn.Module, quant: str, device: str | torch.device) -> nn.Module:
@@ -112,15 +114,6 @@ def quantize_linear(linear: nn.Linear, quant: str, device: str | torch.device) -
 
 def _is_quantized(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes.")
-
-
-def _bitsandbytes_version() -> str:
-    try:
-        import bitsandbytes
-
-        return f"bitsandbytes {bitsandbytes.__version__}"
-    except Exception as e:
-        return f"bitsandbytes not importable: {type(e).__name__}: {e}"
 
 
 # bitsandbytes logs a warning on every int8 call of a float32 or bfloat16 layer (its activations are quantized via
