@@ -66,8 +66,9 @@ def check_quant(quant: str, dtype: torch.dtype, device: str | torch.device) -> N
 
 def quantize_block(block: nn.Module, quant: str, device: str | torch.device) -> nn.Module:
     """Replace the block's nn.Linear modules in place by bitsandbytes ones on `device`, one layer at a time, each
-    layer's float weight freed before the next is quantized; then move the rest (norms) to `device`. The block's
-    weights should be on the CPU: bitsandbytes quantizes while moving them from there. Returns the block."""
+    float weight let go once replaced (a memory-mapped checkpoint's pages once the whole block is done); then move
+    the rest (norms) to `device`. The block's weights should be on the CPU: bitsandbytes quantizes while moving them
+    from there. Returns the block."""
     check_quant_name(quant)
     if quant != "none":
         # names only: holding the modules in a list would keep every float weight alive until the end
