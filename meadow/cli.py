@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network(serve)
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                       help="hold the blocks' linear layers as LLM.int8() (int8) or 4-bit NormalFloat (nf4), through "
+                            "bitsandbytes (default: none)")  # fmt: skip
     serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
@@ -151,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="the servers' --quant")
     return parser
 
 
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map)
     elif args.command == "serve":
+        from meadow.models.quant import QuantUnavailable
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
 
@@ -173,12 +178,16 @@ def main(argv: list[str] | None = None) -> None:
         config = ServerConfig(
             model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
-            dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
+            quant=args.quant, dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
             balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
             nat_port_map=args.nat_port_map, adapters=args.adapters, limits=limits,
         )  # fmt: skip
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
-        Server(config).run()
+        try:
+            server = Server(config)
+        except QuantUnavailable as e:  # the platform's fault, not a bug: one line, no traceback
+            sys.exit(f"meadow serve: error: {e}")
+        server.run()
     elif args.command == "generate":
         from meadow.client.text import stream_generate
 
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from meadow.bench import run_bench
 
-        run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device)
+        run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
 
 
 if __name__ == "__main__":

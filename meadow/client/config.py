@@ -28,3 +28,4 @@ class ClientConfig:
     replay_chunk_tokens: int = 4096  # batch x tokens per message when replaying history to a replacement server
     push_steps: bool = True  # servers hand each decoding step's output straight to the next server of the chain
     micro_batch_tokens: int = 4096  # batch x tokens per forward/backward request; bigger batches go in several
+    min_quant: str | None = None  # use only servers whose weights are this quant or better (none > int8 > nf4)

@@ -22,6 +22,7 @@ from meadow.client.event_loop import run
 from meadow.client.routing import Hop, MeasuredStep, MissingBlocksError, choose_chain, peers_to_ping, servers_by_peer
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.client.tuning import RemoteTuning
+from meadow.models.quant import with_quant_at_least
 from meadow.wire import RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class RemoteSequence:
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
-        self.servers = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
+        self.servers = with_quant_at_least(servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks)), self.config.min_quant)
         now = time.monotonic()
         self.rtt = {peer: rtt for peer, rtt in self.rtt.items() if self.rtt_expires.get(peer, now) >= now}
         everything = BlockRange(start=0, end=self.num_blocks)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from meadow.models import load_blocks, load_config, resolve_model_path
+from meadow.models import load_block, load_blocks, load_config, resolve_model_path
 from meadow.models.lora import BlockLora, load_peft_adapter
+from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
@@ -39,6 +40,7 @@ class ServerConfig:
     port: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    quant: str = "none"  # the blocks' linear layers as loaded: none, int8 (LLM.int8()) or nf4
     cache_tokens: int = 16384
     dht_prefix: str | None = None
     public_name: str | None = None
@@ -65,6 +67,7 @@ class Server:
         if not 0 < config.balance_quality <= 1:
             raise ValueError(f"--balance-quality must be in (0, 1], got {config.balance_quality}")
         self.dtype, self.device = DTYPES[config.dtype], torch.device(config.device)
+        check_quant(config.quant, self.dtype, self.device)  # a quant this machine cannot run stops us now
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
@@ -132,7 +135,9 @@ class Server:
             if float(option) <= 0:
                 raise ValueError(f"--throughput must be auto, eval or a positive number, got {option}")
             return "given"
-        self.speed, cached = block_speed(self.model_config, self.dtype, self.device, remeasure=option == "eval")
+        self.speed, cached = block_speed(
+            self.model_config, self.dtype, self.device, self.config.quant, remeasure=option == "eval"
+        )
         return "cached" if cached else "measured"
 
     def _pick_span(self) -> BlockRange:
@@ -154,13 +159,21 @@ class Server:
             for path in self.config.adapters
         }
 
+    def _load_blocks(self, blocks: BlockRange) -> list:
+        """The span's blocks on our device, their linear layers quantized per --quant."""
+        path, config, quant = self.model_path, self.model_config, self.config.quant
+        if quant == "none":
+            return load_blocks(path, config, blocks.start, blocks.end, self.dtype, self.device)
+        # one block at a time, read on the CPU (where bitsandbytes quantizes from) and quantized before the next is
+        # read: peak memory is the quantized span plus one float block
+        return [quantize_block(load_block(path, config, index, self.dtype), quant, self.device)
+                for index in range(blocks.start, blocks.end)]  # fmt: skip
+
     async def _take(self, blocks: BlockRange) -> None:
         """Announce `blocks` as joining, load them, serve them, announce them online."""
         self.span_range, self.state = blocks, ServerState.JOINING
         await self._announce()  # clients see who is coming but do not route through us yet
-        loaded = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: load_blocks(self.model_path, self.model_config, blocks.start, blocks.end, self.dtype, self.device)
-        )
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_blocks, blocks)
         adapters = await asyncio.get_running_loop().run_in_executor(None, self._load_adapters, blocks)
         self.handler.serve(Span(loaded, blocks.start, self.model_config, self.dtype, self.device, adapters))
         self.state = ServerState.ONLINE
@@ -237,6 +250,7 @@ class Server:
             cache_tokens_left=self.budget.left,
             open_sessions=len(self.handler.sessions),
             dtype=self.config.dtype,
+            quant=self.config.quant,
             public_name=self.config.public_name,
             adapters=tuple(Path(path).name for path in self.config.adapters),
         )

@@ -28,6 +28,7 @@ class ServerInfo(Schema):
     cache_tokens_left: int = 0
     open_sessions: int = Field(default=0, ge=0)  # inference sessions open now: the server's load, for routing
     dtype: str = "float32"
+    quant: str = "none"  # the blocks' linear layers: none, int8 (LLM.int8()) or nf4 (models/quant.py ranks them)
     version: int = PROTOCOL_VERSION
     public_name: str | None = None
     adapters: tuple[str, ...] = ()
