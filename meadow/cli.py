@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--chunk-tokens", type=int, default=256,
+                       help="prefill/forward/training tokens per batched pass: how long decoding may wait behind them")
     serve.add_argument("--graph-cache-mb", type=float, default=1024,
                        help="MiB of training clients' activations kept from forward to backward (0: always recompute)")  # fmt: skip
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="the servers' --quant")
+    bench.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")],
+                       help="N[,N...]: N client processes generating at once; prints aggregate tokens/s and efficiency")
     return parser
 
 
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
-            graph_cache_bytes=int(args.graph_cache_mb * 2**20),
+            graph_cache_bytes=int(args.graph_cache_mb * 2**20), chunk_tokens=args.chunk_tokens,
         )  # fmt: skip
         config = ServerConfig(
             model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
@@ -211,9 +215,12 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(args.model, args.question, args.max_new_tokens, args.servers, args.keep)
     elif args.command == "bench":
-        from meadow.bench import run_bench
+        from meadow.bench import run_bench, run_clients_bench
 
-        run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
+        if args.clients:
+            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
+        else:
+            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from meadow.wire import RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, Bl
 logger = logging.getLogger(__name__)
 PING_ROUNDS = 2  # a route refresh pings the best chains' unmeasured servers up to this many times (each round waits
 # for its slowest ping); the next refreshes go on where it stopped
-MOVED = ("ServerLeaving", "WrongServer")  # error kinds of healthy servers that no longer hold the blocks asked for
+MOVED = ("ServerLeaving", "WrongServer", "ServerBusy")  # healthy servers that left, moved or are full: skipped, not banned
 
 
 def is_server_failure(error: BaseException) -> bool:
@@ -83,13 +83,13 @@ class RemoteSequence:
         self.routes_updated = time.monotonic()
 
     def ban(self, peer: PeerID, error: BaseException) -> None:
-        """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left
-        or moved its blocks is only skipped until the DHT shows where it went, and our routes are read again."""
+        """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left,
+        moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again."""
         if isinstance(error, RemoteError) and error.kind in MOVED:
             with self._bans_lock:
                 self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
             self.routes_updated = 0.0
-            logger.info(f"server {peer} no longer serves those blocks ({error.kind}: {error.remote_message}); rerouting")
+            logger.info(f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
             return
         with self._bans_lock:
             self.failures[peer] += 1
