@@ -45,6 +45,21 @@ def _add_network(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nat-port-map", action="store_true", help="ask the router for a port via UPnP (sends SSDP multicast)")
 
 
+def _identity_file(text: str) -> str:
+    from meadow.swarm import load_identity
+
+    try:
+        load_identity(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_identity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identity", metavar="PATH", type=_identity_file,
+                        help="identity file from `meadow keygen`: the same peer id across restarts (default: a new one)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meadow", description="Run large language models across many machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     dht = commands.add_parser("dht", help="start a DHT bootstrap node and print its multiaddr")
     _add_network(dht)
     dht.add_argument("--initial-peers", nargs="*", default=[], help="other DHT nodes to join")
+    _add_identity(dht)
+
+    keygen = commands.add_parser("keygen", help="write a new identity file (a private key) for --identity")
+    keygen.add_argument("path", help="where to write it; an existing file is never overwritten")
 
     serve = commands.add_parser("serve", help="host a span of a model's blocks")
     serve.add_argument("model", help="checkpoint folder, or a model id in the local HF cache")
@@ -61,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     span.add_argument("--blocks", type=_block_range, help="blocks to host, START:END (END excluded)")
     span.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm needs them")
     _add_network(serve)
+    _add_identity(serve)
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
@@ -114,7 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "dht":
         from meadow.swarm import serve_dht_node
 
-        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map)
+        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map, args.identity)
+    elif args.command == "keygen":
+        from meadow.swarm import generate_identity
+
+        try:
+            identity = generate_identity(args.path)
+        except OSError as e:  # it exists, or its folder does not
+            sys.exit(f"meadow keygen: {e}")
+        print(f"Wrote {identity.path}: peer id {identity.peer_id}; keep it private, pass it as --identity")
     elif args.command == "serve":
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
@@ -128,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
             dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
             balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
-            nat_port_map=args.nat_port_map, adapters=args.adapters, limits=limits,
+            nat_port_map=args.nat_port_map, identity=args.identity, adapters=args.adapters, limits=limits,
         )  # fmt: skip
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
         Server(config).run()
