@@ -19,12 +19,15 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from meadow import AutoDistributedModelForCausalLM
+from meadow.cli import main
 from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_reference_model, make_tiny_checkpoint, make_tiny_gguf, resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
-from meadow.swarm import ServerState, block_key, dht_prefix_for, fetch_servers, load_identity, start_dht
+from meadow.swarm import (
+    ServerState, block_key, dht_prefix_for, fetch_servers, generate_identity, load_identity, start_dht,
+)  # fmt: skip
 
 NUM_BLOCKS = 4
 HOUR = 3600.0
@@ -48,7 +51,7 @@ def swarm(checkpoints, tmp_path_factory):
     path_a = checkpoints("llama", num_layers=NUM_BLOCKS)
     path_b = make_tiny_checkpoint(tmp_path_factory.mktemp("other") / path_a.name, num_layers=NUM_BLOCKS, seed=1)
     keys = tmp_path_factory.mktemp("keys")
-    ids = [keygen(keys / f"server{i}.key") for i in range(2)]
+    ids = [generate_identity(keys / f"server{i}.key").peer_id.to_base58() for i in range(2)]  # what keygen runs
     swarm = LocalSwarm()
     try:
         swarm.start_dht()
@@ -63,15 +66,18 @@ def swarm(checkpoints, tmp_path_factory):
         swarm.stop()
 
 
-def test_keygen_file_gives_the_same_peer_id_at_every_start(swarm, tmp_path):
+def test_keygen_file_gives_the_same_peer_id_at_every_start(swarm, tmp_path, capsys):
     local_swarm, _, _, ids, keys = swarm
-    assert [peer_of(server) for server in local_swarm.servers[:2]] == ids  # `serve --identity` took keygen's identity
+    assert [peer_of(server) for server in local_swarm.servers[:2]] == ids  # `serve --identity` took the identity
     assert load_identity(keys / "server0.key").peer_id.to_base58() == ids[0]
 
     path = tmp_path / "dht.key"
     peer = keygen(path)
-    again = subprocess.run([sys.executable, "-m", "meadow", "keygen", str(path)], capture_output=True, text=True)
-    assert again.returncode != 0 and "already exists" in again.stderr  # a key is never overwritten
+    with pytest.raises(SystemExit, match="already exists"):  # a key is never overwritten
+        main(["keygen", str(path)])
+    with pytest.raises(SystemExit) as refused:
+        main(["dht", "--identity", str(tmp_path / "nope.key")])
+    assert refused.value.code == 2 and "meadow keygen" in capsys.readouterr().err
     seen = []
     for _ in range(2):  # a restart keeps the peer id
         node = Process(["dht", "--identity", str(path)], "dht-with-identity")
@@ -80,10 +86,6 @@ def test_keygen_file_gives_the_same_peer_id_at_every_start(swarm, tmp_path):
         finally:
             node.stop()
     assert seen == [peer, peer]
-
-    missing = subprocess.run([sys.executable, "-m", "meadow", "dht", "--identity", str(tmp_path / "nope.key")],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert missing.returncode == 2 and "meadow keygen" in missing.stderr
 
 
 # run_coroutine pickles its function into the DHT's process, so these live at module level.
@@ -160,17 +162,21 @@ def test_forged_records_are_refused_and_clients_still_generate(swarm):
         own = plain.run_coroutine(partial(_raw_records, peer=None, keys=keys))
         assert all(_value(own[key][subkey]) != honest[key][subkey].value for key in keys for subkey in honest[key])
 
-        # a client sees exactly the honest announcements
+        # a client sees exactly the honest announcements: its DHT node drops the rest as it reads...
         client = start_dht(local_swarm.initial_peers, client_mode=True, swarms={prefix: NUM_BLOCKS})
+        # ...and a node told of no swarm checks only signatures, so fetch_servers drops the rest
+        unaware = start_dht(local_swarm.initial_peers, client_mode=True)
         try:
             assert {key: set(client.get(key, latest=True).value) for key in keys} == {k: set(honest[k]) for k in keys}
-            per_block = fetch_servers(client, prefix, NUM_BLOCKS)
+            views = [fetch_servers(client, prefix, NUM_BLOCKS), fetch_servers(unaware, prefix, NUM_BLOCKS)]
         finally:
             client.shutdown()
+            unaware.shutdown()
         a0, a1, b = (PeerID.from_base58(peer_of(server)) for server in local_swarm.servers)
-        assert [set(servers) for servers in per_block] == [{a0, b}, {a0, b}, {a1, b}, {a1, b}]
-        assert all(info.state == ServerState.ONLINE and info.end <= NUM_BLOCKS and info.inference_rps == 0
-                   for servers in per_block for info in servers.values())  # fmt: skip
+        for per_block in views:
+            assert [set(servers) for servers in per_block] == [{a0, b}, {a0, b}, {a1, b}, {a1, b}]
+            assert all(info.state == ServerState.ONLINE and info.end <= NUM_BLOCKS and info.inference_rps == 0
+                       for servers in per_block for info in servers.values())  # fmt: skip
 
         # and computes what the model computes locally, through A's servers only (B's would take one hop, not two)
         assert_serves_like_local(path_a, local_swarm.initial_peers, {a0, a1})
