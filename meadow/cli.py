@@ -57,7 +57,7 @@ def _identity_file(text: str) -> str:
 
 def _add_identity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", metavar="PATH", type=_identity_file,
-                        help="identity file from `meadow keygen`: the same peer id across restarts (default: a new one)")  # fmt: skip
+                        help="identity file from `meadow keygen`: the same peer id at every start (default: a new one)")
 
 
 def build_parser() -> argparse.ArgumentParser:

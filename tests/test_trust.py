@@ -186,8 +186,9 @@ def test_forged_records_are_refused_and_clients_still_generate(swarm):
         signer.shutdown()
 
 
-def assert_serves_like_local(path, initial_peers: list[str], servers: set[PeerID], **kwargs) -> None:
-    """Logits within 1e-4 and greedy tokens equal to transformers' run of `path`, through `servers` only."""
+def assert_serves_like_local(path, initial_peers: list[str], servers: set[PeerID], **kwargs) -> PeerID:
+    """Logits within 1e-4 and greedy tokens equal to transformers' run of `path`, through `servers` only. Returns the
+    client's peer id."""
     model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers, **kwargs)
     try:
         local, input_ids = load_reference_model(path), torch.tensor([[1, 5, 9, 2, 7]])
@@ -196,6 +197,7 @@ def assert_serves_like_local(path, initial_peers: list[str], servers: set[PeerID
         assert {hop.peer for hop in model.sequence.last_hops} <= servers
         expected = local.generate(input_ids, max_new_tokens=8, do_sample=False)
         assert torch.equal(model.generate(input_ids, max_new_tokens=8, do_sample=False), expected)
+        return model.sequence.p2p.peer_id
     finally:
         model.sequence.close()
 
@@ -204,14 +206,20 @@ def test_servers_of_another_checkpoint_under_the_same_name_are_ignored(swarm, tm
     local_swarm, path_a, path_b, _, _ = swarm
     assert dht_prefix_for(path_a) == dht_prefix_for(path_b)  # the same swarm name...
     b = PeerID.from_base58(peer_of(local_swarm.servers[2]))
-    assert_serves_like_local(path_b, local_swarm.initial_peers, {b})  # ...yet B's client uses B's server only
+    identity = generate_identity(tmp_path / "client.key")  # clients may keep a peer id too
+    config = ClientConfig(identity=str(identity.path))
+    client = assert_serves_like_local(path_b, local_swarm.initial_peers, {b}, client_config=config)  # B's server only
+    assert client == identity.peer_id
 
     path_c = make_tiny_checkpoint(tmp_path / path_a.name, num_layers=NUM_BLOCKS, seed=2)  # nobody serves this one
-    with pytest.raises(MissingBlocksError, match=r"3 servers announce blocks 0:4 of this swarm but serve a "
-                                                 r"different checkpoint \(fingerprint "):  # fmt: skip
-        AutoDistributedModelForCausalLM.from_pretrained(
-            str(path_c), local_swarm.initial_peers, client_config=ClientConfig(wait_for_servers=0.5)
-        ).generate(torch.tensor([[1, 2]]), max_new_tokens=1)
+    config = ClientConfig(wait_for_servers=0.5)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path_c), local_swarm.initial_peers, client_config=config)
+    try:
+        message = r"3 servers announce blocks 0:4 of this swarm but serve a different checkpoint \(fingerprint "
+        with pytest.raises(MissingBlocksError, match=message):
+            model.generate(torch.tensor([[1, 2]]), max_new_tokens=1)
+    finally:
+        model.sequence.close()
 
 
 def test_fingerprint_names_the_weights_not_the_files(checkpoints, tmp_path):

@@ -18,7 +18,9 @@ from hivemind.proto import runtime_pb2
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.client.routing import Hop, MeasuredStep, MissingBlocksError, _ranges, choose_chain, peers_to_ping, servers_by_peer
+from meadow.client.routing import (
+    Hop, MeasuredStep, MissingBlocksError, _ranges, choose_chain, peers_to_ping, servers_by_peer,
+)  # fmt: skip
 from meadow.models import resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
@@ -51,8 +53,9 @@ class OtherCheckpointError(MissingBlocksError):
         many = len(others) != 1
         self.args = (  # the message: what MissingBlocksError says, and why
             f"{self}; {len(others)} server{'s' * many} announce{'s' * (not many)} blocks {_ranges(covered)} of this "
-            f"swarm but serve{'s' * (not many)} a different checkpoint (fingerprint {fingerprints}, ours {fingerprint}):"
-            " start servers with the same files as the client, or give the other model another --dht-prefix",
+            f"swarm but serve{'s' * (not many)} a different checkpoint (fingerprint {fingerprints}, ours "
+            f"{fingerprint}): start servers with the same files as the client, or give the other model another "
+            "--dht-prefix",
         )
 
 

@@ -43,7 +43,8 @@ def _hash_safetensors(folder: Path, digest) -> None:
     stable = {key: value for key, value in config.items() if key not in UNSTABLE_CONFIG_KEYS}
     digest.update(json.dumps(stable, sort_keys=True).encode())
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    single = ["model.safetensors"]
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else single
     tensors = []  # (name, dtype, shape, file, absolute start, size), from each file's JSON header
     for name in files:
         with open(folder / name, "rb") as f:
