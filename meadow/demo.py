@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+import transformers
 from transformers import TextStreamer
 
 from meadow.client.chat_prompt import chat_prompt_ids
@@ -30,14 +31,18 @@ def start_servers(swarm: LocalSwarm, model: str, spans: list[str]) -> None:
     began = time.perf_counter()
     servers = [swarm.start_server(model, "--blocks", span, wait=False) for span in spans]
     ready: set[int] = set()
+    shown = ""
     while len(ready) < len(servers):
         for i, server in enumerate(servers):
             if i not in ready and any("ready" in line for line in server.lines):
                 ready.add(i)
             elif server.popen.poll() is not None:
                 server.wait_for(lambda line: "ready" in line, 0)  # raises with the server's last output
-        print(f"\rStarting {len(servers)} servers (blocks {', '.join(spans)}): {len(ready)}/{len(servers)} ready, "
-              f"{time.perf_counter() - began:.0f} s", end="", flush=True)  # fmt: skip
+        line = f"Starting {len(servers)} servers (blocks {', '.join(spans)}): {len(ready)}/{len(servers)} ready, " \
+               f"{time.perf_counter() - began:.0f} s"  # fmt: skip
+        if line != shown:
+            print(f"\r{line}", end="", flush=True)
+            shown = line
         time.sleep(0.2)
     print()
 
@@ -64,6 +69,8 @@ def run_demo(model: str | None, question: str, max_new_tokens: int, servers: int
             elapsed, new_tokens = time.perf_counter() - began, swarm_ids.shape[1] - prompt.shape[1]
             print(f"({new_tokens} tokens in {elapsed:.1f} s, {new_tokens / elapsed:.1f} tokens/s through {servers} servers)")
 
+        print("Running the same model locally (transformers) to compare...", flush=True)
+        transformers.utils.logging.disable_progress_bar()
         with torch.no_grad():
             local_ids = load_reference_model(model).generate(prompt, **settings)
         same = torch.equal(local_ids, swarm_ids)

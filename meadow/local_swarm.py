@@ -71,7 +71,7 @@ class Process:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the main process only (graceful: a server announces it is offline and stops its own DHT and
-        p2pd children in order; signalling them too would make that shutdown hang), then SIGKILL what is left."""
+        p2pd children in order), then SIGKILL what is left."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
         try:

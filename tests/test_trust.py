@@ -26,8 +26,10 @@ from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_reference_model, make_tiny_checkpoint, make_tiny_gguf, resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.swarm import (
-    ServerState, block_key, dht_prefix_for, fetch_servers, generate_identity, load_identity, start_dht,
+    ModelInfo, ServerState, block_key, dht_prefix_for, fetch_models, fetch_servers, generate_identity, load_identity,
+    start_dht,
 )  # fmt: skip
+from meadow.swarm.records import MODELS_KEY
 
 NUM_BLOCKS = 4
 HOUR = 3600.0
@@ -124,6 +126,7 @@ def test_forged_records_are_refused_and_clients_still_generate(swarm):
         online = dict(state=int(ServerState.ONLINE), start=0, end=NUM_BLOCKS, fingerprint=fingerprint)
         expiration = get_dht_time() + HOUR
         forged = []  # (node, key, subkey, value)
+        mine = RSASignatureValidator(stranger_key).local_public_key
         for block, key in enumerate(keys):
             for subkey, record in honest[key].items():
                 forged.append((plain, key, subkey, {**record.value, "state": int(ServerState.OFFLINE)}))
@@ -132,11 +135,14 @@ def test_forged_records_are_refused_and_clients_still_generate(swarm):
             forged.append((plain, key, other, {**online, "inference_rps": 1e6}))
             forged.append((plain, key, plain.peer_id.to_base58(), {**online, "end": 80, "inference_rps": 1e6}))
             # signed with the stranger's own key: a valid signature, but no honest server announces these
-            mine = RSASignatureValidator(stranger_key).local_public_key
             forged.append((signer, key, mine, {**online, "end": 80}))
             forged.append((signer, key, mine, {**online, "inference_rps": math.inf}))
             forged.append((signer, key, mine, {**online, "state": 7}))
             forged.append((signer, key, mine, {**online, "start": block + 1, "end": block + 2}))
+        # the list of models: every server's entry rewritten, an unowned entry, and a lie signed by the stranger
+        lie = {"dht_prefix": prefix, "num_blocks": 80, "name": "forged"}
+        forged += [(plain, MODELS_KEY, subkey, lie) for subkey in signer.get(MODELS_KEY, latest=True).value]
+        forged += [(plain, MODELS_KEY, prefix, lie), (signer, MODELS_KEY, mine, lie)]
         for i, (node, key, subkey, value) in enumerate(forged):
             # expirations differ: hivemind's storage compares the subkeys of records that expire at the same moment
             node.store(key, value, expiration + i, subkey=subkey)
@@ -169,6 +175,7 @@ def test_forged_records_are_refused_and_clients_still_generate(swarm):
         try:
             assert {key: set(client.get(key, latest=True).value) for key in keys} == {k: set(honest[k]) for k in keys}
             views = [fetch_servers(client, prefix, NUM_BLOCKS), fetch_servers(unaware, prefix, NUM_BLOCKS)]
+            listed = [fetch_models(client), fetch_models(unaware)]
         finally:
             client.shutdown()
             unaware.shutdown()
@@ -177,6 +184,7 @@ def test_forged_records_are_refused_and_clients_still_generate(swarm):
             assert [set(servers) for servers in per_block] == [{a0, b}, {a0, b}, {a1, b}, {a1, b}]
             assert all(info.state == ServerState.ONLINE and info.end <= NUM_BLOCKS and info.inference_rps == 0
                        for servers in per_block for info in servers.values())  # fmt: skip
+        assert listed == [{prefix: ModelInfo(dht_prefix=prefix, num_blocks=NUM_BLOCKS, name=path_a.name)}] * 2
 
         # and computes what the model computes locally, through A's servers only (B's would take one hop, not two)
         assert_serves_like_local(path_a, local_swarm.initial_peers, {a0, a1})
@@ -213,7 +221,7 @@ def test_servers_of_another_checkpoint_under_the_same_name_are_ignored(swarm, tm
 
     path_c = make_tiny_checkpoint(tmp_path / path_a.name, num_layers=NUM_BLOCKS, seed=2)  # nobody serves this one
     config = ClientConfig(wait_for_servers=0.5)
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(path_c), local_swarm.initial_peers, client_config=config)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path_c, local_swarm.initial_peers, client_config=config)
     try:
         message = r"3 servers announce blocks 0:4 of this swarm but serve a different checkpoint \(fingerprint "
         with pytest.raises(MissingBlocksError, match=message):

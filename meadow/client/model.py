@@ -12,8 +12,10 @@ whole conversation and only its new suffix travels.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator, Sequence
+from types import MappingProxyType
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +27,12 @@ from meadow.client.tuning import ClientLora, PromptTuning, RemoteTuning
 from meadow.models import load_client_parts, load_config, load_hf_config, resolve_model_path
 
 DEFAULT_NEW_TOKENS = 20  # what transformers generates when neither max_new_tokens nor max_length is set
+
+# The active inference session of each model, per thread (and per asyncio task): one model object serves many
+# requests at once (a web server's handlers), and `with model.inference_session()` in one must not touch another.
+# Each change sets a new mapping: a context copied into a task or thread (asyncio.to_thread) sees the sessions active
+# when it was copied, and what it opens itself stays its own.
+_active_sessions: ContextVar[Mapping[int, "GenerationSession"]] = ContextVar("meadow_sessions", default=MappingProxyType({}))
 
 
 class GenerationSession:
@@ -126,6 +134,17 @@ class DistributedPreTrainedModel(PreTrainedModel):
         self.all_tied_weights_keys = {}  # what post_init would set; post_init itself would re-initialise weights
         self.eval()
 
+    def close(self) -> None:
+        """Leave the swarm: stop this client's DHT process and p2p daemon. Closing again does nothing; a closed
+        model raises a clear error when it is used."""
+        self.sequence.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
@@ -176,7 +195,11 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     def __init__(self, config: PreTrainedConfig, parts, sequence, prompts: PromptTuning | None = None, lora: ClientLora | None = None):
         super().__init__(config, parts, sequence, prompts, lora)
         self.lm_head: nn.Linear = parts.lm_head
-        self.session: GenerationSession | None = None  # the active inference session, if any
+
+    @property
+    def session(self) -> GenerationSession | None:
+        """This thread's (or asyncio task's) active inference session on this model, if any."""
+        return _active_sessions.get().get(id(self))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -255,16 +278,17 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         first step). Inside, forward and generate continue it: several generate calls, each given the whole
         conversation so far, make one chat."""
         if self.session is not None:
-            raise RuntimeError("this model already has an active inference session")
+            raise RuntimeError("this thread already has an active inference session on this model")
         with torch.no_grad():  # generation does not train: send plain copies of the trained tensors
             tuning = self.remote_tuning()
             tuning = tuning.with_tensors(*(None if t is None else t.detach() for t in (tuning.prompts, tuning.lora_flat)))
             prefix = None if self.prompts is None else self.prompts.prefix.detach()
-        self.session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning)
+        session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning)
+        token = _active_sessions.set(MappingProxyType({**_active_sessions.get(), id(self): session}))
         try:
-            yield self.session
+            yield session
         finally:
-            session, self.session = self.session, None
+            _active_sessions.reset(token)
             session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -59,8 +60,13 @@ class OtherCheckpointError(MissingBlocksError):
         )
 
 
+class ClosedError(RuntimeError):
+    """The model was closed: it has left the swarm."""
+
+
 class RemoteSequence:
-    """All blocks of one model, served by the swarm. `forward` runs a full pass; `inference_session` keeps KV caches."""
+    """All blocks of one model, served by the swarm. `forward` runs a full pass; `inference_session` keeps KV caches.
+    Threads may share one: routes and bans are shared (a failed server is avoided by all), each session is its own."""
 
     def __init__(
         self,
@@ -85,6 +91,8 @@ class RemoteSequence:
         self.routes_updated = 0.0
         self.banned_until: dict[PeerID, float] = {}
         self.failures: dict[PeerID, int] = defaultdict(int)
+        # one DHT read (and round of pings) at a time, for all threads that need routes; bans change under a lock
+        self._routes_lock, self._bans_lock, self._close_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
@@ -109,30 +117,37 @@ class RemoteSequence:
         """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left
         or moved its blocks is only skipped until the DHT shows where it went, and our routes are read again."""
         if isinstance(error, RemoteError) and error.kind in MOVED:
-            self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
+            with self._bans_lock:
+                self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
             self.routes_updated = 0.0
             logger.info(f"server {peer} no longer serves those blocks ({error.kind}: {error.remote_message}); rerouting")
             return
-        self.failures[peer] += 1
-        seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
-        self.banned_until[peer] = time.monotonic() + seconds
+        with self._bans_lock:
+            self.failures[peer] += 1
+            seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
+            self.banned_until[peer] = time.monotonic() + seconds
         logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s")
 
     def banned(self) -> frozenset[PeerID]:
         now = time.monotonic()
-        return frozenset(peer for peer, until in self.banned_until.items() if until > now)
+        with self._bans_lock:
+            return frozenset(peer for peer, until in self.banned_until.items() if until > now)
 
     def make_chain(self, blocks: BlockRange | None = None, cache_tokens: int = 0) -> list[Hop]:
         """The fastest chain for `blocks` (for a session that needs `cache_tokens` KV-cache slots on each server),
         waiting up to `wait_for_servers` for missing blocks to appear."""
         blocks = blocks or BlockRange(start=0, end=self.num_blocks)
         deadline = time.monotonic() + self.config.wait_for_servers
-        self.update_routes()
+        force = False
         while True:
+            self.check_open()
+            with self._routes_lock:
+                self.update_routes(force)
+                servers, rtt = dict(self.usable_servers()), dict(self.rtt)  # copies: other threads update routes
             try:
                 return choose_chain(
-                    self.usable_servers(), self.rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned(),
-                    steps=self.steps, failures=self.failures, cache_tokens=cache_tokens, salt=self.salt,
+                    servers, rtt, blocks, default_rtt=self.config.default_rtt, banned=self.banned(),
+                    steps=dict(self.steps), failures=dict(self.failures), cache_tokens=cache_tokens, salt=self.salt,
                 )  # fmt: skip
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
@@ -144,7 +159,7 @@ class RemoteSequence:
                         raise OtherCheckpointError(e.missing, others, self.fingerprint, self.active_adapter) from None
                     raise MissingBlocksError(e.missing, self.active_adapter) from None
                 time.sleep(1.0)
-                self.update_routes(force=True)
+                force = True
 
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
         if self.active_adapter is None:
@@ -270,14 +285,23 @@ class RemoteSequence:
     def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
         from meadow.client.session import InferenceSession
 
+        self.check_open()
         return InferenceSession(self, max_length, batch_size, tuning)
 
+    def check_open(self) -> None:
+        if self.p2p is None:
+            raise ClosedError("this model is closed (it has left the swarm): load it again with from_pretrained")
+
     def close(self) -> None:
-        """Leave the swarm: close our P2P connection on its own event loop, then stop the DHT process."""
-        if self.p2p is not None:
-            run(self.p2p.shutdown())
-            self.p2p = None
-            self.dht.shutdown()
+        """Leave the swarm: close our P2P connection, then stop the DHT process (and with it the p2p daemon).
+        Closing again does nothing."""
+        with self._close_lock:
+            if self.p2p is not None:
+                p2p, self.p2p = self.p2p, None
+                try:
+                    run(p2p.shutdown())
+                finally:
+                    self.dht.shutdown()
 
     async def _ping_all(self, peers: list[PeerID]) -> dict[PeerID, float]:
         """Round trips to `peers`, at most `max_concurrent_pings` at a time; inf for a server that did not answer."""

@@ -63,6 +63,11 @@ class InferenceSession:
         self.position = 0
         self.segments: list[Segment] | None = None
 
+    @property
+    def hops(self) -> list[Hop]:
+        """The servers this session runs on now and their blocks (none before its first step)."""
+        return [segment.hop for segment in self.segments or []]
+
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         length = hidden.shape[1]
         if self.position + length > self.max_length:

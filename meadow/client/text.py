@@ -8,15 +8,22 @@ from meadow.models import load_tokenizer
 
 
 def stream_generate(
-    model: str, initial_peers: list[str], prompt: str, max_new_tokens: int, temperature: float = 0.0, dht_prefix: str | None = None
+    model: str,
+    initial_peers: list[str],
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    dht_prefix: str | None = None,
+    adapter: str | None = None,
 ) -> str:
-    """Generate through the swarm, printing text to stdout as it arrives; returns the new text."""
+    """Generate through the swarm (with the served LoRA `adapter`, if given), printing text to stdout as it arrives;
+    returns the new text."""
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     tokenizer = load_tokenizer(model)
-    distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
     inputs = tokenizer(prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
-    outputs = distributed.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter) as distributed:
+        outputs = distributed.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
     return tokenizer.decode(outputs[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

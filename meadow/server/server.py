@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import random
-import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,8 @@ from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
-from meadow.swarm import ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, start_dht
+from meadow.stopping import exit_now, on_stop_signals
+from meadow.swarm import ModelInfo, ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, model_name, start_dht
 from meadow.swarm.records import MAX_SPEED
 from meadow.wire import BlockRange
 
@@ -79,9 +80,17 @@ class Server:
 
     async def _serve(self) -> None:
         config, loop = self.config, asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop, stopping, started = asyncio.Event(), threading.Event(), threading.Event()
+
+        def on_stop() -> None:
+            # before we serve anything, nothing needs an orderly goodbye (and the DHT process may have died during
+            # start-up, leaving us waiting for it); a second stop does not wait for the first one either
+            if not started.is_set() or stopping.is_set():
+                exit_now(1)
+            stopping.set()
+            loop.call_soon_threadsafe(stop.set)
+
+        on_stop_signals(on_stop)
 
         self.dht = start_dht(
             config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
@@ -100,16 +109,14 @@ class Server:
                 f"DHT ping {'none answered' if rtt is None else f'{rtt * 1000:.1f} ms'}",
                 flush=True,
             )
+            started.set()
             await self._run_until(stop)
         finally:
             # tell open sessions first, so their clients fail over now rather than after their step timeout
             self.handler.release("the server is leaving the swarm")
             self.state = ServerState.OFFLINE
-            try:
-                if self.span_range is not None:
-                    await self._announce()  # at once, so clients reroute before the record would expire
-            except Exception as e:
-                logger.warning(f"could not announce going offline: {e}")
+            if self.span_range is not None:
+                await self._announce_offline()
             await self.handler.sessions_told(timeout=1.0)
             self.dht.shutdown()
             print("Server stopped", flush=True)
@@ -245,6 +252,27 @@ class Server:
     def info_dict(self) -> dict:
         return {**self.info().to_wire(), "dht_prefix": self.dht_prefix, "max_length": self.config.limits.max_length}
 
+    async def _announce_offline(self, timeout: float = 5.0) -> None:
+        """Announce at once that we are leaving, so clients reroute before our record would expire. In a daemon
+        thread, waited for while the DHT process lives (`timeout` at most): a call into a DHT process that died
+        (a SIGTERM to our whole process group reaches it too) never returns, and would keep us from exiting."""
+        info, expiration = self.info(), 3 * self.config.update_period
+
+        def attempt() -> None:
+            try:
+                announce(self.dht, self.dht_prefix, info, expiration)
+            except Exception as e:
+                logger.warning(f"could not announce going offline: {e!r}")
+
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while thread.is_alive() and self.dht.is_alive() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+
     async def _announce(self) -> None:
         info, expiration = self.info(), 3 * self.config.update_period
-        await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration)
+        model = ModelInfo(  # for monitors
+            dht_prefix=self.dht_prefix, num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path)
+        )
+        await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)

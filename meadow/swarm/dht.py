@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -13,8 +14,8 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from meadow.swarm.identity import generate_identity, load_identity
-from meadow.swarm.records import ServerInfo, ServerState, block_key
-from meadow.swarm.validation import InvalidRecord, check_record, meadow_validators, owner_subkey
+from meadow.swarm.records import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
+from meadow.swarm.validation import InvalidRecord, check_model_record, check_record, meadow_validators, owner_subkey
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,34 @@ def start_dht(
     return dht
 
 
-def announce(dht: hivemind.DHT, dht_prefix: str, info: ServerInfo, expiration: float) -> None:
-    """Write `info` under every block key of the server's span, subkey = its owner marker: the DHT signs the
-    records with the node's key, and readers derive its peer id from that key."""
+def announce(
+    dht: hivemind.DHT, dht_prefix: str, info: ServerInfo, expiration: float, model: ModelInfo | None = None
+) -> None:
+    """Write `info` under every block key of the server's span and `model`, if given, in the swarm's list of models;
+    subkey = the server's owner marker: the DHT signs the records with its key, and readers derive its peer id from
+    that key."""
     keys = [block_key(dht_prefix, i) for i in range(info.start, info.end)]
-    value = info.to_wire()
-    dht.run_coroutine(partial(_store_many, keys=keys, value=value, subkey=dht.owner_subkey, expiration=expiration))
+    values = [info.to_wire()] * len(keys)
+    if model is not None:
+        keys, values = [*keys, MODELS_KEY], [*values, model.to_wire()]
+    subkeys = [dht.owner_subkey] * len(keys)
+    dht.run_coroutine(partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=expiration))
+
+
+def fetch_models(dht: hivemind.DHT) -> dict[str, ModelInfo]:
+    """Every model some server announced, by dht_prefix; invalid records are skipped. Each server lists its own model,
+    so that no peer can change another's entry; where servers of one swarm name disagree, most of them win."""
+    entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
+    votes: dict[str, Counter] = defaultdict(Counter)
+    if entry is not None and isinstance(entry.value, dict):
+        for subkey, record in entry.value.items():
+            try:
+                _, model = check_model_record(subkey, record.value)
+            except InvalidRecord as e:
+                logger.debug(f"skipped a record in the list of models: {e}")
+                continue
+            votes[model.dht_prefix][model] += 1
+    return {dht_prefix: counts.most_common(1)[0][0] for dht_prefix, counts in votes.items()}
 
 
 def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[PeerID, ServerInfo]]:
@@ -88,8 +111,8 @@ def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[d
 
 
 # run_coroutine pickles its function into the DHT's process, so these live at module level.
-async def _store_many(_dht, node, *, keys: list[str], value: dict, subkey: bytes, expiration: float) -> None:
-    await node.store_many(keys, [value] * len(keys), get_dht_time() + expiration, subkeys=[subkey] * len(keys))
+async def _store_many(_dht, node, *, keys: list[str], values: list, subkeys: list[bytes], expiration: float) -> None:
+    await node.store_many(keys, values, get_dht_time() + expiration, subkeys=subkeys)
 
 
 async def _get_many(_dht, node, *, keys: list[str]) -> dict:
@@ -106,13 +129,15 @@ def serve_dht_node(
     identity: str | Path | None = None,
 ) -> None:
     """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
-    import signal
     import threading
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    from meadow.stopping import exit_now, on_stop_signals
+
+    started, stop = threading.Event(), threading.Event()
+    # stopped while the DHT starts (it may have died, and would never report ready), or stopped twice: do not wait
+    on_stop_signals(lambda: stop.set() if started.is_set() and not stop.is_set() else exit_now(1))
     dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map, identity=identity)
+    started.set()
     try:
         for maddr in dht.get_visible_maddrs():
             print(maddr, flush=True)

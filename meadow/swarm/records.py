@@ -48,6 +48,24 @@ class ServerInfo(Schema):
         return self
 
 
+class ModelInfo(Schema):
+    """A model the swarm serves, announced by each of its servers under MODELS_KEY (subkey = the server's, as for
+    its blocks)."""
+
+    dht_prefix: str = Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME)  # its swarm name
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
+    name: str = Field(max_length=MAX_NAME)  # what a monitor calls the model: its checkpoint folder's or file's name
+
+
+def model_name(path: Path) -> str:
+    """What a monitor calls a checkpoint: a folder's name, or a GGUF file's name without its extension."""
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+# Block keys say nothing about which models exist, so servers also list their model here: a monitor reads it first.
+MODELS_KEY = "_meadow.models"
+
+
 def dht_prefix_for(model: str | Path) -> str:
     """Swarm name of a model: a GGUF file's stem (also for a folder holding one and no config.json), a hub id
     ("org/name" -> "org--name"), the id of a folder in the HF cache, or else a folder's name; flattened to

@@ -1,6 +1,7 @@
 """Which DHT records a Meadow node accepts: every server's record is signed by it, and is a sane ServerInfo for the
-block its key names. Installed on every Meadow DHT node (start_dht), so honest nodes refuse to store a forged record
-and drop one a stranger's node returns; fetch_servers checks every record again before routing reads it.
+block its key names (or a sane ModelInfo in the list of models). Installed on every Meadow DHT node (start_dht), so
+honest nodes refuse to store a forged record and drop one a stranger's node returns; fetch_servers and fetch_models
+check every record again before anything reads it.
 
 A block record's subkey is its owner's marker, b"[owner:<RSA public key>]" (hivemind's RSASignatureValidator): only
 the holder of that key can sign a value under it. The server's peer id is not written anywhere: it is derived from
@@ -20,7 +21,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 
 from meadow.swarm.identity import Identity, peer_id_from_public_key
-from meadow.swarm.records import ServerInfo, block_key
+from meadow.swarm.records import MODELS_KEY, ModelInfo, ServerInfo, block_key
 
 logger = logging.getLogger(__name__)
 _OWNER = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
@@ -61,39 +62,57 @@ def check_record(block: int, num_blocks: int | None, subkey: object, value: obje
     return peer, info
 
 
-class BlockRecordValidator(RecordValidatorBase):
-    """Refuses any record under the block keys of the swarms it is told of (dht_prefix -> number of blocks) that
-    check_record refuses. Keys it does not know pass: a bootstrap node serves any swarm, and signatures are checked
-    on every key by RSASignatureValidator, which runs first (and strips the signature before this one sees it)."""
+def check_model_record(subkey: object, value: object) -> tuple[PeerID, ModelInfo]:
+    """The owner and content of a record in the list of models (MODELS_KEY), or InvalidRecord."""
+    peer = record_owner(subkey)
+    try:
+        return peer, ModelInfo.model_validate(value)
+    except Exception as e:
+        raise InvalidRecord(f"not a ModelInfo: {e}") from None
+
+
+def _key_id(key: str) -> bytes:
+    return DHTID.generate(source=key).to_bytes()  # what validators see of a key: its hash
+
+
+_MODELS_KEY_ID = _key_id(MODELS_KEY)
+
+
+class MeadowRecordValidator(RecordValidatorBase):
+    """Refuses any record in the list of models that check_model_record refuses, and any record under the block keys
+    of the swarms it is told of (dht_prefix -> number of blocks) that check_record refuses. Other keys pass: a
+    bootstrap node serves any swarm, and signatures are checked on every key by RSASignatureValidator, which runs
+    first (and strips the signature before this one sees it)."""
 
     def __init__(self, swarms: dict[str, int]):
         self._blocks: dict[bytes, tuple[int, int]] = {}  # DHT key id -> (block, number of blocks)
         for dht_prefix, num_blocks in swarms.items():
             for block in range(num_blocks):
-                self._blocks[DHTID.generate(source=block_key(dht_prefix, block)).to_bytes()] = (block, num_blocks)
+                self._blocks[_key_id(block_key(dht_prefix, block))] = (block, num_blocks)
 
     def validate(self, record: DHTRecord) -> bool:
-        known = self._blocks.get(record.key)
-        if known is None:
+        block = self._blocks.get(record.key)
+        if block is None and record.key != _MODELS_KEY_ID:
             return True
         try:
             if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
-                raise InvalidRecord("a block record without a subkey")
+                raise InvalidRecord("a record without a subkey")
             subkey, value = DHTProtocol.serializer.loads(record.subkey), DHTProtocol.serializer.loads(record.value)
-            check_record(*known, subkey, value)
+            check_model_record(subkey, value) if block is None else check_record(*block, subkey, value)
         except Exception as e:
-            logger.debug(f"refused a record under block {known[0]}: {e}")
+            where = "the list of models" if block is None else f"block {block[0]}"
+            logger.debug(f"refused a record under {where}: {e}")
             return False
         return True
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        if not isinstance(other, BlockRecordValidator):
+        if not isinstance(other, MeadowRecordValidator):
             return False
         self._blocks.update(other._blocks)
         return True
 
 
 def meadow_validators(identity: Identity, swarms: dict[str, int]) -> list[RecordValidatorBase]:
-    """What every Meadow DHT node runs: signatures of owned records (signing its own with `identity`'s key), and the
-    block records of `swarms` checked in full."""
-    return [RSASignatureValidator(identity.private_key), BlockRecordValidator(swarms)]
+    """What every Meadow DHT node runs: signatures of owned records (signing its own with `identity`'s key), the list
+    of models, and the block records of `swarms` checked in full."""
+    return [RSASignatureValidator(identity.private_key), MeadowRecordValidator(swarms)]

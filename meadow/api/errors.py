@@ -1,0 +1,78 @@
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status OpenAI would use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from meadow.client.routing import MissingBlocksError
+from meadow.wire import MeadowError, RemoteError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error to answer with: HTTP status and OpenAI's error fields."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def api_error(error: BaseException) -> APIError:
+    """What a failure of generation means to the API's user."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, MissingBlocksError):
+        return APIError(503, str(error), "server_error", code="missing_blocks")
+    if isinstance(error, RemoteError) and error.kind == "BadRequest":  # e.g. longer than a server's --max-length
+        return APIError(400, f"the swarm refused the request: {error}", code="refused_by_server")
+    if isinstance(error, (MeadowError, TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return APIError(503, f"the swarm could not serve the request: {error}", "server_error", code="swarm_unavailable")
+    logger.exception("unexpected error", exc_info=error)
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app answers with, including FastAPI's own (422 for bad fields becomes OpenAI's 400)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = error.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+        # the deepest location is the most specific complaint (a union's other members fail at its top)
+        param = max((_param(e.get("loc", ())) for e in errors), key=lambda p: p.count(".") if p else -1)
+        reasons = dict.fromkeys(str(e.get("msg")).removeprefix("Value error, ") for e in errors if _param(e.get("loc", ())) == param)
+        message = " or ".join(reasons)
+        return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), kind).response()
+
+
+def _param(location: tuple) -> str | None:
+    """A field's path as OpenAI names it ("messages.0.content"), without pydantic's union member tags ("str",
+    "list[TextPart]") and the "body" it starts with."""
+    tags = {"str", "int", "float", "bool", "none", "body"}
+    parts = [str(part) for part in location if isinstance(part, int) or (str(part).isidentifier() and str(part) not in tags)]
+    return ".".join(parts) or None

@@ -1,0 +1,209 @@
+"""One request's generation: `model.generate` on a worker thread of its own (its own inference session on the
+servers), its tokens handed to the event loop and turned into text deltas there, stop strings and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from meadow.api.sampling import logits_processors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request asks of the generation, already checked."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Outcome:
+    """How a generation ended: filled in by the time `TextGeneration.deltas` is exhausted."""
+
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string), "length"; or "cancelled", "error"
+    completion_tokens: int = 0
+    servers: list[dict] = field(default_factory=list)  # the chain that served it: [{"peer", "blocks"}]
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generate at its next step once the request is done with (a stop string, a disconnected client)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _ToLoop(BaseStreamer):
+    """A streamer that hands each new token's id to the event loop (generate first puts the prompt: skipped)."""
+
+    def __init__(self, send):
+        self.send, self.prompt_seen = send, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.send(("tokens", value.flatten().tolist()))
+
+    def end(self) -> None:
+        pass
+
+
+class TextGeneration:
+    """`start()` runs generate on a new thread and returns at its first token (raising what it raised before that:
+    missing blocks, a refused session); `deltas()` then yields the text as it grows, up to a stop string, and
+    leaves how it ended in `outcome`. `close()` (a client that went away) stops generate, which closes its inference
+    session on the servers."""
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling):
+        self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
+        self.prompt_tokens = prompt_ids.shape[1]
+        self.outcome = Outcome()
+        self.cancelled = threading.Event()
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._first: tuple | None = None
+        self._began = 0.0
+        self._closed = False
+
+    async def start(self) -> None:
+        loop, self._began = asyncio.get_running_loop(), time.perf_counter()
+
+        def send(item: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: the API is shutting down and nobody is listening
+                pass
+
+        threading.Thread(target=self._generate, args=(send,), name="meadow-api-generate", daemon=True).start()
+        self._first = await self._queue.get()
+        if self._first[0] == "done" and self._first[2] is not None:
+            self.outcome.finish_reason = "error"
+            self.close()
+            raise self._first[2]
+
+    def _generate(self, send) -> None:
+        """The worker thread: one generate call inside one inference session; then the chain it used, or its error."""
+        hops, error = [], None
+        s, length = self.sampling, self.prompt_tokens
+        try:
+            with torch.no_grad(), self.model.inference_session(max_length=length + s.max_tokens, batch_size=1) as session:
+                self.model.generate(
+                    self.prompt_ids,
+                    attention_mask=torch.ones_like(self.prompt_ids),
+                    max_new_tokens=s.max_tokens,
+                    do_sample=False,  # a SeededSampler in the processors samples, when temperature > 0
+                    logits_processor=logits_processors(
+                        length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed
+                    ),
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
+                    streamer=_ToLoop(send),
+                    eos_token_id=self.eos_ids or None,
+                    pad_token_id=self.pad_id,
+                )
+                remote = session.remote
+                hops = [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
+        except BaseException as e:  # handed to the request; the thread itself has nobody to tell
+            error = e
+        send(("done", hops, error))
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The reply's text, piece by piece, as the tokens come; raises what generate raised."""
+        ids: list[int] = []
+        sent = ""  # text already yielded
+        text = ""
+        try:
+            while True:
+                item = self._first or await self._queue.get()
+                self._first = None
+                if item[0] == "done":
+                    _, hops, error = item
+                    self.outcome.servers = hops
+                    if error is not None and self.outcome.finish_reason is None:
+                        self.outcome.finish_reason = "error"
+                        raise error
+                    break
+                if self.outcome.finish_reason is not None:
+                    continue  # generate has not seen the cancellation yet: drain until it returns
+                if self.outcome.first_token_seconds is None:
+                    self.outcome.first_token_seconds = time.perf_counter() - self._began
+                text, safe = self._add(ids, item[1])
+                if safe > len(sent):
+                    yield text[len(sent) : safe]
+                    sent = text[:safe]
+                if self.outcome.finish_reason is not None:
+                    self.cancelled.set()
+            if self.outcome.finish_reason is None:
+                self.outcome.finish_reason = "length" if self.outcome.completion_tokens >= self.sampling.max_tokens else "stop"
+            if len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent) :]  # held back as a possible start of a stop string that never came
+        finally:
+            self.close()
+
+    def _add(self, ids: list[int], new: list[int]) -> tuple[str, int]:
+        """Take new token ids until one ends the reply; return the text so far and how much of it is safe to send
+        (not a possible start of a stop string, not half a character)."""
+        for token in new:
+            self.outcome.completion_tokens += 1
+            if token in self.eos_ids:
+                self.outcome.finish_reason = "stop"
+                break
+            ids.append(token)
+            if self.outcome.completion_tokens >= self.sampling.max_tokens:
+                self.outcome.finish_reason = "length"
+                break
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(stop) for stop in self.sampling.stop) if i >= 0]
+        if hits:
+            self.outcome.finish_reason = "stop"
+            text = text[: min(hits)]
+            return text, len(text)
+        if self.outcome.finish_reason is not None:
+            return text, len(text)
+        safe = len(text) - max((n for stop in self.sampling.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes are not all generated yet
+            safe -= 1
+        return text, safe
+
+    def close(self) -> None:
+        """Stop generating (if it still runs) and log how the request went; the response calls it however it ends."""
+        self.cancelled.set()
+        if self._closed:
+            return
+        self._closed, out = True, self.outcome
+        out.finish_reason = out.finish_reason or "cancelled"
+        out.seconds = time.perf_counter() - self._began
+        chain = " ".join(f"{server['peer'][-6:]}[{server['blocks']}]" for server in out.servers) or "-"
+        logger.info(
+            f"generation {out.finish_reason}: {self.prompt_tokens} prompt + {out.completion_tokens} completion tokens "
+            f"in {out.seconds:.2f} s (first token {out.first_token_seconds or 0:.3f} s) via {chain}"
+        )
+
+
+def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end a reply: the generation config's end-of-sequence ids and the tokenizer's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [*ids, tokenizer.eos_token_id]
+    return sorted({int(i) for i in ids if i is not None})

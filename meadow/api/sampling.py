@@ -1,0 +1,63 @@
+"""OpenAI's sampling parameters as transformers logits processors.
+
+transformers has temperature and top-p, but no additive presence / frequency penalty (its repetition penalty
+divides logits, a different rule), and its sampling draws from torch's global generator, which concurrent
+requests share, so a request's `seed` could not make its own text reproducible. Two small processors fill the gap:
+`OpenAIPenalties` and `SeededSampler`, which draws the token itself with the request's own generator and leaves
+generate's greedy step nothing to choose.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty, counting the tokens generated
+    so far (not the prompt's), as OpenAI defines them."""
+
+    def __init__(self, prompt_length: int, presence_penalty: float, frequency_penalty: float):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence_penalty, frequency_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length :]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples the next token from softmax(scores) with its own generator; returns scores that keep only that token,
+    so that a greedy generate picks it."""
+
+    def __init__(self, seed: int | None):
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()  # a fresh random seed
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1).cpu()
+        chosen = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
+def logits_processors(
+    prompt_length: int,
+    temperature: float,
+    top_p: float,
+    presence_penalty: float,
+    frequency_penalty: float,
+    seed: int | None,
+) -> LogitsProcessorList:
+    """What turns the model's logits into the next token for one request; temperature 0 means greedy."""
+    processors = LogitsProcessorList()
+    if presence_penalty or frequency_penalty:
+        processors.append(OpenAIPenalties(prompt_length, presence_penalty, frequency_penalty))
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(SeededSampler(seed))
+    return processors

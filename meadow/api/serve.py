@@ -1,0 +1,59 @@
+"""`meadow api`: load the model's client parts once, join the swarm, serve the app with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import uvicorn
+
+from meadow.client.config import ClientConfig
+
+# a request for blocks nobody serves should get its 503 within seconds, not after the library's 30 s default
+WAIT_FOR_SERVERS = 5.0
+
+
+def run_api(
+    model: str | Path,
+    initial_peers: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dht_prefix: str | None = None,
+    adapter: str | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)` once it accepts requests."""
+    from meadow.api.app import create_app
+    from meadow.client.model import AutoDistributedModelForCausalLM
+    from meadow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    distributed = AutoDistributedModelForCausalLM.from_pretrained(
+        model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter,
+        client_config=ClientConfig(wait_for_servers=WAIT_FOR_SERVERS),
+    )  # fmt: skip
+    model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
+    app = create_app(distributed, tokenizer, model_id)
+
+    # our own socket, so that --port 0 works and the address printed is the one bound
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"API ready: http://{shown_host}:{bound_port} (model {model_id})", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    # after its graceful shutdown uvicorn raises the signal again for the handler it found: make that an exit through
+    # `finally`, so that the client's DHT process stops too (SIGTERM's default would leave it running)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        distributed.close()
+        logging.getLogger(__name__).info("API stopped")

@@ -1,0 +1,202 @@
+// Meadow chat: streams /v1/chat/completions (server-sent events) into the conversation. No dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const thread = $("thread"), conversation = $("conversation"), prompt = $("prompt");
+const sendButton = $("send"), stopButton = $("stop");
+const temperature = $("temperature"), temperatureValue = $("temperature-value"), maxTokens = $("max-tokens");
+
+let model = null;      // the id /v1/models gives
+let messages = [];     // the conversation as OpenAI messages
+let running = null;    // {controller, stopped} while an answer streams
+
+// settings survive a reload
+temperature.value = localStorage.getItem("meadow.temperature") ?? temperature.value;
+maxTokens.value = localStorage.getItem("meadow.maxTokens") ?? maxTokens.value;
+const showTemperature = () => (temperatureValue.textContent = Number(temperature.value).toFixed(2));
+showTemperature();
+temperature.addEventListener("input", () => { showTemperature(); localStorage.setItem("meadow.temperature", temperature.value); });
+maxTokens.addEventListener("change", () => localStorage.setItem("meadow.maxTokens", maxTokens.value));
+
+const modelReady = fetch("/v1/models").then((r) => r.json()).then((body) => {
+  model = body.data[0].id;
+  $("model").textContent = model;
+}).catch(() => ($("model").textContent = "API unreachable"));
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function nearBottom() {
+  return conversation.scrollHeight - conversation.scrollTop - conversation.clientHeight < 80;
+}
+
+function scrollDown(force) {
+  if (force || nearBottom()) conversation.scrollTop = conversation.scrollHeight;
+}
+
+function addTurn(role, text) {
+  $("welcome")?.remove();
+  const turn = element("div", `turn ${role}`);
+  if (role === "assistant") turn.append(element("div", "who", "Meadow"));
+  const bubble = element("div", "bubble", text);
+  turn.append(bubble);
+  thread.append(turn);
+  scrollDown(true);
+  return {turn, bubble};
+}
+
+const shortPeer = (peer) => "…" + peer.slice(-6);
+
+function showMeta(turn, info) {
+  const meta = element("div", "meta");
+  const parts = [`${info.seconds.toFixed(2)} s`];
+  if (info.tokens !== undefined) {
+    parts.push(`${info.tokens} tokens`);
+    if (info.seconds > 0) parts.push(`${(info.tokens / info.seconds).toFixed(1)} tokens/s`);
+  }
+  for (const part of parts) meta.append(element("span", "", part));
+  if (info.servers?.length) {
+    const chain = element("span", "chain");
+    chain.append(element("span", "", "via"));
+    info.servers.forEach((server, i) => {
+      if (i) chain.append(element("span", "arrow", "→"));
+      const hop = element("span", "hop", `${shortPeer(server.peer)} ${server.blocks}`);
+      hop.title = `server ${server.peer}, blocks ${server.blocks}`;
+      chain.append(hop);
+    });
+    meta.append(chain);
+  }
+  if (info.stopped) meta.append(element("span", "stopped", "stopped"));
+  turn.append(meta);
+}
+
+// Server-sent events from a fetch body: yields each `data:` payload, parsed ([DONE] ends).
+async function* events(response) {
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (data === "[DONE]") return;
+      if (data) yield JSON.parse(data);
+    }
+  }
+}
+
+function setRunning(value) {
+  running = value;
+  sendButton.hidden = !!value;
+  stopButton.hidden = !value;
+}
+
+async function send() {
+  const text = prompt.value.trim();
+  if (!text || running) return;
+  prompt.value = "";
+  autosize();
+  const history = messages;  // this conversation, even if "New chat" replaces it while the answer streams
+  history.push({role: "user", content: text});
+  addTurn("user", text);
+  const {turn, bubble} = addTurn("assistant", "");
+  const cursor = element("span", "cursor");
+  bubble.append(cursor);
+  const textNode = document.createTextNode("");
+  bubble.insertBefore(textNode, cursor);
+
+  const controller = new AbortController();
+  const state = {controller, stopped: false};
+  setRunning(state);
+  const began = performance.now();
+  await modelReady;
+  let answer = "", info = null, tokens;
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({
+        model, messages: history, stream: true, stream_options: {include_usage: true},
+        temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
+      }),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error?.message ?? `HTTP ${response.status}`);
+    }
+    for await (const chunk of events(response)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices?.[0]?.delta?.content;
+      if (delta) {
+        answer += delta;
+        textNode.data = answer;
+        scrollDown();
+      }
+      if (chunk.meadow) info = chunk.meadow;
+      if (chunk.usage) tokens = chunk.usage.completion_tokens;
+    }
+  } catch (error) {
+    if (!state.stopped) {
+      cursor.remove();
+      if (!answer) turn.remove();
+      history.pop();  // the question got no answer: let the user ask again
+      addTurn("error", `Error: ${error.message}`);
+      setRunning(null);
+      prompt.focus();
+      return;
+    }
+  }
+  cursor.remove();
+  history.push({role: "assistant", content: answer});
+  showMeta(turn, {
+    seconds: info?.seconds ?? (performance.now() - began) / 1000,
+    servers: info?.servers, tokens, stopped: state.stopped,
+  });
+  turn.dataset.done = "true";
+  scrollDown();
+  setRunning(null);
+  prompt.focus();
+}
+
+function stop() {
+  if (!running) return;
+  running.stopped = true;
+  running.controller.abort();  // the API sees the disconnect and ends the session on the servers
+}
+
+function newChat() {
+  stop();
+  messages = [];
+  thread.replaceChildren();
+  const welcome = element("div", "welcome");
+  welcome.id = "welcome";
+  welcome.append(element("h1", "", "New conversation"), element("p", "", "Ask anything."));
+  thread.append(welcome);
+  prompt.focus();
+}
+
+function autosize() {
+  prompt.style.height = "auto";
+  prompt.style.height = prompt.scrollHeight + "px";
+}
+
+$("composer").addEventListener("submit", (event) => { event.preventDefault(); send(); });
+prompt.addEventListener("input", autosize);
+prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  }
+});
+document.addEventListener("keydown", (event) => { if (event.key === "Escape") stop(); });
+stopButton.addEventListener("click", stop);
+$("new-chat").addEventListener("click", newChat);

@@ -1,0 +1,294 @@
+"""`meadow api` as a user sees it: the official `openai` client against a real API process over a real loopback swarm
+(a DHT node and 2 servers). Greedy text must be the local transformers model's greedy text for the same prompt ids."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+
+from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.local_swarm import LocalSwarm, Process
+from meadow.models import load_reference_model, load_tokenizer
+
+CACHE_TOKENS = 16384  # a server's default KV-cache budget: all of it is free when no session is open
+
+
+def start_api(model, initial_peers: list[str], *extra: str) -> Process:
+    """`meadow api` on a free port; it prints "API ready: URL (model ID)" once it serves."""
+    return Process(["api", str(model), "--initial-peers", *initial_peers, "--port", "0", *extra], "api")
+
+
+def api_url(api: Process) -> str:
+    return api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints):
+    """A swarm of the model on blocks 0:2 and 2:4 with an API over it; and an API over a second swarm name whose only
+    server holds blocks 0:2. Servers announce every 2 s, so that their free cache shows up soon in /api/swarm.
+    Everything starts at once."""
+    path = checkpoints("llama", num_layers=4)
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        for span in ("0:2", "2:4"):
+            swarm.start_server(path, "--blocks", span, "--update-period", "2", wait=False)
+        swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "partial", wait=False)
+        api, partial = start_api(path, swarm.initial_peers), start_api(path, swarm.initial_peers, "--dht-prefix", "partial")
+        try:
+            for server in swarm.servers:
+                server.wait_for(lambda line: "ready" in line, timeout=180)
+            yield {"path": path, "swarm": swarm, "api": api, "url": api_url(api), "partial_url": api_url(partial)}
+        finally:
+            for process in (api, partial, *swarm.servers):  # all at once: each takes a few seconds to leave
+                process.popen.send_signal(signal.SIGTERM)
+            api.stop()
+            partial.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served["url"] + "v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """The whole model run locally by transformers, and its tokenizer."""
+    local = load_reference_model(served["path"])
+    return local, load_tokenizer(served["path"])
+
+
+def local_reply(reference, prompt_ids: torch.Tensor, max_tokens: int, stops: list[str] = ()) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of the local model's greedy continuation, cut the way the API cuts it."""
+    local, tokenizer = reference
+    with torch.no_grad():
+        out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_tokens, do_sample=False)
+    new = out[0, prompt_ids.shape[1] :].tolist()
+    eos = tokenizer.eos_token_id
+    text = tokenizer.decode([t for t in new if t != eos], skip_special_tokens=True)
+    cut = min([text.find(stop) for stop in stops if stop in text], default=None)
+    if cut is not None:
+        return text[:cut], "stop", -1  # tokens up to the one that completed the stop string: not checked
+    return text, "stop" if eos in new else "length", len(new)
+
+
+def http(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """A raw GET (or POST of `body` as JSON) with the standard library: (status, parsed JSON reply)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def server_peers(swarm, dht_prefix: str) -> dict[str, str]:
+    """Blocks -> peer id of the model's servers, from their ready lines: "Server ready: PREFIX blocks START:END as PEER, ..."."""
+    peers = {}
+    for server in swarm.servers:
+        words = next(line for line in server.lines if "ready" in line).split()
+        if words[2] == dht_prefix:
+            peers[words[4]] = words[6].rstrip(",")
+    return peers
+
+
+def test_models_lists_the_served_model(client, served):
+    models = client.models.list().data
+    assert [model.id for model in models] == ["tiny-llama"]
+
+
+def test_greedy_chat_equals_local_greedy(client, model_id, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do bees live?"}]
+    prompt_ids = chat_prompt_ids(reference[1], messages)
+    text, finish, tokens = local_reply(reference, prompt_ids, 12, stop_strings(reference[1]))
+
+    response = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == text
+    assert choice.finish_reason == finish
+    assert response.usage.prompt_tokens == prompt_ids.shape[1]
+    if tokens >= 0:
+        assert response.usage.completion_tokens == tokens
+        assert response.usage.total_tokens == prompt_ids.shape[1] + tokens
+
+
+def test_streamed_chat_yields_the_same_text_and_names_its_servers(client, model_id, reference, served):
+    messages = [{"role": "user", "content": "Tell me about meadows."}]
+    text, finish, tokens = local_reply(reference, chat_prompt_ids(reference[1], messages), 16, stop_strings(reference[1]))
+
+    chunks = list(client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))  # fmt: skip
+    content = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+    assert len([piece for piece in content if piece]) > 1  # it did stream
+    assert "".join(content) == text
+    finals = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert [chunk.choices[0].finish_reason for chunk in finals] == [finish]
+    # the chain that served it: the swarm's two servers, each with its blocks
+    meadow = finals[0].model_extra["meadow"]
+    assert {server["blocks"]: server["peer"] for server in meadow["servers"]} == server_peers(served["swarm"], model_id)
+    assert meadow["seconds"] > 0
+    assert chunks[-1].usage.completion_tokens == tokens
+
+
+def test_greedy_completion_equals_local_greedy_streamed_or_not(client, model_id, reference):
+    prompt = "A meadow is"
+    prompt_ids = reference[1](prompt, return_tensors="pt")["input_ids"]
+    text, finish, tokens = local_reply(reference, prompt_ids, 10)
+
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=10, temperature=0)
+    assert response.choices[0].text == text
+    assert response.choices[0].finish_reason == finish
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_ids.shape[1], tokens)
+
+    stream = client.completions.create(model=model_id, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == finish
+
+
+def test_stop_sequence_ends_the_text_with_finish_reason_stop(client, model_id, reference):
+    prompt = "Grass grows"
+    prompt_ids = reference[1](prompt, return_tensors="pt")["input_ids"]
+    full, _, _ = local_reply(reference, prompt_ids, 12)
+    stop = full[5:7]  # a piece of what the model is going to say
+    text, finish, _ = local_reply(reference, prompt_ids, 12, [stop])
+    assert finish == "stop" and len(text) <= 5
+
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert (response.choices[0].text, response.choices[0].finish_reason) == (text, "stop")
+    chunks = list(client.completions.create(model=model_id, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_repeats_and_penalties_change_the_text(client, model_id):
+    ask = dict(model=model_id, prompt="Flowers", max_tokens=12, temperature=1.0, top_p=0.9)
+    first = client.completions.create(**ask, seed=7).choices[0].text
+    assert client.completions.create(**ask, seed=7).choices[0].text == first
+    greedy = dict(model=model_id, prompt="Flowers", max_tokens=24, temperature=0)
+    plain = client.completions.create(**greedy).choices[0].text
+    penalised = client.completions.create(**greedy, frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
+    assert penalised != plain
+    assert len(set(penalised)) >= len(set(plain))  # repeating a token costs: the text uses more distinct characters
+
+
+def test_malformed_json_is_a_400_in_openais_shape(served):
+    status, reply = http(served["url"] + "v1/chat/completions", b'{"model": "tiny-llama", "messages": [')
+    assert status == 400
+    error = reply["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "tiny-llama"}, "messages"),
+        ({"model": "tiny-llama", "messages": []}, "messages"),
+        ({"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_bad_fields_are_a_400_naming_the_field(served, body, param):
+    status, reply = http(served["url"] + "v1/chat/completions", json.dumps(body).encode())
+    assert status == 400, reply
+    error = reply["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 404
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+
+
+def test_too_long_prompt_is_a_400(client, model_id, reference):
+    context = reference[0].config.max_position_embeddings
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=model_id, prompt="grass " * context, max_tokens=4)
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert str(context) in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError):  # a short prompt that asks for more than the context holds
+        client.completions.create(model=model_id, prompt="grass", max_tokens=context)
+
+
+def test_missing_blocks_are_a_503_naming_them(served):
+    partial = openai.OpenAI(base_url=served["partial_url"] + "v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ask(stream: bool) -> openai.APIStatusError:
+        with pytest.raises(openai.APIStatusError) as caught:
+            partial.chat.completions.create(
+                model="partial", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=stream
+            )
+        return caught.value
+
+    with ThreadPoolExecutor(2) as pool:  # together: each waits a few seconds for a server to appear
+        errors = list(pool.map(ask, (False, True)))
+    for error in errors:
+        assert error.status_code == 503
+        assert "2:4" in error.body["message"], error.body
+        assert error.body["code"] == "missing_blocks"
+
+
+def test_concurrent_requests_all_get_their_greedy_text(client, model_id, reference):
+    prompts = ["Bees", "A quiet field of", "Wind over", "Clover and", "The river"]
+    expected = [local_reply(reference, reference[1](p, return_tensors="pt")["input_ids"], 14)[0] for p in prompts]
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model=model_id, prompt=prompt, max_tokens=14, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(ask, prompts)) == expected
+
+
+def free_cache(url: str) -> list[int]:
+    _, swarm = http(url + "api/swarm")
+    (model,) = [model for model in swarm["models"] if model["dht_prefix"] == "tiny-llama"]
+    return [server["cache_tokens_left"] for server in model["servers"]]
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true"
+        time.sleep(0.2)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_server_sessions(client, model_id, served):
+    url, api = served["url"], served["api"]
+    wait_until(lambda: free_cache(url) == [CACHE_TOKENS, CACHE_TOKENS])
+    lines_before = len(api.lines)
+    stream = client.completions.create(model=model_id, prompt="Endless", max_tokens=4000, temperature=0, stream=True)
+    pieces = [next(stream).choices[0].text for _ in range(3)]
+    assert pieces
+    # the session holds cache on both servers while it runs (as the servers announce)...
+    wait_until(lambda: all(left < CACHE_TOKENS for left in free_cache(url)))
+    stream.close()
+    # ...and gives it back once the client went away, long before its 4000 tokens
+    wait_until(lambda: free_cache(url) == [CACHE_TOKENS, CACHE_TOKENS])
+    ended = api.wait_for(lambda line: "generation cancelled" in line, timeout=30)
+    assert api.lines.index(ended) >= lines_before
+    generated = int(ended.split(" prompt + ")[1].split()[0])
+    assert generated < 4000
+    # and the API goes on serving
+    assert client.completions.create(model=model_id, prompt="Again", max_tokens=3, temperature=0).choices[0].text

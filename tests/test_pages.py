@@ -1,0 +1,155 @@
+"""The web pages `meadow api` serves, driven in headless Chromium (Debian's `chromium`, through playwright) against a
+real loopback swarm: the chat page streams the model's answer, the monitor shows every server's blocks.
+
+MEADOW_SCREENSHOTS=1 also saves docs/chat.png and docs/monitor.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.local_swarm import LocalSwarm, Process
+from meadow.models import load_reference_model, load_tokenizer
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SCREENSHOTS = os.environ.get("MEADOW_SCREENSHOTS") == "1"
+
+
+def chromium_path() -> str:
+    path = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
+    if path is None:
+        message = "the page tests need Debian's chromium: apt-get install chromium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright: pip install playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints):
+    """An API over a swarm that serves the model on blocks 0:2 and 2:4, and the same checkpoint under another swarm
+    name on blocks 0:2 only (so that the monitor has a gap to show)."""
+    path = checkpoints("llama", num_layers=4)
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        swarm.start_server(path, "--blocks", "0:2", "--public-name", "hill-farm", wait=False)
+        swarm.start_server(path, "--blocks", "2:4", "--public-name", "river-bank", wait=False)
+        swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "half-served", wait=False)
+        api = Process(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0"], "api")
+        try:
+            for server in swarm.servers:
+                server.wait_for(lambda line: "ready" in line, timeout=180)
+            url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+            yield {"path": path, "swarm": swarm, "url": url}
+        finally:
+            for process in (api, *swarm.servers):  # all at once: each takes a few seconds to leave
+                process.popen.send_signal(signal.SIGTERM)
+            api.stop()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    yield page
+    page.close()
+
+
+def local_answer(path, question: str, max_tokens: int) -> str:
+    """The local transformers model's greedy reply, cut where the API cuts it."""
+    tokenizer = load_tokenizer(path)
+    local = load_reference_model(path)
+    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    with torch.no_grad():
+        out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_tokens, do_sample=False)
+    text = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+    return text[: min([text.find(stop) for stop in stop_strings(tokenizer) if stop in text], default=len(text))]
+
+
+def test_chat_page_streams_the_greedy_answer(page, served):
+    page.goto(served["url"])
+    # keyboard only: temperature to 0 (greedy), a token budget, the question, Enter
+    page.focus("#temperature")
+    page.keyboard.press("Home")
+    page.fill("#max-tokens", "24")
+    page.focus("#prompt")
+    question = "What grows in a meadow?"
+    page.keyboard.type(question)
+    # record every text the answer shows while it streams
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => {
+            const bubble = document.querySelector('.turn.assistant .bubble');
+            if (bubble && bubble.textContent) window.seen.push(bubble.textContent);
+        }).observe(document.getElementById('thread'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+
+    answer = page.text_content(".turn.assistant .bubble")
+    assert answer == local_answer(served["path"], question, 24)
+    assert len(set(page.evaluate("window.seen"))) > 1  # it appeared piece by piece
+    assert page.text_content(".turn.user .bubble") == question
+    hops = page.locator(".turn.assistant .meta .hop").all_text_contents()
+    assert [hop.split()[1] for hop in hops] == ["0:2", "2:4"]
+    assert " s" in page.text_content(".turn.assistant .meta")  # how long it took
+    if SCREENSHOTS:
+        page.focus("#prompt")
+        page.keyboard.type("And what lives there?")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".turn.assistant[data-done] >> nth=1", timeout=60_000)
+        DOCS.mkdir(exist_ok=True)
+        page.screenshot(path=DOCS / "chat.png")
+
+
+def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
+    page.goto(served["url"])
+    page.fill("#max-tokens", "3000")
+    page.focus("#prompt")
+    page.keyboard.type("Say a lot")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('.turn.assistant .bubble')?.textContent.length > 3", timeout=60_000)
+    page.keyboard.press("Escape")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=30_000)
+    assert "stopped" in page.text_content(".turn.assistant .meta")
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+
+    page.click("#new-chat")
+    assert page.locator(".turn").count() == 0
+    assert page.evaluate("document.activeElement.id") == "prompt"
+
+
+def test_monitor_shows_every_servers_blocks(page, served):
+    page.goto(served["url"] + "monitor")
+    page.wait_for_selector("body[data-loaded]", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('tbody tr').length === 3", timeout=30_000)
+    cards = page.locator(".model-card").all_text_contents()
+    assert any("tiny-llama" in card and "all 4 blocks online" in card for card in cards)
+    assert any("half-served" in card and "2 of 4 blocks online" in card for card in cards)
+    assert page.locator(".coverage .block.online").count() == 6 and page.locator(".coverage .block.missing").count() == 2
+
+    rows = [row.split("\t") for row in page.locator("tbody tr").evaluate_all("rows => rows.map(r => r.innerText)")]
+    peers = [next(line for line in s.lines if "ready" in line).split(" as ")[1].split(",")[0] for s in served["swarm"].servers]
+    by_peer = {row[0].strip(): row for row in rows}
+    for peer, blocks, name in zip(peers, ["0:2", "2:4", "0:2"], ["hill-farm", "river-bank", "—"]):
+        row = by_peer["…" + peer[-6:]]
+        assert row[1].strip() == blocks and row[2].strip() == "online" and row[-1].strip() == name
+        assert "tokens/s" in row[3] and row[4].strip() == "16,384 tokens"
+    if SCREENSHOTS:
+        DOCS.mkdir(exist_ok=True)
+        page.screenshot(path=DOCS / "monitor.png")

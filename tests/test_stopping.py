@@ -1,0 +1,122 @@
+"""`meadow dht` and `meadow serve` stop for good, whichever way they are stopped: SIGINT or SIGTERM, sent to the main
+process or to its whole process group (as `kill -- -PGID`, supervisors and systemd do). No process of the group
+(hivemind's DHT process, the p2pd daemons) survives. A client's close() ends its own DHT process and p2pd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from meadow.client.model import AutoDistributedModelForCausalLM
+from meadow.client.sequence import ClosedError
+from meadow.local_swarm import LocalSwarm, Process
+from meadow.stopping import descendants
+
+HANG = 20.0  # seconds: a hang detector, not a speed requirement
+
+
+def group_members(pgid: int) -> list[str]:
+    """Live (not zombie) processes of process group `pgid`, as "pid command" lines."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after its ")"
+            stat = (proc / "stat").read_text()
+            state, _ppid, group = stat[stat.rindex(")") + 2 :].split()[:3]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            members.append(f"{proc.name} {command}")
+    return members
+
+
+def assert_group_ends(process: Process, pgid: int) -> None:
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline and (process.popen.poll() is None or group_members(pgid)):
+        time.sleep(0.1)
+    assert process.popen.poll() is not None, "the main process still runs:\n" + "\n".join(process.lines[-20:])
+    assert not group_members(pgid), group_members(pgid)
+
+
+WAYS = [(sig, target) for sig in (signal.SIGINT, signal.SIGTERM) for target in ("main", "group")]
+
+
+def start(command: str, initial_peers: list[str], model: Path) -> Process:
+    if command == "dht":
+        return Process(["dht", "--initial-peers", *initial_peers], "dht")
+    args = ["serve", str(model), "--initial-peers", *initial_peers, "--blocks", "0:2", "--throughput", "100"]
+    return Process(args, "serve")
+
+
+def wait_ready(process: Process) -> None:
+    process.wait_for(lambda line: line.startswith("/ip4/") or "Server ready" in line, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def started(checkpoints):
+    """A bootstrap node, then a `meadow dht` and a `meadow serve` for each way of stopping, all started at once."""
+    model = checkpoints("llama", num_layers=2)
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        processes = {(command, *way): start(command, swarm.initial_peers, model) for command in ("dht", "serve") for way in WAYS}
+        try:
+            yield processes, swarm.initial_peers, model
+        finally:
+            for process in processes.values():
+                process.stop(timeout=1)
+
+
+@pytest.mark.parametrize("command", ["dht", "serve"])
+@pytest.mark.parametrize("sig, target", WAYS, ids=[f"{signal.Signals(sig).name}-{target}" for sig, target in WAYS])
+def test_every_process_ends_whichever_way_it_is_stopped(command, sig, target, started):
+    process = started[0][(command, sig, target)]
+    wait_ready(process)
+    pgid = process.popen.pid  # Process starts a new session: the main process leads its group
+    # the main process, hivemind's DHT process and its p2pd: each must go
+    assert len(group_members(pgid)) >= 3, group_members(pgid)
+    if target == "main":
+        process.popen.send_signal(sig)
+    else:
+        os.killpg(pgid, sig)
+    assert_group_ends(process, pgid)
+
+
+@pytest.mark.parametrize("command", ["dht", "serve"])
+def test_every_process_ends_when_the_group_is_stopped_during_start_up(command, started):
+    """The DHT process dies before it reports ready: the main process must not wait for it."""
+    _, initial_peers, model = started
+    process = start(command, initial_peers, model)
+    pgid = process.popen.pid
+    try:
+        deadline = time.monotonic() + 3 * HANG
+        while len(group_members(pgid)) < 3 and time.monotonic() < deadline:  # the DHT process and its p2pd exist
+            time.sleep(0.01)
+        os.killpg(pgid, signal.SIGTERM)
+        assert_group_ends(process, pgid)
+    finally:
+        process.stop(timeout=1)
+
+
+def test_closing_a_client_ends_its_dht_process_and_p2p_daemon(started):
+    _, initial_peers, model_path = started
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers) as model:
+        dht_process = model.sequence.dht.pid
+        ours = {dht_process, *descendants(dht_process)}
+        assert len(ours) >= 2 and ours <= set(descendants(os.getpid())), ours  # hivemind's DHT process and its p2pd
+    deadline = time.monotonic() + HANG
+    while ours & set(descendants(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not ours & set(descendants(os.getpid()))
+    model.close()  # again: nothing to do
+    with pytest.raises(ClosedError, match="closed"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    with pytest.raises(ClosedError, match="closed"):
+        model(torch.tensor([[1, 2, 3]]))
