@@ -34,8 +34,8 @@ def start_dht(
     hivemind's default multicasts SSDP on the local network even when bound to 127.0.0.1.
 
     Its peer id and the key that signs its records come from the `identity` file (`meadow keygen`), or from a fresh
-    random key. It refuses unsigned or forged records, and checks the block records of `swarms` (dht_prefix ->
-    number of blocks) in full (swarm/validation.py)."""
+    random key. It refuses unsigned or forged records, and checks the list of models and the block records of
+    `swarms` (dht_prefix -> number of blocks) in full (swarm/validation.py)."""
     with tempfile.TemporaryDirectory(prefix="meadow-identity-") as folder:
         # p2pd reads its key from a file at start; a fresh one's file is gone once it has (the key stays in memory)
         key = load_identity(identity) if identity is not None else generate_identity(Path(folder) / "identity.key")
