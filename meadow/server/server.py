@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from meadow.models import load_block, load_blocks, load_config, resolve_model_path
+from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.models.lora import BlockLora, load_peft_adapter
 from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
@@ -22,6 +23,7 @@ from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
 from meadow.swarm import ModelInfo, ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, model_name, start_dht
+from meadow.swarm.records import MAX_SPEED
 from meadow.wire import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class ServerConfig:
     balance_quality: float = 0.75  # move only if the weakest block's throughput then exceeds (what it is now) / this
     throughput: str | float = "auto"  # "auto": measured once, then cached; "eval": measure again; a number: announce it
     nat_port_map: bool = False
+    identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each start)
     adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
 
@@ -62,6 +65,7 @@ class Server:
         self.model_path = resolve_model_path(config.model)
         self.model_config = load_config(self.model_path)
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
+        self.fingerprint = checkpoint_fingerprint(self.model_path)  # clients use only servers of their checkpoint
         if config.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype}")
         if not 0 < config.balance_quality <= 1:
@@ -91,7 +95,10 @@ class Server:
 
         on_stop_signals(on_stop)
 
-        self.dht = start_dht(config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map)
+        self.dht = start_dht(
+            config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
+            identity=config.identity, swarms={self.dht_prefix: self.model_config.num_hidden_layers},
+        )  # fmt: skip
         try:
             speed_source = await loop.run_in_executor(None, self._measure)
             rtt = await loop.run_in_executor(None, ping_peers, self.dht)
@@ -245,14 +252,15 @@ class Server:
             state=self.state,
             start=self.span_range.start,
             end=self.span_range.end,
-            throughput=self.throughput,
-            inference_rps=self.inference_rps,
+            throughput=min(self.throughput, MAX_SPEED),  # beyond it, a record is refused as absurd
+            inference_rps=min(self.inference_rps, MAX_SPEED),
             cache_tokens_left=self.budget.left,
             open_sessions=len(self.handler.sessions),
             dtype=self.config.dtype,
             quant=self.config.quant,
             public_name=self.config.public_name,
             adapters=tuple(Path(path).name for path in self.config.adapters),
+            fingerprint=self.fingerprint,
         )
 
     def info_dict(self) -> dict:
@@ -278,5 +286,7 @@ class Server:
 
     async def _announce(self) -> None:
         info, expiration = self.info(), 3 * self.config.update_period
-        model = ModelInfo(num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path))  # for monitors
+        model = ModelInfo(  # for monitors
+            dht_prefix=self.dht_prefix, num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path)
+        )
         await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)
