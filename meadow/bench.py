@@ -11,10 +11,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from meadow.local_swarm import LocalSwarm
-from meadow.models import load_config
+from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
 
 BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
@@ -90,7 +89,7 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
         distributed.sequence.close()
 
-    local_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
     for layer in local_model.model.layers:  # the same quantized blocks as the servers'; embeddings and head as they are
         quantize_block(layer, quant, device)
