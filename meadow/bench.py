@@ -1,4 +1,5 @@
-"""`meadow bench`: the same model run locally (transformers) and through a loopback swarm, side by side."""
+"""`meadow bench`: the same model run locally (transformers) and through a loopback swarm, side by side. With
+--quant, the servers' blocks and the local model's blocks are quantized alike."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from meadow.local_swarm import LocalSwarm
-from meadow.models import load_config
+from meadow.models import load_config, load_reference_model
+from meadow.models.quant import quantize_block
 
 BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
@@ -66,7 +67,7 @@ def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
     return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=3)}
 
 
-def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str) -> None:
+def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str, quant: str = "none") -> None:
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     model = str(model or default_bench_model())
@@ -76,7 +77,8 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
     with LocalSwarm() as swarm:
         swarm.start_dht()
         servers = [
-            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
+            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, "--quant", quant,
+                               wait=False)  # fmt: skip
             for a, b in zip(bounds, bounds[1:])
         ]
         for server in servers:
@@ -87,12 +89,15 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
         distributed.sequence.close()
 
-    local_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
-    local = measure(local_model, new_tokens, config.vocab_size)
+    local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
+    for layer in local_model.model.layers:  # the same quantized blocks as the servers'; embeddings and head as they are
+        quantize_block(layer, quant, device)
+    local_model.to(device)
+    local = measure(local_model, new_tokens, config.vocab_size)
 
     local_step, remote_step = 1 / local["tokens_per_s"], 1 / remote["tokens_per_s"]
-    print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, "
+    print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, quant {quant}, "
           f"{num_servers} servers (spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))})")  # fmt: skip
     print(f"| measure | local | swarm | swarm/local |")
     print(f"|---|---|---|---|")
