@@ -98,7 +98,7 @@ class RemoteSequence:
         if isinstance(error, WrongOutputs):  # not a mishap: it computes wrong results
             with self._bans_lock:
                 self.banned_until[peer] = time.monotonic() + self.config.verify_ban_seconds
-            logger.warning(f"server {peer} returned wrong outputs: {error}; avoiding it for {self.config.verify_ban_seconds:.0f} s")
+            logger.warning(f"{error}; avoiding it for {self.config.verify_ban_seconds:.0f} s")
             return
         with self._bans_lock:
             self.failures[peer] += 1

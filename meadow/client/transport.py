@@ -21,8 +21,10 @@ class BadReply(MeadowError):
     """A server's reply is malformed: undecodable, or not the tensors the request asks for (count, shape, dtype), or
     values that are not finite. The server failed: another one may do better."""
 
+    what = "bad reply"
+
     def __init__(self, message: str, peer: PeerID | str):
-        super().__init__(f"bad reply from {peer}: {message}")
+        super().__init__(f"{self.what} from {peer}: {message}")
         self.peer = peer
 
 

@@ -40,6 +40,8 @@ ROW_FLOOR = 1e-2  # a token's difference is relative to at least this fraction o
 class WrongOutputs(BadReply):
     """Well-formed outputs that two other servers, given the same request, agree are wrong."""
 
+    what = "wrong outputs"
+
 
 def tolerance(a: dict, b: dict) -> float:
     """How far two honest servers' outputs may lie apart (per-token relative difference), from their announced
@@ -133,7 +135,7 @@ class SpotChecker:
         self.caught += 1
         wrong, right = (peer, hop.peer) if primary_right else (hop.peer, peer)
         error = WrongOutputs(
-            f"outputs for blocks {hop.blocks} differ from those of {right} and {judge}, which agree "
+            f"for blocks {hop.blocks}, unlike those of {right} and {judge}, which agree "
             f"(relative difference {difference:.3g}, tolerance {limit:.3g})",
             wrong,
         )
