@@ -28,12 +28,15 @@ class BadReply(MeadowError):
         self.peer = peer
 
 
-def check_reply(tensors: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], peer: PeerID) -> list[torch.Tensor]:
-    """`tensors` if they have the count, shapes and dtypes of `expected` and only finite values; BadReply otherwise.
-    Every reply a client uses passes through here: what comes back from a stranger is checked in one place."""
-    if len(tensors) != len(expected):
+def check_reply(
+    tensors: Sequence[torch.Tensor], expected: Sequence[torch.Tensor] | None, peer: PeerID
+) -> list[torch.Tensor]:
+    """`tensors` if they have the count, shapes and dtypes of `expected` (None: any) and only finite values;
+    BadReply otherwise. Every reply a client uses passes through here: what a stranger returns is checked in one place."""
+    if expected is not None and len(tensors) != len(expected):
         raise BadReply(f"{len(tensors)} tensors, expected {len(expected)}", peer)
-    for index, (got, like) in enumerate(zip(tensors, expected)):
+    for index, got in enumerate(tensors):
+        like = expected[index] if expected is not None else got
         if got.shape != like.shape or got.dtype != like.dtype:
             raise BadReply(f"tensor {index} is {_describe(got)}, expected {_describe(like)}", peer)
         if got.is_floating_point() and not torch.isfinite(got).all():
@@ -79,8 +82,8 @@ async def call(
     timeout: float,
     expected: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """One request, one reply (rpc_forward, rpc_backward): the reply's tensors, checked to be like `expected`
-    (default: one tensor like the first one sent, the hidden states)."""
+    """One request, one reply (rpc_forward, rpc_backward): the reply's tensors, checked to be like `expected` (the
+    outputs or gradients the request asks for; None: any, but finite)."""
     messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest)
     responses = await asyncio.wait_for(
         p2p.iterate_protobuf_handler(peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout
@@ -89,13 +92,13 @@ async def call(
         reply = await read_reply(responses, peer, timeout)
     finally:
         await responses.aclose()
-    return check_reply(reply, tensors[:1] if expected is None else expected, peer)
+    return check_reply(reply, expected, peer)
 
 
 async def forward(
     p2p: P2P, peer: PeerID, request: ForwardRequest, tensors: list[torch.Tensor], timeout: float
 ) -> torch.Tensor:
-    (output,) = await call(p2p, peer, RPC_FORWARD, request, tensors, timeout)
+    (output,) = await call(p2p, peer, RPC_FORWARD, request, tensors, timeout, expected=tensors[:1])
     return output
 
 
@@ -155,9 +158,9 @@ class InferenceStream:
             raise
 
     def _checked(self, reply: list[torch.Tensor], like: torch.Tensor | None) -> torch.Tensor:
-        if like is None:  # shape unknown to the caller: still one finite tensor
-            like = reply[0] if len(reply) == 1 else torch.empty(0)
-        (output,) = check_reply(reply, [like], self.peer)
+        if len(reply) != 1:
+            raise BadReply(f"{len(reply)} tensors, expected 1", self.peer)
+        (output,) = check_reply(reply, None if like is None else [like], self.peer)
         return output
 
     async def _next(self, timeout: float) -> list[torch.Tensor]:
