@@ -1,4 +1,5 @@
-"""`meadow bench`: the same model run locally (transformers) and through a loopback swarm, side by side."""
+"""`meadow bench`: the same model run locally (transformers) and through a loopback swarm, side by side. With
+--quant, the servers' blocks and the local model's blocks are quantized alike."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from meadow.local_swarm import LocalSwarm
-from meadow.models import load_config
+from meadow.models import load_config, load_reference_model
+from meadow.models.quant import quantize_block
 
 BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
@@ -66,7 +67,7 @@ def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
     return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=3)}
 
 
-def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str) -> None:
+def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str, quant: str = "none") -> None:
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     model = str(model or default_bench_model())
@@ -76,7 +77,8 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
     with LocalSwarm() as swarm:
         swarm.start_dht()
         servers = [
-            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
+            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, "--quant", quant,
+                               wait=False)  # fmt: skip
             for a, b in zip(bounds, bounds[1:])
         ]
         for server in servers:
@@ -87,12 +89,15 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
         distributed.sequence.close()
 
-    local_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
-    local = measure(local_model, new_tokens, config.vocab_size)
+    local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
+    for layer in local_model.model.layers:  # the same quantized blocks as the servers'; embeddings and head as they are
+        quantize_block(layer, quant, device)
+    local_model.to(device)
+    local = measure(local_model, new_tokens, config.vocab_size)
 
     local_step, remote_step = 1 / local["tokens_per_s"], 1 / remote["tokens_per_s"]
-    print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, "
+    print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, quant {quant}, "
           f"{num_servers} servers (spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))})")  # fmt: skip
     print(f"| measure | local | swarm | swarm/local |")
     print(f"|---|---|---|---|")
@@ -106,3 +111,95 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
           f"({num_servers} hops; (swarm - local) time per token / hops)")  # fmt: skip
     print(f"peak memory: client {client_peak:.0f} MiB (holds embeddings and head, no blocks); servers "
           + ", ".join(f"{peak:.0f} MiB" for peak in server_peaks))
+
+
+CLIENT_PROMPT_LENGTH = 16
+
+
+def client_worker(model: str, initial_peers: list[str], index: int, new_tokens: int, commands, results) -> None:
+    """One client process of `run_clients_bench`: joins the swarm, then for every start time it is sent, generates
+    `new_tokens` greedy tokens from its own prompt at that time and reports (start, end)."""
+    from meadow.client.model import AutoDistributedModelForCausalLM
+
+    try:
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers)
+    except BaseException as e:
+        results.put(("failed", repr(e)))
+        raise
+    vocab_size = distributed.config.vocab_size
+    prompt = torch.randint(0, vocab_size, (1, CLIENT_PROMPT_LENGTH), generator=torch.Generator().manual_seed(100 + index))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        distributed.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: routes, pings
+        results.put(("ready", index))
+        while (start_at := commands.get()) is not None:
+            time.sleep(max(0.0, start_at - time.time()))
+            began = time.time()
+            distributed.generate(prompt, **kwargs)
+            results.put((began, time.time()))
+    distributed.sequence.close()
+
+
+def run_clients_bench(
+    model: str | None, num_servers: int, clients: list[int], new_tokens: int, dtype: str, device: str, repeats: int = 3
+) -> None:
+    """N client processes generate at the same time through one swarm, for each N in `clients`: the aggregate and
+    per-client tokens/s, and the efficiency aggregate / (N x one client alone)."""
+    model = str(model or default_bench_model())
+    config = load_config(model)
+    blocks = config.num_hidden_layers
+    bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
+    clients = sorted(set(clients) | {1})
+    context = multiprocessing.get_context("spawn")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as for servers: clients that share cores must not spin
+    rows = []
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        servers = [
+            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=600)
+        results = context.Queue()
+        workers = []
+        for index in range(max(clients)):
+            commands = context.Queue()
+            process = context.Process(
+                target=client_worker, args=(model, swarm.initial_peers, index, new_tokens, commands, results)
+            )  # not a daemon: a client starts its own DHT process
+            process.start()
+            workers.append((process, commands))
+        try:
+            for _ in workers:
+                state, detail = results.get(timeout=600)
+                if state != "ready":
+                    raise RuntimeError(f"a client process failed: {detail}")
+            for n in clients:
+                runs = []
+                for _ in range(repeats):
+                    start_at = time.time() + 0.5
+                    for _, commands in workers[:n]:
+                        commands.put(start_at)
+                    spans = [results.get(timeout=600) for _ in range(n)]  # (start, end) of each client
+                    wall = max(end for _, end in spans) - start_at
+                    runs.append((n * new_tokens / wall, [new_tokens / (end - start_at) for _, end in spans]))
+                aggregate, per_client = sorted(runs)[len(runs) // 2]  # the median run
+                rows.append((n, aggregate, per_client))
+        finally:
+            for process, commands in workers:
+                commands.put(None)
+            for process, _ in workers:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+
+    alone = rows[0][1]
+    print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, {num_servers} servers "
+          f"(spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))}); each client generates {new_tokens} "
+          f"greedy tokens after a {CLIENT_PROMPT_LENGTH}-token prompt, all at once; median of {repeats} runs")  # fmt: skip
+    print("| clients | aggregate tokens/s | per client tokens/s (mean, min-max) | efficiency |")
+    print("|---|---|---|---|")
+    for n, aggregate, per_client in rows:
+        print(f"| {n} | {aggregate:.1f} | {sum(per_client) / n:.1f} ({min(per_client):.1f}-{max(per_client):.1f}) "
+              f"| {aggregate / (n * alone):.2f} |")  # fmt: skip

@@ -42,7 +42,7 @@ def _quality(text: str) -> float:
 def _multiaddr(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a multiaddr such as /ip4/1.2.3.4/tcp/31337/p2p/12D3...; a MODEL goes before --initial-peers"
+            f"{text!r} is not a multiaddr such as /ip4/1.2.3.4/tcp/31337/p2p/Qm...; a MODEL goes before --initial-peers"
         )
     return text
 
@@ -68,6 +68,21 @@ def _add_network(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nat-port-map", action="store_true", help="ask the router for a port via UPnP (sends SSDP multicast)")
 
 
+def _identity_file(text: str) -> str:
+    from meadow.swarm import load_identity
+
+    try:
+        load_identity(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_identity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identity", metavar="PATH", type=_identity_file,
+                        help="identity file from `meadow keygen`: the same peer id at every start (default: a new one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meadow", description="Run large language models across many machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -76,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     dht = commands.add_parser("dht", help="start a DHT bootstrap node and print its multiaddr")
     _add_network(dht)
     dht.add_argument("--initial-peers", nargs="*", default=[], type=_multiaddr, help="other DHT nodes to join")
+    _add_identity(dht)
+
+    keygen = commands.add_parser("keygen", help="write a new identity file (a private key) for --identity")
+    keygen.add_argument("path", help="where to write it; an existing file is never overwritten")
 
     serve = commands.add_parser("serve", help="host a span of a model's blocks")
     serve.add_argument("model", nargs="?", help=MODEL_HELP)
@@ -84,12 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     span.add_argument("--blocks", type=_block_range, help="blocks to host, START:END (END excluded)")
     span.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm needs them")
     _add_network(serve)
+    _add_identity(serve)
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                       help="hold the blocks' linear layers as LLM.int8() (int8) or 4-bit NormalFloat (nf4), through "
+                            "bitsandbytes (default: none)")  # fmt: skip
     serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--chunk-tokens", type=int, default=256,
+                       help="prefill/forward/training tokens per batched pass: how long decoding may wait behind them")
     serve.add_argument("--graph-cache-mb", type=float, default=1024,
                        help="MiB of training clients' activations kept from forward to backward (0: always recompute)")  # fmt: skip
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
@@ -151,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="the servers' --quant")
+    bench.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")],
+                       help="N[,N...]: N client processes generating at once; prints aggregate tokens/s and efficiency")
     return parser
 
 
@@ -161,24 +189,37 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "dht":
         from meadow.swarm import serve_dht_node
 
-        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map)
+        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map, args.identity)
+    elif args.command == "keygen":
+        from meadow.swarm import generate_identity
+
+        try:
+            identity = generate_identity(args.path)
+        except OSError as e:  # it exists, or its folder does not
+            sys.exit(f"meadow keygen: {e}")
+        print(f"Wrote {identity.path}: peer id {identity.peer_id}; keep it private, pass it as --identity")
     elif args.command == "serve":
+        from meadow.models.quant import QuantUnavailable
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
-            graph_cache_bytes=int(args.graph_cache_mb * 2**20),
+            graph_cache_bytes=int(args.graph_cache_mb * 2**20), chunk_tokens=args.chunk_tokens,
         )  # fmt: skip
         config = ServerConfig(
             model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
-            dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
+            quant=args.quant, dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
             balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
-            nat_port_map=args.nat_port_map, adapters=args.adapters, limits=limits,
+            nat_port_map=args.nat_port_map, identity=args.identity, adapters=args.adapters, limits=limits,
         )  # fmt: skip
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
-        Server(config).run()
+        try:
+            server = Server(config)
+        except QuantUnavailable as e:  # the platform's fault, not a bug: one line, no traceback
+            sys.exit(f"meadow serve: error: {e}")
+        server.run()
     elif args.command == "generate":
         from meadow.client.text import stream_generate
 
@@ -202,9 +243,12 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(args.model, args.question, args.max_new_tokens, args.servers, args.keep)
     elif args.command == "bench":
-        from meadow.bench import run_bench
+        from meadow.bench import run_bench, run_clients_bench
 
-        run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device)
+        if args.clients:
+            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
+        else:
+            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ class ClientConfig:
     """Timeouts (seconds), retry limits and routing settings of a client, with defaults fit for a LAN or the internet."""
 
     dht_prefix: str | None = None  # swarm name of the model; default: derived from the model's name
+    identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each time)
     request_timeout: float = 30.0  # one forward, prefill or replay on one server; a server silent longer is failed over
     step_timeout: float = 5.0  # one decoding step (a few tokens): a server that dies silently must not stall us long
     min_step_timeout: float = 1.5  # ...and once a server's pace is known, `step_slowdown` times its usual step,
@@ -28,6 +29,7 @@ class ClientConfig:
     replay_chunk_tokens: int = 4096  # batch x tokens per message when replaying history to a replacement server
     push_steps: bool = True  # servers hand each decoding step's output straight to the next server of the chain
     micro_batch_tokens: int = 4096  # batch x tokens per forward/backward request; bigger batches go in several
+    min_quant: str | None = None  # use only servers whose weights are this quant or better (none > int8 > nf4)
     # Spot-checks (verify.py): this fraction of inference steps and of forward/backward requests is recomputed by
     # another server holding the same blocks (a third decides a mismatch). 0.02 costs ~2% more server work for
     # training and catches a server that keeps cheating within ~50 steps (a session's check covers its whole history,

@@ -19,11 +19,16 @@ from hivemind.proto import runtime_pb2
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.client.routing import Hop, MeasuredStep, MissingBlocksError, choose_chain, peers_to_ping, servers_by_peer
+from meadow.client.routing import (
+    Hop, MeasuredStep, MissingBlocksError, _ranges, choose_chain, peers_to_ping, servers_by_peer,
+)  # fmt: skip
 from meadow.client.transport import is_server_failure
 from meadow.client.verify import SpotChecker, WrongOutputs
+from meadow.models import resolve_model_path
+from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.client.tuning import RemoteTuning
+from meadow.models.quant import with_quant_at_least
 from meadow.wire import (
     PROTOCOL_VERSION, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError,
 )  # fmt: skip
@@ -31,7 +36,23 @@ from meadow.wire import (
 logger = logging.getLogger(__name__)
 PING_ROUNDS = 2  # a route refresh pings the best chains' unmeasured servers up to this many times (each round waits
 # for its slowest ping); the next refreshes go on where it stopped
-MOVED = ("ServerLeaving", "WrongServer")  # error kinds of healthy servers that no longer hold the blocks asked for
+MOVED = ("ServerLeaving", "WrongServer", "ServerBusy")  # healthy servers that left, moved or are full: skipped, not banned
+
+
+class OtherCheckpointError(MissingBlocksError):
+    """Servers hold the missing blocks under this swarm name, but of another checkpoint than the client's."""
+
+    def __init__(self, missing: list[int], others: dict[PeerID, ServerInfo], fingerprint: str, adapter: str | None):
+        super().__init__(missing, adapter)
+        covered = sorted({i for info in others.values() for i in range(info.start, info.end) if i in missing})
+        fingerprints = ", ".join(sorted({info.fingerprint or "none" for info in others.values()}))
+        many = len(others) != 1
+        self.args = (  # the message: what MissingBlocksError says, and why
+            f"{self}; {len(others)} server{'s' * many} announce{'s' * (not many)} blocks {_ranges(covered)} of this "
+            f"swarm but serve{'s' * (not many)} a different checkpoint (fingerprint {fingerprints}, ours "
+            f"{fingerprint}): start servers with the same files as the client, or give the other model another "
+            "--dht-prefix",
+        )
 
 
 class ClosedError(RuntimeError):
@@ -50,11 +71,14 @@ class RemoteSequence:
         num_blocks: int,
         config: ClientConfig,
         active_adapter: str | None = None,
+        fingerprint: str | None = None,
         first_block: int = 0,
     ):
         self.dht, self.dht_prefix, self.num_blocks, self.config = dht, dht_prefix, num_blocks, config
         self.blocks = BlockRange(start=first_block, end=num_blocks)  # the blocks that run remotely
         self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
+        self.fingerprint = fingerprint  # of our checkpoint: only servers of the same one are used (None: any)
+        self.other_checkpoints: dict[PeerID, ServerInfo] = {}  # online servers of this swarm name but not our model
         self.checker = SpotChecker(self)  # spot-checks of the servers' results (ClientConfig.verify)
         self.last_hops: list[Hop] = []  # the chain of the last forward pass (for logs and tests)
         self.p2p = run(dht.replicate_p2p())
@@ -72,7 +96,10 @@ class RemoteSequence:
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
-        self.servers = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
+        online = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
+        online = with_quant_at_least(online, self.config.min_quant)
+        self.servers = {peer: info for peer, info in online.items() if self.fingerprint in (None, info.fingerprint)}
+        self.other_checkpoints = {peer: info for peer, info in online.items() if peer not in self.servers}
         now = time.monotonic()
         self.rtt = {peer: rtt for peer, rtt in self.rtt.items() if self.rtt_expires.get(peer, now) >= now}
         everything = self.blocks
@@ -87,13 +114,13 @@ class RemoteSequence:
         self.routes_updated = time.monotonic()
 
     def ban(self, peer: PeerID, error: BaseException) -> None:
-        """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left
-        or moved its blocks is only skipped until the DHT shows where it went, and our routes are read again."""
+        """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left,
+        moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again."""
         if isinstance(error, RemoteError) and error.kind in MOVED:
             with self._bans_lock:
                 self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
             self.routes_updated = 0.0
-            logger.info(f"server {peer} no longer serves those blocks ({error.kind}: {error.remote_message}); rerouting")
+            logger.info(f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
             return
         if isinstance(error, WrongOutputs):  # not a mishap: it computes wrong results
             with self._bans_lock:
@@ -129,6 +156,12 @@ class RemoteSequence:
                 )  # fmt: skip
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
+                    others = {
+                        peer: info for peer, info in self.other_checkpoints.items()
+                        if any(info.start <= i < info.end for i in e.missing)
+                    }  # fmt: skip
+                    if others:
+                        raise OtherCheckpointError(e.missing, others, self.fingerprint, self.active_adapter) from None
                     raise MissingBlocksError(e.missing, self.active_adapter) from None
                 time.sleep(1.0)
                 force = True
@@ -328,6 +361,8 @@ def connect_sequence(
     client_config = client_config or ClientConfig()
     if not initial_peers:
         raise ValueError("initial_peers is empty: pass the multiaddr printed by `meadow dht` (or a server's)")
-    dht = start_dht(initial_peers, host=host, client_mode=True)
     prefix = dht_prefix or client_config.dht_prefix or dht_prefix_for(model)
-    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, first_block)
+    fingerprint = checkpoint_fingerprint(resolve_model_path(model))
+    swarms = {prefix: config.num_hidden_layers}  # the DHT node checks these records in full (swarm/validation.py)
+    dht = start_dht(initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms)
+    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)

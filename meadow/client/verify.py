@@ -166,4 +166,4 @@ class SpotChecker:
 
 
 def _kind(info) -> tuple[str, str] | None:
-    return None if info is None else (info.dtype, getattr(info, "quant", "none"))
+    return None if info is None else (info.dtype, info.quant)

@@ -124,6 +124,19 @@ class KVCache(nn.Module):
         return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
 
 
+@dataclass
+class Part:
+    """One sequence group of a packed batch (several sessions' tokens run through a block at once): `batch` rows of
+    `length` tokens, the next batch x length tokens of the flattened input, at cache positions [start, start+length).
+    key_mask (batch, start + length) is True for real keys (None: nothing padded); no cache: start is 0."""
+
+    batch: int
+    length: int
+    start: int = 0
+    key_mask: Tensor | None = None
+    cache: KVCache | None = None
+
+
 class LlamaBlock(nn.Module):
     """One decoder layer: attention_norm -> attention -> residual -> ffn_norm -> MLP -> residual."""
 
@@ -142,13 +155,16 @@ class LlamaBlock(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         lora: BlockLora | None = None,
+        parts: list[Part] | None = None,
     ) -> Tensor:
         """x (B, T, hidden); position_ids (B, T) rotary positions; key_mask (B, S) True = real key.
 
         Without a cache S = T; with one, this step's keys go to [start, start+T) and S = start+T.
         `lora` adds low-rank updates to the linear layers it names (models/lora.py).
+        `parts` packs several sequence groups, each with its own cache and mask, into x (1, N, hidden):
+        everything but attention runs on all N tokens at once (key_mask, cache and start are then unused).
         """
-        h = x + self.attention(self.attention_norm(x), position_ids, key_mask, cache, start, lora)
+        h = x + self.attention(self.attention_norm(x), position_ids, key_mask, cache, start, lora, parts)
         return h + self.feed_forward(self.ffn_norm(h), lora)
 
 
@@ -181,31 +197,45 @@ class Attention(nn.Module):
         cache: KVCache | None,
         start: int,
         lora: BlockLora | None = None,
+        parts: list[Part] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = project(self.q_proj, x, lora, "q_proj").view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = project(self.k_proj, x, lora, "k_proj").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = project(self.v_proj, x, lora, "v_proj").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if parts is None:
+            parts = [Part(B, T, start if cache is not None else 0, key_mask, cache)]
+        # projections and rotary run on every token at once, (N, heads, head_dim); attention per part
+        q = project(self.q_proj, x, lora, "q_proj").view(-1, self.n_head, self.head_dim)
+        k = project(self.k_proj, x, lora, "k_proj").view(-1, self.n_kv_head, self.head_dim)
+        v = project(self.v_proj, x, lora, "v_proj").view(-1, self.n_kv_head, self.head_dim)
 
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
-        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
+        cos, sin = rotary_cos_sin(position_ids.reshape(1, -1), self.inv_freq, self.rope_scaling, x.dtype)
+        cos, sin = cos.view(-1, 1, self.head_dim), sin.view(-1, 1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        if cache is not None:
-            k, v = cache.update(start, k, v)
-        else:
-            start = 0
-        n_rep = self.n_head // self.n_kv_head
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        outputs, offset = [], 0
+        for part in parts:
+            n = part.batch * part.length
+            q_part, k_part, v_part = (
+                t[offset : offset + n].view(part.batch, part.length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v)
+            )
+            outputs.append(self.attend(q_part, k_part, v_part, part).transpose(1, 2).reshape(n, -1))
+            offset += n
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return project(self.o_proj, y.view(B, T, self.n_head * self.head_dim), lora, "o_proj")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, part: Part) -> Tensor:
+        """Attention of one part's queries (b, heads, t, D) over its cached and new keys/values."""
+        T, start, key_mask = q.shape[2], part.start, part.key_mask
+        if part.cache is not None:
+            k, v = part.cache.update(start, k, v)
+        gqa = self.n_head != self.n_kv_head  # each kv head serves n_head / n_kv_head query heads; SDPA needs no copies
 
         if key_mask is None and self.sliding_window is None and (start == 0 or T == 1):
             # plain causal (or one new token that sees everything): let SDPA pick its fastest kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            mask = attention_mask(T, k.shape[2], start, key_mask, self.sliding_window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim), lora, "o_proj")
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        mask = attention_mask(T, k.shape[2], start, key_mask, self.sliding_window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -273,14 +303,6 @@ def attention_mask(
     else:
         mask = mask[None, None]
     return mask
-
-
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """(B, n_kv, S, D) -> (B, n_kv * n_rep, S, D), each kv head serving n_rep consecutive query heads."""
-    if n_rep == 1:
-        return x
-    B, n_kv, S, D = x.shape
-    return x[:, :, None].expand(B, n_kv, n_rep, S, D).reshape(B, n_kv * n_rep, S, D)
 
 
 def rope_frequencies(config: BlockConfig) -> tuple[Tensor, float]:

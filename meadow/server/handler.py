@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Hashable
 
 import msgpack
 import torch
@@ -16,10 +16,11 @@ from hivemind.proto import runtime_pb2
 
 from meadow.models import BlockConfig
 from meadow.models.llama import linear_shapes
+from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
-from meadow.server.push import Inbox, push
-from meadow.server.span import Session, Span
+from meadow.server.push import Inbox, Inputs, push
+from meadow.server.span import Pieces, Session, Span, row_groups
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
 from meadow.wire import (
     PROTOCOL_VERSION,
@@ -36,8 +37,9 @@ from meadow.wire import (
     Push,
     Reply,
     Request,
-    Step,
+    ServerBusy,
     ServerLeaving,
+    Step,
     WrongServer,
     pack,
     unpack,
@@ -46,7 +48,7 @@ from meadow.wire import (
 logger = logging.getLogger(__name__)
 Requests = AsyncIterator[runtime_pb2.ExpertRequest]
 Responses = AsyncIterator[runtime_pb2.ExpertResponse]
-INLINE_TOKENS = 8  # decoding steps this small run on the event loop: a thread hand-off costs more than they do
+DECODING_LENGTH = 4  # steps of at most this many new tokens per row are decoding steps: they join every batched pass
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,21 @@ class Limits:
     max_prompt_tokens: int = 256  # longest deep prompt (prefix) a client may send
     max_lora_rank: int = 64  # highest rank of a client's own LoRA weights
     graph_cache_bytes: int = 1 << 30  # activations of training clients' forward passes kept for their backward
+    chunk_tokens: int = 256  # prefill, forward and training tokens per batched pass: what decoding may wait behind
+    max_peer_cache_share: float = 0.75  # of the KV cache token slots, the most one peer may hold
+    max_peer_sessions: int = 128  # inference sessions one peer may hold open at once
+    max_peer_requests: int = 16  # forward/backward requests of one peer waiting at once
 
 
 class BlockHandler:
-    """Serves rpc_info, rpc_forward and rpc_inference for the server's current Span (None while it loads or moves).
-    Compute runs on a single thread."""
+    """Serves rpc_info, rpc_forward, rpc_backward, rpc_inference and rpc_push for the server's current Span (None
+    while it loads or moves). All compute goes through one ComputeLoop, which batches every client's work."""
 
     def __init__(self, config: BlockConfig, budget: CacheBudget, limits: Limits, info: Callable[[], dict]):
         self.config, self.budget, self.limits, self.info = config, budget, limits, info
         self.span: Span | None = None
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meadow-compute")
+        self.compute = ComputeLoop(limits.chunk_tokens, limits.max_batch_tokens)
+        self.requests: Counter[Hashable] = Counter()  # forward/backward requests in the compute queue, by peer
         self.graphs = GraphCache(limits.graph_cache_bytes)  # training clients' forward graphs, for their backward
         self.max_request_bytes = self._max_request_bytes(hosted=1)
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
@@ -123,11 +130,15 @@ class BlockHandler:
         try:
             tensors, (span, request) = await self._receive(requests, ForwardRequest)
             (hidden, position_ids, key_mask), tuning, _ = self._check_run(span, request, tensors)
+            chunk, peer = self.limits.chunk_tokens, context.remote_id
             if request.graph_id is None:
-                output = await self._run(span.run, hidden, position_ids, key_mask, request.blocks, tuning)
+                output = await self._request(span.forward_pieces(hidden, position_ids, key_mask, request.blocks, tuning, chunk), span, peer)
             else:
-                output, graph = await self._run(span.run_keeping_graph, hidden, position_ids, key_mask, request.blocks, tuning)
-                self.graphs.put((context.remote_id, request.graph_id), graph)
+                output, graphs = await self._request(
+                    span.graph_pieces(hidden, position_ids, key_mask, request.blocks, tuning, chunk), span, peer
+                )
+                for i, graph in enumerate(graphs):  # one per group of rows, as the backward will run them
+                    self.graphs.put((peer, request.graph_id, i), graph)
             for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response
         except MeadowError as e:
@@ -143,15 +154,35 @@ class BlockHandler:
                                  f"{grad_output.dtype} {tuple(grad_output.shape)}")  # fmt: skip
             if not torch.isfinite(grad_output).all():
                 raise BadRequest("grad_output contains NaN or infinity")
-            graph = None if request.graph_id is None else self.graphs.pop((context.remote_id, request.graph_id))
-            grads = await self._run(
-                span.backward, hidden, position_ids, key_mask, request.blocks, grad_output, tuning, graph
-            )
+            chunk, peer = self.limits.chunk_tokens, context.remote_id
+            groups = len(row_groups(*hidden.shape[:2], chunk))
+            keys = [(peer, request.graph_id, i) for i in range(groups)]
+            graphs = [None if request.graph_id is None else self.graphs.pop(key) for key in keys]
+            pieces = span.backward_pieces(hidden, position_ids, key_mask, request.blocks, grad_output, tuning, graphs, chunk)
+            grads = await self._request(pieces, span, peer)
             for response in pack(grads, Reply().to_wire(), runtime_pb2.ExpertResponse):
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
         await _drain(requests)
+
+    async def _request(self, pieces: Pieces, span: Span, peer: Hashable):
+        """A forward or backward request's result from the compute loop; ServerBusy if the peer has too many waiting."""
+        if self.requests[peer] >= self.limits.max_peer_requests:
+            pieces.close()
+            raise ServerBusy(f"you already have {self.requests[peer]} requests waiting here, the most one peer may")
+        self.requests[peer] += 1
+        try:
+            return await self.compute.run(pieces, span, peer, self.priority(peer))
+        finally:
+            self.requests[peer] -= 1
+            if not self.requests[peer]:
+                del self.requests[peer]
+
+    def priority(self, peer: Hashable) -> int:
+        """Where a peer's work goes in the compute queue: higher first. Everyone is equal for now; contribution
+        points may raise it later."""
+        return 0
 
     async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
         me, registered = object(), None  # registered: our session id in self.inboxes
@@ -168,7 +199,9 @@ class BlockHandler:
             tuning = self._check_tuning(span, request, message[0])
             if request.session_id is not None and request.session_id in self.inboxes:
                 raise BadRequest(f"session id {request.session_id!r} is already in use here")
-            with self.budget.reserve(request.batch_size * request.max_length):
+            peer, limits = context.remote_id, self.limits
+            tokens = request.batch_size * request.max_length
+            with self.budget.reserve(tokens, peer, limits.max_peer_cache_share, limits.max_peer_sessions):
                 session = Session.open(span, request.blocks, request.batch_size, request.max_length, tuning)
                 inbox = Inbox()
                 if request.session_id is not None:
@@ -176,40 +209,9 @@ class BlockHandler:
                     self.inboxes[registered] = (inbox, session)
                 self.sessions.add(me)
                 yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
-                receive: asyncio.Future | None = None  # the client's next message, read across pushed steps
-                try:
-                    while True:
-                        if receive is None:
-                            receive = asyncio.ensure_future(unpack(requests, self.max_request_bytes))
-                        step = await self._next_step(receive, inbox, session.position, leaving)
-                        if step is None:  # a message from the client
-                            message, receive = receive.result(), None
-                            if message is None:
-                                return  # the client closed the session
-                            tensors, meta = message
-                            if len(tensors) != 3:
-                                raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
-                            inputs, push_to = self._check_inputs(tensors), Step.from_wire(meta)
-                            if push_to.position is not None and push_to.position < session.position:
-                                continue  # already served from a push: its reply has gone
-                            if push_to.position not in (None, session.position):
-                                raise BadRequest(f"step at position {push_to.position}, the session holds {session.position}")
-                            push_to = push_to.push_to
-                        else:
-                            inputs, push_to = step
-                        position = session.position
-                        if inputs[0].shape[0] * inputs[0].shape[1] <= INLINE_TOKENS:
-                            output = session.step(span, *inputs)
-                        else:
-                            output = await self._run(session.step, span, *inputs)
-                        if push_to:
-                            asyncio.ensure_future(push(self.p2p, push_to, position, (output, inputs[1], inputs[2])))
-                        for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
-                            yield response
-                finally:
-                    if receive is not None and not receive.done():
-                        receive.cancel()
-                        await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
+                async for output in self._serve_steps(requests, session, span, inbox, peer, leaving):
+                    for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+                        yield response
         except MeadowError as e:
             yield self._error(e, context)
             self.sessions.discard(me)  # the client has its answer: a leaving server need not wait for the drain
@@ -218,6 +220,47 @@ class BlockHandler:
             self.sessions.discard(me)
             if registered is not None:
                 del self.inboxes[registered]
+
+    async def _serve_steps(
+        self, requests: Requests, session: Session, span: Span, inbox: Inbox, peer: Hashable, leaving: asyncio.Future
+    ) -> AsyncIterator[torch.Tensor]:
+        """A session's steps in position order, each from the client or pushed by the previous server, whichever
+        comes first, run by the compute loop; yields each step's output and pushes it on if the step asks."""
+        receive: asyncio.Future | None = None  # the client's next message, read across pushed steps
+        try:
+            while True:
+                if receive is None:
+                    receive = asyncio.ensure_future(unpack(requests, self.max_request_bytes))
+                pushed = await self._next_step(receive, inbox, session.position, leaving)
+                if pushed is not None:
+                    inputs, targets = pushed
+                else:
+                    message, receive = receive.result(), None
+                    if message is None:
+                        return  # the client closed the session
+                    inputs, step = self._check_step(*message)
+                    if step.position is not None and step.position < session.position:
+                        continue  # already served from a push: its reply has gone
+                    if step.position not in (None, session.position):
+                        raise BadRequest(f"step at position {step.position}, the session holds {session.position}")
+                    targets = step.push_to
+                position = session.position
+                decoding = inputs[0].shape[1] <= DECODING_LENGTH
+                pieces = session.step_pieces(*inputs, self.limits.chunk_tokens)
+                output = await self.compute.run(pieces, span, peer, self.priority(peer), decoding, session)
+                if targets:
+                    asyncio.ensure_future(push(self.p2p, targets, position, (output, inputs[1], inputs[2])))
+                yield output
+        finally:
+            self.compute.forget(session)
+            if receive is not None and not receive.done():
+                receive.cancel()
+                await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
+
+    def _check_step(self, tensors: list[torch.Tensor], meta: dict) -> tuple[Inputs, Step]:
+        if len(tensors) != 3:
+            raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
+        return self._check_inputs(tensors), Step.from_wire(meta)
 
     async def _next_step(self, receive: asyncio.Future, inbox: Inbox, position: int, leaving: asyncio.Future):
         """Wait for the client's next message (returns None: read it from `receive`) or a step pushed to this session
@@ -268,9 +311,6 @@ class BlockHandler:
             raise BadRequest("empty request")
         tensors, meta = message
         return tensors, self._check_request(schema.from_wire(meta))
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
     def _check_request(self, request: Request) -> tuple[Span, Request]:
         if request.version != PROTOCOL_VERSION:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from meadow.models import load_blocks, load_config, resolve_model_path
+from meadow.models import load_block, load_blocks, load_config, resolve_model_path
+from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.models.lora import BlockLora, load_peft_adapter
+from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
@@ -21,6 +23,7 @@ from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
 from meadow.swarm import ModelInfo, ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, model_name, start_dht
+from meadow.swarm.records import MAX_SPEED
 from meadow.wire import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class ServerConfig:
     port: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    quant: str = "none"  # the blocks' linear layers as loaded: none, int8 (LLM.int8()) or nf4
     cache_tokens: int = 16384
     dht_prefix: str | None = None
     public_name: str | None = None
@@ -47,6 +51,7 @@ class ServerConfig:
     balance_quality: float = 0.75  # move only if the weakest block's throughput then exceeds (what it is now) / this
     throughput: str | float = "auto"  # "auto": measured once, then cached; "eval": measure again; a number: announce it
     nat_port_map: bool = False
+    identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each start)
     adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
 
@@ -60,11 +65,13 @@ class Server:
         self.model_path = resolve_model_path(config.model)
         self.model_config = load_config(self.model_path)
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
+        self.fingerprint = checkpoint_fingerprint(self.model_path)  # clients use only servers of their checkpoint
         if config.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype}")
         if not 0 < config.balance_quality <= 1:
             raise ValueError(f"--balance-quality must be in (0, 1], got {config.balance_quality}")
         self.dtype, self.device = DTYPES[config.dtype], torch.device(config.device)
+        check_quant(config.quant, self.dtype, self.device)  # a quant this machine cannot run stops us now
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
@@ -88,7 +95,10 @@ class Server:
 
         on_stop_signals(on_stop)
 
-        self.dht = start_dht(config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map)
+        self.dht = start_dht(
+            config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
+            identity=config.identity, swarms={self.dht_prefix: self.model_config.num_hidden_layers},
+        )  # fmt: skip
         try:
             speed_source = await loop.run_in_executor(None, self._measure)
             rtt = await loop.run_in_executor(None, ping_peers, self.dht)
@@ -132,7 +142,9 @@ class Server:
             if float(option) <= 0:
                 raise ValueError(f"--throughput must be auto, eval or a positive number, got {option}")
             return "given"
-        self.speed, cached = block_speed(self.model_config, self.dtype, self.device, remeasure=option == "eval")
+        self.speed, cached = block_speed(
+            self.model_config, self.dtype, self.device, self.config.quant, remeasure=option == "eval"
+        )
         return "cached" if cached else "measured"
 
     def _pick_span(self) -> BlockRange:
@@ -154,13 +166,21 @@ class Server:
             for path in self.config.adapters
         }
 
+    def _load_blocks(self, blocks: BlockRange) -> list:
+        """The span's blocks on our device, their linear layers quantized per --quant."""
+        path, config, quant = self.model_path, self.model_config, self.config.quant
+        if quant == "none":
+            return load_blocks(path, config, blocks.start, blocks.end, self.dtype, self.device)
+        # one block at a time, read on the CPU (where bitsandbytes quantizes from) and quantized before the next is
+        # read: peak memory is the quantized span plus one float block
+        return [quantize_block(load_block(path, config, index, self.dtype), quant, self.device)
+                for index in range(blocks.start, blocks.end)]  # fmt: skip
+
     async def _take(self, blocks: BlockRange) -> None:
         """Announce `blocks` as joining, load them, serve them, announce them online."""
         self.span_range, self.state = blocks, ServerState.JOINING
         await self._announce()  # clients see who is coming but do not route through us yet
-        loaded = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: load_blocks(self.model_path, self.model_config, blocks.start, blocks.end, self.dtype, self.device)
-        )
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_blocks, blocks)
         adapters = await asyncio.get_running_loop().run_in_executor(None, self._load_adapters, blocks)
         self.handler.serve(Span(loaded, blocks.start, self.model_config, self.dtype, self.device, adapters))
         self.state = ServerState.ONLINE
@@ -232,13 +252,15 @@ class Server:
             state=self.state,
             start=self.span_range.start,
             end=self.span_range.end,
-            throughput=self.throughput,
-            inference_rps=self.inference_rps,
+            throughput=min(self.throughput, MAX_SPEED),  # beyond it, a record is refused as absurd
+            inference_rps=min(self.inference_rps, MAX_SPEED),
             cache_tokens_left=self.budget.left,
             open_sessions=len(self.handler.sessions),
             dtype=self.config.dtype,
+            quant=self.config.quant,
             public_name=self.config.public_name,
             adapters=tuple(Path(path).name for path in self.config.adapters),
+            fingerprint=self.fingerprint,
         )
 
     def info_dict(self) -> dict:
@@ -264,5 +286,7 @@ class Server:
 
     async def _announce(self) -> None:
         info, expiration = self.info(), 3 * self.config.update_period
-        model = ModelInfo(num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path))  # for monitors
+        model = ModelInfo(  # for monitors
+            dht_prefix=self.dht_prefix, num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path)
+        )
         await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)

@@ -1,18 +1,81 @@
-"""The blocks a server hosts, and how one request or one inference step runs through them."""
+"""The blocks a server hosts, and how work runs through them: a request or an inference step is cut into pieces
+(a generator yields each piece, is sent its output, and returns the whole result), and the pieces of many sessions
+run through the blocks together in one packed pass (`Span.run_pieces`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Generator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from meadow.models import BlockConfig, KVCache, LlamaBlock
+from meadow.models.llama import Part
 from meadow.models.lora import BlockLora
 from meadow.server.graph_cache import Graph, counting_saved_activations
 from meadow.server.tuning import TuningInputs, add_prompt
 from meadow.wire import BadRequest, BlockRange
+
+
+@dataclass
+class Piece:
+    """Tokens of one session or request for a packed pass: hidden (b, t, H) at positions [start, start + t) of its
+    caches (none: a request without a cache, start 0), with its session's deep prompts and LoRA updates."""
+
+    hidden: Tensor
+    position_ids: Tensor
+    key_mask: Tensor | None  # (b, start + t) on the span's device, True = real key; None: nothing padded
+    blocks: BlockRange
+    start: int = 0
+    caches: list[KVCache] | None = None
+    prompts: Tensor | None = None  # (blocks, P, H)
+    lora: list[BlockLora | None] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+
+@dataclass
+class Separate:
+    """A piece that cannot join a packed pass (it needs autograd: a training forward or backward): run on its own."""
+
+    run: Callable[[], Any]
+    tokens: int
+
+
+Pieces = Generator["Piece | Separate", Any, Any]  # yields pieces, is sent each one's output, returns the result
+
+
+def row_groups(batch: int, length: int, chunk_tokens: int) -> list[slice]:
+    """Rows of a (batch, length) request in groups of about chunk_tokens tokens (one row at least)."""
+    rows = max(1, chunk_tokens // length)
+    return [slice(start, start + rows) for start in range(0, batch, rows)]
+
+
+def run_alone(span: "Span", pieces: Pieces) -> Any:
+    """Run a generator of packed pieces to its end with nothing batched alongside: its result."""
+    piece = next(pieces)
+    while True:
+        try:
+            piece = pieces.send(span.run_pieces([piece])[0])
+        except StopIteration as stop:
+            return stop.value
+
+
+class RowsUpdate:
+    """A LoRA update that applies to rows [start, stop) of a packed batch only: one session's adapter."""
+
+    def __init__(self, update: Callable[[Tensor], Tensor], start: int, stop: int):
+        self.update, self.start, self.stop = update, start, stop
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = self.update(x[:, self.start : self.stop])
+        return F.pad(y, (0, 0, self.start, x.shape[1] - self.stop))
 
 
 @dataclass
@@ -53,6 +116,121 @@ class Span:
             block_lora = lora[offset] if lora is not None else None
             x = self.blocks[index - self.first](x, position_ids, key_mask, cache=cache, start=start, lora=block_lora)
         return x
+
+    @torch.inference_mode()
+    def run_pieces(self, pieces: list[Piece]) -> list[Tensor]:
+        """Several pieces as one pass: at each block, the tokens of every piece that uses it run as one batch through
+        the norms, projections and MLP, and attend per piece over the piece's own cache. Each output is on the CPU in
+        its input's dtype, equal (up to float rounding) to running the piece alone."""
+        hidden = [piece.hidden.to(self.device, self.dtype) for piece in pieces]
+        active: list[int] = []  # pieces in the batch now, in order
+        x = positions = None
+        for index in range(min(p.blocks.start for p in pieces), max(p.blocks.end for p in pieces)):
+            using = [i for i, p in enumerate(pieces) if p.blocks.start <= index < p.blocks.end]
+            if using != active:  # pieces join or leave: regroup their rows
+                self._unpack(x, active, hidden)
+                active = using
+                x = torch.cat([hidden[i].reshape(1, -1, self.config.hidden_size) for i in active], dim=1)
+                positions = torch.cat([pieces[i].position_ids.reshape(-1) for i in active]).to(self.device)[None]
+            x = self._add_prompts(x, index, [pieces[i] for i in active])
+            parts = [
+                Part(*hidden[i].shape[:2], pieces[i].start, pieces[i].key_mask,
+                     pieces[i].caches[index - pieces[i].blocks.start] if pieces[i].caches else None)
+                for i in active
+            ]  # fmt: skip
+            lora = self._rows_lora(index, [pieces[i] for i in active])
+            x = self.blocks[index - self.first](x, positions, lora=lora, parts=parts)
+        self._unpack(x, active, hidden)
+        return [h.to("cpu", piece.hidden.dtype) for h, piece in zip(hidden, pieces)]
+
+    @staticmethod
+    def _unpack(x: Tensor | None, active: list[int], hidden: list[Tensor]) -> None:
+        """Write the packed rows of x back to the hidden states of the pieces they belong to."""
+        offset = 0
+        for i in active:
+            n = hidden[i].shape[0] * hidden[i].shape[1]
+            hidden[i] = x[0, offset : offset + n].view(hidden[i].shape)
+            offset += n
+
+    @staticmethod
+    def _add_prompts(x: Tensor, index: int, pieces: list[Piece]) -> Tensor:
+        """Add each piece's deep prompt for block `index` to its tokens at prefix positions (in place: x is always
+        the pass's own tensor, made by torch.cat or a block)."""
+        offset = 0
+        for piece in pieces:
+            batch, length = piece.hidden.shape[:2]
+            if piece.prompts is not None:
+                prompt = piece.prompts[index - piece.blocks.start]
+                n = min(prompt.shape[0] - piece.start, length)
+                if n > 0:
+                    rows = x[0, offset : offset + batch * length].view(batch, length, -1)
+                    rows[:, :n] += prompt[piece.start : piece.start + n].to(x.dtype)
+            offset += batch * length
+        return x
+
+    @staticmethod
+    def _rows_lora(index: int, pieces: list[Piece]) -> BlockLora | None:
+        """The LoRA updates of block `index` for a packed batch: each piece's own, applied to its rows only."""
+        loras = [piece.lora[index - piece.blocks.start] if piece.lora else None for piece in pieces]
+        if len(pieces) == 1 or not any(loras):
+            return loras[0]
+        merged: BlockLora = {}
+        offset = 0
+        for piece, lora in zip(pieces, loras):
+            stop = offset + piece.tokens
+            for name, updates in (lora or {}).items():
+                merged[name] = merged.get(name, ()) + tuple(RowsUpdate(update, offset, stop) for update in updates)
+            offset = stop
+        return merged
+
+    def forward_pieces(
+        self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, tuning: TuningInputs | None,
+        chunk_tokens: int,
+    ) -> Pieces:  # fmt: skip
+        """rpc_forward without autograd, in pieces of about chunk_tokens tokens: groups of whole rows; a row longer
+        than a chunk goes through a temporary KV cache, a chunk of its tokens at a time. Returns the output."""
+        batch, length = hidden.shape[:2]
+        tuning = (tuning or TuningInputs(blocks)).to(self.device, self.dtype)
+        prompts, lora = tuning.prompts, tuning.block_loras(self.config)
+        padded = not bool(key_mask.all())
+        outputs = []
+        for rows in row_groups(batch, length, chunk_tokens):
+            if length <= chunk_tokens:
+                mask = key_mask[rows].to(self.device) if padded else None
+                outputs.append((yield Piece(hidden[rows], position_ids[rows], mask, blocks, prompts=prompts, lora=lora)))
+            else:
+                session = Session.open(self, blocks, hidden[rows].shape[0], length, tuning)
+                outputs.append((yield from session.step_pieces(hidden[rows], position_ids[rows], key_mask[rows], chunk_tokens)))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def graph_pieces(
+        self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, tuning: TuningInputs | None,
+        chunk_tokens: int,
+    ) -> Pieces:  # fmt: skip
+        """rpc_forward of a training client, a group of rows at a time (row_groups): returns the output and each
+        group's autograd graph, for its backward."""
+        outputs, graphs = [], []
+        for rows in row_groups(*hidden.shape[:2], chunk_tokens):
+            run = partial(self.run_keeping_graph, hidden[rows], position_ids[rows], key_mask[rows], blocks, tuning)
+            output, graph = yield Separate(run, hidden[rows].shape[0] * hidden.shape[1])
+            outputs.append(output)
+            graphs.append(graph)
+        return torch.cat(outputs), graphs
+
+    def backward_pieces(
+        self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, grad_output: Tensor,
+        tuning: TuningInputs | None, graphs: list[Graph | None], chunk_tokens: int,
+    ) -> Pieces:  # fmt: skip
+        """rpc_backward, a group of rows at a time (the groups of graph_pieces, whose `graphs` it uses where kept):
+        gradients w.r.t. the hidden states joined, those w.r.t. the shared deep prompts and LoRA weights summed."""
+        grads = []
+        for rows, graph in zip(row_groups(*hidden.shape[:2], chunk_tokens), graphs):
+            run = partial(
+                self.backward, hidden[rows], position_ids[rows], key_mask[rows], blocks, grad_output[rows], tuning, graph
+            )
+            grads.append((yield Separate(run, hidden[rows].shape[0] * hidden.shape[1])))
+        first, *rest = zip(*grads)
+        return [torch.cat(first)] + [sum(parts[1:], parts[0]) for parts in rest]
 
     @torch.inference_mode()
     def run(
@@ -104,7 +282,7 @@ class Span:
         return Graph(output, leaves, saved[0], time.monotonic())
 
 
-@dataclass
+@dataclass(eq=False)  # sessions are compared by identity
 class Session:
     """One client's inference session: the KV cache of its blocks, the key mask of every stored token, and the
     session's tuning (deep prompts apply to the first positions; LoRA to every step)."""
@@ -118,6 +296,7 @@ class Session:
     lora: list[BlockLora | None] | None = None
     position: int = 0  # tokens stored so far
     steps: int = field(default=0)
+    padded: bool = False  # some stored token is padding: attention needs the key mask
 
     @classmethod
     def open(
@@ -132,20 +311,36 @@ class Session:
         tuning = (tuning or TuningInputs(blocks)).to(span.device, span.dtype)
         return cls(blocks, batch_size, max_length, caches, key_mask, tuning.prompts, tuning.block_loras(config))
 
-    @torch.inference_mode()
-    def step(self, span: Span, hidden: Tensor, position_ids: Tensor, new_mask: Tensor) -> Tensor:
+    def check_step(self, hidden: Tensor) -> None:
         batch, length = hidden.shape[:2]
         if batch != self.batch_size:
             raise BadRequest(f"session was opened for batch size {self.batch_size}, step has {batch}")
-        end = self.position + length
-        if end > self.max_length:
+        if self.position + length > self.max_length:
             raise BadRequest(
                 f"step of {length} tokens at position {self.position} exceeds the session's max_length {self.max_length}"
             )
-        self.key_mask[:, self.position : end] = new_mask.to(self.key_mask.device)
-        x = hidden.to(span.device, span.dtype)
-        out = span.forward(
-            x, position_ids, self.key_mask[:, :end], self.blocks, self.prompts, self.lora, self.caches, self.position
-        )
-        self.position, self.steps = end, self.steps + 1
-        return out.to("cpu", hidden.dtype)
+
+    def step_pieces(self, hidden: Tensor, position_ids: Tensor, new_mask: Tensor, chunk_tokens: int) -> Pieces:
+        """One step in pieces of about chunk_tokens tokens (one token per row at least), in order; each piece's
+        keys go to the cache when it runs. Returns the step's output. BadRequest at once if the step does not fit."""
+        self.check_step(hidden)
+        length = hidden.shape[1]
+        size = max(1, chunk_tokens // self.batch_size)
+        outputs = []
+        for begin in range(0, length, size):
+            end = min(begin + size, length)
+            stop = self.position + end - begin
+            mask = new_mask[:, begin:end].to(self.key_mask.device)
+            self.key_mask[:, self.position : stop] = mask
+            self.padded = self.padded or not bool(mask.all())
+            key_mask = self.key_mask[:, :stop] if self.padded else None
+            piece = Piece(hidden[:, begin:end], position_ids[:, begin:end], key_mask, self.blocks, self.position,
+                          self.caches, self.prompts, self.lora)  # fmt: skip
+            outputs.append((yield piece))
+            self.position = stop
+        self.steps += 1
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def step(self, span: Span, hidden: Tensor, position_ids: Tensor, new_mask: Tensor) -> Tensor:
+        """One whole step, run at once with no other session alongside."""
+        return run_alone(span, self.step_pieces(hidden, position_ids, new_mask, chunk_tokens=hidden.shape[0] * hidden.shape[1]))

@@ -1,7 +1,7 @@
-"""How fast this server is. Compute speed per block is measured once per model shape, device, dtype and torch
-version, on a random block of the model's shape, and cached on disk so a restart does not measure again.
-The network is not speed-tested (that would mean traffic to strangers): the server only times a DHT ping to
-a few peers it already knows, and reports that round trip."""
+"""How fast this server is. Compute speed per block is measured once per model shape, device, dtype, quant and
+torch version, on a random block of the model's shape quantized like the served ones, and cached on disk so a
+restart does not measure again. The network is not speed-tested (that would mean traffic to strangers): the
+server only times a DHT ping to a few peers it already knows, and reports that round trip."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import hivemind
 import torch
 
 from meadow.models import BlockConfig, KVCache, LlamaBlock
+from meadow.models.quant import quantize_block
 
 FORWARD_TOKENS = 128  # one batched forward of this many tokens stands for prefill and training traffic
 CACHE_LENGTH = 256  # decoding steps attend to up to this many cached tokens while being timed
@@ -43,14 +44,16 @@ def meadow_home() -> Path:
     return Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser()
 
 
-def cache_key(config: BlockConfig, dtype: torch.dtype, device: torch.device) -> str:
-    """Everything the speed depends on: the block's shape, the device (and CPU threads), the dtype, torch's version."""
+def cache_key(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> str:
+    """Everything the speed depends on: the block's shape, the device (and CPU threads), the dtype, the quant of its
+    linear layers, torch's version."""
     shape = (
         f"{config.model_type} hidden {config.hidden_size} ffn {config.intermediate_size} "
         f"heads {config.num_attention_heads}/{config.num_key_value_heads}x{config.head_dim} "
         f"bias {int(config.attention_bias)}{int(config.attention_out_bias)}{int(config.mlp_bias)}"
     )
-    return f"{shape} | {device_name(device)} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{shape} | {device_name(device)} | {dtype_name} | quant {quant} | torch {torch.__version__}"
 
 
 def device_name(device: torch.device) -> str:
@@ -68,27 +71,30 @@ def device_name(device: torch.device) -> str:
 
 
 def block_speed(
-    config: BlockConfig, dtype: torch.dtype, device: torch.device, *, remeasure: bool = False
+    config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none", *, remeasure: bool = False
 ) -> tuple[BlockSpeed, bool]:
     """This machine's speed for `config`'s blocks, and whether it came from the cache (False: measured just now)."""
-    path, key = meadow_home() / CACHE_FILE, cache_key(config, dtype, device)
+    path, key = meadow_home() / CACHE_FILE, cache_key(config, dtype, device, quant)
     cached = _read(path)
     if not remeasure and key in cached:
         try:
             return BlockSpeed(**{name: float(cached[key][name]) for name in ("forward_tps", "inference_rps")}), True
         except (KeyError, TypeError, ValueError):
             pass  # a damaged entry is measured again
-    speed = measure_block_speed(config, dtype, device)
+    speed = measure_block_speed(config, dtype, device, quant)
     cached = _read(path)  # another server may have written meanwhile; keep its entries
     cached[key] = {**asdict(speed), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write(path, cached)
     return speed, False
 
 
-def measure_block_speed(config: BlockConfig, dtype: torch.dtype, device: torch.device, seconds: float = 0.1) -> BlockSpeed:
-    """Time a random block of `config`'s shape: a 1 x 128-token forward, and single-token steps with a KV cache.
-    Each is repeated for about `seconds` (at least 3 times), so a tiny model takes well under a second."""
-    block = random_block(config, dtype, device)
+def measure_block_speed(
+    config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none", seconds: float = 0.1
+) -> BlockSpeed:
+    """Time a random block of `config`'s shape, its linear layers quantized per `quant`: a 1 x 128-token forward,
+    and single-token steps with a KV cache. Each is repeated for about `seconds` (at least 3 times), so a tiny
+    model takes well under a second."""
+    block = random_block(config, dtype, device, quant)
     with torch.inference_mode():
         x = torch.randn(1, FORWARD_TOKENS, config.hidden_size, dtype=dtype, device=device)
         positions = torch.arange(FORWARD_TOKENS, device=device)[None]
@@ -105,16 +111,17 @@ def measure_block_speed(config: BlockConfig, dtype: torch.dtype, device: torch.d
     return BlockSpeed(forward_tps=FORWARD_TOKENS / forward_time, inference_rps=1.0 / step_time)
 
 
-def random_block(config: BlockConfig, dtype: torch.dtype, device: torch.device) -> LlamaBlock:
-    """A block of `config`'s shape with small random weights, allocated once on `device` in `dtype`."""
+def random_block(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> LlamaBlock:
+    """A block of `config`'s shape with small random weights on `device` in `dtype`, its linear layers quantized
+    per `quant` like a server's (made on the CPU then, where bitsandbytes quantizes from)."""
     with torch.device("meta"):
         block = LlamaBlock(config)
-    block = block.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
+    block = block.to(dtype=dtype).to_empty(device=device if quant == "none" else "cpu").requires_grad_(False)
     with torch.no_grad():
         for name, parameter in block.named_parameters():
             # norm scales of 1 and weights of std 0.02 keep activations finite in float16
             parameter.fill_(1.0) if "norm" in name else parameter.normal_(0.0, 0.02)
-    return block.eval()
+    return quantize_block(block, quant, device).eval()
 
 
 def _time_per_call(fn: Callable[[], object], device: torch.device, seconds: float) -> float:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from collections import Counter, defaultdict
 from functools import partial
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import hivemind
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from meadow.swarm.identity import generate_identity, load_identity
 from meadow.swarm.records import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
+from meadow.swarm.validation import InvalidRecord, check_model_record, check_record, meadow_validators, owner_subkey
+
+logger = logging.getLogger(__name__)
 
 
 def start_dht(
@@ -19,57 +27,83 @@ def start_dht(
     port: int = 0,
     client_mode: bool = False,
     nat_port_map: bool = False,
+    identity: str | Path | None = None,
+    swarms: Mapping[str, int] = {},
 ) -> hivemind.DHT:
     """A hivemind DHT node listening on host:port only. UPnP port mapping stays off unless asked for:
-    hivemind's default multicasts SSDP on the local network even when bound to 127.0.0.1."""
-    return hivemind.DHT(
-        initial_peers=list(initial_peers),
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-        client_mode=client_mode,
-        nat_port_map=nat_port_map,
-        start=True,
-    )
+    hivemind's default multicasts SSDP on the local network even when bound to 127.0.0.1.
+
+    Its peer id and the key that signs its records come from the `identity` file (`meadow keygen`), or from a fresh
+    random key. It refuses unsigned or forged records, and checks the list of models and the block records of
+    `swarms` (dht_prefix -> number of blocks) in full (swarm/validation.py)."""
+    with tempfile.TemporaryDirectory(prefix="meadow-identity-") as folder:
+        # p2pd reads its key from a file at start; a fresh one's file is gone once it has (the key stays in memory)
+        key = load_identity(identity) if identity is not None else generate_identity(Path(folder) / "identity.key")
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            client_mode=client_mode,
+            nat_port_map=nat_port_map,
+            identity_path=str(key.path),
+            # a kept identity is checked not to be in use by another peer (the same server started twice); a fresh
+            # one cannot be
+            check_if_identity_free=identity is not None,
+            record_validators=meadow_validators(key, dict(swarms)),
+            start=True,
+        )
+    if dht.peer_id != key.peer_id:  # readers derive a server's peer id from its signing key: they must agree
+        dht.shutdown()
+        raise RuntimeError(f"p2pd took peer id {dht.peer_id}, not {key.peer_id} of its identity file")
+    dht.owner_subkey = owner_subkey(key)  # announce writes under it; the DHT process signs with the key it was given
+    return dht
 
 
 def announce(
     dht: hivemind.DHT, dht_prefix: str, info: ServerInfo, expiration: float, model: ModelInfo | None = None
 ) -> None:
-    """Write `info` under every block key of the server's span, subkey = its peer id; and `model`, if given, in the
-    swarm's list of models, subkey = dht_prefix."""
+    """Write `info` under every block key of the server's span and `model`, if given, in the swarm's list of models;
+    subkey = the server's owner marker: the DHT signs the records with its key, and readers derive its peer id from
+    that key."""
     keys = [block_key(dht_prefix, i) for i in range(info.start, info.end)]
-    values, subkeys = [info.to_wire()] * len(keys), [dht.peer_id.to_base58()] * len(keys)
+    values = [info.to_wire()] * len(keys)
     if model is not None:
-        keys, values, subkeys = [*keys, MODELS_KEY], [*values, model.to_wire()], [*subkeys, dht_prefix]
+        keys, values = [*keys, MODELS_KEY], [*values, model.to_wire()]
+    subkeys = [dht.owner_subkey] * len(keys)
     dht.run_coroutine(partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=expiration))
 
 
 def fetch_models(dht: hivemind.DHT) -> dict[str, ModelInfo]:
-    """Every model some server announced, by dht_prefix; malformed records are skipped."""
+    """Every model some server announced, by dht_prefix; invalid records are skipped. Each server lists its own model,
+    so that no peer can change another's entry; where servers of one swarm name disagree, most of them win."""
     entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
-    models = {}
+    votes: dict[str, Counter] = defaultdict(Counter)
     if entry is not None and isinstance(entry.value, dict):
-        for dht_prefix, record in entry.value.items():
+        for subkey, record in entry.value.items():
             try:
-                models[str(dht_prefix)] = ModelInfo.model_validate(record.value)
-            except Exception:
-                continue  # a stranger's garbage must not hide the other models
-    return models
+                _, model = check_model_record(subkey, record.value)
+            except InvalidRecord as e:
+                logger.debug(f"skipped a record in the list of models: {e}")
+                continue
+            votes[model.dht_prefix][model] += 1
+    return {dht_prefix: counts.most_common(1)[0][0] for dht_prefix, counts in votes.items()}
 
 
 def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[PeerID, ServerInfo]]:
-    """For each block, the servers that announce it and are not offline; malformed records are skipped."""
+    """For each block, the servers that announce it and are not offline. The DHT node dropped records with a bad
+    signature; a record that is not a sane ServerInfo of that block (check_record) is skipped here too, for a stranger's
+    node may answer anything, and DHT nodes check only the swarms they were told of."""
     keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
     found = dht.run_coroutine(partial(_get_many, keys=keys))
     servers: list[dict[PeerID, ServerInfo]] = []
-    for key in keys:
+    for block, key in enumerate(keys):
         entry, by_peer = found.get(key), {}
         if entry is not None and isinstance(entry.value, dict):
             for subkey, record in entry.value.items():
                 try:
-                    info = ServerInfo.model_validate(record.value)
-                    peer = PeerID.from_base58(subkey)
-                except Exception:
-                    continue  # a stranger's garbage must not break discovery
+                    peer, info = check_record(block, num_blocks, subkey, record.value)
+                except InvalidRecord as e:
+                    logger.debug(f"skipped a record under block {block}: {e}")
+                    continue
                 if info.state != ServerState.OFFLINE:
                     by_peer[peer] = info
         servers.append(by_peer)
@@ -77,7 +111,7 @@ def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[d
 
 
 # run_coroutine pickles its function into the DHT's process, so these live at module level.
-async def _store_many(_dht, node, *, keys: list[str], values: list[dict], subkeys: list[str], expiration: float) -> None:
+async def _store_many(_dht, node, *, keys: list[str], values: list, subkeys: list[bytes], expiration: float) -> None:
     await node.store_many(keys, values, get_dht_time() + expiration, subkeys=subkeys)
 
 
@@ -87,7 +121,13 @@ async def _get_many(_dht, node, *, keys: list[str]) -> dict:
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
 
-def serve_dht_node(host: str = "127.0.0.1", port: int = 0, initial_peers: Sequence[str] = (), nat_port_map: bool = False) -> None:
+def serve_dht_node(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    initial_peers: Sequence[str] = (),
+    nat_port_map: bool = False,
+    identity: str | Path | None = None,
+) -> None:
     """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
     import threading
 
@@ -96,7 +136,7 @@ def serve_dht_node(host: str = "127.0.0.1", port: int = 0, initial_peers: Sequen
     started, stop = threading.Event(), threading.Event()
     # stopped while the DHT starts (it may have died, and would never report ready), or stopped twice: do not wait
     on_stop_signals(lambda: stop.set() if started.is_set() and not stop.is_set() else exit_now(1))
-    dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map)
+    dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map, identity=identity)
     started.set()
     try:
         for maddr in dht.get_visible_maddrs():

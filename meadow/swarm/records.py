@@ -6,9 +6,16 @@ import re
 from enum import IntEnum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from meadow.wire.schemas import PROTOCOL_VERSION, Schema
+
+# Bounds on what a server may announce: anyone can announce, so absurd numbers (inf, 1e308) or megabytes of text are
+# refused rather than fed to routing. Far above any one machine today: 10M tokens/s, 10M steps/s, 1G cache tokens.
+MAX_SPEED = 1e7
+MAX_CACHE_TOKENS = 2**30
+MAX_BLOCKS = 2**16
+MAX_NAME = 256
 
 
 class ServerState(IntEnum):
@@ -21,23 +28,34 @@ class ServerInfo(Schema):
     """One server's announcement for each block of its span."""
 
     state: ServerState
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
-    throughput: float = 0.0  # tokens/s through the whole span when batching many tokens (prefill, forward)
-    inference_rps: float = 0.0  # single-token inference steps/s through one block
-    cache_tokens_left: int = 0
-    open_sessions: int = Field(default=0, ge=0)  # inference sessions open now: the server's load, for routing
-    dtype: str = "float32"
+    start: int = Field(ge=0, lt=MAX_BLOCKS)
+    end: int = Field(gt=0, le=MAX_BLOCKS)
+    # tokens/s through the whole span when batching many tokens (prefill, forward)
+    throughput: float = Field(default=0.0, ge=0, le=MAX_SPEED, allow_inf_nan=False)
+    inference_rps: float = Field(default=0.0, ge=0, le=MAX_SPEED, allow_inf_nan=False)  # 1-token steps/s, one block
+    cache_tokens_left: int = Field(default=0, ge=0, le=MAX_CACHE_TOKENS)
+    open_sessions: int = Field(default=0, ge=0, le=MAX_CACHE_TOKENS)  # inference sessions open now: load, for routing
+    dtype: str = Field(default="float32", max_length=MAX_NAME)
+    quant: str = Field(default="none", max_length=MAX_NAME)  # linear layers: none, int8 (LLM.int8()) or nf4 (models/quant.py)
     version: int = PROTOCOL_VERSION
-    public_name: str | None = None
-    adapters: tuple[str, ...] = ()
+    public_name: str | None = Field(default=None, max_length=MAX_NAME)
+    adapters: tuple[str, ...] = Field(default=(), max_length=MAX_NAME)
+    fingerprint: str = Field(default="", max_length=MAX_NAME)  # of the checkpoint served (models/fingerprint.py)
+
+    @model_validator(mode="after")
+    def _non_empty_span(self):
+        if self.end <= self.start or any(len(name) > MAX_NAME for name in self.adapters):
+            raise ValueError(f"empty span {self.start}:{self.end} or an adapter name over {MAX_NAME} characters")
+        return self
 
 
 class ModelInfo(Schema):
-    """A model the swarm serves, announced by its servers under MODELS_KEY (subkey = the model's dht_prefix)."""
+    """A model the swarm serves, announced by each of its servers under MODELS_KEY (subkey = the server's, as for
+    its blocks)."""
 
-    num_blocks: int = Field(gt=0)
-    name: str  # what to call the model on a monitor: its checkpoint folder's or file's name
+    dht_prefix: str = Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME)  # its swarm name
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
+    name: str = Field(max_length=MAX_NAME)  # what a monitor calls the model: its checkpoint folder's or file's name
 
 
 def model_name(path: Path) -> str:

@@ -1,0 +1,228 @@
+"""The server's one compute loop: continuous batching with fair turns.
+
+Work arrives as jobs: a session's inference step, a forward or a backward request. A job is a generator of pieces
+(span.py) that yields a piece, is sent the piece's output and finally returns the job's result. Every iteration
+the loop takes the next piece of every waiting decoding step and about `chunk_tokens` tokens of bigger work
+(prefills, forwards, training), runs the packed pieces through the blocks as one pass on its compute thread (the
+projections and MLP over all their tokens at once, attention per piece over its own cache) and hands each output
+back. So many sessions decoding together cost little more than one, and a long prompt delays the others' decoding
+by one chunk at most. Among peers, turns go round: a peer with fifty sessions does not starve a peer with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, Hashable, Iterable, Protocol, TypeVar
+
+from meadow.server.span import Piece, Pieces, Separate, Span
+
+logger = logging.getLogger(__name__)
+GATHER_WINDOW = 1.0  # seconds: a session whose last decoding step ended this recently will likely send another soon
+
+
+@dataclass(eq=False)  # jobs are compared by identity
+class Job:
+    """A peer's work waiting for the compute loop, and the piece of it that runs next."""
+
+    pieces: Pieces
+    span: Span
+    peer: Hashable
+    priority: int  # higher first; 0 unless something (contribution points, say) raises it
+    decoding: bool  # a decoding step: joins every iteration; other work shares chunk_tokens per iteration
+    order: int  # arrival order
+    session: Hashable = None  # the session whose step this is, if any
+    arrived: float = 0.0  # event loop time of arrival
+    piece: Piece | Separate | None = None
+    finished: bool = False
+    result: Any = None
+    error: BaseException | None = None
+    future: asyncio.Future | None = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.piece.tokens
+
+    def advance(self, output: Any = None, first: bool = False) -> None:
+        """Send the last piece's output and take the next piece, or the job's result when it has none left."""
+        try:
+            self.piece = next(self.pieces) if first else self.pieces.send(output)
+        except StopIteration as stop:
+            self.finished, self.result = True, stop.value
+
+
+class Waiting(Protocol):
+    peer: Hashable
+    priority: int
+    decoding: bool
+    order: int
+
+    @property
+    def tokens(self) -> int: ...
+
+
+W = TypeVar("W", bound=Waiting)
+
+
+def fair_order(jobs: Iterable[W], last_turn: dict[Hashable, int]) -> list[W]:
+    """Jobs in the order they should be served: higher priority first; within a priority, peers take turns, one job
+    each per round, the peer whose last turn is longest ago first; each peer's jobs in arrival order."""
+    levels: dict[int, dict[Hashable, list[W]]] = defaultdict(lambda: defaultdict(list))
+    for job in sorted(jobs, key=lambda job: job.order):
+        levels[job.priority][job.peer].append(job)
+    ordered = []
+    for priority in sorted(levels, reverse=True):
+        queues = sorted(levels[priority].values(), key=lambda queue: (last_turn.get(queue[0].peer, -1), queue[0].order))
+        for round_ in range(max(len(queue) for queue in queues)):
+            ordered.extend(queue[round_] for queue in queues if round_ < len(queue))
+    return ordered
+
+
+def choose_batch(
+    jobs: Iterable[W], last_turn: dict[bool, dict[Hashable, int]], max_decoding_tokens: int, chunk_tokens: int
+) -> list[W]:
+    """The jobs whose next pieces run in the next pass: decoding steps up to max_decoding_tokens tokens and other
+    work up to chunk_tokens tokens, each kind taken in its fair order (`last_turn` per kind) and given at least one
+    job if it has any waiting."""
+    jobs, chosen = list(jobs), []
+    for decoding, limit in ((True, max_decoding_tokens), (False, chunk_tokens)):
+        used = 0
+        for job in fair_order([job for job in jobs if job.decoding == decoding], last_turn[decoding]):
+            if used == 0 or used + job.tokens <= limit:
+                chosen.append(job)
+                used += job.tokens
+    return chosen
+
+
+class ComputeLoop:
+    """Runs every job of this server, batched and in fair turns, on one compute thread."""
+
+    def __init__(self, chunk_tokens: int, max_decoding_tokens: int):
+        self.chunk_tokens, self.max_decoding_tokens = chunk_tokens, max_decoding_tokens
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meadow-compute")
+        self.waiting: list[Job] = []
+        self.last_turn: dict[bool, dict[Hashable, int]] = {True: {}, False: {}}  # per kind: peer -> last iteration
+        self.iterations = 0
+        self.orders = count()
+        self.changed: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+        self.decoders: dict[Hashable, float] = {}  # session -> when its last decoding step ended
+        self.pass_seconds = 0.0  # how long a batched pass with decoding steps takes, on average lately
+
+    async def run(
+        self, pieces: Pieces, span: Span, peer: Hashable, priority: int = 0, decoding: bool = False,
+        session: Hashable = None,
+    ) -> Any:  # fmt: skip
+        """Queue a job and wait for its result. Its first piece is made here, so a step that does not fit its
+        session raises (BadRequest) at once."""
+        arrived = asyncio.get_running_loop().time()
+        job = Job(pieces, span, peer, priority, decoding, next(self.orders), session, arrived)
+        job.advance(first=True)
+        if job.finished:
+            return job.result
+        job.future = asyncio.get_running_loop().create_future()
+        self.waiting.append(job)
+        self._wake()
+        try:
+            return await job.future
+        finally:
+            if job in self.waiting:  # cancelled while waiting: its client is gone
+                self.waiting.remove(job)
+
+    def forget(self, session: Hashable) -> None:
+        """The session has ended: expect no more steps from it."""
+        self.decoders.pop(session, None)
+
+    def _wake(self) -> None:
+        if self.task is None:
+            self.changed = asyncio.Event()
+            self.task = asyncio.ensure_future(self._loop())
+        self.changed.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.waiting:
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            await self._gather()
+            chosen = choose_batch(self.waiting, self.last_turn, self.max_decoding_tokens, self.chunk_tokens)
+            if not chosen:
+                continue
+            self.iterations += 1
+            for job in chosen:
+                self.waiting.remove(job)
+                self.last_turn[job.decoding][job.peer] = self.iterations
+            began = loop.time()
+            try:
+                await loop.run_in_executor(self.thread, self._compute, chosen)
+            except Exception as e:  # a bug or out of memory: the jobs of this pass fail, the loop goes on
+                logger.exception("a batched pass failed")
+                for job in chosen:
+                    job.finished, job.error = True, e
+            ended = loop.time()
+            if any(job.decoding for job in chosen):
+                self.pass_seconds = 0.8 * self.pass_seconds + 0.2 * (ended - began) if self.pass_seconds else ended - began
+            for job in chosen:
+                if job.decoding and job.session is not None:
+                    self.decoders[job.session] = ended
+            for job in chosen:
+                if job.future.done():  # cancelled: its client is gone
+                    continue
+                if job.error is not None:
+                    job.future.set_exception(job.error)
+                elif job.finished:
+                    job.future.set_result(job.result)
+                else:
+                    self.waiting.append(job)
+
+    async def _gather(self) -> None:
+        """Before a pass with decoding steps, wait (at most as long as a pass takes) for the steps of the other
+        sessions that decode regularly: their next steps are coming, and batching them now saves running another
+        whole pass for them later. A server shares its cores with clients; while it waits, they compute."""
+        loop = asyncio.get_running_loop()
+        while True:
+            decoding = [job for job in self.waiting if job.decoding]
+            if not decoding:
+                return
+            now, queued = loop.time(), {job.session for job in decoding}
+            expected = any(now - ended < GATHER_WINDOW and session not in queued for session, ended in self.decoders.items())
+            remaining = self.pass_seconds - (now - min(job.arrived for job in decoding))
+            if not expected or remaining <= 0:
+                return
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _compute(self, jobs: list[Job]) -> None:
+        """One pass (on the compute thread): the packed pieces of each span together, then each separate piece."""
+        by_span: dict[int, list[Job]] = defaultdict(list)
+        separate = [job for job in jobs if isinstance(job.piece, Separate)]
+        for job in jobs:
+            if isinstance(job.piece, Piece):
+                by_span[id(job.span)].append(job)
+        for packed in by_span.values():
+            outputs = packed[0].span.run_pieces([job.piece for job in packed])
+            for job, output in zip(packed, outputs):
+                self._advance(job, output)
+        for job in separate:
+            try:
+                output = job.piece.run()
+            except Exception as e:
+                job.finished, job.error = True, e
+                continue
+            self._advance(job, output)
+
+    @staticmethod
+    def _advance(job: Job, output: Any) -> None:
+        try:
+            job.advance(output)
+        except Exception as e:
+            job.finished, job.error = True, e

@@ -1,0 +1,360 @@
+"""Continuous batching: a server runs the waiting work of all its sessions as one pass, fairly among peers, and
+nothing a client sees changes. Outputs are compared with the same server code run for each session alone, and
+greedy tokens with transformers run locally."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from conftest import start_swarm
+from meadow import AutoDistributedModelForCausalLM
+from meadow.client import transport
+from meadow.client.config import ClientConfig
+from meadow.client.event_loop import run
+from meadow.client.sequence import connect_sequence
+from meadow.client.tuning import RemoteTuning
+from meadow.models import load_blocks, load_config
+from meadow.models.llama import linear_shapes
+from meadow.models.lora import load_peft_adapter
+from meadow.server.compute_loop import ComputeLoop, choose_batch
+from meadow.server.span import Session, Span
+from meadow.server.tuning import TuningInputs
+from meadow.wire import RPC_INFO, BlockRange, LoraEntry, OpenSession, RemoteError
+
+NUM_BLOCKS, HIDDEN, ADAPTER = 4, 64, "tiny-adapter"
+CACHE_TOKENS = 6000
+
+
+# --- the scheduler's decisions, as pure functions ------------------------------------------------------------------
+
+
+@dataclass
+class Waiting:
+    peer: str
+    order: int
+    tokens: int = 1
+    decoding: bool = True
+    priority: int = 0
+
+
+def test_a_peer_with_fifty_sessions_does_not_starve_a_peer_with_one():
+    crowd = [Waiting("crowd", order) for order in range(50)]
+    alone = Waiting("alone", 50)  # arrived last
+    chosen = choose_batch(crowd + [alone], {True: {}, False: {}}, max_decoding_tokens=10, chunk_tokens=256)
+    assert alone in chosen and len(chosen) == 10
+    assert [job.order for job in chosen if job.peer == "crowd"] == list(range(9))  # the crowd's oldest steps
+
+
+def test_higher_priority_work_goes_first():
+    jobs = [Waiting("a", order) for order in range(5)] + [Waiting("b", 5, priority=1)]
+    chosen = choose_batch(jobs, {True: {}, False: {}}, max_decoding_tokens=2, chunk_tokens=256)
+    assert chosen[0].peer == "b" and len(chosen) == 2
+
+
+def test_prefill_chunks_take_turns_among_peers_while_every_decoding_step_runs_each_pass():
+    turns = {True: {}, False: {}}
+    prefills = [Waiting("big", order, tokens=256, decoding=False) for order in range(5)]
+    prefills.append(Waiting("small", 5, tokens=256, decoding=False))
+    decoding = [Waiting(f"decoder{i}", 10 + i) for i in range(3)]
+    served = []
+    for iteration in range(4):
+        chosen = choose_batch(prefills + decoding, turns, max_decoding_tokens=4096, chunk_tokens=256)
+        assert all(job in chosen for job in decoding)  # decoding never waits behind prefills
+        (chunk,) = [job for job in chosen if not job.decoding]  # one chunk of bigger work per pass
+        served.append(chunk.peer)
+        prefills.remove(chunk)
+        for job in chosen:
+            turns[job.decoding][job.peer] = iteration
+    assert served == ["big", "small", "big", "big"]  # the small peer's prompt went second, not sixth
+
+
+# --- one batched pass gives each session what it would get alone (in process) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def path(checkpoints):
+    return checkpoints("llama", num_layers=NUM_BLOCKS, hidden_size=HIDDEN)
+
+
+@pytest.fixture(scope="module")
+def adapter(path, tmp_path_factory) -> Path:
+    """A peft adapter folder with random (non-zero) weights on q, v and down projections."""
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    folder = tmp_path_factory.mktemp("adapters") / ADAPTER
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def span(path, adapter) -> Span:
+    """The server's own blocks in this process: the reference for running a session alone."""
+    config = load_config(path)
+    adapters = {ADAPTER: load_peft_adapter(adapter, config, 0, NUM_BLOCKS, torch.float32, "cpu")}
+    blocks = load_blocks(path, config, 0, NUM_BLOCKS, torch.float32, "cpu")
+    return Span(blocks, 0, config, torch.float32, torch.device("cpu"), adapters)
+
+
+@dataclass
+class Kind:
+    """One kind of session: its blocks, batch size, tuning, and whether its prompt is left-padded."""
+
+    blocks: BlockRange
+    batch: int = 1
+    prompts: bool = False
+    lora: bool = False
+    adapter: bool = False
+    padded: bool = False
+
+
+KINDS = [
+    Kind(BlockRange(start=0, end=4)),
+    Kind(BlockRange(start=0, end=4), batch=2, padded=True),
+    Kind(BlockRange(start=1, end=3)),
+    Kind(BlockRange(start=0, end=4), prompts=True),
+    Kind(BlockRange(start=2, end=4), lora=True),
+    Kind(BlockRange(start=0, end=4), adapter=True, prompts=True),
+]
+
+
+def session_tuning(kind: Kind, seed: int, config) -> RemoteTuning:
+    """Random deep prompts and client LoRA weights (on q and gate projections), as `kind` asks."""
+    generator = torch.Generator().manual_seed(seed)
+    tuning = RemoteTuning()
+    if kind.lora:
+        shapes, entries, sizes = linear_shapes(config), [], []
+        for block in range(kind.blocks.start, kind.blocks.end):
+            for module in ("q_proj", "gate_proj"):
+                entries.append(LoraEntry(block=block, module=module, rank=2, scale=0.5))
+                sizes.append(2 * sum(shapes[module]))
+        flat = torch.randn(sum(sizes), generator=generator) * 0.3
+        tuning = RemoteTuning(lora_flat=flat, entries=tuple(entries), sizes=tuple(sizes))
+    if kind.prompts:
+        tuning = tuning.with_tensors(torch.randn(NUM_BLOCKS, 3, HIDDEN, generator=generator) * 0.5, tuning.lora_flat)
+    return tuning
+
+
+def span_tuning(span: Span, kind: Kind, tuning: RemoteTuning) -> TuningInputs:
+    """What a server makes of the tuning a client sends for `kind.blocks`."""
+    fields, tensors = tuning.for_hop(kind.blocks)
+    tensors = iter(tensors)
+    prompts = next(tensors) if fields["prompts"] else None
+    lora_flat = next(tensors) if fields["lora"] else None
+    adapter = span.adapters[ADAPTER][kind.blocks.start : kind.blocks.end] if kind.adapter else None
+    return TuningInputs(kind.blocks, prompts, lora_flat, fields["lora"], adapter)
+
+
+def steps_of(kind: Kind, seed: int, prompt_length: int, decoding_steps: int) -> list[list[torch.Tensor]]:
+    """Inputs of a prefill of `prompt_length` tokens, then of single-token decoding steps."""
+    generator = torch.Generator().manual_seed(seed)
+    steps, position = [], 0
+    for length in [prompt_length] + [1] * decoding_steps:
+        hidden = torch.randn(kind.batch, length, HIDDEN, generator=generator)
+        positions = torch.arange(position, position + length).repeat(kind.batch, 1)
+        mask = torch.ones(kind.batch, length, dtype=torch.bool)
+        if kind.padded and position == 0:
+            mask[0, :2] = False  # the first row is left-padded by two tokens
+            positions[0] = (positions[0] - 2).clamp(min=0)
+        elif kind.padded:
+            positions[0] -= 2
+        steps.append([hidden, positions, mask])
+        position += length
+    return steps
+
+
+def alone(span: Span, kind: Kind, tuning: TuningInputs, steps, max_length: int) -> list[torch.Tensor]:
+    session = Session.open(span, kind.blocks, kind.batch, max_length, tuning)
+    return [session.step(span, *inputs) for inputs in steps]
+
+
+def test_one_batched_pass_of_mixed_sessions_equals_each_session_alone(span):
+    loop = ComputeLoop(chunk_tokens=16, max_decoding_tokens=4096)  # prompts longer than 16 tokens go in chunks
+    cases = []
+    for i in range(18):
+        kind = KINDS[i % len(KINDS)]
+        tuning = span_tuning(span, kind, session_tuning(kind, i, span.config))
+        cases.append((kind, tuning, steps_of(kind, seed=i, prompt_length=3 + (7 * i) % 41, decoding_steps=4)))
+
+    async def drive(kind: Kind, tuning: TuningInputs, steps) -> list[torch.Tensor]:
+        session = Session.open(span, kind.blocks, kind.batch, 64, tuning)
+        outputs = []
+        for inputs in steps:
+            decoding = inputs[0].shape[1] == 1
+            outputs.append(await loop.run(session.step_pieces(*inputs, loop.chunk_tokens), span, "peer", 0, decoding, session))
+        return outputs
+
+    async def everyone():
+        return await asyncio.gather(*(drive(*case) for case in cases))
+
+    batched = asyncio.run(everyone())
+    assert loop.iterations < sum(len(steps) for _, _, steps in cases) / 2  # sessions did share passes
+    for (kind, tuning, steps), outputs in zip(cases, batched):
+        for got, expected in zip(outputs, alone(span, kind, tuning, steps, 64)):
+            assert (got - expected).abs().max().item() <= 1e-5, kind
+
+
+def test_forward_and_training_requests_in_chunks_equal_one_piece(span):
+    generator = torch.Generator().manual_seed(5)
+    blocks, kind = span.range, KINDS[5]
+    tuning = span_tuning(span, kind, session_tuning(kind, 5, span.config))
+    hidden = torch.randn(3, 40, HIDDEN, generator=generator)
+    positions, mask = torch.arange(40).repeat(3, 1), torch.ones(3, 40, dtype=torch.bool)
+    mask[1, :5] = False
+    grad = torch.randn(3, 40, HIDDEN, generator=generator)
+    loop = ComputeLoop(chunk_tokens=16, max_decoding_tokens=4096)  # rows longer than a chunk use a temporary cache
+
+    async def requests():
+        forward = loop.run(span.forward_pieces(hidden, positions, mask, blocks, tuning, 16), span, "a")
+        training = loop.run(span.graph_pieces(hidden, positions, mask, blocks, tuning, 16), span, "b")
+        output, graphs = await training
+        backward = loop.run(span.backward_pieces(hidden, positions, mask, blocks, grad, tuning, graphs, 16), span, "b")
+        return await forward, output, await backward
+
+    forward, output, grads = asyncio.run(requests())
+    expected = span.run(hidden, positions, mask, blocks, tuning)
+    assert (forward - expected).abs().max().item() <= 1e-5
+    assert (output - expected).abs().max().item() <= 1e-5
+    for got, want in zip(grads, span.backward(hidden, positions, mask, blocks, grad, tuning)):
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+
+
+# --- a loaded server, through real processes -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm(path, adapter):
+    extra = ["--adapters", str(adapter), "--cache-tokens", str(CACHE_TOKENS), "--chunk-tokens", "32"]
+    swarm = start_swarm(path, ["0:2", "2:4"], *extra)
+    try:
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+def server_info(sequence, peer) -> dict:
+    info = run(sequence.p2p.call_protobuf_handler(peer, RPC_INFO, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo))
+    return msgpack.unpackb(info.serialized_info)
+
+
+def memory_mib(process) -> float:
+    """Resident memory of a server process and its children (its p2p daemon), in MiB."""
+    status = Path(f"/proc/{process.popen.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_thirty_two_concurrent_sessions_of_mixed_kinds_are_each_exact(swarm, path, span):
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    vocab = local.config.vocab_size
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers)
+    tuned = connect_sequence(str(path), span.config, swarm.initial_peers, active_adapter=ADAPTER)
+    memory_before = [memory_mib(server) for server in swarm.servers]
+    start = threading.Barrier(32)
+
+    def greedy(i: int) -> None:
+        # prompts from 2 to 77 tokens: the long ones are prefilled in chunks of 32 between the others' decoding
+        prompt = torch.randint(4, vocab, (1, 2 + 5 * i), generator=torch.Generator().manual_seed(i))
+        expected = local.generate(prompt, max_new_tokens=8, do_sample=False)
+        start.wait()
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected), f"session {i}"
+
+    def hidden_states(i: int) -> None:
+        kind = replace(KINDS[(i // 2) % len(KINDS)], blocks=BlockRange(start=0, end=NUM_BLOCKS))  # the client's view
+        tuning = session_tuning(kind, 100 + i, span.config)
+        steps = steps_of(kind, seed=100 + i, prompt_length=4 + (9 * i) % 50, decoding_steps=6)
+        expected = alone(span, kind, span_tuning(span, kind, tuning), steps, 64)
+        sequence = tuned if kind.adapter else model.sequence
+        start.wait()
+        with sequence.inference_session(max_length=64, batch_size=kind.batch, tuning=tuning) as session:
+            for inputs, want in zip(steps, expected):
+                got = session.step(*inputs)
+                assert (got - want).abs().max().item() <= 1e-4, f"session {i} ({kind})"
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(greedy if i % 2 else hidden_states, i) for i in range(32)]
+            for future in futures:
+                future.result()
+        peer = tuned.make_chain()[0].peer
+        assert server_info(tuned, peer)["cache_tokens_left"] == CACHE_TOKENS  # every session's cache is back
+    finally:
+        model.sequence.close()
+        tuned.close()
+    # 32 sessions of up to 64 tokens on a 64-wide model: a few MiB of cache; a leak per step would show
+    assert all(memory_mib(server) - before < 200 for server, before in zip(swarm.servers, memory_before))
+
+
+def test_a_peer_cannot_take_a_whole_server_and_a_busy_server_is_skipped_not_banned(swarm, path, span, caplog):
+    first, second = (connect_sequence(str(path), span.config, swarm.initial_peers) for _ in range(2))
+    peer = first.make_chain()[0].peer
+    share = int(0.75 * CACHE_TOKENS)  # the default max_peer_cache_share
+    streams = []
+
+    def open_session(sequence, peer, blocks: str, max_length: int) -> None:
+        stream = transport.InferenceStream(sequence.p2p, peer)
+        start, end = (int(b) for b in blocks.split(":"))
+        run(stream.open(OpenSession(blocks=BlockRange(start=start, end=end), max_length=max_length, batch_size=1), 30))
+        streams.append(stream)
+
+    helper = None
+    try:
+        open_session(first, peer, "0:2", share - 10)
+        with pytest.raises(RemoteError, match="one peer may hold at most") as busy:
+            open_session(first, peer, "0:2", 20)
+        assert busy.value.kind == "ServerBusy"
+        open_session(second, peer, "0:2", 20)  # another peer still gets room
+        with pytest.raises(RemoteError, match="not enough KV cache") as full:
+            open_session(second, peer, "0:2", CACHE_TOKENS - share)
+        assert full.value.kind == "ServerBusy"
+
+        # a one-hop server that announced room, then filled up: the client meets ServerBusy there, goes on to the
+        # two-hop chain, and does not count the busy server as failed
+        helper = swarm.start_server(path, "--blocks", "0:4", "--cache-tokens", "200")
+        helper_peer = wait_for_server(second, "0:4")
+        open_session(second, helper_peer, "0:4", 150)  # leaves 50 of its 200 token slots
+        client = connect_sequence(str(path), span.config, swarm.initial_peers)
+        kind = KINDS[0]
+        steps = steps_of(kind, seed=7, prompt_length=5, decoding_steps=2)
+        with caplog.at_level("INFO", logger="meadow.client"):
+            with client.inference_session(max_length=100, batch_size=1) as session:  # needs 100 slots
+                outputs = [session.step(*inputs) for inputs in steps]
+                assert helper_peer not in [segment.hop.peer for segment in session.segments]
+        assert "ServerBusy" in caplog.text  # the helper was tried first (one hop beats two)
+        for got, want in zip(outputs, alone(span, kind, TuningInputs(kind.blocks), steps, 100)):
+            assert (got - want).abs().max().item() <= 1e-4
+        assert client.failures.get(helper_peer, 0) == 0
+        client.close()
+    finally:
+        for stream in streams:
+            run(stream.close())
+        first.close()
+        second.close()
+        if helper is not None:
+            helper.stop()
+
+
+def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
+    """The peer of a server of `blocks` once the DHT shows it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sequence.update_routes(force=True)
+        for peer, info in sequence.servers.items():
+            if f"{info.start}:{info.end}" == blocks:
+                return peer
+        time.sleep(0.5)
+    raise TimeoutError(f"no server of blocks {blocks} appeared")
