@@ -42,7 +42,7 @@ class Segment:
     stream: transport.InferenceStream
     session_id: str  # the session's name on its server: the previous server pushes decoding steps to it
     history: list[Inputs] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # what it returned for them (for spot-checks)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # what it returned for them (kept if verify > 0)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     push_misses: int = 0  # pushed steps whose output did not come in time
 
@@ -132,7 +132,8 @@ class InferenceSession:
                 usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
                 self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
-            segment.outputs.append(output)
+            if config.verify > 0:  # for spot-checks; without them, not worth the memory
+                segment.outputs.append(output)
             inputs = (output, inputs[1], inputs[2])
             index += 1
         return inputs[0]
@@ -244,7 +245,7 @@ class InferenceSession:
                     raise
             segment.history = [(hidden, position_ids, key_mask)]
             hidden = torch.cat(outputs, dim=1)
-            segment.outputs = [hidden]
+            segment.outputs = [hidden] if self.sequence.config.verify > 0 else []
 
     def close(self) -> None:
         if self.segments is not None:
