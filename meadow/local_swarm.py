@@ -25,15 +25,15 @@ class ProcessFailed(RuntimeError):
 
 
 class Process:
-    """A `meadow ...` child in its own process group; its output is kept and optionally echoed."""
+    """A `meadow ...` child (or `program ...`) in its own process group; its output is kept and optionally echoed."""
 
-    def __init__(self, args: list[str], name: str, echo: bool = False):
+    def __init__(self, args: list[str], name: str, echo: bool = False, program: list[str] | None = None):
         self.name, self.lines, self.echo = name, [], echo
         # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
         # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "meadow", *args],
+            [*(program or [sys.executable, "-m", "meadow"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -101,9 +101,12 @@ class LocalSwarm:
         self.initial_peers = [maddr.strip()]
         return self.initial_peers
 
-    def start_server(self, model: str | Path, *args: str, wait: bool = True, timeout: float = 120.0) -> Process:
+    def start_server(
+        self, model: str | Path, *args: str, wait: bool = True, timeout: float = 120.0, program: list[str] | None = None
+    ) -> Process:
+        """`meadow serve model ...` (or `program serve model ...`: tests start doctored servers so)."""
         name = f"server{len(self.servers)}"
-        server = Process(["serve", str(model), "--initial-peers", *self.initial_peers, *args], name, self.echo)
+        server = Process(["serve", str(model), "--initial-peers", *self.initial_peers, *args], name, self.echo, program)
         self.servers.append(server)
         if wait:
             server.wait_for(lambda line: "ready" in line, timeout)

@@ -30,3 +30,13 @@ class ClientConfig:
     push_steps: bool = True  # servers hand each decoding step's output straight to the next server of the chain
     micro_batch_tokens: int = 4096  # batch x tokens per forward/backward request; bigger batches go in several
     min_quant: str | None = None  # use only servers whose weights are this quant or better (none > int8 > nf4)
+    # Spot-checks (verify.py): this fraction of inference steps and of forward/backward requests is recomputed by
+    # another server holding the same blocks (a third decides a mismatch). 0.02 costs ~2% more server work for
+    # training and catches a server that keeps cheating within ~50 steps (a session's check covers its whole history,
+    # so even one wrong step is caught at the next check); 1.0 checks everything, 0 nothing.
+    verify: float = 0.02
+    verify_ban_seconds: float = 24 * 3600.0  # how long to avoid a server that two others outvoted
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify <= 1.0:
+            raise ValueError(f"verify is the fraction of requests spot-checked, in [0, 1]; got {self.verify}")

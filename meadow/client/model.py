@@ -23,8 +23,9 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, Pr
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from meadow.client.local_blocks import LocalBlocks, LocalSession
 from meadow.client.tuning import ClientLora, PromptTuning, RemoteTuning
-from meadow.models import load_client_parts, load_config, load_hf_config, resolve_model_path
+from meadow.models import load_blocks, load_client_parts, load_config, load_hf_config, resolve_model_path
 
 DEFAULT_NEW_TOKENS = 20  # what transformers generates when neither max_new_tokens nor max_length is set
 
@@ -46,11 +47,14 @@ class GenerationSession:
         batch_size: int | None,
         prefix: torch.Tensor | None = None,
         tuning: RemoteTuning | None = None,
+        local_blocks: LocalBlocks | None = None,
     ):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
         self.prefix = prefix  # (P, H) trained prompt embeddings that go before the first token, if any
         self.tuning = tuning  # deep prompts and LoRA weights the servers apply for the whole session
+        self.local_blocks = local_blocks  # the first blocks, run here, if the user asked for local_blocks
         self.remote = None  # the sequence's InferenceSession, opened at the first step (when the batch size is known)
+        self.local: LocalSession | None = None  # the local blocks' KV caches, opened with `remote`
         self.token_ids: torch.Tensor | None = None  # (B, position) ids the servers have processed
         self.mask: torch.Tensor | None = None  # (B, position) bool, their attention mask
 
@@ -96,19 +100,28 @@ class GenerationSession:
     def step(
         self, hidden: torch.Tensor, new_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Run the new tokens' hidden states (B, T, H) through the servers; remember the tokens once they are stored."""
+        """Run the new tokens' hidden states (B, T, H) through the blocks (the local ones first, if any, then the
+        servers'); remember the tokens once they are stored."""
         if self.remote is None:
             batch_size = self.batch_size or hidden.shape[0]
             self.remote = self.sequence.inference_session(self.max_length + self.prefix_length, batch_size, self.tuning)
+            if self.local_blocks is not None:
+                self.local = self.local_blocks.session(batch_size, self.max_length + self.prefix_length)
         if self.position == 0 and self.prefix is not None:  # the trained prompt goes first, once
             hidden, position_ids, remote_mask = with_prefix(self.prefix, hidden, position_ids, mask)
-            output = self.remote.step(hidden, position_ids, remote_mask)[:, self.prefix_length :]
+            output = self._through_blocks(hidden, position_ids, remote_mask)[:, self.prefix_length :]
         else:
-            output = self.remote.step(hidden, position_ids, mask)
+            output = self._through_blocks(hidden, position_ids, mask)
         new_ids, mask = new_ids.detach().cpu(), mask.detach().cpu()
         self.token_ids = new_ids if self.token_ids is None else torch.cat([self.token_ids, new_ids], dim=1)
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
         return output
+
+    def _through_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.local is not None:
+            start = 0 if self.position == 0 else self.position + self.prefix_length
+            hidden = self.local.step(hidden, position_ids, mask, start)
+        return self.remote.step(hidden, position_ids, mask)
 
     def close(self) -> None:
         if self.remote is not None:
@@ -131,6 +144,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
         self.sequence = sequence  # RemoteSequence (or a stand-in with the same interface), not an nn.Module
         self.prompts = prompts  # "ptune" / "deep_ptune": trainable prompts, or None
         self.lora = lora  # the client's own trainable LoRA weights for the remote blocks, or None
+        self.local_blocks: LocalBlocks | None = None  # the first blocks, if the client runs them (local_blocks=N)
         self.all_tied_weights_keys = {}  # what post_init would set; post_init itself would re-initialise weights
         self.eval()
 
@@ -181,6 +195,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
             if key_mask is None:
                 key_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
             hidden, position_ids, key_mask = with_prefix(self.prompts.prefix, hidden, position_ids + self.prompts.length, key_mask)
+        if self.local_blocks is not None:
+            hidden = self.local_blocks(hidden, position_ids, key_mask)
         hidden = self.sequence.forward(hidden, position_ids, key_mask, self.remote_tuning())
         prefix_length = 0 if self.prompts is None else self.prompts.length
         return hidden[:, prefix_length:]
@@ -283,7 +299,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             tuning = self.remote_tuning()
             tuning = tuning.with_tensors(*(None if t is None else t.detach() for t in (tuning.prompts, tuning.lora_flat)))
             prefix = None if self.prompts is None else self.prompts.prefix.detach()
-        session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning)
+        session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning, self.local_blocks)
         token = _active_sessions.set(MappingProxyType({**_active_sessions.get(), id(self): session}))
         try:
             yield session
@@ -358,14 +374,17 @@ def load_distributed(
     pre_seq_len: int = 0,
     lora=None,
     config_overrides: dict | None = None,
+    local_blocks: int = 0,
     **kwargs,
 ) -> DistributedPreTrainedModel:
-    """Load the config and the client-side parts only (never block weights), add what the client trains, and join
-    the swarm (`kwargs` go to `connect_sequence`: client_config, dht_prefix, active_adapter, ...). `sequence=`
-    replaces the swarm with any object of the RemoteSequence interface (tests use an in-process one)."""
+    """Load the config and the client-side parts only (no block weights but the first `local_blocks`, if asked),
+    add what the client trains, and join the swarm (`kwargs` go to `connect_sequence`: client_config, dht_prefix,
+    active_adapter, ...). `sequence=` replaces the swarm with any object of the RemoteSequence interface (tests use
+    an in-process one)."""
     path = resolve_model_path(model)
     config = load_hf_config(path, **(config_overrides or {}))
     block_config = load_config(path)
+    _check_local_blocks(local_blocks, block_config.num_hidden_layers, tuning_mode, lora, kwargs.get("active_adapter"))
     parts = load_client_parts(path, block_config, dtype, device)
     prompts = None
     if tuning_mode is not None:
@@ -381,18 +400,30 @@ def load_distributed(
     if sequence is None:
         from meadow.client.sequence import connect_sequence
 
-        sequence = connect_sequence(path, block_config, initial_peers=initial_peers, **kwargs)
+        sequence = connect_sequence(path, block_config, initial_peers=initial_peers, first_block=local_blocks, **kwargs)
     distributed = model_class(config, parts, sequence, prompts, client_lora)
+    if local_blocks:
+        distributed.local_blocks = LocalBlocks(load_blocks(path, block_config, 0, local_blocks, dtype, device, progress=False), block_config)
     if (path / "generation_config.json").exists() and isinstance(distributed, GenerationMixin):
         distributed.generation_config = GenerationConfig.from_pretrained(path)
     return distributed
+
+
+def _check_local_blocks(count: int, num_blocks: int, tuning_mode: str | None, lora, active_adapter: str | None) -> None:
+    if not 0 <= count < num_blocks:
+        raise ValueError(f"local_blocks must be in [0, {num_blocks}) for this {num_blocks}-block model, got {count}")
+    unsupported = {"tuning_mode='deep_ptune'": tuning_mode == "deep_ptune", "lora": lora is not None, "active_adapter": active_adapter}
+    for option, used in unsupported.items():
+        if count and used:
+            raise ValueError(f"local_blocks cannot be combined with {option} yet: the local blocks would run without it")
 
 
 class AutoDistributedModelForCausalLM:
     """Entry point like transformers' AutoModelForCausalLM: `from_pretrained(model, initial_peers, ...)`.
     Options: `tuning_mode="ptune"|"deep_ptune"` with `pre_seq_len=N` (trainable prompts), `lora=LoraConfig(...)`
     (trainable LoRA weights of the client's own for the remote blocks), `active_adapter=NAME` (a LoRA adapter the
-    servers serve), `client_config=ClientConfig(...)`, `dtype`, `device`."""
+    servers serve), `local_blocks=N` (run the first N blocks here: servers never see the token embeddings; memory
+    of N blocks), `client_config=ClientConfig(...)`, `dtype`, `device`."""
 
     @classmethod
     def from_pretrained(cls, model: str | Path, initial_peers: Sequence[str] = (), **kwargs) -> DistributedModelForCausalLM:

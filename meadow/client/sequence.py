@@ -22,27 +22,21 @@ from meadow.client.event_loop import run
 from meadow.client.routing import (
     Hop, MeasuredStep, MissingBlocksError, _ranges, choose_chain, peers_to_ping, servers_by_peer,
 )  # fmt: skip
+from meadow.client.transport import is_server_failure
+from meadow.client.verify import SpotChecker, WrongOutputs
 from meadow.models import resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.client.tuning import RemoteTuning
 from meadow.models.quant import with_quant_at_least
-from meadow.wire import RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError
+from meadow.wire import (
+    PROTOCOL_VERSION, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 PING_ROUNDS = 2  # a route refresh pings the best chains' unmeasured servers up to this many times (each round waits
 # for its slowest ping); the next refreshes go on where it stopped
 MOVED = ("ServerLeaving", "WrongServer", "ServerBusy")  # healthy servers that left, moved or are full: skipped, not banned
-
-
-def is_server_failure(error: BaseException) -> bool:
-    """True if another server may succeed where this one failed (it died, hung, left, or moved).
-    A BadRequest is the client's own fault: every server would refuse it, so it is raised at once."""
-    if isinstance(error, RemoteError):
-        return error.kind != "BadRequest"
-    return isinstance(error, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)) or (
-        type(error).__name__ in ("P2PHandlerError", "P2PDaemonError", "ControlFailure")
-    )
 
 
 class OtherCheckpointError(MissingBlocksError):
@@ -66,8 +60,9 @@ class ClosedError(RuntimeError):
 
 
 class RemoteSequence:
-    """All blocks of one model, served by the swarm. `forward` runs a full pass; `inference_session` keeps KV caches.
-    Threads may share one: routes and bans are shared (a failed server is avoided by all), each session is its own."""
+    """The blocks of one model that the swarm serves for us: all of them, or those after the client's `local_blocks`.
+    `forward` runs a full pass; `inference_session` keeps KV caches. Threads may share one: routes and bans are shared
+    (a failed server is avoided by all), each session is its own."""
 
     def __init__(
         self,
@@ -77,11 +72,14 @@ class RemoteSequence:
         config: ClientConfig,
         active_adapter: str | None = None,
         fingerprint: str | None = None,
+        first_block: int = 0,
     ):
         self.dht, self.dht_prefix, self.num_blocks, self.config = dht, dht_prefix, num_blocks, config
+        self.blocks = BlockRange(start=first_block, end=num_blocks)  # the blocks that run remotely
         self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
         self.fingerprint = fingerprint  # of our checkpoint: only servers of the same one are used (None: any)
         self.other_checkpoints: dict[PeerID, ServerInfo] = {}  # online servers of this swarm name but not our model
+        self.checker = SpotChecker(self)  # spot-checks of the servers' results (ClientConfig.verify)
         self.last_hops: list[Hop] = []  # the chain of the last forward pass (for logs and tests)
         self.p2p = run(dht.replicate_p2p())
         self.salt = self.p2p.peer_id.to_bytes()  # our tie-break among near-equal chains: other clients take others
@@ -104,7 +102,7 @@ class RemoteSequence:
         self.other_checkpoints = {peer: info for peer, info in online.items() if peer not in self.servers}
         now = time.monotonic()
         self.rtt = {peer: rtt for peer, rtt in self.rtt.items() if self.rtt_expires.get(peer, now) >= now}
-        everything = BlockRange(start=0, end=self.num_blocks)
+        everything = self.blocks
         options = dict(default_rtt=self.config.default_rtt, banned=self.banned(), salt=self.salt)
         for _ in range(PING_ROUNDS):  # ping the servers of the chains we would take; measured, they may change them
             peers = peers_to_ping(self.usable_servers(), self.rtt, everything, **options)
@@ -124,6 +122,11 @@ class RemoteSequence:
             self.routes_updated = 0.0
             logger.info(f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
             return
+        if isinstance(error, WrongOutputs):  # not a mishap: it computes wrong results
+            with self._bans_lock:
+                self.banned_until[peer] = time.monotonic() + self.config.verify_ban_seconds
+            logger.warning(f"{error}; avoiding it for {self.config.verify_ban_seconds:.0f} s")
+            return
         with self._bans_lock:
             self.failures[peer] += 1
             seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
@@ -136,9 +139,9 @@ class RemoteSequence:
             return frozenset(peer for peer, until in self.banned_until.items() if until > now)
 
     def make_chain(self, blocks: BlockRange | None = None, cache_tokens: int = 0) -> list[Hop]:
-        """The fastest chain for `blocks` (for a session that needs `cache_tokens` KV-cache slots on each server),
-        waiting up to `wait_for_servers` for missing blocks to appear."""
-        blocks = blocks or BlockRange(start=0, end=self.num_blocks)
+        """The fastest chain for `blocks` (default: all remote blocks; for a session that needs `cache_tokens` KV-cache
+        slots on each server), waiting up to `wait_for_servers` for missing blocks to appear."""
+        blocks = blocks or self.blocks
         deadline = time.monotonic() + self.config.wait_for_servers
         force = False
         while True:
@@ -164,9 +167,11 @@ class RemoteSequence:
                 force = True
 
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
-        if self.active_adapter is None:
-            return self.servers
-        return {peer: info for peer, info in self.servers.items() if self.active_adapter in info.adapters}
+        """The servers we may route to: those of our protocol version (and with our adapter, if we use one)."""
+        return {
+            peer: info for peer, info in self.servers.items()
+            if info.version == PROTOCOL_VERSION and (self.active_adapter is None or self.active_adapter in info.adapters)
+        }  # fmt: skip
 
     def forward(
         self,
@@ -196,12 +201,13 @@ class RemoteSequence:
         """The output of every block, and each hop (server and blocks) with its input and, when `training`, the name
         under which its server keeps the pass's graph: what backward needs. A failed hop is retried on other
         servers from the failed block on."""
-        block, failovers, hops = 0, 0, []
+        block, failovers, hops = self.blocks.start, 0, []
         while block < self.num_blocks:
             for hop in self.make_chain(BlockRange(start=block, end=self.num_blocks)):
                 graph_id = uuid.uuid4().hex if training else None
                 try:
-                    (output,) = run(self._call(RPC_FORWARD, hop, hidden, position_ids, key_mask, tuning, graph_id=graph_id))
+                    rpc = self._checked_call(RPC_FORWARD, hop, hidden, position_ids, key_mask, tuning, graph_id=graph_id)
+                    (output,) = run(rpc)
                 except Exception as e:
                     if not is_server_failure(e) or failovers >= self.config.max_retries:
                         raise
@@ -233,11 +239,11 @@ class RemoteSequence:
             try:
                 inputs = [hidden]
                 for current in chain[:-1]:
-                    inputs.append(run(self._call(RPC_FORWARD, current, inputs[-1], position_ids, key_mask, tuning))[0])
+                    inputs.append(run(self._checked_call(RPC_FORWARD, current, inputs[-1], position_ids, key_mask, tuning))[0])
                 kept = graph_id if chain == [hop] else None
                 grad, prompt_grads, lora_grads = grad_output, [], []
                 for current, x in zip(reversed(chain), reversed(inputs)):
-                    rpc = self._call(RPC_BACKWARD, current, x, position_ids, key_mask, tuning, grad, graph_id=kept)
+                    rpc = self._checked_call(RPC_BACKWARD, current, x, position_ids, key_mask, tuning, grad, graph_id=kept)
                     grad, *rest = run(rpc)
                     rest = iter(rest)
                     if tuning.prompts is not None:
@@ -253,6 +259,14 @@ class RemoteSequence:
                 failovers += 1
                 self.ban(current.peer, e)
                 chain = self.make_chain(hop.blocks)
+
+    async def _checked_call(self, rpc: str, hop: Hop, *args, graph_id: str | None = None) -> list[torch.Tensor]:
+        """_call, and now and then (ClientConfig.verify) the same call on another server holding hop's blocks to check
+        the result: WrongOutputs if hop's server is found wrong."""
+        result = await self._call(rpc, hop, *args, graph_id=graph_id)
+        if self.checker.due():
+            await self.checker.check(hop, result, lambda other: self._call(rpc, other, *args))
+        return result
 
     async def _call(
         self,
@@ -279,7 +293,8 @@ class RemoteSequence:
             tensors = part[:3] + extra + part[3:]
             name = None if graph_id is None else f"{graph_id}.{i}"
             request = request_type(blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, **fields)
-            calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout))
+            expected = part[:1] + (extra if grad_output is not None else [])  # outputs, or gradients of what was sent
+            calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout, expected))
         replies = await asyncio.gather(*calls)
         joined = [torch.cat([reply[0] for reply in replies])]
         return joined + [sum(reply[i] for reply in replies) for i in range(1, len(replies[0]))]
@@ -339,8 +354,10 @@ def connect_sequence(
     dht_prefix: str | None = None,
     host: str = "127.0.0.1",
     active_adapter: str | None = None,
+    first_block: int = 0,
 ) -> RemoteSequence:
-    """Join the swarm as a client (no listening for strangers, no UPnP) and return the model's remote blocks."""
+    """Join the swarm as a client (no listening for strangers, no UPnP) and return the model's remote blocks: those
+    from `first_block` on (the client runs the ones before)."""
     client_config = client_config or ClientConfig()
     if not initial_peers:
         raise ValueError("initial_peers is empty: pass the multiaddr printed by `meadow dht` (or a server's)")
@@ -348,4 +365,4 @@ def connect_sequence(
     fingerprint = checkpoint_fingerprint(resolve_model_path(model))
     swarms = {prefix: config.num_hidden_layers}  # the DHT node checks these records in full (swarm/validation.py)
     dht = start_dht(initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms)
-    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint)
+    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)

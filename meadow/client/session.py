@@ -3,10 +3,15 @@
 Each segment (one server, some blocks) remembers every input it was sent. When a server dies, hangs or
 leaves, the client bans it, routes a replacement for exactly its blocks (one server or several, maybe
 ones that joined after the session began), replays the remembered inputs to rebuild their KV caches,
-and resends the step that failed. Downstream servers never notice, so greedy results stay identical."""
+and resends the step that failed. Downstream servers never notice, so greedy results stay identical.
+
+A step may be spot-checked (ClientConfig.verify, verify.py): then every segment's outputs so far are recomputed by
+another server from the segment's history. A server found wrong is banned, and it and the servers after it (which
+stored what it returned) are replaced with the same replay; the step runs again from there."""
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 import uuid
@@ -21,7 +26,8 @@ from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure
 from meadow.client.tuning import RemoteTuning
-from meadow.wire import BlockRange, OpenSession, PushTarget, Step
+from meadow.client.verify import WrongOutputs
+from meadow.wire import RPC_FORWARD, BlockRange, OpenSession, PushTarget, Step
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
 MAX_PUSH_MISSES = 2  # after this many late pushes to a server, the client passes its steps on itself
@@ -36,6 +42,7 @@ class Segment:
     stream: transport.InferenceStream
     session_id: str  # the session's name on its server: the previous server pushes decoding steps to it
     history: list[Inputs] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # what it returned for them (kept if verify > 0)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     push_misses: int = 0  # pushed steps whose output did not come in time
 
@@ -73,19 +80,39 @@ class InferenceSession:
         if self.position + length > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {length} tokens")
         if self.segments is None:
-            self.segments = self._open(BlockRange(start=0, end=self.sequence.num_blocks))
+            self.segments = self._open(self.sequence.blocks)
         inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
+        check, index, rechecks = self.sequence.checker.due(), 0, 0
+        while True:
+            output = self._run(inputs, index)
+            caught = self._spot_check() if check else None
+            if caught is None:
+                break
+            # its server is banned; the servers after it stored what it returned: rebuild the chain from it, and run
+            # the step again from there
+            index, error = caught
+            rechecks += 1
+            if rechecks > self.sequence.config.max_retries:
+                raise error
+            inputs = self.segments[index].history[-1]
+            self._rebuild_from(index)
+        self.position += length
+        return output
+
+    def _run(self, inputs: Inputs, index: int) -> torch.Tensor:
+        """Send a step through the segments from `index` on; a server that fails is replaced (its replacement gets the
+        history replayed) and the step resent to it. The last segment's output."""
         config = self.sequence.config
-        decoding = length <= DECODING_TOKENS
+        decoding = inputs[0].shape[1] <= DECODING_TOKENS
         pushed_to: list[Segment] = []  # segments whose server gets this step's input pushed by the previous one
-        index, failovers = 0, 0
+        failovers = 0
         while index < len(self.segments):
             segment = self.segments[index]
             began = time.perf_counter()
             try:
                 output = None
                 if segment in pushed_to:
-                    output = run(segment.stream.pushed_output(segment.push_grace(config)))
+                    output = run(segment.stream.pushed_output(segment.push_grace(config), like=inputs[0]))
                     segment.push_misses += output is None
                 if output is None:  # not pushed, or the push is late: send the step ourselves
                     pushed_to = self._push_chain(index + 1) if decoding and config.push_steps else []
@@ -105,10 +132,43 @@ class InferenceSession:
                 usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
                 self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
+            if config.verify > 0:  # for spot-checks; without them, not worth the memory
+                segment.outputs.append(output)
             inputs = (output, inputs[1], inputs[2])
             index += 1
-        self.position += length
         return inputs[0]
+
+    def _spot_check(self) -> tuple[int, WrongOutputs] | None:
+        """Check every segment's outputs so far on other servers holding its blocks, all at once: each gets the
+        segment's whole history in one forward pass (no cache), so a cheat at any earlier step shows too. The index
+        and error of the first segment found wrong (its server now banned), if any."""
+
+        async def check(segment: Segment) -> None:
+            hidden, position_ids, key_mask = (torch.cat(parts, dim=1) for parts in zip(*segment.history))
+            outputs = [torch.cat(segment.outputs, dim=1)]
+            recompute = lambda other: self.sequence._call(RPC_FORWARD, other, hidden, position_ids, key_mask, self.tuning)
+            await self.sequence.checker.check(segment.hop, outputs, recompute)
+
+        async def check_all() -> list:
+            return await asyncio.gather(*(check(segment) for segment in self.segments), return_exceptions=True)
+
+        results = run(check_all())
+        for index, (segment, result) in enumerate(zip(self.segments, results)):
+            if isinstance(result, WrongOutputs):
+                self.sequence.ban(segment.hop.peer, result)
+                return index, result
+            if isinstance(result, BaseException):
+                raise result
+        return None
+
+    def _rebuild_from(self, index: int) -> None:
+        """Replace the segments from `index` on with a new chain for their blocks, fed the history of the first one
+        up to (not including) this step."""
+        first = self.segments[index]
+        for segment in self.segments[index:]:
+            run(segment.stream.close())
+        blocks = BlockRange(start=first.hop.blocks.start, end=self.segments[-1].hop.blocks.end)
+        self.segments[index:] = self._open(blocks, first.history[:-1])
 
     def _push_chain(self, start: int) -> list[Segment]:
         """The segments from `start` on that the step can be pushed along: up to one whose pushes keep not arriving
@@ -185,6 +245,7 @@ class InferenceSession:
                     raise
             segment.history = [(hidden, position_ids, key_mask)]
             hidden = torch.cat(outputs, dim=1)
+            segment.outputs = [hidden] if self.sequence.config.verify > 0 else []
 
     def close(self) -> None:
         if self.segments is not None:

@@ -1,50 +1,104 @@
-"""Talking to one server: a forward call and an inference stream. Async; the sync API wraps it."""
+"""Talking to one server: a forward call and an inference stream, every reply checked. Async; the sync API wraps it."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from meadow.wire import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, RemoteError, Reply, Request, pack, unpack
+from meadow.wire import (
+    RPC_FORWARD, RPC_INFERENCE, BadRequest, ForwardRequest, MeadowError, OpenSession, RemoteError, Reply, Request,
+    pack, unpack,
+)  # fmt: skip
 
 MAX_REPLY_BYTES = 2**34  # replies come from servers we chose; the size cap guards servers, not clients
+
+
+class BadReply(MeadowError):
+    """A server's reply is malformed: undecodable, or not the tensors the request asks for (count, shape, dtype), or
+    values that are not finite. The server failed: another one may do better."""
+
+    what = "bad reply"
+
+    def __init__(self, message: str, peer: PeerID | str):
+        super().__init__(f"{self.what} from {peer}: {message}")
+        self.peer = peer
+
+
+def check_reply(
+    tensors: Sequence[torch.Tensor], expected: Sequence[torch.Tensor] | None, peer: PeerID
+) -> list[torch.Tensor]:
+    """`tensors` if they have the count, shapes and dtypes of `expected` (None: any) and only finite values;
+    BadReply otherwise. Every reply a client uses passes through here: what a stranger returns is checked in one place."""
+    if expected is not None and len(tensors) != len(expected):
+        raise BadReply(f"{len(tensors)} tensors, expected {len(expected)}", peer)
+    for index, got in enumerate(tensors):
+        like = expected[index] if expected is not None else got
+        if got.shape != like.shape or got.dtype != like.dtype:
+            raise BadReply(f"tensor {index} is {_describe(got)}, expected {_describe(like)}", peer)
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise BadReply(f"tensor {index} holds NaN or infinite values", peer)
+    return list(tensors)
+
+
+def is_server_failure(error: BaseException) -> bool:
+    """True if another server may succeed where this one failed (it died, hung, left, moved, or answered nonsense).
+    A BadRequest is the client's own fault: every server would refuse it, so it is raised at once."""
+    if isinstance(error, RemoteError):
+        return error.kind != "BadRequest"
+    if isinstance(error, BadReply):
+        return True
+    return isinstance(error, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)) or (
+        type(error).__name__ in ("P2PHandlerError", "P2PDaemonError", "ControlFailure")
+    )
 
 
 async def read_reply(
     responses: AsyncIterator[runtime_pb2.ExpertResponse], peer: PeerID, timeout: float | None
 ) -> list[torch.Tensor]:
-    message = await asyncio.wait_for(unpack(responses, MAX_REPLY_BYTES), timeout)
-    if message is None:
-        raise RemoteError("the server closed the stream", kind="ConnectionError", peer=str(peer))
-    tensors, meta = message
-    reply = Reply.from_wire(meta)
+    """The tensors of the next reply on `responses`; the server's error re-raised as a RemoteError."""
+    try:
+        message = await asyncio.wait_for(unpack(responses, MAX_REPLY_BYTES), timeout)
+        if message is None:
+            raise RemoteError("the server closed the stream", kind="ConnectionError", peer=str(peer))
+        tensors, meta = message
+        reply = Reply.from_wire(meta)
+    except BadRequest as e:  # what the wire layer calls a bad request is, coming from a server, a bad reply
+        raise BadReply(str(e), peer) from None
     if reply.error is not None:
         raise RemoteError(reply.error, kind=reply.error_kind or "MeadowError", peer=str(peer))
     return tensors
 
 
 async def call(
-    p2p: P2P, peer: PeerID, rpc: str, request: Request, tensors: list[torch.Tensor], timeout: float
+    p2p: P2P,
+    peer: PeerID,
+    rpc: str,
+    request: Request,
+    tensors: list[torch.Tensor],
+    timeout: float,
+    expected: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """One request, one reply (rpc_forward, rpc_backward): the reply's tensors."""
+    """One request, one reply (rpc_forward, rpc_backward): the reply's tensors, checked to be like `expected` (the
+    outputs or gradients the request asks for; None: any, but finite)."""
     messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest)
     responses = await asyncio.wait_for(
         p2p.iterate_protobuf_handler(peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout
     )
     try:
-        return await read_reply(responses, peer, timeout)
+        reply = await read_reply(responses, peer, timeout)
     finally:
         await responses.aclose()
+    return check_reply(reply, expected, peer)
 
 
 async def forward(
     p2p: P2P, peer: PeerID, request: ForwardRequest, tensors: list[torch.Tensor], timeout: float
 ) -> torch.Tensor:
-    (output,) = await call(p2p, peer, RPC_FORWARD, request, tensors, timeout)
+    (output,) = await call(p2p, peer, RPC_FORWARD, request, tensors, timeout, expected=tensors[:1])
     return output
 
 
@@ -75,29 +129,41 @@ class InferenceStream:
             raise
 
     async def step(self, tensors: list[torch.Tensor], timeout: float, meta: dict | None = None) -> torch.Tensor:
-        """Send one step (`meta`: its Step fields) and wait for its output."""
+        """Send one step (`meta`: its Step fields) and wait for its output, which must be like its hidden states."""
         if self.closed:
             raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
         self._send(tensors, meta or {})
-        return await self.output(timeout)
+        return await self.output(timeout, like=tensors[0])
 
-    async def output(self, timeout: float) -> torch.Tensor:
-        """The next step's output; after an error or timeout the stream is out of step, so it is closed."""
+    async def output(self, timeout: float, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The next step's output (of the shape and dtype of `like`, if given); after an error or timeout the stream
+        is out of step, so it is closed."""
         try:
-            return await self._next(timeout)
+            return self._checked(await self._next(timeout), like)
         except BaseException:
             await self.close()
             raise
 
-    async def pushed_output(self, grace: float) -> torch.Tensor | None:
+    async def pushed_output(self, grace: float, like: torch.Tensor | None = None) -> torch.Tensor | None:
         """The output of a step the previous server pushed to this one, if it comes within `grace` seconds; None
         otherwise (the stream stays usable: send the step yourself)."""
         try:
-            return await self._next(grace)
+            reply = await self._next(grace)
         except asyncio.TimeoutError:
             return None
+        try:
+            return self._checked(reply, like)
+        except BadReply:
+            await self.close()
+            raise
 
-    async def _next(self, timeout: float) -> torch.Tensor:
+    def _checked(self, reply: list[torch.Tensor], like: torch.Tensor | None) -> torch.Tensor:
+        if len(reply) != 1:
+            raise BadReply(f"{len(reply)} tensors, expected 1", self.peer)
+        (output,) = check_reply(reply, None if like is None else [like], self.peer)
+        return output
+
+    async def _next(self, timeout: float) -> list[torch.Tensor]:
         if self.closed and self.replies.empty():
             raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
         reply = await asyncio.wait_for(self.replies.get(), timeout)
@@ -109,8 +175,7 @@ class InferenceStream:
     async def _read_replies(self) -> None:
         try:
             while True:
-                (output,) = await read_reply(self.responses, self.peer, timeout=None)
-                self.replies.put_nowait(output)
+                self.replies.put_nowait(await read_reply(self.responses, self.peer, timeout=None))
         except Exception as e:
             self.replies.put_nowait(e)
 
@@ -135,6 +200,10 @@ class InferenceStream:
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (message := await self.queue.get()) is not None:
             yield message
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
 
 
 async def _iterate(items):
