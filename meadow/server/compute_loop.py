@@ -22,6 +22,7 @@ from typing import Any, Hashable, Iterable, Protocol, TypeVar
 from meadow.server.span import Piece, Pieces, Separate, Span
 
 logger = logging.getLogger(__name__)
+INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loop: a thread hand-off costs about as much
 GATHER_PASSES = 2.0  # a decoding step may wait this many passes' time for other sessions' steps to join it
 
 
@@ -184,7 +185,10 @@ class ComputeLoop:
                 self.last_turn[job.decoding][job.peer] = self.iterations
             began = loop.time()
             try:
-                await loop.run_in_executor(self.thread, self._compute, chosen)
+                if self.pass_seconds and self.pass_seconds < INLINE_SECONDS and all(job.decoding for job in chosen):
+                    self._compute(chosen)
+                else:
+                    await loop.run_in_executor(self.thread, self._compute, chosen)
             except Exception as e:  # a bug or out of memory: the jobs of this pass fail, the loop goes on
                 logger.exception("a batched pass failed")
                 for job in chosen:
