@@ -43,6 +43,28 @@ def peak_rss_mib(pid: int | None = None) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of processes and all their descendants so far, in seconds; Linux (/proc) only.
+    Unlike wall time, it barely moves when other programs share the machine."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # it exited meanwhile
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (name) "
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    total, stack = 0, list(pids)
+    while stack:
+        pid = stack.pop()
+        total += stats.get(pid, (0, 0))[1]
+        stack += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn, repeats: int = 1) -> float:
     fn()  # warm-up
     began = time.perf_counter()
@@ -178,14 +200,18 @@ def run_clients_bench(
             for n in clients:
                 runs = []
                 for _ in range(repeats):
+                    cpu = [cpu_seconds([server.popen.pid for server in servers]), cpu_seconds([p.pid for p, _ in workers])]
                     start_at = time.time() + 0.5
                     for _, commands in workers[:n]:
                         commands.put(start_at)
                     spans = [results.get(timeout=600) for _ in range(n)]  # (start, end) of each client
                     wall = max(end for _, end in spans) - start_at
-                    runs.append((n * new_tokens / wall, [new_tokens / (end - start_at) for _, end in spans]))
-                aggregate, per_client = sorted(runs)[len(runs) // 2]  # the median run
-                rows.append((n, aggregate, per_client))
+                    cpu[0] = cpu_seconds([server.popen.pid for server in servers]) - cpu[0]
+                    cpu[1] = cpu_seconds([p.pid for p, _ in workers]) - cpu[1]
+                    per_token = [seconds * 1000 / (n * new_tokens) for seconds in cpu]
+                    runs.append((n * new_tokens / wall, [new_tokens / (end - start_at) for _, end in spans], per_token))
+                aggregate, per_client, per_token = sorted(runs)[len(runs) // 2]  # the median run
+                rows.append((n, aggregate, per_client, per_token))
         finally:
             for process, commands in workers:
                 commands.put(None)
@@ -195,11 +221,16 @@ def run_clients_bench(
                     process.kill()
 
     alone = rows[0][1]
+    load = os.getloadavg()[0]
     print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, {num_servers} servers "
           f"(spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))}); each client generates {new_tokens} "
-          f"greedy tokens after a {CLIENT_PROMPT_LENGTH}-token prompt, all at once; median of {repeats} runs")  # fmt: skip
-    print("| clients | aggregate tokens/s | per client tokens/s (mean, min-max) | efficiency |")
-    print("|---|---|---|---|")
-    for n, aggregate, per_client in rows:
+          f"greedy tokens after a {CLIENT_PROMPT_LENGTH}-token prompt, all at once; median of {repeats} runs; "
+          f"{os.cpu_count()} cores, load average {load:.1f} at the end")  # fmt: skip
+    print("| clients | aggregate tokens/s | per client tokens/s (mean, min-max) | efficiency | CPU ms/token: servers "
+          "| clients |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for n, aggregate, per_client, (servers_cpu, clients_cpu) in rows:
         print(f"| {n} | {aggregate:.1f} | {sum(per_client) / n:.1f} ({min(per_client):.1f}-{max(per_client):.1f}) "
-              f"| {aggregate / (n * alone):.2f} |")  # fmt: skip
+              f"| {aggregate / (n * alone):.2f} | {servers_cpu:.1f} | {clients_cpu:.1f} |")  # fmt: skip
+    print("efficiency: aggregate / (clients x one client alone). CPU ms/token: CPU time of the server processes "
+          "(and of the client processes) per generated token, which other programs on the machine barely change")

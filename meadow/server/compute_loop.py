@@ -22,7 +22,9 @@ from typing import Any, Hashable, Iterable, Protocol, TypeVar
 from meadow.server.span import Piece, Pieces, Separate, Span
 
 logger = logging.getLogger(__name__)
+INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loop: a thread hand-off costs about as much
 GATHER_PASSES = 2.0  # a decoding step may wait this many passes' time for other sessions' steps to join it
+MAX_REMEMBERED_PEERS = 10_000  # whose last turns are kept; beyond it, the longest ago are forgotten
 
 
 @dataclass(eq=False)  # jobs are compared by identity
@@ -78,6 +80,8 @@ class Decoder:
 
 
 class Waiting(Protocol):
+    """What the scheduling decisions read of a job (tests pass plain records)."""
+
     peer: Hashable
     priority: int
     decoding: bool
@@ -181,10 +185,17 @@ class ComputeLoop:
             self.iterations += 1
             for job in chosen:
                 self.waiting.remove(job)
-                self.last_turn[job.decoding][job.peer] = self.iterations
+                turns = self.last_turn[job.decoding]
+                turns.pop(job.peer, None)  # re-inserted last: dicts keep the order of their last turns
+                turns[job.peer] = self.iterations
+                if len(turns) > MAX_REMEMBERED_PEERS:
+                    del turns[next(iter(turns))]
             began = loop.time()
             try:
-                await loop.run_in_executor(self.thread, self._compute, chosen)
+                if self.pass_seconds and self.pass_seconds < INLINE_SECONDS and all(job.decoding for job in chosen):
+                    self._compute(chosen)
+                else:
+                    await loop.run_in_executor(self.thread, self._compute, chosen)
             except Exception as e:  # a bug or out of memory: the jobs of this pass fail, the loop goes on
                 logger.exception("a batched pass failed")
                 for job in chosen:

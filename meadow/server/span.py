@@ -102,19 +102,17 @@ class Span:
         blocks: BlockRange,
         prompts: Tensor | None = None,
         lora: list[BlockLora | None] | None = None,
-        caches: list[KVCache] | None = None,
-        start: int = 0,
     ) -> Tensor:
-        """x (B, T, H) on this span's device and dtype through `blocks`; differentiable w.r.t. x, prompts and lora."""
+        """x (B, T, H) on this span's device and dtype through `blocks`, without a cache; differentiable w.r.t. x,
+        prompts and lora (training runs here; inference runs packed, in run_pieces)."""
         position_ids, key_mask = position_ids.to(self.device), key_mask.to(self.device)
         if bool(key_mask.all()):
             key_mask = None  # no padding: the blocks may then use attention's fast causal path, with no mask to build
         for offset, index in enumerate(range(blocks.start, blocks.end)):
             if prompts is not None:
-                x = add_prompt(x, prompts[offset], start)
-            cache = caches[offset] if caches is not None else None
+                x = add_prompt(x, prompts[offset], 0)
             block_lora = lora[offset] if lora is not None else None
-            x = self.blocks[index - self.first](x, position_ids, key_mask, cache=cache, start=start, lora=block_lora)
+            x = self.blocks[index - self.first](x, position_ids, key_mask, lora=block_lora)
         return x
 
     @torch.inference_mode()
