@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meadow.wire import check_wire_format
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -30,6 +32,10 @@ class ClientConfig:
     push_steps: bool = True  # servers hand each decoding step's output straight to the next server of the chain
     micro_batch_tokens: int = 4096  # batch x tokens per forward/backward request; bigger batches go in several
     min_quant: str | None = None  # use only servers whose weights are this quant or better (none > int8 > nf4)
+    # How hidden states and gradients travel: float32 (exact), float16, bfloat16, or blockwise8 (8-bit for large
+    # payloads, bfloat16 for small ones). None: each server's own dtype, which loses nothing (float32 for float32
+    # servers, 16-bit for 16-bit ones).
+    wire: str | None = None
     # Spot-checks (verify.py): this fraction of inference steps and of forward/backward requests is recomputed by
     # another server holding the same blocks (a third decides a mismatch). 0.02 costs ~2% more server work for
     # training and catches a server that keeps cheating within ~50 steps (a session's check covers its whole history,
@@ -40,3 +46,4 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify <= 1.0:
             raise ValueError(f"verify is the fraction of requests spot-checked, in [0, 1]; got {self.verify}")
+        check_wire_format(self.wire)

@@ -31,6 +31,7 @@ from meadow.client.tuning import RemoteTuning
 from meadow.models.quant import with_quant_at_least
 from meadow.wire import (
     PROTOCOL_VERSION, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError,
+    default_wire,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -292,12 +293,19 @@ class RemoteSequence:
             part = [tensor[start : start + step] for tensor in batched]
             tensors = part[:3] + extra + part[3:]
             name = None if graph_id is None else f"{graph_id}.{i}"
-            request = request_type(blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, **fields)
+            request = request_type(
+                blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, wire=self.wire_for(hop.peer), **fields
+            )
             expected = part[:1] + (extra if grad_output is not None else [])  # outputs, or gradients of what was sent
             calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout, expected))
         replies = await asyncio.gather(*calls)
         joined = [torch.cat([reply[0] for reply in replies])]
         return joined + [sum(reply[i] for reply in replies) for i in range(1, len(replies[0]))]
+
+    def wire_for(self, peer: PeerID) -> str:
+        """The wire format of our requests to `peer`: ClientConfig.wire, or else the one its announced dtype implies."""
+        info = self.servers.get(peer)
+        return self.config.wire or default_wire(info.dtype if info is not None else "float32")
 
     def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
         from meadow.client.session import InferenceSession

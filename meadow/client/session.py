@@ -215,7 +215,8 @@ class InferenceSession:
                 session_id = uuid.uuid4().hex
                 request = OpenSession(
                     blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size,
-                    adapter=self.sequence.active_adapter, session_id=session_id, **fields,
+                    adapter=self.sequence.active_adapter, session_id=session_id, wire=self.sequence.wire_for(hop.peer),
+                    **fields,
                 )  # fmt: skip
                 try:
                     await stream.open(request, self.sequence.config.connect_timeout, tensors)

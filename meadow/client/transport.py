@@ -10,9 +10,10 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from meadow.wire import (
-    RPC_FORWARD, RPC_INFERENCE, BadRequest, ForwardRequest, MeadowError, OpenSession, RemoteError, Reply, Request,
-    pack, unpack,
+    RPC_FORWARD, RPC_INFERENCE, BackwardRequest, BadRequest, ForwardRequest, MeadowError, OpenSession, RemoteError,
+    Reply, Request, pack, unpack,
 )  # fmt: skip
+from meadow.wire.tensors import TRAVEL_DTYPES
 
 MAX_REPLY_BYTES = 2**34  # replies come from servers we chose; the size cap guards servers, not clients
 
@@ -42,6 +43,18 @@ def check_reply(
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise BadReply(f"tensor {index} holds NaN or infinite values", peer)
     return list(tensors)
+
+
+def from_wire(
+    tensors: list[torch.Tensor], expected: Sequence[torch.Tensor] | None, wire: str | None
+) -> list[torch.Tensor]:
+    """A reply's hidden states (or their gradient, the first tensor) come back in the wire format's dtype; the caller
+    gets them in the dtype it sent. Anything else is left for check_reply to judge."""
+    if wire is None or not expected or not tensors or not expected[0].is_floating_point():
+        return tensors
+    if tensors[0].dtype != TRAVEL_DTYPES[wire]:
+        return tensors
+    return [tensors[0].to(expected[0].dtype), *tensors[1:]]
 
 
 def is_server_failure(error: BaseException) -> bool:
@@ -84,7 +97,8 @@ async def call(
 ) -> list[torch.Tensor]:
     """One request, one reply (rpc_forward, rpc_backward): the reply's tensors, checked to be like `expected` (the
     outputs or gradients the request asks for; None: any, but finite)."""
-    messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest)
+    activations = (0, -1) if isinstance(request, BackwardRequest) else (0,)  # hidden states, and their gradient
+    messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest, request.wire, activations)
     responses = await asyncio.wait_for(
         p2p.iterate_protobuf_handler(peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout
     )
@@ -92,7 +106,7 @@ async def call(
         reply = await read_reply(responses, peer, timeout)
     finally:
         await responses.aclose()
-    return check_reply(reply, expected, peer)
+    return check_reply(from_wire(reply, expected, request.wire), expected, peer)
 
 
 async def forward(
@@ -113,11 +127,13 @@ class InferenceStream:
         self.responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self.reader: asyncio.Task | None = None
         self.closed = False
+        self.wire: str | None = None  # the session's wire format, set when it opens
 
     async def open(self, request: OpenSession, timeout: float, tensors: list[torch.Tensor] = ()) -> None:
         """Open the session; `tensors` are its tuning tensors (deep prompts, LoRA weights), if any."""
         try:
-            self._send(list(tensors), request.to_wire())
+            self.wire = request.wire
+            self._send(list(tensors), request.to_wire(), activations=())  # tuning tensors travel exactly
             self.responses = await asyncio.wait_for(
                 self.p2p.iterate_protobuf_handler(self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse),
                 timeout,
@@ -160,7 +176,8 @@ class InferenceStream:
     def _checked(self, reply: list[torch.Tensor], like: torch.Tensor | None) -> torch.Tensor:
         if len(reply) != 1:
             raise BadReply(f"{len(reply)} tensors, expected 1", self.peer)
-        (output,) = check_reply(reply, None if like is None else [like], self.peer)
+        expected = None if like is None else [like]
+        (output,) = check_reply(from_wire(reply, expected, self.wire), expected, self.peer)
         return output
 
     async def _next(self, timeout: float) -> list[torch.Tensor]:
@@ -193,8 +210,8 @@ class InferenceStream:
             except Exception:
                 pass  # the connection may already be gone; there is nothing left to release
 
-    def _send(self, tensors: list[torch.Tensor], meta: dict) -> None:
-        for message in pack(tensors, meta, runtime_pb2.ExpertRequest):
+    def _send(self, tensors: list[torch.Tensor], meta: dict, activations: Sequence[int] = (0,)) -> None:
+        for message in pack(tensors, meta, runtime_pb2.ExpertRequest, self.wire, activations):
             self.queue.put_nowait(message)
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:

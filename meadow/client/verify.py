@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # batch composition adds; a server in another dtype, or with other quantized weights, is compared more loosely.
 DTYPE_TOLERANCE = {"float32": 1e-3, "float16": 0.03, "bfloat16": 0.1}
 QUANT_TOLERANCE = {"none": 0.0, "int8": 0.15, "nf4": 0.4}  # added when the two servers' quantizations differ
+# added when the client chose a lossy wire format itself (ClientConfig.wire): a spot-check's one forward of a session's
+# history is rounded differently from its steps. blockwise8: per-token error ~2% (up to 5% beside outliers), both ways.
+WIRE_TOLERANCE = {"float32": 0.0, "float16": 0.01, "bfloat16": 0.05, "blockwise8": 0.15}
 ROW_FLOOR = 1e-2  # a token's difference is relative to at least this fraction of the largest token's norm
 # (gradients of some tokens are near zero; their roundoff is relative to the others')
 
@@ -161,8 +164,9 @@ class SpotChecker:
         return None
 
     def _tolerance(self, a: PeerID, b: PeerID) -> float:
-        servers = self.sequence.servers
-        return tolerance(*(servers[peer].to_wire() if peer in servers else {} for peer in (a, b)))
+        servers, wire = self.sequence.servers, self.sequence.config.wire
+        limit = tolerance(*(servers[peer].to_wire() if peer in servers else {} for peer in (a, b)))
+        return limit + WIRE_TOLERANCE.get(wire, 0.0)
 
 
 def _kind(info) -> tuple[str, str] | None:

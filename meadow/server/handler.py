@@ -41,7 +41,9 @@ from meadow.wire import (
     ServerLeaving,
     Step,
     WrongServer,
+    deserialize,
     pack,
+    serialize,
     unpack,
 )
 
@@ -139,7 +141,7 @@ class BlockHandler:
                 )
                 for i, graph in enumerate(graphs):  # one per group of rows, as the backward will run them
                     self.graphs.put((peer, request.graph_id, i), graph)
-            for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+            for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse, request.wire):
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
@@ -160,7 +162,7 @@ class BlockHandler:
             graphs = [None if request.graph_id is None else self.graphs.pop(key) for key in keys]
             pieces = span.backward_pieces(hidden, position_ids, key_mask, request.blocks, grad_output, tuning, graphs, chunk)
             grads = await self._request(pieces, span, peer)
-            for response in pack(grads, Reply().to_wire(), runtime_pb2.ExpertResponse):
+            for response in pack(grads, Reply().to_wire(), runtime_pb2.ExpertResponse, request.wire):
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
@@ -209,8 +211,9 @@ class BlockHandler:
                     self.inboxes[registered] = (inbox, session)
                 self.sessions.add(me)
                 yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
-                async for output in self._serve_steps(requests, session, span, inbox, peer, leaving):
-                    for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse):
+                steps = self._serve_steps(requests, session, span, inbox, peer, leaving, request.wire)
+                async for output in steps:
+                    for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse, request.wire):
                         yield response
         except MeadowError as e:
             yield self._error(e, context)
@@ -222,10 +225,18 @@ class BlockHandler:
                 del self.inboxes[registered]
 
     async def _serve_steps(
-        self, requests: Requests, session: Session, span: Span, inbox: Inbox, peer: Hashable, leaving: asyncio.Future
+        self,
+        requests: Requests,
+        session: Session,
+        span: Span,
+        inbox: Inbox,
+        peer: Hashable,
+        leaving: asyncio.Future,
+        wire: str | None,
     ) -> AsyncIterator[torch.Tensor]:
         """A session's steps in position order, each from the client or pushed by the previous server, whichever
-        comes first, run by the compute loop; yields each step's output and pushes it on if the step asks."""
+        comes first, run by the compute loop; yields each step's output and pushes it on (in the session's `wire`
+        format) if the step asks."""
         receive: asyncio.Future | None = None  # the client's next message, read across pushed steps
         try:
             while True:
@@ -234,6 +245,8 @@ class BlockHandler:
                 pushed = await self._next_step(receive, inbox, session.position, leaving)
                 if pushed is not None:
                     inputs, targets = pushed
+                    if wire is not None:  # as if the client had sent it: the pusher encoded it in its own format
+                        inputs = (deserialize(serialize(inputs[0], wire)), *inputs[1:])
                 else:
                     message, receive = receive.result(), None
                     if message is None:
@@ -249,7 +262,7 @@ class BlockHandler:
                 pieces = session.step_pieces(*inputs, self.limits.chunk_tokens)
                 output = await self.compute.run(pieces, span, peer, self.priority(peer), decoding, session)
                 if targets:
-                    asyncio.ensure_future(push(self.p2p, targets, position, (output, inputs[1], inputs[2])))
+                    asyncio.ensure_future(push(self.p2p, targets, position, (output, inputs[1], inputs[2]), wire))
                 yield output
         finally:
             self.compute.forget(session)

@@ -45,12 +45,14 @@ class Inbox:
         return self.items.pop(position)
 
 
-async def push(p2p: P2P, targets: tuple[PushTarget, ...], position: int, inputs: Inputs, timeout: float = 10.0) -> None:
-    """Hand a step's output to the first of `targets` (with the rest, for it to pass on). Failures are only logged:
-    the client sends the step too."""
+async def push(
+    p2p: P2P, targets: tuple[PushTarget, ...], position: int, inputs: Inputs, wire: str | None = None, timeout: float = 10.0
+) -> None:
+    """Hand a step's output to the first of `targets` (with the rest, for it to pass on), its hidden states in the
+    client's `wire` format. Failures are only logged: the client sends the step too."""
     target, rest = targets[0], targets[1:]
     meta = Push(session_id=target.session_id, position=position, push_to=rest).to_wire()
-    messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest)
+    messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest, wire)
     if len(messages) != 1:
         return  # too big for one message: pushing is for decoding steps; the client passes this one on
     try:

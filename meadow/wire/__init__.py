@@ -4,6 +4,7 @@ from meadow.wire.errors import BadRequest, MeadowError, RemoteError, ServerBusy,
 from meadow.wire.schemas import (
     PROTOCOL_VERSION,
     MAX_LORA_RANK,
+    WIRE_FORMATS,
     RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -20,5 +21,7 @@ from meadow.wire.schemas import (
     Request,
     Step,
     Tuning,
+    check_wire_format,
+    default_wire,
 )
 from meadow.wire.tensors import deserialize, pack, serialize, unpack

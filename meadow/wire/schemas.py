@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meadow.wire.errors import BadRequest
 
 PROTOCOL_VERSION = 1
+
+# How hidden states and their gradients travel (wire/tensors.py): exact float32, 16-bit floats, or 8-bit blockwise
+# quantization for large payloads. Token ids, positions and masks always travel exactly.
+WIRE_FORMATS: tuple[str, ...] = ("float32", "float16", "bfloat16", "blockwise8")
+
+
+def check_wire_format(wire: str | None) -> str | None:
+    if wire is not None and wire not in WIRE_FORMATS:
+        raise ValueError(f"unknown wire format {wire!r}; known: {', '.join(WIRE_FORMATS)}")
+    return wire
+
+
+def default_wire(server_dtype: str) -> str:
+    """The wire format for a server that computes in `server_dtype`: its own dtype, which loses nothing, since the
+    server casts its inputs to that dtype anyway and its outputs hold no more precision; float32 if unknown."""
+    return server_dtype if server_dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
 class Schema(BaseModel):
@@ -43,8 +59,17 @@ class BlockRange(Schema):
 
 
 class Request(Schema):
+    """Every request names its blocks, and the wire format in which it sends hidden states (and their gradients)
+    and wants them back; None (older clients): as they are."""
+
     version: int = PROTOCOL_VERSION
     blocks: BlockRange
+    wire: str | None = None
+
+    @field_validator("wire")
+    @classmethod
+    def _known_wire(cls, wire: str | None) -> str | None:
+        return check_wire_format(wire)
 
 
 MAX_LORA_RANK = 256
