@@ -1,5 +1,5 @@
 """`meadow bench`: the same model run locally (transformers) and through a loopback swarm, side by side. With
---quant, the servers' blocks and the local model's blocks are quantized alike."""
+--quant, the servers' blocks and the local model's blocks are quantized alike; --wire sets how hidden states travel."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
+from meadow.wire import default_wire
 
 BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
@@ -33,12 +35,12 @@ def default_bench_model() -> Path:
     return BENCH_MODEL_DIR
 
 
-def peak_rss_mib(pid: int | None = None) -> float:
-    """Peak resident memory of a process (VmHWM), in MiB."""
-    if pid is None:
+def peak_rss_mib(pid: int | None = None, field: str = "VmHWM") -> float:
+    """Peak resident memory of a process (VmHWM; field="VmRSS": resident now), in MiB."""
+    if pid is None and field == "VmHWM":
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -73,12 +75,14 @@ def timed(fn, repeats: int = 1) -> float:
     return (time.perf_counter() - began) / repeats
 
 
-def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
+def measure(model, new_tokens: int, vocab_size: int, generated: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Generation tokens/s, prefill and training-step seconds; `generated` is called after the generations."""
     prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
         generate_time = timed(lambda: model.generate(prompt, **kwargs), repeats=3)
+        generated()
         prefill_time = timed(lambda: model(prefill), repeats=3)
     model.requires_grad_(False)  # frozen weights, as on the servers; the gradient flows to the input embeddings
 
@@ -89,7 +93,17 @@ def measure(model, new_tokens: int, vocab_size: int) -> dict[str, float]:
     return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=3)}
 
 
-def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str, quant: str = "none") -> None:
+def wire_label(wire: str | None, dtype: str) -> str:
+    return wire or f"{default_wire(dtype)} (the servers' dtype)"
+
+
+def bench(
+    model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str, quant: str = "none",
+    wire: str | None = None, local: bool = True,
+) -> dict:
+    """The swarm's figures (and, if `local`, the same quantized model's run in-process): tokens/s, prefill and
+    training seconds, and peak memory of the client and of each server (after the generations, and at the end)."""
+    from meadow.client.config import ClientConfig
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     model = str(model or default_bench_model())
@@ -105,21 +119,43 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
         ]
         for server in servers:
             server.wait_for(lambda line: "ready" in line, timeout=600)
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers)
-        remote = measure(distributed, new_tokens, config.vocab_size)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(
+            model, swarm.initial_peers, client_config=ClientConfig(wire=wire)
+        )
+        generation_peaks, generation_rss = [], []
+
+        def generated() -> None:
+            generation_peaks.extend(peak_rss_mib(server.popen.pid) for server in servers)
+            generation_rss.extend(peak_rss_mib(server.popen.pid, "VmRSS") for server in servers)
+
+        remote = measure(distributed, new_tokens, config.vocab_size, generated)
         client_peak = peak_rss_mib()
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
         distributed.sequence.close()
+    figures = dict(model=model, blocks=blocks, bounds=bounds, remote=remote, client_peak=client_peak,
+                   server_peaks=server_peaks, generation_peaks=generation_peaks, generation_rss=generation_rss)  # fmt: skip
+    if not local:
+        return figures
 
     local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
     for layer in local_model.model.layers:  # the same quantized blocks as the servers'; embeddings and head as they are
         quantize_block(layer, quant, device)
     local_model.to(device)
-    local = measure(local_model, new_tokens, config.vocab_size)
+    figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
+    return figures
 
+
+def run_bench(
+    model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str, quant: str = "none",
+    wire: str | None = None,
+) -> None:
+    figures = bench(model, num_servers, new_tokens, dtype, device, quant, wire)
+    model, blocks, bounds, params = figures["model"], figures["blocks"], figures["bounds"], figures["params"]
+    local, remote, client_peak, server_peaks = figures["local"], figures["remote"], figures["client_peak"], figures["server_peaks"]
     local_step, remote_step = 1 / local["tokens_per_s"], 1 / remote["tokens_per_s"]
     print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, quant {quant}, "
+          f"wire {wire_label(wire, dtype)}, "
           f"{num_servers} servers (spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))})")  # fmt: skip
     print(f"| measure | local | swarm | swarm/local |")
     print(f"|---|---|---|---|")
@@ -138,13 +174,16 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
 CLIENT_PROMPT_LENGTH = 16
 
 
-def client_worker(model: str, initial_peers: list[str], index: int, new_tokens: int, commands, results) -> None:
+def client_worker(
+    model: str, initial_peers: list[str], index: int, new_tokens: int, commands, results, wire: str | None = None
+) -> None:
     """One client process of `run_clients_bench`: joins the swarm, then for every start time it is sent, generates
     `new_tokens` greedy tokens from its own prompt at that time and reports (start, end)."""
+    from meadow.client.config import ClientConfig
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     try:
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, client_config=ClientConfig(wire=wire))
     except BaseException as e:
         results.put(("failed", repr(e)))
         raise
@@ -163,7 +202,8 @@ def client_worker(model: str, initial_peers: list[str], index: int, new_tokens: 
 
 
 def run_clients_bench(
-    model: str | None, num_servers: int, clients: list[int], new_tokens: int, dtype: str, device: str, repeats: int = 3
+    model: str | None, num_servers: int, clients: list[int], new_tokens: int, dtype: str, device: str, repeats: int = 3,
+    wire: str | None = None,
 ) -> None:
     """N client processes generate at the same time through one swarm, for each N in `clients`: the aggregate and
     per-client tokens/s, and the efficiency aggregate / (N x one client alone)."""
@@ -188,7 +228,7 @@ def run_clients_bench(
         for index in range(max(clients)):
             commands = context.Queue()
             process = context.Process(
-                target=client_worker, args=(model, swarm.initial_peers, index, new_tokens, commands, results)
+                target=client_worker, args=(model, swarm.initial_peers, index, new_tokens, commands, results, wire)
             )  # not a daemon: a client starts its own DHT process
             process.start()
             workers.append((process, commands))
@@ -222,7 +262,8 @@ def run_clients_bench(
 
     alone = rows[0][1]
     load = os.getloadavg()[0]
-    print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, {num_servers} servers "
+    print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, quant none, wire {wire_label(wire, dtype)}, "
+          f"{num_servers} servers "
           f"(spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))}); each client generates {new_tokens} "
           f"greedy tokens after a {CLIENT_PROMPT_LENGTH}-token prompt, all at once; median of {repeats} runs; "
           f"{os.cpu_count()} cores, load average {load:.1f} at the end")  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from meadow.wire import BlockRange
+from meadow.wire import WIRE_FORMATS, BlockRange
 
 
 def _block_range(text: str) -> BlockRange:
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="the servers' --quant")
+    bench.add_argument("--wire", choices=WIRE_FORMATS, help="how hidden states travel (default: the servers' dtype)")
     bench.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")],
                        help="N[,N...]: N client processes generating at once; prints aggregate tokens/s and efficiency")
     return parser
@@ -246,9 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         from meadow.bench import run_bench, run_clients_bench
 
         if args.clients:
-            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
+            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device, wire=args.wire)
         else:
-            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
+            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant, args.wire)
 
 
 if __name__ == "__main__":
