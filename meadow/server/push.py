@@ -52,10 +52,10 @@ async def push(
     client's `wire` format. Failures are only logged: the client sends the step too."""
     target, rest = targets[0], targets[1:]
     meta = Push(session_id=target.session_id, position=position, push_to=rest).to_wire()
-    messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest, wire)
-    if len(messages) != 1:
-        return  # too big for one message: pushing is for decoding steps; the client passes this one on
     try:
+        messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest, wire)
+        if len(messages) != 1:
+            return  # too big for one message: pushing is for decoding steps; the client passes this one on
         peer = PeerID.from_base58(target.peer)
         reply = await asyncio.wait_for(
             p2p.call_protobuf_handler(peer, RPC_PUSH, messages[0], runtime_pb2.ExpertResponse), timeout
