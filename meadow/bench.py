@@ -152,7 +152,8 @@ def run_bench(
 ) -> None:
     figures = bench(model, num_servers, new_tokens, dtype, device, quant, wire)
     model, blocks, bounds, params = figures["model"], figures["blocks"], figures["bounds"], figures["params"]
-    local, remote, client_peak, server_peaks = figures["local"], figures["remote"], figures["client_peak"], figures["server_peaks"]
+    local, remote = figures["local"], figures["remote"]
+    client_peak, server_peaks = figures["client_peak"], figures["server_peaks"]
     local_step, remote_step = 1 / local["tokens_per_s"], 1 / remote["tokens_per_s"]
     print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, quant {quant}, "
           f"wire {wire_label(wire, dtype)}, "
@@ -183,7 +184,8 @@ def client_worker(
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     try:
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, client_config=ClientConfig(wire=wire))
+        config = ClientConfig(wire=wire)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, client_config=config)
     except BaseException as e:
         results.put(("failed", repr(e)))
         raise

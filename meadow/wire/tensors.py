@@ -65,7 +65,8 @@ def serialize(tensor: torch.Tensor, wire: str | None = None) -> runtime_pb2.Tens
             except ImportError as e:
                 raise BadRequest(f"this peer cannot encode the blockwise8 wire format ({e}); use another") from e
         travel = TRAVEL_DTYPES[wire]
-        if travel == torch.float16 and tensor.dtype != travel and tensor.numel() and tensor.abs().max() > torch.finfo(travel).max:
+        too_big = tensor.numel() and tensor.dtype != travel and tensor.abs().max() > torch.finfo(travel).max
+        if travel == torch.float16 and too_big:
             raise BadRequest("hidden states exceed float16's range (65504): use the bfloat16 or float32 wire format")
         tensor = tensor.to(travel)
     tensor = tensor.contiguous()
