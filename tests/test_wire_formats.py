@@ -26,7 +26,9 @@ from meadow import AutoDistributedModelForCausalLM
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.wire import RPC_FORWARD, BadRequest, BlockRange, ForwardRequest, RemoteError, deserialize, serialize
+from meadow.wire import (
+    RPC_FORWARD, BadRequest, BlockRange, ForwardRequest, RemoteError, default_wire, deserialize, serialize,
+)  # fmt: skip
 from meadow.wire.tensors import BLOCKWISE_MIN_VALUES
 
 HIDDEN = 64
@@ -80,6 +82,13 @@ def test_float32_wire_is_exact(setup, reference):
     logits, grad = logits_and_grad(model, input_ids)
     assert (logits - expected).abs().max() <= 1e-4
     assert ((grad - expected_grad).abs().max() / expected_grad.abs().max()) <= 1e-4
+
+
+def test_default_wire_is_each_servers_dtype(setup):
+    model, _ = setup
+    use_wire(model, None)
+    assert {model.sequence.wire_for(peer) for peer in model.sequence.servers} == {"float32"}  # float32 servers
+    assert (default_wire("bfloat16"), default_wire("float16"), default_wire("float64")) == ("bfloat16", "float16", "float32")
 
 
 @pytest.mark.parametrize("wire", list(BOUNDS))
