@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from meadow.models import llama
+from meadow.models import llama, mixtral
 from meadow.models.config import BlockConfig, UnsupportedModelError
 from meadow.models.family import Family
 
@@ -13,6 +13,8 @@ FAMILIES: dict[str, Family] = {
     "llama": llama.FAMILY,
     "mistral": llama.FAMILY,
     "qwen2": llama.FAMILY,
+    "qwen3": llama.FAMILY,
+    "mixtral": mixtral.FAMILY,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

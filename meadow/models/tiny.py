@@ -17,13 +17,17 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
+
+from safetensors.torch import load_file, save_file
 
 from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, permute_rotary_rows
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -42,11 +46,20 @@ def make_tiny_checkpoint(
     sliding_window: int | None = None,
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool | None = None,
+    attention_bias: bool = False,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    fused_experts: bool = False,
 ) -> Path:
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
-    qwen2 has q/k/v bias and tied embeddings. `rope_scaling` is an HF rope dict such as
-    {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` only applies to mistral.
+    qwen2 has q/k/v bias and tied embeddings (`tie_word_embeddings` defaults to that, and to untied for the others).
+    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3. `rope_scaling` is an HF rope
+    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral and mixtral.
+    mixtral has `num_experts` experts, `experts_per_token` per token, saved in the classic layout that transformers
+    writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
     has ids the tokenizer decodes to nothing.
     """
@@ -69,12 +82,20 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    common["tie_word_embeddings"] = family == "qwen2" if tie_word_embeddings is None else tie_word_embeddings
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "mistral":
         config = MistralConfig(**common, sliding_window=sliding_window)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(**common, head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias)
     else:
-        config = Qwen2Config(**common, tie_word_embeddings=True)
+        config = MixtralConfig(**common, sliding_window=sliding_window, num_local_experts=num_experts,
+                               num_experts_per_tok=experts_per_token)  # fmt: skip
+    if fused_experts and (family != "mixtral" or max_shard_size):
+        raise ValueError("fused_experts applies to an unsharded mixtral checkpoint only")
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -87,8 +108,22 @@ def make_tiny_checkpoint(
             else:
                 p.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if fused_experts:
+        fuse_experts(path / "model.safetensors", num_layers, num_experts)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fuse_experts(file: Path, num_layers: int, num_experts: int) -> None:
+    """Rewrite a Mixtral safetensors file from the classic expert layout to transformers 5's fused one."""
+    tensors = load_file(file)
+    for layer in range(num_layers):
+        old, new = f"model.layers.{layer}.block_sparse_moe.", f"model.layers.{layer}.mlp."
+        w1, w2, w3 = ([tensors.pop(f"{old}experts.{e}.{w}.weight") for e in range(num_experts)] for w in ("w1", "w2", "w3"))
+        tensors[f"{new}experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(w1, w3)])
+        tensors[f"{new}experts.down_proj"] = torch.stack(w2)
+        tensors[f"{new}gate.weight"] = tensors.pop(f"{old}gate.weight")
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
