@@ -4,6 +4,7 @@ the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-proce
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 
 import pytest
@@ -138,6 +139,8 @@ def swarm(checkpoints):
         swarm.stop()
         raise
     yield swarm
+    for server in swarm.servers:  # all shut down at once; stop() then waits for each in turn
+        server.popen.send_signal(signal.SIGTERM)
     swarm.stop()
 
 
