@@ -1,6 +1,6 @@
 """Qwen3, Mixtral and Mistral with a sliding window shorter than the sequences, against transformers run locally on
 the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a real 2-server swarm on
-127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA)."""
+127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Qwen GGUF files."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from meadow import AutoDistributedModelForCausalLM
 from meadow.local_swarm import LocalSwarm
-from meadow.models import load_blocks, load_client_parts, load_config
+from meadow.models import load_blocks, load_client_parts, load_config, load_reference_model
 from meadow.models.registry import family_of
-from meadow.models.tiny import make_tiny_checkpoint
+from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 from meadow.server.span import Session, Span
 from meadow.wire import BlockRange
 
@@ -228,3 +228,23 @@ def test_client_lora_equals_local_peft(path, distributed, local):
     if model_type == "mixtral":
         with pytest.raises(ValueError, match=r"\['w1'\] are not in a block; choose from q_proj, k_proj, v_proj, o_proj"):
             AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, lora=LoraConfig(r=2, target_modules=["w1"]))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_gguf_files_load_as_their_checkpoints(family, checkpoints, tmp_path):
+    """llama.cpp's qwen2/qwen3 files (q/k rows not permuted, biases, q/k norms); transformers reads no head_dim from
+    them, so Qwen3's is its default of 128, as in the real models."""
+    path = checkpoints(family, **({"num_heads": 2, "num_kv_heads": 1, "head_dim": 128} if family == "qwen3" else {}))
+    gguf_file = make_tiny_gguf(path, tmp_path / f"{family}.gguf", "F16")
+    config = load_config(gguf_file)
+    assert (config.model_type, config.head_dim, config.qk_norm) == (family, load_config(path).head_dim, family == "qwen3")
+    blocks = load_blocks(gguf_file, config, 0, config.num_hidden_layers, torch.float32, progress=False)
+    parts = load_client_parts(gguf_file, config, torch.float32)
+    ids = token_ids(config.vocab_size, length=12)
+    x = parts.embed(ids)
+    with torch.no_grad():
+        for block in blocks:
+            x = block(x, torch.arange(12).expand(2, -1))
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits
+    assert (parts.logits(x) - expected).abs().max() <= 0.05 * expected.abs().max()  # F16 weights: close, not equal
+    assert (parts.logits(x) - load_reference_model(gguf_file)(ids).logits).abs().max() <= ATOL

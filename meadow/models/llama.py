@@ -175,7 +175,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: BlockConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -219,5 +219,5 @@ FAMILY = Family(
     load_client_parts=load_client_parts,
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,
-    gguf_architectures=("llama",),  # llama.cpp's name, also used for Mistral-style models
+    gguf_architectures=("llama", "qwen2", "qwen3"),  # llama.cpp's names ("llama" also for Mistral-style models)
 )

@@ -25,7 +25,7 @@ from transformers import (
 
 from safetensors.torch import load_file, save_file
 
-from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, permute_rotary_rows
+from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, ROTARY_PERMUTED, permute_rotary_rows
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
@@ -157,7 +157,7 @@ RANDOM_BLOCK_SCALES = {
 
 
 def make_tiny_gguf(
-    checkpoint: str | Path, path: str | Path, quant: str = "F32", *, architecture: str = "llama", seed: int = 0
+    checkpoint: str | Path, path: str | Path, quant: str = "F32", *, architecture: str | None = None, seed: int = 0
 ) -> Path:
     """Write a Llama checkpoint folder (such as make_tiny_checkpoint's) as a GGUF file, as llama.cpp's
     convert_hf_to_gguf does: its tensor names, q/k rows permuted for GGML's rotary, norms in F32, every matrix in
@@ -165,16 +165,18 @@ def make_tiny_gguf(
 
     Types gguf-py can dequantize but not quantize (the K-quants) get random blocks: such a file is a random model
     of the checkpoint's shapes (rows must be multiples of 256). Types it cannot dequantize either get random bytes,
-    and `architecture` other than "llama" mislabels the file: both only make files that loaders must refuse.
+    and `architecture` other than the checkpoint's mislabels the file: both only make files that loaders must refuse.
+    Qwen2 and Qwen3 checkpoints are written as llama.cpp writes them too: their q/k rows unpermuted, with biases and
+    q/k norms (transformers reads no head_dim from such files: Qwen3's must be its default, 128).
     """
     checkpoint, path = Path(checkpoint), Path(path)
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    if config.model_type != "llama" or config.rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError("make_tiny_gguf writes Llama checkpoints without rope scaling only")
+    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or config.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError("make_tiny_gguf writes Llama, Qwen2 and Qwen3 checkpoints without rope scaling only")
     qtype, rng = GGMLQuantizationType[quant], np.random.default_rng(seed)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-    writer = GGUFWriter(path, architecture)
+    writer = GGUFWriter(path, architecture or config.model_type)
     writer.add_name("tiny")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -189,18 +191,19 @@ def make_tiny_gguf(
     add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
 
     state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
-    gguf_names = {f"{hf}.weight": f"{name}.weight" for name, hf in MODEL_TENSOR_NAMES.items()} | {
-        f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight"
-        for i in range(config.num_hidden_layers)
-        for name, hf in BLOCK_TENSOR_NAMES.items()
-    }
-    for hf_name, gguf_name in gguf_names.items():
+    to_gguf = {hf: name for name, hf in {**MODEL_TENSOR_NAMES, **BLOCK_TENSOR_NAMES}.items()}
+    for hf_name, weight in state.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # a tied model's file has no output.weight
-        weight = state[hf_name]
-        if ".attn_q." in gguf_name:
+        module, _, suffix = hf_name.rpartition(".")
+        if module.startswith("model.layers."):
+            index, inner = module.removeprefix("model.layers.").split(".", 1)
+            gguf_name = f"blk.{index}.{to_gguf[inner]}.{suffix}"
+        else:
+            gguf_name = f"{to_gguf[module]}.{suffix}"
+        if config.model_type in ROTARY_PERMUTED and ".attn_q." in gguf_name:
             weight = permute_rotary_rows(weight, config.num_attention_heads)
-        elif ".attn_k." in gguf_name:
+        elif config.model_type in ROTARY_PERMUTED and ".attn_k." in gguf_name:
             weight = permute_rotary_rows(weight, config.num_key_value_heads)
         if weight.ndim == 1:
             writer.add_tensor(gguf_name, weight.numpy())
