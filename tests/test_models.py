@@ -18,9 +18,9 @@ from meadow.models import (
     load_blocks,
     load_client_parts,
     load_config,
-    make_tiny_checkpoint,
     resolve_model_path,
 )
+from meadow.models.tiny import make_tiny_checkpoint
 
 ATOL = 1e-4
 LLAMA3_ROPE = {

@@ -1,4 +1,7 @@
-"""Block math per model family and loading of only the wanted tensors from HF checkpoints and GGUF files."""
+"""Block math per model family and loading of only the wanted tensors from HF checkpoints and GGUF files.
+
+Tiny random checkpoints for tests and benchmarks are in meadow.models.tiny (not imported here: it pulls in
+transformers' modeling code, which takes seconds to import and servers never need)."""
 
 from meadow.models.attention import KVCache, Part
 from meadow.models.checkpoint import (
@@ -25,7 +28,6 @@ from meadow.models.registry import (
     linear_shapes,
     make_block,
 )
-from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 
 __all__ = [
     "SUPPORTED_GGUF_ARCHITECTURES",
@@ -51,7 +53,5 @@ __all__ = [
     "linear_shapes",
     "make_block",
     "load_reference_model",
-    "make_tiny_checkpoint",
-    "make_tiny_gguf",
     "resolve_model_path",
 ]

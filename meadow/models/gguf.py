@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoTokenizer
 
+from meadow.home import meadow_home
 from meadow.models.registry import SUPPORTED_GGUF_ARCHITECTURES  # noqa: F401  (re-exported: the llama.cpp names Meadow reads)
 
 # llama.cpp tensor names -> HF ones: inside one block (blk.N. -> model.layers.N.), and outside the blocks
@@ -127,7 +127,7 @@ def converted_folder(path: Path) -> Path:
     """
     stat = path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "gguf"
+    cache = meadow_home() / "gguf"
     folder = cache / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder

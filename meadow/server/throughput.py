@@ -19,6 +19,7 @@ import hivemind
 import torch
 from torch import nn
 
+from meadow.home import meadow_home
 from meadow.models import BlockConfig, KVCache, make_block
 from meadow.models.quant import quantize_block
 
@@ -38,11 +39,6 @@ class BlockSpeed:
         """Tokens/s through a span of `num_blocks` blocks when batching: what ServerInfo.throughput announces.
         It is also how much this server adds to each block of its span when the swarm is balanced."""
         return self.forward_tps / num_blocks
-
-
-def meadow_home() -> Path:
-    """Meadow's cache folder: $MEADOW_HOME, else ~/.cache/meadow."""
-    return Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser()
 
 
 def cache_key(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> str:
