@@ -15,6 +15,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BloomConfig,
+    FalconConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -23,7 +25,7 @@ from transformers import (
 
 from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, permute_rotary_rows
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "bloom", "falcon")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -42,16 +44,21 @@ def make_tiny_checkpoint(
     sliding_window: int | None = None,
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    **options,
 ) -> Path:
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
     qwen2 has q/k/v bias and tied embeddings. `rope_scaling` is an HF rope dict such as
     {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` only applies to mistral.
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
-    has ids the tokenizer decodes to nothing.
+    has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
+    Falcon's new_decoder_architecture, alibi, bias or parallel_attn (bloom ignores intermediate_size and num_kv_heads:
+    its MLP is 4 x hidden and its heads are all kv heads).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if options and family not in ("bloom", "falcon"):
+        raise ValueError(f"options {sorted(options)} are for bloom and falcon checkpoints only")
     path = Path(path)
     tokenizer = make_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
@@ -73,8 +80,18 @@ def make_tiny_checkpoint(
         config = LlamaConfig(**common)
     elif family == "mistral":
         config = MistralConfig(**common, sliding_window=sliding_window)
-    else:
+    elif family == "qwen2":
         config = Qwen2Config(**common, tie_word_embeddings=True)
+    elif family == "bloom":
+        config = BloomConfig(**{k: common[k] for k in ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id",
+                             "pad_token_id")}, n_layer=num_layers, n_head=num_heads, **options)  # fmt: skip
+    else:
+        names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                 "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+        # only the new decoder architecture groups kv heads (transformers' other layouts break on num_kv_heads)
+        kv_heads = num_kv_heads if options.get("new_decoder_architecture") else num_heads
+        options = {"num_kv_heads": kv_heads, "ffn_hidden_size": intermediate_size, **options}
+        config = FalconConfig(**{k: common[k] for k in names}, **options)
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -82,7 +99,7 @@ def make_tiny_checkpoint(
         # HF's init leaves biases at 0 and norm scales at 1, which would let a test miss a bias or a norm;
         # std 0.1 also makes attention far from uniform, so a wrong mask or rotary shows up in the numbers
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, 0.1)
