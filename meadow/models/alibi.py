@@ -21,10 +21,11 @@ def alibi_slopes(num_heads: int) -> Tensor:
     """The slopes of the ALiBi paper for any head count (float32, CPU), in the order transformers computes them:
     a geometric series for the largest power of two <= num_heads, then every other slope of the next power's series."""
     closest = 2 ** math.floor(math.log2(num_heads))
-    slopes = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
-    extra = [2 ** (-8 * (i + 1) / (2 * closest)) for i in range(0, 2 * (num_heads - closest), 2)]
-    # on the CPU even when a block is built on the meta device for loading: the slopes are not in the checkpoint
-    return torch.tensor(slopes + extra, dtype=torch.float32, device="cpu")
+    # powers of a float32 base, as transformers computes them, so that the slopes are equal to the last bit
+    with torch.device("cpu"):  # even when a block is built on the meta device: the slopes are not in the checkpoint
+        slopes = torch.tensor(2 ** (-8 / closest)) ** torch.arange(1, 1 + closest)
+        extra = torch.tensor(2 ** (-8 / (2 * closest))) ** torch.arange(1, 1 + 2 * (num_heads - closest), 2)
+        return torch.cat([slopes, extra]).float()
 
 
 def alibi_bias(slopes: Tensor, key_mask: Tensor | None, length: int, round_to_bfloat16: bool = False) -> Tensor:
