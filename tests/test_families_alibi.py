@@ -12,10 +12,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, FalconConfig
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-from conftest import start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.client.model import positions_from_mask
+from meadow.local_swarm import LocalSwarm
 from meadow.models import KVCache, UnsupportedModelError, load_blocks, load_client_parts, load_config
 from meadow.models.alibi import alibi_slopes
 from meadow.models.attention import Part
@@ -75,11 +75,15 @@ def run(blocks, x, position_ids, key_mask=None, caches=None, start=0):
     return x
 
 
+def variant_path(checkpoints, name):
+    family, kwargs = VARIANTS[name]
+    return checkpoints(family, **kwargs)
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def local_model(request, checkpoints):
     """(path, config, blocks, client parts) of one variant, all blocks loaded in float32."""
-    family, kwargs = VARIANTS[request.param]
-    path = checkpoints(family, **kwargs)
+    path = variant_path(checkpoints, request.param)
     config = load_config(path)
     blocks = load_blocks(path, config, 0, config.num_hidden_layers, torch.float32, progress=False)
     return path, config, blocks, load_client_parts(path, config, torch.float32)
@@ -149,24 +153,39 @@ def test_falcon_layouts_transformers_cannot_run_are_clear_errors():
 # ---- end to end through a real swarm: blocks 0:2 and 2:4 on two servers ----
 
 
-@pytest.fixture(scope="module", params=SWARM_VARIANTS)
-def swarm_model(request, checkpoints):
-    family, kwargs = VARIANTS[request.param]
-    path = checkpoints(family, **kwargs)
-    swarm = start_swarm(path, ["0:2", "2:4"])
-    yield path, swarm
-    swarm.stop()
+@pytest.fixture(scope="module")
+def swarm(checkpoints):
+    """One DHT and, for each swarm variant, two servers (blocks 0:2 and 2:4) under the variant's name, all started at
+    once (one swarm start instead of three)."""
+    swarm = LocalSwarm()
+    try:
+        swarm.start_dht()
+        servers = [
+            swarm.start_server(variant_path(checkpoints, name), "--blocks", span, "--dht-prefix", name, wait=False)
+            for name in SWARM_VARIANTS
+            for span in ("0:2", "2:4")
+        ]
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+        yield swarm
+    finally:
+        swarm.stop()
 
 
-def connect(path, swarm, **kwargs):
+@pytest.fixture(params=SWARM_VARIANTS)
+def swarm_model(request, swarm, checkpoints):
+    return variant_path(checkpoints, request.param), swarm, request.param
+
+
+def connect(path, swarm, name, **kwargs):
     return AutoDistributedModelForCausalLM.from_pretrained(
-        str(path), swarm.initial_peers, client_config=ClientConfig(wait_for_servers=10.0), **kwargs
+        str(path), swarm.initial_peers, dht_prefix=name, client_config=ClientConfig(wait_for_servers=10.0), **kwargs
     )
 
 
 def test_swarm_logits_greedy_tokens_and_session_steps_equal_transformers(swarm_model):
-    path, swarm = swarm_model
-    local, model = hf_model(path), connect(path, swarm)
+    path, swarm, name = swarm_model
+    local, model = hf_model(path), connect(path, swarm, name)
     ids, mask = left_padded_batch(local.config.vocab_size)
     real = mask.bool()
     with torch.no_grad():
@@ -188,9 +207,9 @@ def test_swarm_logits_greedy_tokens_and_session_steps_equal_transformers(swarm_m
 
 
 def test_swarm_gradients_and_deep_prompts_equal_transformers(swarm_model):
-    path, swarm = swarm_model
+    path, swarm, name = swarm_model
     local = hf_model(path)
-    model = connect(path, swarm, tuning_mode="deep_ptune", pre_seq_len=3)
+    model = connect(path, swarm, name, tuning_mode="deep_ptune", pre_seq_len=3)
     prompts = model.prompts
     with torch.no_grad():  # not the zero init: prompts that change something
         prompts.prefix.normal_(0, 0.5)
@@ -219,6 +238,11 @@ def prompted_reference(local, embeds, mask, prefix, deep):
     Meadow's client puts it) and each layer's deep prompt added to the prefix positions before that layer."""
     rows, prefix_length = embeds.shape[0], prefix.shape[0]
     full_mask = torch.cat([torch.ones(rows, prefix_length, dtype=mask.dtype), mask], dim=1)
+    extra = {}
+    if local.config.model_type == "falcon":  # its rotary positions: the prompt's, then the real tokens' after it
+        extra["position_ids"] = torch.cat(
+            [torch.arange(prefix_length).expand(rows, -1), positions_from_mask(mask.bool()) + prefix_length], dim=1
+        )
     hooks = []
     if hasattr(local.transformer, "word_embeddings_layernorm"):  # the prompt skips the embedding norm
         hooks.append(local.transformer.word_embeddings_layernorm.register_forward_hook(
@@ -233,16 +257,16 @@ def prompted_reference(local, embeds, mask, prefix, deep):
         hooks.append(layer.register_forward_pre_hook(add_prompt, with_kwargs=True))
     try:
         inputs = torch.cat([prefix.expand(rows, -1, -1), embeds], dim=1)
-        return local(inputs_embeds=inputs, attention_mask=full_mask).logits[:, prefix_length:]
+        return local(inputs_embeds=inputs, attention_mask=full_mask, **extra).logits[:, prefix_length:]
     finally:
         for hook in hooks:
             hook.remove()
 
 
 def test_swarm_client_lora_on_peft_targets_equals_peft(swarm_model):
-    path, swarm = swarm_model
+    path, swarm, name = swarm_model
     config = LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS)
-    model = connect(path, swarm, lora=config)
+    model = connect(path, swarm, name, lora=config)
     local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
     generator = torch.Generator().manual_seed(2)
     layers = {}
