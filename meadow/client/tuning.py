@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from meadow.models.llama import BlockConfig, linear_shapes
+from meadow.models import BlockConfig, linear_shapes
 from meadow.models.lora import init_lora_pair, lora_scale, save_peft_adapter
 from meadow.wire import BlockRange, LoraEntry
 
@@ -81,7 +81,7 @@ class ClientLora(nn.Module):
         unknown = set(target_modules) - shapes.keys()
         if unknown:
             raise ValueError(f"LoRA target modules {sorted(unknown)} are not in a block; choose from {', '.join(shapes)}")
-        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.rank, self.alpha, self.use_rslora, self.model_type = rank, alpha, use_rslora, config.model_type
         self.keys = [(block, module) for block in range(config.num_hidden_layers) for module in shapes if module in target_modules]
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for block, module in self.keys:
@@ -106,4 +106,4 @@ class ClientLora(nn.Module):
 
     def save_pretrained(self, path: str | Path, base_model: str | None = None) -> None:
         weights = dict(zip(self.keys, self.pairs()))
-        save_peft_adapter(path, weights, self.rank, self.alpha, self.use_rslora, base_model)
+        save_peft_adapter(path, weights, self.rank, self.alpha, self.use_rslora, base_model, self.model_type)

@@ -17,7 +17,7 @@ from meadow.models.alibi import alibi_slopes, attend_parts_alibi
 from meadow.models.attention import KVCache, Part, packed_parts
 from meadow.models.client_parts import ClientParts, TensorReader
 from meadow.models.config import BlockConfig
-from meadow.models.family import Family
+from meadow.models.family import Family, renamed
 from meadow.models.linear import project
 
 if TYPE_CHECKING:
@@ -146,16 +146,11 @@ def load_client_parts(read: TensorReader, config: BloomConfig) -> ClientParts:
     )
 
 
-def same_names(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:
-    """Our module names are transformers': a layer's tensors load as they are."""
-    return tensors
-
-
 FAMILY = Family(
     name="bloom",
     config_from_hf=BloomConfig.from_hf,
     block=BloomBlock,
-    layer_state=same_names,
+    layer_state=renamed({}),  # our module names are transformers': a layer's tensors load as they are
     load_client_parts=load_client_parts,
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,

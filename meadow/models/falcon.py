@@ -17,10 +17,10 @@ from transformers.activations import get_activation
 
 from meadow.models.alibi import alibi_slopes, attend_parts_alibi
 from meadow.models.attention import KVCache, Part, attend_parts, packed_parts
-from meadow.models.bloom import LORA_PATHS, layer_norm, same_names
+from meadow.models.bloom import LORA_PATHS, layer_norm
 from meadow.models.client_parts import ClientParts, TensorReader
 from meadow.models.config import BlockConfig, UnsupportedModelError
-from meadow.models.family import Family
+from meadow.models.family import Family, renamed
 from meadow.models.linear import project
 from meadow.models.rotary import STATIC_ROPE_TYPES, Rotary
 
@@ -192,7 +192,7 @@ FAMILY = Family(
     name="falcon",
     config_from_hf=FalconConfig.from_hf,
     block=FalconBlock,
-    layer_state=same_names,
+    layer_state=renamed({}),  # transformers' module names, as in bloom.py
     load_client_parts=load_client_parts,
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,

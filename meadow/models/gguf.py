@@ -23,7 +23,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoTokenizer
 
-SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)  # llama.cpp's name, also used for Mistral-style models
+from meadow.models.registry import SUPPORTED_GGUF_ARCHITECTURES  # noqa: F401  (re-exported: the llama.cpp names Meadow reads)
 
 # llama.cpp tensor names -> HF ones: inside one block (blk.N. -> model.layers.N.), and outside the blocks
 BLOCK_TENSOR_NAMES = {

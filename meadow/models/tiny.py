@@ -19,13 +19,17 @@ from transformers import (
     FalconConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
+
+from safetensors.torch import load_file, save_file
 
 from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, permute_rotary_rows
 
-FAMILIES = ("llama", "mistral", "qwen2", "bloom", "falcon")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -44,12 +48,21 @@ def make_tiny_checkpoint(
     sliding_window: int | None = None,
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool | None = None,
+    attention_bias: bool = False,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    fused_experts: bool = False,
     **options,
 ) -> Path:
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
-    qwen2 has q/k/v bias and tied embeddings. `rope_scaling` is an HF rope dict such as
-    {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` only applies to mistral.
+    qwen2, bloom and falcon have tied embeddings (`tie_word_embeddings` defaults to that, untied for the others).
+    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3. `rope_scaling` is an HF rope
+    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral and mixtral.
+    mixtral has `num_experts` experts, `experts_per_token` per token, saved in the classic layout that transformers
+    writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
     has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
     Falcon's new_decoder_architecture, alibi, bias or parallel_attn (bloom ignores intermediate_size and num_kv_heads:
@@ -76,22 +89,31 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    tied = family in ("qwen2", "bloom", "falcon")
+    common["tie_word_embeddings"] = tied if tie_word_embeddings is None else tie_word_embeddings
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "mistral":
         config = MistralConfig(**common, sliding_window=sliding_window)
     elif family == "qwen2":
-        config = Qwen2Config(**common, tie_word_embeddings=True)
+        config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(**common, head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias)
+    elif family == "mixtral":
+        config = MixtralConfig(**common, sliding_window=sliding_window, num_local_experts=num_experts,
+                               num_experts_per_tok=experts_per_token)  # fmt: skip
     elif family == "bloom":
-        config = BloomConfig(**{k: common[k] for k in ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id",
-                             "pad_token_id")}, n_layer=num_layers, n_head=num_heads, **options)  # fmt: skip
+        names = ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+        config = BloomConfig(**{k: common[k] for k in names}, n_layer=num_layers, n_head=num_heads, **options)
     else:
         names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-                 "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+                 "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # fmt: skip
         # only the new decoder architecture groups kv heads (transformers' other layouts break on num_kv_heads)
         kv_heads = num_kv_heads if options.get("new_decoder_architecture") else num_heads
         options = {"num_kv_heads": kv_heads, "ffn_hidden_size": intermediate_size, **options}
         config = FalconConfig(**{k: common[k] for k in names}, **options)
+    if fused_experts and (family != "mixtral" or max_shard_size):
+        raise ValueError("fused_experts applies to an unsharded mixtral checkpoint only")
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -104,8 +126,22 @@ def make_tiny_checkpoint(
             else:
                 p.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if fused_experts:
+        fuse_experts(path / "model.safetensors", num_layers, num_experts)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fuse_experts(file: Path, num_layers: int, num_experts: int) -> None:
+    """Rewrite a Mixtral safetensors file from the classic expert layout to transformers 5's fused one."""
+    tensors = load_file(file)
+    for layer in range(num_layers):
+        old, new = f"model.layers.{layer}.block_sparse_moe.", f"model.layers.{layer}.mlp."
+        w1, w2, w3 = ([tensors.pop(f"{old}experts.{e}.{w}.weight") for e in range(num_experts)] for w in ("w1", "w2", "w3"))
+        tensors[f"{new}experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(w1, w3)])
+        tensors[f"{new}experts.down_proj"] = torch.stack(w2)
+        tensors[f"{new}gate.weight"] = tensors.pop(f"{old}gate.weight")
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
