@@ -5,10 +5,11 @@ deep prompts, client LoRA)."""
 from __future__ import annotations
 
 import functools
+import signal
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, FalconConfig
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
@@ -154,14 +155,32 @@ def test_falcon_layouts_transformers_cannot_run_are_clear_errors():
 
 
 @pytest.fixture(scope="module")
-def swarm(checkpoints):
-    """One DHT and, for each swarm variant, two servers (blocks 0:2 and 2:4) under the variant's name, all started at
-    once (one swarm start instead of three)."""
+def adapters(checkpoints, tmp_path_factory):
+    """Per swarm variant, a peft adapter folder "tiny-adapter" with peft's default targets for the family (random)."""
+    folders = {}
+    for name in SWARM_VARIANTS:
+        base = AutoModelForCausalLM.from_pretrained(variant_path(checkpoints, name), dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8))  # targets: peft's for the model type
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # peft starts B at zero, which would make the test pass trivially
+            for param_name, param in peft_model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+        folders[name] = tmp_path_factory.mktemp(name) / "tiny-adapter"
+        peft_model.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoints, adapters):
+    """One DHT and, for each swarm variant, two servers (blocks 0:2 and 2:4, serving its adapter too) under the
+    variant's name, all started at once (one swarm start instead of three)."""
     swarm = LocalSwarm()
     try:
         swarm.start_dht()
         servers = [
-            swarm.start_server(variant_path(checkpoints, name), "--blocks", span, "--dht-prefix", name, wait=False)
+            swarm.start_server(variant_path(checkpoints, name), "--blocks", span, "--dht-prefix", name,
+                               "--adapters", str(adapters[name]), wait=False)  # fmt: skip
             for name in SWARM_VARIANTS
             for span in ("0:2", "2:4")
         ]
@@ -169,6 +188,9 @@ def swarm(checkpoints):
             server.wait_for(lambda line: "ready" in line, timeout=180)
         yield swarm
     finally:
+        for server in swarm.servers:  # all begin their graceful exit at once, not one after the other's
+            if server.popen.poll() is None:
+                server.popen.send_signal(signal.SIGTERM)
         swarm.stop()
 
 
@@ -294,4 +316,17 @@ def test_swarm_client_lora_on_peft_targets_equals_peft(swarm_model):
     prompt = ids[:1, :5]
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
                        local.generate(input_ids=prompt, max_new_tokens=6, do_sample=False))  # fmt: skip
+    model.close()
+
+
+def test_swarm_served_adapter_with_peft_default_targets_equals_peft(swarm_model, adapters):
+    path, swarm, name = swarm_model
+    model = connect(path, swarm, name, active_adapter="tiny-adapter")
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapters[name])
+    local.eval()
+    ids = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, expected = model(ids).logits, local(ids).logits
+        assert (got - expected).abs().max() <= ATOL
+        assert (expected - hf_model(path)(ids).logits).abs().max() > 1e-2  # the adapter changes the logits
     model.close()
