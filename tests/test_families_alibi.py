@@ -144,6 +144,19 @@ def test_packed_sessions_equal_each_run_alone(local_model):
     assert (out[0, 2:] - expected_b[0]).abs().max() <= ATOL
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_blocks_stay_close_and_finite(local_model, dtype):
+    path, config, reference_blocks, parts = local_model
+    ids, mask = left_padded_batch(config.vocab_size)
+    real, positions = mask.bool(), positions_from_mask(mask.bool())
+    x = parts.embed(ids)
+    reference = run(reference_blocks, x, positions, real)
+    blocks = load_blocks(path, config, 0, config.num_hidden_layers, dtype, progress=False)
+    ours = run(blocks, x.to(dtype), positions, real)
+    assert ours.dtype == dtype and ours.isfinite().all()
+    assert (ours.float()[real] - reference[real]).abs().max() <= 0.05 * reference.abs().max()
+
+
 def test_falcon_layouts_transformers_cannot_run_are_clear_errors():
     with pytest.raises(UnsupportedModelError, match="parallel"):
         MeadowFalconConfig.from_hf(FalconConfig(new_decoder_architecture=True, parallel_attn=False))
