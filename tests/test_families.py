@@ -4,6 +4,7 @@ the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-proce
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import start_swarm
 from meadow import AutoDistributedModelForCausalLM
+from meadow.local_swarm import LocalSwarm
 from meadow.models import load_blocks, load_client_parts, load_config
 from meadow.models.registry import family_of
 from meadow.models.tiny import make_tiny_checkpoint
@@ -94,11 +95,12 @@ def test_cache_sessions_in_packed_batches_equal_the_full_forward(span):
     """Two sessions decode side by side in packed passes: one prefills more than the window then goes token by token
     past it, the other goes in steps of 5 (chunks of 3 in the pass); their outputs are the full forward's."""
     span, parts = span
-    x = parts.embed(token_ids(span.config.vocab_size))
-    positions = torch.arange(LENGTH).expand(2, -1)
-    full = span.run(x, positions, torch.ones(2, LENGTH, dtype=torch.bool), span.range)
-    sessions = [Session.open(span, span.range, 1, LENGTH) for _ in range(2)]
-    splits = [[0, 12, *range(13, LENGTH + 1)], list(range(0, LENGTH, 5)) + [LENGTH]]
+    length = 2 * WINDOW + 4
+    x = parts.embed(token_ids(span.config.vocab_size, length=length))
+    positions = torch.arange(length).expand(2, -1)
+    full = span.run(x, positions, torch.ones(2, length, dtype=torch.bool), span.range)
+    sessions = [Session.open(span, span.range, 1, length) for _ in range(2)]
+    splits = [[0, WINDOW + 2, *range(WINDOW + 3, length + 1)], list(range(0, length, 5)) + [length]]
     outputs: list[list[torch.Tensor]] = [[], []]
     for step in range(max(len(s) for s in splits) - 1):
         runs = [(row, splits[row][step], splits[row][step + 1]) for row in range(2) if step + 1 < len(splits[row])]
@@ -124,16 +126,29 @@ def test_mixtral_reads_both_expert_layouts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def distributed(path):
-    config = load_config(path)
-    middle = config.num_hidden_layers // 2
-    swarm = start_swarm(path, [f"0:{middle}", f"{middle}:{config.num_hidden_layers}"])
+def swarm(checkpoints):
+    """One DHT and two servers per family (blocks 0:2 and 2:4 of its 4), all started at once."""
+    swarm = LocalSwarm()
     try:
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers)
-        yield model, swarm
-        model.sequence.close()
-    finally:
+        swarm.start_dht()
+        servers = [swarm.start_server(checkpoints(family, **kwargs), "--blocks", span, wait=False)
+                   for family, kwargs in FAMILIES.items() for span in ("0:2", "2:4")]  # fmt: skip
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+    except BaseException:
         swarm.stop()
+        raise
+    yield swarm
+    for server in swarm.servers:  # all shut down at once; stop() then waits for each in turn
+        server.popen.send_signal(signal.SIGTERM)
+    swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def distributed(path, swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers)
+    yield model, swarm
+    model.sequence.close()
 
 
 def test_swarm_logits_and_greedy_generation_equal_transformers(distributed, local):
