@@ -16,6 +16,7 @@ from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.client.model import positions_from_mask
+from meadow.client.tuning import ClientLora
 from meadow.local_swarm import LocalSwarm
 from meadow.models import KVCache, UnsupportedModelError, load_blocks, load_client_parts, load_config
 from meadow.models.alibi import alibi_slopes
@@ -155,6 +156,14 @@ def test_half_precision_blocks_stay_close_and_finite(local_model, dtype):
     ours = run(blocks, x.to(dtype), positions, real)
     assert ours.dtype == dtype and ours.isfinite().all()
     assert (ours.float()[real] - reference[real]).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_client_lora_without_targets_takes_peft_defaults(local_model):
+    _, config, _, _ = local_model
+    lora = ClientLora.from_peft_config(config, LoraConfig(r=4))
+    assert {module for _, module in lora.keys} == {"query_key_value"}  # peft's default for BLOOM and Falcon
+    with pytest.raises(ValueError, match="regex"):
+        ClientLora.from_peft_config(config, LoraConfig(r=4, target_modules=".*dense"))
 
 
 def test_falcon_layouts_transformers_cannot_run_are_clear_errors():
