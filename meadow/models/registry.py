@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from meadow.models import llama, mixtral
+from meadow.models import bloom, falcon, llama, mixtral
 from meadow.models.config import BlockConfig, UnsupportedModelError
 from meadow.models.family import Family
 
@@ -15,6 +15,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2": llama.FAMILY,
     "qwen3": llama.FAMILY,
     "mixtral": mixtral.FAMILY,
+    "bloom": bloom.FAMILY,
+    "falcon": falcon.FAMILY,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

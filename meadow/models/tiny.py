@@ -15,6 +15,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BloomConfig,
+    FalconConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, ROTARY_PERMUTED, permute_rotary_rows
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -52,19 +54,24 @@ def make_tiny_checkpoint(
     num_experts: int = 4,
     experts_per_token: int = 2,
     fused_experts: bool = False,
+    **options,
 ) -> Path:
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
-    qwen2 has q/k/v bias and tied embeddings (`tie_word_embeddings` defaults to that, and to untied for the others).
+    qwen2, bloom and falcon have tied embeddings (`tie_word_embeddings` defaults to that, untied for the others).
     `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3. `rope_scaling` is an HF rope
     dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral and mixtral.
     mixtral has `num_experts` experts, `experts_per_token` per token, saved in the classic layout that transformers
     writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
-    has ids the tokenizer decodes to nothing.
+    has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
+    Falcon's new_decoder_architecture, alibi, bias or parallel_attn (bloom ignores intermediate_size and num_kv_heads:
+    its MLP is 4 x hidden and its heads are all kv heads).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if options and family not in ("bloom", "falcon"):
+        raise ValueError(f"options {sorted(options)} are for bloom and falcon checkpoints only")
     path = Path(path)
     tokenizer = make_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
@@ -82,7 +89,8 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    common["tie_word_embeddings"] = family == "qwen2" if tie_word_embeddings is None else tie_word_embeddings
+    tied = family in ("qwen2", "bloom", "falcon")
+    common["tie_word_embeddings"] = tied if tie_word_embeddings is None else tie_word_embeddings
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "mistral":
@@ -91,9 +99,19 @@ def make_tiny_checkpoint(
         config = Qwen2Config(**common)
     elif family == "qwen3":
         config = Qwen3Config(**common, head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias)
-    else:
+    elif family == "mixtral":
         config = MixtralConfig(**common, sliding_window=sliding_window, num_local_experts=num_experts,
                                num_experts_per_tok=experts_per_token)  # fmt: skip
+    elif family == "bloom":
+        names = ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+        config = BloomConfig(**{k: common[k] for k in names}, n_layer=num_layers, n_head=num_heads, **options)
+    else:
+        names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                 "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # fmt: skip
+        # only the new decoder architecture groups kv heads (transformers' other layouts break on num_kv_heads)
+        kv_heads = num_kv_heads if options.get("new_decoder_architecture") else num_heads
+        options = {"num_kv_heads": kv_heads, "ffn_hidden_size": intermediate_size, **options}
+        config = FalconConfig(**{k: common[k] for k in names}, **options)
     if fused_experts and (family != "mixtral" or max_shard_size):
         raise ValueError("fused_experts applies to an unsharded mixtral checkpoint only")
 
@@ -103,7 +121,7 @@ def make_tiny_checkpoint(
         # HF's init leaves biases at 0 and norm scales at 1, which would let a test miss a bias or a norm;
         # std 0.1 also makes attention far from uniform, so a wrong mask or rotary shows up in the numbers
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, 0.1)
