@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
-from transformers.activations import get_activation
 
 from meadow.models.alibi import alibi_slopes, attend_parts_alibi
 from meadow.models.attention import KVCache, Part, attend_parts, packed_parts
@@ -164,7 +163,7 @@ class FalconMLP(nn.Module):
     def __init__(self, config: FalconConfig) -> None:
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
-        self.act = get_activation(config.activation)
+        self.act = activation(config.activation)
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
 
     def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
@@ -198,3 +197,13 @@ FAMILY = Family(
     lora_paths=LORA_PATHS,
     layer_prefix="transformer.h.{}.",
 )
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP's activation: exact GELU (every released Falcon), else the one transformers names so."""
+    if name == "gelu":
+        return nn.GELU()
+    # imported here: transformers.activations pulls in its modeling code, seconds of import that servers can skip
+    from transformers.activations import get_activation
+
+    return get_activation(name)
