@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+    api.add_argument("--points-identity", metavar="PATH", type=_identity_file,
+                     help="your server's identity file: sign receipts, spend its points, show them on the chat page")
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
     status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         from meadow.api.serve import run_api
 
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
-        run_api(_model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter)
+        run_api(_model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, args.points_identity)
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm
 

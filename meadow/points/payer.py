@@ -41,7 +41,7 @@ class Payer:
         self.membership = membership_for(owner, self.client)
         self.introduced: dict[PeerID, asyncio.Future] = {}
         self.pending: dict[tuple[PeerID, int, int, str], int] = defaultdict(int)  # tokens not yet receipted
-        self.seq = time.time_ns() // 1000  # microseconds: a restarted client never reuses a sequence number
+        self.seq = self.first_seq = time.time_ns() // 1000  # microseconds: a restarted client never reuses a number
         self.lock = threading.Lock()
         self.sending: set[concurrent.futures.Future] = set()
         self.refused: list[str] = []  # the servers' reasons for refusing receipts (none, for an honest client)
