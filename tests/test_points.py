@@ -147,6 +147,25 @@ def test_points_buy_priority_on_a_busy_server_and_the_anonymous_still_progress(s
         poor.close()
 
 
+def test_the_api_shows_verified_points_per_server_and_the_users_own(swarm):
+    import json
+    import urllib.request
+
+    local_swarm, path, keys = swarm
+    a, b = (peer_of(server) for server in local_swarm.servers)
+    api = Process(["api", str(path), "--initial-peers", *local_swarm.initial_peers, "--port", "0",
+                   "--points-identity", str(keys / "a.key")], "api")  # fmt: skip
+    try:
+        url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2]
+        with urllib.request.urlopen(url + "/api/points", timeout=60) as response:
+            body = json.load(response)
+        assert body["servers"][a]["valid"] and body["servers"][b]["valid"], body
+        assert body["servers"][a]["points"] > 0 and body["servers"][a]["entries"] >= 1
+        assert body["me"] == {"peer": a, "points": body["servers"][a]["points"]}
+    finally:
+        api.stop()
+
+
 def points_cli(capsys, peer: str, initial_peers) -> tuple[int, str]:
     try:
         main(["points", peer, "--initial-peers", *initial_peers])
