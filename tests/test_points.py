@@ -217,6 +217,31 @@ def test_meadow_points_detects_an_edited_dropped_or_reordered_ledger(swarm, caps
     assert code == 0 and "INVALID" not in out, out
 
 
+def test_standing_weighs_receipts_by_their_signers_ledgers_and_reserved_passes_serve_the_lowest_first():
+    from dataclasses import dataclass
+
+    from meadow.points.standing import PARAMETER_TOKENS_PER_POINT, points
+    from meadow.server.compute_loop import choose_batch
+
+    work = {"A": {"B": 1e9, "fake": 1e12, "A": 1e12}, "B": {"A": 1e9}}  # fake clients and self-signed receipts
+    earned = points(work)
+    assert earned["A"] == pytest.approx(earned["B"]) and 0 < earned["A"] <= 1e9 / PARAMETER_TOKENS_PER_POINT
+    assert points(work, allow=["fake"])["A"] == 1e12 / PARAMETER_TOKENS_PER_POINT  # a private swarm's list decides
+
+    @dataclass
+    class Job:
+        peer: str
+        priority: int
+        order: int
+        decoding: bool = False
+        tokens: int = 8
+
+    jobs = [Job("anonymous", 0, 0), Job("rich", 5, 1)]
+    turns = {True: {}, False: {}}
+    assert [job.peer for job in choose_batch(jobs, turns, 8, chunk_tokens=8)] == ["rich"]
+    assert [job.peer for job in choose_batch(jobs, turns, 8, chunk_tokens=8, reserved=True)] == ["anonymous"]
+
+
 WRITER = """
 import sys, time
 from meadow.points.ledger import Ledger
