@@ -59,6 +59,8 @@ def swarm(checkpoints, tmp_path_factory):
             server.wait_for(lambda line: "ready" in line, timeout=180)
         yield swarm, path, keys
     finally:
+        for server in swarm.servers:  # all at once: each takes a few seconds to leave
+            server.popen.send_signal(signal.SIGTERM)
         swarm.stop()
 
 
@@ -127,7 +129,8 @@ def test_points_buy_priority_on_a_busy_server_and_the_anonymous_still_progress(s
             if sequence.payer is not None:
                 run(sequence.payer.introduce(b_id))
             run(forward(sequence.p2p, b_id, request, tensors, 60))
-            served[name] += 1
+            if not stop.is_set():  # what finishes after the race ends would flatter whoever was left waiting
+                served[name] += 1
 
     try:
         threads = [threading.Thread(target=load, args=(name, seq)) for name, seq in (("rich", rich), ("poor", poor)) for _ in range(3)]
@@ -140,30 +143,26 @@ def test_points_buy_priority_on_a_busy_server_and_the_anonymous_still_progress(s
             thread.join(60)
         print(f"forwards of {FORWARD_TOKENS} tokens served on the busy server: {served}")
         assert served["rich"] >= 24
-        assert served["rich"] > 1.5 * served["poor"]  # points buy clearly more throughput...
+        assert served["rich"] > 2 * served["poor"]  # points buy clearly more throughput (3/4 of the passes)...
         assert served["poor"] > 0  # ...and the reserved share keeps the anonymous going
     finally:
         rich.close()
         poor.close()
 
 
-def test_the_api_shows_verified_points_per_server_and_the_users_own(swarm):
-    import json
-    import urllib.request
+def test_the_monitor_and_chat_read_verified_points_per_server_and_the_users_own(swarm):
+    from meadow.api.swarm_view import PointsView
 
     local_swarm, path, keys = swarm
     a, b = (peer_of(server) for server in local_swarm.servers)
-    api = Process(["api", str(path), "--initial-peers", *local_swarm.initial_peers, "--port", "0",
-                   "--points-identity", str(keys / "a.key")], "api")  # fmt: skip
+    sequence = client(swarm, keys, points_identity=str(keys / "a.key"))  # what `meadow api --points-identity` makes
     try:
-        url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2]
-        with urllib.request.urlopen(url + "/api/points", timeout=60) as response:
-            body = json.load(response)
+        body = PointsView(sequence).read()  # what /api/points returns
         assert body["servers"][a]["valid"] and body["servers"][b]["valid"], body
         assert body["servers"][a]["points"] > 0 and body["servers"][a]["entries"] >= 1
         assert body["me"] == {"peer": a, "points": body["servers"][a]["points"]}
     finally:
-        api.stop()
+        sequence.close()
 
 
 def points_cli(capsys, peer: str, initial_peers) -> tuple[int, str]:

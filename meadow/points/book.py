@@ -45,12 +45,13 @@ class PointsBook:
         reports = await asyncio.gather(*(self._check(p2p, peer, head, local) for peer, head in heads.items()))
         self.update({report.server: report for report in reports})
 
-    @staticmethod
-    async def _check(p2p: P2P, peer: PeerID, head: LedgerHead, local: tuple[str, list[Entry]] | None) -> LedgerReport:
+    async def _check(self, p2p: P2P, peer: PeerID, head: LedgerHead, local: tuple[str, list[Entry]] | None) -> LedgerReport:
         server = peer.to_base58()
         try:
             entries = local[1] if local is not None and local[0] == server else await fetch_ledger(p2p, peer)
-        except Exception as e:
+        except Exception as e:  # unreachable is not invalid: what we verified last time stands until it answers again
+            if server in self.reports:
+                return self.reports[server]
             report = LedgerReport(server)
             report.error = f"could not fetch its ledger: {e!r}"
             return report
