@@ -170,7 +170,9 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
     points = PointsView(model.sequence)
 
     @app.get("/api/points")
-    def points_per_server() -> JSONResponse:  # a plain def, on a worker thread: it waits on the DHT and on ledgers
+    def points_per_server(mine: bool = False) -> JSONResponse:  # a plain def, on a worker thread: it waits on ledgers
+        if mine and points.me is None:  # the chat page asks only for the user's own: without an identity, none
+            return JSONResponse({"me": None})
         return JSONResponse(points.read())
 
     @app.get("/", include_in_schema=False)

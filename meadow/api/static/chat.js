@@ -26,7 +26,7 @@ const modelReady = fetch("/v1/models").then((r) => r.json()).then((body) => {
 // the user's own points, when this API has a points identity (meadow api --points-identity)
 async function showMyPoints() {
   try {
-    const body = await (await fetch("/api/points", {cache: "no-store"})).json();
+    const body = await (await fetch("/api/points?mine=true", {cache: "no-store"})).json();
     if (body.me) {
       $("my-points").textContent = `Your points: ${Number(body.me.points).toPrecision(3)}`;
       $("my-points").title = `verified points of ${body.me.peer} (${body.unit})`;
