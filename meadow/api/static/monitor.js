@@ -104,7 +104,8 @@ function pointsCell(peer) {
     cell.title = ledger.error;
     return cell;
   }
-  const cell = withUnit(Number(ledger.points).toPrecision(3), "points");
+  const cell = element("td", "num", (ledger.points ? Number(ledger.points).toPrecision(3) : "0") + " ");
+  cell.append(element("span", "unit", "points"));
   cell.title = `verified ledger: ${plural(ledger.entries, "receipt")}, ${number(ledger.tokens)} tokens served (${pointsUnit})`;
   return cell;
 }
