@@ -20,7 +20,8 @@ from meadow.server.block_selection import Placement, block_throughputs, choose_m
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Span
-from meadow.server.throughput import BlockSpeed, block_speed, meadow_home, ping_peers
+from meadow.home import meadow_home
+from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
 from meadow.swarm import (
     ModelInfo, ServerInfo, ServerState, announce, announce_ledger, dht_prefix_for, fetch_servers, model_name, start_dht,
