@@ -21,6 +21,8 @@ from meadow.bench import default_bench_model
 from meadow.client.config import ClientConfig
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config
+from meadow.points.ledger import Ledger
+from meadow.points.receipts import Receipt, check_receipt
 from meadow.swarm import generate_identity
 
 
@@ -29,6 +31,25 @@ def tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
         began = time.perf_counter()
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return new_tokens / (time.perf_counter() - began)
+
+
+def receipt_costs(folder: Path, count: int = 200) -> tuple[float, float, float]:
+    """Milliseconds to sign a receipt (client, on the generating thread), to verify one and to append one to a ledger
+    (server, one fsync'd SQLite transaction each): the work behind each receipt, free of the swarm's noise."""
+    owner = generate_identity(folder / "micro.key")
+    unsigned = [Receipt(signer="", server="QmServer", client="QmClient", fingerprint="f", start=0, end=4, tokens=64,
+                        params_per_block=7_000_000, kind="inference", timestamp=time.time(), seq=n) for n in range(count)]  # fmt: skip
+    began = time.perf_counter()
+    receipts = [receipt.signed_by(owner) for receipt in unsigned]
+    sign_ms = (time.perf_counter() - began) * 1000 / count
+    began = time.perf_counter()
+    for receipt in receipts:
+        check_receipt(receipt, "QmServer", "QmClient")
+    verify_ms = (time.perf_counter() - began) * 1000 / count
+    ledger, began = Ledger(folder / "micro.sqlite", "QmServer"), time.perf_counter()
+    for receipt in receipts:
+        ledger.append(receipt)
+    return sign_ms, verify_ms, (time.perf_counter() - began) * 1000 / count
 
 
 def main() -> None:
@@ -76,6 +97,9 @@ def main() -> None:
             print(f"{name:>12} {value:10.2f} {value / base:7.3f} {receipts / generated:15.3f} {refused:>8}")
         for model in clients.values():
             model.close()
+        sign_ms, verify_ms, append_ms = receipt_costs(Path(keys))
+        print(f"\nper receipt: sign {sign_ms:.2f} ms (client), verify {verify_ms:.2f} ms + append {append_ms:.2f} ms "
+              f"(server); at one receipt per 64 tokens per server: {2 * sign_ms / 64:.3f} ms of client time per token")
 
 
 if __name__ == "__main__":

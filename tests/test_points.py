@@ -22,7 +22,7 @@ from meadow.local_swarm import Process
 from meadow.models import load_config
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.points.ledger import Ledger
-from meadow.points.payer import params_per_block
+from meadow.points.work import params_per_block
 from meadow.points.receipts import Receipt
 from meadow.points.rpc import send_receipts
 from meadow.points.verify import verify_ledger

@@ -375,7 +375,8 @@ def connect_sequence(
     sequence = RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)
     owner = client_config.points_identity or client_config.identity
     if owner is not None:
-        from meadow.points.payer import Payer, params_per_block
+        from meadow.points.payer import Payer
+        from meadow.points.work import params_per_block
         from meadow.swarm import load_identity
 
         params, every = params_per_block(config), client_config.receipt_every_tokens

@@ -23,15 +23,6 @@ from meadow.wire import BlockRange
 logger = logging.getLogger(__name__)
 
 
-def params_per_block(config) -> int:
-    """Parameters of one transformer block of a Llama-style model config (HF's or ours): its seven linear layers and
-    two norms. What a receipt's work is weighted by."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    q, kv = heads * head_dim, config.num_key_value_heads * head_dim
-    return hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size + 2 * hidden
-
-
 class Payer:
     """Signs and sends the receipts of one client (peer id `client`) on behalf of `owner`."""
 

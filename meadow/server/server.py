@@ -139,7 +139,7 @@ class Server:
         everyone's points fresh for priorities."""
         from meadow.points.book import PointsBook
         from meadow.points.ledger import Ledger
-        from meadow.points.payer import params_per_block
+        from meadow.points.work import params_per_block
         from meadow.points.service import PointsService
 
         me, config = self.dht.peer_id.to_base58(), self.config
