@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from meadow.home import meadow_home
 from meadow.models import load_block, load_blocks, load_config, resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.models.lora import BlockLora, load_peft_adapter
@@ -20,7 +21,6 @@ from meadow.server.block_selection import Placement, block_throughputs, choose_m
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
 from meadow.server.span import Span
-from meadow.home import meadow_home
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
 from meadow.swarm import (
@@ -139,8 +139,8 @@ class Server:
         everyone's points fresh for priorities."""
         from meadow.points.book import PointsBook
         from meadow.points.ledger import Ledger
-        from meadow.points.work import params_per_block
         from meadow.points.service import PointsService
+        from meadow.points.work import params_per_block
 
         me, config = self.dht.peer_id.to_base58(), self.config
         ledger = Ledger(meadow_home() / "ledgers" / f"{me}.sqlite", me)
@@ -154,8 +154,9 @@ class Server:
         while True:
             await asyncio.sleep(self.config.points_period)
             try:
+                head = await asyncio.get_running_loop().run_in_executor(None, service.ledger.head)
                 await asyncio.get_running_loop().run_in_executor(
-                    None, announce_ledger, self.dht, service.ledger.head(), 3 * self.config.update_period
+                    None, announce_ledger, self.dht, head, 3 * self.config.update_period
                 )  # fmt: skip
                 entries = await asyncio.get_running_loop().run_in_executor(None, service.ledger.page, 0, 2**62)
                 before = dict(service.book.points)
@@ -332,5 +333,5 @@ class Server:
         )
         await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)
         if self.handler.points is not None:
-            head = self.handler.points.ledger.head()
+            head = await asyncio.get_running_loop().run_in_executor(None, self.handler.points.ledger.head)
             await asyncio.get_running_loop().run_in_executor(None, announce_ledger, self.dht, head, expiration)
