@@ -4,8 +4,10 @@ starving anyone. Real processes on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import urllib.request
 import sqlite3
 import threading
 import time
@@ -29,10 +31,12 @@ from meadow.points.verify import verify_ledger
 from meadow.swarm import generate_identity, load_identity
 from meadow.wire import BlockRange, ForwardRequest
 from tests.conftest import start_swarm
+from tests.test_pages import browser  # noqa: F401 (a fixture: headless Chromium)
 
 NUM_BLOCKS = 4
 CHUNK = 8  # the busy server runs 8 tokens a pass: a 512-token forward takes 64 passes, so requests queue there
 FORWARD_TOKENS = 512
+THREADS = 5  # requests each client keeps in flight: enough that its queue at the busy server never runs dry
 
 
 def peer_of(server: Process) -> str:
@@ -130,7 +134,7 @@ def test_points_buy_priority_on_a_busy_server_and_the_anonymous_still_progress(s
                 served[name] += 1
 
     try:
-        threads = [threading.Thread(target=load, args=(name, seq)) for name, seq in (("rich", rich), ("poor", poor)) for _ in range(3)]
+        threads = [threading.Thread(target=load, args=(name, seq)) for name, seq in (("rich", rich), ("poor", poor)) for _ in range(THREADS)]
         for thread in threads:
             thread.start()
         while served["rich"] < 24 and all(thread.is_alive() for thread in threads):
@@ -139,6 +143,7 @@ def test_points_buy_priority_on_a_busy_server_and_the_anonymous_still_progress(s
         for thread in threads:
             thread.join(60)
         print(f"forwards of {FORWARD_TOKENS} tokens served on the busy server: {served}")
+        print("\n".join(line for line in local_swarm.servers[1].lines if "points" in line))
         assert served["rich"] >= 24
         assert served["rich"] > 2 * served["poor"]  # points buy clearly more throughput (3/4 of the passes)...
         assert served["poor"] > 0  # ...and the reserved share keeps the anonymous going
@@ -147,19 +152,32 @@ def test_points_buy_priority_on_a_busy_server_and_the_anonymous_still_progress(s
         poor.close()
 
 
-def test_the_monitor_and_chat_read_verified_points_per_server_and_the_users_own(swarm):
-    from meadow.api.swarm_view import PointsView
-
+def test_the_monitor_shows_verified_points_per_server_and_the_chat_page_the_users_own(swarm, browser):
     local_swarm, path, keys = swarm
     a, b = (peer_of(server) for server in local_swarm.servers)
-    sequence = client(swarm, keys, points_identity=str(keys / "a.key"))  # what `meadow api --points-identity` makes
+    api = Process(["api", str(path), "--initial-peers", *local_swarm.initial_peers, "--port", "0",
+                   "--points-identity", str(keys / "a.key")], "api")  # the API spends (and shows) A's points
     try:
-        body = PointsView(sequence).read()  # what /api/points returns
+        url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2]
+        with urllib.request.urlopen(url + "/api/points", timeout=60) as response:
+            body = json.load(response)
         assert body["servers"][a]["valid"] and body["servers"][b]["valid"], body
         assert body["servers"][a]["points"] > 0 and body["servers"][a]["entries"] >= 1
         assert body["me"] == {"peer": a, "points": body["servers"][a]["points"]}
+
+        page, errors = browser.new_page(), []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url + "/monitor")
+        row = page.locator("tr", has=page.locator(f'td.peer[title="{a}"]'))
+        row.locator("td", has_text="points").filter(has_not_text="0 points").wait_for(timeout=30_000)
+        shown = float(row.locator("td", has_text="points").inner_text().split()[0])
+        assert shown == pytest.approx(body["servers"][a]["points"], rel=0.01)
+        page.goto(url + "/")
+        page.wait_for_selector("#my-points:not([hidden])", timeout=30_000)
+        assert float(page.inner_text("#my-points").split()[-1]) == pytest.approx(body["me"]["points"], rel=0.01)
+        assert not errors
     finally:
-        sequence.close()
+        api.stop()
 
 
 def points_cli(capsys, peer: str, initial_peers) -> tuple[int, str]:
