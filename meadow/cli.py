@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure swarm vs local speed")
     bench.add_argument("model", nargs="?", help="checkpoint folder (default: a ~100M random Llama)")
+    bench.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
     bench.add_argument("--servers", type=int, default=2, help="split the blocks over this many servers")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -266,9 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         from meadow.bench import run_bench, run_clients_bench
 
         if args.clients:
-            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
+            run_clients_bench(args.model or args.model_option, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
         else:
-            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
+            run_bench(args.model or args.model_option, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
 
 
 if __name__ == "__main__":

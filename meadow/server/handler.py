@@ -14,8 +14,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from meadow.models import BlockConfig
-from meadow.models.llama import linear_shapes
+from meadow.models import BlockConfig, linear_shapes
 from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
