@@ -4,8 +4,10 @@ from __future__ import annotations
 
 
 def params_per_block(config) -> int:
-    """Parameters of one transformer block of a Llama-style model config (HF's or ours): its seven linear layers and
-    two norms. What a receipt's work is weighted by."""
+    """Parameters of one transformer block, as a Llama-style block of the config's sizes has them (seven linear layers,
+    two norms): exact for the Llama family, an estimate of the same scale for BLOOM, Falcon and Mixtral (one expert's
+    MLP: what a token goes through). Client and server compute it alike from the config; a receipt's work is
+    weighted by it."""
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     q, kv = heads * head_dim, config.num_key_value_heads * head_dim
