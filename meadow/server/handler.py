@@ -81,6 +81,7 @@ class BlockHandler:
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
         self.sessions: set[object] = set()  # open sessions that have not yet been told why they end
         self.inboxes: dict[str, tuple[Inbox, Session]] = {}  # sessions that accept pushed steps, by session id
+        self.points = None  # a PointsService (meadow/points/service.py): requesters' points set their priority
 
     def serve(self, span: Span) -> None:
         """Start serving `span`; sessions opened from now on belong to it."""
@@ -179,9 +180,9 @@ class BlockHandler:
                 del self.requests[peer]
 
     def priority(self, peer: Hashable) -> int:
-        """Where a peer's work goes in the compute queue: higher first. Everyone is equal for now; contribution
-        points may raise it later."""
-        return 0
+        """Where a peer's work goes in the compute queue: higher first, by the points of the owner it belongs to (0
+        for anonymous peers and without points)."""
+        return self.points.priority(peer) if self.points is not None else 0
 
     async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
         me, registered = object(), None  # registered: our session id in self.inboxes
