@@ -13,12 +13,14 @@ from typing import Callable
 
 import torch
 
+from meadow.home import meadow_home
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
+from meadow.models.registry import family_of
 from meadow.wire import default_wire
 
-BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
+BENCH_MODEL_DIR = meadow_home() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
 
 
@@ -139,7 +141,8 @@ def bench(
 
     local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
-    for layer in local_model.model.layers:  # the same quantized blocks as the servers'; embeddings and head as they are
+    layers = local_model.get_submodule(family_of(config).layer_prefix.partition(".{}")[0])  # model.layers, transformer.h
+    for layer in layers:  # the same quantized blocks as the servers'; embeddings and head as they are
         quantize_block(layer, quant, device)
     local_model.to(device)
     figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
