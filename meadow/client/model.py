@@ -7,6 +7,10 @@ at all (`_supports_default_dynamic_cache` is False); instead `prepare_inputs_for
 the whole sequence every step, and `forward` sends the servers only the tokens they have not processed yet.
 That one rule also gives chats: inside `with model.inference_session(...)`, each `generate` call gets the
 whole conversation and only its new suffix travels.
+
+Speculative decoding (`prompt_lookup_num_tokens=K` or `assistant_model=...`) is transformers' assisted generation
+too: it needs a cache it can crop, so generate hands it a `RemoteCache`, whose `crop` rewinds the session; the
+servers drop the rejected drafts when the next step arrives at the earlier position.
 """
 
 from __future__ import annotations
@@ -117,6 +121,16 @@ class GenerationSession:
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
         return output
 
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from `position` on (drafts rejected by speculative decoding); the next step goes there."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to position {position}: the servers hold {self.position} tokens of this session")
+        if self.remote is not None:
+            self.remote.rewind(position + self.prefix_length if position else 0)  # rewound to 0, the prefix goes again
+        self.token_ids, self.mask = self.token_ids[:, :position], self.mask[:, :position]
+        if position == 0:
+            self.token_ids = self.mask = None
+
     def _through_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.local is not None:
             start = 0 if self.position == 0 else self.position + self.prefix_length
@@ -127,6 +141,33 @@ class GenerationSession:
         if self.remote is not None:
             self.remote.close()
             self.remote = None
+
+
+class RemoteCache:
+    """What transformers' assisted generation sees of the servers' KV cache: its length, and `crop`, which rewinds the
+    session past rejected drafts. It holds no tensors."""
+
+    is_croppable, is_compileable = True, False
+
+    def __init__(self, session: GenerationSession):
+        self.session = session
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]  # plain attention layers: transformers may slice inputs by our length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def activate_past_recording(self) -> None:
+        pass  # the servers keep every token until it is rewound
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove tokens (transformers passes a negative count; 0 drops nothing)."""
+        if tokens_to_remove > 0:
+            raise ValueError("RemoteCache.crop takes a negative count of tokens to remove")
+        if tokens_to_remove:
+            self.session.rewind(self.session.position + tokens_to_remove)
 
 
 class DistributedPreTrainedModel(PreTrainedModel):
@@ -205,8 +246,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
 class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     """A causal LM whose blocks run on the swarm: adds the LM head and generation with server-side KV caches."""
 
-    # Beam search and assisted decoding need to reorder or roll back the KV cache, which lives on the servers.
-    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+    # Beam search needs to reorder the KV cache, which lives on the servers; assisted decoding rolls it back (rewind).
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION]
 
     def __init__(self, config: PreTrainedConfig, parts, sequence, prompts: PromptTuning | None = None, lora: ClientLora | None = None):
         super().__init__(config, parts, sequence, prompts, lora)
@@ -233,6 +274,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
+        cache: RemoteCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -244,7 +286,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         (B, L, V), differentiable (loss.backward() reaches through the servers). Inside one (and unless
         use_cache=False): `input_ids` is the whole sequence so far, only the tokens the servers have not
         processed are sent, and the logits cover those new tokens only."""
-        if past_key_values is not None:
+        if past_key_values is not None or (cache is not None and not isinstance(cache, RemoteCache)):
             raise ValueError("Meadow keeps the KV cache on the servers: use `with model.inference_session(...)`")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -266,7 +308,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if labels is not None:
             extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if session is not None else None)
         return output if return_dict is not False else output.to_tuple()
 
     def prepare_inputs_for_generation(
@@ -276,6 +318,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | None = None,
+        cache: RemoteCache | None = None,
         **unused,
     ) -> dict:
         """Every step gets the WHOLE sequence (no slicing to the last token as transformers does for its
@@ -283,7 +326,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         device = self.embed_tokens.weight.device  # as transformers does: inputs may live elsewhere
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         inputs = {name: None if value is None else value.to(device) for name, value in inputs.items()}
-        inputs["use_cache"] = use_cache
+        inputs["use_cache"], inputs["cache"] = use_cache, cache
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         return inputs
@@ -314,13 +357,22 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             raise NotImplementedError("generate with inputs_embeds is not supported yet; pass input_ids")
         use_cache = _setting("use_cache", kwargs, generation_config, self.generation_config)
         if self.session is not None or use_cache is False:
-            return super().generate(inputs, generation_config, **kwargs)
+            return self._generate(inputs, generation_config, kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt is None:
             raise ValueError("generate needs input_ids (a prompt) to size its inference session")
         max_length = self._total_length(prompt.shape[-1], kwargs, generation_config)
         with self.inference_session(max_length, batch_size=None):
-            return super().generate(inputs, generation_config, **kwargs)
+            return self._generate(inputs, generation_config, kwargs)
+
+    def _generate(self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict):
+        """transformers' generate; speculative decoding (assisted generation) gets the session as a croppable cache."""
+        lookup = _setting("prompt_lookup_num_tokens", kwargs, generation_config, self.generation_config)
+        if self.session is not None and (lookup is not None or kwargs.get("assistant_model") is not None):
+            if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+                raise ValueError("Meadow keeps the KV cache on the servers: do not pass a cache to generate")
+            kwargs = {**kwargs, "cache": RemoteCache(self.session)}
+        return super().generate(inputs, generation_config, **kwargs)
 
     def _total_length(self, prompt_length: int, kwargs: dict, generation_config: GenerationConfig | None) -> int:
         """Prompt plus new tokens, read the way generate reads it: kwargs, then the generation config passed,
