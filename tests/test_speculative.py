@@ -61,39 +61,27 @@ def model(model_path, swarm):
     model.close()
 
 
-@pytest.fixture
-def counts(monkeypatch) -> dict:
-    """Steps sent to the swarm and draft tokens the servers were told to drop, counted on GenerationSession."""
-    counts = {"steps": 0, "dropped": 0}
-    step, rewind = GenerationSession.step, GenerationSession.rewind
-
-    def counted_step(self, *args):
-        counts["steps"] += 1
-        return step(self, *args)
-
-    def counted_rewind(self, position):
-        counts["dropped"] += self.position - position
-        return rewind(self, position)
-
-    monkeypatch.setattr(GenerationSession, "step", counted_step)
-    monkeypatch.setattr(GenerationSession, "rewind", counted_rewind)
-    return counts
+def generate_counting(model, **kwargs) -> tuple[torch.Tensor, GenerationSession]:
+    """Greedy generation in a session of its own, returned too: it counts the steps sent and the tokens rewound."""
+    # prompt lookup may draft past the generation's max_length: room for that
+    with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS + kwargs.get("prompt_lookup_num_tokens", 0)) as session:
+        return model.generate(PROMPT, **GREEDY, **kwargs), session
 
 
-def test_prompt_lookup_gives_the_greedy_tokens_with_drafts_accepted_and_rejected(model, reference, counts):
-    assert torch.equal(model.generate(PROMPT, **GREEDY), reference)
-    plain_steps, counts["steps"] = counts["steps"], 0
-    got = model.generate(PROMPT, **GREEDY, prompt_lookup_num_tokens=3)
+def test_prompt_lookup_gives_the_greedy_tokens_with_drafts_accepted_and_rejected(model, reference):
+    got, plain = generate_counting(model)
+    assert torch.equal(got, reference) and plain.steps == NEW_TOKENS and plain.dropped == 0
+    got, speculative = generate_counting(model, prompt_lookup_num_tokens=3)
     assert torch.equal(got, reference)
-    assert counts["dropped"] > 0  # some drafts were rejected and rolled back...
-    assert counts["steps"] < plain_steps  # ...and some accepted: fewer passes over the swarm than one per token
+    assert speculative.dropped > 0  # some drafts were rejected and rolled back...
+    assert speculative.steps < NEW_TOKENS  # ...and some accepted: fewer passes over the swarm than one per token
     assert not model.sequence.banned()  # spot-checks of every step found the servers' rewound histories right
 
 
-def test_assistant_model_gives_the_greedy_tokens(model, assistant, reference, counts):
-    got = model.generate(PROMPT, **GREEDY, assistant_model=assistant)
+def test_assistant_model_gives_the_greedy_tokens(model, assistant, reference):
+    got, session = generate_counting(model, assistant_model=assistant)
     assert torch.equal(got, reference)
-    assert counts["dropped"] > 0 and counts["steps"] < NEW_TOKENS
+    assert session.dropped > 0 and session.steps < NEW_TOKENS
     assert not model.sequence.banned()
 
 

@@ -61,6 +61,8 @@ class GenerationSession:
         self.local: LocalSession | None = None  # the local blocks' KV caches, opened with `remote`
         self.token_ids: torch.Tensor | None = None  # (B, position) ids the servers have processed
         self.mask: torch.Tensor | None = None  # (B, position) bool, their attention mask
+        # for stats: steps sent to the servers, their tokens (per row), and tokens rewound (rejected drafts)
+        self.steps = self.sent = self.dropped = 0
 
     @property
     def position(self) -> int:
@@ -117,6 +119,7 @@ class GenerationSession:
         else:
             output = self._through_blocks(hidden, position_ids, mask)
         new_ids, mask = new_ids.detach().cpu(), mask.detach().cpu()
+        self.steps, self.sent = self.steps + 1, self.sent + new_ids.shape[1]
         self.token_ids = new_ids if self.token_ids is None else torch.cat([self.token_ids, new_ids], dim=1)
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
         return output
@@ -127,6 +130,7 @@ class GenerationSession:
             raise ValueError(f"cannot rewind to position {position}: the servers hold {self.position} tokens of this session")
         if self.remote is not None:
             self.remote.rewind(position + self.prefix_length if position else 0)  # rewound to 0, the prefix goes again
+        self.dropped += self.position - position
         self.token_ids, self.mask = self.token_ids[:, :position], self.mask[:, :position]
         if position == 0:
             self.token_ids = self.mask = None
@@ -362,6 +366,8 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if prompt is None:
             raise ValueError("generate needs input_ids (a prompt) to size its inference session")
         max_length = self._total_length(prompt.shape[-1], kwargs, generation_config)
+        # transformers' prompt lookup may draft up to K tokens past max_length (they are never kept): room for them
+        max_length += _setting("prompt_lookup_num_tokens", kwargs, generation_config, self.generation_config) or 0
         with self.inference_session(max_length, batch_size=None):
             return self._generate(inputs, generation_config, kwargs)
 
