@@ -71,11 +71,15 @@ def generate_counting(model, **kwargs) -> tuple[torch.Tensor, GenerationSession]
 def test_prompt_lookup_gives_the_greedy_tokens_with_drafts_accepted_and_rejected(model, reference):
     got, plain = generate_counting(model)
     assert torch.equal(got, reference) and plain.steps == NEW_TOKENS and plain.dropped == 0
+    checked = model.sequence.checker.checked
     got, speculative = generate_counting(model, prompt_lookup_num_tokens=3)
     assert torch.equal(got, reference)
     assert speculative.dropped > 0  # some drafts were rejected and rolled back...
     assert speculative.steps < NEW_TOKENS  # ...and some accepted: fewer passes over the swarm than one per token
-    assert not model.sequence.banned()  # spot-checks of every step found the servers' rewound histories right
+    # every step's spot-check (blocks 3:6 have a witness) recomputed the segment's history, cut at each rewind, and
+    # found the outputs kept for it right
+    assert model.sequence.checker.checked - checked >= speculative.steps
+    assert not model.sequence.banned()
 
 
 def test_assistant_model_gives_the_greedy_tokens(model, assistant, reference):
