@@ -54,7 +54,7 @@ def swarm(model_path):
 
 @pytest.fixture(scope="module")
 def model(model_path, swarm):
-    # every step spot-checked: a history kept wrong after a rewind would get a server banned
+    # every step spot-checked: a history not cut right at a rewind fails its check
     config = ClientConfig(verify=1.0, step_timeout=3.0)
     model = AutoDistributedModelForCausalLM.from_pretrained(str(model_path), swarm.initial_peers, client_config=config)
     yield model
