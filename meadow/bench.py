@@ -280,3 +280,93 @@ def run_clients_bench(
               f"| {aggregate / (n * alone):.2f} | {servers_cpu:.1f} | {clients_cpu:.1f} |")  # fmt: skip
     print("efficiency: aggregate / (clients x one client alone). CPU ms/token: CPU time of the server processes "
           "(and of the client processes) per generated token, which other programs on the machine barely change")
+
+
+PARAGRAPH = (
+    "The meadow behind the old mill was quiet in the early morning. Mist lay over the grass, and a narrow stream ran "
+    "along the fence toward the village. Every spring the farmers gathered there to mend the stone walls, share bread "
+    "and cheese, and talk about the weather, the prices at the market and the children who had moved to the city."
+)
+SPECULATIVE_TASKS = {
+    "repetitive": f"Repeat this paragraph word for word, but write 'river' instead of 'stream':\n\n{PARAGRAPH}",
+    "free text": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+
+
+def speculative_run(model, prompt: torch.Tensor, new_tokens: int, lookup: int | None, repeats: int = 2) -> dict:
+    """Greedy generation of up to `new_tokens` after `prompt`, with prompt lookup drafting `lookup` tokens (None: plain
+    decoding); best of `repeats` timed runs after a warm-up. Tokens/s, and for a Meadow model the share of drafted
+    tokens that the swarm accepted."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, prompt_lookup_num_tokens=lookup)
+    best, stats = float("inf"), None
+    for attempt in range(repeats + 1):
+        with torch.no_grad():
+            if hasattr(model, "inference_session"):
+                with model.inference_session(prompt.shape[1] + new_tokens + (lookup or 0)) as session:
+                    began = time.perf_counter()
+                    output = model.generate(prompt, **kwargs)
+                    took = time.perf_counter() - began
+                stats = session
+            else:
+                began = time.perf_counter()
+                output = model.generate(prompt, **kwargs)
+                took = time.perf_counter() - began
+        if attempt:  # the first run warms up
+            best = min(best, took)
+    generated = output.shape[1] - prompt.shape[1]
+    result = {"tokens": generated, "tokens_per_s": generated / best, "output": output}
+    if stats is not None and lookup:
+        accepted = generated - stats.steps  # every step gives one token of its own, and the drafts it accepted
+        result["acceptance"] = accepted / max(1, accepted + stats.dropped)
+    return result
+
+
+def run_speculative_bench(model: str | None, num_servers: int, lookup: int, new_tokens: int, dtype: str, device: str) -> None:
+    """Greedy generation with and without speculative decoding (prompt lookup drafting `lookup` tokens) through a
+    loopback swarm and locally, on a task that repeats its prompt and on free text."""
+    from meadow.client.model import AutoDistributedModelForCausalLM
+    from meadow.models import default_model_path, load_tokenizer
+
+    model = str(model or default_model_path())
+    config = load_config(model)
+    blocks = config.num_hidden_layers
+    bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
+    tokenizer = load_tokenizer(model)
+    prompts = {}
+    for task, text in SPECULATIVE_TASKS.items():
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        prompts[task] = torch.tensor([ids])
+    results = {}
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        servers = [
+            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=600)
+        with AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=getattr(torch, dtype)) as distributed:
+            for task, prompt in prompts.items():
+                for mode in (None, lookup):
+                    results["swarm", task, mode] = speculative_run(distributed, prompt, new_tokens, mode)
+    local_model = load_reference_model(model, dtype=getattr(torch, dtype)).to(device)
+    for task, prompt in prompts.items():
+        for mode in (None, lookup):
+            results["local", task, mode] = speculative_run(local_model, prompt, new_tokens, mode)
+
+    print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, {num_servers} servers "
+          f"(spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))}); greedy, up to {new_tokens} new tokens; "
+          f"prompt lookup drafts {lookup} tokens; best of 2 runs; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print("| task | where | tokens | plain tokens/s | speculative tokens/s | speed-up | acceptance | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task in prompts:
+        for where in ("swarm", "local"):
+            plain, fast = results[where, task, None], results[where, task, lookup]
+            same = torch.equal(plain["output"], fast["output"]) and torch.equal(plain["output"], results["local", task, None]["output"])
+            acceptance = f"{fast['acceptance']:.0%}" if "acceptance" in fast else "-"
+            print(f"| {task} | {where} | {plain['tokens']} | {plain['tokens_per_s']:.1f} | {fast['tokens_per_s']:.1f} "
+                  f"| {fast['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {acceptance} | {'yes' if same else 'NO'} |")  # fmt: skip
+    print("acceptance: drafted tokens the swarm accepted; same tokens: speculative output equals plain greedy and local")

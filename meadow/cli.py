@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--wire", choices=WIRE_FORMATS, help="how hidden states travel (default: the servers' dtype)")
     bench.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")],
                        help="N[,N...]: N client processes generating at once; prints aggregate tokens/s and efficiency")
+    bench.add_argument("--speculative", type=int, metavar="K",
+                       help="greedy generation with and without prompt lookup drafting K tokens (default model: "
+                            "SmolLM2-135M-Instruct), on a repetitive task and on free text")
     return parser
 
 
@@ -265,14 +268,15 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(args.model, args.question, args.max_new_tokens, args.servers, args.keep)
     elif args.command == "bench":
-        from meadow.bench import run_bench, run_clients_bench
+        from meadow.bench import run_bench, run_clients_bench, run_speculative_bench
 
-        if args.clients:
-            run_clients_bench(args.model or args.model_option, args.servers, args.clients, args.new_tokens, args.dtype,
-                              args.device, wire=args.wire)  # fmt: skip
+        model = args.model or args.model_option
+        if args.speculative:
+            run_speculative_bench(model, args.servers, args.speculative, args.new_tokens, args.dtype, args.device)
+        elif args.clients:
+            run_clients_bench(model, args.servers, args.clients, args.new_tokens, args.dtype, args.device, wire=args.wire)
         else:
-            run_bench(args.model or args.model_option, args.servers, args.new_tokens, args.dtype, args.device, args.quant,
-                      args.wire)  # fmt: skip
+            run_bench(model, args.servers, args.new_tokens, args.dtype, args.device, args.quant, args.wire)
 
 
 if __name__ == "__main__":

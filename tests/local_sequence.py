@@ -70,6 +70,9 @@ class LocalInferenceSession:
         self.steps.append(hidden.shape[1])
         return output
 
+    def rewind(self, position: int) -> None:
+        self.session.rewind(position)
+
     def close(self) -> None:
         self.closed = True
 

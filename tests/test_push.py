@@ -50,8 +50,10 @@ def test_the_next_server_answers_a_pushed_step_the_client_never_sent_it(chain):
                 # the second server computed this step from the push: its reply is there though we sent nothing
                 pushed = await streams[1].output(10)
                 outputs.append((middle, pushed))
-            # a copy of the last step from the client is recognised as served: no second reply, no error
-            streams[1]._send([outputs[-1][0], torch.tensor([[2]]), torch.ones(1, 1, dtype=torch.bool)], Step(position=2).to_wire())
+            # the client's own copy of the last step (resent: the push seemed late) is recognised as served: no second
+            # reply, no error
+            copy = [outputs[-1][0], torch.tensor([[2]]), torch.ones(1, 1, dtype=torch.bool)]
+            streams[1]._send(copy, Step(position=2, resent=True).to_wire())
             assert await streams[1].pushed_output(1.0) is None
             return outputs
         finally:

@@ -7,6 +7,10 @@ at all (`_supports_default_dynamic_cache` is False); instead `prepare_inputs_for
 the whole sequence every step, and `forward` sends the servers only the tokens they have not processed yet.
 That one rule also gives chats: inside `with model.inference_session(...)`, each `generate` call gets the
 whole conversation and only its new suffix travels.
+
+Speculative decoding (`prompt_lookup_num_tokens=K` or `assistant_model=...`) is transformers' assisted generation
+too: it needs a cache it can crop, so generate hands it a `RemoteCache`, whose `crop` rewinds the session; the
+servers drop the rejected drafts when the next step arrives at the earlier position.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class GenerationSession:
         self.local: LocalSession | None = None  # the local blocks' KV caches, opened with `remote`
         self.token_ids: torch.Tensor | None = None  # (B, position) ids the servers have processed
         self.mask: torch.Tensor | None = None  # (B, position) bool, their attention mask
+        # for stats: steps sent to the servers, their tokens (per row), and tokens rewound (rejected drafts)
+        self.steps = self.sent = self.dropped = 0
 
     @property
     def position(self) -> int:
@@ -113,9 +119,21 @@ class GenerationSession:
         else:
             output = self._through_blocks(hidden, position_ids, mask)
         new_ids, mask = new_ids.detach().cpu(), mask.detach().cpu()
+        self.steps, self.sent = self.steps + 1, self.sent + new_ids.shape[1]
         self.token_ids = new_ids if self.token_ids is None else torch.cat([self.token_ids, new_ids], dim=1)
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
         return output
+
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from `position` on (drafts rejected by speculative decoding); the next step goes there."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to position {position}: the servers hold {self.position} tokens of this session")
+        if self.remote is not None:
+            self.remote.rewind(position + self.prefix_length if position else 0)  # rewound to 0, the prefix goes again
+        self.dropped += self.position - position
+        self.token_ids, self.mask = self.token_ids[:, :position], self.mask[:, :position]
+        if position == 0:
+            self.token_ids = self.mask = None
 
     def _through_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.local is not None:
@@ -127,6 +145,33 @@ class GenerationSession:
         if self.remote is not None:
             self.remote.close()
             self.remote = None
+
+
+class RemoteCache:
+    """What transformers' assisted generation sees of the servers' KV cache: its length, and `crop`, which rewinds the
+    session past rejected drafts. It holds no tensors."""
+
+    is_croppable, is_compileable = True, False
+
+    def __init__(self, session: GenerationSession):
+        self.session = session
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]  # plain attention layers: transformers may slice inputs by our length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def activate_past_recording(self) -> None:
+        pass  # the servers keep every token until it is rewound
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove tokens (transformers passes a negative count; 0 drops nothing)."""
+        if tokens_to_remove > 0:
+            raise ValueError("RemoteCache.crop takes a negative count of tokens to remove")
+        if tokens_to_remove:
+            self.session.rewind(self.session.position + tokens_to_remove)
 
 
 class DistributedPreTrainedModel(PreTrainedModel):
@@ -210,8 +255,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
 class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     """A causal LM whose blocks run on the swarm: adds the LM head and generation with server-side KV caches."""
 
-    # Beam search and assisted decoding need to reorder or roll back the KV cache, which lives on the servers.
-    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+    # Beam search needs to reorder the KV cache, which lives on the servers; assisted decoding rolls it back (rewind).
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION]
 
     def __init__(self, config: PreTrainedConfig, parts, sequence, prompts: PromptTuning | None = None, lora: ClientLora | None = None):
         super().__init__(config, parts, sequence, prompts, lora)
@@ -238,6 +283,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
+        cache: RemoteCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -249,7 +295,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         (B, L, V), differentiable (loss.backward() reaches through the servers). Inside one (and unless
         use_cache=False): `input_ids` is the whole sequence so far, only the tokens the servers have not
         processed are sent, and the logits cover those new tokens only."""
-        if past_key_values is not None:
+        if past_key_values is not None or (cache is not None and not isinstance(cache, RemoteCache)):
             raise ValueError("Meadow keeps the KV cache on the servers: use `with model.inference_session(...)`")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -271,7 +317,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if labels is not None:
             extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if session is not None else None)
         return output if return_dict is not False else output.to_tuple()
 
     def prepare_inputs_for_generation(
@@ -281,6 +327,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | None = None,
+        cache: RemoteCache | None = None,
         **unused,
     ) -> dict:
         """Every step gets the WHOLE sequence (no slicing to the last token as transformers does for its
@@ -288,7 +335,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         device = self.embed_tokens.weight.device  # as transformers does: inputs may live elsewhere
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         inputs = {name: None if value is None else value.to(device) for name, value in inputs.items()}
-        inputs["use_cache"] = use_cache
+        inputs["use_cache"], inputs["cache"] = use_cache, cache
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         return inputs
@@ -319,13 +366,24 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             raise NotImplementedError("generate with inputs_embeds is not supported yet; pass input_ids")
         use_cache = _setting("use_cache", kwargs, generation_config, self.generation_config)
         if self.session is not None or use_cache is False:
-            return super().generate(inputs, generation_config, **kwargs)
+            return self._generate(inputs, generation_config, kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt is None:
             raise ValueError("generate needs input_ids (a prompt) to size its inference session")
         max_length = self._total_length(prompt.shape[-1], kwargs, generation_config)
+        # transformers' prompt lookup may draft up to K tokens past max_length (they are never kept): room for them
+        max_length += _setting("prompt_lookup_num_tokens", kwargs, generation_config, self.generation_config) or 0
         with self.inference_session(max_length, batch_size=None):
-            return super().generate(inputs, generation_config, **kwargs)
+            return self._generate(inputs, generation_config, kwargs)
+
+    def _generate(self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict):
+        """transformers' generate; speculative decoding (assisted generation) gets the session as a croppable cache."""
+        lookup = _setting("prompt_lookup_num_tokens", kwargs, generation_config, self.generation_config)
+        if self.session is not None and (lookup is not None or kwargs.get("assistant_model") is not None):
+            if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+                raise ValueError("Meadow keeps the KV cache on the servers: do not pass a cache to generate")
+            kwargs = {**kwargs, "cache": RemoteCache(self.session)}
+        return super().generate(inputs, generation_config, **kwargs)
 
     def _total_length(self, prompt_length: int, kwargs: dict, generation_config: GenerationConfig | None) -> int:
         """Prompt plus new tokens, read the way generate reads it: kwargs, then the generation config passed,

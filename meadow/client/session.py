@@ -46,6 +46,11 @@ class Segment:
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     push_misses: int = 0  # pushed steps whose output did not come in time
 
+    def rewind(self, position: int) -> None:
+        """Keep the history (and outputs) of the first `position` tokens only."""
+        self.history = [tuple(t[:, :keep] for t in inputs) for inputs, keep in _kept(self.history, position)]
+        self.outputs = [output[:, :keep] for output, keep in _kept(self.outputs, position)]
+
     def push_grace(self, config: ClientConfig) -> float:
         """How long to wait for the output of a step pushed to this server before sending the step ourselves."""
         if not self.step_times:
@@ -68,6 +73,7 @@ class InferenceSession:
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
         self.tuning = tuning or RemoteTuning()  # deep prompts and LoRA weights, sent once per server at open
         self.position = 0
+        self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
         self.segments: list[Segment] | None = None
 
     @property
@@ -97,13 +103,25 @@ class InferenceSession:
             inputs = self.segments[index].history[-1]
             self._rebuild_from(index)
         self.position += length
+        self.stored = self.position
         return output
+
+    def rewind(self, position: int) -> None:
+        """Drop the tokens from `position` on (drafts rejected by speculative decoding): the next step is sent at
+        `position`, and each server rewinds its cache to it; failover replays only what is kept."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to position {position}: this session holds tokens [0, {self.position})")
+        for segment in self.segments or []:
+            segment.rewind(position)
+        self.position = position
 
     def _run(self, inputs: Inputs, index: int) -> torch.Tensor:
         """Send a step through the segments from `index` on; a server that fails is replaced (its replacement gets the
         history replayed) and the step resent to it. The last segment's output."""
         config = self.sequence.config
         decoding = inputs[0].shape[1] <= DECODING_TOKENS
+        # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one
+        pushing = decoding and config.push_steps and self.position == self.stored
         pushed_to: list[Segment] = []  # segments whose server gets this step's input pushed by the previous one
         failovers = 0
         while index < len(self.segments):
@@ -115,10 +133,11 @@ class InferenceSession:
                     output = run(segment.stream.pushed_output(segment.push_grace(config), like=inputs[0]))
                     segment.push_misses += output is None
                 if output is None:  # not pushed, or the push is late: send the step ourselves
-                    pushed_to = self._push_chain(index + 1) if decoding and config.push_steps else []
+                    resent = segment in pushed_to
+                    pushed_to = self._push_chain(index + 1) if pushing else []
                     targets = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in pushed_to]
                     timeout = segment.decoding_timeout(config) if decoding else config.request_timeout
-                    meta = Step(position=self.position, push_to=targets).to_wire()
+                    meta = Step(position=self.position, resent=resent, push_to=targets).to_wire()
                     output = run(segment.stream.step(list(inputs), timeout, meta))
             except Exception as e:
                 if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
@@ -267,3 +286,16 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _kept(steps: list[torch.Tensor | Inputs], position: int) -> list[tuple[torch.Tensor | Inputs, int]]:
+    """The steps (each tensors of shape (B, T, ...)) that hold the first `position` tokens, each with how many of its
+    tokens to keep."""
+    kept = []
+    for step in steps:
+        length = (step[0] if isinstance(step, tuple) else step).shape[1]
+        if position <= 0:
+            break
+        kept.append((step, min(length, position)))
+        position -= length
+    return kept

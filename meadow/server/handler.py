@@ -253,9 +253,14 @@ class BlockHandler:
                         return  # the client closed the session
                     inputs, step = self._check_step(*message)
                     if step.position is not None and step.position < session.position:
-                        continue  # already served from a push: its reply has gone
+                        if step.resent:
+                            continue  # already served from a push: its reply has gone
+                        session.rewind(step.position)  # drafts the client rejected (speculative decoding)
                     if step.position not in (None, session.position):
-                        raise BadRequest(f"step at position {step.position}, the session holds {session.position}")
+                        raise BadRequest(
+                            f"step at position {step.position}, the session holds {session.position} tokens: a step may "
+                            "rewind to an earlier position, never skip ahead"
+                        )
                     targets = step.push_to
                 position = session.position
                 decoding = inputs[0].shape[1] <= DECODING_LENGTH

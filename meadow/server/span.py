@@ -317,6 +317,14 @@ class Session:
                 f"step of {length} tokens at position {self.position} exceeds the session's max_length {self.max_length}"
             )
 
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from `position` on (speculative decoding: drafts the client rejected); the next step
+        overwrites their keys and values. BadRequest if `position` lies beyond what the session holds."""
+        if not 0 <= position <= self.position:
+            raise BadRequest(f"cannot rewind to position {position}: the session holds tokens [0, {self.position})")
+        self.position = position
+        self.padded = not bool(self.key_mask[:, :position].all())
+
     def step_pieces(self, hidden: Tensor, position_ids: Tensor, new_mask: Tensor, chunk_tokens: int) -> Pieces:
         """One step in pieces of about chunk_tokens tokens (one token per row at least), in order; each piece's
         keys go to the cache when it runs. Returns the step's output. BadRequest at once if the step does not fit."""

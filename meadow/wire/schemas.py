@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meadow.wire.errors import BadRequest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: wire formats, step rewinds (Step.resent), receipts
 
 # How hidden states and their gradients travel (wire/tensors.py): exact float32, 16-bit floats, or 8-bit blockwise
 # quantization for large payloads. Token ids, positions and masks always travel exactly.
@@ -125,11 +125,13 @@ class PushTarget(Schema):
 
 
 class Step(Schema):
-    """Metadata of every rpc_inference message after the first: the session position of the step's first token
-    (a step already served from a push is then recognised and skipped), and the servers after this one, in chain
-    order, to which the output should be pushed at once rather than waiting for the client to pass it on."""
+    """Metadata of every rpc_inference message after the first: the session position of the step's first token (below
+    the session's position, the session rewinds to it: speculative decoding drops rejected drafts), whether the client
+    sends a step it also had pushed (`resent`: skipped if already served from the push), and the servers after this one,
+    in chain order, to which the output should be pushed at once rather than waiting for the client to pass it on."""
 
     position: int | None = Field(default=None, ge=0)
+    resent: bool = False
     push_to: tuple[PushTarget, ...] = Field(default=(), max_length=64)
 
 
