@@ -12,8 +12,10 @@ agree if their most likely next token is the same. Targets: int8 >= 95 %, nf4 >=
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from meadow.models import default_model_path, load_reference_model, load_tokenizer
 from meadow.models.quant import quantize_block
@@ -57,6 +59,13 @@ PARAGRAPHS = {
     ),
 }
 QUANTS = ("int8", "nf4")
+# transformers' own bitsandbytes path, with the settings `meadow serve --quant` means (its defaults otherwise: the
+# LLM.int8() threshold 6.0, and the head, tied to the embeddings here, left unquantized)
+TRANSFORMERS_CONFIGS = {
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32),  # fmt: skip
+}
 
 
 @torch.no_grad()
@@ -76,6 +85,12 @@ def main() -> None:
     expected = {name: top1(reference, ids) for name, ids in texts.items()}
     truth = {name: ids[0, 1:] for name, ids in texts.items()}
     rows = {"none": {name: expected[name] for name in texts}}
+    # the same float32 weights (a GGUF dequantized by transformers) saved as safetensors, for transformers to quantize
+    # (transformers refuses to save a model it still marks as GGUF-quantized, though its weights are plain floats)
+    saved = tempfile.TemporaryDirectory()
+    reference.hf_quantizer = None
+    del reference.config.quantization_config
+    reference.save_pretrained(saved.name)
     del reference
     for quant in QUANTS:
         model = load_reference_model(model_path, torch.float32)
@@ -83,6 +98,11 @@ def main() -> None:
             quantize_block(layer, quant, "cpu")
         rows[quant] = {name: top1(model, ids) for name, ids in texts.items()}
         del model
+    for quant, config in TRANSFORMERS_CONFIGS.items():
+        model = AutoModelForCausalLM.from_pretrained(saved.name, quantization_config=config, dtype=torch.float32)
+        rows[f"{quant} (transformers)"] = {name: top1(model.eval(), ids) for name, ids in texts.items()}
+        del model
+    saved.cleanup()
 
     names = list(texts)
     print(f"\nmodel {model_path}, float32 on cpu; teacher-forced top-1 agreement with the unquantized blocks "
