@@ -7,13 +7,23 @@ Each paragraph is run once through the model with every block's linear layers as
 them quantized by meadow.models.quant.quantize_block, the function `meadow serve --quant` uses; embeddings, norms
 and the head stay float32, as on a client. At each position both see the same true prefix (teacher forcing), and
 agree if their most likely next token is the same. Targets: int8 >= 95 %, nf4 >= 75 %.
+
+The "(transformers)" rows quantize the same float32 weights through transformers' BitsAndBytesConfig, as a check
+on ours. Both quantize the same 210 layers into the same bytes (blocksize 64, double quant, head and embeddings
+left float). int8 agrees exactly; nf4 differs only because on CPUs with AVX512-BF16 transformers' layers switch to
+bitsandbytes' bfloat16 kernel, which meadow turns off (it has no backward); with it off, both give the same tokens.
+So the gap to the targets (int8 94.4 %, nf4 71.7 % here) is not in how meadow quantizes: the default model is itself
+a 4-bit (Q4_1) GGUF, and re-quantizing it compounds two roundings; the issue's 98 % / 80 % must have been measured
+on other weights (likely the original bfloat16 checkpoint, not available offline here to check).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from meadow.models import default_model_path, load_reference_model, load_tokenizer
 from meadow.models.quant import quantize_block
@@ -57,6 +67,13 @@ PARAGRAPHS = {
     ),
 }
 QUANTS = ("int8", "nf4")
+# transformers' own bitsandbytes path, with the settings `meadow serve --quant` means (its defaults otherwise: the
+# LLM.int8() threshold 6.0, and the head, tied to the embeddings here, left unquantized)
+TRANSFORMERS_CONFIGS = {
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32),  # fmt: skip
+}
 
 
 @torch.no_grad()
@@ -76,6 +93,12 @@ def main() -> None:
     expected = {name: top1(reference, ids) for name, ids in texts.items()}
     truth = {name: ids[0, 1:] for name, ids in texts.items()}
     rows = {"none": {name: expected[name] for name in texts}}
+    # the same float32 weights (a GGUF dequantized by transformers) saved as safetensors, for transformers to quantize
+    # (transformers refuses to save a model it still marks as GGUF-quantized, though its weights are plain floats)
+    saved = tempfile.TemporaryDirectory()
+    reference.hf_quantizer = None
+    del reference.config.quantization_config
+    reference.save_pretrained(saved.name)
     del reference
     for quant in QUANTS:
         model = load_reference_model(model_path, torch.float32)
@@ -83,6 +106,11 @@ def main() -> None:
             quantize_block(layer, quant, "cpu")
         rows[quant] = {name: top1(model, ids) for name, ids in texts.items()}
         del model
+    for quant, config in TRANSFORMERS_CONFIGS.items():
+        model = AutoModelForCausalLM.from_pretrained(saved.name, quantization_config=config, dtype=torch.float32)
+        rows[f"{quant} (transformers)"] = {name: top1(model.eval(), ids) for name, ids in texts.items()}
+        del model
+    saved.cleanup()
 
     names = list(texts)
     print(f"\nmodel {model_path}, float32 on cpu; teacher-forced top-1 agreement with the unquantized blocks "
