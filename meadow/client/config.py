@@ -11,6 +11,7 @@ class ClientConfig:
 
     dht_prefix: str | None = None  # swarm name of the model; default: derived from the model's name
     identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each time)
+    allow_peers: str | None = None  # a private swarm: file of its peer ids; we read and use only their servers
     request_timeout: float = 30.0  # one forward, prefill or replay on one server; a server silent longer is failed over
     step_timeout: float = 5.0  # one decoding step (a few tokens): a server that dies silently must not stall us long
     min_step_timeout: float = 1.5  # ...and once a server's pace is known, `step_slowdown` times its usual step,

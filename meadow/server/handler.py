@@ -11,7 +11,7 @@ from typing import AsyncIterator, Callable, Hashable
 
 import msgpack
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from meadow.models import BlockConfig
@@ -22,6 +22,7 @@ from meadow.server.memory import CacheBudget
 from meadow.server.push import Inbox, Inputs, push
 from meadow.server.span import Pieces, Session, Span, row_groups
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
+from meadow.swarm.allow_list import NotAllowed, guard
 from meadow.wire import (
     PROTOCOL_VERSION,
     RPC_BACKWARD,
@@ -112,15 +113,23 @@ class BlockHandler:
         lora = hosted * sum(i + o for i, o in linear_shapes(config).values()) * limits.max_lora_rank * 4
         return tokens + prompts + lora + 65536
 
-    async def register(self, p2p: P2P) -> None:
+    async def register(self, p2p: P2P, allowed: frozenset[PeerID] | None = None) -> None:
+        """Serve our RPCs on `p2p`; in a private swarm, only to the `allowed` peers (others get NotAllowed)."""
         self.p2p = p2p  # to push decoding steps on to the next server of a chain
-        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
-        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
+
+        def refusal(error: NotAllowed) -> runtime_pb2.ExpertResponse:
+            return pack([], Reply(error=str(error), error_kind=type(error).__name__).to_wire(), runtime_pb2.ExpertResponse)[0]
+
+        def refuse_info(error: NotAllowed):
+            raise error  # rpc_info's reply has no error field: hivemind sends the caller the message
+
+        await p2p.add_protobuf_handler(RPC_INFO, guard(self.rpc_info, allowed, refuse_info), runtime_pb2.ExpertUID)
+        await p2p.add_protobuf_handler(RPC_PUSH, guard(self.rpc_push, allowed, refusal), runtime_pb2.ExpertRequest)
         for name, handler in (
             (RPC_FORWARD, self.rpc_forward), (RPC_BACKWARD, self.rpc_backward), (RPC_INFERENCE, self.rpc_inference)
         ):  # fmt: skip
             await p2p.add_protobuf_handler(
-                name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+                name, guard(handler, allowed, refusal), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:

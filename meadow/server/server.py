@@ -52,6 +52,7 @@ class ServerConfig:
     throughput: str | float = "auto"  # "auto": measured once, then cached; "eval": measure again; a number: announce it
     nat_port_map: bool = False
     identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each start)
+    allow_peers: str | None = None  # a private swarm: file of the peer ids we serve and talk to (swarm/allow_list.py)
     adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
 
@@ -98,13 +99,14 @@ class Server:
         self.dht = start_dht(
             config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
             identity=config.identity, swarms={self.dht_prefix: self.model_config.num_hidden_layers},
+            allow_peers=config.allow_peers,
         )  # fmt: skip
         try:
             speed_source = await loop.run_in_executor(None, self._measure)
             rtt = await loop.run_in_executor(None, ping_peers, self.dht)
             first = self._pick_span()
             self.span_range = first
-            await self.handler.register(await self.dht.replicate_p2p())
+            await self.handler.register(await self.dht.replicate_p2p(), self.dht.allowed)
             await self._take(first)
             print(
                 f"Server ready: {self.dht_prefix} blocks {self.span_range} as {self.dht.peer_id}, "
