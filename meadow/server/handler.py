@@ -19,7 +19,7 @@ from meadow.models.llama import linear_shapes
 from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
-from meadow.server.push import Inbox, Inputs, push
+from meadow.server.push import Inbox, Inputs, check_push, push
 from meadow.server.span import Pieces, Session, Span, row_groups
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
 from meadow.swarm.allow_list import NotAllowed, guard
@@ -306,7 +306,9 @@ class BlockHandler:
             if len(tensors) != 3:
                 raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
             inbox, session = self.inboxes[pushed.session_id]
-            inbox.put(pushed.position, self._check_inputs(tensors), pushed.push_to, session.position)
+            inputs = self._check_inputs(tensors)
+            check_push(inputs, pushed.position, session.batch_size, session.position, session.max_length)
+            inbox.put(pushed.position, inputs, pushed.push_to, session.position)
             return runtime_pb2.ExpertResponse()
         except MeadowError as e:
             return self._error(e, context)
