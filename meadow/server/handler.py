@@ -66,7 +66,7 @@ class Limits:
     chunk_tokens: int = 256  # prefill, forward and training tokens per batched pass: what decoding may wait behind
     max_peer_cache_share: float = 0.75  # of the KV cache token slots, the most one peer may hold
     max_peer_sessions: int = 128  # inference sessions one peer may hold open at once
-    max_peer_requests: int = 16  # forward/backward requests of one peer waiting at once
+    max_peer_requests: int = 16  # forward/backward requests of one peer being read or run at once
 
 
 class BlockHandler:
@@ -77,7 +77,8 @@ class BlockHandler:
         self.config, self.budget, self.limits, self.info = config, budget, limits, info
         self.span: Span | None = None
         self.compute = ComputeLoop(limits.chunk_tokens, limits.max_batch_tokens)
-        self.requests: Counter[Hashable] = Counter()  # forward/backward requests in the compute queue, by peer
+        self.requests: Counter[Hashable] = Counter()  # forward/backward requests being read or run, by peer
+        self.streams: Counter[Hashable] = Counter()  # inference streams open or opening, by peer
         self.graphs = GraphCache(limits.graph_cache_bytes)  # training clients' forward graphs, for their backward
         self.max_request_bytes = self._max_request_bytes(hosted=1)
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
@@ -125,9 +126,12 @@ class BlockHandler:
 
         await p2p.add_protobuf_handler(RPC_INFO, guard(self.rpc_info, allowed, refuse_info), runtime_pb2.ExpertUID)
         await p2p.add_protobuf_handler(RPC_PUSH, guard(self.rpc_push, allowed, refusal), runtime_pb2.ExpertRequest)
+        requests, sessions = self.limits.max_peer_requests, self.limits.max_peer_sessions
         for name, handler in (
-            (RPC_FORWARD, self.rpc_forward), (RPC_BACKWARD, self.rpc_backward), (RPC_INFERENCE, self.rpc_inference)
-        ):  # fmt: skip
+            (RPC_FORWARD, self._per_peer(self.rpc_forward, self.requests, requests, "requests in progress")),
+            (RPC_BACKWARD, self._per_peer(self.rpc_backward, self.requests, requests, "requests in progress")),
+            (RPC_INFERENCE, self._per_peer(self.rpc_inference, self.streams, sessions, "inference sessions")),
+        ):
             await p2p.add_protobuf_handler(
                 name, guard(handler, allowed, refusal), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
@@ -176,17 +180,29 @@ class BlockHandler:
         await _drain(requests)
 
     async def _request(self, pieces: Pieces, span: Span, peer: Hashable):
-        """A forward or backward request's result from the compute loop; ServerBusy if the peer has too many waiting."""
-        if self.requests[peer] >= self.limits.max_peer_requests:
-            pieces.close()
-            raise ServerBusy(f"you already have {self.requests[peer]} requests waiting here, the most one peer may")
-        self.requests[peer] += 1
-        try:
-            return await self.compute.run(pieces, span, peer, self.priority(peer))
-        finally:
-            self.requests[peer] -= 1
-            if not self.requests[peer]:
-                del self.requests[peer]
+        """A forward or backward request's result from the compute loop."""
+        return await self.compute.run(pieces, span, peer, self.priority(peer))
+
+    def _per_peer(self, handler: Callable, counts: Counter, limit: int, what: str) -> Callable:
+        """`handler` (a streaming RPC) that one peer may run at most `limit` times at once; beyond, ServerBusy. It
+        holds from the first byte read, so no peer makes the server buffer more than `limit` requests at once."""
+
+        async def bounded(requests: Requests, context: P2PContext) -> Responses:
+            peer = context.remote_id
+            if counts[peer] >= limit:
+                yield self._error(ServerBusy(f"you already have {counts[peer]} {what} here, the most one peer may"), context)
+                await _drain(requests)
+                return
+            counts[peer] += 1
+            try:
+                async for reply in handler(requests, context):
+                    yield reply
+            finally:
+                counts[peer] -= 1
+                if not counts[peer]:
+                    del counts[peer]
+
+        return bounded
 
     def priority(self, peer: Hashable) -> int:
         """Where a peer's work goes in the compute queue: higher first. Everyone is equal for now; contribution

@@ -7,6 +7,7 @@ deserializer trusts the sender: here every field is checked, since a server read
 
 from __future__ import annotations
 
+import math
 from typing import AsyncIterator, Sequence, TypeVar
 
 import msgpack
@@ -19,6 +20,7 @@ from meadow.wire.errors import BadRequest
 # hivemind caps one message at 4 MiB; stay well below it.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
+MIN_CHUNK_BYTES = 64 * 1024  # fewer bytes a part (but the last) would let a sender make us keep millions of parts
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -102,6 +104,7 @@ async def unpack(stream: AsyncIterator[Message], max_bytes: int) -> tuple[list[t
             if remaining == 0:  # this part opens a new tensor
                 if len(tensors) == num_tensors:
                     raise BadRequest("message holds more tensor parts than its header announced")
+                _check_declared(part, max_bytes)
                 chunks, remaining = [part], max(part.chunks, 1)
             else:
                 chunks.append(part)
@@ -116,3 +119,20 @@ async def unpack(stream: AsyncIterator[Message], max_bytes: int) -> tuple[list[t
         message = await anext(stream, None)
         if message is None:
             raise BadRequest("stream ended in the middle of a message")
+        if not message.tensors:
+            raise BadRequest("a message part without tensors in the middle of a message")
+
+
+def _check_declared(part: runtime_pb2.Tensor, max_bytes: int) -> None:
+    """Refuse a tensor by what its first part declares (dtype, shape, number of parts), before reading the rest."""
+    dtype = DTYPES.get(part.dtype)
+    if dtype is None:
+        raise BadRequest(f"unsupported tensor dtype {part.dtype!r}; supported: {', '.join(DTYPES)}")
+    if len(part.size) > 8 or any(size < 0 for size in part.size):
+        raise BadRequest(f"tensor shape {tuple(part.size)} is not a shape of at most 8 dimensions")
+    declared = math.prod(part.size) * dtype.itemsize
+    if declared > max_bytes:
+        raise BadRequest(f"a tensor of shape {tuple(part.size)} and dtype {part.dtype} is larger than this server accepts "
+                         f"({max_bytes} bytes)")  # fmt: skip
+    if part.chunks > declared // MIN_CHUNK_BYTES + 1:
+        raise BadRequest(f"a tensor of {declared} bytes in {part.chunks} parts: parts must hold {MIN_CHUNK_BYTES} bytes or more")
