@@ -227,9 +227,14 @@ class BlockHandler:
             peer, limits = context.remote_id, self.limits
             tokens = request.batch_size * request.max_length
             with self.budget.reserve(tokens, peer, limits.max_peer_cache_share, limits.max_peer_sessions):
-                session = Session.open(span, request.blocks, request.batch_size, request.max_length, tuning)
+                # zeroing a big KV cache takes a while: not on the event loop
+                session = await asyncio.get_running_loop().run_in_executor(
+                    None, Session.open, span, request.blocks, request.batch_size, request.max_length, tuning
+                )
                 inbox = Inbox()
                 if request.session_id is not None:
+                    if request.session_id in self.inboxes:  # taken while the cache was made
+                        raise BadRequest(f"session id {request.session_id!r} is already in use here")
                     registered = request.session_id
                     self.inboxes[registered] = (inbox, session)
                 self.sessions.add(me)

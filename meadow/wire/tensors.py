@@ -7,6 +7,7 @@ deserializer trusts the sender: here every field is checked, since a server read
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import AsyncIterator, Sequence, TypeVar
 
@@ -110,10 +111,10 @@ async def unpack(stream: AsyncIterator[Message], max_bytes: int) -> tuple[list[t
                 chunks.append(part)
             remaining -= 1
             if remaining == 0:
-                whole = runtime_pb2.Tensor()
-                whole.CopyFrom(chunks[0])
-                whole.buffer = b"".join(chunk.buffer for chunk in chunks)
-                tensors.append(deserialize(whole))
+                if sum(len(chunk.buffer) for chunk in chunks) <= CHUNK_BYTES:
+                    tensors.append(_joined(chunks))
+                else:  # copying many megabytes takes a while: not on the event loop, which serves everyone
+                    tensors.append(await asyncio.to_thread(_joined, chunks))
         if len(tensors) == num_tensors and remaining == 0:
             return tensors, meta
         message = await anext(stream, None)
@@ -121,6 +122,14 @@ async def unpack(stream: AsyncIterator[Message], max_bytes: int) -> tuple[list[t
             raise BadRequest("stream ended in the middle of a message")
         if not message.tensors:
             raise BadRequest("a message part without tensors in the middle of a message")
+
+
+def _joined(chunks: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    """The tensor whose parts are `chunks` (the first carries its dtype and shape)."""
+    whole = runtime_pb2.Tensor()
+    whole.CopyFrom(chunks[0])
+    whole.buffer = b"".join(chunk.buffer for chunk in chunks)
+    return deserialize(whole)
 
 
 def _check_declared(part: runtime_pb2.Tensor, max_bytes: int) -> None:
