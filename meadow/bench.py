@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from meadow.home import meadow_home
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
 
-BENCH_MODEL_DIR = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "bench-llama-100m"
+BENCH_MODEL_DIR = meadow_home() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
 
 

@@ -50,8 +50,9 @@ class Process:
             if self.echo:
                 print(f"[{self.name}] {line}", end="", flush=True)
 
-    def wait_for(self, predicate, timeout: float) -> str:
-        deadline, seen = time.monotonic() + timeout, 0
+    def wait_for(self, predicate, timeout: float, after: int = 0) -> str:
+        """The first output line from line number `after` on that satisfies `predicate`, waiting for it to come."""
+        deadline, seen = time.monotonic() + timeout, after
         while time.monotonic() < deadline:
             while seen < len(self.lines):
                 line = self.lines[seen]

@@ -23,7 +23,8 @@ from meadow.cli import main
 from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
 from meadow.local_swarm import LocalSwarm, Process
-from meadow.models import load_reference_model, make_tiny_checkpoint, make_tiny_gguf, resolve_model_path
+from meadow.models import load_reference_model, resolve_model_path
+from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.swarm import (
     ModelInfo, ServerState, block_key, dht_prefix_for, fetch_models, fetch_servers, generate_identity, load_identity,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
@@ -105,7 +105,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "meadow"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
         check_model(request.model)
         prompt_ids = chat_prompt_ids(tokenizer, [message.as_dict() for message in request.messages])
         requested = request.max_completion_tokens or request.max_tokens
@@ -114,7 +114,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
 
         if not request.stream:
-            text = await _collect(generation)
+            text = await _collect(generation, http)
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": generation.outcome.finish_reason}
             extra = {"usage": usage(generation), "meadow": meadow_info(generation)}
@@ -135,7 +135,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         return _GenerationResponse(chunks(), generation)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, http: Request):
         check_model(request.model)
         prompt = request.prompt
         ids = prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
@@ -150,7 +150,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
         if not request.stream:
-            text = await _collect(generation)
+            text = await _collect(generation, http)
             extra = {"usage": usage(generation), "meadow": meadow_info(generation)}
             return {**head, "choices": [choice(text, generation.outcome.finish_reason)], **extra}
 
@@ -179,8 +179,18 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
     return app
 
 
-async def _collect(generation: TextGeneration) -> str:
+async def _collect(generation: TextGeneration, http: Request) -> str:
+    """The whole reply of a request that is not streamed; generating stops if its client goes away meanwhile."""
+
+    async def stop_when_gone() -> None:
+        while not await http.is_disconnected():
+            await asyncio.sleep(0.25)
+        generation.close()
+
+    watcher = asyncio.create_task(stop_when_gone())
     try:
         return "".join([text async for text in generation.deltas()])
     except Exception as e:
         raise api_error(e) from None
+    finally:
+        watcher.cancel()

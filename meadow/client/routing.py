@@ -26,7 +26,7 @@ class MissingBlocksError(MeadowError):
     """No online server holds some blocks of the model."""
 
     def __init__(self, missing: list[int], adapter: str | None = None):
-        holds = f"holds blocks {_ranges(missing)} of this model" + (f" with adapter {adapter!r}" if adapter else "")
+        holds = f"holds blocks {block_ranges(missing)} of this model" + (f" with adapter {adapter!r}" if adapter else "")
         super().__init__(f"no online server {holds}; start a server for them")
         self.missing, self.adapter = missing, adapter
 
@@ -187,7 +187,7 @@ def _unit_hash(salt: bytes, peer: PeerID) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def _ranges(indices: list[int]) -> str:
+def block_ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0:3, 5:6'"""
     spans, start = [], None
     for i, index in enumerate(indices):

@@ -20,7 +20,7 @@ from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.routing import (
-    Hop, MeasuredStep, MissingBlocksError, _ranges, choose_chain, peers_to_ping, servers_by_peer,
+    Hop, MeasuredStep, MissingBlocksError, block_ranges, choose_chain, peers_to_ping, servers_by_peer,
 )  # fmt: skip
 from meadow.client.transport import is_server_failure
 from meadow.client.verify import SpotChecker, WrongOutputs
@@ -48,7 +48,7 @@ class OtherCheckpointError(MissingBlocksError):
         fingerprints = ", ".join(sorted({info.fingerprint or "none" for info in others.values()}))
         many = len(others) != 1
         self.args = (  # the message: what MissingBlocksError says, and why
-            f"{self}; {len(others)} server{'s' * many} announce{'s' * (not many)} blocks {_ranges(covered)} of this "
+            f"{self}; {len(others)} server{'s' * many} announce{'s' * (not many)} blocks {block_ranges(covered)} of this "
             f"swarm but serve{'s' * (not many)} a different checkpoint (fingerprint {fingerprints}, ours "
             f"{fingerprint}): start servers with the same files as the client, or give the other model another "
             "--dht-prefix",

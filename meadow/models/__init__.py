@@ -1,4 +1,7 @@
-"""Block math per model family and loading of only the wanted tensors from HF checkpoints and GGUF files."""
+"""Block math per model family and loading of only the wanted tensors from HF checkpoints and GGUF files.
+
+Tiny random checkpoints for tests and benchmarks are in meadow.models.tiny (not imported here: it pulls in
+transformers' modeling code, which takes seconds to import and servers never need)."""
 
 from meadow.models.checkpoint import (
     SUPPORTED_MODEL_TYPES,
@@ -16,7 +19,6 @@ from meadow.models.default import default_model_path
 from meadow.models.gguf import SUPPORTED_GGUF_ARCHITECTURES
 from meadow.models.llama import BlockConfig, KVCache, LlamaBlock, RMSNorm
 from meadow.models.reference import load_reference_model
-from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 
 __all__ = [
     "SUPPORTED_GGUF_ARCHITECTURES",
@@ -35,7 +37,5 @@ __all__ = [
     "load_tokenizer",
     "default_model_path",
     "load_reference_model",
-    "make_tiny_checkpoint",
-    "make_tiny_gguf",
     "resolve_model_path",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,6 +21,8 @@ import transformers
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoTokenizer
+
+from meadow.home import meadow_home
 
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)  # llama.cpp's name, also used for Mistral-style models
 
@@ -122,7 +123,7 @@ def converted_folder(path: Path) -> Path:
     """
     stat = path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser() / "gguf"
+    cache = meadow_home() / "gguf"
     folder = cache / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder

@@ -18,6 +18,7 @@ from typing import Callable
 import hivemind
 import torch
 
+from meadow.home import meadow_home
 from meadow.models import BlockConfig, KVCache, LlamaBlock
 from meadow.models.quant import quantize_block
 
@@ -37,11 +38,6 @@ class BlockSpeed:
         """Tokens/s through a span of `num_blocks` blocks when batching: what ServerInfo.throughput announces.
         It is also how much this server adds to each block of its span when the swarm is balanced."""
         return self.forward_tps / num_blocks
-
-
-def meadow_home() -> Path:
-    """Meadow's cache folder: $MEADOW_HOME, else ~/.cache/meadow."""
-    return Path(os.environ.get("MEADOW_HOME", "~/.cache/meadow")).expanduser()
 
 
 def cache_key(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> str:
