@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
     status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_identity(status)
+    _add_allow_peers(status)
 
     demo = commands.add_parser("demo", help="start a local swarm of three servers, ask the model a question, stop")
     demo.add_argument("--model", help="checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct, from the "
@@ -286,7 +288,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm
 
-        print_swarm(args.initial_peers)
+        print_swarm(args.initial_peers, args.identity, args.allow_peers)
     elif args.command == "demo":
         from meadow.demo import run_demo
 
