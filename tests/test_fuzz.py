@@ -343,3 +343,50 @@ def test_fuzzed_server_stays_up_answers_clearly_and_keeps_honest_tokens(server):
     assert "error" not in honest, honest.get("error")
     expected = load_reference_model(path).generate(torch.tensor([[1, 5, 9, 2, 7]]), max_new_tokens=12, do_sample=False)
     assert honest["outputs"] and all(torch.equal(output, expected) for output in honest["outputs"])
+
+
+def test_a_peer_holding_many_unfinished_requests_is_told_busy_and_others_are_served(server):
+    """A peer's requests count from their first byte: one that opens max_peer_requests (16) forwards and never
+    finishes sending them gets ServerBusy for the next, while another peer is served; once it lets go, so is it."""
+    _, _, _, server_addr, server_peer = server
+    blocks = {"start": 0, "end": NUM_BLOCKS}
+
+    async def scenario() -> tuple[str, str, str, str]:
+        hog, other = [await P2P.create(initial_peers=[server_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                       nat_port_map=False) for _ in range(2)]  # fmt: skip
+        hog_fuzzer, other_fuzzer = Fuzzer(hog, server_peer, 0), Fuzzer(other, server_peer, 1)
+        holding, streams = asyncio.Event(), []
+
+        async def unfinished():  # a header announcing 3 tensors, one of them sent, then nothing more
+            (part,) = Mutator(0).message(ForwardRequest(blocks=blocks).to_wire(), Mutator(0).inputs()[:1], valid=True)
+            part.metadata = msgpack.packb({"meta": ForwardRequest(blocks=blocks).to_wire(), "tensors": 3})
+            yield part
+            await holding.wait()
+
+        try:
+            for _ in range(16):
+                streams.append(await hog.iterate_protobuf_handler(server_peer, RPC_FORWARD, unfinished(), runtime_pb2.ExpertResponse))
+            await asyncio.sleep(1.0)  # the server has read their first parts
+            valid = [Mutator(2).message(ForwardRequest(blocks=blocks).to_wire(), Mutator(2).inputs(), valid=True)]
+            busy = await hog_fuzzer.stream(RPC_FORWARD, valid)
+            reply = await unpack(await hog.iterate_protobuf_handler(server_peer, RPC_FORWARD, _iterate(valid[0]),
+                                                                    runtime_pb2.ExpertResponse), 1 << 24)  # fmt: skip
+            served = await other_fuzzer.stream(RPC_FORWARD, valid)
+            holding.set()
+            for stream in streams:
+                await stream.aclose()
+            await asyncio.sleep(1.0)
+            again = await hog_fuzzer.stream(RPC_FORWARD, valid)
+            return busy, Reply.from_wire(reply[1]).error or "", served, again
+        finally:
+            for p2p in (hog, other):
+                await p2p.shutdown()
+
+    busy, message, served, again = asyncio.run(scenario())
+    assert busy == "ServerBusy" and "you already have 16 requests in progress here" in message
+    assert served == "ok" and again == "ok"
+
+
+async def _iterate(messages):
+    for message in messages:
+        yield message
