@@ -291,9 +291,11 @@ def test_fuzzed_server_stays_up_answers_clearly_and_keeps_honest_tokens(server):
     peak, group_peak = baseline, group_baseline
     honest: dict = {}
 
+    # joined here, before any other thread runs: hivemind forks the DHT's process, and a fork amid threads may hang
+    config = ClientConfig(request_timeout=120, step_timeout=60, min_step_timeout=60, verify=0.0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, client_config=config)
+
     def generate_honestly():  # an honest client generating while the fuzz goes on
-        config = ClientConfig(request_timeout=120, step_timeout=60, min_step_timeout=60, verify=0.0)
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, client_config=config)
         try:
             input_ids, outputs = torch.tensor([[1, 5, 9, 2, 7]]), []
             while not honest.get("stop") or not outputs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Hashable
 
@@ -195,8 +196,9 @@ class BlockHandler:
                 return
             counts[peer] += 1
             try:
-                async for reply in handler(requests, context):
-                    yield reply
+                async with aclosing(handler(requests, context)) as replies:  # its own clean-up runs now, not at GC
+                    async for reply in replies:
+                        yield reply
             finally:
                 counts[peer] -= 1
                 if not counts[peer]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from contextlib import aclosing
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -59,8 +60,9 @@ def guard(handler: Callable, allowed: Collection[PeerID] | None, refusal: Callab
             if context.remote_id not in allowed:
                 yield refusal(NotAllowed.peer(context.remote_id))
                 return
-            async for reply in handler(requests, context):
-                yield reply
+            async with aclosing(handler(requests, context)) as replies:  # its own clean-up runs now, not at GC
+                async for reply in replies:
+                    yield reply
 
         return guarded_stream
 
