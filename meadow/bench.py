@@ -16,6 +16,7 @@ from meadow.home import meadow_home
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
+from meadow.models.registry import family_of
 
 BENCH_MODEL_DIR = meadow_home() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
@@ -114,7 +115,8 @@ def run_bench(model: str | None, num_servers: int, new_tokens: int, dtype: str, 
 
     local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
-    for layer in local_model.model.layers:  # the same quantized blocks as the servers'; embeddings and head as they are
+    layers = local_model.get_submodule(family_of(config).layer_prefix.partition(".{}")[0])  # model.layers, transformer.h
+    for layer in layers:  # the same quantized blocks as the servers'; embeddings and head as they are
         quantize_block(layer, quant, device)
     local_model.to(device)
     local = measure(local_model, new_tokens, config.vocab_size)

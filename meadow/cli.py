@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: measure once per model shape, device and dtype, then reuse (default); eval: measure "
                             "again; a number: announce this many tokens/s and measure nothing")  # fmt: skip
 
+    serve.add_argument("--points-period", type=float, default=60.0,
+                       help="seconds between re-reading and verifying every server's ledger, for priorities")
+    serve.add_argument("--points-seeds", nargs="+", default=[], metavar="PEER",
+                       help="peer ids you trust: receipts count by standing that flows from them (default: every server)")
+    serve.add_argument("--points-allow", nargs="+", metavar="PEER",
+                       help="a private swarm: only receipts signed by these peer ids count")
+
     generate = commands.add_parser("generate", help="generate text through the swarm")
     generate.add_argument("model", nargs="?", help=MODEL_HELP)
     generate.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
@@ -188,11 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     _add_identity(api)
     _add_allow_peers(api)
+    api.add_argument("--points-identity", metavar="PATH", type=_identity_file,
+                     help="your server's identity file: sign receipts, spend its points, show them on the chat page")
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
     status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
     _add_identity(status)
     _add_allow_peers(status)
+
+    points = commands.add_parser("points", help="verify the servers' receipt ledgers and print their points")
+    points.add_argument("peer", nargs="?", help="only this server's ledger (a peer id)")
+    points.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    points.add_argument("--seeds", nargs="+", default=[], metavar="PEER", help="peer ids you trust (default: every server)")
+    points.add_argument("--allow", nargs="+", metavar="PEER", help="a private swarm: only receipts these peer ids signed count")
 
     demo = commands.add_parser("demo", help="start a local swarm of three servers, ask the model a question, stop")
     demo.add_argument("--model", help="checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct, from the "
@@ -204,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure swarm vs local speed")
     bench.add_argument("model", nargs="?", help="checkpoint folder (default: a ~100M random Llama)")
+    bench.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
     bench.add_argument("--servers", type=int, default=2, help="split the blocks over this many servers")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -256,6 +272,7 @@ def _run(args: argparse.Namespace) -> None:
             balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
             nat_port_map=args.nat_port_map, identity=args.identity, adapters=args.adapters, limits=limits,
             allow_peers=args.allow_peers,
+            points_period=args.points_period, points_seeds=args.points_seeds, points_allow=args.points_allow,
         )  # fmt: skip
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
         try:
@@ -283,12 +300,17 @@ def _run(args: argparse.Namespace) -> None:
 
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
         run_api(
-            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args)
-        )
+            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
+            args.points_identity,
+        )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm
 
         print_swarm(args.initial_peers, args.identity, args.allow_peers)
+    elif args.command == "points":
+        from meadow.points.report import print_points
+
+        print_points(args.initial_peers, args.peer, args.seeds, args.allow)
     elif args.command == "demo":
         from meadow.demo import run_demo
 
@@ -297,9 +319,9 @@ def _run(args: argparse.Namespace) -> None:
         from meadow.bench import run_bench, run_clients_bench
 
         if args.clients:
-            run_clients_bench(args.model, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
+            run_clients_bench(args.model or args.model_option, args.servers, args.clients, args.new_tokens, args.dtype, args.device)
         else:
-            run_bench(args.model, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
+            run_bench(args.model or args.model_option, args.servers, args.new_tokens, args.dtype, args.device, args.quant)
 
 
 if __name__ == "__main__":

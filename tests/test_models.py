@@ -18,9 +18,9 @@ from meadow.models import (
     load_blocks,
     load_client_parts,
     load_config,
-    make_tiny_checkpoint,
     resolve_model_path,
 )
+from meadow.models.tiny import make_tiny_checkpoint
 
 ATOL = 1e-4
 LLAMA3_ROPE = {
@@ -30,11 +30,14 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-# name -> (family, make_tiny_checkpoint kwargs); sequences below are longer than mistral's window of 4
+# name -> (family, make_tiny_checkpoint kwargs); sequences below are longer than mistral's and mixtral's window of 4
 VARIANTS = {
     "llama": ("llama", {}),
     "mistral": ("mistral", {"sliding_window": 4}),
     "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"hidden_size": 40, "num_heads": 5, "num_kv_heads": 1, "head_dim": 12, "intermediate_size": 72,
+                        "tie_word_embeddings": True, "attention_bias": True}),
+    "mixtral": ("mixtral", {"num_experts": 4, "experts_per_token": 2, "sliding_window": 4}),
     "llama3-rope": None,  # see llama3_rope_path
 }
 

@@ -24,7 +24,7 @@ from meadow.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from meadow.api.swarm_view import read_swarm
+from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
@@ -166,6 +166,14 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
     @app.get("/api/swarm")
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block
         return JSONResponse(read_swarm(model.sequence.dht))
+
+    points = PointsView(model.sequence)
+
+    @app.get("/api/points")
+    def points_per_server(mine: bool = False) -> JSONResponse:  # a plain def, on a worker thread: it waits on ledgers
+        if mine and points.me is None:  # the chat page asks only for the user's own: without an identity, none
+            return JSONResponse({"me": None})
+        return JSONResponse(points.read())
 
     @app.get("/", include_in_schema=False)
     def chat_page() -> FileResponse:

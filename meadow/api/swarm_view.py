@@ -3,6 +3,9 @@ monitor page, a text table for `meadow status`."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 from hivemind.p2p import PeerID
 
 from meadow.swarm import ServerInfo, ServerState, fetch_models, fetch_servers
@@ -26,6 +29,39 @@ def read_swarm(dht) -> dict:
             "servers": [_server(peer, info) for peer, info in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end))],
         })  # fmt: skip
     return {"models": models}
+
+
+POINTS_MAX_AGE = 30.0  # seconds a verification of every ledger is reused: fetching them all is not for every poll
+
+
+class PointsView:
+    """Verified points per server (meadow/points/book.py) for /api/points, refreshed at most every POINTS_MAX_AGE
+    seconds, and the points of this API's own owner (its client's points identity), if it has one."""
+
+    def __init__(self, sequence):
+        from meadow.points.book import PointsBook
+
+        self.sequence, self.book, self.read_at = sequence, PointsBook(), float("-inf")
+        payer = getattr(sequence, "payer", None)
+        self.me = payer.owner.peer_id.to_base58() if payer is not None else None
+        self.lock = threading.Lock()
+
+    def read(self) -> dict:
+        """{"unit", "servers": {peer: {points, entries, tokens, valid, error}}, "me": {peer, points} or None}."""
+        from meadow.client.event_loop import run
+        from meadow.points.standing import PARAMETER_TOKENS_PER_POINT
+
+        with self.lock:
+            if time.monotonic() - self.read_at > POINTS_MAX_AGE:
+                run(self.book.refresh(self.sequence.dht, self.sequence.p2p))
+                self.read_at = time.monotonic()
+            servers = {
+                peer: {"points": self.book.points.get(peer, 0.0), "entries": report.entries, "tokens": report.tokens,
+                       "valid": report.valid, "error": report.error}
+                for peer, report in self.book.reports.items()
+            }  # fmt: skip
+            me = None if self.me is None else {"peer": self.me, "points": self.book.points.get(self.me, 0.0)}
+        return {"unit": f"1 point = {PARAMETER_TOKENS_PER_POINT:.0e} parameter-tokens", "servers": servers, "me": me}
 
 
 def block_state(servers) -> str:

@@ -12,6 +12,11 @@ class ClientConfig:
     dht_prefix: str | None = None  # swarm name of the model; default: derived from the model's name
     identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each time)
     allow_peers: str | None = None  # a private swarm: file of its peer ids; we read and use only their servers
+    # Contribution points (meadow/points/): the identity file of the server whose points this client spends; it signs
+    # the client's receipts and its membership. Default: `identity`'s own; with neither, the client is anonymous
+    # (served at the lowest priority, signs no receipts).
+    points_identity: str | None = None
+    receipt_every_tokens: int = 64  # tokens of one server's work per receipt (and one at each session's end)
     request_timeout: float = 30.0  # one forward, prefill or replay on one server; a server silent longer is failed over
     step_timeout: float = 5.0  # one decoding step (a few tokens): a server that dies silently must not stall us long
     min_step_timeout: float = 1.5  # ...and once a server's pace is known, `step_slowdown` times its usual step,

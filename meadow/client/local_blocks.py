@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from meadow.models import BlockConfig, KVCache, LlamaBlock
+from meadow.models import BlockConfig, KVCache
 
 
 class LocalBlocks(nn.Module):
     """Blocks [0, N) of a model, loaded here (frozen, like the servers' blocks: gradients flow through them to the
     inputs). Called as a full pass without cache; `session` keeps KV caches for an inference session."""
 
-    def __init__(self, blocks: list[LlamaBlock], config: BlockConfig):
+    def __init__(self, blocks: list[nn.Module], config: BlockConfig):
         super().__init__()
         self.layers, self.config = nn.ModuleList(blocks), config
 

@@ -141,6 +141,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.embed_tokens: nn.Embedding = parts.embed_tokens
         self.norm: nn.Module = parts.norm
+        self.embed_norm: nn.Module | None = parts.embed_norm  # BLOOM's word_embeddings_layernorm; most have none
         self.sequence = sequence  # RemoteSequence (or a stand-in with the same interface), not an nn.Module
         self.prompts = prompts  # "ptune" / "deep_ptune": trainable prompts, or None
         self.lora = lora  # the client's own trainable LoRA weights for the remote blocks, or None
@@ -165,6 +166,10 @@ class DistributedPreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def first_block_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (or inputs_embeds) as the first block takes them: through the embedding norm, if any."""
+        return embeddings if self.embed_norm is None else self.embed_norm(embeddings)
+
     def remote_tuning(self) -> RemoteTuning:
         """The deep prompts and LoRA weights the servers apply, as differentiable tensors."""
         tuning = self.lora.remote_tuning() if self.lora is not None else RemoteTuning()
@@ -183,7 +188,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
         the trained prompt in front (and cut off again). Differentiable through the servers."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.first_block_input(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         batch, length = hidden.shape[:2]
         if position_ids is None and key_mask is None:
@@ -255,7 +260,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             if labels is not None:
                 raise ValueError("labels inside an inference session are not supported: compute the loss without one")
             new_ids, positions, key_mask = session.split_new(input_ids, attention_mask, position_ids)
-            hidden = session.step(self.embed_tokens(new_ids), new_ids, positions, key_mask)
+            hidden = session.step(self.first_block_input(self.embed_tokens(new_ids)), new_ids, positions, key_mask)
         else:
             hidden = self.remote_hidden(input_ids, inputs_embeds, attention_mask, position_ids)
         hidden = hidden.to(self.lm_head.weight.device)

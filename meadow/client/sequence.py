@@ -90,6 +90,7 @@ class RemoteSequence:
         self.routes_updated = 0.0
         self.banned_until: dict[PeerID, float] = {}
         self.failures: dict[PeerID, int] = defaultdict(int)
+        self.payer = None  # signs receipts for the servers' work, if we have an identity (meadow/points/payer.py)
         # one DHT read (and round of pings) at a time, for all threads that need routes; bans change under a lock
         self._routes_lock, self._bans_lock, self._close_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
@@ -295,7 +296,11 @@ class RemoteSequence:
             request = request_type(blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, **fields)
             expected = part[:1] + (extra if grad_output is not None else [])  # outputs, or gradients of what was sent
             calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout, expected))
+        if self.payer is not None:
+            await self.payer.introduce(hop.peer)
         replies = await asyncio.gather(*calls)
+        if self.payer is not None:
+            self.payer.served(hop.peer, hop.blocks, batch * length, "forward" if grad_output is None else "backward")
         joined = [torch.cat([reply[0] for reply in replies])]
         return joined + [sum(reply[i] for reply in replies) for i in range(1, len(replies[0]))]
 
@@ -314,6 +319,8 @@ class RemoteSequence:
         Closing again does nothing."""
         with self._close_lock:
             if self.p2p is not None:
+                if self.payer is not None:
+                    self.payer.wait(timeout=5.0)  # the last receipts, before the connection goes
                 p2p, self.p2p = self.p2p, None
                 try:
                     run(p2p.shutdown())
@@ -368,4 +375,13 @@ def connect_sequence(
         initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms,
         allow_peers=client_config.allow_peers,
     )  # fmt: skip
-    return RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)
+    sequence = RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)
+    owner = client_config.points_identity or client_config.identity
+    if owner is not None:
+        from meadow.points.payer import Payer
+        from meadow.points.work import params_per_block
+        from meadow.swarm import load_identity
+
+        params, every = params_per_block(config), client_config.receipt_every_tokens
+        sequence.payer = Payer(load_identity(owner), sequence.p2p, fingerprint, params, every)
+    return sequence

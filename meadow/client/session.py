@@ -132,6 +132,8 @@ class InferenceSession:
                 usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
                 self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
+            if self.sequence.payer is not None:
+                self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, inputs[0].shape[0] * inputs[0].shape[1], "inference")
             if config.verify > 0:  # for spot-checks; without them, not worth the memory
                 segment.outputs.append(output)
             inputs = (output, inputs[1], inputs[2])
@@ -213,6 +215,8 @@ class InferenceSession:
                 stream = transport.InferenceStream(self.sequence.p2p, hop.peer)
                 fields, tensors = self.tuning.for_hop(hop.blocks)
                 session_id = uuid.uuid4().hex
+                if self.sequence.payer is not None:
+                    await self.sequence.payer.introduce(hop.peer)
                 request = OpenSession(
                     blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size,
                     adapter=self.sequence.active_adapter, session_id=session_id, **fields,
@@ -244,6 +248,8 @@ class InferenceSession:
                     e.failed_peer = segment.hop.peer
                     raise
             segment.history = [(hidden, position_ids, key_mask)]
+            if self.sequence.payer is not None:
+                self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, hidden.shape[0] * hidden.shape[1], "inference")
             hidden = torch.cat(outputs, dim=1)
             segment.outputs = [hidden] if self.sequence.config.verify > 0 else []
 
@@ -251,6 +257,8 @@ class InferenceSession:
         if self.segments is not None:
             for segment in self.segments:
                 run(segment.stream.close())
+                if self.sequence.payer is not None:
+                    self.sequence.payer.flush(segment.hop.peer)  # the session's last receipt
             self.segments = None
 
     def __enter__(self) -> "InferenceSession":

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from meadow.models.llama import BlockConfig, linear_shapes
+from meadow.models import BlockConfig, linear_shapes
 from meadow.models.lora import init_lora_pair, lora_scale, save_peft_adapter
 from meadow.wire import BlockRange, LoraEntry
 
@@ -81,7 +81,7 @@ class ClientLora(nn.Module):
         unknown = set(target_modules) - shapes.keys()
         if unknown:
             raise ValueError(f"LoRA target modules {sorted(unknown)} are not in a block; choose from {', '.join(shapes)}")
-        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.rank, self.alpha, self.use_rslora, self.model_type = rank, alpha, use_rslora, config.model_type
         self.keys = [(block, module) for block in range(config.num_hidden_layers) for module in shapes if module in target_modules]
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for block, module in self.keys:
@@ -90,8 +90,17 @@ class ClientLora(nn.Module):
 
     @classmethod
     def from_peft_config(cls, config: BlockConfig, peft_config) -> "ClientLora":
-        """From a peft LoraConfig (r, lora_alpha, target_modules, use_rslora)."""
-        return cls(config, peft_config.r, peft_config.lora_alpha, sorted(peft_config.target_modules), peft_config.use_rslora)
+        """From a peft LoraConfig (r, lora_alpha, target_modules, use_rslora); without target_modules, peft's defaults
+        for the model type (q_proj, v_proj for Llama; query_key_value for BLOOM and Falcon)."""
+        # imported here: peft is slow to import, and only clients with LoRA need it
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
+
+        targets = peft_config.target_modules or PEFT_DEFAULT_TARGETS.get(config.model_type)
+        if isinstance(targets, str):
+            raise ValueError(f"target_modules as a regex ({targets!r}) is not supported: list the module names")
+        if not targets:
+            raise ValueError(f"peft has no default LoRA targets for {config.model_type!r}: set target_modules")
+        return cls(config, peft_config.r, peft_config.lora_alpha, sorted(targets), peft_config.use_rslora)
 
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
         return [(self.lora_A[f"{b}_{m}"], self.lora_B[f"{b}_{m}"]) for b, m in self.keys]
@@ -106,4 +115,4 @@ class ClientLora(nn.Module):
 
     def save_pretrained(self, path: str | Path, base_model: str | None = None) -> None:
         weights = dict(zip(self.keys, self.pairs()))
-        save_peft_adapter(path, weights, self.rank, self.alpha, self.use_rslora, base_model)
+        save_peft_adapter(path, weights, self.rank, self.alpha, self.use_rslora, base_model, self.model_type)

@@ -3,10 +3,8 @@
 Tiny random checkpoints for tests and benchmarks are in meadow.models.tiny (not imported here: it pulls in
 transformers' modeling code, which takes seconds to import and servers never need)."""
 
+from meadow.models.attention import KVCache, Part
 from meadow.models.checkpoint import (
-    SUPPORTED_MODEL_TYPES,
-    ClientParts,
-    UnsupportedModelError,
     load_block,
     load_blocks,
     load_client_parts,
@@ -15,18 +13,32 @@ from meadow.models.checkpoint import (
     load_tokenizer,
     resolve_model_path,
 )
+from meadow.models.client_parts import ClientParts
+from meadow.models.config import BlockConfig, UnsupportedModelError
 from meadow.models.default import default_model_path
-from meadow.models.gguf import SUPPORTED_GGUF_ARCHITECTURES
-from meadow.models.llama import BlockConfig, KVCache, LlamaBlock, RMSNorm
+from meadow.models.family import Family
+from meadow.models.llama import LlamaBlock, LlamaConfig
+from meadow.models.norms import RMSNorm
 from meadow.models.reference import load_reference_model
+from meadow.models.registry import (
+    SUPPORTED_GGUF_ARCHITECTURES,
+    SUPPORTED_MODEL_TYPES,
+    family_for,
+    family_of,
+    linear_shapes,
+    make_block,
+)
 
 __all__ = [
     "SUPPORTED_GGUF_ARCHITECTURES",
     "SUPPORTED_MODEL_TYPES",
     "BlockConfig",
     "ClientParts",
+    "Family",
     "KVCache",
     "LlamaBlock",
+    "LlamaConfig",
+    "Part",
     "RMSNorm",
     "UnsupportedModelError",
     "load_block",
@@ -36,6 +48,10 @@ __all__ = [
     "load_hf_config",
     "load_tokenizer",
     "default_model_path",
+    "family_for",
+    "family_of",
+    "linear_shapes",
+    "make_block",
     "load_reference_model",
     "resolve_model_path",
 ]

@@ -18,13 +18,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from meadow.models import gguf
-from meadow.models.llama import HF_TO_MEADOW, STATIC_ROPE_TYPES, BlockConfig, LlamaBlock, RMSNorm
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one Meadow has block math for."""
+from meadow.models.client_parts import ClientParts
+from meadow.models.config import BlockConfig, UnsupportedModelError
+from meadow.models.registry import check_gguf_architecture, family_for, family_of
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -61,29 +57,18 @@ def model_in_folder(path: Path) -> Path:
 
 
 def load_config(model: str | Path) -> BlockConfig:
-    """The block config of a checkpoint; UnsupportedModelError for architectures without block math here."""
+    """The block config of a checkpoint, built by its family; UnsupportedModelError (listing what is supported) for
+    architectures or options without block math here."""
     path = resolve_model_path(model)
-    if gguf.is_gguf(path):
-        arch = gguf.architecture(path)
-        if arch not in gguf.SUPPORTED_GGUF_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"GGUF architecture {arch!r} of {path} is not supported; supported: "
-                f"{', '.join(gguf.SUPPORTED_GGUF_ARCHITECTURES)}"
-            )
-    else:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} of {path} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-    config = BlockConfig.from_hf(load_hf_config(path))
-    if config.hidden_act != "silu":
-        raise UnsupportedModelError(f"{path}: hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-    if config.rope_type not in STATIC_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"{path}: rope type {config.rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
-        )
-    return config
+    try:
+        if gguf.is_gguf(path):
+            check_gguf_architecture(gguf.architecture(path))
+        else:  # checked before transformers parses the config: it may not know the model type either
+            family_for(json.loads((path / "config.json").read_text()).get("model_type"))
+        hf = load_hf_config(path)
+        return family_for(hf.model_type).config_from_hf(hf)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
 
 
 def load_hf_config(model: str | Path, **overrides) -> PreTrainedConfig:
@@ -108,16 +93,18 @@ def load_block(
     index: int,
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
-) -> LlamaBlock:
-    """Block `index`, reading only the tensors model.layers.{index}.* from the shard files (or GGUF) that hold them."""
+) -> nn.Module:
+    """Block `index`, reading only the tensors of that layer (model.layers.{index}.* for Llama) from the shard files
+    (or GGUF) that hold them."""
     if not 0 <= index < config.num_hidden_layers:
         raise ValueError(f"block index {index} is out of range: the model has {config.num_hidden_layers} blocks")
-    prefix = f"model.layers.{index}."
+    family = family_of(config)
+    prefix = family.layer_tensor_prefix(index)
     tensors = read_tensors(resolve_model_path(model), lambda name: name.startswith(prefix), dtype, device)
-    state = {hf_to_meadow(name[len(prefix) :]): t for name, t in tensors.items()}
+    state = family.layer_state({name[len(prefix) :]: t for name, t in tensors.items()}, config)
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
-        block = LlamaBlock(config, layer_idx=index)
+        block = family.block(config, index)
     block.load_state_dict(state, strict=True, assign=True)  # strict: a missing or unknown tensor is an error
     return block.requires_grad_(False)  # servers never train their weights
 
@@ -130,7 +117,7 @@ def load_blocks(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> list[LlamaBlock]:
+) -> list[nn.Module]:
     """Blocks [start, end), one at a time, so memory follows the span size."""
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"blocks [{start}, {end}) are out of range: the model has {config.num_hidden_layers} blocks")
@@ -138,45 +125,19 @@ def load_blocks(
     return [load_block(model, config, index, dtype, device) for index in indices]
 
 
-class ClientParts(nn.Module):
-    """What a client holds: token embeddings, the final norm and the LM head; no block weights."""
-
-    def __init__(self, embed_tokens: nn.Embedding, norm: RMSNorm, lm_head: nn.Linear) -> None:
-        super().__init__()
-        self.embed_tokens, self.norm, self.lm_head = embed_tokens, norm, lm_head
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the last block's output."""
-        return self.lm_head(self.norm(hidden))
-
-
 def load_client_parts(
     model: str | Path, config: BlockConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> ClientParts:
-    """Embeddings, final norm and LM head; the head shares the embedding matrix when the model ties them."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
+    """What the client runs: embeddings, the family's norms and LM head (tied to the embeddings if the model ties them)."""
     path = resolve_model_path(model)
-    tensors = read_tensors(path, names.__contains__, dtype, device)
-    if names - tensors.keys():
-        raise ValueError(f"{path} lacks {sorted(names - tensors.keys())}")
-    embed = nn.Embedding.from_pretrained(tensors["model.embed_tokens.weight"], freeze=True)
-    norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-    norm.weight = nn.Parameter(tensors["model.norm.weight"], requires_grad=False)
-    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
-    # tied (Qwen2-style): the head is the embedding matrix, and checkpoints usually omit lm_head.weight
-    if config.tie_word_embeddings:
-        lm_head.weight = embed.weight
-    else:
-        lm_head.weight = nn.Parameter(tensors["lm_head.weight"], requires_grad=False)
-    return ClientParts(embed, norm, lm_head)
 
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = read_tensors(path, set(names).__contains__, dtype, device)
+        if set(names) - tensors.keys():
+            raise ValueError(f"{path} lacks {sorted(set(names) - tensors.keys())}")
+        return tensors
 
-def hf_to_meadow(name: str) -> str:
-    """'self_attn.q_proj.weight' -> 'attention.q_proj.weight' (a name inside one layer)."""
-    head, _, rest = name.partition(".")
-    return f"{HF_TO_MEADOW.get(head, head)}.{rest}"
+    return family_of(config).load_client_parts(read, config)
 
 
 def read_tensors(

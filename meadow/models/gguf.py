@@ -23,8 +23,7 @@ from gguf.quants import dequantize
 from transformers import AutoConfig, AutoTokenizer
 
 from meadow.home import meadow_home
-
-SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)  # llama.cpp's name, also used for Mistral-style models
+from meadow.models.registry import SUPPORTED_GGUF_ARCHITECTURES  # noqa: F401  (re-exported: the llama.cpp names Meadow reads)
 
 # llama.cpp tensor names -> HF ones: inside one block (blk.N. -> model.layers.N.), and outside the blocks
 BLOCK_TENSOR_NAMES = {
@@ -37,7 +36,11 @@ BLOCK_TENSOR_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
+# architectures whose q/k rows llama.cpp's converter permutes for GGML's rotary (not Qwen2/Qwen3's)
+ROTARY_PERMUTED = {"llama"}
 MODEL_TENSOR_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -78,6 +81,7 @@ def read_tensors(
     """Tensors whose HF names satisfy `wanted`, dequantized one at a time (peak memory: the wanted tensors plus one
     in float32), q/k rows back in HF's rotary layout."""
     reader, arch = open_gguf(path), architecture(path)
+    permuted = arch in ROTARY_PERMUTED
     num_heads = metadata(path, f"{arch}.attention.head_count")
     num_kv_heads = metadata(path, f"{arch}.attention.head_count_kv", num_heads)
     tensors = {}
@@ -93,9 +97,9 @@ def read_tensors(
                 "dequantize; convert the file to a supported type such as Q4_K, Q6_K, Q8_0 or F16"
             ) from None
         weight = torch.from_numpy(np.array(weights))  # a copy: the memory map is read-only
-        if ".self_attn.q_proj." in name:
+        if permuted and ".self_attn.q_proj." in name:
             weight = unpermute_rotary_rows(weight, num_heads)
-        elif ".self_attn.k_proj." in name:
+        elif permuted and ".self_attn.k_proj." in name:
             weight = unpermute_rotary_rows(weight, num_kv_heads)
         tensors[name] = weight.to(device=device, dtype=dtype)
     return tensors

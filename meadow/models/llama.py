@@ -1,17 +1,25 @@
-"""Llama-family decoder block (Llama 2/3, Mistral, Qwen2): config, KV cache, block, rotary helpers.
+"""Llama-family decoder block (Llama 2/3, Mistral with its sliding window, Qwen2, Qwen3): config, block, attention,
+MLP, and the names of its tensors in HF checkpoints. Shared pieces (KV cache, packed parts, masks, rotary, norms) live
+in attention.py, rotary.py and norms.py.
 
-Checked numerically against transformers' own implementation in tests/test_models.py.
+Checked numerically against transformers' own implementation in tests/test_models.py and tests/test_families.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from meadow.models.attention import KVCache, Part, attend_parts, packed_parts
+from meadow.models.client_parts import ClientParts, TensorReader
+from meadow.models.config import BlockConfig, UnsupportedModelError
+from meadow.models.family import Family, renamed
+from meadow.models.linear import project
+from meadow.models.norms import RMSNorm
+from meadow.models.rotary import STATIC_ROPE_TYPES, Rotary
 
 if TYPE_CHECKING:
     from meadow.models.lora import BlockLora
@@ -24,27 +32,18 @@ HF_TO_MEADOW = {
     "post_attention_layernorm": "ffn_norm",
     "mlp": "feed_forward",
 }
+# where peft finds each linear layer inside a layer (HF names), by the leaf name LoRA targets
+LORA_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+              "down_proj": "mlp.down_proj"}  # fmt: skip
 
-# rope types whose frequencies do not depend on the sequence length, so they can be computed once
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(BlockConfig):
+    """A Llama-family block's hyperparameters, read from an HF config of Llama, Mistral, Qwen2 or Qwen3."""
 
-@dataclass(frozen=True)
-class BlockConfig:
-    """The shape and hyperparameters one decoder block needs, read from an HF config."""
-
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     rms_norm_eps: float
-    attention_bias: bool  # bias on q/k/v projections
-    num_hidden_layers: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    max_position_embeddings: int
+    attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool = False  # bias on o_proj (Llama's attention_bias sets both; Qwen2 has q/k/v only)
     mlp_bias: bool = False
     hidden_act: str = "silu"
@@ -52,12 +51,12 @@ class BlockConfig:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer "full_attention" / "sliding_attention"; empty = all full
-    # the HF config itself, for rope scalings computed by transformers' helpers; not part of equality
-    hf_config: Any = field(default=None, compare=False, hash=False, repr=False)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "BlockConfig":
-        """Build from a transformers config of a Llama, Mistral or Qwen2 model."""
+    def from_hf(cls, hf: Any, **extra: Any) -> "LlamaConfig":
+        """Build from a transformers config of a Llama, Mistral, Qwen2 or Qwen3 model (`extra`: a subclass's
+        fields); UnsupportedModelError for options without block math here."""
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         rope = hf.rope_parameters or {}
         if hf.model_type == "qwen2":
@@ -69,7 +68,7 @@ class BlockConfig:
         if layer_types is None:  # Mistral: one window for every layer
             kind = "full_attention" if sliding_window is None else "sliding_attention"
             layer_types = [kind] * hf.num_hidden_layers
-        return cls(
+        config = cls(
             model_type=hf.model_type,
             hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size,
@@ -89,63 +88,29 @@ class BlockConfig:
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             sliding_window=sliding_window,
             layer_types=tuple(layer_types),
+            qk_norm=hf.model_type == "qwen3",
             hf_config=hf,
+            **extra,
         )
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values of one block for one session."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        num_kv_heads: int,
-        max_length: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: str | torch.device,
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @property
-    def max_length(self) -> int:
-        return self.k_cache.shape[2]
-
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv, T, D) at positions [start, start+T); return views of [0, start+T)."""
-        end = start + k.shape[2]
-        if start < 0 or end > self.max_length:
-            raise ValueError(f"cache positions [{start}, {end}) do not fit a cache of length {self.max_length}")
-        self.k_cache[:, :, start:end] = k
-        self.v_cache[:, :, start:end] = v
-        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
-
-
-@dataclass
-class Part:
-    """One sequence group of a packed batch (several sessions' tokens run through a block at once): `batch` rows of
-    `length` tokens, the next batch x length tokens of the flattened input, at cache positions [start, start+length).
-    key_mask (batch, start + length) is True for real keys (None: nothing padded); no cache: start is 0."""
-
-    batch: int
-    length: int
-    start: int = 0
-    key_mask: Tensor | None = None
-    cache: KVCache | None = None
+        if config.hidden_act != "silu":
+            raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
+        if config.rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope type {config.rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
+            )
+        return config
 
 
 class LlamaBlock(nn.Module):
     """One decoder layer: attention_norm -> attention -> residual -> ffn_norm -> MLP -> residual."""
 
-    def __init__(self, config: BlockConfig, layer_idx: int = 0) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0, feed_forward: nn.Module | None = None) -> None:
+        """`feed_forward` replaces the SwiGLU MLP (Mixtral's mixture of experts)."""
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = feed_forward if feed_forward is not None else FeedForward(config)
 
     def forward(
         self,
@@ -164,14 +129,15 @@ class LlamaBlock(nn.Module):
         `parts` packs several sequence groups, each with its own cache and mask, into x (1, N, hidden):
         everything but attention runs on all N tokens at once (key_mask, cache and start are then unused).
         """
-        h = x + self.attention(self.attention_norm(x), position_ids, key_mask, cache, start, lora, parts)
+        parts = packed_parts(x, key_mask, cache, start, parts)
+        h = x + self.attention(self.attention_norm(x), position_ids, parts, lora)
         return h + self.feed_forward(self.ffn_norm(h), lora)
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary positions."""
+    """Grouped-query self-attention with rotary positions (and Qwen3's per-head q/k norms, a sliding window)."""
 
-    def __init__(self, config: BlockConfig, layer_idx: int = 0) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = (
             config.num_attention_heads,
@@ -183,65 +149,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, hidden, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         sliding = layer_idx < len(config.layer_types) and config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
-        # a plain attribute, not a buffer: module.to(bfloat16) must not round the frequencies
-        # (HF computes cos/sin in float32); moved to the input's device on first use
-        self.inv_freq, self.rope_scaling = rope_frequencies(config)
+        self.rotary = Rotary(self.head_dim, config.rope_type, config.rope_theta, config.hf_config)
 
-    def forward(
-        self,
-        x: Tensor,
-        position_ids: Tensor,
-        key_mask: Tensor | None,
-        cache: KVCache | None,
-        start: int,
-        lora: BlockLora | None = None,
-        parts: list[Part] | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, position_ids: Tensor, parts: list[Part], lora: BlockLora | None = None) -> Tensor:
+        """x (B, T, hidden), the tokens of `parts` packed (B = 1) or one part; returns (B, T, hidden)."""
         B, T, _ = x.shape
-        if parts is None:
-            parts = [Part(B, T, start if cache is not None else 0, key_mask, cache)]
         # projections and rotary run on every token at once, (N, heads, head_dim); attention per part
         q = project(self.q_proj, x, lora, "q_proj").view(-1, self.n_head, self.head_dim)
         k = project(self.k_proj, x, lora, "k_proj").view(-1, self.n_kv_head, self.head_dim)
         v = project(self.v_proj, x, lora, "v_proj").view(-1, self.n_kv_head, self.head_dim)
-
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
-        cos, sin = rotary_cos_sin(position_ids.reshape(1, -1), self.inv_freq, self.rope_scaling, x.dtype)
-        cos, sin = cos.view(-1, 1, self.head_dim), sin.view(-1, 1, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        outputs, offset = [], 0
-        for part in parts:
-            n = part.batch * part.length
-            q_part, k_part, v_part = (
-                t[offset : offset + n].view(part.batch, part.length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v)
-            )
-            outputs.append(self.attend(q_part, k_part, v_part, part).transpose(1, 2).reshape(n, -1))
-            offset += n
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, k, position_ids)
+        y = attend_parts(q, k, v, parts, self.sliding_window)
         return project(self.o_proj, y.view(B, T, self.n_head * self.head_dim), lora, "o_proj")
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, part: Part) -> Tensor:
-        """Attention of one part's queries (b, heads, t, D) over its cached and new keys/values."""
-        T, start, key_mask = q.shape[2], part.start, part.key_mask
-        if part.cache is not None:
-            k, v = part.cache.update(start, k, v)
-        gqa = self.n_head != self.n_kv_head  # each kv head serves n_head / n_kv_head query heads; SDPA needs no copies
-
-        if key_mask is None and self.sliding_window is None and (start == 0 or T == 1):
-            # plain causal (or one new token that sees everything): let SDPA pick its fastest kernel
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        mask = attention_mask(T, k.shape[2], start, key_mask, self.sliding_window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: BlockConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -251,28 +185,6 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
         hidden = F.silu(project(self.gate_proj, x, lora, "gate_proj")) * project(self.up_proj, x, lora, "up_proj")
         return project(self.down_proj, hidden, lora, "down_proj")
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, computed in float32 like HF's LlamaRMSNorm."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def project(layer: nn.Linear, x: Tensor, lora: BlockLora | None, name: str) -> Tensor:
-    """layer(x) plus the LoRA updates that `lora` holds for the layer called `name`, if any."""
-    y = layer(x)
-    for update in lora.get(name, ()) if lora else ():
-        y = y + update(x)
-    return y
 
 
 def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
@@ -287,47 +199,25 @@ def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn), "down_proj": (ffn, hidden)}  # fmt: skip
 
 
-def attention_mask(
-    T: int, S: int, start: int, key_mask: Tensor | None, sliding_window: int | None, device: torch.device
-) -> Tensor:
-    """Boolean (B or 1, 1, T, S) mask, True = attend. Query i sits at key index start + i."""
-    q_idx = torch.arange(start, start + T, device=device)[:, None]
-    k_idx = torch.arange(S, device=device)[None, :]
-    mask = k_idx <= q_idx
-    if sliding_window is not None:
-        mask = mask & (k_idx > q_idx - sliding_window)
-    if key_mask is not None:
-        # every query also sees itself, so that a padded row never softmaxes over nothing (NaN that
-        # would leak into real rows through 0 * NaN in later layers)
-        mask = mask & (key_mask[:, None, None, :].bool() | (k_idx == q_idx))
-    else:
-        mask = mask[None, None]
-    return mask
 
 
-def rope_frequencies(config: BlockConfig) -> tuple[Tensor, float]:
-    """Rotary inverse frequencies (float32, CPU) and the cos/sin scale for this config's rope type."""
-    # on CPU even when the block is built on the meta device for loading: the table is tiny and not in the checkpoint
-    with torch.device("cpu"):
-        if config.rope_type == "default":
-            exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-            return 1.0 / (config.rope_theta**exponents), 1.0
-        if config.rope_type not in STATIC_ROPE_TYPES:
-            raise ValueError(f"rope type {config.rope_type!r} is not supported; supported: {STATIC_ROPE_TYPES}")
-        if config.hf_config is None:
-            raise ValueError(f"rope type {config.rope_type!r} needs BlockConfig.hf_config (build it with from_hf)")
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[config.rope_type](config.hf_config)
-        return inv_freq.float(), float(scaling)
+def load_client_parts(read: TensorReader, config: LlamaConfig) -> ClientParts:
+    """Embeddings, final RMSNorm and LM head; the head shares the embedding matrix when the model ties them."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+    tensors = read(names)
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    norm.weight = nn.Parameter(tensors["model.norm.weight"], requires_grad=False)
+    # tied (Qwen2-style): the head is the embedding matrix, and checkpoints usually omit lm_head.weight
+    return ClientParts.with_head(tensors["model.embed_tokens.weight"], norm, tensors.get("lm_head.weight"))
 
 
-def rotary_cos_sin(position_ids: Tensor, inv_freq: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B, 1, T, D) for apply_rotary, computed in float32 then cast, as HF does."""
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (i, i + D/2) of x (B, H, T, D): HF's "rotate_half" layout, not interleaved."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+FAMILY = Family(
+    name="llama",
+    config_from_hf=LlamaConfig.from_hf,
+    block=LlamaBlock,
+    layer_state=renamed(HF_TO_MEADOW),
+    load_client_parts=load_client_parts,
+    linear_shapes=linear_shapes,
+    lora_paths=LORA_PATHS,
+    gguf_architectures=("llama", "qwen2", "qwen3"),  # llama.cpp's names ("llama" also for Mistral-style models)
+)

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from meadow.models.llama import BlockConfig, linear_shapes
+from meadow.models.config import BlockConfig
+from meadow.models.family import Family
+from meadow.models.registry import family_for, family_of, linear_shapes
 
-PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-PEFT_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+PEFT_PREFIX = "base_model.model."  # peft's prefix before the model's own tensor names
 
 
 class AdapterError(ValueError):
@@ -66,16 +66,16 @@ def load_peft_adapter(
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise AdapterError(f"{path} has no adapter_model.safetensors")
-    shapes = linear_shapes(config)
+    shapes, peft_key = linear_shapes(config), peft_key_pattern(family_of(config))
     blocks: list[BlockLora] = [{} for _ in range(start, end)]
     pending: dict[tuple[int, str], dict[str, Tensor]] = {}
     with safe_open(weights_file, framework="pt") as f:
         for key in f.keys():
-            match = PEFT_KEY.match(key)
+            match = peft_key.match(key)
             if match is None:
                 raise AdapterError(f"{path}: {key} is not a LoRA weight of a transformer block; Meadow servers only "
-                                   "apply adapters to q/k/v/o and MLP projections of their blocks")  # fmt: skip
-            index, module, which = int(match[1]), match[2], match[3]
+                                   f"apply adapters to these linear layers of their blocks: {', '.join(shapes)}")  # fmt: skip
+            index, module, which = int(match[1]), match[2].rpartition(".")[2], match[3]
             if module not in shapes:
                 raise AdapterError(f"{path}: {key} adapts unknown module {module!r}; supported: {', '.join(shapes)}")
             if not 0 <= index < config.num_hidden_layers:
@@ -94,6 +94,12 @@ def load_peft_adapter(
         scale = lora_scale(rank, settings["lora_alpha"], settings["use_rslora"])
         blocks[index - start][module] = (LoraPair(A.to(device, dtype), B.to(device, dtype), scale),)
     return blocks
+
+
+def peft_key_pattern(family: Family) -> re.Pattern:
+    """peft's names of a family's LoRA weights: groups (layer index, module path inside the layer, A or B)."""
+    layer = re.escape(family.layer_prefix).replace(re.escape("{}"), r"(\d+)")
+    return re.compile(rf"^{re.escape(PEFT_PREFIX)}{layer}([\w.]+)\.lora_([AB])\.weight$")
 
 
 def _read_adapter_config(path: Path) -> dict:
@@ -118,14 +124,15 @@ def _read_adapter_config(path: Path) -> dict:
 
 def save_peft_adapter(
     path: str | Path, weights: dict[tuple[int, str], tuple[Tensor, Tensor]], rank: int, alpha: float,
-    use_rslora: bool = False, base_model: str | None = None,
+    use_rslora: bool = False, base_model: str | None = None, model_type: str = "llama",
 ) -> None:  # fmt: skip
-    """Write LoRA weights {(block, module): (A, B)} as a peft adapter folder, loadable by peft and `meadow serve --adapters`."""
-    path = Path(path)
+    """Write LoRA weights {(block, module): (A, B)} of a `model_type` model as a peft adapter folder, loadable by peft
+    and `meadow serve --adapters`."""
+    path, family = Path(path), family_for(model_type)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for (index, module), (A, B) in weights.items():
-        prefix = f"base_model.model.model.layers.{index}.{PEFT_PARENT[module]}.{module}"
+        prefix = f"{PEFT_PREFIX}{family.layer_tensor_prefix(index)}{family.lora_paths[module]}"
         tensors[f"{prefix}.lora_A.weight"] = A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.detach().cpu().contiguous()
     save_file(tensors, path / "adapter_model.safetensors")

@@ -1,7 +1,7 @@
 """Quantized weights for served blocks, through bitsandbytes: LLM.int8() ("int8") or 4-bit NormalFloat with double
 quantization and a float compute dtype ("nf4"). Only a block's linear layers are quantized; norms stay as they are,
 and the client's embeddings and head are never touched. LoRA updates (served adapters, a client's own weights) are
-added to a layer's output by models.llama.project, so they work on quantized layers unchanged, gradients included.
+added to a layer's output by models.linear.project, so they work on quantized layers unchanged, gradients included.
 
 bitsandbytes is imported only when a quant is used: a client that merely ranks servers' quants does not need it."""
 

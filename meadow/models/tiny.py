@@ -15,15 +15,21 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BloomConfig,
+    FalconConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
-from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, permute_rotary_rows
+from safetensors.torch import load_file, save_file
 
-FAMILIES = ("llama", "mistral", "qwen2")
+from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, ROTARY_PERMUTED, permute_rotary_rows
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -42,16 +48,30 @@ def make_tiny_checkpoint(
     sliding_window: int | None = None,
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool | None = None,
+    attention_bias: bool = False,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    fused_experts: bool = False,
+    **options,
 ) -> Path:
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
-    qwen2 has q/k/v bias and tied embeddings. `rope_scaling` is an HF rope dict such as
-    {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` only applies to mistral.
+    qwen2, bloom and falcon have tied embeddings (`tie_word_embeddings` defaults to that, untied for the others).
+    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3. `rope_scaling` is an HF rope
+    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral and mixtral.
+    mixtral has `num_experts` experts, `experts_per_token` per token, saved in the classic layout that transformers
+    writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
-    has ids the tokenizer decodes to nothing.
+    has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
+    Falcon's new_decoder_architecture, alibi, bias or parallel_attn (bloom ignores intermediate_size and num_kv_heads:
+    its MLP is 4 x hidden and its heads are all kv heads).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if options and family not in ("bloom", "falcon"):
+        raise ValueError(f"options {sorted(options)} are for bloom and falcon checkpoints only")
     path = Path(path)
     tokenizer = make_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
@@ -69,12 +89,31 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    tied = family in ("qwen2", "bloom", "falcon")
+    common["tie_word_embeddings"] = tied if tie_word_embeddings is None else tie_word_embeddings
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "mistral":
         config = MistralConfig(**common, sliding_window=sliding_window)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(**common, head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias)
+    elif family == "mixtral":
+        config = MixtralConfig(**common, sliding_window=sliding_window, num_local_experts=num_experts,
+                               num_experts_per_tok=experts_per_token)  # fmt: skip
+    elif family == "bloom":
+        names = ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+        config = BloomConfig(**{k: common[k] for k in names}, n_layer=num_layers, n_head=num_heads, **options)
     else:
-        config = Qwen2Config(**common, tie_word_embeddings=True)
+        names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                 "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # fmt: skip
+        # only the new decoder architecture groups kv heads (transformers' other layouts break on num_kv_heads)
+        kv_heads = num_kv_heads if options.get("new_decoder_architecture") else num_heads
+        options = {"num_kv_heads": kv_heads, "ffn_hidden_size": intermediate_size, **options}
+        config = FalconConfig(**{k: common[k] for k in names}, **options)
+    if fused_experts and (family != "mixtral" or max_shard_size):
+        raise ValueError("fused_experts applies to an unsharded mixtral checkpoint only")
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -82,13 +121,27 @@ def make_tiny_checkpoint(
         # HF's init leaves biases at 0 and norm scales at 1, which would let a test miss a bias or a norm;
         # std 0.1 also makes attention far from uniform, so a wrong mask or rotary shows up in the numbers
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if fused_experts:
+        fuse_experts(path / "model.safetensors", num_layers, num_experts)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fuse_experts(file: Path, num_layers: int, num_experts: int) -> None:
+    """Rewrite a Mixtral safetensors file from the classic expert layout to transformers 5's fused one."""
+    tensors = load_file(file)
+    for layer in range(num_layers):
+        old, new = f"model.layers.{layer}.block_sparse_moe.", f"model.layers.{layer}.mlp."
+        w1, w2, w3 = ([tensors.pop(f"{old}experts.{e}.{w}.weight") for e in range(num_experts)] for w in ("w1", "w2", "w3"))
+        tensors[f"{new}experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(w1, w3)])
+        tensors[f"{new}experts.down_proj"] = torch.stack(w2)
+        tensors[f"{new}gate.weight"] = tensors.pop(f"{old}gate.weight")
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -122,7 +175,7 @@ RANDOM_BLOCK_SCALES = {
 
 
 def make_tiny_gguf(
-    checkpoint: str | Path, path: str | Path, quant: str = "F32", *, architecture: str = "llama", seed: int = 0
+    checkpoint: str | Path, path: str | Path, quant: str = "F32", *, architecture: str | None = None, seed: int = 0
 ) -> Path:
     """Write a Llama checkpoint folder (such as make_tiny_checkpoint's) as a GGUF file, as llama.cpp's
     convert_hf_to_gguf does: its tensor names, q/k rows permuted for GGML's rotary, norms in F32, every matrix in
@@ -130,16 +183,18 @@ def make_tiny_gguf(
 
     Types gguf-py can dequantize but not quantize (the K-quants) get random blocks: such a file is a random model
     of the checkpoint's shapes (rows must be multiples of 256). Types it cannot dequantize either get random bytes,
-    and `architecture` other than "llama" mislabels the file: both only make files that loaders must refuse.
+    and `architecture` other than the checkpoint's mislabels the file: both only make files that loaders must refuse.
+    Qwen2 and Qwen3 checkpoints are written as llama.cpp writes them too: their q/k rows unpermuted, with biases and
+    q/k norms (transformers reads no head_dim from such files: Qwen3's must be its default, 128).
     """
     checkpoint, path = Path(checkpoint), Path(path)
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    if config.model_type != "llama" or config.rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError("make_tiny_gguf writes Llama checkpoints without rope scaling only")
+    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or config.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError("make_tiny_gguf writes Llama, Qwen2 and Qwen3 checkpoints without rope scaling only")
     qtype, rng = GGMLQuantizationType[quant], np.random.default_rng(seed)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-    writer = GGUFWriter(path, architecture)
+    writer = GGUFWriter(path, architecture or config.model_type)
     writer.add_name("tiny")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -154,18 +209,19 @@ def make_tiny_gguf(
     add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
 
     state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
-    gguf_names = {f"{hf}.weight": f"{name}.weight" for name, hf in MODEL_TENSOR_NAMES.items()} | {
-        f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight"
-        for i in range(config.num_hidden_layers)
-        for name, hf in BLOCK_TENSOR_NAMES.items()
-    }
-    for hf_name, gguf_name in gguf_names.items():
+    to_gguf = {hf: name for name, hf in {**MODEL_TENSOR_NAMES, **BLOCK_TENSOR_NAMES}.items()}
+    for hf_name, weight in state.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # a tied model's file has no output.weight
-        weight = state[hf_name]
-        if ".attn_q." in gguf_name:
+        module, _, suffix = hf_name.rpartition(".")
+        if module.startswith("model.layers."):
+            index, inner = module.removeprefix("model.layers.").split(".", 1)
+            gguf_name = f"blk.{index}.{to_gguf[inner]}.{suffix}"
+        else:
+            gguf_name = f"{to_gguf[module]}.{suffix}"
+        if config.model_type in ROTARY_PERMUTED and ".attn_q." in gguf_name:
             weight = permute_rotary_rows(weight, config.num_attention_heads)
-        elif ".attn_k." in gguf_name:
+        elif config.model_type in ROTARY_PERMUTED and ".attn_k." in gguf_name:
             weight = permute_rotary_rows(weight, config.num_key_value_heads)
         if weight.ndim == 1:
             writer.add_tensor(gguf_name, weight.numpy())

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loop: a thread hand-off costs about as much
 GATHER_PASSES = 2.0  # a decoding step may wait this many passes' time for other sessions' steps to join it
 MAX_REMEMBERED_PEERS = 10_000  # whose last turns are kept; beyond it, the longest ago are forgotten
+RESERVED_EVERY = 4  # every 4th pass serves the lowest priority first: requesters without points are never starved
 
 
 @dataclass(eq=False)  # jobs are compared by identity
@@ -94,14 +95,15 @@ class Waiting(Protocol):
 W = TypeVar("W", bound=Waiting)
 
 
-def fair_order(jobs: Iterable[W], last_turn: dict[Hashable, int]) -> list[W]:
-    """Jobs in the order they should be served: higher priority first; within a priority, peers take turns, one job
-    each per round, the peer whose last turn is longest ago first; each peer's jobs in arrival order."""
+def fair_order(jobs: Iterable[W], last_turn: dict[Hashable, int], lowest_first: bool = False) -> list[W]:
+    """Jobs in the order they should be served: higher priority first (lower first if `lowest_first`); within a
+    priority, peers take turns, one job each per round, the peer whose last turn is longest ago first; each peer's
+    jobs in arrival order."""
     levels: dict[int, dict[Hashable, list[W]]] = defaultdict(lambda: defaultdict(list))
     for job in sorted(jobs, key=lambda job: job.order):
         levels[job.priority][job.peer].append(job)
     ordered = []
-    for priority in sorted(levels, reverse=True):
+    for priority in sorted(levels, reverse=not lowest_first):
         queues = sorted(levels[priority].values(), key=lambda queue: (last_turn.get(queue[0].peer, -1), queue[0].order))
         for round_ in range(max(len(queue) for queue in queues)):
             ordered.extend(queue[round_] for queue in queues if round_ < len(queue))
@@ -109,15 +111,16 @@ def fair_order(jobs: Iterable[W], last_turn: dict[Hashable, int]) -> list[W]:
 
 
 def choose_batch(
-    jobs: Iterable[W], last_turn: dict[bool, dict[Hashable, int]], max_decoding_tokens: int, chunk_tokens: int
+    jobs: Iterable[W], last_turn: dict[bool, dict[Hashable, int]], max_decoding_tokens: int, chunk_tokens: int,
+    reserved: bool = False,
 ) -> list[W]:
     """The jobs whose next pieces run in the next pass: decoding steps up to max_decoding_tokens tokens and other
-    work up to chunk_tokens tokens, each kind taken in its fair order (`last_turn` per kind) and given at least one
-    job if it has any waiting."""
+    work up to chunk_tokens tokens, each kind taken in its fair order (`last_turn` per kind; a `reserved` pass takes
+    the lowest priority first) and given at least one job if it has any waiting."""
     jobs, chosen = list(jobs), []
     for decoding, limit in ((True, max_decoding_tokens), (False, chunk_tokens)):
         used = 0
-        for job in fair_order([job for job in jobs if job.decoding == decoding], last_turn[decoding]):
+        for job in fair_order([job for job in jobs if job.decoding == decoding], last_turn[decoding], reserved):
             if used == 0 or used + job.tokens <= limit:
                 chosen.append(job)
                 used += job.tokens
@@ -179,7 +182,8 @@ class ComputeLoop:
                 await self.changed.wait()
                 continue
             await self._gather()
-            chosen = choose_batch(self.waiting, self.last_turn, self.max_decoding_tokens, self.chunk_tokens)
+            reserved = self.iterations % RESERVED_EVERY == RESERVED_EVERY - 1
+            chosen = choose_batch(self.waiting, self.last_turn, self.max_decoding_tokens, self.chunk_tokens, reserved)
             if not chosen:
                 continue
             self.iterations += 1

@@ -15,8 +15,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from meadow.models import BlockConfig
-from meadow.models.llama import linear_shapes
+from meadow.models import BlockConfig, linear_shapes
 from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
@@ -85,6 +84,7 @@ class BlockHandler:
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
         self.sessions: set[object] = set()  # open sessions that have not yet been told why they end
         self.inboxes: dict[str, tuple[Inbox, Session]] = {}  # sessions that accept pushed steps, by session id
+        self.points = None  # a PointsService (meadow/points/service.py): requesters' points set their priority
 
     def serve(self, span: Span) -> None:
         """Start serving `span`; sessions opened from now on belong to it."""
@@ -207,9 +207,9 @@ class BlockHandler:
         return bounded
 
     def priority(self, peer: Hashable) -> int:
-        """Where a peer's work goes in the compute queue: higher first. Everyone is equal for now; contribution
-        points may raise it later."""
-        return 0
+        """Where a peer's work goes in the compute queue: higher first, by the points of the owner it belongs to (0
+        for anonymous peers and without points)."""
+        return self.points.priority(peer) if self.points is not None else 0
 
     async def rpc_inference(self, requests: Requests, context: P2PContext) -> Responses:
         me, registered = object(), None  # registered: our session id in self.inboxes

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from meadow.home import meadow_home
 from meadow.models import load_block, load_blocks, load_config, resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.models.lora import BlockLora, load_peft_adapter
@@ -22,7 +23,9 @@ from meadow.server.memory import CacheBudget
 from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
-from meadow.swarm import ModelInfo, ServerInfo, ServerState, announce, dht_prefix_for, fetch_servers, model_name, start_dht
+from meadow.swarm import (
+    ModelInfo, ServerInfo, ServerState, announce, announce_ledger, dht_prefix_for, fetch_servers, model_name, start_dht,
+)  # fmt: skip
 from meadow.swarm.records import MAX_SPEED
 from meadow.wire import BlockRange
 
@@ -55,6 +58,9 @@ class ServerConfig:
     allow_peers: str | None = None  # a private swarm: file of the peer ids we serve and talk to (swarm/allow_list.py)
     adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
+    points_period: float = 60.0  # seconds between re-reading and verifying every ledger (for priorities)
+    points_seeds: list[str] = field(default_factory=list)  # trusted peer ids: EigenTrust's pre-trusted peers
+    points_allow: list[str] | None = None  # a private swarm: only receipts signed by these peer ids count
 
 
 class Server:
@@ -106,7 +112,9 @@ class Server:
             rtt = await loop.run_in_executor(None, ping_peers, self.dht)
             first = self._pick_span()
             self.span_range = first
-            await self.handler.register(await self.dht.replicate_p2p(), self.dht.allowed)
+            p2p = await self.dht.replicate_p2p()
+            await self.handler.register(p2p, self.dht.allowed)
+            await self._start_points(p2p)
             await self._take(first)
             print(
                 f"Server ready: {self.dht_prefix} blocks {self.span_range} as {self.dht.peer_id}, "
@@ -124,7 +132,41 @@ class Server:
                 await self._announce_offline()
             await self.handler.sessions_told(timeout=1.0)
             self.dht.shutdown()
+            if self.handler.points is not None:
+                self.handler.points.ledger.close()
             print("Server stopped", flush=True)
+
+    async def _start_points(self, p2p) -> None:
+        """Open our receipt ledger (one per peer id, under MEADOW_HOME), serve rpc_receipt and rpc_ledger, and keep
+        everyone's points fresh for priorities."""
+        from meadow.points.book import PointsBook
+        from meadow.points.ledger import Ledger
+        from meadow.points.service import PointsService
+        from meadow.points.work import params_per_block
+
+        me, config = self.dht.peer_id.to_base58(), self.config
+        ledger = Ledger(meadow_home() / "ledgers" / f"{me}.sqlite", me)
+        book = PointsBook(seeds=config.points_seeds, allow=config.points_allow)
+        self.handler.points = PointsService(ledger, self.fingerprint, params_per_block(self.model_config), book)
+        await self.handler.points.register(p2p, self.dht.allowed)
+        asyncio.ensure_future(self._refresh_points(p2p))
+
+    async def _refresh_points(self, p2p) -> None:
+        service = self.handler.points
+        while True:
+            await asyncio.sleep(self.config.points_period)
+            try:
+                head = await asyncio.get_running_loop().run_in_executor(None, service.ledger.head)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, announce_ledger, self.dht, head, 3 * self.config.update_period
+                )  # fmt: skip
+                entries = await asyncio.get_running_loop().run_in_executor(None, service.ledger.page, 0, 2**62)
+                before = dict(service.book.points)
+                await service.book.refresh(self.dht, p2p, local=(service.ledger.server, entries))
+                if service.book.points != before:  # a line when something changed, for operators and tests
+                    logger.info("points: " + ", ".join(f"{peer} {value:.6g}" for peer, value in service.book.points.items()))
+            except Exception as e:  # a DHT or peer hiccup: priorities stay as they were until the next refresh
+                logger.warning(f"could not refresh points: {e!r}")
 
     @property
     def throughput(self) -> float:
@@ -292,3 +334,6 @@ class Server:
             dht_prefix=self.dht_prefix, num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path)
         )
         await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)
+        if self.handler.points is not None:
+            head = await asyncio.get_running_loop().run_in_executor(None, self.handler.points.ledger.head)
+            await asyncio.get_running_loop().run_in_executor(None, announce_ledger, self.dht, head, expiration)

@@ -11,10 +11,9 @@ from typing import Any, Callable, Generator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from meadow.models import BlockConfig, KVCache, LlamaBlock
-from meadow.models.llama import Part
+from meadow.models import BlockConfig, KVCache, Part
 from meadow.models.lora import BlockLora
 from meadow.server.graph_cache import Graph, counting_saved_activations
 from meadow.server.tuning import TuningInputs, add_prompt
@@ -83,7 +82,7 @@ class Span:
     """Blocks [first, first + len(blocks)) of a model, loaded on one device in one dtype, and the LoRA adapters
     served for them (name -> one set of updates per hosted block)."""
 
-    blocks: list[LlamaBlock]
+    blocks: list[nn.Module]
     first: int
     config: BlockConfig
     dtype: torch.dtype

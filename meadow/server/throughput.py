@@ -17,9 +17,10 @@ from typing import Callable
 
 import hivemind
 import torch
+from torch import nn
 
 from meadow.home import meadow_home
-from meadow.models import BlockConfig, KVCache, LlamaBlock
+from meadow.models import BlockConfig, KVCache, make_block
 from meadow.models.quant import quantize_block
 
 FORWARD_TOKENS = 128  # one batched forward of this many tokens stands for prefill and training traffic
@@ -43,11 +44,7 @@ class BlockSpeed:
 def cache_key(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> str:
     """Everything the speed depends on: the block's shape, the device (and CPU threads), the dtype, the quant of its
     linear layers, torch's version."""
-    shape = (
-        f"{config.model_type} hidden {config.hidden_size} ffn {config.intermediate_size} "
-        f"heads {config.num_attention_heads}/{config.num_key_value_heads}x{config.head_dim} "
-        f"bias {int(config.attention_bias)}{int(config.attention_out_bias)}{int(config.mlp_bias)}"
-    )
+    shape = config.block_shape()
     dtype_name = str(dtype).removeprefix("torch.")
     return f"{shape} | {device_name(device)} | {dtype_name} | quant {quant} | torch {torch.__version__}"
 
@@ -107,11 +104,11 @@ def measure_block_speed(
     return BlockSpeed(forward_tps=FORWARD_TOKENS / forward_time, inference_rps=1.0 / step_time)
 
 
-def random_block(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> LlamaBlock:
+def random_block(config: BlockConfig, dtype: torch.dtype, device: torch.device, quant: str = "none") -> nn.Module:
     """A block of `config`'s shape with small random weights on `device` in `dtype`, its linear layers quantized
     per `quant` like a server's (made on the CPU then, where bitsandbytes quantizes from)."""
     with torch.device("meta"):
-        block = LlamaBlock(config)
+        block = make_block(config)
     block = block.to(dtype=dtype).to_empty(device=device if quant == "none" else "cpu").requires_grad_(False)
     with torch.no_grad():
         for name, parameter in block.named_parameters():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from meadow.models.llama import BlockConfig, linear_shapes
+from meadow.models import BlockConfig, linear_shapes
 from meadow.models.lora import BlockLora, LoraPair, merge
 from meadow.wire import BadRequest, BlockRange, LoraEntry, Tuning, WrongServer
 

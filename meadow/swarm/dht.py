@@ -15,8 +15,10 @@ from hivemind.utils import get_dht_time
 
 from meadow.swarm.allow_list import AllowListDHT, NotAllowed, load_allow_list, refused_reason
 from meadow.swarm.identity import generate_identity, load_identity
-from meadow.swarm.records import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
-from meadow.swarm.validation import InvalidRecord, check_model_record, check_record, meadow_validators, owner_subkey
+from meadow.swarm.records import LEDGERS_KEY, MODELS_KEY, LedgerHead, ModelInfo, ServerInfo, ServerState, block_key
+from meadow.swarm.validation import (
+    InvalidRecord, check_ledger_record, check_model_record, check_record, meadow_validators, owner_subkey,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,28 @@ def fetch_models(dht: hivemind.DHT) -> dict[str, ModelInfo]:
                 continue
             votes[model.dht_prefix][model] += 1
     return {dht_prefix: counts.most_common(1)[0][0] for dht_prefix, counts in votes.items()}
+
+
+def announce_ledger(dht: hivemind.DHT, head: LedgerHead, expiration: float) -> None:
+    """Write the server's ledger head under LEDGERS_KEY (signed, as its other records)."""
+    dht.run_coroutine(partial(
+        _store_many, keys=[LEDGERS_KEY], values=[head.to_wire()], subkeys=[dht.owner_subkey], expiration=expiration
+    ))  # fmt: skip
+
+
+def fetch_ledgers(dht: hivemind.DHT) -> dict[PeerID, LedgerHead]:
+    """Every server's announced ledger head, by peer id; invalid records are skipped."""
+    entry = dht.run_coroutine(partial(_get_many, keys=[LEDGERS_KEY])).get(LEDGERS_KEY)
+    heads = {}
+    if entry is not None and isinstance(entry.value, dict):
+        for subkey, record in entry.value.items():
+            try:
+                peer, head = check_ledger_record(subkey, record.value)
+            except InvalidRecord as e:
+                logger.debug(f"skipped a record in the list of ledgers: {e}")
+                continue
+            heads[peer] = head
+    return heads
 
 
 def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[PeerID, ServerInfo]]:

@@ -58,6 +58,16 @@ class ModelInfo(Schema):
     name: str = Field(max_length=MAX_NAME)  # what a monitor calls the model: its checkpoint folder's or file's name
 
 
+class LedgerHead(Schema):
+    """Where a server's receipt ledger stands (meadow/points/ledger.py), announced under LEDGERS_KEY: anyone who
+    fetches the ledger checks it against this, so a rewritten or truncated history shows."""
+
+    entries: int = Field(ge=0, lt=2**63)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the last entry (or the genesis hash of an empty ledger)
+    tokens: int = Field(ge=0, lt=2**63)
+    work: int = Field(ge=0, lt=2**63)  # parameter-tokens the receipts claim, before any weighting
+
+
 def model_name(path: Path) -> str:
     """What a monitor calls a checkpoint: a folder's name, or a GGUF file's name without its extension."""
     return path.stem if path.suffix == ".gguf" else path.name
@@ -65,6 +75,7 @@ def model_name(path: Path) -> str:
 
 # Block keys say nothing about which models exist, so servers also list their model here: a monitor reads it first.
 MODELS_KEY = "_meadow.models"
+LEDGERS_KEY = "_meadow.ledgers"  # one LedgerHead per server (subkey: its owner marker)
 
 
 def dht_prefix_for(model: str | Path) -> str:

@@ -21,7 +21,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 
 from meadow.swarm.identity import Identity, peer_id_from_public_key
-from meadow.swarm.records import MODELS_KEY, ModelInfo, ServerInfo, block_key
+from meadow.swarm.records import LEDGERS_KEY, MODELS_KEY, LedgerHead, ModelInfo, ServerInfo, block_key
 
 logger = logging.getLogger(__name__)
 _OWNER = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
@@ -71,11 +71,21 @@ def check_model_record(subkey: object, value: object) -> tuple[PeerID, ModelInfo
         raise InvalidRecord(f"not a ModelInfo: {e}") from None
 
 
+def check_ledger_record(subkey: object, value: object) -> tuple[PeerID, LedgerHead]:
+    """The owner and ledger head of a record under LEDGERS_KEY, or InvalidRecord."""
+    peer = record_owner(subkey)
+    try:
+        return peer, LedgerHead.model_validate(value)
+    except Exception as e:
+        raise InvalidRecord(f"not a LedgerHead: {e}") from None
+
+
 def _key_id(key: str) -> bytes:
     return DHTID.generate(source=key).to_bytes()  # what validators see of a key: its hash
 
 
 _MODELS_KEY_ID = _key_id(MODELS_KEY)
+_LEDGERS_KEY_ID = _key_id(LEDGERS_KEY)
 
 
 class MeadowRecordValidator(RecordValidatorBase):
@@ -93,7 +103,7 @@ class MeadowRecordValidator(RecordValidatorBase):
 
     def validate(self, record: DHTRecord) -> bool:
         block = self._blocks.get(record.key)
-        if block is None and record.key != _MODELS_KEY_ID and self.allowed is None:
+        if block is None and record.key not in (_MODELS_KEY_ID, _LEDGERS_KEY_ID) and self.allowed is None:
             return True
         try:
             if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
@@ -101,11 +111,14 @@ class MeadowRecordValidator(RecordValidatorBase):
             subkey = DHTProtocol.serializer.loads(record.subkey)
             if self.allowed is not None and record_owner(subkey) not in self.allowed:
                 raise InvalidRecord(f"signed by {record_owner(subkey)}, who is not on the allow-list")
-            if block is not None or record.key == _MODELS_KEY_ID:
-                value = DHTProtocol.serializer.loads(record.value)
-                check_model_record(subkey, value) if block is None else check_record(*block, subkey, value)
+            if block is not None:
+                check_record(*block, subkey, DHTProtocol.serializer.loads(record.value))
+            elif record.key == _LEDGERS_KEY_ID:
+                check_ledger_record(subkey, DHTProtocol.serializer.loads(record.value))
+            elif record.key == _MODELS_KEY_ID:
+                check_model_record(subkey, DHTProtocol.serializer.loads(record.value))
         except Exception as e:
-            where = f"block {block[0]}" if block else "the list of models" if record.key == _MODELS_KEY_ID else "a key"
+            where = f"block {block[0]}" if block is not None else "the list of models or ledgers, or another key"
             logger.debug(f"refused a record under {where}: {e}")
             return False
         return True

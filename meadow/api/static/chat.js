@@ -23,6 +23,20 @@ const modelReady = fetch("/v1/models").then((r) => r.json()).then((body) => {
   $("model").textContent = model;
 }).catch(() => ($("model").textContent = "API unreachable"));
 
+// the user's own points, when this API has a points identity (meadow api --points-identity)
+async function showMyPoints() {
+  try {
+    const body = await (await fetch("/api/points?mine=true", {cache: "no-store"})).json();
+    if (body.me) {
+      $("my-points").textContent = `Your points: ${Number(body.me.points).toPrecision(3)}`;
+      $("my-points").title = `verified points of ${body.me.peer} (${body.unit})`;
+      $("my-points").hidden = false;
+    }
+  } catch (error) { /* no points shown */ }
+}
+showMyPoints();
+setInterval(showMyPoints, 30000);
+
 function element(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;

@@ -2,8 +2,12 @@
 "use strict";
 
 const REFRESH_MS = 3000;
+const POINTS_REFRESH_MS = 15000;  // the API verifies every ledger for /api/points: not at every poll
 const $ = (id) => document.getElementById(id);
 let lastUpdate = null;
+let points = {};  // peer -> verified ledger totals and points, from /api/points
+let pointsUnit = "";
+let lastSwarm = null;
 
 function element(tag, className, text) {
   const node = document.createElement(tag);
@@ -57,7 +61,7 @@ function serverTable(model) {
   }
   const table = element("table");
   const head = element("tr");
-  for (const [label, numeric] of [["Peer"], ["Blocks"], ["State"], ["Throughput", true], ["Cache left", true], ["Version", true], ["Name"]]) {
+  for (const [label, numeric] of [["Peer"], ["Blocks"], ["State"], ["Throughput", true], ["Cache left", true], ["Version", true], ["Points", true], ["Name"]]) {
     head.append(element("th", numeric ? "num" : "", label));
   }
   table.createTHead().append(head);
@@ -85,14 +89,42 @@ function serverTable(model) {
     state.append(badge);
 
     row.append(peer, blocks, state, withUnit(server.throughput, "tokens/s"), withUnit(server.cache_tokens_left, "tokens"),
-      element("td", "num", String(server.version)), element("td", "", server.public_name || "—"));
+      element("td", "num", String(server.version)), pointsCell(server.peer), element("td", "", server.public_name || "—"));
     body.append(row);
   }
   section.append(table);
   return section;
 }
 
+function pointsCell(peer) {
+  const ledger = points[peer];
+  if (!ledger) return element("td", "num muted", "—");
+  if (!ledger.valid) {
+    const cell = element("td", "num invalid", "invalid ledger");
+    cell.title = ledger.error;
+    return cell;
+  }
+  const cell = element("td", "num", (ledger.points ? Number(ledger.points).toPrecision(3) : "0") + " ");
+  cell.append(element("span", "unit", "points"));
+  cell.title = `verified ledger: ${plural(ledger.entries, "receipt")}, ${number(ledger.tokens)} tokens served (${pointsUnit})`;
+  return cell;
+}
+
+async function refreshPoints() {
+  try {
+    const response = await fetch("/api/points", {cache: "no-store"});
+    if (response.ok) {
+      const body = await response.json();
+      points = body.servers;
+      pointsUnit = body.unit;
+      if (lastSwarm) render(lastSwarm);
+    }
+  } catch (error) { /* the table shows "—" until the next try */ }
+  setTimeout(refreshPoints, POINTS_REFRESH_MS);
+}
+
 function render(swarm) {
+  lastSwarm = swarm;
   const overview = $("overview"), servers = $("servers");
   overview.replaceChildren();
   servers.replaceChildren();
@@ -133,4 +165,5 @@ async function refresh() {
 }
 
 refresh();
+refreshPoints();
 setInterval(showAge, 1000);

@@ -1,0 +1,113 @@
+"""Attention over a KV cache, shared by every family: the per-session cache, the parts of a packed batch (several
+sessions' tokens run through a block at once), and the masks (causal, padding, sliding window)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one block for one session."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_length(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, D) at positions [start, start+T); return views of [0, start+T)."""
+        end = start + k.shape[2]
+        if start < 0 or end > self.max_length:
+            raise ValueError(f"cache positions [{start}, {end}) do not fit a cache of length {self.max_length}")
+        self.k_cache[:, :, start:end] = k
+        self.v_cache[:, :, start:end] = v
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+
+
+@dataclass
+class Part:
+    """One sequence group of a packed batch (several sessions' tokens run through a block at once): `batch` rows of
+    `length` tokens, the next batch x length tokens of the flattened input, at cache positions [start, start+length).
+    key_mask (batch, start + length) is True for real keys (None: nothing padded); no cache: start is 0."""
+
+    batch: int
+    length: int
+    start: int = 0
+    key_mask: Tensor | None = None
+    cache: KVCache | None = None
+
+
+def packed_parts(
+    x: Tensor, key_mask: Tensor | None, cache: KVCache | None, start: int, parts: list[Part] | None
+) -> list[Part]:
+    """The parts of a block's input x (B, T, H): `parts` when packed, else the one part that x is."""
+    if parts is not None:
+        return parts
+    B, T = x.shape[:2]
+    return [Part(B, T, start if cache is not None else 0, key_mask, cache)]
+
+
+def attend_parts(
+    q: Tensor, k: Tensor, v: Tensor, parts: list[Part], sliding_window: int | None = None
+) -> Tensor:
+    """Attention of packed tokens, each part over its own cached and new keys: q (N, heads, D), k and v
+    (N, kv_heads, D) -> (N, heads * D)."""
+    outputs, offset = [], 0
+    head_dim = q.shape[-1]
+    for part in parts:
+        n = part.batch * part.length
+        q_part, k_part, v_part = (
+            t[offset : offset + n].view(part.batch, part.length, -1, head_dim).transpose(1, 2) for t in (q, k, v)
+        )
+        outputs.append(attend(q_part, k_part, v_part, part, sliding_window).transpose(1, 2).reshape(n, -1))
+        offset += n
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, part: Part, sliding_window: int | None = None) -> Tensor:
+    """Attention of one part's queries (b, heads, t, D) over its cached and new keys/values (b, kv_heads, t, D)."""
+    T, start, key_mask = q.shape[2], part.start, part.key_mask
+    if part.cache is not None:
+        k, v = part.cache.update(start, k, v)
+    gqa = q.shape[1] != k.shape[1]  # each kv head serves heads / kv_heads query heads; SDPA needs no copies
+
+    if key_mask is None and (start == 0 or T == 1) and (sliding_window is None or k.shape[2] <= sliding_window):
+        # plain causal (or one new token that sees everything): let SDPA pick its fastest kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+    mask = attention_mask(T, k.shape[2], start, key_mask, sliding_window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attention_mask(
+    T: int, S: int, start: int, key_mask: Tensor | None, sliding_window: int | None, device: torch.device
+) -> Tensor:
+    """Boolean (B or 1, 1, T, S) mask, True = attend. Query i sits at key index start + i."""
+    q_idx = torch.arange(start, start + T, device=device)[:, None]
+    k_idx = torch.arange(S, device=device)[None, :]
+    mask = k_idx <= q_idx
+    if sliding_window is not None:
+        mask = mask & (k_idx > q_idx - sliding_window)
+    if key_mask is not None:
+        # every query also sees itself, so that a padded row never softmaxes over nothing (NaN that
+        # would leak into real rows through 0 * NaN in later layers)
+        mask = mask & (key_mask[:, None, None, :].bool() | (k_idx == q_idx))
+    else:
+        mask = mask[None, None]
+    return mask

@@ -1,0 +1,43 @@
+"""What a client holds of a model: the token embeddings, the norms it runs around the blocks, and the LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+TensorReader = Callable[[list[str]], dict[str, torch.Tensor]]  # HF names -> tensors; a clear error if one is missing
+
+
+class ClientParts(nn.Module):
+    """Token embeddings, an optional norm right after them (BLOOM's word_embeddings_layernorm), the final norm
+    (any module: RMSNorm, LayerNorm with bias, ...) and the LM head; no block weights."""
+
+    def __init__(
+        self, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear, embed_norm: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.embed_tokens, self.norm, self.lm_head, self.embed_norm = embed_tokens, norm, lm_head, embed_norm
+
+    @classmethod
+    def with_head(
+        cls, embeddings: torch.Tensor, norm: nn.Module, head: torch.Tensor | None, embed_norm: nn.Module | None = None
+    ) -> "ClientParts":
+        """Frozen parts from the embedding matrix and the head's weight; head None: tied to the embeddings."""
+        embed = nn.Embedding.from_pretrained(embeddings, freeze=True)
+        lm_head = nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False, device="meta")
+        lm_head.weight = embed.weight if head is None else nn.Parameter(head, requires_grad=False)
+        return cls(embed, norm.requires_grad_(False), lm_head, embed_norm)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first block's input for these tokens."""
+        return self.embedded(self.embed_tokens(input_ids))
+
+    def embedded(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The first block's input from token embeddings (the embedding norm applied, if the family has one)."""
+        return embeddings if self.embed_norm is None else self.embed_norm(embeddings)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output."""
+        return self.lm_head(self.norm(hidden))

@@ -1,0 +1,139 @@
+"""Mixtral decoder block: Llama's attention (with Mistral's sliding window) and a sparse mixture-of-experts MLP. Per
+token, a router picks the top-k experts (softmax, then the k weights renormalised to sum to 1, as HF does); each
+expert runs once on all the tokens routed to it, its outputs scatter-added back weighted.
+
+Checkpoints come in two layouts, both read: the classic one that transformers (5 too) saves and the hub holds
+(`block_sparse_moe.experts.N.w1/w2/w3.weight`, `block_sparse_moe.gate.weight`), and transformers 5's in-memory one
+(`mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I), `mlp.gate.weight`).
+
+LoRA applies to the attention projections, the layers peft targets in Mixtral (its experts are 3-D tensors in
+transformers 5, which peft's target_modules cannot adapt); an adapter for the experts gets an error listing these.
+Checked numerically against transformers in tests/test_families.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from meadow.models import llama
+from meadow.models.config import BlockConfig
+from meadow.models.family import Family
+from meadow.models.llama import LlamaBlock, LlamaConfig
+
+if TYPE_CHECKING:
+    from meadow.models.lora import BlockLora
+
+HF_TO_MEADOW = {**llama.HF_TO_MEADOW, "block_sparse_moe": "feed_forward"}  # "mlp" (fused layout) is llama's already
+LORA_PATHS = {name: path for name, path in llama.LORA_PATHS.items() if path.startswith("self_attn.")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtralConfig(LlamaConfig):
+    """A Mixtral block's hyperparameters: Llama's, and its experts (intermediate_size is one expert's)."""
+
+    num_experts: int
+    experts_per_token: int
+
+    @classmethod
+    def from_hf(cls, hf: Any, **extra: Any) -> "MixtralConfig":
+        return super().from_hf(hf, num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok, **extra)
+
+
+class MixtralBlock(LlamaBlock):
+    """Llama's decoder layer with the sparse mixture of experts as its MLP."""
+
+    def __init__(self, config: MixtralConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx, feed_forward=SparseMoE(config))
+
+
+class SparseMoE(nn.Module):
+    """Router, then each token through its top-k experts, the outputs summed with the router's weights."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_experts))
+
+    def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(tokens)  # (N, k) each
+        # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous run
+        order = chosen.reshape(-1).argsort()
+        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
+        weights = weights.reshape(-1)
+        out = torch.zeros_like(tokens)
+        for expert, pairs in zip(self.experts, order.split(counts)):
+            if pairs.numel():
+                rows = pairs // chosen.shape[1]
+                y = expert(tokens.index_select(0, rows)) * weights[pairs, None]
+                out.index_add_(0, rows, y.to(out.dtype))
+        return out.view(x.shape)
+
+
+class Router(nn.Module):
+    """The gate: softmax over experts in float32, the top-k kept and renormalised. A plain weight rather than an
+    nn.Linear, so that quantizing a block's linear layers leaves the routing exact."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.top_k = config.experts_per_token
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The k weights (float32) and expert indices of each token, (N, k) each."""
+        probs = F.softmax(F.linear(tokens, self.weight).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+
+class Expert(nn.Module):
+    """One expert: a SwiGLU MLP, w2(silu(w1(x)) * w3(x)), named as Mixtral's checkpoints name it."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:
+    """One layer's tensors, in either layout, as our block's state dict."""
+    state = {}
+    for name, tensor in tensors.items():
+        head, _, rest = name.partition(".")
+        name = f"{HF_TO_MEADOW.get(head, head)}.{rest}"
+        if name == "feed_forward.experts.gate_up_proj":  # fused (E, 2I, H): w1 (gate) rows first, then w3 (up)
+            for expert, gate_up in enumerate(tensor.unbind(0)):
+                w1, w3 = gate_up.chunk(2, dim=0)
+                state[f"feed_forward.experts.{expert}.w1.weight"] = w1
+                state[f"feed_forward.experts.{expert}.w3.weight"] = w3
+        elif name == "feed_forward.experts.down_proj":  # fused (E, H, I)
+            for expert, w2 in enumerate(tensor.unbind(0)):
+                state[f"feed_forward.experts.{expert}.w2.weight"] = w2
+        else:
+            state[name] = tensor
+    return state
+
+
+def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
+    """The layers LoRA can target: the attention projections (see the module docstring)."""
+    return {name: shape for name, shape in llama.linear_shapes(config).items() if name in LORA_PATHS}
+
+
+FAMILY = Family(
+    name="mixtral",
+    config_from_hf=MixtralConfig.from_hf,
+    block=MixtralBlock,
+    layer_state=layer_state,
+    load_client_parts=llama.load_client_parts,
+    linear_shapes=linear_shapes,
+    lora_paths=LORA_PATHS,
+)

@@ -1,0 +1,250 @@
+"""Qwen3, Mixtral and Mistral with a sliding window shorter than the sequences, against transformers run locally on
+the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a real 2-server swarm on
+127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Qwen GGUF files."""
+
+from __future__ import annotations
+
+import signal
+from functools import partial
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from meadow import AutoDistributedModelForCausalLM
+from meadow.local_swarm import LocalSwarm
+from meadow.models import load_blocks, load_client_parts, load_config, load_reference_model
+from meadow.models.registry import family_of
+from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
+from meadow.server.span import Session, Span
+from meadow.wire import BlockRange
+
+ATOL = 1e-4
+WINDOW = 8  # mistral's and mixtral's sliding window; every sequence below is longer
+LENGTH = 36
+# family -> make_tiny_checkpoint kwargs: odd shapes, GQA, biases, tied and untied heads, a sharded checkpoint
+FAMILIES = {
+    "qwen3": dict(hidden_size=40, num_heads=5, num_kv_heads=1, head_dim=12, intermediate_size=72,
+                  tie_word_embeddings=True, attention_bias=True),
+    "mixtral": dict(hidden_size=48, num_heads=6, num_kv_heads=2, intermediate_size=40, num_experts=4,
+                    experts_per_token=2, sliding_window=WINDOW, max_shard_size="40KB"),
+    "mistral": dict(sliding_window=WINDOW),
+}  # fmt: skip
+LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # its experts take no LoRA (see mixtral.py)
+DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def path(request, checkpoints):
+    return checkpoints(request.param, **FAMILIES[request.param])
+
+
+@pytest.fixture(scope="module")
+def local(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def span(path):
+    config = load_config(path)
+    blocks = load_blocks(path, config, 0, config.num_hidden_layers, torch.float32, progress=False)
+    return Span(blocks, 0, config, torch.float32, torch.device("cpu")), load_client_parts(path, config, torch.float32)
+
+
+def token_ids(vocab_size: int, rows: int = 2, length: int = LENGTH, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_blocks_and_logits_match_transformers(path, local, span):
+    span, parts = span
+    ids = token_ids(span.config.vocab_size)
+    captured = {}
+    hook = local.model.norm.register_forward_hook(lambda module, args, out: captured.update(hidden=args[0]))
+    with torch.no_grad():
+        expected = local(ids).logits
+    hook.remove()
+    hidden = span.run(parts.embed(ids), torch.arange(LENGTH).expand(2, -1), torch.ones_like(ids, dtype=torch.bool),
+                      span.range)  # fmt: skip
+    assert (hidden - captured["hidden"]).abs().max() <= ATOL
+    assert (parts.logits(hidden) - expected).abs().max() <= ATOL
+
+
+def run_packed(span: Span, steps: list) -> list[torch.Tensor]:
+    """Run sessions' step generators side by side, each round's pieces in one packed pass, as a server batches them."""
+    pieces, results = [next(step) for step in steps], [None] * len(steps)
+    active = list(range(len(steps)))
+    while active:
+        outputs = span.run_pieces([pieces[i] for i in active])
+        still = []
+        for i, output in zip(active, outputs):
+            try:
+                pieces[i] = steps[i].send(output)
+                still.append(i)
+            except StopIteration as stop:
+                results[i] = stop.value
+        active = still
+    return results
+
+
+def test_cache_sessions_in_packed_batches_equal_the_full_forward(span):
+    """Two sessions decode side by side in packed passes: one prefills more than the window then goes token by token
+    past it, the other goes in steps of 5 (chunks of 3 in the pass); their outputs are the full forward's."""
+    span, parts = span
+    length = 2 * WINDOW + 4
+    x = parts.embed(token_ids(span.config.vocab_size, length=length))
+    positions = torch.arange(length).expand(2, -1)
+    full = span.run(x, positions, torch.ones(2, length, dtype=torch.bool), span.range)
+    sessions = [Session.open(span, span.range, 1, length) for _ in range(2)]
+    splits = [[0, WINDOW + 2, *range(WINDOW + 3, length + 1)], list(range(0, length, 5)) + [length]]
+    outputs: list[list[torch.Tensor]] = [[], []]
+    for step in range(max(len(s) for s in splits) - 1):
+        runs = [(row, splits[row][step], splits[row][step + 1]) for row in range(2) if step + 1 < len(splits[row])]
+        steps = [
+            sessions[row].step_pieces(x[row : row + 1, a:b], positions[row : row + 1, a:b], torch.ones(1, b - a, dtype=torch.bool), 3)
+            for row, a, b in runs
+        ]  # fmt: skip
+        for (row, _, _), output in zip(runs, run_packed(span, steps)):
+            outputs[row].append(output)
+    for row in range(2):
+        assert (torch.cat(outputs[row], dim=1)[0] - full[row]).abs().max() <= ATOL
+
+
+def test_mixtral_reads_both_expert_layouts(tmp_path):
+    kwargs = dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=24, num_experts=3)
+    classic = make_tiny_checkpoint(tmp_path / "classic", "mixtral", **kwargs)
+    fused = make_tiny_checkpoint(tmp_path / "fused", "mixtral", fused_experts=True, **kwargs)
+    config = load_config(classic)
+    assert family_of(config).name == "mixtral" and load_config(fused) == config
+    for a, b in zip(*(load_blocks(p, config, 0, 2, torch.float32, progress=False) for p in (classic, fused))):
+        state, expected = a.state_dict(), b.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoints):
+    """One DHT and two servers per family (blocks 0:2 and 2:4 of its 4), all started at once."""
+    swarm = LocalSwarm()
+    try:
+        swarm.start_dht()
+        servers = [swarm.start_server(checkpoints(family, **kwargs), "--blocks", span, wait=False)
+                   for family, kwargs in FAMILIES.items() for span in ("0:2", "2:4")]  # fmt: skip
+        for server in servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+    except BaseException:
+        swarm.stop()
+        raise
+    yield swarm
+    for server in swarm.servers:  # all shut down at once; stop() then waits for each in turn
+        server.popen.send_signal(signal.SIGTERM)
+    swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def distributed(path, swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers)
+    yield model, swarm
+    model.sequence.close()
+
+
+def test_swarm_logits_and_greedy_generation_equal_transformers(distributed, local):
+    model, _ = distributed
+    ids = token_ids(local.config.vocab_size, seed=1)
+    with torch.no_grad():
+        assert (model(ids).logits - local(ids).logits).abs().max() <= ATOL
+    prompt = ids[:1, :10]  # then 26 new tokens: the session's cache grows far past the window
+    expected = local.generate(prompt, max_new_tokens=LENGTH - 10, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=LENGTH - 10, do_sample=False), expected)
+
+
+def test_swarm_gradients_equal_local(distributed, local):
+    model, _ = distributed
+    ids = token_ids(local.config.vocab_size, seed=2)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds, labels=ids).loss.backward()
+    local_embeds = local.get_input_embeddings()(ids).detach().requires_grad_()
+    local(inputs_embeds=local_embeds, labels=ids).loss.backward()
+    assert embeds.grad.abs().sum() > 0 and relative_error(embeds.grad, local_embeds.grad) <= ATOL
+
+
+def test_deep_prompts_equal_local_reference(path, distributed, local):
+    _, swarm = distributed
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, tuning_mode="deep_ptune",
+                                                            pre_seq_len=3)  # fmt: skip
+    with torch.no_grad():
+        model.prompts.prefix.normal_(0, 0.5)
+        model.prompts.deep.normal_(0, 0.5)
+    ids = token_ids(local.config.vocab_size, rows=1, length=20, seed=3)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+
+    # transformers with the prompt in front and each layer's deep prompt added to the prefix positions before it
+    prefix, deep = (t.detach().clone().requires_grad_() for t in (model.prompts.prefix, model.prompts.deep))
+
+    def add_prompt(module, args, kwargs, index):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return (torch.cat([hidden[:, :3] + deep[index], hidden[:, 3:]], dim=1), *args[1:]), kwargs
+
+    hooks = [layer.register_forward_pre_hook(partial(add_prompt, index=i), with_kwargs=True)
+             for i, layer in enumerate(local.model.layers)]  # fmt: skip
+    try:
+        embeds = torch.cat([prefix[None], local.get_input_embeddings()(ids)], dim=1)
+        logits = local(inputs_embeds=embeds).logits[:, 3:]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    local.loss_function(logits=logits, labels=ids, vocab_size=local.config.vocab_size).backward()
+    assert (out.logits - logits).abs().max() <= ATOL
+    assert relative_error(model.prompts.deep.grad, deep.grad) <= ATOL
+    assert relative_error(model.prompts.prefix.grad, prefix.grad) <= ATOL
+    model.sequence.close()
+
+
+def test_client_lora_equals_local_peft(path, distributed, local):
+    _, swarm = distributed
+    model_type, lora_paths = load_config(path).model_type, family_of(load_config(path)).lora_paths
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS.get(model_type, DEFAULT_TARGETS))
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, lora=config)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+    generator = torch.Generator().manual_seed(4)
+    for (block, module), (A, B) in zip(model.lora.keys, model.lora.pairs()):
+        A.data.normal_(0, 0.2, generator=generator), B.data.normal_(0, 0.2, generator=generator)
+        layer = peft_model.get_submodule(f"base_model.model.model.layers.{block}.{lora_paths[module]}")
+        layer.lora_A["default"].weight.data.copy_(A.data)
+        layer.lora_B["default"].weight.data.copy_(B.data)
+    ids = token_ids(local.config.vocab_size, seed=5)
+    out, expected = model(input_ids=ids, labels=ids), peft_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    expected.loss.backward()
+    assert (out.logits - expected.logits).abs().max() <= ATOL
+    block, module = model.lora.keys[-1]
+    layer = peft_model.get_submodule(f"base_model.model.model.layers.{block}.{lora_paths[module]}")
+    assert relative_error(model.lora.pairs()[-1][0].grad, layer.lora_A["default"].weight.grad) <= ATOL
+    model.sequence.close()
+    if model_type == "mixtral":
+        with pytest.raises(ValueError, match=r"\['w1'\] are not in a block; choose from q_proj, k_proj, v_proj, o_proj"):
+            AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, lora=LoraConfig(r=2, target_modules=["w1"]))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_gguf_files_load_as_their_checkpoints(family, checkpoints, tmp_path):
+    """llama.cpp's qwen2/qwen3 files (q/k rows not permuted, biases, q/k norms); transformers reads no head_dim from
+    them, so Qwen3's is its default of 128, as in the real models."""
+    path = checkpoints(family, **({"num_heads": 2, "num_kv_heads": 1, "head_dim": 128} if family == "qwen3" else {}))
+    gguf_file = make_tiny_gguf(path, tmp_path / f"{family}.gguf", "F16")
+    config = load_config(gguf_file)
+    assert (config.model_type, config.head_dim, config.qk_norm) == (family, load_config(path).head_dim, family == "qwen3")
+    blocks = load_blocks(gguf_file, config, 0, config.num_hidden_layers, torch.float32, progress=False)
+    parts = load_client_parts(gguf_file, config, torch.float32)
+    ids = token_ids(config.vocab_size, length=12)
+    x = parts.embed(ids)
+    with torch.no_grad():
+        for block in blocks:
+            x = block(x, torch.arange(12).expand(2, -1))
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits
+    assert (parts.logits(x) - expected).abs().max() <= 0.05 * expected.abs().max()  # F16 weights: close, not equal
+    assert (parts.logits(x) - load_reference_model(gguf_file)(ids).logits).abs().max() <= ATOL
