@@ -36,7 +36,9 @@ def run_api(
     tokenizer = load_tokenizer(model)
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter,
-        client_config=replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS, points_identity=points_identity),
+        client_config=replace(
+            client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS, points_identity=points_identity
+        ),
     )  # fmt: skip
     model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
     app = create_app(distributed, tokenizer, model_id)
