@@ -25,6 +25,7 @@ from conftest import start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.models import load_reference_model
+from meadow.points.rpc import RPC_LEDGER, RPC_RECEIPT
 from meadow.wire import (
     RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, BackwardRequest, ForwardRequest, OpenSession, Push,
     Reply, Step, serialize, unpack,
@@ -34,7 +35,7 @@ REQUESTS = int(os.environ.get("FUZZ_REQUESTS", "1000"))  # per RPC
 PEERS = 4  # fuzzing peers, each with its own peer id
 IN_FLIGHT = 4  # requests per peer at once
 HIDDEN, NUM_BLOCKS, MAX_LENGTH = 64, 4, 64
-RPCS = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_inference", "rpc_push")
+RPCS = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_inference", "rpc_push", "rpc_receipt", "rpc_ledger")
 REPLY_TIMEOUT = 60.0
 
 
@@ -221,6 +222,23 @@ class Fuzzer:
                 return "ok"
             except Exception as e:  # bytes that are no protobuf: hivemind answers its parse error
                 return f"{type(e).__name__} (hivemind: not a protobuf)"
+        if rpc in ("rpc_receipt", "rpc_ledger"):  # the points service's unary msgpack RPCs
+            if rpc == "rpc_receipt":
+                valid = {"membership": None, "receipts": [{"server": str(self.peer), "tokens": 5}]}
+            else:
+                valid = {"offset": 0, "limit": 10}
+            payload = msgpack.packb(m.mutate_meta(valid) if self.rng.random() < 0.7 else valid)
+            if self.rng.random() < 0.2:
+                payload = os.urandom(self.rng.randrange(0, 128))
+            name = RPC_RECEIPT if rpc == "rpc_receipt" else RPC_LEDGER
+            try:
+                reply = await self.p2p.call_protobuf_handler(
+                    self.peer, name, runtime_pb2.ExpertInfo(serialized_info=payload), runtime_pb2.ExpertInfo
+                )
+            except Exception as e:
+                return f"{type(e).__name__} (hivemind: not a protobuf)" if "protobuf" in str(e).lower() else repr(e)[:80]
+            answer = msgpack.unpackb(reply.serialized_info, raw=False)
+            return "refused (points error)" if isinstance(answer, dict) and answer.get("error") else "ok"
         if rpc == "rpc_forward":
             return await self.stream(RPC_FORWARD, [m.message(ForwardRequest(blocks=blocks).to_wire(), m.inputs())])
         if rpc == "rpc_backward":
@@ -336,10 +354,10 @@ def test_fuzzed_server_stays_up_answers_clearly_and_keeps_honest_tokens(server):
     assert process.popen.poll() is None, "the server died"
     for rpc, kinds in counts.items():
         assert sum(kinds.values()) == REQUESTS
-        clear = ("ok", "BadRequest", "ServerBusy", "WrongServer", "stale step skipped")
+        clear = ("ok", "BadRequest", "ServerBusy", "WrongServer", "stale step skipped", "refused (points error)")
         unclear = {k: n for k, n in kinds.items() if k not in clear and "hivemind" not in k}
         assert not unclear, f"{rpc}: answers that are no clear error: {unclear}"
-        assert rpc == "rpc_info" or kinds["BadRequest"] > 0
+        assert kinds["BadRequest"] + kinds["refused (points error)"] > 0 or rpc == "rpc_info"
     assert peak - baseline < 512 * 2**20, "the server's memory grew by over 512 MiB during the fuzz"
     assert group_peak - group_baseline < 1024 * 2**20, "the server's processes grew by over 1 GiB during the fuzz"
     assert "error" not in honest, honest.get("error")
