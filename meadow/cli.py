@@ -83,6 +83,28 @@ def _add_identity(parser: argparse.ArgumentParser) -> None:
                         help="identity file from `meadow keygen`: the same peer id at every start (default: a new one)")
 
 
+def _allow_list_file(text: str) -> str:
+    from meadow.swarm.allow_list import load_allow_list
+
+    try:
+        load_allow_list(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_allow_peers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-peers", metavar="FILE", type=_allow_list_file,
+                        help="a private swarm: talk only to the peer ids in FILE (one a line, # comments) and refuse "
+                             "everyone else; use with --identity")  # fmt: skip
+
+
+def _client_config(args: argparse.Namespace):
+    from meadow.client.config import ClientConfig
+
+    return ClientConfig(identity=args.identity, allow_peers=args.allow_peers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meadow", description="Run large language models across many machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network(dht)
     dht.add_argument("--initial-peers", nargs="*", default=[], type=_multiaddr, help="other DHT nodes to join")
     _add_identity(dht)
+    _add_allow_peers(dht)
 
     keygen = commands.add_parser("keygen", help="write a new identity file (a private key) for --identity")
     keygen.add_argument("path", help="where to write it; an existing file is never overwritten")
@@ -104,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     span.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm needs them")
     _add_network(serve)
     _add_identity(serve)
+    _add_allow_peers(serve)
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
@@ -145,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     generate.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+    _add_identity(generate)
+    _add_allow_peers(generate)
 
     chat = commands.add_parser("chat", help="chat with a model through the swarm, in the terminal")
     chat.add_argument("model", nargs="?", help=MODEL_HELP)
@@ -157,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+    _add_identity(chat)
+    _add_allow_peers(chat)
 
     api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
     api.add_argument("model", nargs="?", help=MODEL_HELP)
@@ -165,11 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+    _add_identity(api)
+    _add_allow_peers(api)
     api.add_argument("--points-identity", metavar="PATH", type=_identity_file,
                      help="your server's identity file: sign receipts, spend its points, show them on the chat page")
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
     status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_identity(status)
+    _add_allow_peers(status)
 
     points = commands.add_parser("points", help="verify the servers' receipt ledgers and print their points")
     points.add_argument("peer", nargs="?", help="only this server's ledger (a peer id)")
@@ -205,11 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        _run(args)
+    except Exception as e:
+        from meadow.swarm.allow_list import NotAllowed
 
+        if not isinstance(e, NotAllowed):
+            raise
+        sys.exit(f"meadow {args.command}: error: {e}")  # a private swarm refused us: one line, no traceback
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "dht":
         from meadow.swarm import serve_dht_node
 
-        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map, args.identity)
+        serve_dht_node(args.host, args.port, args.initial_peers, args.nat_port_map, args.identity, args.allow_peers)
     elif args.command == "keygen":
         from meadow.swarm import generate_identity
 
@@ -233,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             quant=args.quant, dht_prefix=args.dht_prefix, public_name=args.public_name, update_period=args.update_period,
             balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
             nat_port_map=args.nat_port_map, identity=args.identity, adapters=args.adapters, limits=limits,
+            allow_peers=args.allow_peers,
             points_period=args.points_period, points_seeds=args.points_seeds, points_allow=args.points_allow,
         )  # fmt: skip
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
@@ -244,21 +287,30 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "generate":
         from meadow.client.text import stream_generate
 
-        stream_generate(_model(args), args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix, args.adapter)
+        stream_generate(
+            _model(args), args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix,
+            args.adapter, _client_config(args),
+        )  # fmt: skip
     elif args.command == "chat":
         from meadow.client.chat import Sampling, run_chat
 
         sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-        run_chat(_model(args), args.initial_peers, sampling, args.max_length, args.system, args.dht_prefix, args.adapter)
+        run_chat(
+            _model(args), args.initial_peers, sampling, args.max_length, args.system, args.dht_prefix, args.adapter,
+            _client_config(args),
+        )  # fmt: skip
     elif args.command == "api":
         from meadow.api.serve import run_api
 
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
-        run_api(_model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, args.points_identity)
+        run_api(
+            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
+            args.points_identity,
+        )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm
 
-        print_swarm(args.initial_peers)
+        print_swarm(args.initial_peers, args.identity, args.allow_peers)
     elif args.command == "points":
         from meadow.points.report import print_points
 

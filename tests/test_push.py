@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
@@ -81,6 +83,44 @@ def test_a_push_to_an_unknown_session_is_refused_and_harms_nothing(chain):
         run(transport.read_reply(_one(reply), second.peer, 10))
     with sequence.inference_session(max_length=4, batch_size=1) as session:  # still serving
         assert session.step(*step_inputs(0)).shape == (1, 1, HIDDEN)
+
+
+def test_a_push_that_does_not_fit_its_session_is_refused_and_the_session_goes_on(chain):
+    sequence, (_, second) = chain
+    hidden, positions, mask = step_inputs(0)
+    wide = [hidden.repeat(2, 1, 1), positions.repeat(2, 1), mask.repeat(2, 1)]
+    long = [torch.randn(1, 5, HIDDEN), torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool)]
+    bad = [
+        (wide, 0, "session was opened for batch size 1"),
+        (long, 0, "decoding steps of at most 4"),
+        (step_inputs(0), 127, "exceeds the session's max_length 127"),
+        (step_inputs(0), 90, "over 64 tokens past the session's 0"),
+    ]
+
+    async def session_steps(session_id: str, before=None) -> list[torch.Tensor]:
+        stream = transport.InferenceStream(sequence.p2p, second.peer)
+        await stream.open(OpenSession(blocks=second.blocks, max_length=127, batch_size=1, session_id=session_id), 30)
+        try:
+            await (before() if before else asyncio.sleep(0))
+            return [await stream.step(step_inputs(position), 30, Step(position=position).to_wire()) for position in range(3)]
+        finally:
+            await stream.close()
+
+    errors = []
+
+    async def bad_pushes():
+        for tensors, position, _ in bad:
+            (message,) = pack(tensors, Push(session_id="victim-session", position=position).to_wire(), runtime_pb2.ExpertRequest)
+            reply = await sequence.p2p.call_protobuf_handler(second.peer, RPC_PUSH, message, runtime_pb2.ExpertResponse)
+            try:
+                await transport.read_reply(_one(reply), second.peer, 10)
+            except RemoteError as e:
+                errors.append(str(e))
+
+    outputs = run(session_steps("victim-session", bad_pushes))
+    assert len(errors) == len(bad) and all(message in error for error, (_, _, message) in zip(errors, bad)), errors
+    untouched = run(session_steps("another-session"))  # the victim's session went on as if nothing had come
+    assert all(torch.allclose(got, expected, atol=1e-5) for got, expected in zip(outputs, untouched))
 
 
 async def _one(message):

@@ -201,3 +201,25 @@ def test_backward_survives_a_server_killed_after_forward(path, checkpoints, loca
         model.sequence.close()
     finally:
         swarm.stop()
+
+
+def test_backward_recomputed_block_by_block_equals_the_whole_graphs(path):
+    """A backward whose forward graph was not kept recomputes one block at a time (its memory is one block's
+    activations); its gradients w.r.t. hidden states, deep prompts and LoRA weights equal those of the whole graph."""
+    from meadow.server.tuning import TuningInputs
+    from meadow.wire import BlockRange, LoraEntry
+    from local_sequence import LocalSequence
+
+    span = LocalSequence(path).span
+    blocks, hidden_size = BlockRange(start=1, end=4), span.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    hidden, grad_output = torch.randn(2, 5, hidden_size, generator=generator), torch.randn(2, 5, hidden_size, generator=generator)
+    position_ids, key_mask = torch.arange(5).repeat(2, 1), torch.tensor([[True] * 5, [False, False, True, True, True]])
+    entries = tuple(LoraEntry(block=b, module="q_proj", rank=2, scale=0.5) for b in (1, 3))
+    tuning = TuningInputs(blocks, torch.randn(3, 2, hidden_size, generator=generator),
+                          torch.randn(2 * 2 * 2 * hidden_size, generator=generator), entries)  # fmt: skip
+    by_block = span.backward(hidden, position_ids, key_mask, blocks, grad_output, tuning)
+    graph = span._graph(hidden, position_ids, key_mask, blocks, tuning)
+    whole = torch.autograd.grad(graph.output, graph.leaves, grad_output)
+    assert len(by_block) == 3 and all(g.abs().sum() > 0 for g in by_block)
+    assert all(relative_error(got, expected) <= 1e-5 for got, expected in zip(by_block, whole))

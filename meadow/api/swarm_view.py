@@ -113,11 +113,11 @@ def short_peer(peer: str) -> str:
     return "…" + peer[-6:]
 
 
-def print_swarm(initial_peers: list[str]) -> None:
-    """`meadow status`: join the DHT as a client, print the table, leave."""
+def print_swarm(initial_peers: list[str], identity: str | None = None, allow_peers: str | None = None) -> None:
+    """`meadow status`: join the DHT as a client (as `identity`, in a private swarm), print the table, leave."""
     from meadow.swarm import start_dht
 
-    dht = start_dht(initial_peers, client_mode=True)
+    dht = start_dht(initial_peers, client_mode=True, identity=identity, allow_peers=allow_peers)
     try:
         print(format_swarm(read_swarm(dht)), flush=True)
     finally:

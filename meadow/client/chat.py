@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from meadow.client.config import ClientConfig
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ def run_chat(
     system: str | None = None,
     dht_prefix: str | None = None,
     adapter: str | None = None,
+    client_config: ClientConfig | None = None,
 ) -> None:
     """`meadow chat`: join the swarm, then chat in the terminal until the user leaves."""
     from meadow.client.model import AutoDistributedModelForCausalLM
@@ -301,7 +303,9 @@ def run_chat(
         import readline  # noqa: F401  (line editing and history for input())
 
     tokenizer = load_tokenizer(model)
-    with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter) as distributed:
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter, client_config=client_config
+    ) as distributed:
         conversation = Conversation(distributed, tokenizer, max_length, system)
         print(f"Chatting with {Path(model).name} through the swarm. /help lists the commands.", flush=True)
         try:

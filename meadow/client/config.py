@@ -13,6 +13,7 @@ class ClientConfig:
 
     dht_prefix: str | None = None  # swarm name of the model; default: derived from the model's name
     identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each time)
+    allow_peers: str | None = None  # a private swarm: file of its peer ids; we read and use only their servers
     # Contribution points (meadow/points/): the identity file of the server whose points this client spends; it signs
     # the client's receipts and its membership. Default: `identity`'s own; with neither, the client is anonymous
     # (served at the lowest priority, signs no receipts).

@@ -379,7 +379,10 @@ def connect_sequence(
     prefix = dht_prefix or client_config.dht_prefix or dht_prefix_for(model)
     fingerprint = checkpoint_fingerprint(resolve_model_path(model))
     swarms = {prefix: config.num_hidden_layers}  # the DHT node checks these records in full (swarm/validation.py)
-    dht = start_dht(initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms)
+    dht = start_dht(
+        initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms,
+        allow_peers=client_config.allow_peers,
+    )  # fmt: skip
     sequence = RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)
     owner = client_config.points_identity or client_config.identity
     if owner is not None:

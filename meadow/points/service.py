@@ -31,9 +31,15 @@ class PointsService:
         self.book = book or PointsBook()
         self.owners: OrderedDict[str, tuple[str, float]] = OrderedDict()  # connection peer id -> (owner, expires)
 
-    async def register(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(RPC_RECEIPT, self.rpc_receipt, runtime_pb2.ExpertInfo)
-        await p2p.add_protobuf_handler(RPC_LEDGER, self.rpc_ledger, runtime_pb2.ExpertInfo)
+    async def register(self, p2p: P2P, allowed: frozenset | None = None) -> None:
+        """Serve rpc_receipt and rpc_ledger; in a private swarm, only to the `allowed` peers (swarm/allow_list.py)."""
+        from meadow.swarm.allow_list import guard
+
+        def refuse(error: Exception):
+            raise error  # hivemind sends the caller the message
+
+        await p2p.add_protobuf_handler(RPC_RECEIPT, guard(self.rpc_receipt, allowed, refuse), runtime_pb2.ExpertInfo)
+        await p2p.add_protobuf_handler(RPC_LEDGER, guard(self.rpc_ledger, allowed, refuse), runtime_pb2.ExpertInfo)
 
     def owner_of(self, peer: Hashable) -> str:
         """Whose points a connection spends: the owner that vouched for it, else its own."""
@@ -85,8 +91,8 @@ class PointsService:
         try:
             message = decode(request)
             offset, limit = int(message["offset"]), min(int(message.get("limit", LEDGER_PAGE)), LEDGER_PAGE)
-            if offset < 0 or limit < 1:
-                raise ValueError("offset must be >= 0 and limit >= 1")
+            if not 0 <= offset < 2**62 or limit < 1:  # SQLite integers are 64-bit: a bigger offset raised (fuzz test)
+                raise ValueError("offset must be in [0, 2**62) and limit >= 1")
         except Exception as e:
             return encode({"error": f"bad rpc_ledger request: {e}"})
         entries = await asyncio.get_running_loop().run_in_executor(None, self.ledger.page, offset, limit)

@@ -6,21 +6,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Hashable
 
 import msgpack
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from meadow.models import BlockConfig, linear_shapes
 from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
-from meadow.server.push import Inbox, Inputs, push
+from meadow.server.push import Inbox, Inputs, check_push, push
 from meadow.server.span import Pieces, Session, Span, row_groups
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
+from meadow.swarm.allow_list import NotAllowed, guard
 from meadow.wire import (
     PROTOCOL_VERSION,
     RPC_BACKWARD,
@@ -66,7 +68,7 @@ class Limits:
     chunk_tokens: int = 256  # prefill, forward and training tokens per batched pass: what decoding may wait behind
     max_peer_cache_share: float = 0.75  # of the KV cache token slots, the most one peer may hold
     max_peer_sessions: int = 128  # inference sessions one peer may hold open at once
-    max_peer_requests: int = 16  # forward/backward requests of one peer waiting at once
+    max_peer_requests: int = 16  # forward/backward requests of one peer being read or run at once
 
 
 class BlockHandler:
@@ -77,7 +79,8 @@ class BlockHandler:
         self.config, self.budget, self.limits, self.info = config, budget, limits, info
         self.span: Span | None = None
         self.compute = ComputeLoop(limits.chunk_tokens, limits.max_batch_tokens)
-        self.requests: Counter[Hashable] = Counter()  # forward/backward requests in the compute queue, by peer
+        self.requests: Counter[Hashable] = Counter()  # forward/backward requests being read or run, by peer
+        self.streams: Counter[Hashable] = Counter()  # inference streams open or opening, by peer
         self.graphs = GraphCache(limits.graph_cache_bytes)  # training clients' forward graphs, for their backward
         self.max_request_bytes = self._max_request_bytes(hosted=1)
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
@@ -114,15 +117,26 @@ class BlockHandler:
         lora = hosted * sum(i + o for i, o in linear_shapes(config).values()) * limits.max_lora_rank * 4
         return tokens + prompts + lora + 65536
 
-    async def register(self, p2p: P2P) -> None:
+    async def register(self, p2p: P2P, allowed: frozenset[PeerID] | None = None) -> None:
+        """Serve our RPCs on `p2p`; in a private swarm, only to the `allowed` peers (others get NotAllowed)."""
         self.p2p = p2p  # to push decoding steps on to the next server of a chain
-        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
-        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
+
+        def refusal(error: NotAllowed) -> runtime_pb2.ExpertResponse:
+            return pack([], Reply(error=str(error), error_kind=type(error).__name__).to_wire(), runtime_pb2.ExpertResponse)[0]
+
+        def refuse_info(error: NotAllowed):
+            raise error  # rpc_info's reply has no error field: hivemind sends the caller the message
+
+        await p2p.add_protobuf_handler(RPC_INFO, guard(self.rpc_info, allowed, refuse_info), runtime_pb2.ExpertUID)
+        await p2p.add_protobuf_handler(RPC_PUSH, guard(self.rpc_push, allowed, refusal), runtime_pb2.ExpertRequest)
+        requests, sessions = self.limits.max_peer_requests, self.limits.max_peer_sessions
         for name, handler in (
-            (RPC_FORWARD, self.rpc_forward), (RPC_BACKWARD, self.rpc_backward), (RPC_INFERENCE, self.rpc_inference)
-        ):  # fmt: skip
+            (RPC_FORWARD, self._per_peer(self.rpc_forward, self.requests, requests, "requests in progress")),
+            (RPC_BACKWARD, self._per_peer(self.rpc_backward, self.requests, requests, "requests in progress")),
+            (RPC_INFERENCE, self._per_peer(self.rpc_inference, self.streams, sessions, "inference sessions")),
+        ):
             await p2p.add_protobuf_handler(
-                name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+                name, guard(handler, allowed, refusal), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -169,17 +183,30 @@ class BlockHandler:
         await _drain(requests)
 
     async def _request(self, pieces: Pieces, span: Span, peer: Hashable):
-        """A forward or backward request's result from the compute loop; ServerBusy if the peer has too many waiting."""
-        if self.requests[peer] >= self.limits.max_peer_requests:
-            pieces.close()
-            raise ServerBusy(f"you already have {self.requests[peer]} requests waiting here, the most one peer may")
-        self.requests[peer] += 1
-        try:
-            return await self.compute.run(pieces, span, peer, self.priority(peer))
-        finally:
-            self.requests[peer] -= 1
-            if not self.requests[peer]:
-                del self.requests[peer]
+        """A forward or backward request's result from the compute loop."""
+        return await self.compute.run(pieces, span, peer, self.priority(peer))
+
+    def _per_peer(self, handler: Callable, counts: Counter, limit: int, what: str) -> Callable:
+        """`handler` (a streaming RPC) that one peer may run at most `limit` times at once; beyond, ServerBusy. It
+        holds from the first byte read, so no peer makes the server buffer more than `limit` requests at once."""
+
+        async def bounded(requests: Requests, context: P2PContext) -> Responses:
+            peer = context.remote_id
+            if counts[peer] >= limit:
+                yield self._error(ServerBusy(f"you already have {counts[peer]} {what} here, the most one peer may"), context)
+                await _drain(requests)
+                return
+            counts[peer] += 1
+            try:
+                async with aclosing(handler(requests, context)) as replies:  # its own clean-up runs now, not at GC
+                    async for reply in replies:
+                        yield reply
+            finally:
+                counts[peer] -= 1
+                if not counts[peer]:
+                    del counts[peer]
+
+        return bounded
 
     def priority(self, peer: Hashable) -> int:
         """Where a peer's work goes in the compute queue: higher first, by the points of the owner it belongs to (0
@@ -204,9 +231,14 @@ class BlockHandler:
             peer, limits = context.remote_id, self.limits
             tokens = request.batch_size * request.max_length
             with self.budget.reserve(tokens, peer, limits.max_peer_cache_share, limits.max_peer_sessions):
-                session = Session.open(span, request.blocks, request.batch_size, request.max_length, tuning)
+                # zeroing a big KV cache takes a while: not on the event loop
+                session = await asyncio.get_running_loop().run_in_executor(
+                    None, Session.open, span, request.blocks, request.batch_size, request.max_length, tuning
+                )
                 inbox = Inbox()
                 if request.session_id is not None:
+                    if request.session_id in self.inboxes:  # taken while the cache was made
+                        raise BadRequest(f"session id {request.session_id!r} is already in use here")
                     registered = request.session_id
                     self.inboxes[registered] = (inbox, session)
                 self.sessions.add(me)
@@ -315,7 +347,9 @@ class BlockHandler:
             if len(tensors) != 3:
                 raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
             inbox, session = self.inboxes[pushed.session_id]
-            inbox.put(pushed.position, self._check_inputs(tensors), pushed.push_to, session.position)
+            inputs = self._check_inputs(tensors)
+            check_push(inputs, pushed.position, session.batch_size, session.position, session.max_length)
+            inbox.put(pushed.position, inputs, pushed.push_to, session.position)
             return runtime_pb2.ExpertResponse()
         except MeadowError as e:
             return self._error(e, context)

@@ -12,10 +12,29 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from meadow.wire import RPC_PUSH, Push, PushTarget, ServerBusy, pack
+from meadow.wire import RPC_PUSH, BadRequest, Push, PushTarget, ServerBusy, pack
 
 logger = logging.getLogger(__name__)
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
+
+
+PUSH_WINDOW = 64  # a pushed step may start at most this many tokens after the session's position (a few steps ahead)
+MAX_PUSHED_TOKENS = 4  # pushes carry decoding steps only: at most this many new tokens per row
+
+
+def check_push(inputs: Inputs, position: int, batch_size: int, served: int, max_length: int) -> None:
+    """BadRequest if a step pushed for `position` does not fit the session it names (opened for `batch_size` rows and
+    `max_length` tokens, `served` stored so far): it is refused before the session sees it, so a bad or hostile push
+    never ends the session of the client who opened it."""
+    batch, length = inputs[0].shape[:2]
+    if batch != batch_size:
+        raise BadRequest(f"pushed step has {batch} rows, the session was opened for batch size {batch_size}")
+    if length > MAX_PUSHED_TOKENS:
+        raise BadRequest(f"pushed step of {length} tokens: pushes carry decoding steps of at most {MAX_PUSHED_TOKENS}")
+    if position + length > max_length:
+        raise BadRequest(f"pushed step at {position}:{position + length} exceeds the session's max_length {max_length}")
+    if position > served + PUSH_WINDOW:
+        raise BadRequest(f"pushed step at position {position}, over {PUSH_WINDOW} tokens past the session's {served}")
 
 
 class Inbox:

@@ -55,6 +55,7 @@ class ServerConfig:
     throughput: str | float = "auto"  # "auto": measured once, then cached; "eval": measure again; a number: announce it
     nat_port_map: bool = False
     identity: str | None = None  # `meadow keygen` file: the same peer id across restarts (default: a new one each start)
+    allow_peers: str | None = None  # a private swarm: file of the peer ids we serve and talk to (swarm/allow_list.py)
     adapters: list[str] = field(default_factory=list)  # peft LoRA adapter folders to serve, each named by its folder
     limits: Limits = field(default_factory=Limits)
     points_period: float = 60.0  # seconds between re-reading and verifying every ledger (for priorities)
@@ -104,6 +105,7 @@ class Server:
         self.dht = start_dht(
             config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
             identity=config.identity, swarms={self.dht_prefix: self.model_config.num_hidden_layers},
+            allow_peers=config.allow_peers,
         )  # fmt: skip
         try:
             speed_source = await loop.run_in_executor(None, self._measure)
@@ -111,7 +113,7 @@ class Server:
             first = self._pick_span()
             self.span_range = first
             p2p = await self.dht.replicate_p2p()
-            await self.handler.register(p2p)
+            await self.handler.register(p2p, self.dht.allowed)
             await self._start_points(p2p)
             await self._take(first)
             print(
@@ -146,7 +148,7 @@ class Server:
         ledger = Ledger(meadow_home() / "ledgers" / f"{me}.sqlite", me)
         book = PointsBook(seeds=config.points_seeds, allow=config.points_allow)
         self.handler.points = PointsService(ledger, self.fingerprint, params_per_block(self.model_config), book)
-        await self.handler.points.register(p2p)
+        await self.handler.points.register(p2p, self.dht.allowed)
         asyncio.ensure_future(self._refresh_points(p2p))
 
     async def _refresh_points(self, p2p) -> None:

@@ -258,13 +258,51 @@ class Span:
     ) -> list[Tensor]:
         """rpc_backward: the gradients w.r.t. the hidden states and, if sent, the deep prompts and the client's LoRA
         weights, each on the CPU in the dtype it came in. Uses the forward's kept `graph` if there is one, else
-        recomputes the forward with autograd on. The served weights never require grad, so they get none."""
+        recomputes the forward block by block (_backward_by_block). The served weights never require grad, so they
+        get none."""
         tuning = tuning or TuningInputs(blocks)
         sent = [t for t in (hidden, tuning.prompts, tuning.lora_flat) if t is not None]
-        if graph is None or graph.output.shape != grad_output.shape or len(graph.leaves) != len(sent):
-            graph = self._graph(hidden, position_ids, key_mask, blocks, tuning)
-        grads = torch.autograd.grad(graph.output, graph.leaves, grad_output.to(self.device, self.dtype))
+        if graph is not None and graph.output.shape == grad_output.shape and len(graph.leaves) == len(sent):
+            grads = torch.autograd.grad(graph.output, graph.leaves, grad_output.to(self.device, self.dtype))
+        else:
+            grads = self._backward_by_block(hidden, position_ids, key_mask, blocks, grad_output, tuning)
         return [grad.to("cpu", original.dtype) for grad, original in zip(grads, sent)]
+
+    def _backward_by_block(
+        self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, grad_output: Tensor,
+        tuning: TuningInputs,
+    ) -> list[Tensor]:  # fmt: skip
+        """The gradients w.r.t. hidden and the tuning tensors sent, holding one block's activations at a time, so
+        that a backward's memory does not grow with the span: the forward runs again without autograd, keeping only
+        each block's input; then each block, last first, runs again with autograd and hands the gradient w.r.t. its
+        input to the block before it. Gradients w.r.t. deep prompts and LoRA weights add up over the blocks."""
+        tuning = tuning.to(self.device, self.dtype)
+        tuned = [t.detach().requires_grad_() for t in (tuning.prompts, tuning.lora_flat) if t is not None]
+        prompts = tuned[0] if tuning.prompts is not None else None
+        lora_flat = tuned[-1] if tuning.lora_flat is not None else None
+        position_ids, key_mask = position_ids.to(self.device), key_mask.to(self.device)
+        key_mask = None if bool(key_mask.all()) else key_mask  # as in forward: the fast causal path when unpadded
+
+        def run_block(x: Tensor, offset: int) -> Tensor:
+            lora = tuning.block_loras(self.config, lora_flat)  # views of lora_flat, made in the current grad mode
+            if prompts is not None:
+                x = add_prompt(x, prompts[offset], 0)
+            return self.blocks[blocks.start + offset - self.first](x, position_ids, key_mask, lora=lora[offset] if lora else None)
+
+        inputs, x = [], hidden.to(self.device, self.dtype)
+        with torch.no_grad():
+            for offset in range(len(blocks)):
+                inputs.append(x)
+                x = run_block(x, offset)
+        grad, tuned_grads = grad_output.to(self.device, self.dtype), [torch.zeros_like(t) for t in tuned]
+        for offset in reversed(range(len(blocks))):
+            with torch.enable_grad():
+                x = inputs.pop().detach().requires_grad_()
+                grad, *parts = torch.autograd.grad(run_block(x, offset), [x, *tuned], grad, allow_unused=True)
+            for total, part in zip(tuned_grads, parts):
+                if part is not None:
+                    total += part
+        return [grad, *tuned_grads]
 
     def _graph(self, hidden: Tensor, position_ids: Tensor, key_mask: Tensor, blocks: BlockRange, tuning: TuningInputs) -> Graph:
         """The forward with autograd on, differentiable w.r.t. the hidden states and the tuning tensors sent."""

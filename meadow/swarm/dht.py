@@ -13,6 +13,7 @@ import hivemind
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from meadow.swarm.allow_list import AllowListDHT, NotAllowed, load_allow_list, refused_reason
 from meadow.swarm.identity import generate_identity, load_identity
 from meadow.swarm.records import LEDGERS_KEY, MODELS_KEY, LedgerHead, ModelInfo, ServerInfo, ServerState, block_key
 from meadow.swarm.validation import (
@@ -31,32 +32,48 @@ def start_dht(
     nat_port_map: bool = False,
     identity: str | Path | None = None,
     swarms: Mapping[str, int] = {},
+    allow_peers: str | Path | None = None,
 ) -> hivemind.DHT:
     """A hivemind DHT node listening on host:port only. UPnP port mapping stays off unless asked for:
     hivemind's default multicasts SSDP on the local network even when bound to 127.0.0.1.
 
     Its peer id and the key that signs its records come from the `identity` file (`meadow keygen`), or from a fresh
     random key. It refuses unsigned or forged records, and checks the list of models and the block records of
-    `swarms` (dht_prefix -> number of blocks) in full (swarm/validation.py)."""
+    `swarms` (dht_prefix -> number of blocks) in full (swarm/validation.py).
+
+    With `allow_peers` (a file of peer ids, allow_list.py) it is a node of a private swarm: it answers, keeps and
+    reads only the listed peers (and itself). A node that a private swarm's nodes refuse gets NotAllowed."""
+    allowed = None
     with tempfile.TemporaryDirectory(prefix="meadow-identity-") as folder:
         # p2pd reads its key from a file at start; a fresh one's file is gone once it has (the key stays in memory)
         key = load_identity(identity) if identity is not None else generate_identity(Path(folder) / "identity.key")
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers),
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            client_mode=client_mode,
-            nat_port_map=nat_port_map,
-            identity_path=str(key.path),
-            # a kept identity is checked not to be in use by another peer (the same server started twice); a fresh
-            # one cannot be
-            check_if_identity_free=identity is not None,
-            record_validators=meadow_validators(key, dict(swarms)),
-            start=True,
-        )
+        if allow_peers is not None:
+            allowed = load_allow_list(allow_peers) | {key.peer_id}
+        kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
+        try:
+            dht = kind(
+                initial_peers=list(initial_peers),
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                client_mode=client_mode,
+                nat_port_map=nat_port_map,
+                identity_path=str(key.path),
+                # a kept identity is checked not to be in use by another peer (the same server started twice); a
+                # fresh one cannot be
+                check_if_identity_free=identity is not None,
+                record_validators=meadow_validators(key, dict(swarms), allowed),
+                start=True,
+                **extra,
+            )
+        except RuntimeError as e:  # hivemind: "none of the initial_peers responded": say why, if they refused us
+            reason = refused_reason(list(initial_peers), key.path) if initial_peers else None
+            if reason is not None:
+                raise NotAllowed(reason) from None
+            raise
     if dht.peer_id != key.peer_id:  # readers derive a server's peer id from its signing key: they must agree
         dht.shutdown()
         raise RuntimeError(f"p2pd took peer id {dht.peer_id}, not {key.peer_id} of its identity file")
     dht.owner_subkey = owner_subkey(key)  # announce writes under it; the DHT process signs with the key it was given
+    dht.allowed = allowed  # fetch_servers reads only these peers' records (None: anyone's)
     return dht
 
 
@@ -128,7 +145,7 @@ def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[d
                 except InvalidRecord as e:
                     logger.debug(f"skipped a record under block {block}: {e}")
                     continue
-                if info.state != ServerState.OFFLINE:
+                if info.state != ServerState.OFFLINE and (getattr(dht, "allowed", None) is None or peer in dht.allowed):
                     by_peer[peer] = info
         servers.append(by_peer)
     return servers
@@ -151,6 +168,7 @@ def serve_dht_node(
     initial_peers: Sequence[str] = (),
     nat_port_map: bool = False,
     identity: str | Path | None = None,
+    allow_peers: str | Path | None = None,
 ) -> None:
     """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
     import threading
@@ -160,7 +178,7 @@ def serve_dht_node(
     started, stop = threading.Event(), threading.Event()
     # stopped while the DHT starts (it may have died, and would never report ready), or stopped twice: do not wait
     on_stop_signals(lambda: stop.set() if started.is_set() and not stop.is_set() else exit_now(1))
-    dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map, identity=identity)
+    dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map, identity=identity, allow_peers=allow_peers)
     started.set()
     try:
         for maddr in dht.get_visible_maddrs():

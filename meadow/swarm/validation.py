@@ -94,7 +94,8 @@ class MeadowRecordValidator(RecordValidatorBase):
     bootstrap node serves any swarm, and signatures are checked on every key by RSASignatureValidator, which runs
     first (and strips the signature before this one sees it)."""
 
-    def __init__(self, swarms: dict[str, int]):
+    def __init__(self, swarms: dict[str, int], allowed: frozenset[PeerID] | None = None):
+        self.allowed = allowed  # a private swarm's peers (allow_list.py): every record must be signed by one of them
         self._blocks: dict[bytes, tuple[int, int]] = {}  # DHT key id -> (block, number of blocks)
         for dht_prefix, num_blocks in swarms.items():
             for block in range(num_blocks):
@@ -102,20 +103,22 @@ class MeadowRecordValidator(RecordValidatorBase):
 
     def validate(self, record: DHTRecord) -> bool:
         block = self._blocks.get(record.key)
-        if block is None and record.key not in (_MODELS_KEY_ID, _LEDGERS_KEY_ID):
+        if block is None and record.key not in (_MODELS_KEY_ID, _LEDGERS_KEY_ID) and self.allowed is None:
             return True
         try:
             if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
                 raise InvalidRecord("a record without a subkey")
-            subkey, value = DHTProtocol.serializer.loads(record.subkey), DHTProtocol.serializer.loads(record.value)
+            subkey = DHTProtocol.serializer.loads(record.subkey)
+            if self.allowed is not None and record_owner(subkey) not in self.allowed:
+                raise InvalidRecord(f"signed by {record_owner(subkey)}, who is not on the allow-list")
             if block is not None:
-                check_record(*block, subkey, value)
+                check_record(*block, subkey, DHTProtocol.serializer.loads(record.value))
             elif record.key == _LEDGERS_KEY_ID:
-                check_ledger_record(subkey, value)
-            else:
-                check_model_record(subkey, value)
+                check_ledger_record(subkey, DHTProtocol.serializer.loads(record.value))
+            elif record.key == _MODELS_KEY_ID:
+                check_model_record(subkey, DHTProtocol.serializer.loads(record.value))
         except Exception as e:
-            where = f"block {block[0]}" if block is not None else "the list of models or ledgers"
+            where = f"block {block[0]}" if block is not None else "the list of models or ledgers, or another key"
             logger.debug(f"refused a record under {where}: {e}")
             return False
         return True
@@ -127,7 +130,10 @@ class MeadowRecordValidator(RecordValidatorBase):
         return True
 
 
-def meadow_validators(identity: Identity, swarms: dict[str, int]) -> list[RecordValidatorBase]:
+def meadow_validators(
+    identity: Identity, swarms: dict[str, int], allowed: frozenset[PeerID] | None = None
+) -> list[RecordValidatorBase]:
     """What every Meadow DHT node runs: signatures of owned records (signing its own with `identity`'s key), the list
-    of models, and the block records of `swarms` checked in full."""
-    return [RSASignatureValidator(identity.private_key), MeadowRecordValidator(swarms)]
+    of models, and the block records of `swarms` checked in full; in a private swarm, only records that `allowed`
+    peers signed."""
+    return [RSASignatureValidator(identity.private_key), MeadowRecordValidator(swarms, allowed)]

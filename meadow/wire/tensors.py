@@ -12,6 +12,8 @@ absmax per block of 4096 values) and is decoded to the dtype it was sent from; a
 
 from __future__ import annotations
 
+import asyncio
+import math
 from typing import AsyncIterator, Sequence, TypeVar
 
 import msgpack
@@ -27,6 +29,7 @@ from meadow.wire.schemas import check_wire_format
 # hivemind caps one message at 4 MiB; stay well below it.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
+MIN_CHUNK_BYTES = 64 * 1024  # fewer bytes a part (but the last) would let a sender make us keep millions of parts
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -177,17 +180,43 @@ async def unpack(stream: AsyncIterator[Message], max_bytes: int) -> tuple[list[t
             if remaining == 0:  # this part opens a new tensor
                 if len(tensors) == num_tensors:
                     raise BadRequest("message holds more tensor parts than its header announced")
+                _check_declared(part, max_bytes)
                 chunks, remaining = [part], max(part.chunks, 1)
             else:
                 chunks.append(part)
             remaining -= 1
             if remaining == 0:
-                whole = runtime_pb2.Tensor()
-                whole.CopyFrom(chunks[0])
-                whole.buffer = b"".join(chunk.buffer for chunk in chunks)
-                tensors.append(deserialize(whole))
+                if sum(len(chunk.buffer) for chunk in chunks) <= CHUNK_BYTES:
+                    tensors.append(_joined(chunks))
+                else:  # copying many megabytes takes a while: not on the event loop, which serves everyone
+                    tensors.append(await asyncio.to_thread(_joined, chunks))
         if len(tensors) == num_tensors and remaining == 0:
             return tensors, meta
         message = await anext(stream, None)
         if message is None:
             raise BadRequest("stream ended in the middle of a message")
+        if not message.tensors:
+            raise BadRequest("a message part without tensors in the middle of a message")
+
+
+def _joined(chunks: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    """The tensor whose parts are `chunks` (the first carries its dtype and shape)."""
+    whole = runtime_pb2.Tensor()
+    whole.CopyFrom(chunks[0])
+    whole.buffer = b"".join(chunk.buffer for chunk in chunks)
+    return deserialize(whole)
+
+
+def _check_declared(part: runtime_pb2.Tensor, max_bytes: int) -> None:
+    """Refuse a tensor by what its first part declares (dtype, shape, number of parts), before reading the rest."""
+    dtype = DTYPES.get(part.dtype)
+    if dtype is None:
+        raise BadRequest(f"unsupported tensor dtype {part.dtype!r}; supported: {', '.join(DTYPES)}")
+    if len(part.size) > 8 or any(size < 0 for size in part.size):
+        raise BadRequest(f"tensor shape {tuple(part.size)} is not a shape of at most 8 dimensions")
+    declared = math.prod(part.size) * dtype.itemsize
+    if declared > max_bytes:
+        raise BadRequest(f"a tensor of shape {tuple(part.size)} and dtype {part.dtype} is larger than this server accepts "
+                         f"({max_bytes} bytes)")  # fmt: skip
+    if part.chunks > declared // MIN_CHUNK_BYTES + 1:
+        raise BadRequest(f"a tensor of {declared} bytes in {part.chunks} parts: parts must hold {MIN_CHUNK_BYTES} bytes or more")
