@@ -63,7 +63,8 @@ TENSOR_NAMES = {
 }
 LLAMA_TENSOR_NAMES = (BLOCK_TENSOR_NAMES, "model.layers.{}.", MODEL_TENSOR_NAMES)
 # architectures whose fused query_key_value rows llama.cpp's converter turns from HF's per-head [q, k, v] into
-# [all q | all k | all v] (Falcon-7B's multi-query layout is already that, so llama.cpp's Falcon reorder changes nothing)
+# [all q | all k | all v] (Falcon-7B's multi-query layout is that already: llama.cpp's Falcon reorder changes
+# nothing there, and transformers undoes none)
 QKV_REGROUPED = {"bloom"}
 
 

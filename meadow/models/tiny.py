@@ -20,6 +20,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -236,9 +237,13 @@ def make_tiny_gguf(
     return path
 
 
-def add_llama_metadata(writer: GGUFWriter, config) -> None:
-    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or config.rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError("make_tiny_gguf writes Llama, Qwen2, Qwen3, BLOOM and Falcon-7B checkpoints without rope scaling only")
+def add_llama_metadata(writer: GGUFWriter, config: PreTrainedConfig) -> None:
+    """Llama's, Qwen2's and Qwen3's metadata, as llama.cpp writes it."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or rope_type != "default":
+        raise ValueError(
+            "make_tiny_gguf writes Llama, Qwen2, Qwen3, BLOOM and Falcon-7B checkpoints without rope scaling only"
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -252,7 +257,7 @@ def add_llama_metadata(writer: GGUFWriter, config) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def add_alibi_family_metadata(writer: GGUFWriter, config) -> None:
+def add_alibi_family_metadata(writer: GGUFWriter, config: PreTrainedConfig) -> None:
     """BLOOM's and Falcon's metadata, as llama.cpp writes it. transformers reads Falcon files as Falcon-7B's layout
     (multi-query, parallel attention + MLP, rotary, no biases, tied head, 4 x hidden MLP): only that is written."""
     if config.model_type == "falcon":
@@ -260,7 +265,7 @@ def add_alibi_family_metadata(writer: GGUFWriter, config) -> None:
             config.new_decoder_architecture or config.alibi or config.bias
         )
         if not falcon_7b or not config.tie_word_embeddings or config.ffn_hidden_size != 4 * config.hidden_size:
-            raise ValueError("make_tiny_gguf writes Falcon checkpoints of Falcon-7B's layout only (transformers reads no other)")
+            raise ValueError("make_tiny_gguf writes Falcon-7B's layout only (transformers reads no other Falcon GGUF)")
         writer.add_context_length(config.max_position_embeddings)
         writer.add_head_count_kv(1)
     else:
