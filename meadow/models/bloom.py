@@ -155,4 +155,5 @@ FAMILY = Family(
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,
     layer_prefix="transformer.h.{}.",
+    gguf_architectures=("bloom",),
 )

@@ -196,6 +196,7 @@ FAMILY = Family(
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,
     layer_prefix="transformer.h.{}.",
+    gguf_architectures=("falcon",),
 )
 
 

@@ -42,6 +42,30 @@ BLOCK_TENSOR_NAMES = {
 # architectures whose q/k rows llama.cpp's converter permutes for GGML's rotary (not Qwen2/Qwen3's)
 ROTARY_PERMUTED = {"llama"}
 MODEL_TENSOR_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# BLOOM and Falcon keep transformers' module names under transformer.h.N. (gguf-py's tensor_mapping.py)
+ALIBI_BLOCK_TENSOR_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attention.query_key_value",
+    "attn_output": "self_attention.dense",
+    "ffn_norm": "post_attention_layernorm",  # BLOOM's; Falcon-7B's layout (the one transformers reads) has none
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
+ALIBI_MODEL_TENSOR_NAMES = {
+    "token_embd": "transformer.word_embeddings",
+    "token_embd_norm": "transformer.word_embeddings_layernorm",  # BLOOM
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+# architecture -> (names inside block N, its HF prefix, names outside the blocks); llama-style ones are the default
+TENSOR_NAMES = {
+    arch: (ALIBI_BLOCK_TENSOR_NAMES, "transformer.h.{}.", ALIBI_MODEL_TENSOR_NAMES) for arch in ("bloom", "falcon")
+}
+LLAMA_TENSOR_NAMES = (BLOCK_TENSOR_NAMES, "model.layers.{}.", MODEL_TENSOR_NAMES)
+# architectures whose fused query_key_value rows llama.cpp's converter turns from HF's per-head [q, k, v] into
+# [all q | all k | all v] (Falcon-7B's multi-query layout is that already: llama.cpp's Falcon reorder changes
+# nothing there, and transformers undoes none)
+QKV_REGROUPED = {"bloom"}
 
 
 def is_gguf(path: Path) -> bool:
@@ -64,14 +88,16 @@ def architecture(path: Path) -> str:
     return metadata(path, "general.architecture")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for tensors Meadow does not use."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (BLOOM and Falcon: 'transformer.h.3. ...');
+    None for tensors Meadow does not use."""
+    block_names, layer_prefix, model_names = TENSOR_NAMES.get(arch, LLAMA_TENSOR_NAMES)
     base, _, suffix = gguf_name.rpartition(".")
     if base.startswith("blk."):
         _, index, part = base.split(".", 2)
-        name = BLOCK_TENSOR_NAMES.get(part)
-        return f"model.layers.{index}.{name}.{suffix}" if name else None
-    name = MODEL_TENSOR_NAMES.get(base)
+        name = block_names.get(part)
+        return f"{layer_prefix.format(index)}{name}.{suffix}" if name else None
+    name = model_names.get(base)
     return f"{name}.{suffix}" if name else None
 
 
@@ -86,7 +112,12 @@ def read_tensors(
     num_kv_heads = metadata(path, f"{arch}.attention.head_count_kv", num_heads)
     tensors = {}
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        if arch == "falcon" and ".attn_norm_2." in tensor.name:
+            raise ValueError(
+                f"{path}: a Falcon GGUF file of the new decoder architecture (Falcon-40B/180B: ln_attn and ln_mlp), "
+                "which transformers cannot read either; Meadow reads Falcon-7B's layout"
+            )
+        name = hf_tensor_name(tensor.name, arch)
         if name is None or not wanted(name):
             continue
         try:
@@ -101,6 +132,8 @@ def read_tensors(
             weight = unpermute_rotary_rows(weight, num_heads)
         elif permuted and ".self_attn.k_proj." in name:
             weight = unpermute_rotary_rows(weight, num_kv_heads)
+        elif arch in QKV_REGROUPED and ".query_key_value." in name:
+            weight = interleave_qkv_heads(weight, num_heads)
         tensors[name] = weight.to(device=device, dtype=dtype)
     return tensors
 
@@ -116,6 +149,17 @@ def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's permutation of q/k rows (HF -> GGUF), for writing test files."""
     half = weight.shape[0] // num_heads // 2
     return weight.reshape(num_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def interleave_qkv_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's regrouping of BLOOM's query_key_value rows (weight or bias): [all q | all k | all v] back to
+    HF's per-head [q, k, v] (what transformers' BloomTensorProcessor does)."""
+    return weight.reshape(3, num_heads, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+
+
+def group_qkv_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's regrouping of BLOOM's query_key_value rows (HF -> GGUF), for writing test files."""
+    return weight.reshape(num_heads, 3, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
 
 
 def converted_folder(path: Path) -> Path:

@@ -20,6 +20,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -27,7 +28,14 @@ from transformers import (
 
 from safetensors.torch import load_file, save_file
 
-from meadow.models.gguf import BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES, ROTARY_PERMUTED, permute_rotary_rows
+from meadow.models.gguf import (
+    LLAMA_TENSOR_NAMES,
+    QKV_REGROUPED,
+    ROTARY_PERMUTED,
+    TENSOR_NAMES,
+    group_qkv_heads,
+    permute_rotary_rows,
+)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
@@ -185,17 +193,58 @@ def make_tiny_gguf(
     of the checkpoint's shapes (rows must be multiples of 256). Types it cannot dequantize either get random bytes,
     and `architecture` other than the checkpoint's mislabels the file: both only make files that loaders must refuse.
     Qwen2 and Qwen3 checkpoints are written as llama.cpp writes them too: their q/k rows unpermuted, with biases and
-    q/k norms (transformers reads no head_dim from such files: Qwen3's must be its default, 128).
+    q/k norms (transformers reads no head_dim from such files: Qwen3's must be its default, 128). BLOOM's fused
+    query_key_value rows are regrouped as [all q | all k | all v], as llama.cpp does; Falcon must be Falcon-7B's layout.
     """
     checkpoint, path = Path(checkpoint), Path(path)
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or config.rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError("make_tiny_gguf writes Llama, Qwen2 and Qwen3 checkpoints without rope scaling only")
     qtype, rng = GGMLQuantizationType[quant], np.random.default_rng(seed)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
     writer = GGUFWriter(path, architecture or config.model_type)
     writer.add_name("tiny")
+    if config.model_type in ("bloom", "falcon"):
+        add_alibi_family_metadata(writer, config)
+    else:
+        add_llama_metadata(writer, config)
+    add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
+
+    state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    block_names, layer_prefix, model_names = TENSOR_NAMES.get(config.model_type, LLAMA_TENSOR_NAMES)
+    to_gguf = {hf: name for name, hf in {**model_names, **block_names}.items()}
+    layers = layer_prefix.removesuffix("{}.")
+    for hf_name, weight in state.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a tied model's file has no output.weight (llama.cpp writes BLOOM's, a copy: readers ignore it)
+        module, _, suffix = hf_name.rpartition(".")
+        if module.startswith(layers):
+            index, inner = module.removeprefix(layers).split(".", 1)
+            gguf_name = f"blk.{index}.{to_gguf[inner]}.{suffix}"
+        else:
+            gguf_name = f"{to_gguf[module]}.{suffix}"
+        if config.model_type in ROTARY_PERMUTED and ".attn_q." in gguf_name:
+            weight = permute_rotary_rows(weight, config.num_attention_heads)
+        elif config.model_type in ROTARY_PERMUTED and ".attn_k." in gguf_name:
+            weight = permute_rotary_rows(weight, config.num_key_value_heads)
+        elif config.model_type in QKV_REGROUPED and ".attn_qkv." in gguf_name:
+            weight = group_qkv_heads(weight, config.num_attention_heads)
+        if weight.ndim == 1:
+            writer.add_tensor(gguf_name, weight.numpy())
+        else:
+            writer.add_tensor(gguf_name, quantized(weight.numpy(), qtype, rng), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_llama_metadata(writer: GGUFWriter, config: PreTrainedConfig) -> None:
+    """Llama's, Qwen2's and Qwen3's metadata, as llama.cpp writes it."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or rope_type != "default":
+        raise ValueError(
+            "make_tiny_gguf writes Llama, Qwen2, Qwen3, BLOOM and Falcon-7B checkpoints without rope scaling only"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -206,32 +255,28 @@ def make_tiny_gguf(
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
 
-    state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
-    to_gguf = {hf: name for name, hf in {**MODEL_TENSOR_NAMES, **BLOCK_TENSOR_NAMES}.items()}
-    for hf_name, weight in state.items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # a tied model's file has no output.weight
-        module, _, suffix = hf_name.rpartition(".")
-        if module.startswith("model.layers."):
-            index, inner = module.removeprefix("model.layers.").split(".", 1)
-            gguf_name = f"blk.{index}.{to_gguf[inner]}.{suffix}"
-        else:
-            gguf_name = f"{to_gguf[module]}.{suffix}"
-        if config.model_type in ROTARY_PERMUTED and ".attn_q." in gguf_name:
-            weight = permute_rotary_rows(weight, config.num_attention_heads)
-        elif config.model_type in ROTARY_PERMUTED and ".attn_k." in gguf_name:
-            weight = permute_rotary_rows(weight, config.num_key_value_heads)
-        if weight.ndim == 1:
-            writer.add_tensor(gguf_name, weight.numpy())
-        else:
-            writer.add_tensor(gguf_name, quantized(weight.numpy(), qtype, rng), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+
+def add_alibi_family_metadata(writer: GGUFWriter, config: PreTrainedConfig) -> None:
+    """BLOOM's and Falcon's metadata, as llama.cpp writes it. transformers reads Falcon files as Falcon-7B's layout
+    (multi-query, parallel attention + MLP, rotary, no biases, tied head, 4 x hidden MLP): only that is written."""
+    if config.model_type == "falcon":
+        falcon_7b = config.multi_query and config.parallel_attn and not (
+            config.new_decoder_architecture or config.alibi or config.bias
+        )
+        if not falcon_7b or not config.tie_word_embeddings or config.ffn_hidden_size != 4 * config.hidden_size:
+            raise ValueError("make_tiny_gguf writes Falcon-7B's layout only (transformers reads no other Falcon GGUF)")
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_head_count_kv(1)
+    else:
+        writer.add_context_length(2048)
+        writer.add_head_count_kv(config.num_attention_heads)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(4 * config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
 
 
 def add_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerFast) -> None:
