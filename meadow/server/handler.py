@@ -43,6 +43,7 @@ from meadow.wire import (
     Step,
     WrongServer,
     deserialize,
+    drain_requests,
     pack,
     serialize,
     unpack,
@@ -159,7 +160,7 @@ class BlockHandler:
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
-        await _drain(requests)
+        await drain_requests(requests)
 
     async def rpc_backward(self, requests: Requests, context: P2PContext) -> Responses:
         try:
@@ -180,7 +181,7 @@ class BlockHandler:
                 yield response
         except MeadowError as e:
             yield self._error(e, context)
-        await _drain(requests)
+        await drain_requests(requests)
 
     async def _request(self, pieces: Pieces, span: Span, peer: Hashable):
         """A forward or backward request's result from the compute loop."""
@@ -194,7 +195,7 @@ class BlockHandler:
             peer = context.remote_id
             if counts[peer] >= limit:
                 yield self._error(ServerBusy(f"you already have {counts[peer]} {what} here, the most one peer may"), context)
-                await _drain(requests)
+                await drain_requests(requests)
                 return
             counts[peer] += 1
             try:
@@ -250,7 +251,7 @@ class BlockHandler:
         except MeadowError as e:
             yield self._error(e, context)
             self.sessions.discard(me)  # the client has its answer: a leaving server need not wait for the drain
-            await _drain(requests)
+            await drain_requests(requests)
         finally:
             self.sessions.discard(me)
             if registered is not None:
@@ -425,19 +426,3 @@ class BlockHandler:
 
 async def _single(message):
     yield message
-
-
-async def _drain(requests: Requests, timeout: float = 5.0) -> None:
-    """Let the client close the stream first. We read what it still sends (its end-of-stream marker at least), then
-    wait for it to close, which makes hivemind cancel this handler. Closing first resets the stream, and the client
-    may lose our reply unread: "server closed the stream" or BrokenPipeError, about once in 300 calls, seen here."""
-
-    async def consume_then_wait():
-        async for _ in requests:
-            pass
-        await asyncio.sleep(timeout)  # cancelled as soon as the client closes
-
-    try:
-        await asyncio.wait_for(consume_then_wait(), timeout)
-    except Exception:
-        pass  # a client that never closes gets its stream closed after `timeout`

@@ -18,7 +18,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import dht_pb2
 
-from meadow.wire import MeadowError
+from meadow.wire import MeadowError, drain_requests
 
 NOT_ALLOWED = "not allowed in this swarm"
 
@@ -59,6 +59,7 @@ def guard(handler: Callable, allowed: Collection[PeerID] | None, refusal: Callab
         async def guarded_stream(requests, context: P2PContext):
             if context.remote_id not in allowed:
                 yield refusal(NotAllowed.peer(context.remote_id))
+                await drain_requests(requests)  # closing before the caller does may lose the refusal (see there)
                 return
             async with aclosing(handler(requests, context)) as replies:  # its own clean-up runs now, not at GC
                 async for reply in replies:

@@ -24,4 +24,4 @@ from meadow.wire.schemas import (
     check_wire_format,
     default_wire,
 )
-from meadow.wire.tensors import deserialize, pack, serialize, unpack
+from meadow.wire.tensors import deserialize, drain_requests, pack, serialize, unpack
