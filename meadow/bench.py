@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from meadow.home import meadow_home
-from meadow.local_swarm import LocalSwarm
+from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
 from meadow.models.registry import family_of
@@ -99,6 +99,14 @@ def wire_label(wire: str | None, dtype: str) -> str:
     return wire or f"{default_wire(dtype)} (the servers' dtype)"
 
 
+def start_spans(swarm: LocalSwarm, model: str, bounds: list[int], *args: str) -> list[Process]:
+    """One server per span [bounds[i], bounds[i+1]), started at once; returns them when all are ready."""
+    servers = [swarm.start_server(model, "--blocks", f"{a}:{b}", *args, wait=False) for a, b in zip(bounds, bounds[1:])]
+    for server in servers:
+        server.wait_for(lambda line: "ready" in line, timeout=600)
+    return servers
+
+
 def bench(
     model: str | None, num_servers: int, new_tokens: int, dtype: str, device: str, quant: str = "none",
     wire: str | None = None, local: bool = True,
@@ -114,13 +122,7 @@ def bench(
     bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        servers = [
-            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, "--quant", quant,
-                               wait=False)  # fmt: skip
-            for a, b in zip(bounds, bounds[1:])
-        ]
-        for server in servers:
-            server.wait_for(lambda line: "ready" in line, timeout=600)
+        servers = start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device, "--quant", quant)
         distributed = AutoDistributedModelForCausalLM.from_pretrained(
             model, swarm.initial_peers, client_config=ClientConfig(wire=wire)
         )
@@ -222,12 +224,7 @@ def run_clients_bench(
     rows = []
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        servers = [
-            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
-            for a, b in zip(bounds, bounds[1:])
-        ]
-        for server in servers:
-            server.wait_for(lambda line: "ready" in line, timeout=600)
+        servers = start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device)
         results = context.Queue()
         workers = []
         for index in range(max(clients)):
@@ -342,12 +339,7 @@ def run_speculative_bench(model: str | None, num_servers: int, lookup: int, new_
     results = {}
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        servers = [
-            swarm.start_server(model, "--blocks", f"{a}:{b}", "--dtype", dtype, "--device", device, wait=False)
-            for a, b in zip(bounds, bounds[1:])
-        ]
-        for server in servers:
-            server.wait_for(lambda line: "ready" in line, timeout=600)
+        servers = start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device)
         with AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=getattr(torch, dtype)) as distributed:
             for task, prompt in prompts.items():
                 for mode in (None, lookup):
