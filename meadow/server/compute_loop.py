@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Hashable, Iterable, Protocol, TypeVar
 
+import torch
+
 from meadow.server.span import Piece, Pieces, Separate, Span
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,7 @@ class ComputeLoop:
         self.task: asyncio.Task | None = None
         self.decoders: dict[Hashable, Decoder] = {}  # sessions that decode, and when their next step should come
         self.pass_seconds = 0.0  # how long a batched pass with decoding steps takes, on average lately
+        self.threads = torch.get_num_threads()
 
     async def run(
         self, pieces: Pieces, span: Span, peer: Hashable, priority: int = 0, decoding: bool = False,
@@ -244,6 +247,11 @@ class ComputeLoop:
 
     def _compute(self, jobs: list[Job]) -> None:
         """One pass (on the compute thread): the packed pieces of each span together, then each separate piece."""
+        # Several sessions' decoding steps run on one core: the swarm's other processes (its clients, the next
+        # server) have work for the others, and waking OpenMP workers for each small matmul costs more than they
+        # add. A lone step (one client, waiting) and bigger work (prefills, training) use every thread. The setting
+        # is the calling thread's own (OpenMP's per-thread ICV).
+        torch.set_num_threads(1 if len(jobs) > 1 and all(job.decoding for job in jobs) else self.threads)
         by_span: dict[int, list[Job]] = defaultdict(list)
         separate = [job for job in jobs if isinstance(job.piece, Separate)]
         for job in jobs:
