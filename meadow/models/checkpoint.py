@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub import constants, snapshot_download
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from meadow.models import gguf
 from meadow.models.client_parts import ClientParts
-from meadow.models.config import BlockConfig, UnsupportedModelError
+from meadow.models.config import BlockConfig, UnsupportedModelError, plain_hf_config
 from meadow.models.registry import check_gguf_architecture, family_for, family_of
+
+# transformers is imported where it is used: a server that reads a plain config never needs it (~1 s of CPU at start)
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -33,6 +36,8 @@ def resolve_model_path(model: str | Path) -> Path:
         return path.resolve()
     if path.is_dir():
         return model_in_folder(path)
+    from huggingface_hub import constants, snapshot_download
+
     try:
         snapshot = Path(snapshot_download(str(model), local_files_only=True))
     except Exception as e:  # not a valid repo id, or not cached
@@ -63,8 +68,14 @@ def load_config(model: str | Path) -> BlockConfig:
     try:
         if gguf.is_gguf(path):
             check_gguf_architecture(gguf.architecture(path))
-        else:  # checked before transformers parses the config: it may not know the model type either
-            family_for(json.loads((path / "config.json").read_text()).get("model_type"))
+        values = json.loads((hf_files(path) / "config.json").read_text())
+        family = family_for(values.get("model_type"))  # before transformers parses it: it may not know the type either
+        plain = plain_hf_config(values)
+        if plain is not None:
+            try:
+                return family.config_from_hf(plain)
+            except AttributeError:  # a field config.json leaves to transformers' defaults: it reads them below
+                pass
         hf = load_hf_config(path)
         return family_for(hf.model_type).config_from_hf(hf)
     except UnsupportedModelError as e:
@@ -74,11 +85,15 @@ def load_config(model: str | Path) -> BlockConfig:
 def load_hf_config(model: str | Path, **overrides) -> PreTrainedConfig:
     """The model's transformers config (what `AutoConfig.from_pretrained` gives for a checkpoint folder, or
     transformers' conversion of a GGUF file's metadata)."""
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(hf_files(resolve_model_path(model)), local_files_only=True, **overrides)
 
 
 def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with its chat template when it has one."""
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(hf_files(resolve_model_path(model)), local_files_only=True)
 
 

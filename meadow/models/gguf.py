@@ -1,15 +1,18 @@
 """Loading from a GGUF file (llama.cpp's format): tensors dequantized one at a time under HF names, and the config
 and tokenizer that transformers converts from the file's metadata, cached under MEADOW_HOME.
 
-gguf-py's GGUFReader memory-maps the file, so reading a span's tensors touches only their bytes; opening it parses
-all the metadata (the whole vocabulary: ~2 s for a 49k-token model), so a process opens each file once.
+gguf-py's GGUFReader memory-maps the file, so reading a span's tensors touches only their bytes. Its parse of the
+metadata makes a numpy view per string (the whole vocabulary: ~2 s for a 49k-token model); loading blocks needs none of
+the vocabulary, so Meadow's reader skips the contents of string arrays, and a process opens each file once.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from functools import lru_cache
@@ -17,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from transformers import AutoConfig, AutoTokenizer
 
 from meadow.home import meadow_home
 from meadow.models.registry import SUPPORTED_GGUF_ARCHITECTURES  # noqa: F401  (re-exported: the llama.cpp names Meadow reads)
@@ -72,15 +73,48 @@ def is_gguf(path: Path) -> bool:
     return path.suffix == ".gguf"
 
 
+class BlocksReader(GGUFReader):
+    """gguf-py's reader without the items of string arrays (the vocabulary, the merges): they are skipped, not parsed,
+    and named in `skipped`; a numeric array is one view (gguf-py makes one per item). Scalars, tensor infos and tensor
+    data are gguf-py's own."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        # a string array with items but no data indices is one this reader skipped
+        self.skipped = {
+            name for name, field in self.fields.items()
+            if field.types == [GGUFValueType.ARRAY, GGUFValueType.STRING] and not field.data
+        }  # fmt: skip
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":  # (a file of the other byte order: as gguf-py)
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = struct.unpack_from("<IQ", self.data, orig_offs)
+        head = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        types = [GGUFValueType.ARRAY, GGUFValueType(item_type)]
+        if item_type in self.gguf_scalar_to_np and count > 0:  # one view of all items, where gguf-py makes one each
+            items = self._get(orig_offs + 12, self.gguf_scalar_to_np[item_type], count)
+            return 12 + int(items.nbytes), [*head, items], [2], types
+        if item_type != GGUFValueType.STRING or count == 0:
+            return super()._get_field_parts(orig_offs, raw_type)
+        offset = orig_offs + 12
+        for _ in range(count):  # each string is its uint64 length, then its bytes
+            offset += 8 + struct.unpack_from("<Q", self.data, offset)[0]
+        return offset - orig_offs, head, [], types
+
+
 @lru_cache(maxsize=8)
-def open_gguf(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> BlocksReader:
     """The file's reader (memory-mapped), opened once per process."""
-    return GGUFReader(path)
+    return BlocksReader(path)
 
 
 def metadata(path: Path, key: str, default=None):
-    """One metadata value of the file ('general.architecture', 'llama.block_count', ...)."""
-    field = open_gguf(path).fields.get(key)
+    """One metadata value of the file ('general.architecture', 'llama.block_count', ...); not a string array."""
+    reader = open_gguf(path)
+    if key in reader.skipped:
+        raise KeyError(f"{key} is a string array, which Meadow's GGUF reader skips (read it with gguf.GGUFReader)")
+    field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
@@ -170,7 +204,8 @@ def converted_folder(path: Path) -> Path:
     and the transformers version; clients and servers then load plain HF files in milliseconds.
     """
     stat = path.stat()
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()[:16]
+    version = importlib.metadata.version("transformers")  # not transformers.__version__: importing it takes ~0.5 s
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{version}".encode()).hexdigest()[:16]
     cache = meadow_home() / "gguf"
     folder = cache / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
@@ -179,6 +214,8 @@ def converted_folder(path: Path) -> Path:
     with open(cache / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # servers starting together convert once; the others wait for it
         if not (folder / "config.json").is_file():
+            from transformers import AutoConfig, AutoTokenizer
+
             tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{folder.name}-"))
             try:
                 for auto in (AutoConfig, AutoTokenizer):
