@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf import GGUFReader
 from gguf.quants import dequantize
 from local_sequence import LocalSequence
 
@@ -96,6 +97,21 @@ def test_a_block_dequantizes_only_its_own_tensors(tiny_gguf, monkeypatch):
     calls.clear()
     load_client_parts(path, config, torch.float32)
     assert len(calls) == 3  # embeddings, final norm, head (this file's head is not tied)
+
+
+def test_reader_that_skips_the_vocabulary_reads_all_else_as_gguf_py(tiny_gguf):
+    path = tiny_gguf("Q4_K")
+    ours, theirs = gguf.BlocksReader(path), GGUFReader(path)
+    assert "tokenizer.ggml.tokens" in ours.skipped and ours.data_offset == theirs.data_offset
+    kept = {name: (field.types, field.contents()) for name, field in theirs.fields.items() if name not in ours.skipped}
+    assert {name: (field.types, field.contents()) for name, field in ours.fields.items() if name in kept} == kept
+    assert len(theirs.fields["tokenizer.ggml.token_type"].contents()) == load_config(path).vocab_size  # a numeric array
+    assert [(t.name, t.tensor_type, t.data.shape, t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, t.data.shape, t.data_offset) for t in theirs.tensors
+    ]
+    assert all((a.data == b.data).all() for a, b in zip(ours.tensors, theirs.tensors))
+    with pytest.raises(KeyError, match="skips"):
+        gguf.metadata(path, "tokenizer.ggml.tokens")
 
 
 def test_quant_type_gguf_py_cannot_dequantize_is_named_with_its_tensor(tiny_gguf):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from meadow.models import (
     KVCache,
     UnsupportedModelError,
     checkpoint,
+    family_for,
     load_block,
     load_blocks,
     load_client_parts,
@@ -103,6 +105,14 @@ def test_blocks_and_client_parts_match_transformers(model_path):
     ours = run(blocks, embeddings, torch.arange(10).expand(2, 10))
     assert (ours - hidden).abs().max() <= ATOL
     assert (parts.logits(ours) - logits).abs().max() <= ATOL
+
+
+def test_config_read_without_transformers_equals_transformers_reading(model_path):
+    hf = checkpoint.load_hf_config(model_path)
+    config = load_config(model_path)
+    assert config == family_for(hf.model_type).config_from_hf(hf)
+    plain = config.model_type == "llama" and config.rope_type == "default"
+    assert isinstance(config.hf_config, SimpleNamespace) == plain  # the fast path is taken where it is meant to be
 
 
 def test_kv_cache_decoding_equals_full_forward(model_path):
