@@ -102,10 +102,17 @@ class Server:
 
         on_stop_signals(on_stop)
 
+        loaded: list[Span] = []
+
+        def load_given_span() -> None:
+            # with --blocks the span is known before the swarm is: it loads while the DHT process joins
+            if config.blocks is not None:
+                loaded.append(self._load_span(self._pick_span()))
+
         self.dht = start_dht(
             config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
             identity=config.identity, swarms={self.dht_prefix: self.model_config.num_hidden_layers},
-            allow_peers=config.allow_peers,
+            allow_peers=config.allow_peers, while_joining=load_given_span,
         )  # fmt: skip
         try:
             speed_source = await loop.run_in_executor(None, self._measure)
@@ -115,7 +122,7 @@ class Server:
             p2p = await self.dht.replicate_p2p()
             await self.handler.register(p2p, self.dht.allowed)
             await self._start_points(p2p)
-            await self._take(first)
+            await self._take(first, *loaded)
             print(
                 f"Server ready: {self.dht_prefix} blocks {self.span_range} as {self.dht.peer_id}, "
                 f"{self.throughput:.0f} tokens/s, {self.inference_rps:.0f} steps/s/block ({speed_source}), "
@@ -202,6 +209,10 @@ class Server:
         start = choose_span(block_throughputs(swarm.values(), total), num_blocks)
         return BlockRange(start=start, end=start + num_blocks)
 
+    def _load_span(self, blocks: BlockRange) -> Span:
+        return Span(self._load_blocks(blocks), blocks.start, self.model_config, self.dtype, self.device,
+                    self._load_adapters(blocks))  # fmt: skip
+
     def _load_adapters(self, blocks: BlockRange) -> dict[str, list[BlockLora]]:
         """The LoRA updates of every --adapters folder for `blocks` (AdapterError if one does not fit)."""
         start, end = blocks.start, blocks.end
@@ -220,13 +231,13 @@ class Server:
         return [quantize_block(load_block(path, config, index, self.dtype), quant, self.device)
                 for index in range(blocks.start, blocks.end)]  # fmt: skip
 
-    async def _take(self, blocks: BlockRange) -> None:
-        """Announce `blocks` as joining, load them, serve them, announce them online."""
+    async def _take(self, blocks: BlockRange, loaded: Span | None = None) -> None:
+        """Announce `blocks` as joining, load them (unless `loaded` already), serve them, announce them online."""
         self.span_range, self.state = blocks, ServerState.JOINING
         await self._announce()  # clients see who is coming but do not route through us yet
-        loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_blocks, blocks)
-        adapters = await asyncio.get_running_loop().run_in_executor(None, self._load_adapters, blocks)
-        self.handler.serve(Span(loaded, blocks.start, self.model_config, self.dtype, self.device, adapters))
+        if loaded is None:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_span, blocks)
+        self.handler.serve(loaded)
         self.state = ServerState.ONLINE
         await self._announce()
 

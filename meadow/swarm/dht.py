@@ -7,7 +7,7 @@ import tempfile
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import hivemind
 from hivemind.p2p import PeerID
@@ -33,6 +33,7 @@ def start_dht(
     identity: str | Path | None = None,
     swarms: Mapping[str, int] = {},
     allow_peers: str | Path | None = None,
+    while_joining: Callable[[], None] | None = None,
 ) -> hivemind.DHT:
     """A hivemind DHT node listening on host:port only. UPnP port mapping stays off unless asked for:
     hivemind's default multicasts SSDP on the local network even when bound to 127.0.0.1.
@@ -42,7 +43,10 @@ def start_dht(
     `swarms` (dht_prefix -> number of blocks) in full (swarm/validation.py).
 
     With `allow_peers` (a file of peer ids, allow_list.py) it is a node of a private swarm: it answers, keeps and
-    reads only the listed peers (and itself). A node that a private swarm's nodes refuse gets NotAllowed."""
+    reads only the listed peers (and itself). A node that a private swarm's nodes refuse gets NotAllowed.
+
+    `while_joining` runs here while the DHT's own process (already forked, so none of its threads are copied there)
+    starts p2pd and joins the swarm: a server loads its blocks meanwhile. If it raises, the DHT is shut down."""
     allowed = None
     with tempfile.TemporaryDirectory(prefix="meadow-identity-") as folder:
         # p2pd reads its key from a file at start; a fresh one's file is gone once it has (the key stays in memory)
@@ -50,20 +54,28 @@ def start_dht(
         if allow_peers is not None:
             allowed = load_allow_list(allow_peers) | {key.peer_id}
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
+        dht = kind(
+            initial_peers=list(initial_peers),
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            client_mode=client_mode,
+            nat_port_map=nat_port_map,
+            identity_path=str(key.path),
+            # a kept identity is checked not to be in use by another peer (the same server started twice); a
+            # fresh one cannot be
+            check_if_identity_free=identity is not None,
+            record_validators=meadow_validators(key, dict(swarms), allowed),
+            start=True,
+            await_ready=False,
+            **extra,
+        )
         try:
-            dht = kind(
-                initial_peers=list(initial_peers),
-                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                client_mode=client_mode,
-                nat_port_map=nat_port_map,
-                identity_path=str(key.path),
-                # a kept identity is checked not to be in use by another peer (the same server started twice); a
-                # fresh one cannot be
-                check_if_identity_free=identity is not None,
-                record_validators=meadow_validators(key, dict(swarms), allowed),
-                start=True,
-                **extra,
-            )
+            if while_joining is not None:
+                while_joining()
+        except BaseException:
+            dht.shutdown()
+            raise
+        try:
+            dht.wait_until_ready()  # inside the folder: p2pd may not have read a fresh identity's key before
         except RuntimeError as e:  # hivemind: "none of the initial_peers responded": say why, if they refused us
             reason = refused_reason(list(initial_peers), key.path) if initial_peers else None
             if reason is not None:
