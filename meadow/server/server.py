@@ -102,12 +102,12 @@ class Server:
 
         on_stop_signals(on_stop)
 
-        loaded: list[Span] = []
+        preloaded: list[Span] = []
 
         def load_given_span() -> None:
             # with --blocks the span is known before the swarm is: it loads while the DHT process joins
             if config.blocks is not None:
-                loaded.append(self._load_span(self._pick_span()))
+                preloaded.append(self._load_span(self._pick_span()))
 
         self.dht = start_dht(
             config.initial_peers, host=config.host, port=config.port, nat_port_map=config.nat_port_map,
@@ -122,7 +122,7 @@ class Server:
             p2p = await self.dht.replicate_p2p()
             await self.handler.register(p2p, self.dht.allowed)
             await self._start_points(p2p)
-            await self._take(first, *loaded)
+            await self._take(first, preloaded[0] if preloaded else None)
             print(
                 f"Server ready: {self.dht_prefix} blocks {self.span_range} as {self.dht.peer_id}, "
                 f"{self.throughput:.0f} tokens/s, {self.inference_rps:.0f} steps/s/block ({speed_source}), "
@@ -232,10 +232,10 @@ class Server:
                 for index in range(blocks.start, blocks.end)]  # fmt: skip
 
     async def _take(self, blocks: BlockRange, loaded: Span | None = None) -> None:
-        """Announce `blocks` as joining, load them (unless `loaded` already), serve them, announce them online."""
+        """Announce `blocks` as joining, load them, serve them, announce them online (at once if already `loaded`)."""
         self.span_range, self.state = blocks, ServerState.JOINING
-        await self._announce()  # clients see who is coming but do not route through us yet
         if loaded is None:
+            await self._announce()  # clients see who is coming but do not route through us yet
             loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_span, blocks)
         self.handler.serve(loaded)
         self.state = ServerState.ONLINE
