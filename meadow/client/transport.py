@@ -183,7 +183,10 @@ class InferenceStream:
     async def _next(self, timeout: float) -> list[torch.Tensor]:
         if self.closed and self.replies.empty():
             raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
-        reply = await asyncio.wait_for(self.replies.get(), timeout)
+        if self.replies.empty():
+            reply = await asyncio.wait_for(self.replies.get(), timeout)
+        else:  # already here (a pushed output often is): no timer, no task
+            reply = self.replies.get_nowait()
         if isinstance(reply, BaseException):
             self.replies.put_nowait(reply)  # the stream has ended: every later wait gets the same error
             raise reply
