@@ -45,24 +45,30 @@ class Segment:
     outputs: list[torch.Tensor] = field(default_factory=list)  # what it returned for them (kept if verify > 0)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     push_misses: int = 0  # pushed steps whose output did not come in time
+    usual_step: float | None = None  # the median of step_times, kept up to date by `timed`
 
     def rewind(self, position: int) -> None:
         """Keep the history (and outputs) of the first `position` tokens only."""
         self.history = [tuple(t[:, :keep] for t in inputs) for inputs, keep in _kept(self.history, position)]
         self.outputs = [output[:, :keep] for output, keep in _kept(self.outputs, position)]
 
+    def timed(self, seconds: float) -> None:
+        """Count a decoding step that took `seconds`."""
+        self.step_times.append(seconds)
+        self.usual_step = statistics.median(self.step_times)
+
     def push_grace(self, config: ClientConfig) -> float:
         """How long to wait for the output of a step pushed to this server before sending the step ourselves."""
-        if not self.step_times:
+        if self.usual_step is None:
             return min(0.5, config.step_timeout)
-        return min(self.decoding_timeout(config), max(0.05, 3 * statistics.median(self.step_times)))
+        return min(self.decoding_timeout(config), max(0.05, 3 * self.usual_step))
 
     def decoding_timeout(self, config: ClientConfig) -> float:
         """A server that takes `step_slowdown` times its usual step is taken as hung (a killed server's connection
         is not always seen to drop): never under min_step_timeout, never over step_timeout."""
-        if not self.step_times:
+        if self.usual_step is None:
             return config.step_timeout
-        usual = statistics.median(self.step_times) * config.step_slowdown
+        usual = self.usual_step * config.step_slowdown
         return min(config.step_timeout, max(config.min_step_timeout, usual))
 
 
@@ -166,8 +172,8 @@ class InferenceSession:
             except Exception as e:
                 return e
             if walk.decoding:
-                segment.step_times.append(time.perf_counter() - began)
-                usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
+                segment.timed(time.perf_counter() - began)
+                usual = MeasuredStep(segment.usual_step, len(segment.hop.blocks))
                 self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
             if self.sequence.payer is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -15,6 +15,7 @@ from meadow.wire import (
 )  # fmt: skip
 from meadow.wire.tensors import TRAVEL_DTYPES
 
+T = TypeVar("T")
 MAX_REPLY_BYTES = 2**34  # replies come from servers we chose; the size cap guards servers, not clients
 
 
@@ -184,7 +185,7 @@ class InferenceStream:
         if self.closed and self.replies.empty():
             raise RemoteError("this inference stream is closed", kind="ConnectionError", peer=str(self.peer))
         if self.replies.empty():
-            reply = await asyncio.wait_for(self.replies.get(), timeout)
+            reply = await _within(timeout, self.replies.get())
         else:  # already here (a pushed output often is): no timer, no task
             reply = self.replies.get_nowait()
         if isinstance(reply, BaseException):
@@ -220,6 +221,15 @@ class InferenceStream:
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (message := await self.queue.get()) is not None:
             yield message
+
+
+async def _within(timeout: float, awaitable: Awaitable[T]) -> T:
+    """`awaitable`'s result, or asyncio.TimeoutError after `timeout` seconds. asyncio.timeout (Python 3.11+) waits in
+    the caller's task; wait_for, before Python 3.12, runs the awaitable in a task of its own: one per reply read."""
+    if not hasattr(asyncio, "timeout"):
+        return await asyncio.wait_for(awaitable, timeout)
+    async with asyncio.timeout(timeout):
+        return await awaitable
 
 
 def _describe(tensor: torch.Tensor) -> str:
