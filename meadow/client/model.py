@@ -322,7 +322,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             hidden = session.step(self.first_block_input(self.embed_tokens(new.ids)), new)
         else:
             hidden = self.remote_hidden(input_ids, inputs_embeds, attention_mask, position_ids)
-        hidden = hidden.to(self.lm_head.weight.device)
+        hidden = _on(hidden, self.lm_head.weight.device)
 
         if not isinstance(logits_to_keep, int):
             hidden = hidden[:, logits_to_keep]
@@ -350,7 +350,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         caches): `forward` knows from the session which suffix the servers still need."""
         device = self.embed_tokens.weight.device  # as transformers does: inputs may live elsewhere
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        inputs = {name: None if value is None else value.to(device) for name, value in inputs.items()}
+        inputs = {name: None if value is None else _on(value, device) for name, value in inputs.items()}
         inputs["use_cache"], inputs["cache"] = use_cache, cache
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
@@ -420,6 +420,7 @@ def _setting(name: str, kwargs: dict, *configs: GenerationConfig | None):
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; no dispatched op (tens of microseconds per generated token) when it is there already."""
     return tensor if tensor.device == device else tensor.to(device)
 
 

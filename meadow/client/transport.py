@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
+import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -41,9 +42,17 @@ def check_reply(
         like = expected[index] if expected is not None else got
         if got.shape != like.shape or got.dtype != like.dtype:
             raise BadReply(f"tensor {index} is {_describe(got)}, expected {_describe(like)}", peer)
-        if got.is_floating_point() and not torch.isfinite(got).all():
+        if got.is_floating_point() and not _all_finite(got):
             raise BadReply(f"tensor {index} holds NaN or infinite values", peer)
     return list(tensors)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. numpy's check of a small CPU tensor costs half of torch's (two dispatched ops) when
+    caches are cold, as they are for the one reply per server per generated token."""
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float16) and not tensor.requires_grad:
+        return bool(np.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def from_wire(
