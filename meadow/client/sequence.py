@@ -357,7 +357,7 @@ class RemoteSequence:
 def full_mask(hidden: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     if key_mask is None:
         return torch.ones(hidden.shape[:2], dtype=torch.bool)
-    return key_mask.bool()
+    return key_mask if key_mask.dtype == torch.bool else key_mask.bool()  # no op per decoding step
 
 
 def connect_sequence(

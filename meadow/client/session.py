@@ -45,25 +45,43 @@ class Segment:
     outputs: list[torch.Tensor] = field(default_factory=list)  # what it returned for them (kept if verify > 0)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     push_misses: int = 0  # pushed steps whose output did not come in time
+    usual_step: float | None = None  # the median of step_times, kept up to date by `timed`
 
     def rewind(self, position: int) -> None:
         """Keep the history (and outputs) of the first `position` tokens only."""
         self.history = [tuple(t[:, :keep] for t in inputs) for inputs, keep in _kept(self.history, position)]
         self.outputs = [output[:, :keep] for output, keep in _kept(self.outputs, position)]
 
+    def timed(self, seconds: float) -> None:
+        """Count a decoding step that took `seconds`."""
+        self.step_times.append(seconds)
+        self.usual_step = statistics.median(self.step_times)
+
     def push_grace(self, config: ClientConfig) -> float:
         """How long to wait for the output of a step pushed to this server before sending the step ourselves."""
-        if not self.step_times:
+        if self.usual_step is None:
             return min(0.5, config.step_timeout)
-        return min(self.decoding_timeout(config), max(0.05, 3 * statistics.median(self.step_times)))
+        return min(self.decoding_timeout(config), max(0.05, 3 * self.usual_step))
 
     def decoding_timeout(self, config: ClientConfig) -> float:
         """A server that takes `step_slowdown` times its usual step is taken as hung (a killed server's connection
         is not always seen to drop): never under min_step_timeout, never over step_timeout."""
-        if not self.step_times:
+        if self.usual_step is None:
             return config.step_timeout
-        usual = statistics.median(self.step_times) * config.step_slowdown
+        usual = self.usual_step * config.step_slowdown
         return min(config.step_timeout, max(config.min_step_timeout, usual))
+
+
+@dataclass(eq=False)
+class _Walk:
+    """A step on its way along the chain: its inputs to the next segment, that segment's index, and the segments
+    that get it pushed by the previous server."""
+
+    inputs: Inputs
+    index: int
+    decoding: bool
+    pushing: bool = False
+    pushed_to: list[Segment] = field(default_factory=list)
 
 
 class InferenceSession:
@@ -118,46 +136,53 @@ class InferenceSession:
     def _run(self, inputs: Inputs, index: int) -> torch.Tensor:
         """Send a step through the segments from `index` on; a server that fails is replaced (its replacement gets the
         history replayed) and the step resent to it. The last segment's output."""
-        config = self.sequence.config
-        decoding = inputs[0].shape[1] <= DECODING_TOKENS
+        walk = _Walk(inputs, index, decoding=inputs[0].shape[1] <= DECODING_TOKENS)
         # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one
-        pushing = decoding and config.push_steps and self.position == self.stored
-        pushed_to: list[Segment] = []  # segments whose server gets this step's input pushed by the previous one
+        walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored
         failovers = 0
-        while index < len(self.segments):
-            segment = self.segments[index]
+        # the whole pass is one coroutine: one hand-off to the loop thread per step, not one per server
+        while (error := run(self._walk(walk))) is not None:
+            segment = self.segments[walk.index]
+            if not is_server_failure(error) or failovers >= self.sequence.config.max_retries:
+                raise error
+            failovers += 1
+            self.sequence.ban(segment.hop.peer, error)
+            self.segments[walk.index : walk.index + 1] = self._replace(segment)  # routes and replays: not on the loop
+        return walk.inputs[0]
+
+    async def _walk(self, walk: _Walk) -> Exception | None:
+        """Carry `walk` through the segments from walk.index on (on the client loop); stops at a segment whose server
+        fails and returns the error, to be failed over by the caller, which then calls again."""
+        config = self.sequence.config
+        while walk.index < len(self.segments):
+            segment, inputs = self.segments[walk.index], walk.inputs
             began = time.perf_counter()
             try:
                 output = None
-                if segment in pushed_to:
-                    output = run(segment.stream.pushed_output(segment.push_grace(config), like=inputs[0]))
+                if segment in walk.pushed_to:
+                    output = await segment.stream.pushed_output(segment.push_grace(config), like=inputs[0])
                     segment.push_misses += output is None
                 if output is None:  # not pushed, or the push is late: send the step ourselves
-                    resent = segment in pushed_to
-                    pushed_to = self._push_chain(index + 1) if pushing else []
-                    targets = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in pushed_to]
-                    timeout = segment.decoding_timeout(config) if decoding else config.request_timeout
+                    resent = segment in walk.pushed_to
+                    walk.pushed_to = self._push_chain(walk.index + 1) if walk.pushing else []
+                    targets = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in walk.pushed_to]
+                    timeout = segment.decoding_timeout(config) if walk.decoding else config.request_timeout
                     meta = Step(position=self.position, resent=resent, push_to=targets).to_wire()
-                    output = run(segment.stream.step(list(inputs), timeout, meta))
+                    output = await segment.stream.step(list(inputs), timeout, meta)
             except Exception as e:
-                if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
-                    raise
-                failovers += 1
-                self.sequence.ban(segment.hop.peer, e)
-                self.segments[index : index + 1] = self._replace(segment)
-                continue  # resend this step to the replacement
-            if decoding:
-                segment.step_times.append(time.perf_counter() - began)
-                usual = MeasuredStep(statistics.median(segment.step_times), len(segment.hop.blocks))
+                return e
+            if walk.decoding:
+                segment.timed(time.perf_counter() - began)
+                usual = MeasuredStep(segment.usual_step, len(segment.hop.blocks))
                 self.sequence.steps[segment.hop.peer] = usual  # routing avoids servers slower than they announce
             segment.history.append(inputs)
             if self.sequence.payer is not None:
                 self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, inputs[0].shape[0] * inputs[0].shape[1], "inference")
             if config.verify > 0:  # for spot-checks; without them, not worth the memory
                 segment.outputs.append(output)
-            inputs = (output, inputs[1], inputs[2])
-            index += 1
-        return inputs[0]
+            walk.inputs = (output, inputs[1], inputs[2])
+            walk.index += 1
+        return None
 
     def _spot_check(self) -> tuple[int, WrongOutputs] | None:
         """Check every segment's outputs so far on other servers holding its blocks, all at once: each gets the
