@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import resource
@@ -196,14 +197,21 @@ def client_worker(
         raise
     vocab_size = distributed.config.vocab_size
     prompt = torch.randint(0, vocab_size, (1, CLIENT_PROMPT_LENGTH), generator=torch.Generator().manual_seed(100 + index))
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    # no end-of-sequence token, so every client generates exactly new_tokens tokens without transformers' min-length
+    # processors (a full pass over the vocabulary each step: client CPU that real chats do not spend)
+    generation_config = copy.deepcopy(distributed.generation_config)
+    generation_config.eos_token_id = None
+    kwargs = dict(generation_config=generation_config, max_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
-        distributed.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: routes, pings
+        distributed.generate(prompt, **{**kwargs, "max_new_tokens": 4})  # warm-up: routes, pings
         results.put(("ready", index))
         while (start_at := commands.get()) is not None:
             time.sleep(max(0.0, start_at - time.time()))
             began = time.time()
-            distributed.generate(prompt, **kwargs)
+            tokens = distributed.generate(prompt, **kwargs).shape[1] - CLIENT_PROMPT_LENGTH
+            if tokens != new_tokens:
+                results.put(("failed", f"generated {tokens} tokens, not {new_tokens}"))
+                break
             results.put((began, time.time()))
     distributed.sequence.close()
 
@@ -247,6 +255,8 @@ def run_clients_bench(
                     for _, commands in workers[:n]:
                         commands.put(start_at)
                     spans = [results.get(timeout=600) for _ in range(n)]  # (start, end) of each client
+                    if failed := [detail for state, detail in spans if state == "failed"]:
+                        raise RuntimeError(f"a client process failed: {failed[0]}")
                     wall = max(end for _, end in spans) - start_at
                     cpu[0] = cpu_seconds([server.popen.pid for server in servers]) - cpu[0]
                     cpu[1] = cpu_seconds([p.pid for p, _ in workers]) - cpu[1]
