@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import lru_cache
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -20,6 +21,8 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids
 
 PUSH_WINDOW = 64  # a pushed step may start at most this many tokens after the session's position (a few steps ahead)
 MAX_PUSHED_TOKENS = 4  # pushes carry decoding steps only: at most this many new tokens per row
+# a session pushes every step to the same few peers, and decoding base58 showed in the event loop's profile
+peer_id = lru_cache(maxsize=1024)(PeerID.from_base58)
 
 
 def check_push(inputs: Inputs, position: int, batch_size: int, served: int, max_length: int) -> None:
@@ -75,7 +78,7 @@ async def push(
         messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest, wire)
         if len(messages) != 1:
             return  # too big for one message: pushing is for decoding steps; the client passes this one on
-        peer = PeerID.from_base58(target.peer)
+        peer = peer_id(target.peer)
         reply = await asyncio.wait_for(
             p2p.call_protobuf_handler(peer, RPC_PUSH, messages[0], runtime_pb2.ExpertResponse), timeout
         )
