@@ -10,6 +10,13 @@ from torch import nn
 TensorReader = Callable[[list[str]], dict[str, torch.Tensor]]  # HF names -> tensors; a clear error if one is missing
 
 
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column by column, on a CPU. Each generated token multiplies one hidden state by the whole
+    head, and MKL streams this layout faster: the bench model's 32000x768 float32 head takes 3.3 ms instead of 5.8 on
+    one core here, SmolLM2's 49152x576 4.8 instead of 7.4; products with many rows run as fast as before."""
+    return weight.t().contiguous().t() if weight.device.type == "cpu" and weight.dim() == 2 else weight
+
+
 class ClientParts(nn.Module):
     """Token embeddings, an optional norm right after them (BLOOM's word_embeddings_layernorm), the final norm
     (any module: RMSNorm, LayerNorm with bias, ...) and the LM head; no block weights."""
@@ -24,10 +31,14 @@ class ClientParts(nn.Module):
     def with_head(
         cls, embeddings: torch.Tensor, norm: nn.Module, head: torch.Tensor | None, embed_norm: nn.Module | None = None
     ) -> "ClientParts":
-        """Frozen parts from the embedding matrix and the head's weight; head None: tied to the embeddings."""
-        embed = nn.Embedding.from_pretrained(embeddings, freeze=True)
+        """Frozen parts from the embedding matrix and the head's weight; head None: tied to the embeddings. On a CPU
+        the head is stored column by column (see column_major); a tied embedding shares that copy: looking up a few
+        rows barely notices the layout (1024 tokens: 0.35 -> 7.6 ms, next to seconds through the blocks)."""
+        tied = head is None
+        head = column_major(embeddings if tied else head)
+        embed = nn.Embedding.from_pretrained(head if tied else embeddings, freeze=True)
         lm_head = nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False, device="meta")
-        lm_head.weight = embed.weight if head is None else nn.Parameter(head, requires_grad=False)
+        lm_head.weight = embed.weight if tied else nn.Parameter(head, requires_grad=False)
         return cls(embed, norm.requires_grad_(False), lm_head, embed_norm)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
