@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from meadow.models import gguf
 from meadow.models.client_parts import ClientParts
 from meadow.models.config import BlockConfig, UnsupportedModelError, plain_hf_config
-from meadow.models.layout import columns_first
 from meadow.models.registry import check_gguf_architecture, family_for, family_of
 
 # transformers is imported where it is used: a server that reads a plain config never needs it (~1 s of CPU at start)
@@ -134,12 +133,11 @@ def load_blocks(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> list[nn.Module]:
-    """Blocks [start, end), one at a time, so memory follows the span size; on a CPU, their linear layers' weights
-    stored column by column (layout.py: decoding steps run faster)."""
+    """Blocks [start, end), one at a time, so memory follows the span size."""
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"blocks [{start}, {end}) are out of range: the model has {config.num_hidden_layers} blocks")
     indices = tqdm(range(start, end), desc="loading blocks", unit="block", disable=not progress)
-    return [columns_first(load_block(model, config, index, dtype, device)) for index in indices]
+    return [load_block(model, config, index, dtype, device) for index in indices]
 
 
 def load_client_parts(
