@@ -196,6 +196,17 @@ def test_input_ids_not_extending_the_session_raise_value_error(llama):
     assert torch.equal(ids, expected)
 
 
+def test_a_caller_reusing_its_input_ids_tensor_does_not_change_the_session(llama):
+    input_ids = llama.prompt()
+    expected = llama.local(input_ids).logits[:, -1]
+    with llama.distributed.inference_session(max_length=64):
+        buffer = input_ids[:, :-1].clone()
+        llama.distributed(buffer)
+        buffer.fill_(0)  # the caller's buffer, reused for something else: the servers still hold the prompt
+        logits = llama.distributed(input_ids).logits[:, -1]
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
 def test_generate_outside_a_session_opens_one_sized_for_the_call_and_closes_it(llama):
     input_ids = llama.prompt()
     since = len(llama.sequence.sessions)

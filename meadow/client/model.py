@@ -133,8 +133,9 @@ class GenerationSession:
         else:
             output = self._through_blocks(hidden, new.position_ids, new.mask)
         self.steps, self.sent = self.steps + 1, self.sent + new.ids.shape[1]
-        # the whole sequence, checked by split_new to extend what was stored: no copy of it grows token by token
-        self.token_ids, self.mask = new.all_ids, new.all_mask
+        # the whole sequence, checked by split_new to extend what was stored: no copy of it grows token by token, but
+        # this one is ours (a caller may reuse its tensor in place; a few kB, ~2 us)
+        self.token_ids, self.mask = new.all_ids.clone(), new.all_mask.clone()
         return output
 
     def rewind(self, position: int) -> None:
