@@ -63,6 +63,8 @@ def test_client_holds_embeddings_norm_and_head_only(family):
     assert sorted(names) == sorted({"embed_tokens.weight", "norm.weight", "lm_head.weight"} & set(names))
     tied = family.local.config.tie_word_embeddings
     assert (family.distributed.lm_head.weight is family.distributed.embed_tokens.weight) == tied
+    head = family.distributed.lm_head.weight  # column by column on a CPU (models/layout.py), the same values
+    assert head.stride() == (1, head.shape[0]) and torch.equal(head, family.local.lm_head.weight)
     assert family.distributed.get_input_embeddings() is family.distributed.embed_tokens
     assert family.distributed.get_output_embeddings() is family.distributed.lm_head
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
