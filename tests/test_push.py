@@ -74,13 +74,13 @@ def test_a_push_to_an_unknown_session_is_refused_and_harms_nothing(chain):
     sequence, (first, second) = chain
     meta = Push(session_id="nobody-has-this", position=0).to_wire()
     (message,) = pack(step_inputs(0), meta, runtime_pb2.ExpertRequest)
-    reply = run(sequence.p2p.call_protobuf_handler(second.peer, RPC_PUSH, message, runtime_pb2.ExpertResponse))
-    with pytest.raises(RemoteError, match="no session with this id"):
-        run(transport.read_reply(_one(reply), second.peer, 10))
     garbage = runtime_pb2.ExpertRequest(metadata=b"\x93garbage")
-    reply = run(sequence.p2p.call_protobuf_handler(second.peer, RPC_PUSH, garbage, runtime_pb2.ExpertResponse))
+    # both on one push stream, as a server sends its pushes: each refused with its own error, the stream going on
+    replies = run(push_replies(sequence.p2p, second.peer, [message, garbage]))
+    with pytest.raises(RemoteError, match="no session with this id"):
+        run(transport.read_reply(_one(replies[0]), second.peer, 10))
     with pytest.raises(RemoteError, match="malformed message header"):
-        run(transport.read_reply(_one(reply), second.peer, 10))
+        run(transport.read_reply(_one(replies[1]), second.peer, 10))
     with sequence.inference_session(max_length=4, batch_size=1) as session:  # still serving
         assert session.step(*step_inputs(0)).shape == (1, 1, HIDDEN)
 
@@ -111,7 +111,7 @@ def test_a_push_that_does_not_fit_its_session_is_refused_and_the_session_goes_on
     async def bad_pushes():
         for tensors, position, _ in bad:
             (message,) = pack(tensors, Push(session_id="victim-session", position=position).to_wire(), runtime_pb2.ExpertRequest)
-            reply = await sequence.p2p.call_protobuf_handler(second.peer, RPC_PUSH, message, runtime_pb2.ExpertResponse)
+            (reply,) = await push_replies(sequence.p2p, second.peer, [message])
             try:
                 await transport.read_reply(_one(reply), second.peer, 10)
             except RemoteError as e:
@@ -125,3 +125,14 @@ def test_a_push_that_does_not_fit_its_session_is_refused_and_the_session_goes_on
 
 async def _one(message):
     yield message
+
+
+async def push_replies(p2p, peer, messages: list) -> list:
+    """Send `messages` on one push stream, as a server does, and return the replies (only refusals get one)."""
+    replies = await p2p.iterate_protobuf_handler(peer, RPC_PUSH, _many(messages), runtime_pb2.ExpertResponse)
+    return [reply async for reply in replies]
+
+
+async def _many(messages: list):
+    for message in messages:
+        yield message

@@ -19,7 +19,7 @@ from meadow.models import BlockConfig, linear_shapes
 from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
 from meadow.server.memory import CacheBudget
-from meadow.server.push import Inbox, Inputs, check_push, push
+from meadow.server.push import Inbox, Inputs, Pusher, check_push
 from meadow.server.span import Pieces, Session, Span, row_groups
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
 from meadow.swarm.allow_list import NotAllowed, guard
@@ -82,6 +82,7 @@ class BlockHandler:
         self.compute = ComputeLoop(limits.chunk_tokens, limits.max_batch_tokens)
         self.requests: Counter[Hashable] = Counter()  # forward/backward requests being read or run, by peer
         self.streams: Counter[Hashable] = Counter()  # inference streams open or opening, by peer
+        self.pushers: Counter[Hashable] = Counter()  # push streams open to us, by peer
         self.graphs = GraphCache(limits.graph_cache_bytes)  # training clients' forward graphs, for their backward
         self.max_request_bytes = self._max_request_bytes(hosted=1)
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
@@ -120,7 +121,7 @@ class BlockHandler:
 
     async def register(self, p2p: P2P, allowed: frozenset[PeerID] | None = None) -> None:
         """Serve our RPCs on `p2p`; in a private swarm, only to the `allowed` peers (others get NotAllowed)."""
-        self.p2p = p2p  # to push decoding steps on to the next server of a chain
+        self.pusher = Pusher(p2p)  # to push decoding steps on to the next server of a chain
 
         def refusal(error: NotAllowed) -> runtime_pb2.ExpertResponse:
             return pack([], Reply(error=str(error), error_kind=type(error).__name__).to_wire(), runtime_pb2.ExpertResponse)[0]
@@ -129,9 +130,9 @@ class BlockHandler:
             raise error  # rpc_info's reply has no error field: hivemind sends the caller the message
 
         await p2p.add_protobuf_handler(RPC_INFO, guard(self.rpc_info, allowed, refuse_info), runtime_pb2.ExpertUID)
-        await p2p.add_protobuf_handler(RPC_PUSH, guard(self.rpc_push, allowed, refusal), runtime_pb2.ExpertRequest)
         requests, sessions = self.limits.max_peer_requests, self.limits.max_peer_sessions
         for name, handler in (
+            (RPC_PUSH, self._per_peer(self.rpc_push, self.pushers, sessions, "push streams")),
             (RPC_FORWARD, self._per_peer(self.rpc_forward, self.requests, requests, "requests in progress")),
             (RPC_BACKWARD, self._per_peer(self.rpc_backward, self.requests, requests, "requests in progress")),
             (RPC_INFERENCE, self._per_peer(self.rpc_inference, self.streams, sessions, "inference sessions")),
@@ -300,7 +301,7 @@ class BlockHandler:
                 pieces = session.step_pieces(*inputs, self.limits.chunk_tokens)
                 output = await self.compute.run(pieces, span, peer, self.priority(peer), decoding, session)
                 if targets:
-                    asyncio.ensure_future(push(self.p2p, targets, position, (output, inputs[1], inputs[2]), wire))
+                    self.pusher.push(targets, position, (output, inputs[1], inputs[2]), wire)
                 yield output
         finally:
             self.compute.forget(session)
@@ -333,27 +334,31 @@ class BlockHandler:
             return None
         raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed")
 
-    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """A decoding step's input, pushed by the previous server of a client's chain into one of our sessions."""
-        try:
-            message = await unpack(_single(request), self.max_request_bytes)
-            if message is None:
-                raise BadRequest("empty push")
-            tensors, meta = message
-            pushed = Push.from_wire(meta)
-            if pushed.version != PROTOCOL_VERSION:
-                raise BadRequest(f"peer speaks protocol {pushed.version}, this server speaks {PROTOCOL_VERSION}")
-            if pushed.session_id not in self.inboxes:
-                raise BadRequest("no session with this id here (it ended, or never began)")
-            if len(tensors) != 3:
-                raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
-            inbox, session = self.inboxes[pushed.session_id]
-            inputs = self._check_inputs(tensors)
-            check_push(inputs, pushed.position, session.batch_size, session.position, session.max_length)
-            inbox.put(pushed.position, inputs, pushed.push_to, session.position)
-            return runtime_pb2.ExpertResponse()
-        except MeadowError as e:
-            return self._error(e, context)
+    async def rpc_push(self, requests: Requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Decoding steps' inputs, pushed into our sessions by a server before us in clients' chains: one message
+        each on a stream it keeps open. A refused push is answered with its error; the others with nothing."""
+        async for request in requests:
+            try:
+                await self._take_push(request)
+            except MeadowError as e:
+                yield self._error(e, context)
+
+    async def _take_push(self, request: runtime_pb2.ExpertRequest) -> None:
+        message = await unpack(_single(request), self.max_request_bytes)
+        if message is None:
+            raise BadRequest("empty push")
+        tensors, meta = message
+        pushed = Push.from_wire(meta)
+        if pushed.version != PROTOCOL_VERSION:
+            raise BadRequest(f"peer speaks protocol {pushed.version}, this server speaks {PROTOCOL_VERSION}")
+        if pushed.session_id not in self.inboxes:
+            raise BadRequest("no session with this id here (it ended, or never began)")
+        if len(tensors) != 3:
+            raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
+        inbox, session = self.inboxes[pushed.session_id]
+        inputs = self._check_inputs(tensors)
+        check_push(inputs, pushed.position, session.batch_size, session.position, session.max_length)
+        inbox.put(pushed.position, inputs, pushed.push_to, session.position)
 
     async def _receive(
         self, requests: Requests, schema: type[ForwardRequest]

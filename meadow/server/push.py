@@ -1,7 +1,7 @@
 """Decoding steps handed from server to server: the output of one server of a chain goes straight to the next
-(rpc_push) instead of back to the client and out again, which saves a client round trip per hop. The client still
-sends every step itself as well, so a push that never arrives only costs that saving; each step is served once,
-from whichever copy of its input comes first."""
+(rpc_push, a stream each server keeps open to each next server) instead of back to the client and out again, which
+saves a client round trip per hop. A client that does not get a pushed step's output in time sends the step itself,
+so a push that never arrives only costs that saving; each step is served once, from whichever copy comes first."""
 
 from __future__ import annotations
 
@@ -67,22 +67,54 @@ class Inbox:
         return self.items.pop(position)
 
 
-async def push(
-    p2p: P2P, targets: tuple[PushTarget, ...], position: int, inputs: Inputs, wire: str | None = None, timeout: float = 10.0
-) -> None:
-    """Hand a step's output to the first of `targets` (with the rest, for it to pass on), its hidden states in the
-    client's `wire` format. Failures are only logged: the client sends the step too."""
-    target, rest = targets[0], targets[1:]
-    meta = Push(session_id=target.session_id, position=position, push_to=rest).to_wire()
-    try:
-        messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest, wire)
+class Pusher:
+    """This server's open push streams, one per next server: a pushed step is one message on it, answered only if
+    refused. A unary call per push (request and reply) cost twice the CPU of a message on an open stream, counting
+    both processes and both p2pd (benchmarks/p2p_message_cost.py: 0.91-0.99 ms against 0.34-0.46). Failures are only
+    logged: the client sends a step itself when its push does not arrive."""
+
+    def __init__(self, p2p: P2P, idle_seconds: float = 60.0, max_queued: int = 64):
+        self.p2p, self.idle_seconds, self.max_queued = p2p, idle_seconds, max_queued
+        self.queues: dict[PeerID, asyncio.Queue] = {}  # messages waiting for each peer's stream
+
+    def push(self, targets: tuple[PushTarget, ...], position: int, inputs: Inputs, wire: str | None = None) -> None:
+        """Hand a step's output to the first of `targets` (with the rest, for it to pass on), its hidden states in
+        the client's `wire` format."""
+        target, rest = targets[0], targets[1:]
+        meta = Push(session_id=target.session_id, position=position, push_to=rest).to_wire()
+        try:
+            messages = pack(list(inputs), meta, runtime_pb2.ExpertRequest, wire)
+            peer = peer_id(target.peer)
+        except Exception as e:
+            logger.debug(f"push to {target.peer} failed: {e!r}")
+            return
         if len(messages) != 1:
             return  # too big for one message: pushing is for decoding steps; the client passes this one on
-        peer = peer_id(target.peer)
-        reply = await asyncio.wait_for(
-            p2p.call_protobuf_handler(peer, RPC_PUSH, messages[0], runtime_pb2.ExpertResponse), timeout
-        )
-        if reply.tensors or reply.metadata:  # only errors carry anything
-            logger.debug(f"push to {target.peer} refused: {reply.metadata!r}")
-    except Exception as e:
-        logger.debug(f"push to {target.peer} failed: {e!r}")
+        queue = self.queues.get(peer)
+        if queue is None:
+            queue = self.queues[peer] = asyncio.Queue(self.max_queued)
+            asyncio.ensure_future(self._stream(peer, queue))
+        if queue.full():
+            logger.debug(f"push to {target.peer} dropped: {self.max_queued} pushes wait for its stream")
+            return
+        queue.put_nowait(messages[0])
+
+    async def _stream(self, peer: PeerID, queue: asyncio.Queue) -> None:
+        """Send `queue`'s messages to `peer` on one stream, until it breaks or stays idle for idle_seconds."""
+
+        async def messages():
+            while True:
+                try:
+                    yield await asyncio.wait_for(queue.get(), self.idle_seconds)
+                except asyncio.TimeoutError:
+                    return
+
+        try:
+            replies = await self.p2p.iterate_protobuf_handler(peer, RPC_PUSH, messages(), runtime_pb2.ExpertResponse)
+            async for reply in replies:  # only refusals come back
+                logger.debug(f"push to {peer} refused: {reply.metadata!r}")
+        except Exception as e:
+            logger.debug(f"push stream to {peer} ended: {e!r}")
+        finally:
+            if self.queues.get(peer) is queue:
+                del self.queues[peer]
