@@ -105,9 +105,11 @@ class Pusher:
         async def messages():
             while True:
                 try:
-                    yield await asyncio.wait_for(queue.get(), self.idle_seconds)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.idle_seconds):  # unlike wait_for, no task per message
+                        message = await queue.get()
+                except TimeoutError:
                     return
+                yield message
 
         try:
             replies = await self.p2p.iterate_protobuf_handler(peer, RPC_PUSH, messages(), runtime_pb2.ExpertResponse)
