@@ -17,6 +17,7 @@ import torch
 from meadow.home import meadow_home
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_config, load_reference_model
+from meadow.models.packed import pack_block
 from meadow.models.quant import quantize_block
 from meadow.models.registry import family_of
 from meadow.wire import default_wire
@@ -145,8 +146,8 @@ def bench(
     local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
     layers = local_model.get_submodule(family_of(config).layer_prefix.partition(".{}")[0])  # model.layers, transformer.h
-    for layer in layers:  # the same quantized blocks as the servers'; embeddings and head as they are
-        quantize_block(layer, quant, device)
+    for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as they are
+        pack_block(quantize_block(layer, quant, device))
     local_model.to(device)
     figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
     return figures

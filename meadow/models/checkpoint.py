@@ -132,12 +132,14 @@ def load_blocks(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    prepare: Callable[[nn.Module], nn.Module] = lambda block: block,
 ) -> list[nn.Module]:
-    """Blocks [start, end), one at a time, so memory follows the span size."""
+    """Blocks [start, end), one at a time, each `prepare`d (quantized, say) before the next is read, so memory follows
+    the span size."""
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"blocks [{start}, {end}) are out of range: the model has {config.num_hidden_layers} blocks")
     indices = tqdm(range(start, end), desc="loading blocks", unit="block", disable=not progress)
-    return [load_block(model, config, index, dtype, device) for index in indices]
+    return [prepare(load_block(model, config, index, dtype, device)) for index in indices]
 
 
 def load_client_parts(

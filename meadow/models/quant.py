@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import torch
@@ -72,19 +72,32 @@ def quantize_block(block: nn.Module, quant: str, device: str | torch.device) -> 
     from there. Returns the block."""
     check_quant_name(quant)
     if quant != "none":
-        # names only: holding the modules in a list would keep every float weight alive until the end
-        for name in [name for name, module in block.named_modules() if type(module) is nn.Linear]:
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            setattr(parent, child, quantize_linear(getattr(parent, child), quant, device))
-        # A loader's tensors may be views of the checkpoint's memory map (safetensors): the norms, kept as they are,
-        # would keep the whole map alive, and with it every float weight just read from it, resident. Copies let go.
-        for module in block.modules():
-            if not _is_quantized(module):
-                for parameter in module.parameters(recurse=False):
-                    parameter.data = parameter.data.clone()
-        release_freed_memory()
+        replace_layers(block, lambda module: type(module) is nn.Linear, lambda linear: quantize_linear(linear, quant, device))
+        let_go_of_checkpoint(block, replaced=_is_quantized)
     return block.to(device)
+
+
+def replace_layers(block: nn.Module, chosen: Callable[[nn.Module], bool], new: Callable[[nn.Module], nn.Module]) -> bool:
+    """Replace every `chosen` submodule of the block by `new`(it), in place, one at a time. Whether there was any."""
+    # names only: holding the modules in a list would keep every float weight alive until the end
+    names = [name for name, module in block.named_modules() if chosen(module)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name)
+        setattr(parent, child, new(getattr(parent, child)))
+    return bool(names)
+
+
+def let_go_of_checkpoint(block: nn.Module, replaced: Callable[[nn.Module], bool]) -> None:
+    """Once some of a block's layers have been `replaced` by new ones holding their own copies of the weights: copy
+    the parameters of the other layers too, and give the freed memory back. A loader's tensors may be views of the
+    checkpoint's memory map (safetensors): the norms, kept as they are, would keep the whole map alive, and with it
+    every float weight just read from it, resident."""
+    for module in block.modules():
+        if not replaced(module):
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.clone()
+    release_freed_memory()
 
 
 def release_freed_memory() -> None:

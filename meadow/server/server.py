@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from meadow.home import meadow_home
-from meadow.models import load_block, load_blocks, load_config, resolve_model_path
+from meadow.models import BlockConfig, load_blocks, load_config, resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.models.lora import BlockLora, load_peft_adapter
+from meadow.models.packed import pack_block
 from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
@@ -31,6 +33,16 @@ from meadow.wire import BlockRange
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def serving_blocks(
+    path: Path, config: BlockConfig, blocks: BlockRange, dtype: torch.dtype, device: torch.device, quant: str
+) -> list[nn.Module]:
+    """The blocks on `device`, their linear layers made ready to serve: quantized per `quant`, or else packed for
+    oneDNN on a CPU (packed.py); each before the next block is read, so peak memory is the span plus one float block."""
+    read_on = "cpu" if quant != "none" else device  # bitsandbytes quantizes from the CPU
+    prepare = lambda block: pack_block(quantize_block(block, quant, device))
+    return load_blocks(path, config, blocks.start, blocks.end, dtype, read_on, prepare=prepare)
 
 
 @dataclass
@@ -222,14 +234,7 @@ class Server:
         }
 
     def _load_blocks(self, blocks: BlockRange) -> list:
-        """The span's blocks on our device, their linear layers quantized per --quant."""
-        path, config, quant = self.model_path, self.model_config, self.config.quant
-        if quant == "none":
-            return load_blocks(path, config, blocks.start, blocks.end, self.dtype, self.device)
-        # one block at a time, read on the CPU (where bitsandbytes quantizes from) and quantized before the next is
-        # read: peak memory is the quantized span plus one float block
-        return [quantize_block(load_block(path, config, index, self.dtype), quant, self.device)
-                for index in range(blocks.start, blocks.end)]  # fmt: skip
+        return serving_blocks(self.model_path, self.model_config, blocks, self.dtype, self.device, self.config.quant)
 
     async def _take(self, blocks: BlockRange, loaded: Span | None = None) -> None:
         """Announce `blocks` as joining, load them, serve them, announce them online (at once if already `loaded`)."""

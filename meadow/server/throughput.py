@@ -21,6 +21,7 @@ from torch import nn
 
 from meadow.home import meadow_home
 from meadow.models import BlockConfig, KVCache, make_block
+from meadow.models.packed import pack_block
 from meadow.models.quant import quantize_block
 
 FORWARD_TOKENS = 128  # one batched forward of this many tokens stands for prefill and training traffic
@@ -114,7 +115,7 @@ def random_block(config: BlockConfig, dtype: torch.dtype, device: torch.device, 
         for name, parameter in block.named_parameters():
             # norm scales of 1 and weights of std 0.02 keep activations finite in float16
             parameter.fill_(1.0) if "norm" in name else parameter.normal_(0.0, 0.02)
-    return quantize_block(block, quant, device).eval()
+    return pack_block(quantize_block(block, quant, device)).eval()
 
 
 def _time_per_call(fn: Callable[[], object], device: torch.device, seconds: float) -> float:
