@@ -2,8 +2,8 @@
 
     python -m benchmarks.layout [--threads 1]
 
-Row-major (nn.Linear's own, through MKL), column-major (MKL too: the client's LM head before it was packed) and
-oneDNN's packed layout (meadow.models.packed: servers' blocks and the client's head). The bench model's LM head
+Row-major (nn.Linear's own, through MKL), column-major (MKL too: the client's LM head) and oneDNN's packed layout
+(meadow.models.packed: servers' blocks). The bench model's LM head
 (32000x768, one row: a client's work per token) and its block projections (768x768, 2048x768, 768x2048) for 1 to 16
 rows (the sessions of a server's decoding pass) and 128 (a prefill chunk). Each product reads the whole weight, as a
 pass does; 40 different weights per call keep them out of the caches, like the weights of a span. The layouts give
