@@ -200,16 +200,19 @@ def client_worker(
     prompt = torch.randint(0, vocab_size, (1, CLIENT_PROMPT_LENGTH), generator=torch.Generator().manual_seed(100 + index))
     # no end-of-sequence token, so every client generates exactly new_tokens tokens without transformers' min-length
     # processors (a full pass over the vocabulary each step: client CPU that real chats do not spend)
-    generation_config = copy.deepcopy(distributed.generation_config)
-    generation_config.eos_token_id = None
-    kwargs = dict(generation_config=generation_config, max_new_tokens=new_tokens, do_sample=False)
+    # (every setting in the config: transformers warns when a config and separate arguments come together)
+    def greedy(tokens: int):
+        config = copy.deepcopy(distributed.generation_config)
+        config.eos_token_id, config.max_new_tokens, config.do_sample = None, tokens, False
+        return config
+
     with torch.no_grad():
-        distributed.generate(prompt, **{**kwargs, "max_new_tokens": 4})  # warm-up: routes, pings
+        distributed.generate(prompt, generation_config=greedy(4))  # warm-up: routes, pings
         results.put(("ready", index))
         while (start_at := commands.get()) is not None:
             time.sleep(max(0.0, start_at - time.time()))
             began = time.time()
-            tokens = distributed.generate(prompt, **kwargs).shape[1] - CLIENT_PROMPT_LENGTH
+            tokens = distributed.generate(prompt, generation_config=greedy(new_tokens)).shape[1] - CLIENT_PROMPT_LENGTH
             if tokens != new_tokens:
                 results.put(("failed", f"generated {tokens} tokens, not {new_tokens}"))
                 break
