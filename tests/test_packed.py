@@ -39,6 +39,16 @@ def test_a_packed_linear_computes_what_nn_linear_does(bias: bool, shape: tuple[i
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_training_graph_through_a_packed_linear_holds_no_copy_of_its_weight() -> None:
+    """A server keeps training requests' graphs for their backward: each must not hold the span's weights again."""
+    packed = PackedLinear(nn.Linear(256, 512).requires_grad_(False))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+        output = packed(torch.randn(3, 256, requires_grad=True))
+    assert sum(saved) < packed.in_features * packed.out_features * 4
+    assert output.grad_fn is not None
+
+
 def test_a_servers_cpu_blocks_are_packed_and_compute_what_the_plain_ones_do(tmp_path) -> None:
     path = make_tiny_checkpoint(tmp_path / "llama", "llama", num_layers=3)
     config = load_config(path)

@@ -6,14 +6,13 @@ blocked layout faster still. On the 2-core AMD EPYC where this project is measur
 of 4 bench-model blocks (112 MB): 1 row 6.7 -> 3.7 ms, 8 rows 12.3 -> 4.9 ms, 64 rows 41.7 -> 17.5 ms
 (`python -m benchmarks.packed_linear`). The results equal MKL's up to float rounding (the sums run in another order).
 
-The packed weight replaces the plain one, so a block takes no more memory. oneDNN's op has no autograd: where a
-training request needs gradients through a layer, that call unpacks the weight again (exactly) and uses F.linear.
+The packed weight replaces the plain one, so a block takes no more memory. oneDNN's op has no autograd: a training
+request's gradient through a layer unpacks the weight again (exactly) for that one product.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meadow.models.quant import let_go_of_checkpoint, replace_layers
@@ -45,8 +44,8 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad and torch.is_grad_enabled():  # gradients w.r.t. x: an op that autograd knows
-            return F.linear(x, self.weight, self.bias)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _PackedProduct.apply(x, self)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -59,3 +58,18 @@ def pack_block(block: nn.Module) -> nn.Module:
     if replace_layers(block, packable, PackedLinear):
         let_go_of_checkpoint(block, replaced=lambda module: isinstance(module, PackedLinear))
     return block
+
+
+class _PackedProduct(torch.autograd.Function):
+    """A packed layer's output, differentiable w.r.t. its input only (the layer is frozen). The backward unpacks the
+    weight for its one product and lets it go: an autograd graph that kept an unpacked copy per layer would hold the
+    whole span twice, once per training request the server keeps a graph for."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: PackedLinear) -> Tensor:
+        ctx.layer = layer
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
+        return grad_output @ ctx.layer.weight, None
