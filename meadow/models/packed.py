@@ -2,9 +2,10 @@
 
 torch sends a CPU float32 matmul to MKL, which runs its AVX2 kernels on AMD CPUs even where they have AVX-512. oneDNN
 (also inside torch) picks the widest instructions the CPU has, and reads a weight it packed beforehand in its own
-blocked layout faster still. On the 2-core AMD EPYC where this project is measured, one core, the 28 weight matrices
-of 4 bench-model blocks (112 MB): 1 row 6.7 -> 3.7 ms, 8 rows 12.3 -> 4.9 ms, 64 rows 41.7 -> 17.5 ms
-(`python -m benchmarks.packed_linear`). The results equal MKL's up to float rounding (the sums run in another order).
+blocked layout faster still. On the 2-core AMD EPYC where this project is measured, one core, the bench model's
+weights: a product with 1 row takes 0.57-0.79 of MKL's time, with 2 to 128 rows 0.31-0.50 (`python -m
+benchmarks.layout`); a server's pass of 8 decoding steps through 4 blocks, 13.7 -> 6.8 ms. The results equal MKL's up
+to float rounding (the sums run in another order).
 
 The packed weight replaces the plain one, so a block takes no more memory. oneDNN's op has no autograd: a training
 request's gradient through a layer unpacks the weight again (exactly) for that one product.
@@ -18,15 +19,13 @@ from torch import Tensor, nn
 from meadow.models.quant import let_go_of_checkpoint, replace_layers
 
 
-def packable(linear: nn.Module) -> bool:
-    """A plain float32 nn.Linear on a CPU, in a torch built with oneDNN."""
-    weight = getattr(linear, "weight", None)
-    return (
-        type(linear) is nn.Linear
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-    )
+def packs(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether linear layers of this dtype on this device get packed: float32 on a CPU, in a torch built with oneDNN."""
+    return dtype == torch.float32 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+def packable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and packs(module.weight.dtype, module.weight.device)
 
 
 class PackedLinear(nn.Module):

@@ -72,7 +72,8 @@ def quantize_block(block: nn.Module, quant: str, device: str | torch.device) -> 
     from there. Returns the block."""
     check_quant_name(quant)
     if quant != "none":
-        replace_layers(block, lambda module: type(module) is nn.Linear, lambda linear: quantize_linear(linear, quant, device))
+        quantized = lambda linear: quantize_linear(linear, quant, device)
+        replace_layers(block, lambda module: type(module) is nn.Linear, quantized)
         let_go_of_checkpoint(block, replaced=_is_quantized)
     return block.to(device)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from meadow.home import meadow_home
 from meadow.models import BlockConfig, KVCache, make_block
-from meadow.models.packed import pack_block
+from meadow.models.packed import pack_block, packs
 from meadow.models.quant import quantize_block
 
 FORWARD_TOKENS = 128  # one batched forward of this many tokens stands for prefill and training traffic
@@ -47,7 +47,8 @@ def cache_key(config: BlockConfig, dtype: torch.dtype, device: torch.device, qua
     linear layers, torch's version."""
     shape = config.block_shape()
     dtype_name = str(dtype).removeprefix("torch.")
-    return f"{shape} | {device_name(device)} | {dtype_name} | quant {quant} | torch {torch.__version__}"
+    layers = f"quant {quant}" + (" packed" if quant == "none" and packs(dtype, device) else "")  # packed: faster
+    return f"{shape} | {device_name(device)} | {dtype_name} | {layers} | torch {torch.__version__}"
 
 
 def device_name(device: torch.device) -> str:
