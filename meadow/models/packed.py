@@ -13,6 +13,8 @@ request's gradient through a layer unpacks the weight again (exactly) for that o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -20,8 +22,22 @@ from meadow.models.quant import let_go_of_checkpoint, replace_layers
 
 
 def packs(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether linear layers of this dtype on this device get packed: float32 on a CPU, in a torch built with oneDNN."""
-    return dtype == torch.float32 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    """Whether linear layers of this dtype on this device get packed: float32 on a CPU, where this torch can."""
+    return dtype == torch.float32 and torch.device(device).type == "cpu" and _onednn_packs()
+
+
+@functools.cache
+def _onednn_packs() -> bool:
+    """Whether this torch packs and runs a float32 linear layer with oneDNN: not every build can (one without
+    oneDNN, or where the op is missing); there, layers stay as they are."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.inference_mode():
+            PackedLinear(nn.Linear(8, 8).requires_grad_(False))(torch.randn(2, 8))
+        return True
+    except Exception:  # a missing op or kernel on this platform
+        return False
 
 
 def packable(module: nn.Module) -> bool:
