@@ -26,9 +26,10 @@ from meadow.server.span import Piece, Pieces, Separate, Span
 logger = logging.getLogger(__name__)
 INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loop: a thread hand-off costs about as much
 # A decoding step may wait this many passes' time for other sessions' steps to join it. Most of a pass's cost is
-# fixed (reading the weights): on a CPU, 4 blocks of the 100M bench model take ~7 ms of CPU for one step and ~19 ms
-# for sixteen, so a step that joins a pass costs ~0.8 ms instead of ~7. 4 rather than 2: with 8 clients on a 2-core
-# machine, server CPU per token 7.0 -> 5.9 ms, passes per 656 tokens 116 -> 90 (first server).
+# fixed (reading the weights): on a CPU, 4 blocks of the 100M bench model take ~4.3 ms of CPU for one step and ~9.8 ms
+# for sixteen (packed weights), so a step that joins a pass costs ~0.4 ms instead of ~4. 4 rather than 2: with 8
+# clients on a 2-core machine, server CPU per token 7.0 -> 5.9 ms, passes per 656 tokens 116 -> 90 (first server);
+# with packed weights, 2 and 1 were no better (8 clients 128 and 116 tokens/s vs 128, 16 clients 142 and 127 vs 146).
 GATHER_PASSES = 4.0
 MAX_REMEMBERED_PEERS = 10_000  # whose last turns are kept; beyond it, the longest ago are forgotten
 RESERVED_EVERY = 4  # every 4th pass serves the lowest priority first: requesters without points are never starved
