@@ -6,6 +6,8 @@ The answer is checked against the same model run whole in this process (transfor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import time
 
@@ -71,8 +73,12 @@ def run_demo(model: str | None, question: str, max_new_tokens: int, servers: int
 
         print("Running the same model locally (transformers) to compare...", flush=True)
         transformers.utils.logging.disable_progress_bar()
+        # transformers' GGUF loader draws its own tqdm bar, which disable_progress_bar() does not reach; a failed load
+        # still raises, with its traceback
+        with contextlib.redirect_stderr(io.StringIO()):
+            reference = load_reference_model(model)
         with torch.no_grad():
-            local_ids = load_reference_model(model).generate(prompt, **settings)
+            local_ids = reference.generate(prompt, **settings)
         same = torch.equal(local_ids, swarm_ids)
         print(f"Same tokens as the whole model run locally (transformers): {'yes' if same else 'NO'}")
         if not same:
