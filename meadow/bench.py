@@ -206,13 +206,14 @@ def client_worker(
         config.eos_token_id, config.max_new_tokens, config.do_sample = None, tokens, False
         return config
 
+    measured = greedy(new_tokens)  # made once, outside the timed generations
     with torch.no_grad():
         distributed.generate(prompt, generation_config=greedy(4))  # warm-up: routes, pings
         results.put(("ready", index))
         while (start_at := commands.get()) is not None:
             time.sleep(max(0.0, start_at - time.time()))
             began = time.time()
-            tokens = distributed.generate(prompt, generation_config=greedy(new_tokens)).shape[1] - CLIENT_PROMPT_LENGTH
+            tokens = distributed.generate(prompt, generation_config=measured).shape[1] - CLIENT_PROMPT_LENGTH
             if tokens != new_tokens:
                 results.put(("failed", f"generated {tokens} tokens, not {new_tokens}"))
                 break
