@@ -4,8 +4,8 @@ torch sends a CPU float32 matmul to MKL, which runs its AVX2 kernels on AMD CPUs
 (also inside torch) picks the widest instructions the CPU has, and reads a weight it packed beforehand in its own
 blocked layout faster still. On the 2-core AMD EPYC where this project is measured, one core, the bench model's
 weights: a product with 1 row takes 0.57-0.79 of MKL's time, with 2 to 128 rows 0.31-0.50 (`python -m
-benchmarks.layout`); a server's pass of 8 decoding steps through 4 blocks, 13.7 -> 6.8 ms. The results equal MKL's up
-to float rounding (the sums run in another order).
+benchmarks.layout`); a server's pass of 8 decoding steps through 4 blocks, 13.7 -> 6.8 ms (a one-off measurement).
+The results equal MKL's up to float rounding (the sums run in another order).
 
 The packed weight replaces the plain one, so a block takes no more memory. oneDNN's op has no autograd: a training
 request's gradient through a layer unpacks the weight again (exactly) for that one product.
