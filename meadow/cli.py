@@ -99,10 +99,17 @@ def _add_allow_peers(parser: argparse.ArgumentParser) -> None:
                              "everyone else; use with --identity")  # fmt: skip
 
 
+def _add_points_identity(parser: argparse.ArgumentParser) -> None:
+    # a file of its own beside --identity: your server runs under its identity, and two processes cannot be one peer
+    parser.add_argument("--points-identity", metavar="PATH", type=_identity_file,
+                        help="your server's identity file: sign receipts with it and spend its points (default: "
+                             "--identity, if given)")  # fmt: skip
+
+
 def _client_config(args: argparse.Namespace):
     from meadow.client.config import ClientConfig
 
-    return ClientConfig(identity=args.identity, allow_peers=args.allow_peers)
+    return ClientConfig(identity=args.identity, allow_peers=args.allow_peers, points_identity=args.points_identity)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     generate.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     _add_identity(generate)
+    _add_points_identity(generate)
     _add_allow_peers(generate)
 
     chat = commands.add_parser("chat", help="chat with a model through the swarm, in the terminal")
@@ -184,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     _add_identity(chat)
+    _add_points_identity(chat)
     _add_allow_peers(chat)
 
     api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
@@ -194,9 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     _add_identity(api)
+    _add_points_identity(api)
     _add_allow_peers(api)
-    api.add_argument("--points-identity", metavar="PATH", type=_identity_file,
-                     help="your server's identity file: sign receipts, spend its points, show them on the chat page")
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
     status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
@@ -304,8 +312,7 @@ def _run(args: argparse.Namespace) -> None:
 
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
         run_api(
-            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
-            args.points_identity,
+            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args)
         )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm

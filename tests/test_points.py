@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import urllib.request
 import sqlite3
 import threading
@@ -15,7 +17,7 @@ import time
 import pytest
 import torch
 
-from meadow.cli import main
+from meadow.cli import _client_config, build_parser, main
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import connect_sequence
@@ -177,6 +179,35 @@ def test_the_monitor_shows_verified_points_per_server_and_the_chat_page_the_user
         assert not errors
     finally:
         api.stop()
+
+
+def test_generate_and_chat_sign_receipts_with_a_points_identity(swarm, meadow_home):
+    """`meadow generate --points-identity` pays with your server's identity while the client runs under another peer
+    id (it cannot be your server's: two processes cannot be one peer); `meadow chat` takes the same option."""
+    local_swarm, path, keys = swarm
+    b = peer_of(local_swarm.servers[1])
+    owner = load_identity(keys / "a.key").peer_id.to_base58()
+    ledger = Ledger(meadow_home / "ledgers" / f"{b}.sqlite", b)
+
+    def paid_by_owner() -> int:
+        receipts = [entry.receipt() for entry in ledger.page(0, 10**9)]
+        return sum(receipt.kind == "inference" and receipt.signer_id == owner for receipt in receipts)
+
+    before = paid_by_owner()
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "generate", str(path), "--initial-peers", *local_swarm.initial_peers,
+         "--prompt", "hi", "--max-new-tokens", "4", "--points-identity", str(keys / "a.key")],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    deadline = time.monotonic() + 30  # the server appends a receipt beside its compute loop
+    while paid_by_owner() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert paid_by_owner() > before
+    ledger.close()
+
+    args = build_parser().parse_args(["chat", "--initial-peers", *local_swarm.initial_peers, "--points-identity", str(keys / "a.key")])
+    assert _client_config(args).points_identity == str(keys / "a.key")
 
 
 def points_cli(capsys, peer: str, initial_peers) -> tuple[int, str]:

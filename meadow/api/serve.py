@@ -26,7 +26,6 @@ def run_api(
     dht_prefix: str | None = None,
     adapter: str | None = None,
     client_config: ClientConfig | None = None,
-    points_identity: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)` once it accepts requests."""
     from meadow.api.app import create_app
@@ -36,9 +35,7 @@ def run_api(
     tokenizer = load_tokenizer(model)
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter,
-        client_config=replace(
-            client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS, points_identity=points_identity
-        ),
+        client_config=replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS),
     )  # fmt: skip
     model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
     app = create_app(distributed, tokenizer, model_id)
