@@ -42,10 +42,10 @@ def serve_noisy_blocks() -> None:
 def send_tampered_hidden_states(tamper) -> None:
     serialize = wire_tensors.serialize
 
-    def serialize_tampered(tensor: torch.Tensor):
+    def serialize_tampered(tensor: torch.Tensor, *args, **kwargs):
         if tensor.ndim == 3 and tensor.is_floating_point():  # hidden states or their gradients
             tensor = tamper(tensor.detach().clone())
-        return serialize(tensor)
+        return serialize(tensor, *args, **kwargs)
 
     wire_tensors.serialize = serialize_tampered  # pack() looks it up here for every message the server sends
 

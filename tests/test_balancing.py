@@ -143,7 +143,7 @@ def test_generation_survives_losing_the_only_server_of_some_blocks_when_another_
             str(path), swarm.initial_peers, client_config=ClientConfig(wait_for_servers=90.0)
         )
         with caplog.at_level("INFO", logger="meadow.client.sequence"):
-            got = model.generate(prompt, max_new_tokens=16, do_sample=False, streamer=AfterTokens(5, kill_the_tail_and_start_a_head))
+            got = model.generate(prompt, max_new_tokens=16, do_sample=False, streamer=AfterTokens({5: kill_the_tail_and_start_a_head}))
         assert torch.equal(got, reference)
         assert any("Moving from blocks 0:3 to 3:6" in line for line in mover.lines)
         assert "is moving from blocks 0:3 to 3:6" in caplog.text  # the client's session on the mover was told

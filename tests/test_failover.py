@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -15,18 +18,19 @@ from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
 
 NEW_TOKENS = 16
+TAMPERING_SERVER = str(Path(__file__).with_name("tampering_server.py"))
 
 
 class AfterTokens:
-    """A generate() streamer that does something once `count` tokens have been generated."""
+    """A generate() streamer that runs actions[n] once n tokens have been generated."""
 
-    def __init__(self, count: int, action):
-        self.count, self.action, self.seen = count, action, -1  # the first put() is the prompt
+    def __init__(self, actions: dict[int, Callable[[], None]]):
+        self.actions, self.seen = actions, -1  # the first put() is the prompt
 
     def put(self, value) -> None:
         self.seen += 1
-        if self.seen == self.count:
-            self.action()
+        if self.seen in self.actions:
+            self.actions[self.seen]()
 
     def end(self) -> None:
         pass
@@ -74,7 +78,7 @@ def test_greedy_tokens_survive_a_dead_or_hung_server(model_path, expected, how):
     swarm = start_swarm(model_path, ["0:3", "3:6", "3:6"])
     try:
         model = client(model_path, swarm, step_timeout=3.0)
-        streamer = AfterTokens(5, signal_current_server(model, swarm, 3, how))
+        streamer = AfterTokens({5: signal_current_server(model, swarm, 3, how)})
         got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
         assert torch.equal(got, reference)
         model.sequence.close()
@@ -95,8 +99,36 @@ def test_failover_to_smaller_servers_that_join_after_the_session_began(model_pat
             swarm.start_server(model_path, "--blocks", "3:5", wait=False)
             swarm.start_server(model_path, "--blocks", "5:6", wait=False)
 
-        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens(6, replace_with_two_small_servers))
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens({6: replace_with_two_small_servers}))
         assert torch.equal(got, reference)
+        model.sequence.close()
+    finally:
+        swarm.stop()
+
+
+def test_a_replacement_that_fails_its_replay_is_banned_and_the_next_one_taken(model_path, expected):
+    """The session's server dies; the fastest replacement answers the replayed history with NaN: it is banned and
+    another replacement rebuilds the cache, so the tokens do not change."""
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:6"], "--update-period", "2")
+    try:
+        swarm.start_server(model_path, "--blocks", "0:6", "--throughput", "1", "--update-period", "2")  # slow, honest
+        model = client(model_path, swarm, routes_max_age=1.0)  # the failover reads the servers' records again
+        broken: list = []
+
+        def after_3_tokens():  # a fast server that sends NaN joins once the session runs on the first one
+            broken.append(swarm.start_server(model_path, "--blocks", "0:6", "--update-period", "2",
+                                             program=[sys.executable, TAMPERING_SERVER, "nan"]))  # fmt: skip
+
+        def after_6_tokens():
+            assert server_running(swarm, model.session.remote.segments[0].hop.peer) is swarm.servers[0]
+            swarm.servers[0].signal(signal.SIGKILL)
+
+        streamer = AfterTokens({3: after_3_tokens, 6: after_6_tokens})
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
+        assert torch.equal(got, reference)
+        cheat = next(peer for peer in model.sequence.banned_until if peer.to_base58() in "\n".join(broken[0].lines))
+        assert model.sequence.banned_until[cheat] > time.monotonic()
         model.sequence.close()
     finally:
         swarm.stop()
@@ -141,7 +173,7 @@ def test_a_server_leaving_on_sigterm_mid_generation_tells_its_client_at_once(mod
 
         began = time.monotonic()
         with caplog.at_level("INFO", logger="meadow.client.sequence"):
-            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens(5, terminate_current_server))
+            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens({5: terminate_current_server}))
         took = time.monotonic() - began
         assert torch.equal(got, reference)
         assert "ServerLeaving" in caplog.text  # the client was told, rather than finding out by a timeout

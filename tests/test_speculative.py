@@ -136,7 +136,7 @@ def test_greedy_speculation_survives_a_killed_server(model, swarm, reference):
         peer = next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == 3)
         server_running(swarm, peer).signal(signal.SIGKILL)
 
-    streamer = AfterTokens(4, kill_current_server)
+    streamer = AfterTokens({4: kill_current_server})
     got = model.generate(PROMPT, **GREEDY, prompt_lookup_num_tokens=3, streamer=streamer)
     assert streamer.seen >= 4  # the server was killed mid-generation
     assert torch.equal(got, reference)

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from hivemind.p2p import PeerID
 
 from meadow.client import transport
 from meadow.client.routing import Hop, MeasuredStep
@@ -32,6 +33,14 @@ from meadow.wire import RPC_FORWARD, BlockRange, OpenSession, PushTarget, Step
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
 MAX_PUSH_MISSES = 2  # after this many late pushes to a server, the client passes its steps on itself
 DECODING_TOKENS = 4  # steps of at most this many new tokens are decoding steps, timed against the server's own pace
+
+
+class HopFailed(Exception):
+    """A server failed while its part of a chain was opened or replayed: which server, and its error."""
+
+    def __init__(self, peer: PeerID, error: BaseException):
+        super().__init__(f"{peer}: {error!r}")
+        self.peer, self.error = peer, error
 
 
 @dataclass(eq=False)  # segments are compared by identity
@@ -239,14 +248,17 @@ class InferenceSession:
                 if history:
                     self._replay(history, segments)
                 return segments
+            except HopFailed as e:
+                peer, error = e.peer, e.error
             except Exception as e:
-                if not is_server_failure(e) or failovers >= self.sequence.config.max_retries:
-                    raise
-                failovers += 1
-                for segment in segments:
-                    run(segment.stream.close())
-                if getattr(e, "failed_peer", None) is not None:
-                    self.sequence.ban(e.failed_peer, e)
+                peer, error = None, e
+            if not is_server_failure(error) or failovers >= self.sequence.config.max_retries:
+                raise error  # outside the except clauses: the error as it came, not "during handling of" its wrapper
+            failovers += 1
+            for segment in segments:
+                run(segment.stream.close())
+            if peer is not None:
+                self.sequence.ban(peer, error)
 
     def _replace(self, failed: Segment) -> list[Segment]:
         run(failed.stream.close())
@@ -269,8 +281,7 @@ class InferenceSession:
                 try:
                     await stream.open(request, self.sequence.config.connect_timeout, tensors)
                 except Exception as e:
-                    e.failed_peer = hop.peer
-                    raise
+                    raise HopFailed(hop.peer, e) from e
                 opened.append(Segment(hop, stream, session_id))
         except BaseException:
             for segment in opened:
@@ -290,8 +301,7 @@ class InferenceSession:
                     meta = Step(position=start).to_wire()
                     outputs.append(run(segment.stream.step(piece, self.sequence.config.request_timeout, meta)))
                 except Exception as e:
-                    e.failed_peer = segment.hop.peer
-                    raise
+                    raise HopFailed(segment.hop.peer, e) from e
             segment.history = [(hidden, position_ids, key_mask)]
             if self.sequence.payer is not None:
                 self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, hidden.shape[0] * hidden.shape[1], "inference")
