@@ -150,16 +150,23 @@ def test_gradients_equal_local_when_a_cheater_serves_the_forward(model_path, che
     assert ((embeds.grad - local_embeds.grad).abs().max() / local_embeds.grad.abs().max()) <= 1e-4
 
 
-def test_malformed_replies_fail_over_in_generation_and_forward(model_path, swarms, prompt_and_tokens, local):
+def test_malformed_replies_fail_over_in_generation_and_forward(model_path, swarms, prompt_and_tokens, local, caplog):
     swarm, _, broken = swarms
     prompt, reference = prompt_and_tokens
-    with client(model_path, swarm, verify=0.0, dht_prefix="broken") as model:
-        assert model.sequence.make_chain()[0].peer in broken
-        assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
-        assert all(banned_for(model, peer) > 0 for peer in broken)
-    with client(model_path, swarm, verify=0.0, dht_prefix="broken") as model, torch.no_grad():
-        assert (model(prompt).logits - local(prompt).logits).abs().max() <= 1e-4
-        assert all(banned_for(model, peer) > 0 for peer in broken)
+    for call in ("generate", "forward"):
+        caplog.clear()
+        with client(model_path, swarm, verify=0.0, dht_prefix="broken") as model, caplog.at_level("WARNING", "meadow.client"):
+            assert model.sequence.make_chain()[0].peer in broken
+            if call == "generate":
+                assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+            else:
+                with torch.no_grad():
+                    assert (model(prompt).logits - local(prompt).logits).abs().max() <= 1e-4
+            assert all(banned_for(model, peer) > 0 for peer in broken)
+        # banned for the replies they sent (the client's checks caught them), not for crashing
+        nan, shape = broken
+        assert f"bad reply from {nan}: tensor 0 holds NaN" in caplog.text
+        assert f"bad reply from {shape}: tensor 0 is float32 (1, 7, 64), expected" in caplog.text
 
 
 def test_reply_checks():
