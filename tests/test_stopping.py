@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +122,37 @@ def test_closing_a_client_ends_its_dht_process_and_p2p_daemon(started):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
     with pytest.raises(ClosedError, match="closed"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_chats_dht_process_and_p2pd_miss_its_ctrl_c_and_end_with_it(started):
+    """A terminal's Ctrl-C goes to the whole foreground process group: the chat takes it (to stop a reply), and its DHT
+    process and p2pd, in a group of their own, never see it. Killed alone, the chat leaves nothing behind."""
+    _, initial_peers, model_path = started
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "meadow", "chat", str(model_path), "--initial-peers", *initial_peers],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def alive(pids: list[int]) -> list[int]:
+        return [pid for pid in pids if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+
+    try:
+        deadline = time.monotonic() + 180
+        while len(descendants(chat.pid)) < 2 and time.monotonic() < deadline:  # its DHT process and p2pd
+            time.sleep(0.1)
+        helpers = descendants(chat.pid)
+        assert len(helpers) >= 2 and all(os.getpgid(pid) != chat.pid for pid in helpers), helpers
+        time.sleep(2)  # p2pd is up and serving
+        os.killpg(chat.pid, signal.SIGINT)  # Ctrl-C
+        time.sleep(2)
+        assert alive(helpers) == helpers
+        chat.kill()  # the chat alone, as `kill -9 PID` does
+        chat.wait()
+        deadline = time.monotonic() + HANG
+        while alive(helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(helpers)
+    finally:
+        if chat.poll() is None:
+            os.killpg(chat.pid, signal.SIGKILL)
+        chat.wait()

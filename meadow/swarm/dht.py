@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import threading
+import time
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
@@ -54,6 +57,8 @@ def start_dht(
         if allow_peers is not None:
             allowed = load_allow_list(allow_peers) | {key.peer_id}
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
+        if client_mode:
+            kind = type(f"Client{kind.__name__}", (ClientProcess, kind), {})
         dht = kind(
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -87,6 +92,26 @@ def start_dht(
     dht.owner_subkey = owner_subkey(key)  # announce writes under it; the DHT process signs with the key it was given
     dht.allowed = allowed  # fetch_servers reads only these peers' records (None: anyone's)
     return dht
+
+
+class ClientProcess:
+    """A client's DHT process (and so its p2pd) in a process group of its own, which ends when the client does.
+
+    A terminal sends Ctrl-C to its whole foreground process group: `meadow chat` takes a Ctrl-C to stop a reply, but
+    p2pd takes it as a reason to quit (not always: it depends on how it was spawned), which left the chat without a
+    network. Out of the group, they no longer get it; a group kill no longer reaches them either, so the process
+    watches its parent, as hivemind's does not (a client killed alone used to leave both behind)."""
+
+    def run(self) -> None:
+        os.setpgid(0, 0)
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+        super().run()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)  # p2pd sees its parent gone and quits too
 
 
 def announce(
