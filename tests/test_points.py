@@ -25,12 +25,13 @@ from meadow.client.transport import forward
 from meadow.local_swarm import Process
 from meadow.models import load_config
 from meadow.models.fingerprint import checkpoint_fingerprint
-from meadow.points.ledger import Ledger
+from meadow.points.ledger import Entry, Ledger, entry_hash
 from meadow.points.work import params_per_block
 from meadow.points.receipts import Receipt
 from meadow.points.rpc import send_receipts
 from meadow.points.verify import verify_ledger
 from meadow.swarm import generate_identity, load_identity
+from meadow.swarm.records import LedgerHead
 from meadow.wire import BlockRange, ForwardRequest
 from tests.conftest import start_swarm
 from tests.test_pages import browser  # noqa: F401 (a fixture: headless Chromium)
@@ -264,6 +265,39 @@ def test_meadow_points_detects_an_edited_dropped_or_reordered_ledger(swarm, caps
         time.sleep(0.5)
     code, out = result
     assert code == 0 and "INVALID" not in out, out
+
+
+def test_a_ledger_checked_in_parts_counts_what_one_check_counts_and_finds_what_changed_between(tmp_path):
+    """Peers re-read every ledger each period and check only what was appended since their last check: that must
+    find the same totals, a receipt counted again across the parts, and a history rewritten in between."""
+    server, owner = "QmServer", generate_identity(tmp_path / "owner.key")
+    ledger, other = Ledger(tmp_path / "a.sqlite", server), Ledger(tmp_path / "b.sqlite", server)
+    for seq in range(10):
+        unsigned = Receipt(signer="", server=server, client="QmClient", fingerprint="f", start=0, end=2 + seq % 3,
+                           tokens=64 + seq, params_per_block=1000, kind="inference", timestamp=time.time(), seq=seq)  # fmt: skip
+        ledger.append(unsigned.signed_by(owner))
+        other.append(unsigned.model_copy(update={"tokens": 1}).signed_by(owner))  # another history of the same length
+    entries, head, rewritten = ledger.page(0, 100), ledger.head(), other.page(0, 100)
+
+    whole = verify_ledger(server, entries, head)
+    first = verify_ledger(server, entries[:6])
+    rest = verify_ledger(server, entries[6:], head, after=first)
+    assert whole.valid and rest.valid and first.entries == 6
+    assert (rest.entries, rest.tokens, rest.work, dict(rest.work_by_signer)) == (10, whole.tokens, whole.work, dict(whole.work_by_signer))
+    assert verify_ledger(server, [], head, after=rest).valid  # nothing new
+    assert verify_ledger(server, [], ledger_head_of(entries[:4]), after=rest).valid  # announced before our last check
+    assert "rewritten" in verify_ledger(server, [], ledger_head_of(rewritten), after=rest).error
+    assert "chain is broken" in verify_ledger(server, rewritten[6:], after=first).error
+    replayed = Entry(6, entries[5].hash, entries[2].body, entry_hash(entries[5].hash, entries[2].body))
+    assert "counted twice" in verify_ledger(server, [replayed], after=first).error
+    assert first.entries == 6 and first.valid  # going on from a report leaves it as it was
+    ledger.close()
+    other.close()
+
+
+def ledger_head_of(entries: list[Entry]) -> LedgerHead:
+    receipts = [entry.receipt() for entry in entries]
+    return LedgerHead(entries=len(entries), hash=entries[-1].hash, tokens=sum(r.tokens for r in receipts), work=sum(r.work for r in receipts))
 
 
 def test_standing_weighs_receipts_by_their_signers_ledgers_and_reserved_passes_serve_the_lowest_first():

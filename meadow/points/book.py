@@ -11,7 +11,7 @@ from typing import Collection
 import hivemind
 from hivemind.p2p import P2P, PeerID
 
-from meadow.points.ledger import Entry
+from meadow.points.ledger import Ledger
 from meadow.points.rpc import fetch_ledger
 from meadow.points.standing import points
 from meadow.points.verify import LedgerReport, verify_ledger
@@ -38,21 +38,27 @@ class PointsBook:
         work = {server: dict(report.work_by_signer) for server, report in reports.items() if report.valid}
         self.points = {server: 0.0 for server in reports} | points(work, self.seeds, self.allow)
 
-    async def refresh(self, dht: hivemind.DHT, p2p: P2P, local: tuple[str, list[Entry]] | None = None) -> None:
-        """Fetch and verify every ledger announced in the DHT (`local`: our own server's id and entries, read from
-        disk instead), then recompute points."""
+    async def refresh(self, dht: hivemind.DHT, p2p: P2P, local: Ledger | None = None) -> None:
+        """Fetch and verify every ledger announced in the DHT (`local`: our own server's, read from disk instead),
+        then recompute points. A ledger found valid before is fetched and checked from where that check ended."""
         heads = await asyncio.get_running_loop().run_in_executor(None, fetch_ledgers, dht)
         reports = await asyncio.gather(*(self._check(p2p, peer, head, local) for peer, head in heads.items()))
         self.update({report.server: report for report in reports})
 
-    async def _check(self, p2p: P2P, peer: PeerID, head: LedgerHead, local: tuple[str, list[Entry]] | None) -> LedgerReport:
-        server = peer.to_base58()
+    async def _check(self, p2p: P2P, peer: PeerID, head: LedgerHead, local: Ledger | None) -> LedgerReport:
+        server, loop = peer.to_base58(), asyncio.get_running_loop()
+        before = self.reports.get(server)
+        after = before if before is not None and before.valid else None
+        offset = after.entries if after is not None else 0
         try:
-            entries = local[1] if local is not None and local[0] == server else await fetch_ledger(p2p, peer)
+            if local is not None and local.server == server:
+                entries = await loop.run_in_executor(None, local.page, offset, 2**62)
+            else:
+                entries = await fetch_ledger(p2p, peer, offset)
         except Exception as e:  # unreachable is not invalid: what we verified last time stands until it answers again
-            if server in self.reports:
-                return self.reports[server]
+            if before is not None:
+                return before
             report = LedgerReport(server)
             report.error = f"could not fetch its ledger: {e!r}"
             return report
-        return await asyncio.get_running_loop().run_in_executor(None, verify_ledger, server, entries, head)
+        return await loop.run_in_executor(None, verify_ledger, server, entries, head, after)

@@ -42,11 +42,11 @@ async def send_receipts(
     return list(reply.get("receipts", []))
 
 
-async def fetch_ledger(p2p: P2P, peer: PeerID, timeout: float = 30.0) -> list[Entry]:
-    """Every entry of `peer`'s ledger, page by page (ValueError on a malformed reply)."""
+async def fetch_ledger(p2p: P2P, peer: PeerID, offset: int = 0, timeout: float = 30.0) -> list[Entry]:
+    """The entries of `peer`'s ledger from index `offset` on, page by page (ValueError on a malformed reply)."""
     entries: list[Entry] = []
     while True:
-        request = encode({"offset": len(entries), "limit": LEDGER_PAGE})
+        request = encode({"offset": offset + len(entries), "limit": LEDGER_PAGE})
         reply = decode(await asyncio.wait_for(
             p2p.call_protobuf_handler(peer, RPC_LEDGER, request, runtime_pb2.ExpertInfo), timeout
         ))  # fmt: skip

@@ -179,9 +179,8 @@ class Server:
                 await asyncio.get_running_loop().run_in_executor(
                     None, announce_ledger, self.dht, head, 3 * self.config.update_period
                 )  # fmt: skip
-                entries = await asyncio.get_running_loop().run_in_executor(None, service.ledger.page, 0, 2**62)
                 before = dict(service.book.points)
-                await service.book.refresh(self.dht, p2p, local=(service.ledger.server, entries))
+                await service.book.refresh(self.dht, p2p, local=service.ledger)
                 if service.book.points != before:  # a line when something changed, for operators and tests
                     logger.info("points: " + ", ".join(f"{peer} {value:.6g}" for peer, value in service.book.points.items()))
             except Exception as e:  # a DHT or peer hiccup: priorities stay as they were until the next refresh
