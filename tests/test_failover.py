@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -16,6 +17,8 @@ from conftest import start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
+from meadow.stopping import descendants
+from meadow.swarm import generate_identity
 
 NEW_TOKENS = 16
 TAMPERING_SERVER = str(Path(__file__).with_name("tampering_server.py"))
@@ -129,6 +132,43 @@ def test_a_replacement_that_fails_its_replay_is_banned_and_the_next_one_taken(mo
         assert torch.equal(got, reference)
         cheat = next(peer for peer in model.sequence.banned_until if peer.to_base58() in "\n".join(broken[0].lines))
         assert model.sequence.banned_until[cheat] > time.monotonic()
+        model.sequence.close()
+    finally:
+        swarm.stop()
+
+
+def test_a_client_whose_p2p_daemon_dies_starts_another_and_bans_no_server(model_path, expected, caplog, tmp_path):
+    """The client's own p2pd (or DHT process) dies mid-generation: that is our failure, not the servers'. The client
+    starts new ones (with its identity file, and its receipts follow) and goes on; the tokens do not change, and no
+    server is banned."""
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:3", "3:6"])
+    try:
+        identity = generate_identity(tmp_path / "client.key")
+        model = client(model_path, swarm, identity=str(identity.path))
+        daemons = []
+
+        def kill_our_p2p_daemon():
+            daemons.extend(descendants(model.sequence.dht.pid))  # the DHT process's child: p2pd
+            for pid in daemons:
+                os.kill(pid, signal.SIGKILL)
+
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens({5: kill_our_p2p_daemon}))
+        assert daemons and torch.equal(got, reference)
+        assert not model.sequence.banned()
+        with torch.no_grad():  # a forward pass too, after the DHT process itself died (and its p2pd with it)
+            dht_process = model.sequence.dht.pid
+            for pid in [dht_process, *descendants(dht_process)]:
+                os.kill(pid, signal.SIGKILL)
+            model.sequence.routes_updated = 0.0  # stale routes: the pass reads the DHT first, from a dead process
+            local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            assert (model(prompt).logits - local(prompt).logits).abs().max() <= 1e-4
+        assert not model.sequence.banned()
+        assert caplog.text.count("our DHT process or p2p daemon died; starting new ones") == 2
+        payer = model.sequence.payer
+        assert payer.p2p is model.sequence.p2p and payer.client == identity.peer_id.to_base58()
+        payer.wait()
+        assert not payer.refused  # the servers took the receipts sent over the new connection
         model.sequence.close()
     finally:
         swarm.stop()

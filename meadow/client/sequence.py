@@ -9,11 +9,13 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import hivemind
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from meadow.client import transport
@@ -74,8 +76,10 @@ class RemoteSequence:
         active_adapter: str | None = None,
         fingerprint: str | None = None,
         first_block: int = 0,
+        restart_dht: Callable[[], hivemind.DHT] | None = None,
     ):
         self.dht, self.dht_prefix, self.num_blocks, self.config = dht, dht_prefix, num_blocks, config
+        self.restart_dht = restart_dht  # starts a DHT process like `dht`, for when ours dies (None: we cannot)
         self.blocks = BlockRange(start=first_block, end=num_blocks)  # the blocks that run remotely
         self.active_adapter = active_adapter  # a served LoRA adapter: only servers that have it are used
         self.fingerprint = fingerprint  # of our checkpoint: only servers of the same one are used (None: any)
@@ -94,10 +98,12 @@ class RemoteSequence:
         self.payer = None  # signs receipts for the servers' work, if we have an identity (meadow/points/payer.py)
         # one DHT read (and round of pings) at a time, for all threads that need routes; bans change under a lock
         self._routes_lock, self._bans_lock, self._close_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self._network_lock = threading.Lock()
 
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
+        self._restart_network_if_down()  # a dead DHT process would not answer the read below
         online = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
         online = with_quant_at_least(online, self.config.min_quant)
         self.servers = {peer: info for peer, info in online.items() if self.fingerprint in (None, info.fingerprint)}
@@ -115,9 +121,15 @@ class RemoteSequence:
                 self.rtt_expires[peer] = now + (self.config.rtt_max_age if rtt < float("inf") else self.config.ping_retry)
         self.routes_updated = time.monotonic()
 
-    def ban(self, peer: PeerID, error: BaseException) -> None:
+    def ban(self, peer: PeerID, error: BaseException, p2p: P2P | None = None) -> None:
         """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left,
-        moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again."""
+        moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again.
+        A failure that was ours is not held against the server: our p2p daemon or DHT process died (new ones are
+        started), or the call went over `p2p`, a connection of ours that has been replaced since."""
+        if p2p is not None and p2p is not self.p2p:
+            return
+        if self._restart_network_if_down():
+            return
         if isinstance(error, RemoteError) and error.kind in MOVED:
             with self._bans_lock:
                 self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
@@ -134,6 +146,35 @@ class RemoteSequence:
             seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
             self.banned_until[peer] = time.monotonic() + seconds
         logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s")
+
+    def _restart_network_if_down(self) -> bool:
+        """If our DHT process or its p2p daemon is gone, start new ones (once, whichever thread finds it); True if
+        they were down."""
+        with self._network_lock:
+            if self.restart_dht is None or self.p2p is None or self._network_is_up():
+                return False
+            logger.warning("our DHT process or p2p daemon died; starting new ones")
+            old_dht, old_p2p = self.dht, self.p2p
+            try:
+                run(asyncio.wait_for(old_p2p.shutdown(), 5.0))
+            except Exception:
+                pass  # its daemon is gone: nothing to close cleanly
+            old_dht.shutdown()
+            self.dht = self.restart_dht()
+            self.p2p = run(self.dht.replicate_p2p())
+            if self.payer is not None:
+                self.payer.reconnect(self.p2p)
+            self.rtt, self.rtt_expires, self.routes_updated = {}, {}, 0.0  # pings through the dead daemon failed
+            return True
+
+    def _network_is_up(self) -> bool:
+        if not self.dht.is_alive():
+            return False
+        try:  # a call to our p2p daemon itself, not to any peer
+            run(asyncio.wait_for(self.p2p.list_peers(), self.config.connect_timeout))
+            return True
+        except Exception:
+            return False
 
     def banned(self) -> frozenset[PeerID]:
         now = time.monotonic()
@@ -379,11 +420,13 @@ def connect_sequence(
     prefix = dht_prefix or client_config.dht_prefix or dht_prefix_for(model)
     fingerprint = checkpoint_fingerprint(resolve_model_path(model))
     swarms = {prefix: config.num_hidden_layers}  # the DHT node checks these records in full (swarm/validation.py)
-    dht = start_dht(
-        initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms,
+    restart_dht = partial(
+        start_dht, initial_peers, host=host, client_mode=True, identity=client_config.identity, swarms=swarms,
         allow_peers=client_config.allow_peers,
     )  # fmt: skip
-    sequence = RemoteSequence(dht, prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block)
+    sequence = RemoteSequence(
+        restart_dht(), prefix, config.num_hidden_layers, client_config, active_adapter, fingerprint, first_block, restart_dht
+    )  # fmt: skip
     owner = client_config.points_identity or client_config.identity
     if owner is not None:
         from meadow.points.payer import Payer

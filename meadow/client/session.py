@@ -155,7 +155,7 @@ class InferenceSession:
             if not is_server_failure(error) or failovers >= self.sequence.config.max_retries:
                 raise error
             failovers += 1
-            self.sequence.ban(segment.hop.peer, error)
+            self.sequence.ban(segment.hop.peer, error, segment.stream.p2p)
             self.segments[walk.index : walk.index + 1] = self._replace(segment)  # routes and replays: not on the loop
         return walk.inputs[0]
 

@@ -37,6 +37,14 @@ class Payer:
         self.sending: set[concurrent.futures.Future] = set()
         self.refused: list[str] = []  # the servers' reasons for refusing receipts (none, for an honest client)
 
+    def reconnect(self, p2p: P2P) -> None:
+        """Our connection was replaced (its p2p daemon died): receipts and the membership name the new one, and each
+        server gets the membership again."""
+        with self.lock:
+            self.p2p, self.client = p2p, p2p.peer_id.to_base58()
+            self.membership = membership_for(self.owner, self.client)
+            self.introduced = {}
+
     async def introduce(self, peer: PeerID) -> None:
         """Before our first request to `peer`: hand it our membership, once (a failure is logged, not raised: the
         server then serves us as anyone)."""
