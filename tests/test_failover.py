@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from conftest import start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
+from meadow.client.event_loop import run
 from meadow.client.routing import MissingBlocksError
 from meadow.stopping import descendants
 from meadow.swarm import generate_identity
@@ -169,6 +170,13 @@ def test_a_client_whose_p2p_daemon_dies_starts_another_and_bans_no_server(model_
         assert payer.p2p is model.sequence.p2p and payer.client == identity.peer_id.to_base58()
         payer.wait()
         assert not payer.refused  # the servers took the receipts sent over the new connection
+
+        async def ban_as_a_spot_check_does(peer):  # on the client loop, where no restart can be waited for
+            model.sequence.ban(peer, TimeoutError())
+
+        peer = model.sequence.make_chain()[0].peer
+        run(ban_as_a_spot_check_does(peer))
+        assert model.sequence.banned() == {peer}
         model.sequence.close()
     finally:
         swarm.stop()

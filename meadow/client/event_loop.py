@@ -33,10 +33,14 @@ def client_loop() -> asyncio.AbstractEventLoop:
 
 def run(coroutine: Awaitable[T]) -> T:
     """Run a coroutine on the client loop and wait for its result (from any thread but the loop's own)."""
-    loop = client_loop()
-    if _running_loop() is loop:
+    if on_client_loop():
         raise RuntimeError("run() was called from the client loop itself; await the coroutine instead")
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    return asyncio.run_coroutine_threadsafe(coroutine, client_loop()).result()
+
+
+def on_client_loop() -> bool:
+    """True in a coroutine or callback running on this process's client loop (where run() cannot wait)."""
+    return _running_loop() is client_loop()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -20,7 +20,7 @@ from hivemind.proto import runtime_pb2
 
 from meadow.client import transport
 from meadow.client.config import ClientConfig
-from meadow.client.event_loop import run
+from meadow.client.event_loop import on_client_loop, run
 from meadow.client.routing import (
     Hop, MeasuredStep, MissingBlocksError, block_ranges, choose_chain, peers_to_ping, servers_by_peer,
 )  # fmt: skip
@@ -149,7 +149,10 @@ class RemoteSequence:
 
     def _restart_network_if_down(self) -> bool:
         """If our DHT process or its p2p daemon is gone, start new ones (once, whichever thread finds it); True if
-        they were down."""
+        they were down. Not on the client loop (a spot-check's coroutine bans there), which cannot wait for this: the
+        next failure on another thread finds it."""
+        if on_client_loop():
+            return False
         with self._network_lock:
             if self.restart_dht is None or self.p2p is None or self._network_is_up():
                 return False
