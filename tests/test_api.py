@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
@@ -18,6 +20,7 @@ import torch
 
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.local_swarm import LocalSwarm, Process
+from meadow.stopping import descendants
 from meadow.models import load_reference_model, load_tokenizer
 
 CACHE_TOKENS = 16384  # a server's default KV-cache budget: all of it is free when no session is open
@@ -297,3 +300,17 @@ def test_a_client_that_disconnects_mid_answer_frees_its_server_sessions(client, 
     assert generated < 4000
     # and the API goes on serving
     assert client.completions.create(model=model_id, prompt="Again", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_the_api_goes_on_when_its_dht_process_and_p2p_daemon_die(client, model_id, reference, served):
+    """Killed under it (out of memory, say), they are started again: the monitor and generation keep working."""
+    commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in descendants(served["api"].popen.pid)}
+    helpers = [pid for pid, command in commands.items() if b"meadow" in command or b"p2pd" in command]
+    assert len(helpers) == 2, commands  # the DHT process (a fork of the API) and its p2pd; not torch's helpers
+    for pid in helpers:
+        os.kill(pid, signal.SIGKILL)
+    status, swarm = http(served["url"] + "api/swarm")
+    assert status == 200 and [model["dht_prefix"] for model in swarm["models"]] == ["partial", "tiny-llama"]
+    prompt = "Bees"
+    expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], 8)[0]
+    assert client.completions.create(model=model_id, prompt=prompt, max_tokens=8, temperature=0).choices[0].text == expected

@@ -165,6 +165,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
     @app.get("/api/swarm")
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block
+        model.sequence.revive_network()  # a dead DHT process would never answer
         return JSONResponse(read_swarm(model.sequence.dht))
 
     points = PointsView(model.sequence)

@@ -53,6 +53,7 @@ class PointsView:
 
         with self.lock:
             if time.monotonic() - self.read_at > POINTS_MAX_AGE:
+                self.sequence.revive_network()  # a dead DHT process would never answer
                 run(self.book.refresh(self.sequence.dht, self.sequence.p2p))
                 self.read_at = time.monotonic()
             servers = {

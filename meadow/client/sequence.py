@@ -103,7 +103,7 @@ class RemoteSequence:
     def update_routes(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
-        self._restart_network_if_down()  # a dead DHT process would not answer the read below
+        self.revive_network()  # a dead DHT process would not answer the read below
         online = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
         online = with_quant_at_least(online, self.config.min_quant)
         self.servers = {peer: info for peer, info in online.items() if self.fingerprint in (None, info.fingerprint)}
@@ -128,7 +128,7 @@ class RemoteSequence:
         started), or the call went over `p2p`, a connection of ours that has been replaced since."""
         if p2p is not None and p2p is not self.p2p:
             return
-        if self._restart_network_if_down():
+        if self.revive_network():
             return
         if isinstance(error, RemoteError) and error.kind in MOVED:
             with self._bans_lock:
@@ -147,7 +147,7 @@ class RemoteSequence:
             self.banned_until[peer] = time.monotonic() + seconds
         logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s")
 
-    def _restart_network_if_down(self) -> bool:
+    def revive_network(self) -> bool:
         """If our DHT process or its p2p daemon is gone, start new ones (once, whichever thread finds it); True if
         they were down. Not on the client loop (a spot-check's coroutine bans there), which cannot wait for this: the
         next failure on another thread finds it."""
