@@ -369,7 +369,7 @@ class RemoteSequence:
     def close(self) -> None:
         """Leave the swarm: close our P2P connection, then stop the DHT process (and with it the p2p daemon).
         Closing again does nothing."""
-        with self._close_lock:
+        with self._close_lock, self._network_lock:  # not while a new DHT process starts: it would be left running
             if self.p2p is not None:
                 if self.payer is not None:
                     self.payer.wait(timeout=5.0)  # the last receipts, before the connection goes
