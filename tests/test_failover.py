@@ -157,6 +157,10 @@ def test_a_client_whose_p2p_daemon_dies_starts_another_and_bans_no_server(model_
         got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens({5: kill_our_p2p_daemon}))
         assert daemons and torch.equal(got, reference)
         assert not model.sequence.banned()
+        payer = model.sequence.payer
+        assert payer.p2p is model.sequence.p2p and payer.client == identity.peer_id.to_base58()
+        payer.wait()  # the session's last receipts, sent as it closed: before we take the network down again
+        assert not payer.refused  # the servers took the receipts sent over the new connection
         with torch.no_grad():  # a forward pass too, after the DHT process itself died (and its p2pd with it)
             dht_process = model.sequence.dht.pid
             for pid in [dht_process, *descendants(dht_process)]:
@@ -166,10 +170,7 @@ def test_a_client_whose_p2p_daemon_dies_starts_another_and_bans_no_server(model_
             assert (model(prompt).logits - local(prompt).logits).abs().max() <= 1e-4
         assert not model.sequence.banned()
         assert caplog.text.count("our DHT process or p2p daemon died; starting new ones") == 2
-        payer = model.sequence.payer
-        assert payer.p2p is model.sequence.p2p and payer.client == identity.peer_id.to_base58()
-        payer.wait()
-        assert not payer.refused  # the servers took the receipts sent over the new connection
+        assert payer.p2p is model.sequence.p2p
 
         async def ban_as_a_spot_check_does(peer):  # on the client loop, where no restart can be waited for
             model.sequence.ban(peer, TimeoutError())
