@@ -33,9 +33,10 @@ def client_loop() -> asyncio.AbstractEventLoop:
 
 def run(coroutine: Awaitable[T]) -> T:
     """Run a coroutine on the client loop and wait for its result (from any thread but the loop's own)."""
-    if on_client_loop():
+    loop = client_loop()  # once: this runs for every decoding step
+    if _running_loop() is loop:
         raise RuntimeError("run() was called from the client loop itself; await the coroutine instead")
-    return asyncio.run_coroutine_threadsafe(coroutine, client_loop()).result()
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
 
 def on_client_loop() -> bool:
