@@ -277,7 +277,7 @@ def test_a_ledger_checked_in_parts_counts_what_one_check_counts_and_finds_what_c
                            tokens=64 + seq, params_per_block=1000, kind="inference", timestamp=time.time(), seq=seq)  # fmt: skip
         ledger.append(unsigned.signed_by(owner))
         other.append(unsigned.model_copy(update={"tokens": 1}).signed_by(owner))  # another history of the same length
-    entries, head, rewritten = ledger.page(0, 100), ledger.head(), other.page(0, 100)
+    entries, head, rewritten, rewritten_head = ledger.page(0, 100), ledger.head(), other.page(0, 100), other.head()
 
     whole = verify_ledger(server, entries, head)
     first = verify_ledger(server, entries[:6])
@@ -286,7 +286,7 @@ def test_a_ledger_checked_in_parts_counts_what_one_check_counts_and_finds_what_c
     assert (rest.entries, rest.tokens, rest.work, dict(rest.work_by_signer)) == (10, whole.tokens, whole.work, dict(whole.work_by_signer))
     assert verify_ledger(server, [], head, after=rest).valid  # nothing new
     assert verify_ledger(server, [], ledger_head_of(entries[:4]), after=rest).valid  # announced before our last check
-    assert "rewritten" in verify_ledger(server, [], ledger_head_of(rewritten), after=rest).error
+    assert "rewritten" in verify_ledger(server, [], rewritten_head, after=rest).error
     assert "chain is broken" in verify_ledger(server, rewritten[6:], after=first).error
     replayed = Entry(6, entries[5].hash, entries[2].body, entry_hash(entries[5].hash, entries[2].body))
     assert "counted twice" in verify_ledger(server, [replayed], after=first).error
