@@ -1,0 +1,136 @@
+"""Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
+
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4]
+
+Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
+that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
+random moment. Those that finish are checked against transformers' greedy tokens for the same prompt. Every 60 s it
+prints each server's resident memory, open files and threads (its Python process, DHT process and p2pd) and the
+KV-cache slots it announces free. At the end, after the servers' idle timeout, every slot must be free again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from meadow.local_swarm import LocalSwarm, Process
+from meadow.models import load_config
+from meadow.models.default import default_model_path
+from meadow.models.reference import load_reference_model
+from meadow.swarm import dht_prefix_for, fetch_servers, start_dht
+
+CLIENT = """
+import json, sys, torch
+from meadow import AutoDistributedModelForCausalLM
+model, peers, prompt, expected = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers) as swarm_model:
+    out = swarm_model.generate(torch.tensor([prompt]), max_new_tokens=len(expected), do_sample=False)
+print("right" if out[0, len(prompt):].tolist() == expected else f"WRONG {out[0, len(prompt):].tolist()}", flush=True)
+"""
+FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
+IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
+
+
+def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """Prompts of 3 to 300 random tokens and transformers' greedy continuation of each."""
+    reference, cases = load_reference_model(model), []
+    for length, new_tokens in ((3, 30), (17, 12), (60, 30), (150, 4), (300, 12)):
+        prompt = torch.tensor([[rng.randrange(100, 40000) for _ in range(length)]])
+        with torch.no_grad():
+            out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False)
+        cases.append((prompt[0].tolist(), out[0, length:].tolist()))
+    return cases
+
+
+def resources(server: Process) -> str:
+    """Resident MiB / open files / threads of each process in the server's group (server, DHT process, p2pd)."""
+    group = subprocess.run(["pgrep", "-g", str(server.popen.pid)], capture_output=True, text=True).stdout.split()
+    parts = []
+    for pid in group:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            files = len(os.listdir(f"/proc/{pid}/fd"))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a helper that just ended
+        rss = int(status["VmRSS"].split()[0]) // 1024
+        parts.append(f"{status['Name'].strip()} {rss} MiB/{files} files/{status['Threads'].strip()} threads")
+    return ", ".join(parts)
+
+
+def free_slots(dht, dht_prefix: str, num_blocks: int) -> list[int]:
+    """The KV-cache slots each server announces free, in span order."""
+    first = {peer: info for block in fetch_servers(dht, dht_prefix, num_blocks) for peer, info in block.items()}
+    return [info.cache_tokens_left for info in sorted(first.values(), key=lambda info: info.start)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=4, help="client processes running at all times")
+    args = parser.parse_args()
+    model = str(args.model or default_model_path())
+    num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
+    cases = prompts_with_answers(model, rng)
+    counts = dict.fromkeys(["right", "wrong", "failed", *FATES.keys() - {"finish"}], 0)
+    with LocalSwarm() as swarm:
+        peers = swarm.start_dht()
+        half = num_blocks // 2
+        servers = [swarm.start_server(model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT))
+                   for span in (f"0:{half}", f"{half}:{num_blocks}")]  # fmt: skip
+        dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
+
+        def report(label: str) -> None:
+            print(f"{label}: {counts}; free cache slots {free_slots(dht, dht_prefix, num_blocks)}", flush=True)
+            for server in servers:
+                print(f"  {server.name}: {resources(server)}", flush=True)
+
+        report("start")
+        running, end, next_report = [], time.monotonic() + args.minutes * 60, time.monotonic() + 60
+        while time.monotonic() < end:
+            while len(running) < args.clients:
+                prompt, expected = rng.choice(cases)
+                fate = rng.choices(list(FATES), list(FATES.values()))[0]
+                client = subprocess.Popen([sys.executable, "-c", CLIENT, model, json.dumps(peers), json.dumps(prompt), json.dumps(expected)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                running.append((client, fate, time.monotonic() + rng.uniform(3, 12)))
+            time.sleep(0.5)
+            for client, fate, when in list(running):
+                if client.poll() is None:
+                    if fate != "finish" and time.monotonic() > when:
+                        client.send_signal(signal.SIGKILL if fate == "kill" else signal.SIGINT)
+                    continue
+                running.remove((client, fate, when))
+                output = client.stdout.read()
+                verdict = output.strip().splitlines()[-1] if output.strip() else ""
+                if verdict == "right" or verdict.startswith("WRONG"):
+                    counts["right" if verdict == "right" else "wrong"] += 1
+                elif fate == "finish":
+                    counts["failed"] += 1
+                    print(f"a client failed:\n{output[-2000:]}", flush=True)
+                else:
+                    counts[fate] += 1
+            if time.monotonic() > next_report:
+                next_report += 60
+                report(time.strftime("%H:%M:%S"))
+        for client, _, _ in running:
+            client.kill()
+        time.sleep(IDLE_TIMEOUT + 15)  # the sessions of the last killed clients time out, then the servers announce
+        report(f"{IDLE_TIMEOUT + 15} s after the last client")
+        dht.shutdown()
+        warnings = [line for server in servers for line in server.lines if "WARN" in line or "ERROR" in line]
+        print(f"server log lines with WARN or ERROR: {len(warnings)}", *warnings[:20], sep="\n  ")
+
+
+if __name__ == "__main__":
+    main()
