@@ -1,12 +1,16 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
-    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4]
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
 random moment. Those that finish are checked against transformers' greedy tokens for the same prompt. Every 60 s it
 prints each server's resident memory, open files and threads (its Python process, DHT process and p2pd) and the
 KV-cache slots it announces free. At the end, after the servers' idle timeout, every slot must be free again.
+
+With --server-churn S, each span has two servers, and every S seconds one of them, chosen at random, is SIGKILLed
+with its DHT process and p2pd (a machine that vanishes) and a new server for its span is started in its place: the
+clients fail over, and their answers must stay right.
 """
 
 from __future__ import annotations
@@ -78,25 +82,29 @@ def main() -> None:
     parser.add_argument("model", nargs="?")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4, help="client processes running at all times")
+    parser.add_argument("--server-churn", type=float, default=0, help="seconds between server kills (0: none)")
     args = parser.parse_args()
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
     cases = prompts_with_answers(model, rng)
-    counts = dict.fromkeys(["right", "wrong", "failed", *FATES.keys() - {"finish"}], 0)
+    counts = dict.fromkeys(["right", "wrong", "failed", "kill", "interrupt", "servers killed"], 0)
     with LocalSwarm() as swarm:
         peers = swarm.start_dht()
         half = num_blocks // 2
-        servers = [swarm.start_server(model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT))
-                   for span in (f"0:{half}", f"{half}:{num_blocks}")]  # fmt: skip
+        spans = [f"0:{half}", f"{half}:{num_blocks}"] * (2 if args.server_churn else 1)
+        serve = lambda span, wait=True: swarm.start_server(  # noqa: E731
+            model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
+        servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
 
         def report(label: str) -> None:
             print(f"{label}: {counts}; free cache slots {free_slots(dht, dht_prefix, num_blocks)}", flush=True)
-            for server in servers:
-                print(f"  {server.name}: {resources(server)}", flush=True)
+            for server, span in servers.items():
+                print(f"  {server.name} ({span}): {resources(server)}", flush=True)
 
         report("start")
         running, end, next_report = [], time.monotonic() + args.minutes * 60, time.monotonic() + 60
+        next_server_kill = time.monotonic() + (args.server_churn or float("inf"))
         while time.monotonic() < end:
             while len(running) < args.clients:
                 prompt, expected = rng.choice(cases)
@@ -120,6 +128,13 @@ def main() -> None:
                     print(f"a client failed:\n{output[-2000:]}", flush=True)
                 else:
                     counts[fate] += 1
+            if time.monotonic() > next_server_kill:
+                next_server_kill += args.server_churn
+                victim = rng.choice(list(servers))
+                victim.signal(signal.SIGKILL)
+                span = servers.pop(victim)
+                servers[serve(span, wait=False)] = span  # it loads and joins while the loop goes on
+                counts["servers killed"] += 1
             if time.monotonic() > next_report:
                 next_report += 60
                 report(time.strftime("%H:%M:%S"))
@@ -128,8 +143,14 @@ def main() -> None:
         time.sleep(IDLE_TIMEOUT + 15)  # the sessions of the last killed clients time out, then the servers announce
         report(f"{IDLE_TIMEOUT + 15} s after the last client")
         dht.shutdown()
-        warnings = [line for server in servers for line in server.lines if "WARN" in line or "ERROR" in line]
-        print(f"server log lines with WARN or ERROR: {len(warnings)}", *warnings[:20], sep="\n  ")
+        # servers log only warnings and errors once ready (hivemind's and ours)
+        logged = [f"{server.name}: {line}" for server in swarm.servers for line in after_ready(server.lines)]
+        print(f"server log lines after ready: {len(logged)}", *logged[:30], sep="\n  ")
+
+
+def after_ready(lines: list[str]) -> list[str]:
+    ready = next((i for i, line in enumerate(lines) if "ready" in line), len(lines))
+    return lines[ready + 1 :]
 
 
 if __name__ == "__main__":
