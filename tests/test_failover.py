@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -89,6 +91,31 @@ def test_greedy_tokens_survive_a_dead_or_hung_server(model_path, expected, how):
     finally:
         for server in swarm.servers:
             server.signal(signal.SIGCONT)
+        swarm.stop()
+
+
+def test_a_server_killed_while_it_holds_a_step_is_failed_over_at_once_and_banned_once(model_path, expected, caplog):
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:3", "3:6", "3:6"])
+    try:  # timeouts so long that only a stream seen to end lets the client go on before the test's own timeout
+        model = client(model_path, swarm, request_timeout=60.0, step_timeout=60.0, min_step_timeout=60.0)
+
+        def stop_then_kill():  # the next step reaches the stopped server's kernel; it dies before it answers
+            server = server_running(swarm, next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == 3))
+            server.signal(signal.SIGSTOP)
+            threading.Timer(1.0, server.signal, (signal.SIGKILL,)).start()
+
+        with caplog.at_level(logging.WARNING, logger="meadow"):
+            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens({5: stop_then_kill}))
+        assert torch.equal(got, reference)
+        bans = [line for line in caplog.text.splitlines() if "avoiding it for" in line]
+        assert len(bans) == 1 and "TimeoutError" not in bans[0], bans
+        (victim,) = model.sequence.banned()
+        until = model.sequence.banned_until[victim]
+        model.sequence.ban(victim, ConnectionResetError())  # another session's request, in flight when it died
+        assert model.sequence.banned_until[victim] == until and model.sequence.failures[victim] == 1
+        model.sequence.close()
+    finally:
         swarm.stop()
 
 

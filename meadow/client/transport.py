@@ -14,6 +14,7 @@ from meadow.wire import (
     RPC_FORWARD, RPC_INFERENCE, BackwardRequest, BadRequest, ForwardRequest, MeadowError, OpenSession, RemoteError,
     Reply, Request, pack, unpack,
 )  # fmt: skip
+from meadow.wire.stream import open_stream
 from meadow.wire.tensors import TRAVEL_DTYPES
 
 T = TypeVar("T")
@@ -109,9 +110,7 @@ async def call(
     outputs or gradients the request asks for; None: any, but finite)."""
     activations = (0, -1) if isinstance(request, BackwardRequest) else (0,)  # hidden states, and their gradient
     messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest, request.wire, activations)
-    responses = await asyncio.wait_for(
-        p2p.iterate_protobuf_handler(peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout
-    )
+    responses = await asyncio.wait_for(open_stream(p2p, peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout)
     try:
         reply = await read_reply(responses, peer, timeout)
     finally:
@@ -145,8 +144,7 @@ class InferenceStream:
             self.wire = request.wire
             self._send(list(tensors), request.to_wire(), activations=())  # tuning tensors travel exactly
             self.responses = await asyncio.wait_for(
-                self.p2p.iterate_protobuf_handler(self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse),
-                timeout,
+                open_stream(self.p2p, self.peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse), timeout
             )
             await read_reply(self.responses, self.peer, timeout)
             self.reader = asyncio.ensure_future(self._read_replies())

@@ -14,6 +14,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from meadow.wire import RPC_PUSH, BadRequest, Push, PushTarget, ServerBusy, pack
+from meadow.wire.stream import open_stream
 
 logger = logging.getLogger(__name__)
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
@@ -112,7 +113,7 @@ class Pusher:
                 yield message
 
         try:
-            replies = await self.p2p.iterate_protobuf_handler(peer, RPC_PUSH, messages(), runtime_pb2.ExpertResponse)
+            replies = await open_stream(self.p2p, peer, RPC_PUSH, messages(), runtime_pb2.ExpertResponse)
             async for reply in replies:  # only refusals come back
                 logger.debug(f"push to {peer} refused: {reply.metadata!r}")
         except Exception as e:
