@@ -122,7 +122,8 @@ class RemoteSequence:
         self.routes_updated = time.monotonic()
 
     def ban(self, peer: PeerID, error: BaseException, p2p: P2P | None = None) -> None:
-        """Avoid a failed server for a while; each further failure doubles the while. A healthy server that left,
+        """Avoid a failed server for a while; each further failure doubles the while. Failures while it is avoided
+        (requests of other sessions that were in flight when it went down) change nothing. A healthy server that left,
         moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again.
         A failure that was ours is not held against the server: our p2p daemon or DHT process died (new ones are
         started), or the call went over `p2p`, a connection of ours that has been replaced since."""
@@ -142,6 +143,9 @@ class RemoteSequence:
             logger.warning(f"{error}; avoiding it for {self.config.verify_ban_seconds:.0f} s")
             return
         with self._bans_lock:
+            if self.banned_until.get(peer, 0.0) > time.monotonic():  # failed too while avoided: in flight meanwhile
+                logger.debug(f"server {peer} failed again while avoided ({error!r})")
+                return
             self.failures[peer] += 1
             seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
             self.banned_until[peer] = time.monotonic() + seconds
@@ -201,6 +205,9 @@ class RemoteSequence:
                     steps=dict(self.steps), failures=dict(self.failures), cache_tokens=cache_tokens, salt=self.salt,
                 )  # fmt: skip
             except MissingBlocksError as e:
+                if not force:  # the routes we had may predate the servers that hold these blocks now: read them at once
+                    force = True
+                    continue
                 if time.monotonic() >= deadline:
                     others = {
                         peer: info for peer, info in self.other_checkpoints.items()
