@@ -1,6 +1,6 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
-    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS]
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -11,6 +11,10 @@ KV-cache slots it announces free. At the end, after the servers' idle timeout, e
 With --server-churn S, each span has two servers, and every S seconds one of them, chosen at random, is SIGKILLed
 with its DHT process and p2pd (a machine that vanishes) and a new server for its span is started in its place: the
 clients fail over, and their answers must stay right.
+
+With --api, the clients are HTTP requests to one `meadow api` process (streamed /v1/completions, greedy, the prompt
+as token ids), and a killed client is a connection dropped mid-reply, as by a closed browser tab. The API process's
+memory, files and threads are printed with the servers'.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 
 from meadow.local_swarm import LocalSwarm, Process
-from meadow.models import load_config
+from meadow.models import load_config, load_tokenizer
 from meadow.models.default import default_model_path
 from meadow.models.reference import load_reference_model
 from meadow.swarm import dht_prefix_for, fetch_servers, start_dht
@@ -41,18 +45,34 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers)
     out = swarm_model.generate(torch.tensor([prompt]), max_new_tokens=len(expected), do_sample=False)
 print("right" if out[0, len(prompt):].tolist() == expected else f"WRONG {out[0, len(prompt):].tolist()}", flush=True)
 """
+API_CLIENT = """
+import json, sys, urllib.request
+url, prompt, expected = sys.argv[1], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model = json.load(urllib.request.urlopen(url + "/v1/models"))["data"][0]["id"]
+body = {"model": model, "prompt": prompt, "max_tokens": len(expected["tokens"]), "temperature": 0, "stream": True}
+request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+text = ""
+for line in urllib.request.urlopen(request, timeout=600):
+    line = line.decode().strip()
+    if line.startswith("data: {"):
+        text += json.loads(line[6:])["choices"][0]["text"]
+print("right" if text == expected["text"] else f"WRONG {text!r}", flush=True)
+"""
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
-IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
+KILL_AFTER = {"process": (3, 12), "api": (0.2, 3)}  # seconds from a client's start: a process imports and connects first
+IDLE_TIMEOUT = 30
+ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: a change of points, a reply  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
 
 
-def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-    """Prompts of 3 to 300 random tokens and transformers' greedy continuation of each."""
-    reference, cases = load_reference_model(model), []
+def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], dict]]:
+    """Prompts of 3 to 300 random tokens and transformers' greedy continuation of each, as tokens and as text."""
+    reference, tokenizer, cases = load_reference_model(model), load_tokenizer(model), []
     for length, new_tokens in ((3, 30), (17, 12), (60, 30), (150, 4), (300, 12)):
         prompt = torch.tensor([[rng.randrange(100, 40000) for _ in range(length)]])
         with torch.no_grad():
             out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False)
-        cases.append((prompt[0].tolist(), out[0, length:].tolist()))
+        tokens = out[0, length:].tolist()
+        cases.append((prompt[0].tolist(), {"tokens": tokens, "text": tokenizer.decode(tokens, skip_special_tokens=True)}))
     return cases
 
 
@@ -83,6 +103,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4, help="client processes running at all times")
     parser.add_argument("--server-churn", type=float, default=0, help="seconds between server kills (0: none)")
+    parser.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
     args = parser.parse_args()
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
@@ -96,11 +117,18 @@ def main() -> None:
             model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
+        watched = dict(servers)
+        target, script = model, CLIENT
+        if args.api:
+            api = Process(["api", model, "--initial-peers", *peers], "api")
+            swarm.extra.append(api)
+            target = "http://" + api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
+            script, watched[api] = API_CLIENT, "api"
 
         def report(label: str) -> None:
             print(f"{label}: {counts}; free cache slots {free_slots(dht, dht_prefix, num_blocks)}", flush=True)
-            for server, span in servers.items():
-                print(f"  {server.name} ({span}): {resources(server)}", flush=True)
+            for process, role in watched.items():
+                print(f"  {process.name} ({role}): {resources(process)}", flush=True)
 
         report("start")
         running, end, next_report = [], time.monotonic() + args.minutes * 60, time.monotonic() + 60
@@ -109,9 +137,10 @@ def main() -> None:
             while len(running) < args.clients:
                 prompt, expected = rng.choice(cases)
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
-                client = subprocess.Popen([sys.executable, "-c", CLIENT, model, json.dumps(peers), json.dumps(prompt), json.dumps(expected)],
+                expected = expected if args.api else expected["tokens"]
+                client = subprocess.Popen([sys.executable, "-c", script, target, json.dumps(peers), json.dumps(prompt), json.dumps(expected)],
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-                running.append((client, fate, time.monotonic() + rng.uniform(3, 12)))
+                running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER["api" if args.api else "process"])))
             time.sleep(0.5)
             for client, fate, when in list(running):
                 if client.poll() is None:
@@ -134,6 +163,7 @@ def main() -> None:
                 victim.signal(signal.SIGKILL)
                 span = servers.pop(victim)
                 servers[serve(span, wait=False)] = span  # it loads and joins while the loop goes on
+                watched = {**servers, **{p: role for p, role in watched.items() if role == "api"}}
                 counts["servers killed"] += 1
             if time.monotonic() > next_report:
                 next_report += 60
@@ -143,9 +173,9 @@ def main() -> None:
         time.sleep(IDLE_TIMEOUT + 15)  # the sessions of the last killed clients time out, then the servers announce
         report(f"{IDLE_TIMEOUT + 15} s after the last client")
         dht.shutdown()
-        # servers log only warnings and errors once ready (hivemind's and ours)
-        logged = [f"{server.name}: {line}" for server in swarm.servers for line in after_ready(server.lines)]
-        print(f"server log lines after ready: {len(logged)}", *logged[:30], sep="\n  ")
+        logged = [f"{p.name}: {line}" for p in [*swarm.servers, *swarm.extra] for line in after_ready(p.lines)
+                  if not any(routine in line for routine in ROUTINE)]  # fmt: skip
+        print(f"lines logged after ready, other than points and replies: {len(logged)}", *logged[:30], sep="\n  ")
 
 
 def after_ready(lines: list[str]) -> list[str]:
