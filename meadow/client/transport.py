@@ -87,7 +87,8 @@ async def read_reply(
     try:
         message = await asyncio.wait_for(unpack(responses, MAX_REPLY_BYTES), timeout)
         if message is None:
-            raise RemoteError("the stream ended before its reply: the server closed it, or the connection to it was lost", kind="ConnectionError", peer=str(peer))
+            ended = "the stream ended before its reply: the server closed it, or the connection to it was lost"
+            raise RemoteError(ended, kind="ConnectionError", peer=str(peer))
         tensors, meta = message
         reply = Reply.from_wire(meta)
     except BadRequest as e:  # what the wire layer calls a bad request is, coming from a server, a bad reply
