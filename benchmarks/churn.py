@@ -60,8 +60,8 @@ print("right" if text == expected["text"] else f"WRONG {text!r}", flush=True)
 """
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
 KILL_AFTER = {"process": (3, 12), "api": (0.2, 3)}  # seconds from a client's start: a process imports and connects first
-IDLE_TIMEOUT = 30
-ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: a change of points, a reply  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
+IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
+ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: points changed, a reply
 
 
 def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], dict]]:
@@ -138,8 +138,9 @@ def main() -> None:
                 prompt, expected = rng.choice(cases)
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
                 expected = expected if args.api else expected["tokens"]
-                client = subprocess.Popen([sys.executable, "-c", script, target, json.dumps(peers), json.dumps(prompt), json.dumps(expected)],
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                arguments = [target, json.dumps(peers), json.dumps(prompt), json.dumps(expected)]
+                client = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
                 running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER["api" if args.api else "process"])))
             time.sleep(0.5)
             for client, fate, when in list(running):

@@ -101,12 +101,14 @@ def test_a_server_killed_while_it_holds_a_step_is_failed_over_at_once_and_banned
         model = client(model_path, swarm, request_timeout=60.0, step_timeout=60.0, min_step_timeout=60.0)
 
         def stop_then_kill():  # the next step reaches the stopped server's kernel; it dies before it answers
-            server = server_running(swarm, next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == 3))
+            peer = next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == 3)
+            server = server_running(swarm, peer)
             server.signal(signal.SIGSTOP)
             threading.Timer(1.0, server.signal, (signal.SIGKILL,)).start()
 
         with caplog.at_level(logging.WARNING, logger="meadow"):
-            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AfterTokens({5: stop_then_kill}))
+            streamer = AfterTokens({5: stop_then_kill})
+            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
         assert torch.equal(got, reference)
         bans = [line for line in caplog.text.splitlines() if "avoiding it for" in line]
         assert len(bans) == 1 and "TimeoutError" not in bans[0], bans
