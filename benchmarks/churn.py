@@ -131,6 +131,7 @@ def main() -> None:
                 print(f"  {process.name} ({role}): {resources(process)}", flush=True)
 
         report("start")
+        full = set(free_slots(dht, dht_prefix, num_blocks))  # a server's free slots with no session open
         running, end, next_report = [], time.monotonic() + args.minutes * 60, time.monotonic() + 60
         next_server_kill = time.monotonic() + (args.server_churn or float("inf"))
         while time.monotonic() < end:
@@ -173,10 +174,15 @@ def main() -> None:
             client.kill()
         time.sleep(IDLE_TIMEOUT + 15)  # the sessions of the last killed clients time out, then the servers announce
         report(f"{IDLE_TIMEOUT + 15} s after the last client")
+        held = [slots for slots in free_slots(dht, dht_prefix, num_blocks) if slots not in full]
         dht.shutdown()
         logged = [f"{p.name}: {line}" for p in [*swarm.servers, *swarm.extra] for line in after_ready(p.lines)
                   if not any(routine in line for routine in ROUTINE)]  # fmt: skip
         print(f"lines logged after ready, other than points and replies: {len(logged)}", *logged[:30], sep="\n  ")
+    if counts["wrong"] or counts["failed"] or held:
+        raise SystemExit(f"FAILED: {counts['wrong']} wrong answers, {counts['failed']} failed clients, "
+                         f"{len(held)} servers still holding cache slots")  # fmt: skip
+    print("every answer right, every cache slot free again")
 
 
 def after_ready(lines: list[str]) -> list[str]:
