@@ -1,10 +1,12 @@
 """How long generation stalls when a server of the chain dies, with a short and a long history to replay.
 
-    python benchmarks/failover_stall.py [MODEL] [--history 16 512]
+    python benchmarks/failover_stall.py [MODEL] [--history 16 512] [--mid-step]
 
 Servers: 0:half, half:end and a spare half:end, on 127.0.0.1. A session prefills `history` tokens, decodes a few
 steps, then the server in use for half:end is SIGKILLed and the next step is timed: stall = that step - a normal
 step. The replacement rebuilds its KV cache by replaying the history; compare with a prefill of the same length.
+With --mid-step the server dies holding the step: it is stopped (SIGSTOP) just before the step goes out and
+SIGKILLed 0.5 s later, and the stall counts from the kill.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
+import threading
 import time
 
 import torch
@@ -22,7 +25,10 @@ from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config
 
 
-def one_run(model: str, history: int) -> dict[str, float]:
+MID_STEP_KILL_AFTER = 0.5
+
+
+def one_run(model: str, history: int, mid_step: bool = False) -> dict[str, float]:
     config = load_config(model)
     half, total = config.num_hidden_layers // 2, config.num_hidden_layers
     with LocalSwarm() as swarm:
@@ -44,11 +50,16 @@ def one_run(model: str, history: int) -> dict[str, float]:
                 session.step(hidden[:, i : i + 1], positions[:, i : i + 1], None)
                 steps.append(time.perf_counter() - began)
             victim = next(s.hop.peer for s in session.segments if s.hop.blocks.start == half)
-            next(s for s in servers if victim.to_base58() in "\n".join(s.lines)).signal(signal.SIGKILL)
+            server = next(s for s in servers if victim.to_base58() in "\n".join(s.lines))
+            if mid_step:
+                server.signal(signal.SIGSTOP)
+                threading.Timer(MID_STEP_KILL_AFTER, server.signal, (signal.SIGKILL,)).start()
+            else:
+                server.signal(signal.SIGKILL)
             i = history + 8
             began = time.perf_counter()
             session.step(hidden[:, i : i + 1], positions[:, i : i + 1], None)
-            after_kill = time.perf_counter() - began
+            after_kill = time.perf_counter() - began - (MID_STEP_KILL_AFTER if mid_step else 0.0)
         sequence.close()
     step = statistics.median(steps)
     return {"history": history, "prefill_s": prefill, "step_ms": step * 1000, "stall_s": after_kill - step}
@@ -58,13 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?")
     parser.add_argument("--history", type=int, nargs="+", default=[16, 512])
+    parser.add_argument("--mid-step", action="store_true", help="the server dies holding a step")
     args = parser.parse_args()
     model = str(args.model or default_bench_model())
     print(f"model {model}")
     print("| history (tokens) | prefill of history, s | decode step, ms | stall after SIGKILL, s | stall / prefill |")
     print("|---|---|---|---|---|")
     for history in args.history:
-        r = one_run(model, history)
+        r = one_run(model, history, args.mid_step)
         print(f"| {history} | {r['prefill_s']:.3f} | {r['step_ms']:.1f} | {r['stall_s']:.3f} | {r['stall_s'] / r['prefill_s']:.2f} |")
 
 
