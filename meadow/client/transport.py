@@ -111,7 +111,8 @@ async def call(
     outputs or gradients the request asks for; None: any, but finite)."""
     activations = (0, -1) if isinstance(request, BackwardRequest) else (0,)  # hidden states, and their gradient
     messages = pack(tensors, request.to_wire(), runtime_pb2.ExpertRequest, request.wire, activations)
-    responses = await asyncio.wait_for(open_stream(p2p, peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse), timeout)
+    opening = open_stream(p2p, peer, rpc, _iterate(messages), runtime_pb2.ExpertResponse)
+    responses = await asyncio.wait_for(opening, timeout)
     try:
         reply = await read_reply(responses, peer, timeout)
     finally:
