@@ -117,17 +117,16 @@ def main() -> None:
             model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
-        watched = dict(servers)
         target, script = model, CLIENT
         if args.api:
             api = Process(["api", model, "--initial-peers", *peers], "api")
             swarm.extra.append(api)
             target = "http://" + api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
-            script, watched[api] = API_CLIENT, "api"
+            script = API_CLIENT
 
         def report(label: str) -> None:
             print(f"{label}: {counts}; free cache slots {free_slots(dht, dht_prefix, num_blocks)}", flush=True)
-            for process, role in watched.items():
+            for process, role in [*servers.items(), *((api, "api") for api in swarm.extra)]:
                 print(f"  {process.name} ({role}): {resources(process)}", flush=True)
 
         report("start")
@@ -165,7 +164,6 @@ def main() -> None:
                 victim.signal(signal.SIGKILL)
                 span = servers.pop(victim)
                 servers[serve(span, wait=False)] = span  # it loads and joins while the loop goes on
-                watched = {**servers, **{p: role for p, role in watched.items() if role == "api"}}
                 counts["servers killed"] += 1
             if time.monotonic() > next_report:
                 next_report += 60
