@@ -1,6 +1,6 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
-    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api]
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api | --train]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -11,6 +11,11 @@ KV-cache slots it announces free. At the end, after the servers' idle timeout, e
 With --server-churn S, each span has two servers, and every S seconds one of them, chosen at random, is SIGKILLed
 with its DHT process and p2pd (a machine that vanishes) and a new server for its span is started in its place: the
 clients fail over, and their answers must stay right.
+
+With --train, each client runs three training steps instead of generating: forward and backward through the swarm
+on a batch of 2 rows (one left-padded) with labels, and the loss and the gradient w.r.t. the input embeddings must
+equal transformers' (relative error <= 1e-4), as in tests/test_training.py. With --server-churn, servers die during
+forwards and backwards.
 
 With --api, the clients are HTTP requests to one `meadow api` process (streamed /v1/completions, greedy, the prompt
 as token ids), and a killed client is a connection dropped mid-reply, as by a closed browser tab. The API process's
@@ -26,11 +31,13 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from meadow.client.model import positions_from_mask
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_config, load_tokenizer
 from meadow.models.default import default_model_path
@@ -58,8 +65,25 @@ for line in urllib.request.urlopen(request, timeout=600):
         text += json.loads(line[6:])["choices"][0]["text"]
 print("right" if text == expected["text"] else f"WRONG {text!r}", flush=True)
 """
+TRAIN_CLIENT = """
+import json, sys, torch
+from meadow import AutoDistributedModelForCausalLM
+model, peers, case = sys.argv[1], json.loads(sys.argv[2]), torch.load(sys.argv[3])
+error = lambda got, expected: ((got - expected).abs().max() / expected.abs().max()).item()
+with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers) as swarm_model:
+    for step in range(3):
+        embeds = swarm_model.get_input_embeddings()(case["input_ids"]).detach().requires_grad_()
+        loss = swarm_model(inputs_embeds=embeds, attention_mask=case["mask"], labels=case["labels"]).loss
+        loss.backward()
+        errors = abs(loss.item() - case["loss"]) / abs(case["loss"]), error(embeds.grad, case["grad"])
+        if max(errors) > 1e-4:
+            print(f"WRONG step {step}: relative errors of loss and gradient {errors}", flush=True)
+            break
+    else:
+        print("right", flush=True)
+"""
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
-KILL_AFTER = {"process": (3, 12), "api": (0.2, 3)}  # seconds from a client's start: a process imports and connects first
+KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12)}  # seconds from a client's start: a process imports and connects first
 IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
 ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: points changed, a reply
 
@@ -73,6 +97,26 @@ def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int]
             out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False)
         tokens = out[0, length:].tolist()
         cases.append((prompt[0].tolist(), {"tokens": tokens, "text": tokenizer.decode(tokens, skip_special_tokens=True)}))
+    return cases
+
+
+def training_cases(model: str, rng: random.Random, folder: Path) -> list[tuple[str, dict]]:
+    """Batches of 2 rows (the first left-padded) of 8 to 128 random tokens with labels, each saved to a file with
+    transformers' loss and gradient w.r.t. the input embeddings; (the file, {}) for each."""
+    reference, cases = load_reference_model(model), []
+    for index, length in enumerate((8, 33, 128)):
+        input_ids = torch.tensor([[rng.randrange(100, 40000) for _ in range(length)] for _ in range(2)])
+        mask = torch.ones_like(input_ids)
+        mask[0, : length // 4] = 0
+        labels = input_ids.masked_fill(mask == 0, -100)
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)  # nothing is predicted from a pad
+        embeds = reference.get_input_embeddings()(input_ids).detach().requires_grad_()
+        positions = positions_from_mask(mask.bool())
+        loss = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
+        loss.backward()
+        path = folder / f"case{index}.pt"
+        torch.save({"input_ids": input_ids, "mask": mask, "labels": labels, "loss": loss.item(), "grad": embeds.grad}, path)
+        cases.append((str(path), {}))
     return cases
 
 
@@ -103,11 +147,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4, help="client processes running at all times")
     parser.add_argument("--server-churn", type=float, default=0, help="seconds between server kills (0: none)")
-    parser.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
+    group.add_argument("--train", action="store_true", help="clients run training steps instead of generating")
     args = parser.parse_args()
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
-    cases = prompts_with_answers(model, rng)
+    folder = tempfile.TemporaryDirectory()
+    cases = training_cases(model, rng, Path(folder.name)) if args.train else prompts_with_answers(model, rng)
     counts = dict.fromkeys(["right", "wrong", "failed", "kill", "interrupt", "servers killed"], 0)
     with LocalSwarm() as swarm:
         peers = swarm.start_dht()
@@ -117,12 +164,12 @@ def main() -> None:
             model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
-        target, script = model, CLIENT
+        target, script, kind = model, TRAIN_CLIENT if args.train else CLIENT, "train" if args.train else "process"
         if args.api:
             api = Process(["api", model, "--initial-peers", *peers], "api")
             swarm.extra.append(api)
             target = "http://" + api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
-            script = API_CLIENT
+            script, kind = API_CLIENT, "api"
 
         def report(label: str) -> None:
             print(f"{label}: {counts}; free cache slots {free_slots(dht, dht_prefix, num_blocks)}", flush=True)
@@ -137,11 +184,11 @@ def main() -> None:
             while len(running) < args.clients:
                 prompt, expected = rng.choice(cases)
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
-                expected = expected if args.api else expected["tokens"]
-                arguments = [target, json.dumps(peers), json.dumps(prompt), json.dumps(expected)]
+                expected = expected if args.api else expected.get("tokens")
+                arguments = [target, json.dumps(peers), prompt if args.train else json.dumps(prompt), json.dumps(expected)]
                 client = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
-                running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER["api" if args.api else "process"])))
+                running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER[kind])))
             time.sleep(0.5)
             for client, fate, when in list(running):
                 if client.poll() is None:
@@ -153,6 +200,8 @@ def main() -> None:
                 verdict = output.strip().splitlines()[-1] if output.strip() else ""
                 if verdict == "right" or verdict.startswith("WRONG"):
                     counts["right" if verdict == "right" else "wrong"] += 1
+                    if verdict != "right":
+                        print(f"a client was wrong: {verdict}", flush=True)
                 elif fate == "finish":
                     counts["failed"] += 1
                     print(f"a client failed:\n{output[-2000:]}", flush=True)

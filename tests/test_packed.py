@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from meadow.models import load_blocks, load_config
-from meadow.models.packed import PackedLinear, pack_block
+from meadow.models.packed import PackedLinear, pack_block, unpacked_products
 from meadow.models.tiny import make_tiny_checkpoint
 from meadow.server.server import serving_blocks
 from meadow.server.throughput import random_block
@@ -24,19 +24,22 @@ def linears(block: nn.Module, kind: type) -> list[str]:
 @pytest.mark.parametrize("shape", [(1, 1), (1, 8), (3, 5), (2, 64)])
 def test_a_packed_linear_computes_what_nn_linear_does(bias: bool, shape: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    linear = nn.Linear(96, 160, bias=bias).requires_grad_(False)
+    linear = nn.Linear(384, 160, bias=bias).requires_grad_(False)  # sums of 256 terms or more: oneDNN rounds otherwise
     packed = PackedLinear(linear)
-    x = torch.randn(*shape, 96)
+    x = torch.randn(*shape, 384)
     with torch.inference_mode():
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed(x.transpose(0, 1)), linear(x.transpose(0, 1)), rtol=1e-5, atol=1e-5)
     assert torch.equal(packed.weight, linear.weight)  # unpacked exactly
 
-    # a training request's gradients w.r.t. the inputs go through the layer
+    # a training request's products are nn.Linear's own, exactly (oneDNN's rounding differs), and so are the
+    # gradients w.r.t. the inputs that go through the layer
     x.requires_grad_()
-    grad = torch.autograd.grad(packed(x).square().sum(), x)[0]
-    expected = torch.autograd.grad(linear(x).square().sum(), x)[0]
-    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+    output, expected_output = packed(x), linear(x)
+    assert torch.equal(output, expected_output)
+    assert torch.equal(torch.autograd.grad(output.square().sum(), x)[0], torch.autograd.grad(expected_output.square().sum(), x)[0])
+    with torch.no_grad(), unpacked_products():  # as a backward's recomputed forward runs
+        assert torch.equal(packed(x), expected_output)
 
 
 def test_a_training_graph_through_a_packed_linear_holds_no_copy_of_its_weight() -> None:
@@ -69,3 +72,46 @@ def test_blocks_in_other_dtypes_stay_as_they_are(tmp_path) -> None:
     path = make_tiny_checkpoint(tmp_path / "llama", "llama", num_layers=1)
     block = load_blocks(path, load_config(path), 0, 1, torch.bfloat16, progress=False)[0]
     assert linears(pack_block(block), PackedLinear) == []
+
+
+def test_a_training_request_through_packed_blocks_gets_the_plain_blocks_gradients_exactly(tmp_path) -> None:
+    """Through many blocks oneDNN's rounding grows past what training may differ from a local run (packed.py), so a
+    packed span trains as a plain one: the same output and gradients, bit for bit, from its kept graph and from a
+    backward that recomputes the forward block by block."""
+    from meadow.server.span import Span
+
+    path = make_tiny_checkpoint(tmp_path / "llama", "llama", num_layers=3, hidden_size=256, intermediate_size=512)
+    config, blocks = load_config(path), BlockRange(start=0, end=3)  # sums of 256 terms or more: oneDNN rounds otherwise
+    plain = Span(load_blocks(path, config, 0, 3, torch.float32, progress=False), 0, config, torch.float32, torch.device("cpu"))
+    served = serving_blocks(path, config, blocks, torch.float32, torch.device("cpu"), "none")
+    packed = Span(served, 0, config, torch.float32, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    hidden, grad_output = (torch.randn(2, 40, config.hidden_size, generator=generator) for _ in range(2))
+    positions, key_mask = torch.arange(40).repeat(2, 1), torch.ones(2, 40, dtype=torch.bool)
+    key_mask[0, :7] = False
+
+    expected_output, graph = plain.run_keeping_graph(hidden, positions, key_mask, blocks)
+    (expected,) = plain.backward(hidden, positions, key_mask, blocks, grad_output, graph=graph)
+    output, graph = packed.run_keeping_graph(hidden, positions, key_mask, blocks)
+    assert torch.equal(output, expected_output)
+    assert torch.equal(packed.backward(hidden, positions, key_mask, blocks, grad_output, graph=graph)[0], expected)
+    assert torch.equal(packed.backward(hidden, positions, key_mask, blocks, grad_output)[0], expected)  # recomputed
+
+
+def test_an_exact_server_gives_transformers_logits_bit_for_bit(checkpoints) -> None:
+    """`meadow serve --exact` keeps torch's own products: a client's logits equal a local run's exactly, where a
+    packed server's differ by oneDNN's rounding (sums of 256 terms or more)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import start_swarm
+    from meadow import AutoDistributedModelForCausalLM
+
+    path = checkpoints("llama", num_layers=2, hidden_size=256, intermediate_size=512)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    input_ids = torch.randint(4, local.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    swarm = start_swarm(path, ["0:2"], "--exact")
+    try:
+        with AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers) as model, torch.no_grad():
+            assert torch.equal(model(input_ids).logits, local(input_ids).logits)
+    finally:
+        swarm.stop()

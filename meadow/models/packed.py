@@ -5,25 +5,43 @@ torch sends a CPU float32 matmul to MKL, which runs its AVX2 kernels on AMD CPUs
 blocked layout faster still. On the 2-core AMD EPYC where this project is measured, one core, the bench model's
 weights: a product with 1 row takes 0.57-0.79 of MKL's time, with 2 to 128 rows 0.31-0.50 (`python -m
 benchmarks.layout`); a server's pass of 8 decoding steps through 4 blocks, 13.7 -> 6.8 ms (a one-off measurement).
-The results equal MKL's up to float rounding (the sums run in another order).
 
-The packed weight replaces the plain one, so a block takes no more memory. oneDNN's op has no autograd: a training
-request's gradient through a layer unpacks the weight again (exactly) for that one product.
+The packed weight replaces the plain one, so a block takes no more memory.
+
+oneDNN's kernel rounds more than MKL's: ~2x per product (its sums run in one long chain), and through the blocks the
+difference grows. On the 30-block default model, the swarm's logits came 3.4e-4 from transformers' after 512 tokens
+(transformers' own float32 logits are 8.6e-5 from float64's), and training gradients 2.8e-4 from transformers' at 128
+tokens (relative; 4e-5 is transformers' own error). So training, where gradients must match, runs unpacked: a product
+under autograd, and any product inside `unpacked_products()`, unpacks the weight (exactly) and runs torch's own
+product, the one transformers runs, for the same results as a local run; the unpacked copy is let go at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from meadow.models.quant import let_go_of_checkpoint, replace_layers
 
 
+_packing = True  # `meadow serve --exact` turns it off for the server's process: transformers' numbers bit for bit
+
+
+def stop_packing() -> None:
+    """Leave every linear layer this process loads from now on as it is (torch's own products, no oneDNN)."""
+    global _packing
+    _packing = False
+
+
 def packs(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether linear layers of this dtype on this device get packed: float32 on a CPU, where this torch can."""
-    return dtype == torch.float32 and torch.device(device).type == "cpu" and _onednn_packs()
+    """Whether linear layers of this dtype on this device get packed: float32 on a CPU, where this torch can, unless
+    this process stopped packing."""
+    return _packing and dtype == torch.float32 and torch.device(device).type == "cpu" and _onednn_packs()
 
 
 @functools.cache
@@ -61,10 +79,27 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return _PackedProduct.apply(x, self)
+        if getattr(_unpacked, "on", False):
+            return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+_unpacked = threading.local()  # per thread: a server's compute thread may run training while another thread measures
+
+
+@contextlib.contextmanager
+def unpacked_products():
+    """Within it, on this thread, packed layers compute as a plain nn.Linear would (torch's product, no oneDNN):
+    for the forward a training request's backward recomputes, which must equal the one it kept or the client ran."""
+    before = getattr(_unpacked, "on", False)
+    _unpacked.on = True
+    try:
+        yield
+    finally:
+        _unpacked.on = before
 
 
 def pack_block(block: nn.Module) -> nn.Module:
@@ -76,14 +111,15 @@ def pack_block(block: nn.Module) -> nn.Module:
 
 
 class _PackedProduct(torch.autograd.Function):
-    """A packed layer's output, differentiable w.r.t. its input only (the layer is frozen). The backward unpacks the
-    weight for its one product and lets it go: an autograd graph that kept an unpacked copy per layer would hold the
-    whole span twice, once per training request the server keeps a graph for."""
+    """A packed layer's output, differentiable w.r.t. its input only (the layer is frozen), computed as a plain
+    nn.Linear would (see the module's docstring). Forward and backward each unpack the weight for their one product
+    and let it go: an autograd graph that kept an unpacked copy per layer would hold the whole span twice, once per
+    training request the server keeps a graph for."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: PackedLinear) -> Tensor:
         ctx.layer = layer
-        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+        return F.linear(x, layer.weight, layer.bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:

@@ -17,7 +17,7 @@ from meadow.home import meadow_home
 from meadow.models import BlockConfig, load_blocks, load_config, resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
 from meadow.models.lora import BlockLora, load_peft_adapter
-from meadow.models.packed import pack_block
+from meadow.models.packed import pack_block, stop_packing
 from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
@@ -58,6 +58,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     quant: str = "none"  # the blocks' linear layers as loaded: none, int8 (LLM.int8()) or nf4
+    exact: bool = False  # CPU float32: torch's own products, not oneDNN's faster packed ones (models/packed.py)
     cache_tokens: int = 16384
     dht_prefix: str | None = None
     public_name: str | None = None
@@ -91,6 +92,8 @@ class Server:
             raise ValueError(f"--balance-quality must be in (0, 1], got {config.balance_quality}")
         self.dtype, self.device = DTYPES[config.dtype], torch.device(config.device)
         check_quant(config.quant, self.dtype, self.device)  # a quant this machine cannot run stops us now
+        if config.exact:
+            stop_packing()  # before any block is loaded or timed: the speed announced is the unpacked blocks' speed
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from meadow.models import BlockConfig, KVCache, Part
 from meadow.models.lora import BlockLora
+from meadow.models.packed import unpacked_products
 from meadow.server.graph_cache import Graph, counting_saved_activations
 from meadow.server.tuning import TuningInputs, add_prompt
 from meadow.wire import BadRequest, BlockRange
@@ -290,7 +291,7 @@ class Span:
             return self.blocks[blocks.start + offset - self.first](x, position_ids, key_mask, lora=lora[offset] if lora else None)
 
         inputs, x = [], hidden.to(self.device, self.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), unpacked_products():  # the products the forward under autograd ran (packed.py)
             for offset in range(len(blocks)):
                 inputs.append(x)
                 x = run_block(x, offset)
