@@ -365,3 +365,13 @@ def test_a_server_killed_while_writing_its_ledger_keeps_a_valid_chain(swarm, mea
     assert report.valid, report.error
     assert report.entries == len(entries) >= before + 100
     assert entries[-1].receipt().signer_id == owner.peer_id.to_base58()  # the flood's receipts, up to the kill
+
+
+def test_a_servers_points_line_shows_the_highest_and_its_own_and_counts_the_rest():
+    from meadow.server.server import points_summary
+
+    points = {f"peer{i:02d}": float(i) for i in range(15)}
+    line = points_summary(points, "peer01", shown=3)
+    assert line == "peer14 14, peer13 13, peer12 12, peer01 1, and 11 more"
+    assert points_summary(points, "peer13", shown=3) == "peer14 14, peer13 13, peer12 12, and 12 more"
+    assert points_summary({"a": 1.0}, "b") == "a 1"  # a server not yet in the book

@@ -45,6 +45,15 @@ def serving_blocks(
     return load_blocks(path, config, blocks.start, blocks.end, dtype, read_on, prepare=prepare)
 
 
+def points_summary(points: dict[str, float], me: str, shown: int = 10) -> str:
+    """The `shown` highest points and ours, highest first, and how many more peers there are: in a swarm of a
+    thousand servers, a line listing every one would be unreadable."""
+    top = sorted(points, key=points.get, reverse=True)[:shown]
+    top += [me] if me in points and me not in top else []
+    more = f", and {len(points) - len(top)} more" if len(points) > len(top) else ""
+    return ", ".join(f"{peer} {points[peer]:.6g}" for peer in top) + more
+
+
 @dataclass
 class ServerConfig:
     """Everything `meadow serve` can be told."""
@@ -185,7 +194,7 @@ class Server:
                 before = dict(service.book.points)
                 await service.book.refresh(self.dht, p2p, local=service.ledger)
                 if service.book.points != before:  # a line when something changed, for operators and tests
-                    logger.info("points: " + ", ".join(f"{peer} {value:.6g}" for peer, value in service.book.points.items()))
+                    logger.info(f"points: {points_summary(service.book.points, self.dht.peer_id.to_base58())}")
             except Exception as e:  # a DHT or peer hiccup: priorities stay as they were until the next refresh
                 logger.warning(f"could not refresh points: {e!r}")
 
