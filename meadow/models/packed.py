@@ -9,11 +9,13 @@ benchmarks.layout`); a server's pass of 8 decoding steps through 4 blocks, 13.7 
 The packed weight replaces the plain one, so a block takes no more memory.
 
 oneDNN's kernel rounds more than MKL's: ~2x per product (its sums run in one long chain), and through the blocks the
-difference grows. On the 30-block default model, the swarm's logits came 3.4e-4 from transformers' after 512 tokens
-(transformers' own float32 logits are 8.6e-5 from float64's), and training gradients 2.8e-4 from transformers' at 128
-tokens (relative; 4e-5 is transformers' own error). So training, where gradients must match, runs unpacked: a product
-under autograd, and any product inside `unpacked_products()`, unpacks the weight (exactly) and runs torch's own
-product, the one transformers runs, for the same results as a local run; the unpacked copy is let go at once.
+difference grows. On the 30-block default model (`python benchmarks/precision.py`, 16 to 512 tokens) training
+gradients came 4.6e-5 to 2.6e-4 (relative) from transformers', past the 1e-4 they must match within; transformers'
+own float32 gradients are 1e-5 to 4e-5 from float64's. So training runs unpacked: a product under autograd, and any
+product inside `unpacked_products()`, unpacks the weight (exactly) and runs torch's own product, the one transformers
+runs (gradients then 0 to 3.6e-6 from transformers'); the unpacked copy is let go at once. Inference stays
+packed: its logits came 1.2e-4 to 9.1e-4 from transformers', as far as transformers' float32 logits are from
+float64's (5.2e-5 to 1.05e-3); `meadow serve --exact` (stop_packing) packs nothing.
 """
 
 from __future__ import annotations
