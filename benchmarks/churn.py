@@ -83,7 +83,8 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers)
         print("right", flush=True)
 """
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
-KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12)}  # seconds from a client's start: a process imports and connects first
+# seconds from a client's start: a process imports and connects first
+KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12)}
 IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
 ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: points changed, a reply
 
@@ -115,7 +116,8 @@ def training_cases(model: str, rng: random.Random, folder: Path) -> list[tuple[s
         loss = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()
         path = folder / f"case{index}.pt"
-        torch.save({"input_ids": input_ids, "mask": mask, "labels": labels, "loss": loss.item(), "grad": embeds.grad}, path)
+        case = {"input_ids": input_ids, "mask": mask, "labels": labels, "loss": loss.item(), "grad": embeds.grad}
+        torch.save(case, path)
         cases.append((str(path), {}))
     return cases
 
@@ -185,7 +187,8 @@ def main() -> None:
                 prompt, expected = rng.choice(cases)
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
                 expected = expected if args.api else expected.get("tokens")
-                arguments = [target, json.dumps(peers), prompt if args.train else json.dumps(prompt), json.dumps(expected)]
+                case = prompt if args.train else json.dumps(prompt)  # a training case is the file that holds it
+                arguments = [target, json.dumps(peers), case, json.dumps(expected)]
                 client = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
                 running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER[kind])))

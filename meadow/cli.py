@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "bitsandbytes (default: none)")  # fmt: skip
     serve.add_argument("--exact", action="store_true",
                        help="float32 on a CPU: compute exactly as transformers does (torch's own matrix products), "
-                            "instead of oneDNN's ~2x faster ones, whose rounding grows to ~1e-4 in the logits after a "
-                            "few hundred tokens of a 30-block model")  # fmt: skip
+                            "instead of oneDNN's ~2x faster ones, whose rounding moves the default model's logits by "
+                            "1e-4 to 1e-3 (benchmarks/precision.py)")  # fmt: skip
     serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
@@ -285,7 +285,8 @@ def _run(args: argparse.Namespace) -> None:
             model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
             host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
             quant=args.quant, exact=args.exact, dht_prefix=args.dht_prefix, public_name=args.public_name,
-            update_period=args.update_period, balance_period=args.balance_period, balance_quality=args.balance_quality, throughput=args.throughput,
+            update_period=args.update_period, balance_period=args.balance_period,
+            balance_quality=args.balance_quality, throughput=args.throughput,
             nat_port_map=args.nat_port_map, identity=args.identity, adapters=args.adapters, limits=limits,
             allow_peers=args.allow_peers,
             points_period=args.points_period, points_seeds=args.points_seeds, points_allow=args.points_allow,

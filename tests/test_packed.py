@@ -37,7 +37,8 @@ def test_a_packed_linear_computes_what_nn_linear_does(bias: bool, shape: tuple[i
     x.requires_grad_()
     output, expected_output = packed(x), linear(x)
     assert torch.equal(output, expected_output)
-    assert torch.equal(torch.autograd.grad(output.square().sum(), x)[0], torch.autograd.grad(expected_output.square().sum(), x)[0])
+    grad, expected_grad = (torch.autograd.grad(y.square().sum(), x)[0] for y in (output, expected_output))
+    assert torch.equal(grad, expected_grad)
     with torch.no_grad(), unpacked_products():  # as a backward's recomputed forward runs
         assert torch.equal(packed(x), expected_output)
 
@@ -82,9 +83,9 @@ def test_a_training_request_through_packed_blocks_gets_the_plain_blocks_gradient
 
     path = make_tiny_checkpoint(tmp_path / "llama", "llama", num_layers=3, hidden_size=256, intermediate_size=512)
     config, blocks = load_config(path), BlockRange(start=0, end=3)  # sums of 256 terms or more: oneDNN rounds otherwise
-    plain = Span(load_blocks(path, config, 0, 3, torch.float32, progress=False), 0, config, torch.float32, torch.device("cpu"))
-    served = serving_blocks(path, config, blocks, torch.float32, torch.device("cpu"), "none")
-    packed = Span(served, 0, config, torch.float32, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    plain = Span(load_blocks(path, config, 0, 3, torch.float32, progress=False), 0, config, torch.float32, cpu)
+    packed = Span(serving_blocks(path, config, blocks, torch.float32, cpu, "none"), 0, config, torch.float32, cpu)
     generator = torch.Generator().manual_seed(0)
     hidden, grad_output = (torch.randn(2, 40, config.hidden_size, generator=generator) for _ in range(2))
     positions, key_mask = torch.arange(40).repeat(2, 1), torch.ones(2, 40, dtype=torch.bool)

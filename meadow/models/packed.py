@@ -89,7 +89,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-_unpacked = threading.local()  # per thread: a server's compute thread may run training while another thread measures
+_unpacked = threading.local()  # per thread: what other threads run meanwhile (others' inference) stays packed
 
 
 @contextlib.contextmanager
