@@ -81,7 +81,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return _PackedProduct.apply(x, self)
-        if getattr(_unpacked, "on", False):
+        if _unpacked.on:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -89,15 +89,18 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-_unpacked = threading.local()  # per thread: what other threads run meanwhile (others' inference) stays packed
+class _Unpacked(threading.local):
+    on = False  # per thread: what other threads run meanwhile (others' inference) stays packed
+
+
+_unpacked = _Unpacked()
 
 
 @contextlib.contextmanager
 def unpacked_products():
     """Within it, on this thread, packed layers compute as a plain nn.Linear would (torch's product, no oneDNN):
     for the forward a training request's backward recomputes, which must equal the one it kept or the client ran."""
-    before = getattr(_unpacked, "on", False)
-    _unpacked.on = True
+    before, _unpacked.on = _unpacked.on, True
     try:
         yield
     finally:
