@@ -1,6 +1,6 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
-    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api | --train]
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api | --train [--lora]]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -15,7 +15,8 @@ clients fail over, and their answers must stay right.
 With --train, each client runs three training steps instead of generating: forward and backward through the swarm
 on a batch of 2 rows (one left-padded) with labels, and the loss and the gradient w.r.t. the input embeddings must
 equal transformers' (relative error <= 1e-4), as in tests/test_training.py. With --server-churn, servers die during
-forwards and backwards.
+forwards and backwards. With --train --lora, each client trains its own LoRA weights instead (rank 4 on q_proj and
+v_proj of every block, random A and B), and the loss and every A's and B's gradient must equal peft's on transformers.
 
 With --api, the clients are HTTP requests to one `meadow api` process (streamed /v1/completions, greedy, the prompt
 as token ids), and a killed client is a connection dropped mid-reply, as by a closed browser tab. The API process's
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +84,29 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers)
     else:
         print("right", flush=True)
 """
+LORA_CLIENT = """
+import json, sys, torch
+from peft import LoraConfig
+from meadow import AutoDistributedModelForCausalLM
+model, peers, case = sys.argv[1], json.loads(sys.argv[2]), torch.load(sys.argv[3])
+error = lambda got, expected: ((got - expected).abs().max() / expected.abs().max()).item()
+lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers, lora=lora) as swarm_model:
+    weights = {"A": swarm_model.lora.lora_A, "B": swarm_model.lora.lora_B}
+    with torch.no_grad():
+        for (kind, key), value in case["lora"].items():
+            weights[kind][key].copy_(value)
+    for step in range(3):
+        swarm_model.zero_grad()
+        loss = swarm_model(input_ids=case["input_ids"], attention_mask=case["mask"], labels=case["labels"]).loss
+        loss.backward()
+        worst = max(error(weights[kind][key].grad, grad) for (kind, key), grad in case["grads"].items())
+        if max(abs(loss.item() - case["loss"]) / abs(case["loss"]), worst) > 1e-4:
+            print(f"WRONG step {step}: relative errors of loss and worst LoRA gradient {loss.item(), worst}", flush=True)
+            break
+    else:
+        print("right", flush=True)
+"""
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
 # seconds from a client's start: a process imports and connects first
 KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12)}
@@ -101,10 +126,19 @@ def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int]
     return cases
 
 
-def training_cases(model: str, rng: random.Random, folder: Path) -> list[tuple[str, dict]]:
+def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> list[tuple[str, dict]]:
     """Batches of 2 rows (the first left-padded) of 8 to 128 random tokens with labels, each saved to a file with
-    transformers' loss and gradient w.r.t. the input embeddings; (the file, {}) for each."""
+    transformers' loss and gradient w.r.t. the input embeddings, or with `lora` peft's random LoRA weights and their
+    gradients; (the file, {}) for each."""
     reference, cases = load_reference_model(model), []
+    if lora:
+        from peft import LoraConfig, get_peft_model  # imported here: only --lora needs it
+
+        reference = get_peft_model(reference, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        weights = {name: param for name, param in reference.named_parameters() if "lora_" in name}
+        with torch.no_grad():  # peft starts B at zero, which would leave A without a gradient
+            for param in weights.values():
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31))) * 0.2)
     for index, length in enumerate((8, 33, 128)):
         input_ids = torch.tensor([[rng.randrange(100, 40000) for _ in range(length)] for _ in range(2)])
         mask = torch.ones_like(input_ids)
@@ -114,9 +148,15 @@ def training_cases(model: str, rng: random.Random, folder: Path) -> list[tuple[s
         embeds = reference.get_input_embeddings()(input_ids).detach().requires_grad_()
         positions = positions_from_mask(mask.bool())
         loss = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
+        reference.zero_grad()
         loss.backward()
         path = folder / f"case{index}.pt"
         case = {"input_ids": input_ids, "mask": mask, "labels": labels, "loss": loss.item(), "grad": embeds.grad}
+        if lora:  # peft's name ...layers.3.self_attn.q_proj.lora_A.default.weight is meadow's ("A", "3_q_proj")
+            found = {name: re.search(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])", name) for name in weights}
+            keys = {name: (match[3], f"{match[1]}_{match[2]}") for name, match in found.items()}
+            case["lora"] = {keys[name]: param.detach().clone() for name, param in weights.items()}
+            case["grads"] = {keys[name]: param.grad.clone() for name, param in weights.items()}
         torch.save(case, path)
         cases.append((str(path), {}))
     return cases
@@ -152,11 +192,14 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
     group.add_argument("--train", action="store_true", help="clients run training steps instead of generating")
+    parser.add_argument("--lora", action="store_true", help="with --train: clients train their own LoRA weights")
     args = parser.parse_args()
+    if args.lora and not args.train:
+        parser.error("--lora goes with --train")
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
     folder = tempfile.TemporaryDirectory()
-    cases = training_cases(model, rng, Path(folder.name)) if args.train else prompts_with_answers(model, rng)
+    cases = training_cases(model, rng, Path(folder.name), args.lora) if args.train else prompts_with_answers(model, rng)
     counts = dict.fromkeys(["right", "wrong", "failed", "kill", "interrupt", "servers killed"], 0)
     with LocalSwarm() as swarm:
         peers = swarm.start_dht()
@@ -166,7 +209,8 @@ def main() -> None:
             model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
-        target, script, kind = model, TRAIN_CLIENT if args.train else CLIENT, "train" if args.train else "process"
+        script = (LORA_CLIENT if args.lora else TRAIN_CLIENT) if args.train else CLIENT
+        target, kind = model, "train" if args.train else "process"
         if args.api:
             api = Process(["api", model, "--initial-peers", *peers], "api")
             swarm.extra.append(api)
