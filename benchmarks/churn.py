@@ -1,6 +1,6 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
-    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api | --train [--lora]]
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api | --chat | --train [--lora]]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -17,6 +17,10 @@ on a batch of 2 rows (one left-padded) with labels, and the loss and the gradien
 equal transformers' (relative error <= 1e-4), as in tests/test_training.py. With --server-churn, servers die during
 forwards and backwards. With --train --lora, each client trains its own LoRA weights instead (rank 4 on q_proj and
 v_proj of every block, random A and B), and the loss and every A's and B's gradient must equal peft's on transformers.
+
+With --chat, each client is a conversation of three turns kept in one inference session, as `meadow chat` keeps it
+(greedy, up to 24 tokens a reply): each reply must be transformers' greedy reply to the conversation's tokens so far.
+With --server-churn, servers die between turns and during them, and the sessions must go on.
 
 With --api, the clients are HTTP requests to one `meadow api` process (streamed /v1/completions, greedy, the prompt
 as token ids), and a killed client is a connection dropped mid-reply, as by a closed browser tab. The API process's
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from meadow.client.chat_prompt import stop_strings
 from meadow.client.model import positions_from_mask
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_config, load_tokenizer
@@ -84,6 +89,32 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers)
     else:
         print("right", flush=True)
 """
+CHAT_CLIENT = """
+import json, sys, threading, torch
+from meadow import AutoDistributedModelForCausalLM
+from meadow.client.chat import Conversation, Sampling
+from meadow.models import load_tokenizer
+model, peers, messages = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+turns = []
+with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers) as swarm_model:
+    generate = swarm_model.generate
+    def recorded(ids, **kwargs):  # each turn's ids as sent and the reply's tokens, for the harness to check
+        output = generate(ids, **kwargs)
+        turns.append((ids[0].tolist(), output[0, ids.shape[1] :].tolist()))
+        return output
+    swarm_model.generate = recorded
+    conversation = Conversation(swarm_model, load_tokenizer(model), max_length=1024)
+    for message in messages:
+        conversation.reply(message, Sampling(max_new_tokens=24), stop=threading.Event(), write=str)
+    conversation.close()
+print("turns " + json.dumps(turns), flush=True)
+"""
+CONVERSATIONS = [
+    ["What is the capital of France?", "And of Italy?", "Which of the two is bigger?"],
+    ["Name three flowers.", "Which one smells best?", "Thank you!"],
+    ["Write a haiku about rain.", "Now one about the sun.", "Which do you like more?"],
+    ["What is 12 times 12?", "And 13 times 13?", "Explain how you got it."],
+]
 LORA_CLIENT = """
 import json, sys, torch
 from peft import LoraConfig
@@ -109,7 +140,7 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers,
 """
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
 # seconds from a client's start: a process imports and connects first
-KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12)}
+KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12), "chat": (3, 20)}
 IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
 ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: points changed, a reply
 
@@ -162,6 +193,28 @@ def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> 
     return cases
 
 
+def turn_checker(model: str):
+    """A function that takes a conversation's turns, [(the ids sent, the reply's tokens)], and says "right" when each
+    reply is transformers' greedy reply to its ids, or "WRONG ..." naming the first that is not."""
+    reference, tokenizer, known = load_reference_model(model), load_tokenizer(model), {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    extra = dict(stop_strings=stop_strings(tokenizer), tokenizer=tokenizer) if stop_strings(tokenizer) else {}
+
+    def check(turns: list[tuple[list[int], list[int]]]) -> str:
+        for number, (ids, reply) in enumerate(turns):
+            if tuple(ids) not in known:
+                inputs = torch.tensor([ids])
+                with torch.no_grad():
+                    output = reference.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=24,
+                                                do_sample=False, pad_token_id=pad, **extra)  # fmt: skip
+                known[tuple(ids)] = output[0, len(ids) :].tolist()
+            if reply != known[tuple(ids)]:
+                return f"WRONG turn {number}: {reply} where transformers replies {known[tuple(ids)]}"
+        return "right" if len(turns) == 3 else f"WRONG: {len(turns)} turns"
+
+    return check
+
+
 def resources(server: Process) -> str:
     """Resident MiB / open files / threads of each process in the server's group (server, DHT process, p2pd)."""
     group = subprocess.run(["pgrep", "-g", str(server.popen.pid)], capture_output=True, text=True).stdout.split()
@@ -191,6 +244,7 @@ def main() -> None:
     parser.add_argument("--server-churn", type=float, default=0, help="seconds between server kills (0: none)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
+    group.add_argument("--chat", action="store_true", help="clients are conversations of three turns")
     group.add_argument("--train", action="store_true", help="clients run training steps instead of generating")
     parser.add_argument("--lora", action="store_true", help="with --train: clients train their own LoRA weights")
     args = parser.parse_args()
@@ -199,7 +253,12 @@ def main() -> None:
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
     folder = tempfile.TemporaryDirectory()
-    cases = training_cases(model, rng, Path(folder.name), args.lora) if args.train else prompts_with_answers(model, rng)
+    if args.train:
+        cases = training_cases(model, rng, Path(folder.name), args.lora)
+    elif args.chat:
+        cases, check_turns = [(json.dumps(messages), {}) for messages in CONVERSATIONS], turn_checker(model)
+    else:
+        cases = prompts_with_answers(model, rng)
     counts = dict.fromkeys(["right", "wrong", "failed", "kill", "interrupt", "servers killed"], 0)
     with LocalSwarm() as swarm:
         peers = swarm.start_dht()
@@ -209,8 +268,8 @@ def main() -> None:
             model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
-        script = (LORA_CLIENT if args.lora else TRAIN_CLIENT) if args.train else CLIENT
-        target, kind = model, "train" if args.train else "process"
+        script = (LORA_CLIENT if args.lora else TRAIN_CLIENT) if args.train else CHAT_CLIENT if args.chat else CLIENT
+        target, kind = model, "train" if args.train else "chat" if args.chat else "process"
         if args.api:
             api = Process(["api", model, "--initial-peers", *peers], "api")
             swarm.extra.append(api)
@@ -231,7 +290,7 @@ def main() -> None:
                 prompt, expected = rng.choice(cases)
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
                 expected = expected if args.api else expected.get("tokens")
-                case = prompt if args.train else json.dumps(prompt)  # a training case is the file that holds it
+                case = prompt if args.train or args.chat else json.dumps(prompt)  # a file, a conversation, tokens
                 arguments = [target, json.dumps(peers), case, json.dumps(expected)]
                 client = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -245,6 +304,8 @@ def main() -> None:
                 running.remove((client, fate, when))
                 output = client.stdout.read()
                 verdict = output.strip().splitlines()[-1] if output.strip() else ""
+                if verdict.startswith("turns "):
+                    verdict = check_turns(json.loads(verdict[6:]))
                 if verdict == "right" or verdict.startswith("WRONG"):
                     counts["right" if verdict == "right" else "wrong"] += 1
                     if verdict != "right":
