@@ -10,7 +10,9 @@ KV-cache slots it announces free. At the end, after the servers' idle timeout, e
 
 With --server-churn S, each span has two servers, and every S seconds one of them, chosen at random, is SIGKILLed
 with its DHT process and p2pd (a machine that vanishes) and a new server for its span is started in its place: the
-clients fail over, and their answers must stay right.
+clients fail over, and their answers must stay right. With --balance, servers pick their own blocks instead
+(`--num-blocks` half the model, a balance check every 15 s on average), and a replacement, or a server that sees a gap
+the killed one left, goes where the swarm needs it: clients lose servers that move too.
 
 With --train, each client runs three training steps instead of generating: forward and backward through the swarm
 on a batch of 2 rows (one left-padded) with labels, and the loss and the gradient w.r.t. the input embeddings must
@@ -242,6 +244,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4, help="client processes running at all times")
     parser.add_argument("--server-churn", type=float, default=0, help="seconds between server kills (0: none)")
+    parser.add_argument("--balance", action="store_true", help="servers choose their blocks and move (--num-blocks)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
     group.add_argument("--chat", action="store_true", help="clients are conversations of three turns")
@@ -264,8 +267,12 @@ def main() -> None:
         peers = swarm.start_dht()
         half = num_blocks // 2
         spans = [f"0:{half}", f"{half}:{num_blocks}"] * (2 if args.server_churn else 1)
+        if args.balance:
+            spans = ["moves"] * len(spans)
+        balance = ["--num-blocks", str(half), "--balance-period", "15"]
         serve = lambda span, wait=True: swarm.start_server(  # noqa: E731
-            model, "--blocks", span, "--update-period", "5", "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)
+            model, *(balance if args.balance else ["--blocks", span]), "--update-period", "5",
+            "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)  # fmt: skip
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
         script = (LORA_CLIENT if args.lora else TRAIN_CLIENT) if args.train else CHAT_CLIENT if args.chat else CLIENT
