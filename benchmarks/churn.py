@@ -144,7 +144,8 @@ FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
 # seconds from a client's start: a process imports and connects first
 KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12), "chat": (3, 20)}
 IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
-ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ")  # info lines: points changed, a reply
+# info lines: points changed, a reply, a server that stays where it is, and a moving server's progress bar
+ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ", "balance check: staying", "loading blocks")
 
 
 def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], dict]]:
@@ -232,10 +233,11 @@ def resources(server: Process) -> str:
     return ", ".join(parts)
 
 
-def free_slots(dht, dht_prefix: str, num_blocks: int) -> list[int]:
-    """The KV-cache slots each server announces free, in span order."""
+def free_slots(dht, dht_prefix: str, num_blocks: int) -> dict[str, int]:
+    """The KV-cache slots each server announces free, by its blocks, in span order."""
     first = {peer: info for block in fetch_servers(dht, dht_prefix, num_blocks) for peer, info in block.items()}
-    return [info.cache_tokens_left for info in sorted(first.values(), key=lambda info: info.start)]
+    ordered = sorted(first.items(), key=lambda item: item[1].start)
+    return {f"{info.start}:{info.end} {str(peer)[-6:]}": info.cache_tokens_left for peer, info in ordered}
 
 
 def main() -> None:
@@ -289,7 +291,7 @@ def main() -> None:
                 print(f"  {process.name} ({role}): {resources(process)}", flush=True)
 
         report("start")
-        full = set(free_slots(dht, dht_prefix, num_blocks))  # a server's free slots with no session open
+        full = set(free_slots(dht, dht_prefix, num_blocks).values())  # a server's free slots with no session open
         running, end, next_report = [], time.monotonic() + args.minutes * 60, time.monotonic() + 60
         next_server_kill = time.monotonic() + (args.server_churn or float("inf"))
         while time.monotonic() < end:
@@ -336,7 +338,7 @@ def main() -> None:
             client.kill()
         time.sleep(IDLE_TIMEOUT + 15)  # the sessions of the last killed clients time out, then the servers announce
         report(f"{IDLE_TIMEOUT + 15} s after the last client")
-        held = [slots for slots in free_slots(dht, dht_prefix, num_blocks) if slots not in full]
+        held = [slots for slots in free_slots(dht, dht_prefix, num_blocks).values() if slots not in full]
         dht.shutdown()
         logged = [f"{p.name}: {line}" for p in [*swarm.servers, *swarm.extra] for line in after_ready(p.lines)
                   if not any(routine in line for routine in ROUTINE)]  # fmt: skip

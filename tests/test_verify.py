@@ -9,6 +9,7 @@ round trips (up to 0.5 s on a loaded machine), decide the route.
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from meadow.client.config import ClientConfig
 from meadow.client.transport import BadReply, check_reply, is_server_failure
 from meadow.client.verify import WrongOutputs, disagreement, tolerance
 from meadow.local_swarm import LocalSwarm
+from meadow.models import load_tokenizer
+from meadow.models.default import default_model_path
 
 NEW_TOKENS = 12
 TAMPERING_SERVER = str(Path(__file__).with_name("tampering_server.py"))
@@ -188,8 +191,12 @@ def test_reply_checks():
 
 def test_tolerance_fits_dtypes_and_quantization():
     float32, bfloat16 = {"dtype": "float32"}, {"dtype": "bfloat16"}
+    int8, nf4 = {**float32, "quant": "int8"}, {**float32, "quant": "nf4"}
     assert tolerance(float32, float32) < tolerance(bfloat16, bfloat16) < tolerance(float32, bfloat16)
-    assert tolerance({**float32, "quant": "nf4"}, {**float32, "quant": "none"}) > tolerance(bfloat16, bfloat16)
+    assert tolerance(nf4, nf4) == tolerance(float32, float32)  # nf4 computes alike whatever the batch
+    assert tolerance(bfloat16, bfloat16) < tolerance(int8, int8) == tolerance(int8, float32) < 1
+    for other in (float32, int8, {**float32, "quant": "fp3"}):  # nf4 is as far from these as zeros would be
+        assert tolerance(nf4, other) == tolerance(other, nf4) == math.inf
     a = torch.randn(1, 5, 16)
     assert disagreement([a], [a + 1e-5 * torch.randn_like(a)]) < tolerance(float32, float32)
     changed = a.clone()
@@ -197,3 +204,25 @@ def test_tolerance_fits_dtypes_and_quantization():
     assert tolerance(float32, float32) < disagreement([a], [changed]) < tolerance(bfloat16, bfloat16)
     with pytest.raises(ValueError, match="verify"):
         ClientConfig(verify=1.5)
+
+
+def test_spot_checks_ban_no_honest_int8_server():
+    """LLM.int8() keeps the activation columns that hold an outlier unquantized, chosen from the whole batch, so an
+    int8 server's tokens decoded one by one differ from its own prefill of them (by up to 0.3 per token on the default
+    model). A spot-check compares exactly those: with every step checked, three honest int8 servers must stay
+    unbanned. A real model's blocks 0:4, since random weights have no outliers."""
+    model = str(default_model_path())
+    swarm = start(model, [*[("0:4", None, ("--quant", "int8"))] * 3, ("4:30", None, ())])
+    try:
+        swarm_model = client(model, swarm, verify=1.0)
+        tokenizer = load_tokenizer(model)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                             tokenize=False, add_generation_prompt=True)  # fmt: skip
+        prompt = tokenizer(text, return_tensors="pt")["input_ids"]
+        swarm_model.generate(prompt, max_new_tokens=8, do_sample=False)
+        checker = swarm_model.sequence.checker
+        assert checker.checked >= 8 and checker.caught == 0  # each step's 0:4 hop was checked; 4:30 has no witness
+        assert not swarm_model.sequence.banned()
+        swarm_model.sequence.close()
+    finally:
+        stop(swarm)
