@@ -20,6 +20,7 @@ from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.routing import MissingBlocksError
+from meadow.models.default import default_model_path
 from meadow.stopping import descendants
 from meadow.swarm import generate_identity
 
@@ -259,5 +260,24 @@ def test_a_server_leaving_on_sigterm_mid_generation_tells_its_client_at_once(mod
         assert leaving[0].popen.wait(timeout=15) == 0
         assert any("Server stopped" in line for line in leaving[0].lines)
         model.sequence.close()
+    finally:
+        swarm.stop()
+
+
+def test_a_long_prompt_on_a_slow_server_is_waited_for_not_failed_over():
+    """A request may take request_timeout beyond what the server's announced speed says its tokens take, so a server
+    busy with a long prompt is not taken for a dead one (and banned, and the prompt sent again elsewhere). Here a 1 s
+    request_timeout, and a 2000-token prompt through one server of the default model's 30 blocks: seconds of work,
+    as a prefill in a session and as a forward pass."""
+    model = str(default_model_path())
+    swarm = start_swarm(model, ["0:30"])
+    try:
+        config = ClientConfig(request_timeout=1.0, max_retries=0)
+        with AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, client_config=config) as m:
+            prompt = torch.randint(100, 30000, (1, 2000), generator=torch.Generator().manual_seed(0))
+            assert m.generate(prompt, max_new_tokens=2, do_sample=False).shape == (1, 2002)
+            with torch.no_grad():
+                assert m(prompt).logits.shape[:2] == (1, 2000)
+            assert not m.sequence.banned()
     finally:
         swarm.stop()

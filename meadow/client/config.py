@@ -19,7 +19,11 @@ class ClientConfig:
     # (served at the lowest priority, signs no receipts).
     points_identity: str | None = None
     receipt_every_tokens: int = 64  # tokens of one server's work per receipt (and one at each session's end)
-    request_timeout: float = 30.0  # one forward, prefill or replay on one server; a server silent longer is failed over
+    # One forward, prefill or replay on one server: a server silent longer than this, plus `step_slowdown` times what
+    # its announced speed says the request's tokens take (sequence.work_timeout), but at most `max_request_timeout`,
+    # is failed over.
+    request_timeout: float = 30.0
+    max_request_timeout: float = 600.0
     step_timeout: float = 5.0  # one decoding step (a few tokens): a server that dies silently must not stall us long
     min_step_timeout: float = 1.5  # ...and once a server's pace is known, `step_slowdown` times its usual step,
     step_slowdown: float = 10.0  # but at least this long (a loaded machine has hiccups)

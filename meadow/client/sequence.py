@@ -340,7 +340,7 @@ class RemoteSequence:
         batch, length = hidden.shape[:2]
         step = max(1, self.config.micro_batch_tokens // max(length, 1))
         batched = [hidden, position_ids.expand(batch, length), key_mask] + ([grad_output] if grad_output is not None else [])
-        calls = []
+        calls, timeout = [], self.work_timeout(hop.peer, hop.blocks, batch * length)  # the parts queue on one server
         for i, start in enumerate(range(0, batch, step)):
             part = [tensor[start : start + step] for tensor in batched]
             tensors = part[:3] + extra + part[3:]
@@ -349,7 +349,7 @@ class RemoteSequence:
                 blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, wire=self.wire_for(hop.peer), **fields
             )
             expected = part[:1] + (extra if grad_output is not None else [])  # outputs, or gradients of what was sent
-            calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, self.config.request_timeout, expected))
+            calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, timeout, expected))
         if self.payer is not None:
             await self.payer.introduce(hop.peer)
         replies = await asyncio.gather(*calls)
@@ -357,6 +357,16 @@ class RemoteSequence:
             self.payer.served(hop.peer, hop.blocks, batch * length, "forward" if grad_output is None else "backward")
         joined = [torch.cat([reply[0] for reply in replies])]
         return joined + [sum(reply[i] for reply in replies) for i in range(1, len(replies[0]))]
+
+    def work_timeout(self, peer: PeerID, blocks: BlockRange, tokens: int) -> float:
+        """How long to wait for `tokens` (batch x length) to go through `blocks` on `peer`: request_timeout, plus
+        step_slowdown times what the server's announced speed says the work takes. A long prompt on a slow server, or
+        one busy with other clients' prompts, is not a dead server."""
+        info, config = self.servers.get(peer), self.config
+        if info is None or info.throughput <= 0:
+            return config.request_timeout
+        speed = info.throughput * (info.end - info.start) / len(blocks)  # tokens/s through `blocks` alone
+        return min(config.max_request_timeout, config.request_timeout + config.step_slowdown * tokens / speed)
 
     def wire_for(self, peer: PeerID) -> str:
         """The wire format of our requests to `peer`: ClientConfig.wire, or else the one its announced dtype implies."""
