@@ -1,6 +1,7 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
-    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--api | --chat | --train [--lora]]
+    python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--balance]
+                               [--api | --chat | --train [--lora]]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -135,7 +136,7 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers,
         loss.backward()
         worst = max(error(weights[kind][key].grad, grad) for (kind, key), grad in case["grads"].items())
         if max(abs(loss.item() - case["loss"]) / abs(case["loss"]), worst) > 1e-4:
-            print(f"WRONG step {step}: relative errors of loss and worst LoRA gradient {loss.item(), worst}", flush=True)
+            print(f"WRONG step {step}: loss {loss.item()}, worst LoRA gradient's relative error {worst}", flush=True)
             break
     else:
         print("right", flush=True)
@@ -145,7 +146,8 @@ FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
 KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12), "chat": (3, 20)}
 IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
 # info lines: points changed, a reply, a server that stays where it is, and a moving server's progress bar
-ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ", "balance check: staying", "loading blocks")
+ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ", "balance check: staying",
+           "loading blocks")
 
 
 def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], dict]]:
@@ -172,7 +174,8 @@ def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> 
         weights = {name: param for name, param in reference.named_parameters() if "lora_" in name}
         with torch.no_grad():  # peft starts B at zero, which would leave A without a gradient
             for param in weights.values():
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31))) * 0.2)
+                generator = torch.Generator().manual_seed(rng.randrange(2**31))
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     for index, length in enumerate((8, 33, 128)):
         input_ids = torch.tensor([[rng.randrange(100, 40000) for _ in range(length)] for _ in range(2)])
         mask = torch.ones_like(input_ids)

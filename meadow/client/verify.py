@@ -101,8 +101,9 @@ class SpotChecker:
         return rate > 0 and (rate >= 1 or random.random() < rate)
 
     def witnesses(self, hop: Hop) -> list[PeerID]:
-        """Other servers that hold all of `hop`'s blocks, quantized closely enough to hop's server's to check it, in the
-        order to ask them: those of the same dtype and quant first (their results agree most closely), then those that answered our ping; random within."""
+        """Other servers that hold all of `hop`'s blocks, quantized closely enough to hop's server's to check it, in
+        the order to ask them: those of the same dtype and quant first (their results agree most closely), then those
+        that answered our ping; random within."""
         servers, banned, rtt = self.sequence.usable_servers(), self.sequence.banned(), dict(self.sequence.rtt)
         kind = _kind(servers.get(hop.peer))
         found = [
