@@ -108,7 +108,7 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers)
     swarm_model.generate = recorded
     conversation = Conversation(swarm_model, load_tokenizer(model), max_length=1024)
     for message in messages:
-        conversation.reply(message, Sampling(max_new_tokens=24), stop=threading.Event(), write=str)
+        conversation.reply(message, Sampling(max_new_tokens=24), stop=threading.Event(), write=lambda text: None)
     conversation.close()
 print("turns " + json.dumps(turns), flush=True)
 """
