@@ -340,7 +340,7 @@ class RemoteSequence:
         batch, length = hidden.shape[:2]
         step = max(1, self.config.micro_batch_tokens // max(length, 1))
         batched = [hidden, position_ids.expand(batch, length), key_mask] + ([grad_output] if grad_output is not None else [])
-        calls, timeout = [], self.work_timeout(hop.peer, hop.blocks, batch * length)  # the parts queue on one server
+        calls, timeout = [], self.work_timeout(hop.peer, hop.blocks, hidden)  # the parts queue on one server
         for i, start in enumerate(range(0, batch, step)):
             part = [tensor[start : start + step] for tensor in batched]
             tensors = part[:3] + extra + part[3:]
@@ -358,11 +358,11 @@ class RemoteSequence:
         joined = [torch.cat([reply[0] for reply in replies])]
         return joined + [sum(reply[i] for reply in replies) for i in range(1, len(replies[0]))]
 
-    def work_timeout(self, peer: PeerID, blocks: BlockRange, tokens: int) -> float:
-        """How long to wait for `tokens` (batch x length) to go through `blocks` on `peer`: request_timeout, plus
+    def work_timeout(self, peer: PeerID, blocks: BlockRange, hidden: torch.Tensor) -> float:
+        """How long to wait for `hidden`'s tokens (B, T, H) to go through `blocks` on `peer`: request_timeout, plus
         step_slowdown times what the server's announced speed says the work takes. A long prompt on a slow server, or
         one busy with other clients' prompts, is not a dead server."""
-        info, config = self.servers.get(peer), self.config
+        info, config, tokens = self.servers.get(peer), self.config, hidden.shape[0] * hidden.shape[1]
         if info is None or info.throughput <= 0:
             return config.request_timeout
         speed = info.throughput * (info.end - info.start) / len(blocks)  # tokens/s through `blocks` alone

@@ -175,9 +175,8 @@ class InferenceSession:
                     resent = segment in walk.pushed_to
                     walk.pushed_to = self._push_chain(walk.index + 1) if walk.pushing else []
                     targets = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in walk.pushed_to]
-                    tokens = inputs[0].shape[0] * inputs[0].shape[1]
                     timeout = segment.decoding_timeout(config) if walk.decoding else self.sequence.work_timeout(
-                        segment.hop.peer, segment.hop.blocks, tokens)  # fmt: skip
+                        segment.hop.peer, segment.hop.blocks, inputs[0])  # fmt: skip
                     meta = Step(position=self.position, resent=resent, push_to=targets).to_wire()
                     output = await segment.stream.step(list(inputs), timeout, meta)
             except Exception as e:
@@ -301,8 +300,7 @@ class InferenceSession:
                 piece = [tensor[:, start : start + chunk] for tensor in (hidden, position_ids, key_mask)]
                 try:
                     meta = Step(position=start).to_wire()
-                    tokens = piece[0].shape[0] * piece[0].shape[1]
-                    timeout = self.sequence.work_timeout(segment.hop.peer, segment.hop.blocks, tokens)
+                    timeout = self.sequence.work_timeout(segment.hop.peer, segment.hop.blocks, piece[0])
                     outputs.append(run(segment.stream.step(piece, timeout, meta)))
                 except Exception as e:
                     raise HopFailed(segment.hop.peer, e) from e
