@@ -353,6 +353,56 @@ def test_a_peer_cannot_take_a_whole_server_and_a_busy_server_is_skipped_not_bann
             helper.stop()
 
 
+def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_at_once(path, span, caplog):
+    """The only server of the blocks is full: a client waits for room (ServerBusy uses up none of its failovers)
+    and is served, exactly, once another client's session ends; up to `busy_wait` seconds. A session larger than the
+    server lends one peer is refused with BadRequest at once: waiting would not help."""
+    kind = KINDS[0]
+    steps = steps_of(kind, seed=11, prompt_length=5, decoding_steps=3)
+    # without the wait, two ServerBusy answers and it gave up; and a full server skipped for a while is no reason to
+    # call its blocks missing, however short the wait for servers (the API's is 5 s)
+    quick = dict(max_retries=1, busy_retry=1.5, wait_for_servers=0.5)
+    with start_swarm(path, ["0:4"], "--cache-tokens", "200") as swarm:  # lends one peer 150 slots (0.75)
+        clients = [
+            connect_sequence(str(path), span.config, swarm.initial_peers, client_config=ClientConfig(**quick, **extra))
+            for extra in ({}, {}, {"busy_wait": 1.0})
+        ]  # fmt: skip
+        holder, patient, impatient = clients
+        outputs, waited = [], []
+
+        def generate() -> None:
+            began = time.monotonic()
+            with patient.inference_session(max_length=100, batch_size=1) as session:
+                outputs.extend(session.step(*inputs) for inputs in steps)
+            waited.append(time.monotonic() - began)
+
+        try:
+            with pytest.raises(RemoteError, match="lends one peer at most 150") as too_large:
+                with patient.inference_session(max_length=151, batch_size=1) as session:
+                    session.step(*steps[0])
+            assert too_large.value.kind == "BadRequest"
+            with holder.inference_session(max_length=150, batch_size=1) as held:
+                held.step(*steps[0])  # 150 of the 200 slots: no room for another 100
+                with pytest.raises(RemoteError, match="not enough KV cache") as busy:
+                    with impatient.inference_session(max_length=100, batch_size=1) as session:
+                        session.step(*steps[0])
+                assert busy.value.kind == "ServerBusy"
+                with caplog.at_level("WARNING", logger="meadow.client"):
+                    waiting = threading.Thread(target=generate)
+                    waiting.start()
+                    time.sleep(4.0)  # long past the two tries it had before
+                    assert waiting.is_alive() and not outputs
+            waiting.join(timeout=60)
+            assert len(outputs) == len(steps) and waited[0] >= 4.0
+            assert "waiting up to 300 s for room" in caplog.text
+            for got, want in zip(outputs, alone(span, kind, TuningInputs(kind.blocks), steps, 100)):
+                assert (got - want).abs().max().item() <= 1e-4
+            assert not patient.failures and not patient.banned(skipped=False)
+        finally:
+            for client in clients:
+                client.close()
+
+
 def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
     """The peer of a server of `blocks` once the DHT shows it."""
     deadline = time.monotonic() + timeout

@@ -29,9 +29,13 @@ class ClientConfig:
     step_slowdown: float = 10.0  # but at least this long (a loaded machine has hiccups)
     connect_timeout: float = 10.0  # opening a session or pinging a server
     max_retries: int = 5  # failovers for one request before its last error is raised
+    # A full server (ServerBusy: no KV cache or sessions left for us now) is no failure: a request that meets one
+    # tries others and, while all are full, waits this long for room before ServerBusy is raised (retries.py).
+    busy_wait: float = 300.0
+    busy_retry: float = 1.0  # ...trying it again this often (a refused session costs the server next to nothing)
     ban_seconds: float = 15.0  # first ban of a failed server; doubles with each further failure...
     max_ban_seconds: float = 300.0  # ...up to this
-    moved_seconds: float = 5.0  # how long to skip a server that left or moved its blocks (about one DHT update)
+    moved_seconds: float = 5.0  # how long to skip a server that left, or moved its blocks (about one DHT update)
     wait_for_servers: float = 30.0  # how long to wait for some server to hold missing blocks before giving up
     routes_max_age: float = 10.0  # re-read the DHT when the last look is older than this
     default_rtt: float = 0.05  # assumed round trip to a server not yet pinged

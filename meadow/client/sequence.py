@@ -21,10 +21,10 @@ from hivemind.proto import runtime_pb2
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import on_client_loop, run
+from meadow.client.retries import Retries
 from meadow.client.routing import (
     Hop, MeasuredStep, MissingBlocksError, block_ranges, choose_chain, peers_to_ping, servers_by_peer,
 )  # fmt: skip
-from meadow.client.transport import is_server_failure
 from meadow.client.verify import SpotChecker, WrongOutputs
 from meadow.models import resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
@@ -93,7 +93,8 @@ class RemoteSequence:
         self.rtt_expires: dict[PeerID, float] = {}  # ...until these times, when a server is pinged again if we may use it
         self.steps: dict[PeerID, MeasuredStep] = {}  # a decoding step as our sessions last timed it on each server
         self.routes_updated = 0.0
-        self.banned_until: dict[PeerID, float] = {}
+        self.banned_until: dict[PeerID, float] = {}  # failed servers...
+        self.skipped_until: dict[PeerID, float] = {}  # ...and healthy ones that left, moved or are full (MOVED)
         self.failures: dict[PeerID, int] = defaultdict(int)
         self.payer = None  # signs receipts for the servers' work, if we have an identity (meadow/points/payer.py)
         # one DHT read (and round of pings) at a time, for all threads that need routes; bans change under a lock
@@ -123,19 +124,21 @@ class RemoteSequence:
 
     def ban(self, peer: PeerID, error: BaseException, p2p: P2P | None = None) -> None:
         """Avoid a failed server for a while; each further failure doubles the while. Failures while it is avoided
-        (requests of other sessions that were in flight when it went down) change nothing. A healthy server that left,
-        moved its blocks or is full (ServerBusy) is only skipped for moved_seconds, and our routes are read again.
-        A failure that was ours is not held against the server: our p2p daemon or DHT process died (new ones are
-        started), or the call went over `p2p`, a connection of ours that has been replaced since."""
+        (requests of other sessions that were in flight when it went down) change nothing. A healthy server that left
+        or moved its blocks is only skipped for moved_seconds, one that is full (ServerBusy) for busy_retry, and our
+        routes are read again. A failure that was ours is not held against the server: our p2p daemon or DHT process
+        died (new ones are started), or the call went over `p2p`, a connection of ours that has been replaced since."""
         if p2p is not None and p2p is not self.p2p:
             return
         if self.revive_network():
             return
         if isinstance(error, RemoteError) and error.kind in MOVED:
+            seconds = self.config.busy_retry if error.kind == "ServerBusy" else self.config.moved_seconds
             with self._bans_lock:
-                self.banned_until[peer] = time.monotonic() + self.config.moved_seconds
+                self.skipped_until[peer] = time.monotonic() + seconds
             self.routes_updated = 0.0
-            logger.info(f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
+            level = logging.DEBUG if error.kind == "ServerBusy" else logging.INFO  # Retries says it once per request
+            logger.log(level, f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
             return
         if isinstance(error, WrongOutputs):  # not a mishap: it computes wrong results
             with self._bans_lock:
@@ -183,10 +186,17 @@ class RemoteSequence:
         except Exception:
             return False
 
-    def banned(self) -> frozenset[PeerID]:
+    def banned(self, skipped: bool = True) -> frozenset[PeerID]:
+        """The servers routing avoids now: failed ones, and (with `skipped`) healthy ones skipped for a moment."""
         now = time.monotonic()
         with self._bans_lock:
-            return frozenset(peer for peer, until in self.banned_until.items() if until > now)
+            avoided = [self.banned_until, self.skipped_until] if skipped else [self.banned_until]
+            return frozenset(peer for until in avoided for peer, end in until.items() if end > now)
+
+    def skipped_hold(self, blocks: list[int]) -> bool:
+        """True if a server we only skip for a moment (it is full, say) holds some of `blocks`: worth waiting for."""
+        skipped = self.banned() - self.banned(skipped=False)
+        return any(info.start <= i < info.end for peer in skipped if (info := self.servers.get(peer)) for i in blocks)
 
     def make_chain(self, blocks: BlockRange | None = None, cache_tokens: int = 0) -> list[Hop]:
         """The fastest chain for `blocks` (default: all remote blocks; for a session that needs `cache_tokens` KV-cache
@@ -208,7 +218,8 @@ class RemoteSequence:
                 if not force:  # the routes we had may predate the servers that hold these blocks now: read them at once
                     force = True
                     continue
-                if time.monotonic() >= deadline:
+                # missing blocks that a full server holds come back when it is tried again: Retries bound that wait
+                if time.monotonic() >= deadline and not self.skipped_hold(e.missing):
                     others = {
                         peer: info for peer, info in self.other_checkpoints.items()
                         if any(info.start <= i < info.end for i in e.missing)
@@ -254,7 +265,7 @@ class RemoteSequence:
         """The output of every block, and each hop (server and blocks) with its input and, when `training`, the name
         under which its server keeps the pass's graph: what backward needs. A failed hop is retried on other
         servers from the failed block on."""
-        block, failovers, hops = self.blocks.start, 0, []
+        block, retries, hops = self.blocks.start, Retries(self.config), []
         while block < self.num_blocks:
             for hop in self.make_chain(BlockRange(start=block, end=self.num_blocks)):
                 graph_id = uuid.uuid4().hex if training else None
@@ -262,9 +273,8 @@ class RemoteSequence:
                     rpc = self._checked_call(RPC_FORWARD, hop, hidden, position_ids, key_mask, tuning, graph_id=graph_id)
                     (output,) = run(rpc)
                 except Exception as e:
-                    if not is_server_failure(e) or failovers >= self.config.max_retries:
+                    if not retries.allow(e):
                         raise
-                    failovers += 1
                     self.ban(hop.peer, e)
                     break  # route again from `block`
                 self.failures.pop(hop.peer, None)
@@ -286,7 +296,7 @@ class RemoteSequence:
         """Gradients w.r.t. the input `hidden` of `hop`'s blocks, their deep prompts and their LoRA weights (None
         for what was not sent). The forward's server goes first, as it may still hold the pass's graph; any server or
         chain of servers holding the blocks can do it too: a replacement chain recomputes its inner activations."""
-        failovers, chain = 0, [hop] if hop.peer not in self.banned() else self.make_chain(hop.blocks)
+        retries, chain = Retries(self.config), [hop] if hop.peer not in self.banned() else self.make_chain(hop.blocks)
         while True:
             current = chain[0]
             try:
@@ -307,9 +317,8 @@ class RemoteSequence:
                 lora = [g for g in lora_grads if g is not None]
                 return [grad, prompts, torch.cat(lora) if lora else None]
             except Exception as e:
-                if not is_server_failure(e) or failovers >= self.config.max_retries:
+                if not retries.allow(e):
                     raise
-                failovers += 1
                 self.ban(current.peer, e)
                 chain = self.make_chain(hop.blocks)
 

@@ -25,7 +25,8 @@ from meadow.client import transport
 from meadow.client.routing import Hop, MeasuredStep
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.client.sequence import RemoteSequence, full_mask, is_server_failure
+from meadow.client.retries import Retries
+from meadow.client.sequence import RemoteSequence, full_mask
 from meadow.client.tuning import RemoteTuning
 from meadow.client.verify import WrongOutputs
 from meadow.wire import RPC_FORWARD, BlockRange, OpenSession, PushTarget, Step
@@ -148,13 +149,12 @@ class InferenceSession:
         walk = _Walk(inputs, index, decoding=inputs[0].shape[1] <= DECODING_TOKENS)
         # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one
         walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored
-        failovers = 0
+        retries = Retries(self.sequence.config)
         # the whole pass is one coroutine: one hand-off to the loop thread per step, not one per server
         while (error := run(self._walk(walk))) is not None:
             segment = self.segments[walk.index]
-            if not is_server_failure(error) or failovers >= self.sequence.config.max_retries:
+            if not retries.allow(error):
                 raise error
-            failovers += 1
             self.sequence.ban(segment.hop.peer, error, segment.stream.p2p)
             self.segments[walk.index : walk.index + 1] = self._replace(segment)  # routes and replays: not on the loop
         return walk.inputs[0]
@@ -238,8 +238,8 @@ class InferenceSession:
 
     def _open(self, blocks: BlockRange, history: list[Inputs] | None = None) -> list[Segment]:
         """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is
-        banned and another tried, up to max_retries times."""
-        failovers = 0
+        banned and another tried, up to max_retries times; while all are full, it waits for room (Retries)."""
+        retries = Retries(self.sequence.config)
         while True:
             segments: list[Segment] = []
             try:
@@ -253,9 +253,8 @@ class InferenceSession:
                 peer, error = e.peer, e.error
             except Exception as e:
                 peer, error = None, e
-            if not is_server_failure(error) or failovers >= self.sequence.config.max_retries:
+            if not retries.allow(error):
                 raise error  # outside the except clauses: the error as it came, not "during handling of" its wrapper
-            failovers += 1
             for segment in segments:
                 run(segment.stream.close())
             if peer is not None:

@@ -6,7 +6,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Hashable, Iterator
 
-from meadow.wire import ServerBusy
+from meadow.wire import BadRequest, ServerBusy
 
 
 class CacheBudget:
@@ -28,7 +28,14 @@ class CacheBudget:
         self, tokens: int, peer: Hashable = None, max_peer_share: float = 1.0, max_peer_sessions: int | None = None
     ) -> Iterator[None]:
         """Hold `tokens` slots for `peer` inside; ServerBusy if they are not free, or if the peer would then hold
-        more than max_peer_share of all slots or more than max_peer_sessions sessions."""
+        more than max_peer_share of all slots or more than max_peer_sessions sessions. BadRequest if they never will
+        be: waiting would not help."""
+        peer_limit = int(max_peer_share * self.total)
+        if tokens > peer_limit:
+            raise BadRequest(
+                f"the session needs {tokens} token slots of KV cache (batch x max_length), and this server lends one "
+                f"peer at most {peer_limit} (of its {self.total}): ask for fewer, or use a server with more"
+            )
         if tokens > self.left:
             raise ServerBusy(
                 f"not enough KV cache: the session needs {tokens} token slots (batch x max_length), "
@@ -36,7 +43,6 @@ class CacheBudget:
             )
         if max_peer_sessions is not None and self.peer_sessions[peer] >= max_peer_sessions:
             raise ServerBusy(f"you already hold {self.peer_sessions[peer]} sessions here, the most one peer may")
-        peer_limit = int(max_peer_share * self.total)
         if self.peer_tokens[peer] + tokens > peer_limit:
             raise ServerBusy(
                 f"one peer may hold at most {peer_limit} of the {self.total} KV cache token slots; you hold "
