@@ -1,7 +1,7 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
     python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--balance]
-                               [--api | --chat | --train [--lora]]
+                               [--api | --chat | --train [--lora] | --speculative K]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -14,6 +14,10 @@ with its DHT process and p2pd (a machine that vanishes) and a new server for its
 clients fail over, and their answers must stay right. With --balance, servers pick their own blocks instead
 (`--num-blocks` half the model, a balance check every 15 s on average), and a replacement, or a server that sees a gap
 the killed one left, goes where the swarm needs it: clients lose servers that move too.
+
+With --speculative K, clients generate with `prompt_lookup_num_tokens=K`: they draft K tokens from n-grams of the
+text so far, the servers score them in one step and roll their caches back past the rejected ones, and a failover
+replays only the accepted tokens. The answers must still be transformers' plain greedy tokens.
 
 With --train, each client runs three training steps instead of generating: forward and backward through the swarm
 on a batch of 2 rows (one left-padded) with labels, and the loss and the gradient w.r.t. the input embeddings must
@@ -58,8 +62,9 @@ CLIENT = """
 import json, sys, torch
 from meadow import AutoDistributedModelForCausalLM
 model, peers, prompt, expected = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+options = json.loads(sys.argv[5])  # more arguments of generate
 with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers) as swarm_model:
-    out = swarm_model.generate(torch.tensor([prompt]), max_new_tokens=len(expected), do_sample=False)
+    out = swarm_model.generate(torch.tensor([prompt]), max_new_tokens=len(expected), do_sample=False, **options)
 print("right" if out[0, len(prompt):].tolist() == expected else f"WRONG {out[0, len(prompt):].tolist()}", flush=True)
 """
 API_CLIENT = """
@@ -255,9 +260,13 @@ def main() -> None:
     group.add_argument("--chat", action="store_true", help="clients are conversations of three turns")
     group.add_argument("--train", action="store_true", help="clients run training steps instead of generating")
     parser.add_argument("--lora", action="store_true", help="with --train: clients train their own LoRA weights")
+    parser.add_argument("--speculative", type=int, default=0, metavar="K",
+                        help="clients generate with prompt_lookup_num_tokens=K (speculative decoding)")  # fmt: skip
     args = parser.parse_args()
     if args.lora and not args.train:
         parser.error("--lora goes with --train")
+    if args.speculative and (args.api or args.chat or args.train):
+        parser.error("--speculative goes with plain clients")
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
     folder = tempfile.TemporaryDirectory()
@@ -303,7 +312,8 @@ def main() -> None:
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
                 expected = expected if args.api else expected.get("tokens")
                 case = prompt if args.train or args.chat else json.dumps(prompt)  # a file, a conversation, tokens
-                arguments = [target, json.dumps(peers), case, json.dumps(expected)]
+                options = {"prompt_lookup_num_tokens": args.speculative} if args.speculative else {}
+                arguments = [target, json.dumps(peers), case, json.dumps(expected), json.dumps(options)]
                 client = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
                 running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER[kind])))
