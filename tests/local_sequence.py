@@ -40,7 +40,9 @@ class LocalSequence:
         lora = tuning.block_loras(self.span.config)
         return self.span.forward(hidden, position_ids, key_mask, blocks, tuning.prompts, lora)
 
-    def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None) -> "LocalInferenceSession":
+    def inference_session(
+        self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None, give_up=None
+    ) -> "LocalInferenceSession":  # give_up: no servers here to wait for
         session = LocalInferenceSession(self, max_length, batch_size, tuning)
         self.sessions.append(session)
         return session

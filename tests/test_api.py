@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.stopping import descendants
-from meadow.models import load_reference_model, load_tokenizer
+from meadow.models import load_config, load_reference_model, load_tokenizer
 
 CACHE_TOKENS = 16384  # a server's default KV-cache budget: all of it is free when no session is open
 
@@ -314,3 +315,39 @@ def test_the_api_goes_on_when_its_dht_process_and_p2p_daemon_die(client, model_i
     prompt = "Bees"
     expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], 8)[0]
     assert client.completions.create(model=model_id, prompt=prompt, max_tokens=8, temperature=0).choices[0].text == expected
+
+
+def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(checkpoints, reference):
+    """The only server is full (another peer's session holds 150 of its 200 cache slots): a request waits for room
+    and gets its greedy text once that session ends; a request whose client went away while it waited is cancelled
+    then and there, not when the server frees up."""
+    path = checkpoints("llama", num_layers=4)
+    prompt, max_tokens = "Bees", 60  # a session of 60-odd slots: no room in the 50 left
+    expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], max_tokens)[0]
+    body = json.dumps({"model": "tiny-llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    with LocalSwarm() as swarm:
+        swarm.start_dht()
+        swarm.start_server(path, "--blocks", "0:4", "--cache-tokens", "200")
+        api = start_api(path, swarm.initial_peers)
+        swarm.extra.append(api)
+        url, config = api_url(api), load_config(path)
+        holder = connect_sequence(str(path), config, swarm.initial_peers)
+        try:
+            with holder.inference_session(max_length=150, batch_size=1) as held:
+                hidden, positions = torch.randn(1, 3, config.hidden_size), torch.arange(3)[None]
+                held.step(hidden, positions, torch.ones(1, 3, dtype=torch.bool))
+                lines_before = len(api.lines)
+                leaving = HTTPConnection(urlsplit(url).netloc, timeout=60)
+                leaving.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+                api.wait_for(lambda line: "is full (ServerBusy" in line, timeout=30, after=lines_before)
+                leaving.close()
+                api.wait_for(lambda line: "generation cancelled" in line, timeout=10, after=lines_before)
+                with ThreadPoolExecutor(1) as pool:
+                    staying = pool.submit(http, url + "v1/completions", body.encode())
+                    time.sleep(2.0)
+                    assert not staying.done()  # waiting for room, not failed
+                    held.close()
+                    status, reply = staying.result(timeout=60)
+            assert status == 200 and reply["choices"][0]["text"] == expected
+        finally:
+            holder.close()

@@ -355,8 +355,8 @@ def test_a_peer_cannot_take_a_whole_server_and_a_busy_server_is_skipped_not_bann
 
 def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_at_once(path, span, caplog):
     """The only server of the blocks is full: a client waits for room (ServerBusy uses up none of its failovers)
-    and is served, exactly, once another client's session ends; up to `busy_wait` seconds. A session larger than the
-    server lends one peer is refused with BadRequest at once: waiting would not help."""
+    and is served, exactly, once another client's session ends; up to `busy_wait` seconds, or until it gives up. A
+    session larger than the server lends one peer is refused with BadRequest at once: waiting would not help."""
     kind = KINDS[0]
     steps = steps_of(kind, seed=11, prompt_length=5, decoding_steps=3)
     # without the wait, two ServerBusy answers and it gave up; and a full server skipped for a while is no reason to
@@ -368,13 +368,20 @@ def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_
             for extra in ({}, {}, {"busy_wait": 1.0})
         ]  # fmt: skip
         holder, patient, impatient = clients
-        outputs, waited = [], []
+        outputs, waited, abandoned = [], [], []
 
         def generate() -> None:
             began = time.monotonic()
             with patient.inference_session(max_length=100, batch_size=1) as session:
                 outputs.extend(session.step(*inputs) for inputs in steps)
             waited.append(time.monotonic() - began)
+
+        def wait_until_given_up(give_up: threading.Event) -> None:
+            try:
+                with patient.inference_session(max_length=100, batch_size=1, give_up=give_up) as session:
+                    session.step(*steps[0])
+            except RemoteError as e:
+                abandoned.append(e)
 
         try:
             with pytest.raises(RemoteError, match="lends one peer at most 150") as too_large:
@@ -387,6 +394,14 @@ def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_
                     with impatient.inference_session(max_length=100, batch_size=1) as session:
                         session.step(*steps[0])
                 assert busy.value.kind == "ServerBusy"
+                give_up = threading.Event()  # whoever wanted the answer has gone (an API client, say): stop waiting
+                waiting = threading.Thread(target=wait_until_given_up, args=(give_up,))
+                waiting.start()
+                time.sleep(2.0)
+                assert waiting.is_alive()
+                give_up.set()
+                waiting.join(timeout=30)  # a try a second (busy_retry), not busy_wait's 300 s
+                assert not waiting.is_alive() and abandoned[0].kind == "ServerBusy"
                 with caplog.at_level("WARNING", logger="meadow.client"):
                     waiting = threading.Thread(target=generate)
                     waiting.start()

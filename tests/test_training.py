@@ -86,8 +86,10 @@ def test_loss_and_gradients_equal_local_model(path, swarm, local):
 
 
 def test_big_batches_go_in_micro_batches_with_the_same_gradients(path, swarm, local):
-    # the servers take at most 512 tokens per request: 24 x 40 = 960 tokens must be split to be accepted
-    model = connect(path, swarm, client_config=ClientConfig(micro_batch_tokens=200, wait_for_servers=10.0))
+    # the servers take at most 512 tokens per request: 24 x 40 = 960 tokens must be split to be accepted; here into
+    # 24 micro-batches, more than a server runs for one peer at once (16): they must not all be sent at once
+    config = ClientConfig(micro_batch_tokens=40, wait_for_servers=10.0, busy_wait=5.0)
+    model = connect(path, swarm, client_config=config)
     input_ids = torch.randint(4, local.config.vocab_size, (24, 40), generator=torch.Generator().manual_seed(3))
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
     model(inputs_embeds=embeds, labels=input_ids).loss.backward()

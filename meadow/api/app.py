@@ -81,8 +81,11 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             )  # fmt: skip
         return requested if requested is not None else min(default, room)
 
-    async def start(prompt_ids: torch.Tensor, sampling) -> TextGeneration:
+    async def start(prompt_ids: torch.Tensor, sampling, http: Request) -> TextGeneration:
+        """The generation, once its first token is out: a wait for room on full servers and the prompt's prefill
+        come first, and a client that goes away meanwhile stops it there."""
         generation = TextGeneration(model, tokenizer, prompt_ids, sampling)
+        watcher = asyncio.create_task(_close_when_gone(generation, http))
         try:
             await generation.start()
         except asyncio.CancelledError:  # the API is shutting down
@@ -90,6 +93,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             raise
         except Exception as e:
             raise api_error(e) from None
+        finally:
+            watcher.cancel()
         return generation
 
     def usage(generation: TextGeneration) -> dict:
@@ -110,7 +115,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         prompt_ids = chat_prompt_ids(tokenizer, [message.as_dict() for message in request.messages])
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
-        generation = await start(prompt_ids, request.sampling(max_tokens, stop_strings(tokenizer)))
+        generation = await start(prompt_ids, request.sampling(max_tokens, stop_strings(tokenizer)), http)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
 
         if not request.stream:
@@ -143,7 +148,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             raise APIError(400, f"prompt token ids must be in [0, {model.config.vocab_size})", param="prompt")
         prompt_ids = torch.tensor([ids], dtype=torch.long)
         max_tokens = budget(prompt_ids.shape[1], request.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt")
-        generation = await start(prompt_ids, request.sampling(max_tokens))
+        generation = await start(prompt_ids, request.sampling(max_tokens), http)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_id}
 
         def choice(text: str, finish_reason: str | None) -> dict:
@@ -188,15 +193,16 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
     return app
 
 
+async def _close_when_gone(generation: TextGeneration, http: Request) -> None:
+    """Stop `generation` once its client has gone away (run as a task, cancelled when no longer needed)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.25)
+    generation.close()
+
+
 async def _collect(generation: TextGeneration, http: Request) -> str:
     """The whole reply of a request that is not streamed; generating stops if its client goes away meanwhile."""
-
-    async def stop_when_gone() -> None:
-        while not await http.is_disconnected():
-            await asyncio.sleep(0.25)
-        generation.close()
-
-    watcher = asyncio.create_task(stop_when_gone())
+    watcher = asyncio.create_task(_close_when_gone(generation, http))
     try:
         return "".join([text async for text in generation.deltas()])
     except Exception as e:

@@ -108,7 +108,9 @@ class TextGeneration:
         hops, error = [], None
         s, length = self.sampling, self.prompt_tokens
         try:
-            with torch.no_grad(), self.model.inference_session(max_length=length + s.max_tokens, batch_size=1) as session:
+            # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
+            opened = self.model.inference_session(length + s.max_tokens, batch_size=1, give_up=self.cancelled)
+            with torch.no_grad(), opened as session:
                 self.model.generate(
                     self.prompt_ids,
                     attention_mask=torch.ones_like(self.prompt_ids),

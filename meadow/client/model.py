@@ -15,6 +15,7 @@ servers drop the rejected drafts when the next step arrives at the earlier posit
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -63,8 +64,10 @@ class GenerationSession:
         prefix: torch.Tensor | None = None,
         tuning: RemoteTuning | None = None,
         local_blocks: LocalBlocks | None = None,
+        give_up: threading.Event | None = None,
     ):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.give_up = give_up  # see InferenceSession
         self.prefix = prefix  # (P, H) trained prompt embeddings that go before the first token, if any
         self.tuning = tuning  # deep prompts and LoRA weights the servers apply for the whole session
         self.local_blocks = local_blocks  # the first blocks, run here, if the user asked for local_blocks
@@ -124,9 +127,10 @@ class GenerationSession:
         servers'); remember the tokens once they are stored."""
         if self.remote is None:
             batch_size = self.batch_size or hidden.shape[0]
-            self.remote = self.sequence.inference_session(self.max_length + self.prefix_length, batch_size, self.tuning)
+            length = self.max_length + self.prefix_length
+            self.remote = self.sequence.inference_session(length, batch_size, self.tuning, self.give_up)
             if self.local_blocks is not None:
-                self.local = self.local_blocks.session(batch_size, self.max_length + self.prefix_length)
+                self.local = self.local_blocks.session(batch_size, length)
         if self.position == 0 and self.prefix is not None:  # the trained prompt goes first, once
             hidden, position_ids, remote_mask = with_prefix(self.prefix, hidden, new.position_ids, new.mask)
             output = self._through_blocks(hidden, position_ids, remote_mask)[:, self.prefix_length :]
@@ -358,17 +362,20 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         return inputs
 
     @contextmanager
-    def inference_session(self, max_length: int, batch_size: int | None = 1) -> Iterator[GenerationSession]:
+    def inference_session(
+        self, max_length: int, batch_size: int | None = 1, give_up: threading.Event | None = None
+    ) -> Iterator[GenerationSession]:
         """Keep a KV cache of up to `max_length` tokens per row on the servers (batch_size None: that of the
         first step). Inside, forward and generate continue it: several generate calls, each given the whole
-        conversation so far, make one chat."""
+        conversation so far, make one chat. Once `give_up` is set (nobody waits for the answer any more), a server
+        that fails or is full ends the session with its error instead of being replaced or waited for."""
         if self.session is not None:
             raise RuntimeError("this thread already has an active inference session on this model")
         with torch.no_grad():  # generation does not train: send plain copies of the trained tensors
             tuning = self.remote_tuning()
             tuning = tuning.with_tensors(*(None if t is None else t.detach() for t in (tuning.prompts, tuning.lora_flat)))
             prefix = None if self.prompts is None else self.prompts.prefix.detach()
-        session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning, self.local_blocks)
+        session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning, self.local_blocks, give_up)
         token = _active_sessions.set(MappingProxyType({**_active_sessions.get(), id(self): session}))
         try:
             yield session

@@ -39,6 +39,9 @@ from meadow.wire import (
 logger = logging.getLogger(__name__)
 PING_ROUNDS = 2  # a route refresh pings the best chains' unmeasured servers up to this many times (each round waits
 # for its slowest ping); the next refreshes go on where it stopped
+# micro-batches of one request sent to a server at once: enough to keep it busy, and well under the requests it lets
+# one peer run at once (Limits.max_peer_requests, 16), which a big batch would otherwise exceed on its own
+PARTS_IN_FLIGHT = 4
 MOVED = ("ServerLeaving", "WrongServer", "ServerBusy")  # healthy servers that left, moved or are full: skipped, not banned
 
 
@@ -342,7 +345,8 @@ class RemoteSequence:
         graph_id: str | None = None,
     ) -> list[torch.Tensor]:
         """rpc_forward or rpc_backward on one server, the batch cut into micro-batches of at most
-        `micro_batch_tokens` tokens sent together; outputs are joined, gradients of shared tensors summed.
+        `micro_batch_tokens` tokens, PARTS_IN_FLIGHT of them on their way at a time; outputs are joined, gradients of
+        shared tensors summed.
         Micro-batch i of a pass named `graph_id` is named f"{graph_id}.{i}", in the forward and its backward alike."""
         fields, extra = tuning.for_hop(hop.blocks)
         request_type = BackwardRequest if grad_output is not None else ForwardRequest
@@ -350,6 +354,12 @@ class RemoteSequence:
         step = max(1, self.config.micro_batch_tokens // max(length, 1))
         batched = [hidden, position_ids.expand(batch, length), key_mask] + ([grad_output] if grad_output is not None else [])
         calls, timeout = [], self.work_timeout(hop.peer, hop.blocks, hidden)  # the parts queue on one server
+        in_flight = asyncio.Semaphore(PARTS_IN_FLIGHT)
+
+        async def send(*args) -> list[torch.Tensor]:
+            async with in_flight:
+                return await transport.call(*args)
+
         for i, start in enumerate(range(0, batch, step)):
             part = [tensor[start : start + step] for tensor in batched]
             tensors = part[:3] + extra + part[3:]
@@ -358,7 +368,7 @@ class RemoteSequence:
                 blocks=hop.blocks, adapter=self.active_adapter, graph_id=name, wire=self.wire_for(hop.peer), **fields
             )
             expected = part[:1] + (extra if grad_output is not None else [])  # outputs, or gradients of what was sent
-            calls.append(transport.call(self.p2p, hop.peer, rpc, request, tensors, timeout, expected))
+            calls.append(send(self.p2p, hop.peer, rpc, request, tensors, timeout, expected))
         if self.payer is not None:
             await self.payer.introduce(hop.peer)
         replies = await asyncio.gather(*calls)
@@ -382,11 +392,17 @@ class RemoteSequence:
         info = self.servers.get(peer)
         return self.config.wire or default_wire(info.dtype if info is not None else "float32")
 
-    def inference_session(self, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
+    def inference_session(
+        self,
+        max_length: int,
+        batch_size: int,
+        tuning: RemoteTuning | None = None,
+        give_up: threading.Event | None = None,
+    ):
         from meadow.client.session import InferenceSession
 
         self.check_open()
-        return InferenceSession(self, max_length, batch_size, tuning)
+        return InferenceSession(self, max_length, batch_size, tuning, give_up)
 
     def check_open(self) -> None:
         if self.p2p is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 import uuid
 from collections import deque
@@ -97,8 +98,16 @@ class _Walk:
 class InferenceSession:
     """A server-side KV cache along the chain. `step` sends new tokens' hidden states through every server."""
 
-    def __init__(self, sequence: RemoteSequence, max_length: int, batch_size: int, tuning: RemoteTuning | None = None):
+    def __init__(
+        self,
+        sequence: RemoteSequence,
+        max_length: int,
+        batch_size: int,
+        tuning: RemoteTuning | None = None,
+        give_up: threading.Event | None = None,
+    ):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.give_up = give_up  # set when nobody waits for this session any more: no more failovers or waits for room
         self.tuning = tuning or RemoteTuning()  # deep prompts and LoRA weights, sent once per server at open
         self.position = 0
         self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
@@ -149,7 +158,7 @@ class InferenceSession:
         walk = _Walk(inputs, index, decoding=inputs[0].shape[1] <= DECODING_TOKENS)
         # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one
         walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored
-        retries = Retries(self.sequence.config)
+        retries = Retries(self.sequence.config, self.give_up)
         # the whole pass is one coroutine: one hand-off to the loop thread per step, not one per server
         while (error := run(self._walk(walk))) is not None:
             segment = self.segments[walk.index]
@@ -239,7 +248,7 @@ class InferenceSession:
     def _open(self, blocks: BlockRange, history: list[Inputs] | None = None) -> list[Segment]:
         """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is
         banned and another tried, up to max_retries times; while all are full, it waits for room (Retries)."""
-        retries = Retries(self.sequence.config)
+        retries = Retries(self.sequence.config, self.give_up)
         while True:
             segments: list[Segment] = []
             try:
