@@ -1,7 +1,7 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
     python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--balance]
-                               [--api | --chat | --train [--lora] | --speculative K]
+                               [--cache-tokens N] [--api | --chat | --train [--lora] | --speculative K]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -14,6 +14,9 @@ with its DHT process and p2pd (a machine that vanishes) and a new server for its
 clients fail over, and their answers must stay right. With --balance, servers pick their own blocks instead
 (`--num-blocks` half the model, a balance check every 15 s on average), and a replacement, or a server that sees a gap
 the killed one left, goes where the swarm needs it: clients lose servers that move too.
+
+With --cache-tokens N, servers have KV cache for N tokens (the default 16384 holds every client at once): with a
+few hundred, sessions wait for room, and killed clients' sessions hold theirs until the servers' idle timeout.
 
 With --speculative K, clients generate with `prompt_lookup_num_tokens=K`: they draft K tokens from n-grams of the
 text so far, the servers score them in one step and roll their caches back past the rejected ones, and a failover
@@ -255,6 +258,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="client processes running at all times")
     parser.add_argument("--server-churn", type=float, default=0, help="seconds between server kills (0: none)")
     parser.add_argument("--balance", action="store_true", help="servers choose their blocks and move (--num-blocks)")
+    parser.add_argument("--cache-tokens", type=int, default=16384, help="each server's KV cache token slots")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
     group.add_argument("--chat", action="store_true", help="clients are conversations of three turns")
@@ -286,7 +290,7 @@ def main() -> None:
         balance = ["--num-blocks", str(half), "--balance-period", "15"]
         serve = lambda span, wait=True: swarm.start_server(  # noqa: E731
             model, *(balance if args.balance else ["--blocks", span]), "--update-period", "5",
-            "--idle-timeout", str(IDLE_TIMEOUT), wait=wait)  # fmt: skip
+            "--idle-timeout", str(IDLE_TIMEOUT), "--cache-tokens", str(args.cache_tokens), wait=wait)  # fmt: skip
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
         script = (LORA_CLIENT if args.lora else TRAIN_CLIENT) if args.train else CHAT_CLIENT if args.chat else CLIENT

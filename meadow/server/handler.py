@@ -424,7 +424,9 @@ class BlockHandler:
 
     @staticmethod
     def _error(error: MeadowError, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        logger.info(f"refused a request from {context.remote_id}: {error}")
+        # a full server is told so again each second by every client that waits for room: not worth a line each
+        level = logging.DEBUG if isinstance(error, ServerBusy) else logging.INFO
+        logger.log(level, f"refused a request from {context.remote_id}: {error}")
         reply = Reply(error=str(error), error_kind=type(error).__name__)
         return pack([], reply.to_wire(), runtime_pb2.ExpertResponse)[0]
 
