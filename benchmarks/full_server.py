@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 import time
 
 import torch
 
+from benchmarks.at_once import at_once
 from meadow import AutoDistributedModelForCausalLM
 from meadow.local_swarm import LocalSwarm
 from meadow.models import default_model_path, load_config, load_reference_model
@@ -50,23 +50,12 @@ def main() -> None:
         swarm.start_dht()
         swarm.start_server(model, "--blocks", f"0:{num_blocks}", "--cache-tokens", str(cache))
         clients = [AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers) for _ in prompts]
-        outcomes = [""] * len(clients)
 
-        def generate(index: int) -> None:
-            started = time.perf_counter()
-            try:
-                tokens = clients[index].generate(prompts[index], **options)
-                outcome = "right" if torch.equal(tokens, expected[index]) else "WRONG tokens"
-            except Exception as e:
-                outcome = f"failed ({type(e).__name__}: {e})"
-            seconds = time.perf_counter() - started
-            outcomes[index] = f"{outcome} after {seconds:.1f} s, {seconds / local:.2f}x one local generation"
+        def generate(index: int) -> str:
+            tokens = clients[index].generate(prompts[index], **options)
+            return "right" if torch.equal(tokens, expected[index]) else "WRONG tokens"
 
-        threads = [threading.Thread(target=generate, args=(index,)) for index in range(len(clients))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        outcomes = at_once(generate, len(clients), local, "one local generation")
         for client in clients:
             client.close()
     print(f"{args.clients} clients, one server with room for {args.room} sessions of {session_tokens} tokens "

@@ -13,11 +13,11 @@ dead one (a timeout) bans it and sends its prompt again: its seconds grow, or it
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import torch
 
+from benchmarks.at_once import at_once
 from meadow import AutoDistributedModelForCausalLM
 from meadow.local_swarm import LocalSwarm
 from meadow.models import default_model_path, load_config, load_reference_model
@@ -44,23 +44,12 @@ def main() -> None:
         swarm.start_dht()
         swarm.start_server(model, "--blocks", f"0:{num_blocks}", "--max-length", str(args.tokens + 2))
         clients = [AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers) for _ in prompts]
-        outcomes = [""] * len(clients)
 
-        def send(index: int) -> None:
-            started = time.perf_counter()
-            try:
-                clients[index].generate(prompts[index], max_new_tokens=2, do_sample=False)
-                outcome = "answered"
-            except Exception as e:
-                outcome = f"failed ({type(e).__name__})"
-            seconds = time.perf_counter() - started
-            outcomes[index] = f"{outcome} after {seconds:.1f} s, {seconds / local:.2f}x the local prefills"
+        def send(index: int) -> str:
+            clients[index].generate(prompts[index], max_new_tokens=2, do_sample=False)
+            return "answered"
 
-        threads = [threading.Thread(target=send, args=(index,)) for index in range(len(clients))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        outcomes = at_once(send, len(clients), local, "the local prefills")
         for client in clients:
             client.sequence.close()
     print(f"{args.clients} prompts of {args.tokens} tokens, one server of blocks 0:{num_blocks}; "
