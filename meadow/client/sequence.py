@@ -149,7 +149,8 @@ class RemoteSequence:
             logger.warning(f"{error}; avoiding it for {self.config.verify_ban_seconds:.0f} s")
             return
         with self._bans_lock:
-            if self.banned_until.get(peer, 0.0) > time.monotonic():  # failed too while avoided: in flight meanwhile
+            now = time.monotonic()  # failed too while avoided (banned or skipped): in flight meanwhile
+            if self.banned_until.get(peer, 0.0) > now or self.skipped_until.get(peer, 0.0) > now:
                 logger.debug(f"server {peer} failed again while avoided ({error!r})")
                 return
             self.failures[peer] += 1
