@@ -35,7 +35,7 @@ class ClientConfig:
     busy_retry: float = 1.0  # ...trying it again this often (a refused session costs the server next to nothing)
     ban_seconds: float = 15.0  # first ban of a failed server; doubles with each further failure...
     max_ban_seconds: float = 300.0  # ...up to this
-    moved_seconds: float = 5.0  # how long to skip a server that left, or moved its blocks (about one DHT update)
+    moved_seconds: float = 5.0  # how long to skip a server that left or moved its blocks (about one DHT update)
     wait_for_servers: float = 30.0  # how long to wait for some server to hold missing blocks before giving up
     routes_max_age: float = 10.0  # re-read the DHT when the last look is older than this
     default_rtt: float = 0.05  # assumed round trip to a server not yet pinged

@@ -21,7 +21,7 @@ from hivemind.proto import runtime_pb2
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import on_client_loop, run
-from meadow.client.retries import Retries
+from meadow.client.retries import Retries, is_busy
 from meadow.client.routing import (
     Hop, MeasuredStep, MissingBlocksError, block_ranges, choose_chain, peers_to_ping, servers_by_peer,
 )  # fmt: skip
@@ -136,11 +136,11 @@ class RemoteSequence:
         if self.revive_network():
             return
         if isinstance(error, RemoteError) and error.kind in MOVED:
-            seconds = self.config.busy_retry if error.kind == "ServerBusy" else self.config.moved_seconds
+            seconds = self.config.busy_retry if is_busy(error) else self.config.moved_seconds
             with self._bans_lock:
                 self.skipped_until[peer] = time.monotonic() + seconds
             self.routes_updated = 0.0
-            level = logging.DEBUG if error.kind == "ServerBusy" else logging.INFO  # Retries says it once per request
+            level = logging.DEBUG if is_busy(error) else logging.INFO  # Retries says it once per request
             logger.log(level, f"server {peer} cannot serve us now ({error.kind}: {error.remote_message}); rerouting")
             return
         if isinstance(error, WrongOutputs):  # not a mishap: it computes wrong results
