@@ -1,11 +1,13 @@
 """More users than a server has room for: does each wait its turn and get its answer?
 
-    python -m benchmarks.full_server [MODEL] [--clients 6] [--room 2] [--new-tokens 300]
+    python -m benchmarks.full_server [MODEL] [--clients 6] [--room 2] [--new-tokens 300] [--stagger SECONDS]
 
 One server holds every block (on 127.0.0.1), with KV cache for `--room` sessions; `--clients` clients, each its own
 model in this process, generate `--new-tokens` greedy tokens at once from a 20-token prompt. Those that find the
 server full wait for room. It prints each client's outcome, whether its tokens are transformers' greedy tokens, and
-its seconds as a ratio to transformers generating the same tokens alone in this process.
+its seconds as a ratio to transformers generating the same tokens alone in this process. With `--stagger`, each
+client starts that many seconds after the one before, and the order in which they are served shows: waiting clients
+should get room in the order they came.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--room", type=int, default=2, help="sessions the server's KV cache holds at once")
     parser.add_argument("--new-tokens", type=int, default=300)
+    parser.add_argument("--stagger", type=float, default=0.0, help="seconds between one client's start and the next")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")  # the clients' "waiting" lines
     model = str(args.model or default_model_path())
@@ -55,7 +58,7 @@ def main() -> None:
             tokens = clients[index].generate(prompts[index], **options)
             return "right" if torch.equal(tokens, expected[index]) else "WRONG tokens"
 
-        outcomes = at_once(generate, len(clients), local, "one local generation")
+        outcomes = at_once(generate, len(clients), local, "one local generation", args.stagger)
         for client in clients:
             client.close()
     print(f"{args.clients} clients, one server with room for {args.room} sessions of {session_tokens} tokens "

@@ -29,9 +29,10 @@ from meadow.models import load_blocks, load_config
 from meadow.models.llama import linear_shapes
 from meadow.models.lora import load_peft_adapter
 from meadow.server.compute_loop import ComputeLoop, choose_batch
+from meadow.server.memory import CacheBudget
 from meadow.server.span import Session, Span
 from meadow.server.tuning import TuningInputs
-from meadow.wire import RPC_INFO, BlockRange, LoraEntry, OpenSession, RemoteError
+from meadow.wire import RPC_INFO, BlockRange, LoraEntry, OpenSession, RemoteError, ServerBusy
 
 NUM_BLOCKS, HIDDEN, ADAPTER = 4, 64, "tiny-adapter"
 CACHE_TOKENS = 6000
@@ -78,6 +79,37 @@ def test_prefill_chunks_take_turns_among_peers_while_every_decoding_step_runs_ea
         for job in chosen:
             turns[job.decoding][job.peer] = iteration
     assert served == ["big", "small", "big", "big"]  # the small peer's prompt went second, not sixth
+
+
+def test_sessions_waiting_for_room_are_served_in_order_of_priority_then_arrival():
+    budget = CacheBudget(200, patience=0.5)
+
+    def refused(tokens: int, peer: str, priority: int = 0, ticket: bool = True) -> bool:
+        try:
+            with budget.reserve(tokens, peer, ticket=f"ticket-{peer}" if ticket else None, priority=priority):
+                return False
+        except ServerBusy:
+            return True
+
+    with budget.reserve(150, "holder"):
+        assert refused(120, "first") and refused(120, "second")
+        assert budget.room == 0  # routing is told the server is full while others wait
+        assert refused(40, "third")  # it would fit in the 50 left, but the two ahead of it wait for that room
+        with pytest.raises(ServerBusy, match="sessions waiting ahead of yours: 2, for 240 slots"):
+            with budget.reserve(40, "third", ticket="ticket-third"):
+                pass
+    assert refused(120, "second") and refused(40, "third")  # room came, but it is the first's turn
+    with budget.reserve(120, "first", ticket="ticket-first"):
+        assert refused(40, "third")  # 80 left: the second waits for 120 of them
+        assert refused(10, "anonymous", ticket=False)  # no ticket, no place: behind everyone who waits
+    assert not refused(120, "second") and not refused(40, "third")
+    with budget.reserve(150, "holder"):  # a paying newcomer goes ahead of a priority-0 waiter
+        assert refused(120, "fourth") and refused(120, "paying", priority=1)
+    assert refused(120, "fourth") and not refused(120, "paying", priority=1) and not refused(120, "fourth")
+    with budget.reserve(150, "holder"):
+        assert refused(100, "fifth") and budget.line
+    time.sleep(0.6)  # a waiter that stops asking (served elsewhere, or gone) loses its place
+    assert budget.room == 200 and not budget.line
 
 
 # --- one batched pass gives each session what it would get alone (in process) ---------------------------------------
@@ -353,7 +385,16 @@ def test_a_peer_cannot_take_a_whole_server_and_a_busy_server_is_skipped_not_bann
             helper.stop()
 
 
-def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_at_once(path, span, caplog):
+@pytest.fixture(scope="module")
+def small_server(path):
+    """One server of all blocks with room for 200 KV-cache token slots, of which it lends one peer 150 (0.75)."""
+    with start_swarm(path, ["0:4"], "--cache-tokens", "200") as swarm:
+        yield swarm
+
+
+def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_at_once(
+    small_server, path, span, caplog
+):
     """The only server of the blocks is full: a client waits for room (ServerBusy uses up none of its failovers)
     and is served, exactly, once another client's session ends; up to `busy_wait` seconds, or until it gives up. A
     session larger than the server lends one peer is refused with BadRequest at once: waiting would not help."""
@@ -362,60 +403,104 @@ def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_
     # without the wait, two ServerBusy answers and it gave up; and a full server skipped for a while is no reason to
     # call its blocks missing, however short the wait for servers (the API's is 5 s)
     quick = dict(max_retries=1, busy_retry=1.5, wait_for_servers=0.5)
-    with start_swarm(path, ["0:4"], "--cache-tokens", "200") as swarm:  # lends one peer 150 slots (0.75)
-        clients = [
-            connect_sequence(str(path), span.config, swarm.initial_peers, client_config=ClientConfig(**quick, **extra))
-            for extra in ({}, {}, {"busy_wait": 1.0})
-        ]  # fmt: skip
-        holder, patient, impatient = clients
-        outputs, waited, abandoned = [], [], []
+    peers = small_server.initial_peers
+    clients = [
+        connect_sequence(str(path), span.config, peers, client_config=ClientConfig(**quick, **extra))
+        for extra in ({}, {}, {"busy_wait": 1.0})
+    ]
+    holder, patient, impatient = clients
+    outputs, waited, abandoned = [], [], []
 
-        def generate() -> None:
-            began = time.monotonic()
-            with patient.inference_session(max_length=100, batch_size=1) as session:
-                outputs.extend(session.step(*inputs) for inputs in steps)
-            waited.append(time.monotonic() - began)
+    def generate() -> None:
+        began = time.monotonic()
+        with patient.inference_session(max_length=100, batch_size=1) as session:
+            outputs.extend(session.step(*inputs) for inputs in steps)
+        waited.append(time.monotonic() - began)
 
-        def wait_until_given_up(give_up: threading.Event) -> None:
-            try:
-                with patient.inference_session(max_length=100, batch_size=1, give_up=give_up) as session:
-                    session.step(*steps[0])
-            except RemoteError as e:
-                abandoned.append(e)
-
+    def wait_until_given_up(give_up: threading.Event) -> None:
         try:
-            with pytest.raises(RemoteError, match="lends one peer at most 150") as too_large:
-                with patient.inference_session(max_length=151, batch_size=1) as session:
+            with patient.inference_session(max_length=100, batch_size=1, give_up=give_up) as session:
+                session.step(*steps[0])
+        except RemoteError as e:
+            abandoned.append(e)
+
+    try:
+        with pytest.raises(RemoteError, match="lends one peer at most 150") as too_large:
+            with patient.inference_session(max_length=151, batch_size=1) as session:
+                session.step(*steps[0])
+        assert too_large.value.kind == "BadRequest"
+        with holder.inference_session(max_length=150, batch_size=1) as held:
+            held.step(*steps[0])  # 150 of the 200 slots: no room for another 100
+            with pytest.raises(RemoteError, match="not enough KV cache") as busy:
+                with impatient.inference_session(max_length=100, batch_size=1) as session:
                     session.step(*steps[0])
-            assert too_large.value.kind == "BadRequest"
-            with holder.inference_session(max_length=150, batch_size=1) as held:
-                held.step(*steps[0])  # 150 of the 200 slots: no room for another 100
-                with pytest.raises(RemoteError, match="not enough KV cache") as busy:
-                    with impatient.inference_session(max_length=100, batch_size=1) as session:
-                        session.step(*steps[0])
-                assert busy.value.kind == "ServerBusy"
-                give_up = threading.Event()  # whoever wanted the answer has gone (an API client, say): stop waiting
-                waiting = threading.Thread(target=wait_until_given_up, args=(give_up,))
+            assert busy.value.kind == "ServerBusy"
+            give_up = threading.Event()  # whoever wanted the answer has gone (an API client, say): stop waiting
+            waiting = threading.Thread(target=wait_until_given_up, args=(give_up,))
+            waiting.start()
+            time.sleep(2.0)
+            assert waiting.is_alive()
+            give_up.set()
+            waiting.join(timeout=30)  # a try a second (busy_retry), not busy_wait's 300 s
+            assert not waiting.is_alive() and abandoned[0].kind == "ServerBusy"
+            with caplog.at_level("WARNING", logger="meadow.client"):
+                waiting = threading.Thread(target=generate)
                 waiting.start()
-                time.sleep(2.0)
-                assert waiting.is_alive()
-                give_up.set()
-                waiting.join(timeout=30)  # a try a second (busy_retry), not busy_wait's 300 s
-                assert not waiting.is_alive() and abandoned[0].kind == "ServerBusy"
-                with caplog.at_level("WARNING", logger="meadow.client"):
-                    waiting = threading.Thread(target=generate)
-                    waiting.start()
-                    time.sleep(4.0)  # long past the two tries it had before
-                    assert waiting.is_alive() and not outputs
-            waiting.join(timeout=60)
-            assert len(outputs) == len(steps) and waited[0] >= 4.0
-            assert "waiting up to 300 s for room" in caplog.text
-            for got, want in zip(outputs, alone(span, kind, TuningInputs(kind.blocks), steps, 100)):
-                assert (got - want).abs().max().item() <= 1e-4
-            assert not patient.failures and not patient.banned(skipped=False)
-        finally:
-            for client in clients:
-                client.close()
+                time.sleep(4.0)  # long past the two tries it had before
+                assert waiting.is_alive() and not outputs
+        waiting.join(timeout=60)
+        assert len(outputs) == len(steps) and waited[0] >= 4.0
+        assert "waiting up to 300 s for room" in caplog.text
+        for got, want in zip(outputs, alone(span, kind, TuningInputs(kind.blocks), steps, 100)):
+            assert (got - want).abs().max().item() <= 1e-4
+        assert not patient.failures and not patient.banned(skipped=False)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_room_that_frees_up_goes_to_the_session_that_waited_longest(small_server, path, span):
+    """A newcomer that asks the moment room frees up does not take it from a session already waiting (which asks
+    only every few seconds): it is told how many wait ahead of it, and the first in line gets the room."""
+    kind = KINDS[0]
+    steps = steps_of(kind, seed=12, prompt_length=5, decoding_steps=3)
+    configs = ({}, {"busy_retry": 3.0}, {"busy_wait": 0.5, "busy_retry": 0.2})
+    clients = [
+        connect_sequence(str(path), span.config, small_server.initial_peers, client_config=ClientConfig(**config))
+        for config in configs
+    ]
+    holder, first, newcomer = clients
+    outputs = []
+
+    def generate() -> None:
+        with first.inference_session(max_length=120, batch_size=1) as session:
+            outputs.extend(session.step(*inputs) for inputs in steps)
+
+    def room_is(tokens: int) -> None:  # what the server tells routing: free slots less those its line waits for
+        deadline = time.monotonic() + 10
+        while server_info(holder, peer)["cache_tokens_left"] != tokens:
+            assert time.monotonic() < deadline, f"the server never announced room for {tokens}"
+            time.sleep(0.05)
+
+    try:
+        peer = holder.make_chain()[0].peer
+        with holder.inference_session(max_length=150, batch_size=1) as held:
+            held.step(*steps[0])  # 50 slots left: not enough for 120
+            waiting = threading.Thread(target=generate)
+            waiting.start()
+            room_is(0)  # the first is in line for 120
+        room_is(200 - 120)  # the holder is gone: 200 free, of which the first waits for 120, and asks again in 3 s
+        with pytest.raises(RemoteError, match="sessions waiting ahead of yours: 1, for 120 slots") as busy:
+            with newcomer.inference_session(max_length=120, batch_size=1) as session:
+                session.step(*steps[0])
+        assert busy.value.kind == "ServerBusy"
+        waiting.join(timeout=60)
+        assert len(outputs) == len(steps)
+        for got, want in zip(outputs, alone(span, kind, TuningInputs(kind.blocks), steps, 120)):
+            assert (got - want).abs().max().item() <= 1e-4
+    finally:
+        for client in clients:
+            client.close()
 
 
 def wait_for_server(sequence, blocks: str, timeout: float = 30.0):

@@ -254,7 +254,7 @@ class InferenceSession:
             try:
                 cache_tokens = self.batch_size * self.max_length  # what each server must have room for
                 chain = self.sequence.make_chain(blocks, cache_tokens)  # routes here, not on the loop: make_chain waits on it
-                segments = run(self._open_streams(chain))
+                segments = run(self._open_streams(chain, retries.ticket))
                 if history:
                     self._replay(history, segments)
                 return segments
@@ -273,7 +273,7 @@ class InferenceSession:
         run(failed.stream.close())
         return self._open(failed.hop.blocks, failed.history)
 
-    async def _open_streams(self, chain: list[Hop]) -> list[Segment]:
+    async def _open_streams(self, chain: list[Hop], ticket: str) -> list[Segment]:
         opened: list[Segment] = []
         try:
             for hop in chain:
@@ -285,7 +285,7 @@ class InferenceSession:
                 request = OpenSession(
                     blocks=hop.blocks, max_length=self.max_length, batch_size=self.batch_size,
                     adapter=self.sequence.active_adapter, session_id=session_id, wire=self.sequence.wire_for(hop.peer),
-                    **fields,
+                    ticket=ticket, **fields,
                 )  # fmt: skip
                 try:
                     await stream.open(request, self.sequence.config.connect_timeout, tensors)

@@ -232,7 +232,8 @@ class BlockHandler:
                 raise BadRequest(f"session id {request.session_id!r} is already in use here")
             peer, limits = context.remote_id, self.limits
             tokens = request.batch_size * request.max_length
-            with self.budget.reserve(tokens, peer, limits.max_peer_cache_share, limits.max_peer_sessions):
+            share, sessions, priority = limits.max_peer_cache_share, limits.max_peer_sessions, self.priority(peer)
+            with self.budget.reserve(tokens, peer, share, sessions, request.ticket, priority):
                 # zeroing a big KV cache takes a while: not on the event loop
                 session = await asyncio.get_running_loop().run_in_executor(
                     None, Session.open, span, request.blocks, request.batch_size, request.max_length, tuning

@@ -325,7 +325,7 @@ class Server:
             end=self.span_range.end,
             throughput=min(self.throughput, MAX_SPEED),  # beyond it, a record is refused as absurd
             inference_rps=min(self.inference_rps, MAX_SPEED),
-            cache_tokens_left=self.budget.left,
+            cache_tokens_left=self.budget.room,  # less what sessions waiting for room need: they come first
             open_sessions=len(self.handler.sessions),
             dtype=self.config.dtype,
             quant=self.config.quant,

@@ -110,11 +110,13 @@ class BackwardRequest(ForwardRequest):
 class OpenSession(Request, Tuning):
     """First message of rpc_inference: reserve a KV cache for batch_size x max_length tokens. Its tuning tensors
     (deep prompts, LoRA weights) hold for the whole session. With a `session_id`, the previous server of the chain
-    may push this session's inputs to it directly (rpc_push)."""
+    may push this session's inputs to it directly (rpc_push). A full server answers ServerBusy; one that asks again
+    with the same `ticket` keeps its place in the server's line for room."""
 
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     session_id: str | None = Field(default=None, min_length=8, max_length=64)
+    ticket: str | None = Field(default=None, min_length=8, max_length=64)
 
 
 class PushTarget(Schema):
