@@ -319,8 +319,8 @@ def test_the_api_goes_on_when_its_dht_process_and_p2p_daemon_die(client, model_i
 
 def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(checkpoints, reference):
     """The only server is full (another peer's session holds 150 of its 200 cache slots): a request waits for room
-    and gets its greedy text once that session ends; a request whose client went away while it waited is cancelled
-    then and there, not when the server frees up."""
+    and gets its greedy text once that session ends, and a streamed one says at once that it waits; a request whose
+    client went away while it waited is cancelled then and there, not when the server frees up."""
     path = checkpoints("llama", num_layers=4)
     prompt, max_tokens = "Bees", 60  # a session of 60-odd slots: no room in the 50 left
     expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], max_tokens)[0]
@@ -342,12 +342,20 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
                 api.wait_for(lambda line: "is full (ServerBusy" in line, timeout=30, after=lines_before)
                 leaving.close()
                 api.wait_for(lambda line: "generation cancelled" in line, timeout=10, after=lines_before)
+                client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
                 with ThreadPoolExecutor(1) as pool:
                     staying = pool.submit(http, url + "v1/completions", body.encode())
-                    time.sleep(2.0)
+                    streamed = client.completions.create(
+                        model="tiny-llama", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+                    )  # fmt: skip
+                    first = next(iter(streamed))  # at once, although no token can come yet
+                    assert "not enough KV cache" in first.model_extra["meadow"]["waiting"] and not first.choices[0].text
+                    time.sleep(1.0)
                     assert not staying.done()  # waiting for room, not failed
                     held.close()
                     status, reply = staying.result(timeout=60)
+                    text = "".join(chunk.choices[0].text for chunk in streamed)
             assert status == 200 and reply["choices"][0]["text"] == expected
+            assert text == expected
         finally:
             holder.close()

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
-from meadow.models import load_reference_model, load_tokenizer
+from meadow.models import load_config, load_reference_model, load_tokenizer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SCREENSHOTS = os.environ.get("MEADOW_SCREENSHOTS") == "1"
@@ -135,6 +136,38 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     page.click("#new-chat")
     assert page.locator(".turn").count() == 0
     assert page.evaluate("document.activeElement.id") == "prompt"
+
+
+def test_chat_page_says_when_it_waits_for_room_on_full_servers(page, served):
+    """Two other peers hold all 16384 cache slots of both servers: the page says it waits, then answers once they
+    are gone, with the notice gone too."""
+    path, peers = served["path"], served["swarm"].initial_peers
+    config = load_config(path)
+    holders = [connect_sequence(str(path), config, peers) for _ in range(2)]
+    try:
+        # one peer may hold 3/4 of a server's slots: 3 x 4096 here, the other 4096
+        sessions = [holder.inference_session(4096, batch) for holder, batch in zip(holders, (3, 1))]
+        for session, batch in zip(sessions, (3, 1)):
+            session.step(torch.randn(batch, 2, config.hidden_size), torch.arange(2).expand(batch, 2), None)
+        page.goto(served["url"])
+        page.focus("#temperature")
+        page.keyboard.press("Home")
+        page.fill("#max-tokens", "8")
+        page.focus("#prompt")
+        question = "Is there room?"
+        page.keyboard.type(question)
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".turn.assistant .waiting", timeout=30_000)
+        assert "waiting for room" in page.text_content(".turn.assistant .waiting")
+        assert "not enough KV cache" in page.get_attribute(".turn.assistant .waiting", "title")
+        for session in sessions:
+            session.close()
+        page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+        assert page.locator(".waiting").count() == 0
+        assert page.text_content(".turn.assistant .bubble") == local_answer(path, question, 8)
+    finally:
+        for holder in holders:
+            holder.close()
 
 
 def test_monitor_shows_every_servers_blocks(page, served):

@@ -82,8 +82,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         return requested if requested is not None else min(default, room)
 
     async def start(prompt_ids: torch.Tensor, sampling, http: Request) -> TextGeneration:
-        """The generation, once its first token is out: a wait for room on full servers and the prompt's prefill
-        come first, and a client that goes away meanwhile stops it there."""
+        """The generation, once its first token is out or once it waits for room on full servers (a streamed
+        response then says so at once); a client that goes away meanwhile stops it there."""
         generation = TextGeneration(model, tokenizer, prompt_ids, sampling)
         watcher = asyncio.create_task(_close_when_gone(generation, http))
         try:
@@ -131,6 +131,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
                 return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
             yield chunk({"role": "assistant", "content": ""})
+            if generation.waiting:  # an extra field, as the last chunk's: OpenAI's clients let it pass
+                yield {**chunk({}), "meadow": {"waiting": generation.waiting}}
             async for text in generation.deltas():
                 yield chunk({"content": text})
             yield {**chunk({}, generation.outcome.finish_reason), "meadow": meadow_info(generation)}
@@ -160,6 +162,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             return {**head, "choices": [choice(text, generation.outcome.finish_reason)], **extra}
 
         async def chunks() -> AsyncIterator[dict]:
+            if generation.waiting:
+                yield {**head, "choices": [choice("", None)], "meadow": {"waiting": generation.waiting}}
             async for text in generation.deltas():
                 yield {**head, "choices": [choice(text, None)]}
             yield {**head, "choices": [choice("", generation.outcome.finish_reason)], "meadow": meadow_info(generation)}

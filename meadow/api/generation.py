@@ -18,6 +18,8 @@ from meadow.api.sampling import logits_processors
 
 logger = logging.getLogger(__name__)
 
+WAIT_CHECK_SECONDS = 0.25  # how often start() looks whether the request waits for room, until its first token
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -71,9 +73,9 @@ class _ToLoop(BaseStreamer):
 
 class TextGeneration:
     """`start()` runs generate on a new thread and returns at its first token (raising what it raised before that:
-    missing blocks, a refused session); `deltas()` then yields the text as it grows, up to a stop string, and
-    leaves how it ended in `outcome`. `close()` (a client that went away) stops generate, which closes its inference
-    session on the servers."""
+    missing blocks, a refused session), or once the request waits for room on full servers (`waiting` says why);
+    `deltas()` then yields the text as it grows, up to a stop string, and leaves how it ended in `outcome`.
+    `close()` (a client that went away) stops generate, which closes its inference session on the servers."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling):
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
@@ -84,6 +86,9 @@ class TextGeneration:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._first: tuple | None = None
+        self._next: asyncio.Future | None = None  # the first item, still awaited when start() returned to tell of a wait
+        self.session = None  # the GenerationSession, once the worker thread has made it
+        self.waiting: str | None = None  # why nothing comes yet, when start() returned before the first token
         self._began = 0.0
         self._closed = False
 
@@ -97,7 +102,13 @@ class TextGeneration:
                 pass
 
         threading.Thread(target=self._generate, args=(send,), name="meadow-api-generate", daemon=True).start()
-        self._first = await self._queue.get()
+        first = asyncio.ensure_future(self._queue.get())
+        while not first.done():
+            await asyncio.wait((first,), timeout=WAIT_CHECK_SECONDS)
+            if not first.done() and self.session is not None and self.session.waiting_for_room:
+                self.waiting, self._next = self.session.waiting_for_room, first  # the response can begin, and say why
+                return                                                          # nothing comes yet
+        self._first = first.result()
         if self._first[0] == "done" and self._first[2] is not None:
             self.outcome.finish_reason = "error"
             self.close()
@@ -111,6 +122,7 @@ class TextGeneration:
             # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
             opened = self.model.inference_session(length + s.max_tokens, batch_size=1, give_up=self.cancelled)
             with torch.no_grad(), opened as session:
+                self.session = session  # start() asks it whether it waits for room
                 self.model.generate(
                     self.prompt_ids,
                     attention_mask=torch.ones_like(self.prompt_ids),
@@ -137,8 +149,8 @@ class TextGeneration:
         text = ""
         try:
             while True:
-                item = self._first or await self._queue.get()
-                self._first = None
+                item = self._first or await (self._next or self._queue.get())
+                self._first = self._next = None
                 if item[0] == "done":
                     _, hops, error = item
                     self.outcome.servers = hops

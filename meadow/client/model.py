@@ -79,6 +79,11 @@ class GenerationSession:
         self.steps = self.sent = self.dropped = 0
 
     @property
+    def waiting_for_room(self) -> str | None:
+        """Why the servers do not hold the session yet, while every one that could is full (it waits for room)."""
+        return self.remote.waiting_for_room if self.remote is not None else None
+
+    @property
     def position(self) -> int:
         """How many tokens (per row) the servers hold in their KV caches."""
         return 0 if self.token_ids is None else self.token_ids.shape[1]

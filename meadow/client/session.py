@@ -26,7 +26,7 @@ from meadow.client import transport
 from meadow.client.routing import Hop, MeasuredStep
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
-from meadow.client.retries import Retries
+from meadow.client.retries import Retries, is_busy
 from meadow.client.sequence import RemoteSequence, full_mask
 from meadow.client.tuning import RemoteTuning
 from meadow.client.verify import WrongOutputs
@@ -112,6 +112,7 @@ class InferenceSession:
         self.position = 0
         self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
         self.segments: list[Segment] | None = None
+        self.waiting_for_room: str | None = None  # while every server that could hold the session is full: why
 
     @property
     def hops(self) -> list[Hop]:
@@ -257,6 +258,7 @@ class InferenceSession:
                 segments = run(self._open_streams(chain, retries.ticket))
                 if history:
                     self._replay(history, segments)
+                self.waiting_for_room = None
                 return segments
             except HopFailed as e:
                 peer, error = e.peer, e.error
@@ -264,6 +266,7 @@ class InferenceSession:
                 peer, error = None, e
             if not retries.allow(error):
                 raise error  # outside the except clauses: the error as it came, not "during handling of" its wrapper
+            self.waiting_for_room = error.remote_message if is_busy(error) else None
             for segment in segments:
                 run(segment.stream.close())
             if peer is not None:

@@ -133,6 +133,8 @@ async function send() {
   const began = performance.now();
   await modelReady;
   let answer = "", info = null, tokens;
+  // shown while every server that could answer is full, until the first words come
+  const waiting = element("div", "waiting", "The servers are full: waiting for room…");
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -149,8 +151,14 @@ async function send() {
     }
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.meadow?.waiting) {
+        waiting.title = chunk.meadow.waiting;  // the server's words: how full it is, how many wait ahead
+        turn.append(waiting);
+        scrollDown();
+      }
       const delta = chunk.choices?.[0]?.delta?.content;
       if (delta) {
+        waiting.remove();
         answer += delta;
         textNode.data = answer;
         scrollDown();
@@ -159,6 +167,7 @@ async function send() {
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
     }
   } catch (error) {
+    waiting.remove();
     if (!state.stopped) {
       cursor.remove();
       if (!answer) turn.remove();
@@ -170,6 +179,7 @@ async function send() {
     }
   }
   cursor.remove();
+  waiting.remove();
   history.push({role: "assistant", content: answer});
   showMeta(turn, {
     seconds: info?.seconds ?? (performance.now() - began) / 1000,
