@@ -108,6 +108,13 @@ def test_sessions_waiting_for_room_are_served_in_order_of_priority_then_arrival(
     assert refused(120, "fourth") and not refused(120, "paying", priority=1) and not refused(120, "fourth")
     with budget.reserve(150, "holder"):
         assert refused(100, "fifth") and budget.line
+        # one peer's places in the line count against its share (3/4 here): it cannot queue for all the room
+        with pytest.raises(ServerBusy, match="you hold 0, wait for 100 and the session needs 60"):
+            with budget.reserve(60, "fifth", max_peer_share=0.75, ticket="another-ticket"):
+                pass
+        with pytest.raises(ServerBusy, match=r"you already hold 0 sessions here \(and wait for 1\)"):
+            with budget.reserve(10, "fifth", max_peer_sessions=1, ticket="another-ticket"):
+                pass
     time.sleep(0.6)  # a waiter that stops asking (served elsewhere, or gone) loses its place
     assert budget.room == 200 and not budget.line
 

@@ -86,7 +86,7 @@ class TextGeneration:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._first: tuple | None = None
-        self._next: asyncio.Future | None = None  # the first item, still awaited when start() returned to tell of a wait
+        self._next: asyncio.Future | None = None  # the first item, awaited still when start() told of a wait
         self.session = None  # the GenerationSession, once the worker thread has made it
         self.waiting: str | None = None  # why nothing comes yet, when start() returned before the first token
         self._began = 0.0

@@ -69,16 +69,22 @@ class CacheBudget:
                 f"peer at most {peer_limit} (of its {self.total}): ask for fewer, or use a server with more"
             )
         key = None if ticket is None else (peer, ticket)
-        if max_peer_sessions is not None and self.peer_sessions[peer] >= max_peer_sessions:
+        self._forget_stale()
+        # a peer's places in the line count as held sessions: else one peer could queue for all the room there is,
+        # ahead of everyone, or fill the line
+        mine = [waiter for k, waiter in self.line.items() if k[0] == peer and k != key]
+        if max_peer_sessions is not None and self.peer_sessions[peer] + len(mine) >= max_peer_sessions:
             self.line.pop(key, None)  # it waits for its own sessions to end, not for room: it holds no place
-            raise ServerBusy(f"you already hold {self.peer_sessions[peer]} sessions here, the most one peer may")
-        if self.peer_tokens[peer] + tokens > peer_limit:
+            waits = f" (and wait for {len(mine)})" if mine else ""
+            raise ServerBusy(f"you already hold {self.peer_sessions[peer]} sessions here{waits}, the most one peer may")
+        queued = sum(waiter.tokens for waiter in mine)
+        if self.peer_tokens[peer] + queued + tokens > peer_limit:
             self.line.pop(key, None)
+            waits = f", wait for {queued}" if queued else ""
             raise ServerBusy(
                 f"one peer may hold at most {peer_limit} of the {self.total} KV cache token slots; you hold "
-                f"{self.peer_tokens[peer]} and the session needs {tokens}"
+                f"{self.peer_tokens[peer]}{waits} and the session needs {tokens}"
             )
-        self._forget_stale()
         me = self.line.get(key)
         arrived = me.arrived if me is not None else float("inf")
         ahead = [w for k, w in self.line.items() if k != key and w.ahead_of(priority, arrived)]
