@@ -138,9 +138,31 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     assert page.evaluate("document.activeElement.id") == "prompt"
 
 
+def test_monitor_shows_every_servers_blocks(page, served):
+    page.goto(served["url"] + "monitor")
+    page.wait_for_selector("body[data-loaded]", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('tbody tr').length === 3", timeout=30_000)
+    cards = page.locator(".model-card").all_text_contents()
+    assert any("tiny-llama" in card and "all 4 blocks online" in card for card in cards)
+    assert any("half-served" in card and "2 of 4 blocks online" in card for card in cards)
+    assert page.locator(".coverage .block.online").count() == 6 and page.locator(".coverage .block.missing").count() == 2
+
+    rows = [row.split("\t") for row in page.locator("tbody tr").evaluate_all("rows => rows.map(r => r.innerText)")]
+    peers = [next(line for line in s.lines if "ready" in line).split(" as ")[1].split(",")[0] for s in served["swarm"].servers]
+    by_peer = {row[0].strip(): row for row in rows}
+    for peer, blocks, name in zip(peers, ["0:2", "2:4", "0:2"], ["hill-farm", "river-bank", "—"]):
+        row = by_peer["…" + peer[-6:]]
+        assert row[1].strip() == blocks and row[2].strip() == "online" and row[-1].strip() == name
+        assert "tokens/s" in row[3] and row[4].strip() == "16,384 tokens"
+    if SCREENSHOTS:
+        DOCS.mkdir(exist_ok=True)
+        page.screenshot(path=DOCS / "monitor.png")
+
+
 def test_chat_page_says_when_it_waits_for_room_on_full_servers(page, served):
     """Two other peers hold all 16384 cache slots of both servers: the page says it waits, then answers once they
-    are gone, with the notice gone too."""
+    are gone, with the notice gone too. Last in the module: the servers announce the cache they had left meanwhile
+    (the monitor shows it) until their next announcement."""
     path, peers = served["path"], served["swarm"].initial_peers
     config = load_config(path)
     holders = [connect_sequence(str(path), config, peers) for _ in range(2)]
@@ -168,24 +190,3 @@ def test_chat_page_says_when_it_waits_for_room_on_full_servers(page, served):
     finally:
         for holder in holders:
             holder.close()
-
-
-def test_monitor_shows_every_servers_blocks(page, served):
-    page.goto(served["url"] + "monitor")
-    page.wait_for_selector("body[data-loaded]", timeout=30_000)
-    page.wait_for_function("document.querySelectorAll('tbody tr').length === 3", timeout=30_000)
-    cards = page.locator(".model-card").all_text_contents()
-    assert any("tiny-llama" in card and "all 4 blocks online" in card for card in cards)
-    assert any("half-served" in card and "2 of 4 blocks online" in card for card in cards)
-    assert page.locator(".coverage .block.online").count() == 6 and page.locator(".coverage .block.missing").count() == 2
-
-    rows = [row.split("\t") for row in page.locator("tbody tr").evaluate_all("rows => rows.map(r => r.innerText)")]
-    peers = [next(line for line in s.lines if "ready" in line).split(" as ")[1].split(",")[0] for s in served["swarm"].servers]
-    by_peer = {row[0].strip(): row for row in rows}
-    for peer, blocks, name in zip(peers, ["0:2", "2:4", "0:2"], ["hill-farm", "river-bank", "—"]):
-        row = by_peer["…" + peer[-6:]]
-        assert row[1].strip() == blocks and row[2].strip() == "online" and row[-1].strip() == name
-        assert "tokens/s" in row[3] and row[4].strip() == "16,384 tokens"
-    if SCREENSHOTS:
-        DOCS.mkdir(exist_ok=True)
-        page.screenshot(path=DOCS / "monitor.png")

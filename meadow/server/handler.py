@@ -230,10 +230,9 @@ class BlockHandler:
             tuning = self._check_tuning(span, request, message[0])
             if request.session_id is not None and request.session_id in self.inboxes:
                 raise BadRequest(f"session id {request.session_id!r} is already in use here")
-            peer, limits = context.remote_id, self.limits
+            peer = context.remote_id
             tokens = request.batch_size * request.max_length
-            share, sessions, priority = limits.max_peer_cache_share, limits.max_peer_sessions, self.priority(peer)
-            with self.budget.reserve(tokens, peer, share, sessions, request.ticket, priority):
+            with self.budget.reserve(tokens, peer, request.ticket, self.priority(peer)):
                 # zeroing a big KV cache takes a while: not on the event loop
                 session = await asyncio.get_running_loop().run_in_executor(
                     None, Session.open, span, request.blocks, request.batch_size, request.max_length, tuning

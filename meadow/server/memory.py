@@ -18,8 +18,9 @@ LINE_PATIENCE = 5.0
 
 @dataclass
 class Waiter:
-    """A session refused for want of room, that keeps its place in the line by asking again with the same ticket."""
+    """A refused session that keeps its place in the line by asking again with the same ticket."""
 
+    peer: Hashable
     tokens: int
     priority: int
     arrived: int  # its place among those of its priority
@@ -31,12 +32,17 @@ class Waiter:
 
 class CacheBudget:
     """Token slots (batch x length) of KV cache for every hosted block; a session holds its slots until it ends.
-    Slots and sessions are counted per peer too, so that no peer can take the whole server. Sessions refused for
-    want of room wait in a line, by priority (points), then first come, first served: a newcomer gets room only if
-    it leaves enough for everyone waiting ahead of it, so clients that ask more often do not jump the queue."""
+    No peer may hold more than `max_peer_share` of the slots or `max_peer_sessions` sessions. Refused sessions wait
+    in a line, by priority (points), then first come, first served: a session gets room only if it leaves enough for
+    those ahead of it (each peer's, as far as its share allows), so clients that ask more often do not jump the
+    queue, and a peer's own sessions (an API's users, say) are served in their order too."""
 
-    def __init__(self, tokens: int, patience: float = LINE_PATIENCE):
+    def __init__(
+        self, tokens: int, max_peer_share: float = 1.0, max_peer_sessions: int | None = None,
+        patience: float = LINE_PATIENCE,
+    ):  # fmt: skip
         self.total, self.patience = tokens, patience
+        self.peer_limit, self.max_peer_sessions = int(max_peer_share * tokens), max_peer_sessions
         self.used = 0
         self.peer_tokens: Counter[Hashable] = Counter()
         self.peer_sessions: Counter[Hashable] = Counter()
@@ -51,53 +57,34 @@ class CacheBudget:
     def room(self) -> int:
         """Slots a newcomer could take now: those left, less what the line waits for (what routing is told)."""
         self._forget_stale()
-        return max(0, self.left - sum(waiter.tokens for waiter in self.line.values()))
+        return max(0, self.left - self._claimed(list(self.line.values())))
 
     @contextmanager
     def reserve(
-        self, tokens: int, peer: Hashable = None, max_peer_share: float = 1.0, max_peer_sessions: int | None = None,
-        ticket: str | None = None, priority: int = 0,
-    ) -> Iterator[None]:  # fmt: skip
-        """Hold `tokens` slots for `peer` inside; ServerBusy if they are not free, or if the peer would then hold
-        more than max_peer_share of all slots or more than max_peer_sessions sessions. BadRequest if they never will
-        be: waiting would not help. A request refused for want of room keeps its place in the line while it asks
-        again with the same `ticket` (at least every `patience` seconds)."""
-        peer_limit = int(max_peer_share * self.total)
-        if tokens > peer_limit:
+        self, tokens: int, peer: Hashable = None, ticket: str | None = None, priority: int = 0
+    ) -> Iterator[None]:
+        """Hold `tokens` slots for `peer` inside; ServerBusy if they are not free for it now, BadRequest if they never
+        will be. A refused request keeps its place in the line while it asks again with the same `ticket` (at least
+        every `patience` seconds)."""
+        if tokens > self.peer_limit:
             raise BadRequest(
                 f"the session needs {tokens} token slots of KV cache (batch x max_length), and this server lends one "
-                f"peer at most {peer_limit} (of its {self.total}): ask for fewer, or use a server with more"
+                f"peer at most {self.peer_limit} (of its {self.total}): ask for fewer, or use a server with more"
             )
         key = None if ticket is None else (peer, ticket)
         self._forget_stale()
-        # a peer's places in the line count as held sessions: else one peer could queue for all the room there is,
-        # ahead of everyone, or fill the line
-        mine = [waiter for k, waiter in self.line.items() if k[0] == peer and k != key]
-        if max_peer_sessions is not None and self.peer_sessions[peer] + len(mine) >= max_peer_sessions:
-            self.line.pop(key, None)  # it waits for its own sessions to end, not for room: it holds no place
-            waits = f" (and wait for {len(mine)})" if mine else ""
-            raise ServerBusy(f"you already hold {self.peer_sessions[peer]} sessions here{waits}, the most one peer may")
-        queued = sum(waiter.tokens for waiter in mine)
-        if self.peer_tokens[peer] + queued + tokens > peer_limit:
-            self.line.pop(key, None)
-            waits = f", wait for {queued}" if queued else ""
-            raise ServerBusy(
-                f"one peer may hold at most {peer_limit} of the {self.total} KV cache token slots; you hold "
-                f"{self.peer_tokens[peer]}{waits} and the session needs {tokens}"
-            )
         me = self.line.get(key)
         arrived = me.arrived if me is not None else float("inf")
-        ahead = [w for k, w in self.line.items() if k != key and w.ahead_of(priority, arrived)]
-        if tokens + sum(waiter.tokens for waiter in ahead) > self.left:
-            if key is not None:
-                if me is None:
-                    me = self.line[key] = Waiter(tokens, priority, next(self.arrivals), 0.0)
+        ahead = [waiter for k, waiter in self.line.items() if k != key and waiter.ahead_of(priority, arrived)]
+        try:
+            self._check(tokens, peer, ahead)
+        except ServerBusy:
+            places = sum(waiter.peer == peer for waiter in self.line.values())
+            if me is None and key is not None and places < (self.max_peer_sessions or float("inf")):
+                me = self.line[key] = Waiter(peer, tokens, priority, next(self.arrivals), 0.0)
+            if me is not None:
                 me.tokens, me.priority, me.asked = tokens, priority, time.monotonic()
-            waiting = f"; sessions waiting ahead of yours: {len(ahead)}, for {sum(w.tokens for w in ahead)} slots"
-            raise ServerBusy(
-                f"not enough KV cache: the session needs {tokens} token slots (batch x max_length), "
-                f"{self.left} of {self.total} are free" + (waiting if ahead else "")
-            )
+            raise
         self.line.pop(key, None)
         self.used += tokens
         self.peer_tokens[peer] += tokens
@@ -110,6 +97,36 @@ class CacheBudget:
             self.peer_sessions[peer] -= 1
             if not self.peer_sessions[peer]:
                 del self.peer_tokens[peer], self.peer_sessions[peer]
+
+    def _check(self, tokens: int, peer: Hashable, ahead: list[Waiter]) -> None:
+        """ServerBusy unless a session of `tokens` for `peer` fits now, after the waiters `ahead` of it."""
+        mine = [waiter for waiter in ahead if waiter.peer == peer]  # the peer's own earlier requests come first
+        held, sessions = self.peer_tokens[peer], self.peer_sessions[peer]
+        waits = f" (and wait for {len(mine)}, for {sum(w.tokens for w in mine)} slots)" if mine else ""
+        if self.max_peer_sessions is not None and sessions + len(mine) >= self.max_peer_sessions:
+            raise ServerBusy(f"you already hold {sessions} sessions here{waits}, the most one peer may")
+        claimed = self._claimed(ahead)
+        if tokens + claimed > self.left:
+            queued = f", and sessions waiting ahead of yours claim {claimed}" if claimed else ""
+            raise ServerBusy(
+                f"not enough KV cache: the session needs {tokens} token slots (batch x max_length), "
+                f"{self.left} of {self.total} are free{queued}"
+            )
+        if held + sum(waiter.tokens for waiter in mine) + tokens > self.peer_limit:
+            raise ServerBusy(
+                f"one peer may hold at most {self.peer_limit} of the {self.total} KV cache token slots; you hold "
+                f"{held}{waits} and the session needs {tokens}"
+            )
+
+    def _claimed(self, waiters: list[Waiter]) -> int:
+        """The slots `waiters` would take as room comes, in line order: a peer's only as far as its share allows (a
+        waiter its own peer's sessions hold back keeps no room from others)."""
+        taken, claimed = Counter(self.peer_tokens), 0
+        for waiter in sorted(waiters, key=lambda w: (-w.priority, w.arrived)):
+            taken[waiter.peer] += waiter.tokens
+            if taken[waiter.peer] <= self.peer_limit:
+                claimed += waiter.tokens
+        return claimed
 
     def _forget_stale(self) -> None:
         now = time.monotonic()

@@ -106,7 +106,8 @@ class Server:
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
-        self.budget = CacheBudget(config.cache_tokens)  # one budget for the server's life: a move keeps its size
+        limits = config.limits  # one budget for the server's life: a move keeps its size
+        self.budget = CacheBudget(config.cache_tokens, limits.max_peer_cache_share, limits.max_peer_sessions)
         self.handler = BlockHandler(self.model_config, self.budget, config.limits, self.info_dict)
 
     def run(self) -> None:
