@@ -29,7 +29,7 @@ from meadow.models import load_blocks, load_config
 from meadow.models.llama import linear_shapes
 from meadow.models.lora import load_peft_adapter
 from meadow.server.compute_loop import ComputeLoop, choose_batch
-from meadow.server.memory import CacheBudget
+from meadow.server.memory import BY_ARRIVAL_EVERY, CacheBudget
 from meadow.server.span import Session, Span
 from meadow.server.tuning import TuningInputs
 from meadow.wire import RPC_INFO, BlockRange, LoraEntry, OpenSession, RemoteError, ServerBusy
@@ -107,9 +107,31 @@ def test_sessions_waiting_for_room_are_served_in_order_of_priority_then_arrival(
         assert refused(120, "fourth") and refused(120, "paying", priority=1)
     assert refused(120, "fourth") and not refused(120, "paying", priority=1) and not refused(120, "fourth")
     with budget.reserve(150, "holder"):
-        assert refused(100, "fifth") and budget.line
+        assert refused(100, "sixth") and budget.line
     time.sleep(0.6)  # a waiter that stops asking (served elsewhere, or gone) loses its place
     assert budget.room == 200 and not budget.line
+
+
+def test_waiters_without_points_are_not_starved_by_those_with():
+    budget = CacheBudget(100)
+    waiting = [("poor", 0)] + [(f"rich{i}", 5) for i in range(6)]  # the poor one came first
+    with budget.reserve(100, "holder"):
+        for peer, priority in waiting:
+            with pytest.raises(ServerBusy):
+                with budget.reserve(100, peer, f"ticket-{peer}", priority):
+                    pass
+    served = []
+    for _ in range(len(waiting)):  # each round, all ask in turn; room for one
+        for peer, priority in waiting:
+            try:
+                with budget.reserve(100, peer, f"ticket-{peer}", priority):
+                    served.append(peer)
+            except ServerBusy:
+                continue
+            waiting.remove((peer, priority))
+            break
+    assert served.index("poor") < BY_ARRIVAL_EVERY  # not last: every 4th turn goes to the longest wait
+    assert [peer for peer in served if peer != "poor"] == [f"rich{i}" for i in range(6)]
 
 
 def test_one_peers_waiting_sessions_keep_their_order_and_claim_no_more_room_than_its_share():

@@ -14,6 +14,8 @@ from meadow.wire import BadRequest, ServerBusy
 # seconds a request keeps its place in the line without asking again: a waiting client asks every second
 # (ClientConfig.busy_retry); one that stopped asking was served elsewhere or gave up
 LINE_PATIENCE = 5.0
+# every 4th session let in is the one that has waited longest, whatever its points: those without are never starved
+BY_ARRIVAL_EVERY = 4
 
 
 @dataclass
@@ -23,19 +25,17 @@ class Waiter:
     peer: Hashable
     tokens: int
     priority: int
-    arrived: int  # its place among those of its priority
+    arrived: int  # the order it came in
     asked: float  # when it last asked (time.monotonic)
-
-    def ahead_of(self, priority: int, arrived: float) -> bool:
-        return (self.priority, -self.arrived) > (priority, -arrived)
 
 
 class CacheBudget:
     """Token slots (batch x length) of KV cache for every hosted block; a session holds its slots until it ends.
     No peer may hold more than `max_peer_share` of the slots or `max_peer_sessions` sessions. Refused sessions wait
-    in a line, by priority (points), then first come, first served: a session gets room only if it leaves enough for
-    those ahead of it (each peer's, as far as its share allows), so clients that ask more often do not jump the
-    queue, and a peer's own sessions (an API's users, say) are served in their order too."""
+    in a line, by priority (points), then first come, first served (every BY_ARRIVAL_EVERY-th turn, by arrival
+    alone): a session gets room only if it leaves enough for those ahead of it (each peer's, as far as its share
+    allows), so clients that ask more often do not jump the queue, and a peer's own sessions (an API's users, say)
+    are served in their order too."""
 
     def __init__(
         self, tokens: int, max_peer_share: float = 1.0, max_peer_sessions: int | None = None,
@@ -48,6 +48,7 @@ class CacheBudget:
         self.peer_sessions: Counter[Hashable] = Counter()
         self.line: dict[Hashable, Waiter] = {}  # by (peer, ticket)
         self.arrivals = itertools.count()
+        self.let_in = 0  # sessions given room so far
 
     @property
     def left(self) -> int:
@@ -74,18 +75,22 @@ class CacheBudget:
         key = None if ticket is None else (peer, ticket)
         self._forget_stale()
         me = self.line.get(key)
-        arrived = me.arrived if me is not None else float("inf")
-        ahead = [waiter for k, waiter in self.line.items() if k != key and waiter.ahead_of(priority, arrived)]
+        if me is not None:
+            me.priority = priority
+        newcomer = Waiter(peer, tokens, priority, next(self.arrivals), 0.0)  # where it would stand if it came now
+        order = self._order([*(w for k, w in self.line.items() if k != key), me or newcomer])
+        ahead = order[: order.index(me or newcomer)]
         try:
             self._check(tokens, peer, ahead)
         except ServerBusy:
             places = sum(waiter.peer == peer for waiter in self.line.values())
             if me is None and key is not None and places < (self.max_peer_sessions or float("inf")):
-                me = self.line[key] = Waiter(peer, tokens, priority, next(self.arrivals), 0.0)
+                me = self.line[key] = newcomer
             if me is not None:
-                me.tokens, me.priority, me.asked = tokens, priority, time.monotonic()
+                me.tokens, me.asked = tokens, time.monotonic()
             raise
         self.line.pop(key, None)
+        self.let_in += 1
         self.used += tokens
         self.peer_tokens[peer] += tokens
         self.peer_sessions[peer] += 1
@@ -122,11 +127,17 @@ class CacheBudget:
         """The slots `waiters` would take as room comes, in line order: a peer's only as far as its share allows (a
         waiter its own peer's sessions hold back keeps no room from others)."""
         taken, claimed = Counter(self.peer_tokens), 0
-        for waiter in sorted(waiters, key=lambda w: (-w.priority, w.arrived)):
+        for waiter in self._order(waiters):
             taken[waiter.peer] += waiter.tokens
             if taken[waiter.peer] <= self.peer_limit:
                 claimed += waiter.tokens
         return claimed
+
+    def _order(self, waiters: list[Waiter]) -> list[Waiter]:
+        """The line's order for the next session let in: higher priority first, then first come, first served; or,
+        every BY_ARRIVAL_EVERY-th time, first come, first served alone."""
+        by_arrival = self.let_in % BY_ARRIVAL_EVERY == BY_ARRIVAL_EVERY - 1
+        return sorted(waiters, key=lambda waiter: (0 if by_arrival else -waiter.priority, waiter.arrived))
 
     def _forget_stale(self) -> None:
         now = time.monotonic()
