@@ -82,15 +82,19 @@ def local_answer(path, question: str, max_tokens: int) -> str:
     return text[: min([text.find(stop) for stop in stop_strings(tokenizer) if stop in text], default=len(text))]
 
 
-def test_chat_page_streams_the_greedy_answer(page, served):
-    page.goto(served["url"])
-    # keyboard only: temperature to 0 (greedy), a token budget, the question, Enter
+def type_question(page, url: str, question: str, max_tokens: int) -> None:
+    """Open the chat page and, keyboard only, set the temperature to 0 (greedy), a token budget, and the question."""
+    page.goto(url)
     page.focus("#temperature")
     page.keyboard.press("Home")
-    page.fill("#max-tokens", "24")
+    page.fill("#max-tokens", str(max_tokens))
     page.focus("#prompt")
-    question = "What grows in a meadow?"
     page.keyboard.type(question)
+
+
+def test_chat_page_streams_the_greedy_answer(page, served):
+    question = "What grows in a meadow?"
+    type_question(page, served["url"], question, 24)
     # record every text the answer shows while it streams
     page.evaluate("""() => {
         window.seen = [];
@@ -119,13 +123,8 @@ def test_chat_page_streams_the_greedy_answer(page, served):
 
 
 def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
-    page.goto(served["url"])
     # greedy: a sampled answer of the random tiny model may end after a character or two, before Escape
-    page.focus("#temperature")
-    page.keyboard.press("Home")
-    page.fill("#max-tokens", "3000")
-    page.focus("#prompt")
-    page.keyboard.type("Say a lot")
+    type_question(page, served["url"], "Say a lot", 3000)
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelector('.turn.assistant .bubble')?.textContent.length > 3", timeout=60_000)
     page.keyboard.press("Escape")
@@ -171,13 +170,8 @@ def test_chat_page_says_when_it_waits_for_room_on_full_servers(page, served):
         sessions = [holder.inference_session(4096, batch) for holder, batch in zip(holders, (3, 1))]
         for session, batch in zip(sessions, (3, 1)):
             session.step(torch.randn(batch, 2, config.hidden_size), torch.arange(2).expand(batch, 2), None)
-        page.goto(served["url"])
-        page.focus("#temperature")
-        page.keyboard.press("Home")
-        page.fill("#max-tokens", "8")
-        page.focus("#prompt")
         question = "Is there room?"
-        page.keyboard.type(question)
+        type_question(page, served["url"], question, 8)
         page.keyboard.press("Enter")
         page.wait_for_selector(".turn.assistant .waiting", timeout=30_000)
         assert "waiting for room" in page.text_content(".turn.assistant .waiting")
