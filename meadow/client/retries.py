@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
 from meadow.client.config import ClientConfig
 from meadow.client.transport import is_server_failure
@@ -22,13 +21,11 @@ def is_busy(error: BaseException) -> bool:
 class Retries:
     """One request's tries. A server that failed may be replaced `max_retries` times. A full one (ServerBusy) is no
     failure and uses up none of them: the request tries other servers and, while every one is full, waits for
-    room, up to `busy_wait` seconds after the first such answer (a wait that the user is told about). Its `ticket`
-    keeps its place in full servers' lines for room. Once `give_up` is set (whoever wanted the answer has gone), no
-    more tries."""
+    room, up to `busy_wait` seconds after the first such answer (a wait that the user is told about). Once `give_up`
+    is set (whoever wanted the answer has gone), no more tries."""
 
     def __init__(self, config: ClientConfig, give_up: threading.Event | None = None):
         self.config, self.give_up, self.failovers, self.busy_until = config, give_up, 0, None
-        self.ticket = uuid.uuid4().hex
 
     def allow(self, error: BaseException) -> bool:
         """True if the request may go on after `error`: on another server, or on the same one once it has room."""

@@ -250,12 +250,13 @@ class InferenceSession:
         """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is
         banned and another tried, up to max_retries times; while all are full, it waits for room (Retries)."""
         retries = Retries(self.sequence.config, self.give_up)
+        ticket = uuid.uuid4().hex  # keeps our place in full servers' lines for room, from try to try
         while True:
             segments: list[Segment] = []
             try:
                 cache_tokens = self.batch_size * self.max_length  # what each server must have room for
                 chain = self.sequence.make_chain(blocks, cache_tokens)  # routes here, not on the loop: make_chain waits on it
-                segments = run(self._open_streams(chain, retries.ticket))
+                segments = run(self._open_streams(chain, ticket))
                 if history:
                     self._replay(history, segments)
                 self.waiting_for_room = None
