@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -320,7 +321,9 @@ def test_the_api_goes_on_when_its_dht_process_and_p2p_daemon_die(client, model_i
 def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(checkpoints, reference):
     """The only server is full (another peer's session holds 150 of its 200 cache slots): a request waits for room
     and gets its greedy text once that session ends, and a streamed one says at once that it waits; a request whose
-    client went away while it waited is cancelled then and there, not when the server frees up."""
+    client went away while it waited is cancelled then and there, not when the server frees up. A streamed request
+    that waits, is served by a new server, which dies mid-reply, says that it waits again, at the place in line it
+    left, and its text goes on."""
     path = checkpoints("llama", num_layers=4)
     prompt, max_tokens = "Bees", 60  # a session of 60-odd slots: no room in the 50 left
     expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], max_tokens)[0]
@@ -357,5 +360,37 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
                     text = "".join(chunk.choices[0].text for chunk in streamed)
             assert status == 200 and reply["choices"][0]["text"] == expected
             assert text == expected
+            # a streamed request waits at the full server, is served by a new one, which dies mid-reply: it says that it
+            # waits again, at the place in line it left (no session ahead of it), and its text goes on
+            long_tokens = 120  # room on a fresh server (150 of its 200 for one peer), not in the 50 the holder leaves
+            prompt_ids = reference[1](prompt, return_tensors="pt")["input_ids"]
+            expected, finish, _ = local_reply(reference, prompt_ids, long_tokens)
+            assert finish == "length"  # the reply is long: its server dies before it ends
+            with holder.inference_session(max_length=150, batch_size=1) as held:
+                held.step(hidden, positions, torch.ones(1, 3, dtype=torch.bool))  # the only server is full again
+                lines_before = len(api.lines)
+                streamed = client.completions.create(
+                    model="tiny-llama", prompt=prompt, max_tokens=long_tokens, temperature=0, stream=True
+                )  # fmt: skip
+                chunks = iter(streamed)
+                assert "not enough KV cache" in next(chunks).model_extra["meadow"]["waiting"]
+                spare = swarm.start_server(path, "--blocks", "0:4", "--cache-tokens", "200")
+                text = ""
+                while not text:
+                    text = next(chunks).choices[0].text
+                spare.signal(signal.SIGKILL)
+                release = threading.Timer(30, held.close)  # ends the wait (and the test) if the stream never tells
+                release.start()
+                waits = []  # those told after the first text
+                for chunk in chunks:
+                    if waiting := (chunk.model_extra.get("meadow") or {}).get("waiting"):
+                        waits.append(waiting)
+                        release.cancel()
+                        held.close()
+                    text += chunk.choices[0].text
+            assert len(waits) == 1 and "not enough KV cache" in waits[0]
+            assert text == expected
+            refusals = [line for line in api.lines[lines_before:] if "is full (ServerBusy" in line]
+            assert len(refusals) >= 2 and not any("waiting ahead of yours" in line for line in refusals)
         finally:
             holder.close()

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error, install_error_handlers
-from meadow.api.generation import TextGeneration
+from meadow.api.generation import TextGeneration, Waiting
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
@@ -131,10 +131,11 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
                 return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
             yield chunk({"role": "assistant", "content": ""})
-            if generation.waiting:  # an extra field, as the last chunk's: OpenAI's clients let it pass
-                yield {**chunk({}), "meadow": {"waiting": generation.waiting}}
-            async for text in generation.deltas():
-                yield chunk({"content": text})
+            async for piece in generation.deltas(tell_waits=True):
+                if isinstance(piece, Waiting):  # an extra field, as the last chunk's: OpenAI's clients let it pass
+                    yield {**chunk({}), "meadow": {"waiting": piece.reason}}
+                else:
+                    yield chunk({"content": piece})
             yield {**chunk({}, generation.outcome.finish_reason), "meadow": meadow_info(generation)}
             if request.include_usage:
                 yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generation)}
@@ -162,10 +163,11 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             return {**head, "choices": [choice(text, generation.outcome.finish_reason)], **extra}
 
         async def chunks() -> AsyncIterator[dict]:
-            if generation.waiting:
-                yield {**head, "choices": [choice("", None)], "meadow": {"waiting": generation.waiting}}
-            async for text in generation.deltas():
-                yield {**head, "choices": [choice(text, None)]}
+            async for piece in generation.deltas(tell_waits=True):
+                if isinstance(piece, Waiting):
+                    yield {**head, "choices": [choice("", None)], "meadow": {"waiting": piece.reason}}
+                else:
+                    yield {**head, "choices": [choice(piece, None)]}
             yield {**head, "choices": [choice("", generation.outcome.finish_reason)], "meadow": meadow_info(generation)}
             if request.include_usage:
                 yield {**head, "choices": [], "usage": usage(generation)}

@@ -18,7 +18,7 @@ from meadow.api.sampling import logits_processors
 
 logger = logging.getLogger(__name__)
 
-WAIT_CHECK_SECONDS = 0.25  # how often start() looks whether the request waits for room, until its first token
+WAIT_CHECK_SECONDS = 0.25  # how often a request that has no new token looks whether it waits for room
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ class Outcome:
     servers: list[dict] = field(default_factory=list)  # the chain that served it: [{"peer", "blocks"}]
     seconds: float = 0.0
     first_token_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The request waits for room on full servers (`reason`: the servers' words), told by `deltas(tell_waits=True)`."""
+
+    reason: str
 
 
 class _Cancelled(StoppingCriteria):
@@ -73,8 +80,8 @@ class _ToLoop(BaseStreamer):
 
 class TextGeneration:
     """`start()` runs generate on a new thread and returns at its first token (raising what it raised before that:
-    missing blocks, a refused session), or once the request waits for room on full servers (`waiting` says why);
-    `deltas()` then yields the text as it grows, up to a stop string, and leaves how it ended in `outcome`.
+    missing blocks, a refused session), or once the request waits for room on full servers; `deltas()` then yields
+    the text as it grows (and, if asked, each wait for room), up to a stop string, and leaves how it ended in `outcome`.
     `close()` (a client that went away) stops generate, which closes its inference session on the servers."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling):
@@ -86,9 +93,8 @@ class TextGeneration:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._first: tuple | None = None
-        self._next: asyncio.Future | None = None  # the first item, awaited still when start() told of a wait
+        self._next: asyncio.Future | None = None  # the next item, awaited still (start() returned as it waits for room)
         self.session = None  # the GenerationSession, once the worker thread has made it
-        self.waiting: str | None = None  # why nothing comes yet, when start() returned before the first token
         self._began = 0.0
         self._closed = False
 
@@ -105,9 +111,9 @@ class TextGeneration:
         first = asyncio.ensure_future(self._queue.get())
         while not first.done():
             await asyncio.wait((first,), timeout=WAIT_CHECK_SECONDS)
-            if not first.done() and self.session is not None and self.session.waiting_for_room:
-                self.waiting, self._next = self.session.waiting_for_room, first  # the response can begin, and say why
-                return                                                          # nothing comes yet
+            if not first.done() and self._waiting_for_room():
+                self._next = first  # the response can begin, and say why nothing comes yet
+                return
         self._first = first.result()
         if self._first[0] == "done" and self._first[2] is not None:
             self.outcome.finish_reason = "error"
@@ -142,14 +148,29 @@ class TextGeneration:
             error = e
         send(("done", hops, error))
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """The reply's text, piece by piece, as the tokens come; raises what generate raised."""
+    def _waiting_for_room(self) -> str | None:
+        return self.session.waiting_for_room if self.session is not None else None
+
+    async def deltas(self, tell_waits: bool = False) -> AsyncIterator[str | Waiting]:
+        """The reply's text, piece by piece, as the tokens come; raises what generate raised. With `tell_waits`, also a
+        `Waiting` whenever the request begins to wait for room on full servers (before its first token, or after a
+        failover mid-reply), so that a streamed response can say why nothing comes."""
         ids: list[int] = []
         sent = ""  # text already yielded
         text = ""
+        told = None  # the wait already told of, while it lasts
         try:
             while True:
-                item = self._first or await (self._next or self._queue.get())
+                item = self._first
+                if item is None:
+                    self._next = pending = self._next or asyncio.ensure_future(self._queue.get())
+                    while tell_waits and not pending.done():
+                        waiting = self._waiting_for_room()
+                        if waiting and not told:
+                            yield Waiting(waiting)
+                        told = waiting
+                        await asyncio.wait((pending,), timeout=WAIT_CHECK_SECONDS)
+                    item = await pending
                 self._first = self._next = None
                 if item[0] == "done":
                     _, hops, error = item
@@ -173,6 +194,8 @@ class TextGeneration:
             if len(text) > len(sent) and not text.endswith("\ufffd"):
                 yield text[len(sent) :]  # held back as a possible start of a stop string that never came
         finally:
+            if self._next is not None:  # the response ended while it waited for a token
+                self._next.cancel()
             self.close()
 
     def _add(self, ids: list[int], new: list[int]) -> tuple[str, int]:

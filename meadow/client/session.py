@@ -113,6 +113,9 @@ class InferenceSession:
         self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
         self.segments: list[Segment] | None = None
         self.waiting_for_room: str | None = None  # while every server that could hold the session is full: why
+        # keeps our place in full servers' lines for room, from try to try and failover to failover: a place we
+        # left for another server (which then failed) is still ours when we come back, not someone ahead of us
+        self.ticket = uuid.uuid4().hex
 
     @property
     def hops(self) -> list[Hop]:
@@ -250,13 +253,12 @@ class InferenceSession:
         """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is
         banned and another tried, up to max_retries times; while all are full, it waits for room (Retries)."""
         retries = Retries(self.sequence.config, self.give_up)
-        ticket = uuid.uuid4().hex  # keeps our place in full servers' lines for room, from try to try
         while True:
             segments: list[Segment] = []
             try:
                 cache_tokens = self.batch_size * self.max_length  # what each server must have room for
                 chain = self.sequence.make_chain(blocks, cache_tokens)  # routes here, not on the loop: make_chain waits on it
-                segments = run(self._open_streams(chain, ticket))
+                segments = run(self._open_streams(chain, self.ticket))
                 if history:
                     self._replay(history, segments)
                 self.waiting_for_room = None

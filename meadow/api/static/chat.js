@@ -133,7 +133,7 @@ async function send() {
   const began = performance.now();
   await modelReady;
   let answer = "", info = null, tokens;
-  // shown while every server that could answer is full, until the first words come
+  // shown while every server that could answer is full (at first, or after a failover mid-answer), until words come
   const waiting = element("div", "waiting", "The servers are full: waiting for room…");
   try {
     const response = await fetch("/v1/chat/completions", {
