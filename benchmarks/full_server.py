@@ -1,8 +1,10 @@
 """More users than a server has room for: does each wait its turn and get its answer?
 
     python -m benchmarks.full_server [MODEL] [--clients 6] [--room 2] [--new-tokens 300] [--stagger SECONDS]
+                                     [--servers 1]
 
-One server holds every block (on 127.0.0.1), with KV cache for `--room` sessions; `--clients` clients, each its own
+One server holds every block (on 127.0.0.1), or `--servers` servers hold a part each (a chain through all of them),
+each with KV cache for `--room` sessions; `--clients` clients, each its own
 model in this process, generate `--new-tokens` greedy tokens at once from a 20-token prompt. Those that find the
 server full wait for room. It prints each client's outcome, whether its tokens are transformers' greedy tokens, and
 its seconds as a ratio to transformers generating the same tokens alone in this process. With `--stagger`, each
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--room", type=int, default=2, help="sessions the server's KV cache holds at once")
     parser.add_argument("--new-tokens", type=int, default=300)
+    parser.add_argument("--servers", type=int, default=1, help="servers holding a part of the blocks each")
     parser.add_argument("--stagger", type=float, default=0.0, help="seconds between one client's start and the next")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")  # the clients' "waiting" lines
@@ -51,7 +54,9 @@ def main() -> None:
     cache = max(args.room * session_tokens + session_tokens // 2, (4 * session_tokens + 2) // 3)
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        swarm.start_server(model, "--blocks", f"0:{num_blocks}", "--cache-tokens", str(cache))
+        bounds = [num_blocks * i // args.servers for i in range(args.servers + 1)]
+        for start, end in zip(bounds, bounds[1:]):
+            swarm.start_server(model, "--blocks", f"{start}:{end}", "--cache-tokens", str(cache))
         clients = [AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers) for _ in prompts]
 
         def generate(index: int) -> str:
@@ -61,7 +66,8 @@ def main() -> None:
         outcomes = at_once(generate, len(clients), local, "one local generation", args.stagger)
         for client in clients:
             client.close()
-    print(f"{args.clients} clients, one server with room for {args.room} sessions of {session_tokens} tokens "
+    servers = "one server" if args.servers == 1 else f"{args.servers} servers in a chain, each"
+    print(f"{args.clients} clients, {servers} with room for {args.room} sessions of {session_tokens} tokens "
           f"({cache} cache token slots); one local generation of {args.new_tokens} tokens: {local:.1f} s")  # fmt: skip
     for index, outcome in enumerate(outcomes):
         print(f"client {index}: {outcome}")
