@@ -322,8 +322,8 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
     """The only server is full (another peer's session holds 150 of its 200 cache slots): a request waits for room
     and gets its greedy text once that session ends, and a streamed one says at once that it waits; a request whose
     client went away while it waited is cancelled then and there, not when the server frees up. A streamed request
-    that waits, is served by a new server, which dies mid-reply, says that it waits again, at the place in line it
-    left, and its text goes on."""
+    that waits, is served by a new server, which dies mid-reply, says that it waits again, with no session ahead of
+    it, and its text goes on."""
     path = checkpoints("llama", num_layers=4)
     prompt, max_tokens = "Bees", 60  # a session of 60-odd slots: no room in the 50 left
     expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], max_tokens)[0]
@@ -361,7 +361,7 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
             assert status == 200 and reply["choices"][0]["text"] == expected
             assert text == expected
             # a streamed request waits at the full server, is served by a new one, which dies mid-reply: it says that it
-            # waits again, at the place in line it left (no session ahead of it), and its text goes on
+            # waits again (its own old place in line, left when served, is no session ahead of it), and its text goes on
             long_tokens = 120  # room on a fresh server (150 of its 200 for one peer), not in the 50 the holder leaves
             prompt_ids = reference[1](prompt, return_tensors="pt")["input_ids"]
             expected, finish, _ = local_reply(reference, prompt_ids, long_tokens)

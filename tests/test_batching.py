@@ -29,7 +29,7 @@ from meadow.models import load_blocks, load_config
 from meadow.models.llama import linear_shapes
 from meadow.models.lora import load_peft_adapter
 from meadow.server.compute_loop import ComputeLoop, choose_batch
-from meadow.server.memory import BY_ARRIVAL_EVERY, CacheBudget
+from meadow.server.memory import BY_ARRIVAL_EVERY, LINE_PATIENCE, CacheBudget
 from meadow.server.span import Session, Span
 from meadow.server.tuning import TuningInputs
 from meadow.wire import RPC_INFO, BlockRange, LoraEntry, OpenSession, RemoteError, ServerBusy
@@ -109,6 +109,13 @@ def test_sessions_waiting_for_room_are_served_in_order_of_priority_then_arrival(
     with budget.reserve(150, "holder"):
         assert refused(100, "sixth") and budget.line
     time.sleep(0.6)  # a waiter that stops asking (served elsewhere, or gone) loses its place
+    assert budget.room == 200 and not budget.line
+    with budget.reserve(150, "holder"):
+        assert refused(100, "seventh")
+    assert budget.room == 100  # the room it waits for is claimed...
+    budget.leave("holder", "ticket-seventh")  # ...and only the waiter's own peer can take its place out of the line
+    assert budget.room == 100
+    budget.leave("seventh", "ticket-seventh")  # one that says it waits no more gives the room back at once
     assert budget.room == 200 and not budget.line
 
 
@@ -563,3 +570,42 @@ def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
                 return peer
         time.sleep(0.5)
     raise TimeoutError(f"no server of blocks {blocks} appeared")
+
+
+def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server, path, span):
+    """A session that waits for room and is given up (its user left) tells the full server: the room its place
+    claimed is there for others at once, not only once the place would lapse (LINE_PATIENCE after its last ask)."""
+    steps = steps_of(KINDS[0], seed=13, prompt_length=5, decoding_steps=0)
+    config = ClientConfig(busy_retry=0.2)  # it asks often: its place would lapse about LINE_PATIENCE after it left
+    holder, leaving = [
+        connect_sequence(str(path), span.config, small_server.initial_peers, client_config=config) for _ in range(2)
+    ]
+    give_up, errors = threading.Event(), []
+
+    def wait_for_room() -> None:
+        try:
+            with leaving.inference_session(max_length=120, batch_size=1, give_up=give_up) as session:
+                session.step(*steps[0])
+        except RemoteError as e:
+            errors.append(e)
+
+    def room_is(tokens: int, within: float) -> None:
+        deadline = time.monotonic() + within
+        while server_info(holder, peer)["cache_tokens_left"] != tokens:
+            assert time.monotonic() < deadline, f"the server did not announce room for {tokens} within {within} s"
+            time.sleep(0.05)
+
+    try:
+        peer = holder.make_chain()[0].peer
+        with holder.inference_session(max_length=150, batch_size=1) as held:
+            held.step(*steps[0])  # 50 slots left
+            waiting = threading.Thread(target=wait_for_room)
+            waiting.start()
+            room_is(0, within=10)  # the other session waits for 120
+            give_up.set()
+            waiting.join(timeout=30)
+            assert errors and errors[0].kind == "ServerBusy"  # it gave up, refused for room
+            room_is(50, within=LINE_PATIENCE / 2)
+    finally:
+        holder.close()
+        leaving.close()

@@ -27,15 +27,16 @@ from meadow.client.config import ClientConfig
 from meadow.models import load_reference_model
 from meadow.points.rpc import RPC_LEDGER, RPC_RECEIPT
 from meadow.wire import (
-    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, BackwardRequest, ForwardRequest, OpenSession, Push,
-    Reply, Step, serialize, unpack,
+    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_LEAVE_LINE, RPC_PUSH, BackwardRequest, ForwardRequest,
+    OpenSession, Push, Reply, Step, serialize, unpack,
 )  # fmt: skip
 
 REQUESTS = int(os.environ.get("FUZZ_REQUESTS", "1000"))  # per RPC
 PEERS = 4  # fuzzing peers, each with its own peer id
 IN_FLIGHT = 4  # requests per peer at once
 HIDDEN, NUM_BLOCKS, MAX_LENGTH = 64, 4, 64
-RPCS = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_inference", "rpc_push", "rpc_receipt", "rpc_ledger")
+RPCS = ("rpc_info", "rpc_leave_line", "rpc_forward", "rpc_backward", "rpc_inference", "rpc_push", "rpc_receipt",
+        "rpc_ledger")  # fmt: skip
 REPLY_TIMEOUT = 60.0
 
 
@@ -213,12 +214,14 @@ class Fuzzer:
 
     async def request(self, rpc: str) -> str:
         m, blocks = self.mutator, {"start": 0, "end": NUM_BLOCKS}
-        if rpc == "rpc_info":
+        if rpc in ("rpc_info", "rpc_leave_line"):  # a uid (a ticket, for leave_line) and nothing else
+            name = RPC_INFO if rpc == "rpc_info" else RPC_LEAVE_LINE
             if self.rng.random() < 0.5:
-                await self.p2p.call_protobuf_handler(self.peer, RPC_INFO, runtime_pb2.ExpertUID(uid=os.urandom(8).hex()), runtime_pb2.ExpertInfo)
+                uid = runtime_pb2.ExpertUID(uid=os.urandom(self.rng.randrange(0, 64)).hex())
+                await self.p2p.call_protobuf_handler(self.peer, name, uid, runtime_pb2.ExpertInfo)
                 return "ok"
             try:
-                await self.p2p._client.call_unary_handler(self.peer, RPC_INFO, os.urandom(self.rng.randrange(1, 256)))
+                await self.p2p._client.call_unary_handler(self.peer, name, os.urandom(self.rng.randrange(1, 256)))
                 return "ok"
             except Exception as e:  # bytes that are no protobuf: hivemind answers its parse error
                 return f"{type(e).__name__} (hivemind: not a protobuf)"
@@ -353,7 +356,7 @@ def test_fuzzed_server_stays_up_answers_clearly_and_keeps_honest_tokens(server):
         clear = ("ok", "BadRequest", "ServerBusy", "WrongServer", "stale step skipped", "refused (points error)")
         unclear = {k: n for k, n in kinds.items() if k not in clear and "hivemind" not in k}
         assert not unclear, f"{rpc}: answers that are no clear error: {unclear}"
-        assert kinds["BadRequest"] + kinds["refused (points error)"] > 0 or rpc == "rpc_info"
+        assert kinds["BadRequest"] + kinds["refused (points error)"] > 0 or rpc in ("rpc_info", "rpc_leave_line")
     assert peak - baseline < 512 * 2**20, "the server's memory grew by over 512 MiB during the fuzz"
     assert group_peak - group_baseline < 1024 * 2**20, "the server's processes grew by over 1 GiB during the fuzz"
     assert "error" not in honest, honest.get("error")

@@ -20,7 +20,7 @@ from hivemind.proto import runtime_pb2
 
 from meadow.client import transport
 from meadow.client.config import ClientConfig
-from meadow.client.event_loop import on_client_loop, run
+from meadow.client.event_loop import client_loop, on_client_loop, run
 from meadow.client.retries import Retries, is_busy
 from meadow.client.routing import (
     Hop, MeasuredStep, MissingBlocksError, block_ranges, choose_chain, peers_to_ping, servers_by_peer,
@@ -32,8 +32,8 @@ from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
 from meadow.client.tuning import RemoteTuning
 from meadow.models.quant import with_quant_at_least
 from meadow.wire import (
-    PROTOCOL_VERSION, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, BackwardRequest, BlockRange, ForwardRequest, RemoteError,
-    default_wire,
+    PROTOCOL_VERSION, RPC_BACKWARD, RPC_FORWARD, RPC_INFO, RPC_LEAVE_LINE, BackwardRequest, BlockRange, ForwardRequest,
+    RemoteError, default_wire,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -421,6 +421,22 @@ class RemoteSequence:
                     run(p2p.shutdown())
                 finally:
                     self.dht.shutdown()
+
+    def leave_lines(self, peers: set[PeerID], ticket: str) -> None:
+        """Tell the full servers `peers`, where a session of ours waited for room with `ticket`, that it waits no more
+        (served elsewhere, or given up): its place stops claiming room at once, not when it lapses. Not waited for: a
+        dead server cannot hold us up, and an older one (without the handler) keeps the place until it lapses."""
+
+        async def leave(peer: PeerID) -> None:
+            request = runtime_pb2.ExpertUID(uid=ticket)
+            try:
+                call = self.p2p.call_protobuf_handler(peer, RPC_LEAVE_LINE, request, runtime_pb2.ExpertInfo)
+                await asyncio.wait_for(call, self.config.connect_timeout)
+            except Exception as e:
+                logger.debug(f"could not leave the line at {peer}: {e!r}")
+
+        for peer in peers:
+            asyncio.run_coroutine_threadsafe(leave(peer), client_loop())
 
     async def _ping_all(self, peers: list[PeerID]) -> dict[PeerID, float]:
         """Round trips to `peers`, at most `max_concurrent_pings` at a time; inf for a server that did not answer."""

@@ -113,9 +113,9 @@ class InferenceSession:
         self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
         self.segments: list[Segment] | None = None
         self.waiting_for_room: str | None = None  # while every server that could hold the session is full: why
-        # keeps our place in full servers' lines for room, from try to try and failover to failover: a place we
-        # left for another server (which then failed) is still ours when we come back, not someone ahead of us
+        # keeps our place in full servers' lines for room, from try to try: one session, one place at each server
         self.ticket = uuid.uuid4().hex
+        self.waiting_at: set[PeerID] = set()  # full servers that keep a place for our ticket in their lines
 
     @property
     def hops(self) -> list[Hop]:
@@ -262,11 +262,14 @@ class InferenceSession:
                 if history:
                     self._replay(history, segments)
                 self.waiting_for_room = None
+                self._leave_lines(keep={segment.hop.peer for segment in segments})
                 return segments
             except HopFailed as e:
                 peer, error = e.peer, e.error
             except Exception as e:
                 peer, error = None, e
+            if is_busy(error) and peer is not None:
+                self.waiting_at.add(peer)  # it keeps our place in its line: we leave it when served or gone
             if not retries.allow(error):
                 raise error  # outside the except clauses: the error as it came, not "during handling of" its wrapper
             self.waiting_for_room = error.remote_message if is_busy(error) else None
@@ -324,7 +327,15 @@ class InferenceSession:
             hidden = torch.cat(outputs, dim=1)
             segment.outputs = [hidden] if self.sequence.config.verify > 0 else []
 
+    def _leave_lines(self, keep: set[PeerID] = frozenset()) -> None:
+        """Leave the lines we wait in, so that our places claim no room, but at `keep` (which let us in: our place
+        there is gone already)."""
+        if self.waiting_at - keep:
+            self.sequence.leave_lines(self.waiting_at - keep, self.ticket)
+        self.waiting_at.clear()
+
     def close(self) -> None:
+        self._leave_lines()
         if self.segments is not None:
             for segment in self.segments:
                 run(segment.stream.close())

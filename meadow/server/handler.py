@@ -29,6 +29,7 @@ from meadow.wire import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_LEAVE_LINE,
     RPC_PUSH,
     BackwardRequest,
     BadRequest,
@@ -73,8 +74,8 @@ class Limits:
 
 
 class BlockHandler:
-    """Serves rpc_info, rpc_forward, rpc_backward, rpc_inference and rpc_push for the server's current Span (None
-    while it loads or moves). All compute goes through one ComputeLoop, which batches every client's work."""
+    """Serves rpc_info, rpc_leave_line, rpc_forward, rpc_backward, rpc_inference and rpc_push for the server's current
+    Span (None while it loads or moves). All compute goes through one ComputeLoop, which batches every client's work."""
 
     def __init__(self, config: BlockConfig, budget: CacheBudget, limits: Limits, info: Callable[[], dict]):
         self.config, self.budget, self.limits, self.info = config, budget, limits, info
@@ -130,6 +131,8 @@ class BlockHandler:
             raise error  # rpc_info's reply has no error field: hivemind sends the caller the message
 
         await p2p.add_protobuf_handler(RPC_INFO, guard(self.rpc_info, allowed, refuse_info), runtime_pb2.ExpertUID)
+        leave_line = guard(self.rpc_leave_line, allowed, refuse_info)
+        await p2p.add_protobuf_handler(RPC_LEAVE_LINE, leave_line, runtime_pb2.ExpertUID)
         requests, sessions = self.limits.max_peer_requests, self.limits.max_peer_sessions
         for name, handler in (
             (RPC_PUSH, self._per_peer(self.rpc_push, self.pushers, sessions, "push streams")),
@@ -143,6 +146,10 @@ class BlockHandler:
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(self.info()))
+
+    async def rpc_leave_line(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        self.budget.leave(context.remote_id, request.uid)
+        return runtime_pb2.ExpertInfo()
 
     async def rpc_forward(self, requests: Requests, context: P2PContext) -> Responses:
         try:

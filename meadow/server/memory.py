@@ -103,6 +103,11 @@ class CacheBudget:
             if not self.peer_sessions[peer]:
                 del self.peer_tokens[peer], self.peer_sessions[peer]
 
+    def leave(self, peer: Hashable, ticket: str) -> None:
+        """`peer`'s request with `ticket` waits here no more (served elsewhere, or given up): its claim ends now, not
+        when its place would lapse. Only the peer itself can take its place out of the line."""
+        self.line.pop((peer, ticket), None)
+
     def _check(self, tokens: int, peer: Hashable, ahead: list[Waiter]) -> None:
         """ServerBusy unless a session of `tokens` for `peer` fits now, after the waiters `ahead` of it."""
         mine = [waiter for waiter in ahead if waiter.peer == peer]  # the peer's own earlier requests come first

@@ -9,6 +9,7 @@ from meadow.wire.schemas import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_LEAVE_LINE,
     RPC_PUSH,
     BackwardRequest,
     BlockRange,

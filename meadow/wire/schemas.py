@@ -159,3 +159,4 @@ RPC_FORWARD = "meadow.rpc_forward"
 RPC_INFERENCE = "meadow.rpc_inference"
 RPC_BACKWARD = "meadow.rpc_backward"
 RPC_PUSH = "meadow.rpc_push"
+RPC_LEAVE_LINE = "meadow.rpc_leave_line"  # a session waits no more for room here: the request's uid is its ticket
