@@ -532,12 +532,6 @@ def test_room_that_frees_up_goes_to_the_session_that_waited_longest(small_server
         with first.inference_session(max_length=120, batch_size=1) as session:
             outputs.extend(session.step(*inputs) for inputs in steps)
 
-    def room_is(tokens: int) -> None:  # what the server tells routing: free slots less those its line waits for
-        deadline = time.monotonic() + 10
-        while server_info(holder, peer)["cache_tokens_left"] != tokens:
-            assert time.monotonic() < deadline, f"the server never announced room for {tokens}"
-            time.sleep(0.05)
-
     try:
         peer = holder.make_chain()[0].peer
         newcomer.make_chain()  # its routes known: it asks within a moment of the room freeing up, well before the first
@@ -545,8 +539,9 @@ def test_room_that_frees_up_goes_to_the_session_that_waited_longest(small_server
             held.step(*steps[0])  # 50 slots left: not enough for 120
             waiting = threading.Thread(target=generate)
             waiting.start()
-            room_is(0)  # the first is in line for 120
-        room_is(200 - 120)  # the holder is gone: 200 free, of which the first waits for 120, and asks again in 3 s
+            announces_room(holder, peer, 0)  # the first is in line for 120
+        # the holder is gone: 200 free, of which the first waits for 120, and asks again in 3 s
+        announces_room(holder, peer, 200 - 120)
         with pytest.raises(RemoteError, match="sessions waiting ahead of yours claim 120") as busy:
             with newcomer.inference_session(max_length=120, batch_size=1) as session:
                 session.step(*steps[0])
@@ -558,18 +553,6 @@ def test_room_that_frees_up_goes_to_the_session_that_waited_longest(small_server
     finally:
         for client in clients:
             client.close()
-
-
-def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
-    """The peer of a server of `blocks` once the DHT shows it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sequence.update_routes(force=True)
-        for peer, info in sequence.servers.items():
-            if f"{info.start}:{info.end}" == blocks:
-                return peer
-        time.sleep(0.5)
-    raise TimeoutError(f"no server of blocks {blocks} appeared")
 
 
 def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server, path, span):
@@ -589,23 +572,35 @@ def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server,
         except RemoteError as e:
             errors.append(e)
 
-    def room_is(tokens: int, within: float) -> None:
-        deadline = time.monotonic() + within
-        while server_info(holder, peer)["cache_tokens_left"] != tokens:
-            assert time.monotonic() < deadline, f"the server did not announce room for {tokens} within {within} s"
-            time.sleep(0.05)
-
     try:
         peer = holder.make_chain()[0].peer
         with holder.inference_session(max_length=150, batch_size=1) as held:
             held.step(*steps[0])  # 50 slots left
             waiting = threading.Thread(target=wait_for_room)
             waiting.start()
-            room_is(0, within=10)  # the other session waits for 120
+            announces_room(holder, peer, 0)  # the other session waits for 120
             give_up.set()
             waiting.join(timeout=30)
             assert errors and errors[0].kind == "ServerBusy"  # it gave up, refused for room
-            room_is(50, within=LINE_PATIENCE / 2)
+            announces_room(holder, peer, 50, within=LINE_PATIENCE / 2)
     finally:
         holder.close()
         leaving.close()
+
+def announces_room(sequence, peer, tokens: int, within: float = 10.0) -> None:
+    """Wait until the server tells routing it has room for `tokens` (free slots less those its line waits for)."""
+    deadline = time.monotonic() + within
+    while server_info(sequence, peer)["cache_tokens_left"] != tokens:
+        assert time.monotonic() < deadline, f"the server did not announce room for {tokens} within {within} s"
+        time.sleep(0.05)
+
+def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
+    """The peer of a server of `blocks` once the DHT shows it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sequence.update_routes(force=True)
+        for peer, info in sequence.servers.items():
+            if f"{info.start}:{info.end}" == blocks:
+                return peer
+        time.sleep(0.5)
+    raise TimeoutError(f"no server of blocks {blocks} appeared")
