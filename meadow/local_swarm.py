@@ -28,7 +28,7 @@ class Process:
     """A `meadow ...` child (or `program ...`) in its own process group; its output is kept and optionally echoed."""
 
     def __init__(self, args: list[str], name: str, echo: bool = False, program: list[str] | None = None):
-        self.name, self.lines, self.echo = name, [], echo
+        self.name, self.lines, self.echo, self.leaving = name, [], echo, False
         # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
         # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
@@ -70,11 +70,16 @@ class Process:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, sig)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM to the main process only (graceful: a server announces it is offline and stops its own DHT and
-        p2pd children in order), then SIGKILL what is left."""
-        if self.popen.poll() is None:
+    def leave(self) -> None:
+        """SIGTERM to the main process only, once (graceful: a server announces it is offline and stops its own DHT
+        and p2pd children in order; a second signal would end them at once)."""
+        if self.popen.poll() is None and not self.leaving:
+            self.leaving = True
             self.popen.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """`leave()`, wait for it, then SIGKILL what is left."""
+        self.leave()
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -114,6 +119,9 @@ class LocalSwarm:
         return server
 
     def stop(self) -> None:
+        """All processes leave at once (each takes a moment to say so), the DHT node last: the others tell it."""
+        for process in [*self.extra, *self.servers]:
+            process.leave()
         for process in [*self.extra, *self.servers, *([self.dht] if self.dht else [])]:
             process.stop()
 
