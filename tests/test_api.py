@@ -49,15 +49,10 @@ def served(checkpoints):
             swarm.start_server(path, "--blocks", span, "--update-period", "2", wait=False)
         swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "partial", wait=False)
         api, partial = start_api(path, swarm.initial_peers), start_api(path, swarm.initial_peers, "--dht-prefix", "partial")
-        try:
-            for server in swarm.servers:
-                server.wait_for(lambda line: "ready" in line, timeout=180)
-            yield {"path": path, "swarm": swarm, "api": api, "url": api_url(api), "partial_url": api_url(partial)}
-        finally:
-            for process in (api, partial, *swarm.servers):  # all at once: each takes a few seconds to leave
-                process.popen.send_signal(signal.SIGTERM)
-            api.stop()
-            partial.stop()
+        swarm.extra += [api, partial]  # stopped with the swarm, all at once
+        for server in swarm.servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+        yield {"path": path, "swarm": swarm, "api": api, "url": api_url(api), "partial_url": api_url(partial)}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -53,15 +52,11 @@ def served(checkpoints):
         swarm.start_server(path, "--blocks", "2:4", "--public-name", "river-bank", wait=False)
         swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "half-served", wait=False)
         api = Process(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0"], "api")
-        try:
-            for server in swarm.servers:
-                server.wait_for(lambda line: "ready" in line, timeout=180)
-            url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
-            yield {"path": path, "swarm": swarm, "url": url}
-        finally:
-            for process in (api, *swarm.servers):  # all at once: each takes a few seconds to leave
-                process.popen.send_signal(signal.SIGTERM)
-            api.stop()
+        swarm.extra.append(api)  # stopped with the swarm, all at once
+        for server in swarm.servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+        url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+        yield {"path": path, "swarm": swarm, "url": url}
 
 
 @pytest.fixture
