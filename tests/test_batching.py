@@ -473,13 +473,6 @@ def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_
             outputs.extend(session.step(*inputs) for inputs in steps)
         waited.append(time.monotonic() - began)
 
-    def wait_until_given_up(give_up: threading.Event) -> None:
-        try:
-            with patient.inference_session(max_length=100, batch_size=1, give_up=give_up) as session:
-                session.step(*steps[0])
-        except RemoteError as e:
-            abandoned.append(e)
-
     try:
         with pytest.raises(RemoteError, match="lends one peer at most 150") as too_large:
             with patient.inference_session(max_length=151, batch_size=1) as session:
@@ -492,7 +485,7 @@ def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_
                     session.step(*steps[0])
             assert busy.value.kind == "ServerBusy"
             give_up = threading.Event()  # whoever wanted the answer has gone (an API client, say): stop waiting
-            waiting = threading.Thread(target=wait_until_given_up, args=(give_up,))
+            waiting = threading.Thread(target=step_until_given_up, args=(patient, 100, steps[0], give_up, abandoned))
             waiting.start()
             time.sleep(2.0)
             assert waiting.is_alive()
@@ -564,19 +557,11 @@ def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server,
         connect_sequence(str(path), span.config, small_server.initial_peers, client_config=config) for _ in range(2)
     ]
     give_up, errors = threading.Event(), []
-
-    def wait_for_room() -> None:
-        try:
-            with leaving.inference_session(max_length=120, batch_size=1, give_up=give_up) as session:
-                session.step(*steps[0])
-        except RemoteError as e:
-            errors.append(e)
-
     try:
         peer = holder.make_chain()[0].peer
         with holder.inference_session(max_length=150, batch_size=1) as held:
             held.step(*steps[0])  # 50 slots left
-            waiting = threading.Thread(target=wait_for_room)
+            waiting = threading.Thread(target=step_until_given_up, args=(leaving, 120, steps[0], give_up, errors))
             waiting.start()
             announces_room(holder, peer, 0)  # the other session waits for 120
             give_up.set()
@@ -586,6 +571,16 @@ def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server,
     finally:
         holder.close()
         leaving.close()
+
+def step_until_given_up(sequence, max_length: int, inputs, give_up: threading.Event, errors: list) -> None:
+    """A session's first step, on a thread while the server is full: what it raised (ServerBusy, once `give_up` is
+    set and it stops waiting for room) goes to `errors`."""
+    try:
+        with sequence.inference_session(max_length=max_length, batch_size=1, give_up=give_up) as session:
+            session.step(*inputs)
+    except RemoteError as e:
+        errors.append(e)
+
 
 def announces_room(sequence, peer, tokens: int, within: float = 10.0) -> None:
     """Wait until the server tells routing it has room for `tokens` (free slots less those its line waits for)."""

@@ -12,7 +12,8 @@ from typing import Hashable, Iterator
 from meadow.wire import BadRequest, ServerBusy
 
 # seconds a request keeps its place in the line without asking again: a waiting client asks every second
-# (ClientConfig.busy_retry); one that stopped asking was served elsewhere or gave up
+# (ClientConfig.busy_retry), and leaves the line once served elsewhere or given up; one that stopped asking without
+# leaving died (or is older than rpc_leave_line)
 LINE_PATIENCE = 5.0
 # every 4th session let in is the one that has waited longest, whatever its points: those without are never starved
 BY_ARRIVAL_EVERY = 4
