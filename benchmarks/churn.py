@@ -1,7 +1,7 @@
 """Clients that come and go, many of them killed mid-generation: do the answers stay right and the servers bounded?
 
     python benchmarks/churn.py [MODEL] [--minutes 10] [--clients 4] [--server-churn SECONDS] [--balance]
-                               [--cache-tokens N] [--api | --chat | --train [--lora] | --speculative K]
+                               [--cache-tokens N] [--api | --chat | --train [--lora] | --speculative K | --mix]
 
 Two servers (0:half and half:end) on 127.0.0.1. `--clients` client processes run at all times. Each is a new peer
 that opens a session, generates greedily and exits; 30 % of them are SIGKILLed and 10 % get Ctrl-C (SIGINT) at a
@@ -35,6 +35,11 @@ With --server-churn, servers die between turns and during them, and the sessions
 With --api, the clients are HTTP requests to one `meadow api` process (streamed /v1/completions, greedy, the prompt
 as token ids), and a killed client is a connection dropped mid-reply, as by a closed browser tab. The API process's
 memory, files and threads are printed with the servers'.
+
+With --mix, every new client is one of these kinds, picked at random: plain, speculative (K=4), chat, train, train
+with LoRA, or an API request. They share the servers at once, as a swarm's users do: a server's batches mix sessions
+with and without LoRA, drafts rolled back and conversations, between training forwards and backwards. The counts are
+also printed for each kind.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -150,8 +156,10 @@ with AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=peers,
         print("right", flush=True)
 """
 FATES = {"finish": 0.6, "kill": 0.3, "interrupt": 0.1}
-# seconds from a client's start: a process imports and connects first
-KILL_AFTER = {"process": (3, 12), "api": (0.2, 3), "train": (3, 12), "chat": (3, 20)}
+# seconds from a client's start, for each kind of client: a process imports and connects first
+KILL_AFTER = {"plain": (3, 12), "speculative": (3, 12), "api": (0.2, 3), "train": (3, 12), "lora": (3, 12),
+              "chat": (3, 20)}  # fmt: skip
+MIX_LOOKUP = 4  # with --mix, speculative clients draft this many tokens
 IDLE_TIMEOUT = 30  # the servers' --idle-timeout: a session whose client vanished holds its cache this long at most
 # info lines: points changed, a reply, a server that stays where it is, and a moving server's progress bar
 ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation ", "balance check: staying",
@@ -170,10 +178,10 @@ def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int]
     return cases
 
 
-def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> list[tuple[str, dict]]:
+def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> list[str]:
     """Batches of 2 rows (the first left-padded) of 8 to 128 random tokens with labels, each saved to a file with
     transformers' loss and gradient w.r.t. the input embeddings, or with `lora` peft's random LoRA weights and their
-    gradients; (the file, {}) for each."""
+    gradients; the files."""
     reference, cases = load_reference_model(model), []
     if lora:
         from peft import LoraConfig, get_peft_model  # imported here: only --lora needs it
@@ -195,7 +203,7 @@ def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> 
         loss = reference(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
         reference.zero_grad()
         loss.backward()
-        path = folder / f"case{index}.pt"
+        path = folder / f"{'lora' if lora else 'train'}{index}.pt"
         case = {"input_ids": input_ids, "mask": mask, "labels": labels, "loss": loss.item(), "grad": embeds.grad}
         if lora:  # peft's name ...layers.3.self_attn.q_proj.lora_A.default.weight is meadow's ("A", "3_q_proj")
             found = {name: re.search(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])", name) for name in weights}
@@ -203,7 +211,7 @@ def training_cases(model: str, rng: random.Random, folder: Path, lora: bool) -> 
             case["lora"] = {keys[name]: param.detach().clone() for name, param in weights.items()}
             case["grads"] = {keys[name]: param.grad.clone() for name, param in weights.items()}
         torch.save(case, path)
-        cases.append((str(path), {}))
+        cases.append(str(path))
     return cases
 
 
@@ -251,6 +259,34 @@ def free_slots(dht, dht_prefix: str, num_blocks: int) -> dict[str, int]:
     return {f"{info.start}:{info.end} {str(peer)[-6:]}": info.cache_tokens_left for peer, info in ordered}
 
 
+@dataclass(frozen=True)
+class Kind:
+    """A kind of client: the script its processes run and, for each of its cases, the script's arguments."""
+
+    name: str
+    script: str
+    arguments: list[list[str]]
+
+
+def client_kinds(
+    names: list[str], model: str, peers: list[str], url: str | None, rng: random.Random, folder: Path, lookup: int
+) -> list[Kind]:
+    """The kinds of client `names` asks for, their cases made (with transformers' answers to check them against)."""
+    prompts = prompts_with_answers(model, rng) if {"plain", "speculative", "api"} & set(names) else []
+    arguments = lambda target, cases, options={}: [  # noqa: E731
+        [target, json.dumps(peers), case, expected, json.dumps(options)] for case, expected in cases]  # fmt: skip
+    tokens = [(json.dumps(prompt), json.dumps(answer["tokens"])) for prompt, answer in prompts]
+    makers = {
+        "plain": lambda: (CLIENT, arguments(model, tokens)),
+        "speculative": lambda: (CLIENT, arguments(model, tokens, {"prompt_lookup_num_tokens": lookup})),
+        "api": lambda: (API_CLIENT, arguments(url, [(json.dumps(p), json.dumps(answer)) for p, answer in prompts])),
+        "chat": lambda: (CHAT_CLIENT, arguments(model, [(json.dumps(messages), "") for messages in CONVERSATIONS])),
+        "train": lambda: (TRAIN_CLIENT, arguments(model, [(f, "") for f in training_cases(model, rng, folder, False)])),
+        "lora": lambda: (LORA_CLIENT, arguments(model, [(f, "") for f in training_cases(model, rng, folder, True)])),
+    }
+    return [Kind(name, *makers[name]()) for name in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?")
@@ -263,24 +299,23 @@ def main() -> None:
     group.add_argument("--api", action="store_true", help="clients are HTTP requests to one `meadow api` process")
     group.add_argument("--chat", action="store_true", help="clients are conversations of three turns")
     group.add_argument("--train", action="store_true", help="clients run training steps instead of generating")
+    group.add_argument("--mix", action="store_true", help="every kind of client at once, each new one picked at random")
     parser.add_argument("--lora", action="store_true", help="with --train: clients train their own LoRA weights")
     parser.add_argument("--speculative", type=int, default=0, metavar="K",
                         help="clients generate with prompt_lookup_num_tokens=K (speculative decoding)")  # fmt: skip
     args = parser.parse_args()
     if args.lora and not args.train:
         parser.error("--lora goes with --train")
-    if args.speculative and (args.api or args.chat or args.train):
+    if args.speculative and (args.api or args.chat or args.train or args.mix):
         parser.error("--speculative goes with plain clients")
     model = str(args.model or default_model_path())
     num_blocks, rng = load_config(model).num_hidden_layers, random.Random(0)
     folder = tempfile.TemporaryDirectory()
-    if args.train:
-        cases = training_cases(model, rng, Path(folder.name), args.lora)
-    elif args.chat:
-        cases, check_turns = [(json.dumps(messages), {}) for messages in CONVERSATIONS], turn_checker(model)
-    else:
-        cases = prompts_with_answers(model, rng)
+    chosen = {"train": args.train and not args.lora, "lora": args.lora, "chat": args.chat, "api": args.api,
+              "speculative": bool(args.speculative)}  # fmt: skip
+    names = list(KILL_AFTER) if args.mix else [next((name for name, on in chosen.items() if on), "plain")]
     counts = dict.fromkeys(["right", "wrong", "failed", "kill", "interrupt", "servers killed"], 0)
+    by_kind = {name: dict.fromkeys(["right", "wrong", "failed", "kill", "interrupt"], 0) for name in names}
     with LocalSwarm() as swarm:
         peers = swarm.start_dht()
         half = num_blocks // 2
@@ -293,13 +328,13 @@ def main() -> None:
             "--idle-timeout", str(IDLE_TIMEOUT), "--cache-tokens", str(args.cache_tokens), wait=wait)  # fmt: skip
         servers = {serve(span): span for span in spans}
         dht, dht_prefix = start_dht(peers, client_mode=True), dht_prefix_for(model)
-        script = (LORA_CLIENT if args.lora else TRAIN_CLIENT) if args.train else CHAT_CLIENT if args.chat else CLIENT
-        target, kind = model, "train" if args.train else "chat" if args.chat else "process"
-        if args.api:
+        url = None
+        if "api" in names:
             api = Process(["api", model, "--initial-peers", *peers], "api")
             swarm.extra.append(api)
-            target = "http://" + api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
-            script, kind = API_CLIENT, "api"
+            url = "http://" + api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
+        kinds = client_kinds(names, model, peers, url, rng, Path(folder.name), args.speculative or MIX_LOOKUP)
+        check_turns = turn_checker(model) if "chat" in names else None
 
         def report(label: str) -> None:
             print(f"{label}: {counts}; free cache slots {free_slots(dht, dht_prefix, num_blocks)}", flush=True)
@@ -312,35 +347,33 @@ def main() -> None:
         next_server_kill = time.monotonic() + (args.server_churn or float("inf"))
         while time.monotonic() < end:
             while len(running) < args.clients:
-                prompt, expected = rng.choice(cases)
+                kind = rng.choice(kinds)
                 fate = rng.choices(list(FATES), list(FATES.values()))[0]
-                expected = expected if args.api else expected.get("tokens")
-                case = prompt if args.train or args.chat else json.dumps(prompt)  # a file, a conversation, tokens
-                options = {"prompt_lookup_num_tokens": args.speculative} if args.speculative else {}
-                arguments = [target, json.dumps(peers), case, json.dumps(expected), json.dumps(options)]
-                client = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
-                running.append((client, fate, time.monotonic() + rng.uniform(*KILL_AFTER[kind])))
+                client = subprocess.Popen([sys.executable, "-c", kind.script, *rng.choice(kind.arguments)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                running.append((client, kind.name, fate, time.monotonic() + rng.uniform(*KILL_AFTER[kind.name])))
             time.sleep(0.5)
-            for client, fate, when in list(running):
+            for client, name, fate, when in list(running):
                 if client.poll() is None:
                     if fate != "finish" and time.monotonic() > when:
                         client.send_signal(signal.SIGKILL if fate == "kill" else signal.SIGINT)
                     continue
-                running.remove((client, fate, when))
+                running.remove((client, name, fate, when))
                 output = client.stdout.read()
                 verdict = output.strip().splitlines()[-1] if output.strip() else ""
                 if verdict.startswith("turns "):
                     verdict = check_turns(json.loads(verdict[6:]))
                 if verdict == "right" or verdict.startswith("WRONG"):
-                    counts["right" if verdict == "right" else "wrong"] += 1
+                    outcome = "right" if verdict == "right" else "wrong"
                     if verdict != "right":
-                        print(f"a client was wrong: {verdict}", flush=True)
+                        print(f"a {name} client was wrong: {verdict}", flush=True)
                 elif fate == "finish":
-                    counts["failed"] += 1
-                    print(f"a client failed:\n{output[-2000:]}", flush=True)
+                    outcome = "failed"
+                    print(f"a {name} client failed:\n{output[-2000:]}", flush=True)
                 else:
-                    counts[fate] += 1
+                    outcome = fate
+                counts[outcome] += 1
+                by_kind[name][outcome] += 1
             if time.monotonic() > next_server_kill:
                 next_server_kill += args.server_churn
                 victim = rng.choice(list(servers))
@@ -351,7 +384,7 @@ def main() -> None:
             if time.monotonic() > next_report:
                 next_report += 60
                 report(time.strftime("%H:%M:%S"))
-        for client, _, _ in running:
+        for client, *_ in running:
             client.kill()
         time.sleep(IDLE_TIMEOUT + 15)  # the sessions of the last killed clients time out, then the servers announce
         report(f"{IDLE_TIMEOUT + 15} s after the last client")
@@ -360,6 +393,8 @@ def main() -> None:
         logged = [f"{p.name}: {line}" for p in [*swarm.servers, *swarm.extra] for line in after_ready(p.lines)
                   if not any(routine in line for routine in ROUTINE)]  # fmt: skip
         print(f"lines logged after ready, other than points and replies: {len(logged)}", *logged[:30], sep="\n  ")
+        if args.mix:
+            print("by kind of client:", *(f"{name}: {outcomes}" for name, outcomes in by_kind.items()), sep="\n  ")
     if counts["wrong"] or counts["failed"] or held:
         raise SystemExit(f"FAILED: {counts['wrong']} wrong answers, {counts['failed']} failed clients, "
                          f"{len(held)} servers still holding cache slots")  # fmt: skip
