@@ -304,13 +304,16 @@ class RemoteSequence:
         while True:
             current = chain[0]
             try:
-                inputs = [hidden]
-                for current in chain[:-1]:
-                    inputs.append(run(self._checked_call(RPC_FORWARD, current, inputs[-1], position_ids, key_mask, tuning))[0])
-                kept = graph_id if chain == [hop] else None
+                # a replacement chain's inner activations come from training forwards: the products that the lost
+                # server's forward ran (not inference's, models/packed.py), and graphs kept for the backward
+                graphs = [uuid.uuid4().hex for _ in chain[:-1]] + [graph_id if chain == [hop] else None]
+                inputs, context = [hidden], (position_ids, key_mask, tuning)
+                for current, graph in zip(chain[:-1], graphs):
+                    (output,) = run(self._checked_call(RPC_FORWARD, current, inputs[-1], *context, graph_id=graph))
+                    inputs.append(output)
                 grad, prompt_grads, lora_grads = grad_output, [], []
-                for current, x in zip(reversed(chain), reversed(inputs)):
-                    rpc = self._checked_call(RPC_BACKWARD, current, x, position_ids, key_mask, tuning, grad, graph_id=kept)
+                for current, x, graph in zip(reversed(chain), reversed(inputs), reversed(graphs)):
+                    rpc = self._checked_call(RPC_BACKWARD, current, x, *context, grad, graph_id=graph)
                     grad, *rest = run(rpc)
                     rest = iter(rest)
                     if tuning.prompts is not None:
