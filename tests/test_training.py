@@ -186,31 +186,37 @@ def test_sequence_classification_equals_transformers(path, swarm):
 def test_a_backward_whose_server_died_is_computed_by_a_chain_of_two_as_it_would_have_been(checkpoints):
     """The server a forward went through for blocks 2:4 is killed before the backward; two others (2:3 and 3:4) take
     its part, the first recomputing the activations between them as a training forward does: with torch's own products,
-    not the packed ones of inference (models/packed.py; they round differently at this width). The gradients are
-    those of the same backward when no server failed, and transformers'."""
+    not the packed ones of inference (models/packed.py; they round differently at this width). The gradients (of deep
+    prompts, each block's from the server that ran it) are those of the same backward when no server failed, and
+    transformers'."""
     path = checkpoints("llama", num_layers=4, hidden_size=256, intermediate_size=512)
     swarm = start_swarm(path, ["0:2", "2:4", "2:3", "3:4"])
     try:
-        model = connect(path, swarm)
+        model = connect(path, swarm, tuning_mode="deep_ptune", pre_seq_len=3)
+        prompts = model.prompts
+        with torch.no_grad():
+            prompts.prefix.normal_(0, 0.5)
+            prompts.deep.normal_(0, 0.5)
         input_ids, mask = batch(model.config.vocab_size, seed=5)
         labels, grads = labels_for(input_ids, mask), []
         for kill in (False, True):
-            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
-            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+            model.zero_grad()
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             used = model.sequence.last_hops[-1]
             assert (used.blocks.start, used.blocks.end) == (2, 4)  # one hop costs less than two
             if kill:
                 next(s for s in swarm.servers if used.peer.to_base58() in "\n".join(s.lines)).signal(signal.SIGKILL)
             loss.backward()
-            grads.append(embeds.grad)
-        assert relative_error(grads[1], grads[0]) <= 1e-7 and used.peer in model.sequence.banned()
+            grads.append((prompts.prefix.grad.clone(), prompts.deep.grad.clone()))
+        assert all(relative_error(after, before) <= 1e-7 for before, after in zip(*grads))
+        assert used.peer in model.sequence.banned()
         model.sequence.close()
 
         local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        local_embeds = local.get_input_embeddings()(input_ids).detach().requires_grad_()
-        positions = positions_from_mask(mask.bool())
-        local(inputs_embeds=local_embeds, attention_mask=mask, position_ids=positions, labels=labels).loss.backward()
-        assert relative_error(grads[1], local_embeds.grad) <= 1e-4
+        prefix, deep = (p.detach().clone().requires_grad_() for p in (prompts.prefix, prompts.deep))
+        logits = local_prompted(local, input_ids, mask, prefix, deep)
+        local.loss_function(logits=logits, labels=labels, vocab_size=local.config.vocab_size).backward()
+        assert relative_error(grads[1][0], prefix.grad) <= 1e-4 and relative_error(grads[1][1], deep.grad) <= 1e-4
     finally:
         swarm.stop()
 
