@@ -9,12 +9,15 @@ import pytest
 from meadow.local_swarm import LocalSwarm
 
 
-def start_swarm(model, spans: list[str], *extra: str) -> LocalSwarm:
-    """A DHT node and one server per span ("START:END"), started in parallel, all ready on return."""
+def start_swarm(model, spans: list[str], *extra: str, options: dict[str, list[str]] = {}) -> LocalSwarm:
+    """A DHT node and one server per span ("START:END"), started in parallel, all ready on return. Every server gets
+    `extra` arguments, and those of a span in `options` its own too."""
     swarm = LocalSwarm()
     try:
         swarm.start_dht()
-        servers = [swarm.start_server(model, "--blocks", span, *extra, wait=False) for span in spans]
+        servers = [
+            swarm.start_server(model, "--blocks", span, *extra, *options.get(span, []), wait=False) for span in spans
+        ]
         for server in servers:
             server.wait_for(lambda line: "ready" in line, timeout=180)
     except BaseException:
