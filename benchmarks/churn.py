@@ -335,7 +335,8 @@ def main() -> None:
         if "api" in names:
             api = Process(["api", model, "--initial-peers", *peers], "api")
             swarm.extra.append(api)
-            url = "http://" + api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
+            ready = api.wait_for(lambda line: "http://" in line, timeout=120)
+            url = "http://" + ready.split("http://", 1)[1].split()[0]
         kinds = client_kinds(names, model, peers, url, rng, Path(folder.name), args.speculative or MIX_LOOKUP)
         check_turns = turn_checker(model) if "chat" in names else None
 

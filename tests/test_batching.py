@@ -572,6 +572,7 @@ def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server,
         holder.close()
         leaving.close()
 
+
 def step_until_given_up(sequence, max_length: int, inputs, give_up: threading.Event, errors: list) -> None:
     """A session's first step, on a thread while the server is full: what it raised (ServerBusy, once `give_up` is
     set and it stops waiting for room) goes to `errors`."""
@@ -588,6 +589,7 @@ def announces_room(sequence, peer, tokens: int, within: float = 10.0) -> None:
     while server_info(sequence, peer)["cache_tokens_left"] != tokens:
         assert time.monotonic() < deadline, f"the server did not announce room for {tokens} within {within} s"
         time.sleep(0.05)
+
 
 def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
     """The peer of a server of `blocks` once the DHT shows it."""
