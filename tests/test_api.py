@@ -188,6 +188,105 @@ def test_sampling_with_a_seed_repeats_and_penalties_change_the_text(client, mode
     assert len(set(penalised)) >= len(set(plain))  # repeating a token costs: the text uses more distinct characters
 
 
+def local_logprobs(reference, prompt_ids: torch.Tensor, max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The local model's greedy tokens and the log-probabilities (steps, V) it chose each from."""
+    local, tokenizer = reference
+    with torch.no_grad():
+        out = local.generate(
+            prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[0, prompt_ids.shape[1] :].tolist()
+    return tokens, torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+
+
+def test_chat_logprobs_are_the_local_models_streamed_or_not(client, model_id, reference):
+    tokenizer = reference[1]
+    messages = [{"role": "user", "content": "Name a flower."}]
+    prompt_ids = chat_prompt_ids(tokenizer, messages)
+    tokens, logprobs = local_logprobs(reference, prompt_ids, 8)
+    assert tokenizer.eos_token_id not in tokens  # every token is in the reply
+
+    ask = dict(model=model_id, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [entry for chunk in chunks if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    for entries in (whole, streamed):
+        assert [entry.token for entry in entries] == [tokenizer.decode([t]) for t in tokens]
+        for entry, token, row in zip(entries, tokens, logprobs):
+            assert abs(entry.logprob - row[token].item()) < 1e-4
+            assert entry.bytes == list(entry.token.encode())
+            best = row.topk(3)
+            assert [top.token for top in entry.top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+            assert max(abs(top.logprob - v) for top, v in zip(entry.top_logprobs, best.values.tolist())) < 1e-4
+    # without top_logprobs: the chosen tokens' alone
+    plain = client.chat.completions.create(**{**ask, "top_logprobs": None}).choices[0].logprobs.content
+    assert [entry.token for entry in plain] == [entry.token for entry in whole]
+    assert all(entry.top_logprobs == [] for entry in plain)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(client, model_id, reference):
+    """lm-eval-harness's loglikelihood request: token-id prompts, several at once, echo, logprobs=1, max_tokens=1.
+    Each prompt token's logprob given the ones before must be the local model's; max_tokens=0 scores alone."""
+    local, tokenizer = reference
+    prompts = [tokenizer(text)["input_ids"] for text in ("Bees visit clover in the meadow", "Rain")]
+    expected = []
+    for ids in prompts:
+        with torch.no_grad():
+            rows = torch.log_softmax(local(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected.append((rows, [rows[i, ids[i + 1]].item() for i in range(len(ids) - 1)]))
+
+    for max_tokens in (1, 0):
+        response = client.completions.create(
+            model=model_id, prompt=prompts, max_tokens=max_tokens, echo=True, logprobs=1, temperature=0
+        )  # fmt: skip
+        assert [choice.index for choice in response.choices] == [0, 1]
+        for choice, ids, (rows, prompt_logprobs) in zip(response.choices, prompts, expected):
+            logprobs = choice.logprobs
+            assert logprobs.tokens[: len(ids)] == [tokenizer.decode([i]) for i in ids]
+            assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+            assert max(abs(a - b) for a, b in zip(logprobs.token_logprobs[1 : len(ids)], prompt_logprobs)) < 1e-4
+            for place, top in enumerate(logprobs.top_logprobs[1 : len(ids)]):
+                assert tokenizer.decode([rows[place].argmax().item()]) in top  # the likeliest and the chosen
+                assert logprobs.tokens[place + 1] in top
+            assert choice.text.startswith(tokenizer.decode(ids, skip_special_tokens=True))  # the prompt: not its <s>
+            special = set(tokenizer.all_special_tokens)  # skipped in the text, as the reply's own text skips them
+            placed = [(at, token) for at, token in zip(logprobs.text_offset, logprobs.tokens) if token not in special]
+            assert all(choice.text[at:].startswith(token) for at, token in placed)
+            assert len(logprobs.tokens) == len(ids) + max_tokens
+            if max_tokens:  # the greedy token, with its logprob at the prompt's last place
+                greedy = rows[-1].argmax().item()
+                assert logprobs.tokens[-1] == tokenizer.decode([greedy])
+                assert abs(logprobs.token_logprobs[-1] - rows[-1, greedy].item()) < 1e-4
+        assert response.usage.prompt_tokens == sum(len(ids) for ids in prompts)
+        assert response.usage.completion_tokens == max_tokens * len(prompts)
+
+
+def test_n_choices_are_each_a_generation_of_their_own(client, model_id, reference):
+    """n samples are seeded seed, seed + 1, ...: each is the text that one request with that seed gets; several
+    prompts get their greedy texts; streamed choices come apart by index with the same texts."""
+    ask = dict(model=model_id, prompt="Flowers", max_tokens=10, temperature=1.0)
+    alone = [client.completions.create(**ask, seed=5 + j).choices[0].text for j in range(3)]
+    assert len(set(alone)) > 1  # sampling: the seeds give different texts
+    assert [choice.text for choice in client.completions.create(**ask, seed=5, n=3).choices] == alone
+    chat = dict(model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=1.0, seed=9)
+    replies = [choice.message.content for choice in client.chat.completions.create(**chat, n=2).choices]
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(**chat, n=2, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert streamed == replies
+    assert replies[1] == client.chat.completions.create(**{**chat, "seed": 10}).choices[0].message.content
+
+    prompts = ["Bees", "A quiet field of", "Wind over"]
+    expected = [local_reply(reference, reference[1](p, return_tensors="pt")["input_ids"], 8)[0] for p in prompts]
+    response = client.completions.create(model=model_id, prompt=prompts, max_tokens=8, temperature=0)
+    assert [choice.text for choice in response.choices] == expected
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(model=model_id, prompt=prompts, max_tokens=8, temperature=0, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == expected
+
+
 def test_malformed_json_is_a_400_in_openais_shape(served):
     status, reply = http(served["url"] + "v1/chat/completions", b'{"model": "tiny-llama", "messages": [')
     assert status == 400
@@ -205,7 +304,11 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
-        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+         "top_logprobs"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
 )
@@ -215,6 +318,20 @@ def test_bad_fields_are_a_400_naming_the_field(served, body, param):
     error = reply["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "tiny-llama", "prompt": ["a"] * 9, "n": 2}, "n"),  # 18 choices
+        ({"model": "tiny-llama", "prompt": "a", "max_tokens": 0}, "max_tokens"),  # generates nothing and echoes nothing
+        ({"model": "tiny-llama", "prompt": [[1, 2], []]}, "prompt"),
+        ({"model": "tiny-llama", "prompt": "a", "logprobs": 21}, "logprobs"),
+    ],
+)
+def test_bad_completion_fields_are_a_400_naming_the_field(served, body, param):
+    status, reply = http(served["url"] + "v1/completions", json.dumps(body).encode())
+    assert status == 400 and reply["error"]["param"] == param, reply
 
 
 def test_unknown_model_is_a_404(client):

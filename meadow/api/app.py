@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -17,13 +18,9 @@ from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error, install_error_handlers
-from meadow.api.generation import TextGeneration, Waiting
-from meadow.api.schemas import (
-    DEFAULT_CHAT_TOKENS,
-    DEFAULT_COMPLETION_TOKENS,
-    ChatCompletionRequest,
-    CompletionRequest,
-)
+from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
+from meadow.api.logprobs import chat_format, completion_format
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest
 from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -31,18 +28,18 @@ STATIC = Path(__file__).parent / "static"
 
 
 class _GenerationResponse(StreamingResponse):
-    """Server-sent events of one generation, which is stopped (and its server sessions closed) however the response
-    ends: finished, failed, or the client went away."""
+    """Server-sent events of a request's generations, which are stopped (and their server sessions closed) however
+    the response ends: finished, failed, or the client went away."""
 
-    def __init__(self, events: AsyncIterator[dict], generation: TextGeneration):
+    def __init__(self, events: AsyncIterator[dict], generations: list[TextGeneration]):
         super().__init__(_sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.generation = generation
+        self.generations = generations
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.generation.close()
+            _close(self.generations)
 
 
 async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -81,29 +78,35 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
             )  # fmt: skip
         return requested if requested is not None else min(default, room)
 
-    async def start(prompt_ids: torch.Tensor, sampling, http: Request) -> TextGeneration:
-        """The generation, once its first token is out or once it waits for room on full servers (a streamed
-        response then says so at once); a client that goes away meanwhile stops it there."""
-        generation = TextGeneration(model, tokenizer, prompt_ids, sampling)
-        watcher = asyncio.create_task(_close_when_gone(generation, http))
+    async def start(prompts: list[torch.Tensor], sampling: Sampling, n: int, http: Request) -> list[TextGeneration]:
+        """`n` generations for each prompt (choice j sampled with seed + j), once each has its first token out or waits
+        for room on full servers (a streamed response then says so at once); a client that goes away meanwhile stops
+        them there, and if one fails, all stop."""
+        samplings = [replace(sampling, seed=None if sampling.seed is None else sampling.seed + j) for j in range(n)]
+        generations = [TextGeneration(model, tokenizer, ids, s) for ids in prompts for s in samplings]
+        watcher = asyncio.create_task(_close_when_gone(generations, http))
         try:
-            await generation.start()
+            await asyncio.gather(*(generation.start() for generation in generations))
         except asyncio.CancelledError:  # the API is shutting down
-            generation.close()
+            _close(generations)
             raise
         except Exception as e:
+            _close(generations)
             raise api_error(e) from None
         finally:
             watcher.cancel()
-        return generation
+        return generations
 
-    def usage(generation: TextGeneration) -> dict:
-        done = generation.outcome.completion_tokens
-        prompt = generation.prompt_tokens
+    def usage(generations: list[TextGeneration], n: int) -> dict:
+        done = sum(generation.outcome.completion_tokens for generation in generations)
+        prompt = sum(generation.prompt_tokens for generation in generations[::n])  # each prompt counted once
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
-    def meadow_info(generation: TextGeneration) -> dict:
-        return {"servers": generation.outcome.servers, "seconds": round(generation.outcome.seconds, 3)}
+    def meadow_info(generations: list[TextGeneration]) -> dict:
+        """The servers that served the choices, and how long the slowest took."""
+        servers = {str(server): server for generation in generations for server in generation.outcome.servers}
+        seconds = max(generation.outcome.seconds for generation in generations)
+        return {"servers": list(servers.values()), "seconds": round(seconds, 3)}
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -115,64 +118,109 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         prompt_ids = chat_prompt_ids(tokenizer, [message.as_dict() for message in request.messages])
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
-        generation = await start(prompt_ids, request.sampling(max_tokens, stop_strings(tokenizer)), http)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        sampling = request.sampling(max_tokens, stop_strings(tokenizer), logprobs=logprobs)
+        generations = await start([prompt_ids], sampling, request.n, http)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
 
+        def logprobs_of(pieces: list[Delta]) -> dict | None:
+            return chat_format([entry for piece in pieces for entry in piece.logprobs]) if request.logprobs else None
+
         if not request.stream:
-            text = await _collect(generation, http)
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": generation.outcome.finish_reason}
-            extra = {"usage": usage(generation), "meadow": meadow_info(generation)}
-            return {**head, "object": "chat.completion", "choices": [choice], **extra}
+            replies = await _collect(generations, http)
+            choices = [
+                {
+                    "index": index, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
+                    "logprobs": logprobs_of(pieces), "finish_reason": generation.outcome.finish_reason,
+                }
+                for index, (generation, pieces) in enumerate(zip(generations, replies))
+            ]  # fmt: skip
+            extra = {"usage": usage(generations, request.n), "meadow": meadow_info(generations)}
+            return {**head, "object": "chat.completion", "choices": choices, **extra}
 
         async def chunks() -> AsyncIterator[dict]:
-            def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
                 return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-            yield chunk({"role": "assistant", "content": ""})
-            async for piece in generation.deltas(tell_waits=True):
-                if isinstance(piece, Waiting):  # an extra field, as the last chunk's: OpenAI's clients let it pass
-                    yield {**chunk({}), "meadow": {"waiting": piece.reason}}
+            for index in range(len(generations)):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            async for index, piece in _merged([generation.deltas(tell_waits=True) for generation in generations]):
+                if piece is None:  # that choice is done
+                    done = generations[index]
+                    yield {**chunk(index, {}, done.outcome.finish_reason), "meadow": meadow_info([done])}
+                elif isinstance(piece, Waiting):  # an extra field, as the last chunk's: OpenAI's clients let it pass
+                    yield {**chunk(index, {}), "meadow": {"waiting": piece.reason}}
                 else:
-                    yield chunk({"content": piece})
-            yield {**chunk({}, generation.outcome.finish_reason), "meadow": meadow_info(generation)}
+                    yield chunk(index, {"content": piece.text}, logprobs=logprobs_of([piece]))
             if request.include_usage:
-                yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generation)}
+                yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generations, request.n)}
 
-        return _GenerationResponse(chunks(), generation)
+        return _GenerationResponse(chunks(), generations)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
         check_model(request.model)
-        prompt = request.prompt
-        ids = prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
-        if any(not 0 <= i < model.config.vocab_size for i in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {model.config.vocab_size})", param="prompt")
-        prompt_ids = torch.tensor([ids], dtype=torch.long)
-        max_tokens = budget(prompt_ids.shape[1], request.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt")
-        generation = await start(prompt_ids, request.sampling(max_tokens), http)
+        prompts = [prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"] for prompt in request.prompts]
+        for ids in prompts:
+            if any(not 0 <= i < model.config.vocab_size for i in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {model.config.vocab_size})", param="prompt")
+        prompts = [torch.tensor([ids], dtype=torch.long) for ids in prompts]
+        # one max_tokens for all: each prompt's default cut to the context it leaves, the shortest of them
+        default = DEFAULT_COMPLETION_TOKENS
+        max_tokens = min(budget(ids.shape[1], request.max_tokens, default, "prompt") for ids in prompts)
+        if max_tokens == 0 and not request.echo:
+            message = "max_tokens 0 generates nothing: it is for scoring a prompt with echo"
+            raise APIError(400, message, param="max_tokens")
+        scoring = request.echo and request.logprobs is not None  # the prompt tokens' logprobs too
+        sampling = request.sampling(max_tokens, logprobs=request.logprobs, prompt_logprobs=scoring)
+        generations = await start(prompts, sampling, request.n, http)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_id}
 
-        def choice(text: str, finish_reason: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def echoed(index: int) -> str:
+            """The prompt of choice `index`, as the reply repeats it with echo."""
+            prompt = request.prompts[index // request.n]
+            return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
+
+        def choice(index: int, pieces: list[Delta], finish_reason: str | None, start: bool = False) -> dict:
+            """Choice `index` made of `pieces`; with `start` (its first piece or whole text), the prompt before them
+            if echoed."""
+            before = echoed(index) if request.echo and start else ""
+            logprobs = None
+            if request.logprobs is not None:
+                shift = len(echoed(index)) if request.echo else 0  # offsets count from the start of the text
+                entries = [replace(entry, offset=entry.offset + shift) for piece in pieces for entry in piece.logprobs]
+                logprobs = completion_format([*(generations[index].prompt_logprobs if start else []), *entries])
+            text = before + "".join(piece.text for piece in pieces)
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
         if not request.stream:
-            text = await _collect(generation, http)
-            extra = {"usage": usage(generation), "meadow": meadow_info(generation)}
-            return {**head, "choices": [choice(text, generation.outcome.finish_reason)], **extra}
+            replies = await _collect(generations, http)
+            choices = [
+                choice(index, pieces, generation.outcome.finish_reason, start=True)
+                for index, (generation, pieces) in enumerate(zip(generations, replies))
+            ]
+            extra = {"usage": usage(generations, request.n), "meadow": meadow_info(generations)}
+            return {**head, "choices": choices, **extra}
 
         async def chunks() -> AsyncIterator[dict]:
-            async for piece in generation.deltas(tell_waits=True):
+            started = set()
+            async for index, piece in _merged([generation.deltas(tell_waits=True) for generation in generations]):
                 if isinstance(piece, Waiting):
-                    yield {**head, "choices": [choice("", None)], "meadow": {"waiting": piece.reason}}
+                    yield {**head, "choices": [choice(index, [], None)], "meadow": {"waiting": piece.reason}}
+                    continue
+                start = index not in started
+                started.add(index)
+                if piece is None:  # that choice is done
+                    done = generations[index]
+                    last = choice(index, [], done.outcome.finish_reason, start)
+                    yield {**head, "choices": [last], "meadow": meadow_info([done])}
                 else:
-                    yield {**head, "choices": [choice(piece, None)]}
-            yield {**head, "choices": [choice("", generation.outcome.finish_reason)], "meadow": meadow_info(generation)}
+                    yield {**head, "choices": [choice(index, [piece], None, start)]}
             if request.include_usage:
-                yield {**head, "choices": [], "usage": usage(generation)}
+                yield {**head, "choices": [], "usage": usage(generations, request.n)}
 
-        return _GenerationResponse(chunks(), generation)
+        return _GenerationResponse(chunks(), generations)
 
     @app.get("/api/swarm")
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block
@@ -199,19 +247,57 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
     return app
 
 
-async def _close_when_gone(generation: TextGeneration, http: Request) -> None:
-    """Stop `generation` once its client has gone away (run as a task, cancelled when no longer needed)."""
+def _close(generations: list[TextGeneration]) -> None:
+    for generation in generations:
+        generation.close()
+
+
+async def _close_when_gone(generations: list[TextGeneration], http: Request) -> None:
+    """Stop `generations` once their client has gone away (run as a task, cancelled when no longer needed)."""
     while not await http.is_disconnected():
         await asyncio.sleep(0.25)
-    generation.close()
+    _close(generations)
 
 
-async def _collect(generation: TextGeneration, http: Request) -> str:
-    """The whole reply of a request that is not streamed; generating stops if its client goes away meanwhile."""
-    watcher = asyncio.create_task(_close_when_gone(generation, http))
+async def _collect(generations: list[TextGeneration], http: Request) -> list[list[Delta]]:
+    """The whole replies of a request that is not streamed, piece by piece; generating stops if its client goes away
+    meanwhile, or if one of them fails."""
+
+    async def collect(generation: TextGeneration) -> list[Delta]:
+        return [piece async for piece in generation.deltas()]
+
+    watcher = asyncio.create_task(_close_when_gone(generations, http))
     try:
-        return "".join([text async for text in generation.deltas()])
+        return await asyncio.gather(*(collect(generation) for generation in generations))
     except Exception as e:
+        _close(generations)
         raise api_error(e) from None
     finally:
         watcher.cancel()
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """The items of several streams as they come, each as (its stream's index, item), and (index, None) once that
+    stream ends; an error in one ends them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put((index, None))
+        except Exception as e:
+            await queue.put((index, e))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            left -= item is None
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

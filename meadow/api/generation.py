@@ -7,13 +7,14 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # each token's log-probability and this many likeliest at its place (None: none)
+    prompt_logprobs: bool = False  # the prompt's tokens' too (text completions' echo)
 
 
 @dataclass
@@ -43,6 +46,14 @@ class Outcome:
     servers: list[dict] = field(default_factory=list)  # the chain that served it: [{"peer", "blocks"}]
     seconds: float = 0.0
     first_token_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of the reply's text, and the entries of the tokens whose text begins in it (if logprobs were asked)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -63,16 +74,18 @@ class _Cancelled(StoppingCriteria):
 
 
 class _ToLoop(BaseStreamer):
-    """A streamer that hands each new token's id to the event loop (generate first puts the prompt: skipped)."""
+    """A streamer that hands each new token's id to the event loop, with its logprob entry if there is a `recorder`
+    (generate first puts the prompt: skipped)."""
 
-    def __init__(self, send):
-        self.send, self.prompt_seen = send, False
+    def __init__(self, send, recorder: Recorder | None):
+        self.send, self.recorder, self.prompt_seen = send, recorder, False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.send(("tokens", value.flatten().tolist()))
+        ids = value.flatten().tolist()
+        self.send(("tokens", ids, [self.recorder.describe(i) for i in ids] if self.recorder else [None] * len(ids)))
 
     def end(self) -> None:
         pass
@@ -82,7 +95,8 @@ class TextGeneration:
     """`start()` runs generate on a new thread and returns at its first token (raising what it raised before that:
     missing blocks, a refused session), or once the request waits for room on full servers; `deltas()` then yields
     the text as it grows (and, if asked, each wait for room), up to a stop string, and leaves how it ended in `outcome`.
-    `close()` (a client that went away) stops generate, which closes its inference session on the servers."""
+    `close()` (a client that went away) stops generate, which closes its inference session on the servers. With
+    `sampling.prompt_logprobs`, the prompt tokens' entries are in `prompt_logprobs` by the first token."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling):
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
@@ -95,6 +109,8 @@ class TextGeneration:
         self._first: tuple | None = None
         self._next: asyncio.Future | None = None  # the next item, awaited still (start() returned as it waits for room)
         self.session = None  # the GenerationSession, once the worker thread has made it
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self._unsent: list[TokenLogprob] = []  # entries of tokens whose text has not been yielded yet
         self._began = 0.0
         self._closed = False
 
@@ -121,37 +137,45 @@ class TextGeneration:
             raise self._first[2]
 
     def _generate(self, send) -> None:
-        """The worker thread: one generate call inside one inference session; then the chain it used, or its error."""
-        hops, error = [], None
-        s, length = self.sampling, self.prompt_tokens
+        """The worker thread: the prompt's logprobs if asked for, one generate call inside one inference session; then
+        the chain it used, or its error."""
+        hops, error, s = [], None, self.sampling
         try:
-            # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
-            opened = self.model.inference_session(length + s.max_tokens, batch_size=1, give_up=self.cancelled)
-            with torch.no_grad(), opened as session:
-                self.session = session  # start() asks it whether it waits for room
-                self.model.generate(
-                    self.prompt_ids,
-                    attention_mask=torch.ones_like(self.prompt_ids),
-                    max_new_tokens=s.max_tokens,
-                    do_sample=False,  # a SeededSampler in the processors samples, when temperature > 0
-                    logits_processor=logits_processors(
-                        length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed
-                    ),
-                    stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
-                    streamer=_ToLoop(send),
-                    eos_token_id=self.eos_ids or None,
-                    pad_token_id=self.pad_id,
-                )
-                remote = session.remote
-                hops = [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
+            if s.prompt_logprobs:
+                self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)
+            if s.max_tokens > 0:  # 0: the prompt's logprobs were all it asked for
+                hops = self._run_generate(send)
         except BaseException as e:  # handed to the request; the thread itself has nobody to tell
             error = e
         send(("done", hops, error))
 
+    def _run_generate(self, send) -> list[dict]:
+        """generate, its tokens sent as they come; the chain that served it."""
+        s, length = self.sampling, self.prompt_tokens
+        recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
+        processors = logits_processors(length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed)
+        # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
+        opened = self.model.inference_session(length + s.max_tokens, batch_size=1, give_up=self.cancelled)
+        with torch.no_grad(), opened as session:
+            self.session = session  # start() asks it whether it waits for room
+            self.model.generate(
+                self.prompt_ids,
+                attention_mask=torch.ones_like(self.prompt_ids),
+                max_new_tokens=s.max_tokens,
+                do_sample=False,  # a SeededSampler in the processors samples, when temperature > 0
+                logits_processor=LogitsProcessorList([recorder, *processors] if recorder else processors),
+                stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
+                streamer=_ToLoop(send, recorder),
+                eos_token_id=self.eos_ids or None,
+                pad_token_id=self.pad_id,
+            )
+            remote = session.remote
+            return [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
+
     def _waiting_for_room(self) -> str | None:
         return self.session.waiting_for_room if self.session is not None else None
 
-    async def deltas(self, tell_waits: bool = False) -> AsyncIterator[str | Waiting]:
+    async def deltas(self, tell_waits: bool = False) -> AsyncIterator[Delta | Waiting]:
         """The reply's text, piece by piece, as the tokens come; raises what generate raised. With `tell_waits`, also a
         `Waiting` whenever the request begins to wait for room on full servers (before its first token, or after a
         failover mid-reply), so that a streamed response can say why nothing comes."""
@@ -183,29 +207,34 @@ class TextGeneration:
                     continue  # generate has not seen the cancellation yet: drain until it returns
                 if self.outcome.first_token_seconds is None:
                     self.outcome.first_token_seconds = time.perf_counter() - self._began
-                text, safe = self._add(ids, item[1])
+                text, safe = self._add(ids, item[1], item[2])
                 if safe > len(sent):
-                    yield text[len(sent) : safe]
+                    yield Delta(text[len(sent) : safe], self._entries_before(safe))
                     sent = text[:safe]
                 if self.outcome.finish_reason is not None:
                     self.cancelled.set()
             if self.outcome.finish_reason is None:
                 self.outcome.finish_reason = "length" if self.outcome.completion_tokens >= self.sampling.max_tokens else "stop"
-            if len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield text[len(sent) :]  # held back as a possible start of a stop string that never came
+            # what was held back as a possible start of a stop string that never came
+            rest = text[len(sent) :] if not text.endswith("\ufffd") else ""
+            entries, self._unsent = self._unsent, []  # with those of tokens whose text is empty at its end
+            if rest or entries:
+                yield Delta(rest, entries)
         finally:
             if self._next is not None:  # the response ended while it waited for a token
                 self._next.cancel()
             self.close()
 
-    def _add(self, ids: list[int], new: list[int]) -> tuple[str, int]:
-        """Take new token ids until one ends the reply; return the text so far and how much of it is safe to send
-        (not a possible start of a stop string, not half a character)."""
-        for token in new:
+    def _add(self, ids: list[int], new: list[int], entries: list[TokenLogprob | None]) -> tuple[str, int]:
+        """Take new token ids (and their logprob entries) until one ends the reply; return the text so far and how much
+        of it is safe to send (not a possible start of a stop string, not half a character)."""
+        for token, entry in zip(new, entries):
             self.outcome.completion_tokens += 1
             if token in self.eos_ids:
                 self.outcome.finish_reason = "stop"
                 break
+            if entry is not None:
+                self._unsent.append(replace(entry, offset=len(self.tokenizer.decode(ids, skip_special_tokens=True))))
             ids.append(token)
             if self.outcome.completion_tokens >= self.sampling.max_tokens:
                 self.outcome.finish_reason = "length"
@@ -215,6 +244,7 @@ class TextGeneration:
         if hits:
             self.outcome.finish_reason = "stop"
             text = text[: min(hits)]
+            self._unsent = [entry for entry in self._unsent if entry.offset < len(text)]  # not the stop string's
             return text, len(text)
         if self.outcome.finish_reason is not None:
             return text, len(text)
@@ -222,6 +252,12 @@ class TextGeneration:
         while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes are not all generated yet
             safe -= 1
         return text, safe
+
+    def _entries_before(self, end: int) -> list[TokenLogprob]:
+        """Take the entries of the tokens whose text begins before `end`."""
+        taken = [entry for entry in self._unsent if entry.offset < end]
+        self._unsent = self._unsent[len(taken) :]
+        return taken
 
     def close(self) -> None:
         """Stop generating (if it still runs) and log how the request went; the response calls it however it ends."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from meadow.api.errors import APIError
 from meadow.api.generation import Sampling
 
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context", which would reserve every
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
+MAX_CHOICES = 16  # choices one request may ask for (prompts x n): each is an inference session on the servers
+MAX_TOP_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
@@ -25,7 +28,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: Literal[1] | None = Field(None, description="one choice per request")
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -41,9 +44,10 @@ class _Request(BaseModel):
             raise ValueError("at most 4 stop sequences, none empty")
         return stop
 
-    def sampling(self, max_tokens: int, extra_stop: list[str] = ()) -> Sampling:
+    def sampling(self, max_tokens: int, extra_stop: list[str] = (), **logprobs) -> Sampling:
+        """The generation it asks for (`logprobs`: Sampling's logprobs and prompt_logprobs)."""
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return Sampling(
+        return Sampling(**logprobs,
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -76,18 +80,38 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] = Field(description="one text, or its token ids")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="a text or its token ids, or a list")
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo and logprobs: score the prompt, generate nothing
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError("one prompt per request")
-            return prompt[0]
+    def _not_empty(cls, prompt):
         if isinstance(prompt, list) and not prompt:
             raise ValueError("the prompt is empty")
         return prompt
+
+    @model_validator(mode="after")
+    def _not_too_many(self):
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            asked = f"{len(self.prompts)} prompts x n={self.n}"
+            raise APIError(400, f"{asked} is more than the {MAX_CHOICES} choices a request may ask for", param="n")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text or its token ids."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else list(self.prompt)
