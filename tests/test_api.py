@@ -287,6 +287,25 @@ def test_n_choices_are_each_a_generation_of_their_own(client, model_id, referenc
     assert streamed == expected
 
 
+def test_logit_bias_moves_the_choice_as_transformers_sequence_bias_does(client, model_id, reference):
+    local, tokenizer = reference
+    prompt = "Clover"
+    prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    greedy, _ = local_logprobs(reference, prompt_ids, 6)
+    banned = {greedy[0]: -100.0, greedy[1]: -100.0}  # the greedy text's first two tokens, never chosen
+    with torch.no_grad():
+        out = local.generate(
+            prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=6, do_sample=False,
+            sequence_bias=[[[token], bias] for token, bias in banned.items()],
+        )  # fmt: skip
+    expected = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+    ask = dict(model=model_id, prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+    response = client.completions.create(**ask, logit_bias={str(token): bias for token, bias in banned.items()})
+    assert response.choices[0].text == expected
+    assert not set(response.choices[0].logprobs.tokens) & {tokenizer.decode([token]) for token in banned}
+    assert client.completions.create(**ask).choices[0].logprobs.tokens[0] == tokenizer.decode([greedy[0]])
+
+
 def test_malformed_json_is_a_400_in_openais_shape(served):
     status, reply = http(served["url"] + "v1/chat/completions", b'{"model": "tiny-llama", "messages": [')
     assert status == 400
@@ -327,6 +346,9 @@ def test_bad_fields_are_a_400_naming_the_field(served, body, param):
         ({"model": "tiny-llama", "prompt": "a", "max_tokens": 0}, "max_tokens"),  # generates nothing and echoes nothing
         ({"model": "tiny-llama", "prompt": [[1, 2], []]}, "prompt"),
         ({"model": "tiny-llama", "prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"word": 1}}, "logit_bias.word"),
     ],
 )
 def test_bad_completion_fields_are_a_400_naming_the_field(served, body, param):

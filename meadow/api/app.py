@@ -58,10 +58,13 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
     context_length = getattr(model.config, "max_position_embeddings", None) or 2048
     created = int(time.time())
 
-    def check_model(name: str) -> None:
-        if name != model_id:
-            message = f"The model `{name}` does not exist: this API serves `{model_id}`"
+    def check(request) -> None:
+        """What pydantic cannot check: the model's name, and token ids in its vocabulary."""
+        if request.model != model_id:
+            message = f"The model `{request.model}` does not exist: this API serves `{model_id}`"
             raise APIError(404, message, param="model", code="model_not_found")
+        if any(not 0 <= token < model.config.vocab_size for token in request.logit_bias or {}):
+            raise APIError(400, f"logit_bias token ids must be in [0, {model.config.vocab_size})", param="logit_bias")
 
     def budget(prompt_tokens: int, requested: int | None, default: int, param: str) -> int:
         """max_tokens for the request: what it asked for, or the default cut to the context left."""
@@ -114,7 +117,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request):
-        check_model(request.model)
+        check(request)
         prompt_ids = chat_prompt_ids(tokenizer, [message.as_dict() for message in request.messages])
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
@@ -160,7 +163,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
-        check_model(request.model)
+        check(request)
         prompts = [prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"] for prompt in request.prompts]
         for ids in prompts:
             if any(not 0 <= i < model.config.vocab_size for i in ids):

@@ -33,6 +33,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # each token's log-probability and this many likeliest at its place (None: none)
     prompt_logprobs: bool = False  # the prompt's tokens' too (text completions' echo)
 
@@ -153,7 +154,9 @@ class TextGeneration:
         """generate, its tokens sent as they come; the chain that served it."""
         s, length = self.sampling, self.prompt_tokens
         recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
-        processors = logits_processors(length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed)
+        processors = logits_processors(
+            length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias
+        )
         # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
         opened = self.model.inference_session(length + s.max_tokens, batch_size=1, give_up=self.cancelled)
         with torch.no_grad(), opened as session:

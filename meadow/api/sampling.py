@@ -10,7 +10,13 @@ generate's greedy step nothing to choose.
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -50,9 +56,12 @@ def logits_processors(
     presence_penalty: float,
     frequency_penalty: float,
     seed: int | None,
+    logit_bias: tuple[tuple[int, float], ...] = (),
 ) -> LogitsProcessorList:
     """What turns the model's logits into the next token for one request; temperature 0 means greedy."""
     processors = LogitsProcessorList()
+    if logit_bias:
+        processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in logit_bias]))
     if presence_penalty or frequency_penalty:
         processors.append(OpenAIPenalties(prompt_length, presence_penalty, frequency_penalty))
     if temperature > 0:

@@ -33,6 +33,7 @@ class _Request(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, -100 to 100
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -43,6 +44,13 @@ class _Request(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("at most 4 stop sequences, none empty")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, bias):
+        if bias and any(not -100 <= value <= 100 for value in bias.values()):
+            raise ValueError("biases must be in [-100, 100]")
+        return bias
 
     def sampling(self, max_tokens: int, extra_stop: list[str] = (), **logprobs) -> Sampling:
         """The generation it asks for (`logprobs`: Sampling's logprobs and prompt_logprobs)."""
@@ -55,6 +63,7 @@ class _Request(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
             stop=tuple(dict.fromkeys([*stops, *extra_stop])),
+            logit_bias=tuple((self.logit_bias or {}).items()),
         )
 
     @property
