@@ -116,7 +116,10 @@ def test_greedy_chat_equals_local_greedy(client, model_id, reference):
     prompt_ids = chat_prompt_ids(reference[1], messages)
     text, finish, tokens = local_reply(reference, prompt_ids, 12, stop_strings(reference[1]))
 
-    response = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=0)
+    response = client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=12, temperature=0,
+        response_format={"type": "text"}, extra_body={"tools": []},  # as some clients send them: the default reply
+    )  # fmt: skip
     choice = response.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == text
@@ -326,6 +329,10 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+         "tools"),  # asks for what it would not get
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
+         "response_format"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -346,6 +353,8 @@ def test_bad_fields_are_a_400_naming_the_field(served, body, param):
         ({"model": "tiny-llama", "prompt": "a", "max_tokens": 0}, "max_tokens"),  # generates nothing and echoes nothing
         ({"model": "tiny-llama", "prompt": [[1, 2], []]}, "prompt"),
         ({"model": "tiny-llama", "prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"model": "tiny-llama", "prompt": "a", "suffix": " end"}, "suffix"),  # asks for what it would not get
+        ({"model": "tiny-llama", "prompt": "a", "best_of": 3}, "best_of"),
         ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias"),
         ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"word": 1}}, "logit_bias.word"),

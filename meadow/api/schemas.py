@@ -13,6 +13,13 @@ DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context",
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
 MAX_CHOICES = 16  # choices one request may ask for (prompts x n): each is an inference session on the servers
 MAX_TOP_LOGPROBS = 20
+# fields that, when set so, ask for what Meadow does not do: refused rather than answered with something else
+UNSUPPORTED = [
+    ("tools", bool, "tool calls are not supported: the reply would be plain text"),
+    ("response_format", lambda f: not isinstance(f, dict) or f.get("type") != "text", "only plain text replies"),
+    ("suffix", bool, "inserting text is not supported"),
+    ("best_of", lambda b: b != 1, "best_of is not supported: ask for n choices and their logprobs"),
+]
 
 
 class StreamOptions(BaseModel):
@@ -20,7 +27,8 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    """Fields shared by chat and text completions. Fields OpenAI has but Meadow does not use are ignored."""
+    """Fields shared by chat and text completions. Fields OpenAI has but Meadow does not use are ignored, unless they
+    ask for a reply that Meadow would not give (`unsupported`): those are refused."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -44,6 +52,14 @@ class _Request(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("at most 4 stop sequences, none empty")
         return stop
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, body):
+        for field, asks, reason in UNSUPPORTED:
+            if isinstance(body, dict) and body.get(field) is not None and asks(body[field]):
+                raise APIError(400, f"{field}: {reason}", param=field, code="unsupported_value")
+        return body
 
     @field_validator("logit_bias")
     @classmethod
