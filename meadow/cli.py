@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from meadow.wire import WIRE_FORMATS, BlockRange
@@ -206,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
+    api.add_argument("--api-key", default=os.environ.get("MEADOW_API_KEY"),
+                     help="answer only requests with `Authorization: Bearer KEY` (the pages ask for it; default: "
+                          "$MEADOW_API_KEY, which keeps it out of the process list; none: open to all who reach "
+                          "--host)")  # fmt: skip
     _add_identity(api)
     _add_points_identity(api)
     _add_allow_peers(api)
@@ -317,7 +322,8 @@ def _run(args: argparse.Namespace) -> None:
 
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
         run_api(
-            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args)
+            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
+            args.api_key or None,
         )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm

@@ -27,11 +27,13 @@ class ProcessFailed(RuntimeError):
 class Process:
     """A `meadow ...` child (or `program ...`) in its own process group; its output is kept and optionally echoed."""
 
-    def __init__(self, args: list[str], name: str, echo: bool = False, program: list[str] | None = None):
+    def __init__(
+        self, args: list[str], name: str, echo: bool = False, program: list[str] | None = None, env: dict | None = None
+    ):
         self.name, self.lines, self.echo, self.leaving = name, [], echo, False
         # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
         # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(
             [*(program or [sys.executable, "-m", "meadow"]), *args],
             stdout=subprocess.PIPE,

@@ -365,6 +365,33 @@ def test_bad_completion_fields_are_a_400_naming_the_field(served, body, param):
     assert status == 400 and reply["error"]["param"] == param, reply
 
 
+def test_an_api_key_keeps_out_requests_without_it(served, reference):
+    """`meadow api --api-key KEY` (here from $MEADOW_API_KEY): /v1 and /api answer only `Authorization: Bearer KEY`,
+    with OpenAI's 401 otherwise; the pages themselves stay open."""
+    api = Process(["api", str(served["path"]), "--initial-peers", *served["swarm"].initial_peers, "--port", "0"], "api",
+                  env={"MEADOW_API_KEY": "meadow-secret"})  # fmt: skip
+    served["swarm"].extra.append(api)
+    url = api_url(api)
+    for key in ("wrong", "Bearer meadow-secret"):  # (no key at all: below)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0).models.list()
+        assert caught.value.body["code"] == "invalid_api_key"
+    for path in ("api/swarm", "api/points"):
+        status, reply = http(url + path)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    with urllib.request.urlopen(url, timeout=60) as page:
+        assert page.status == 200 and b"<script" in page.read()
+
+    keyed = openai.OpenAI(base_url=url + "v1", api_key="meadow-secret", max_retries=0, timeout=120)
+    prompt = "Bees"
+    expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], 8)[0]
+    reply = keyed.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0)
+    assert reply.choices[0].text == expected
+    request = urllib.request.Request(url + "api/swarm", headers={"Authorization": "Bearer meadow-secret"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+
+
 def test_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

@@ -132,6 +132,34 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     assert page.evaluate("document.activeElement.id") == "prompt"
 
 
+def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):
+    """An API started with --api-key: the page asks for the key once (every request refused meanwhile waits for that
+    one answer), keeps it, and answers; a page whose user declines says that it needs the key."""
+    api = Process(["api", str(served["path"]), "--initial-peers", *served["swarm"].initial_peers, "--port", "0",
+                   "--api-key", "meadow-secret"], "api")  # fmt: skip
+    served["swarm"].extra.append(api)
+    url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+    asked = []
+    page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("meadow-secret")))
+    question = "What grows in a meadow?"
+    type_question(page, url, question, 24)
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny-llama'", timeout=30_000)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    assert page.text_content(".turn.assistant .bubble") == local_answer(served["path"], question, 24)
+    assert asked == ["This API needs a key:"]
+    page.reload()  # the key is kept
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny-llama'", timeout=30_000)
+    assert len(asked) == 1
+
+    declining = page.context.browser.new_page()
+    declining.on("dialog", lambda dialog: dialog.dismiss())
+    declining.goto(url)
+    refused = "document.getElementById('model').textContent.includes('API key needed')"
+    declining.wait_for_function(refused, timeout=30_000)
+    declining.close()
+
+
 def test_monitor_shows_every_servers_blocks(page, served):
     page.goto(served["url"] + "monitor")
     page.wait_for_selector("body[data-loaded]", timeout=30_000)

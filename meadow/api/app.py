@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from dataclasses import replace
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
@@ -51,10 +52,22 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> FastAPI:
-    """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests."""
+def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None) -> FastAPI:
+    """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
+    answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
+    files stay open, and ask the user for it."""
     app = FastAPI(title="Meadow", docs_url=None, redoc_url=None)  # their pages would load scripts from a CDN
     install_error_handlers(app)
+
+    def require_key(authorization: str | None = Header(None)) -> None:
+        if api_key is None:
+            return
+        if authorization is None:
+            raise APIError(401, "This API needs a key: send `Authorization: Bearer KEY`", code="invalid_api_key")
+        if not secrets.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    keyed = [Depends(require_key)]
     context_length = getattr(model.config, "max_position_embeddings", None) or 2048
     created = int(time.time())
 
@@ -111,11 +124,11 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
         seconds = max(generation.outcome.seconds for generation in generations)
         return {"servers": list(servers.values()), "seconds": round(seconds, 3)}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     def list_models() -> dict:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "meadow"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: ChatCompletionRequest, http: Request):
         check(request)
         prompt_ids = chat_prompt_ids(tokenizer, [message.as_dict() for message in request.messages])
@@ -161,7 +174,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
         return _GenerationResponse(chunks(), generations)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: CompletionRequest, http: Request):
         check(request)
         prompts = [prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"] for prompt in request.prompts]
@@ -225,14 +238,14 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str) -> Fast
 
         return _GenerationResponse(chunks(), generations)
 
-    @app.get("/api/swarm")
+    @app.get("/api/swarm", dependencies=keyed)
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block
         model.sequence.revive_network()  # a dead DHT process would never answer
         return JSONResponse(read_swarm(model.sequence.dht))
 
     points = PointsView(model.sequence)
 
-    @app.get("/api/points")
+    @app.get("/api/points", dependencies=keyed)
     def points_per_server(mine: bool = False) -> JSONResponse:  # a plain def, on a worker thread: it waits on ledgers
         if mine and points.me is None:  # the chat page asks only for the user's own: without an identity, none
             return JSONResponse({"me": None})

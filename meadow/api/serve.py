@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket
@@ -26,6 +27,7 @@ def run_api(
     dht_prefix: str | None = None,
     adapter: str | None = None,
     client_config: ClientConfig | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)` once it accepts requests."""
     from meadow.api.app import create_app
@@ -38,7 +40,7 @@ def run_api(
         client_config=replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS),
     )  # fmt: skip
     model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
-    app = create_app(distributed, tokenizer, model_id)
+    app = create_app(distributed, tokenizer, model_id, api_key)
 
     # our own socket, so that --port 0 works and the address printed is the one bound
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -49,6 +51,8 @@ def run_api(
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"API ready: http://{shown_host}:{bound_port} (model {model_id})", flush=True)
+    if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+        logging.getLogger(__name__).warning(f"anyone who can reach {host} can use this API: --api-key asks for a key")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
     # after its graceful shutdown uvicorn raises the signal again for the handler it found: make that an exit through
     # `finally`, so that the client's DHT process stops too (SIGTERM's default would leave it running)

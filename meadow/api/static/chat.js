@@ -18,15 +18,17 @@ showTemperature();
 temperature.addEventListener("input", () => { showTemperature(); localStorage.setItem("meadow.temperature", temperature.value); });
 maxTokens.addEventListener("change", () => localStorage.setItem("meadow.maxTokens", maxTokens.value));
 
-const modelReady = fetch("/v1/models").then((r) => r.json()).then((body) => {
+const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise.reject(r.status))).then((body) => {
   model = body.data[0].id;
   $("model").textContent = model;
-}).catch(() => ($("model").textContent = "API unreachable"));
+}).catch((status) => {
+  $("model").textContent = status === 401 ? "API key needed: reload to enter it" : "API unreachable";
+});
 
 // the user's own points, when this API has a points identity (meadow api --points-identity)
 async function showMyPoints() {
   try {
-    const body = await (await fetch("/api/points?mine=true", {cache: "no-store"})).json();
+    const body = await (await apiFetch("/api/points?mine=true", {cache: "no-store"})).json();
     if (body.me) {
       $("my-points").textContent = `Your points: ${Number(body.me.points).toPrecision(3)}`;
       $("my-points").title = `verified points of ${body.me.peer} (${body.unit})`;
@@ -136,7 +138,7 @@ async function send() {
   // shown while every server that could answer is full (at first, or after a failover mid-answer), until words come
   const waiting = element("div", "waiting", "The servers are full: waiting for room…");
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await apiFetch("/v1/chat/completions", {
       method: "POST",
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify({

@@ -112,7 +112,7 @@ function pointsCell(peer) {
 
 async function refreshPoints() {
   try {
-    const response = await fetch("/api/points", {cache: "no-store"});
+    const response = await apiFetch("/api/points", {cache: "no-store"});
     if (response.ok) {
       const body = await response.json();
       points = body.servers;
@@ -150,7 +150,7 @@ function showAge() {
 
 async function refresh() {
   try {
-    const response = await fetch("/api/swarm", {cache: "no-store"});
+    const response = await apiFetch("/api/swarm", {cache: "no-store"});
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
     lastUpdate = Date.now();
