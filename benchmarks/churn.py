@@ -33,7 +33,8 @@ With --chat, each client is a conversation of three turns kept in one inference 
 With --server-churn, servers die between turns and during them, and the sessions must go on.
 
 With --api, the clients are HTTP requests to one `meadow api` process (streamed /v1/completions, greedy, the prompt
-as token ids), and a killed client is a connection dropped mid-reply, as by a closed browser tab. The API process's
+as token ids, two choices with their tokens' logprobs: both must be transformers' text and logprobs), and a killed
+client is a connection dropped mid-reply, as by a closed browser tab. The API process's
 memory, files and threads are printed with the servers'.
 
 With --mix, every new client is one of these kinds, picked at random: plain, speculative (K=4), chat, train, train
@@ -80,14 +81,21 @@ API_CLIENT = """
 import json, sys, urllib.request
 url, prompt, expected = sys.argv[1], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 model = json.load(urllib.request.urlopen(url + "/v1/models"))["data"][0]["id"]
-body = {"model": model, "prompt": prompt, "max_tokens": len(expected["tokens"]), "temperature": 0, "stream": True}
+body = {"model": model, "prompt": prompt, "max_tokens": len(expected["tokens"]), "temperature": 0, "stream": True,
+        "n": 2, "logprobs": 0}
 request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
-text = ""
+texts, logprobs = ["", ""], [[], []]
 for line in urllib.request.urlopen(request, timeout=600):
     line = line.decode().strip()
     if line.startswith("data: {"):
-        text += json.loads(line[6:])["choices"][0]["text"]
-print("right" if text == expected["text"] else f"WRONG {text!r}", flush=True)
+        choice = json.loads(line[6:])["choices"][0]
+        texts[choice["index"]] += choice["text"]
+        logprobs[choice["index"]] += (choice["logprobs"] or {}).get("token_logprobs", [])
+# the servers' packed products put the default model's logits up to ~1e-3 from transformers': so its logprobs too
+lengths = [len(got) for got in logprobs] == [len(expected["logprobs"])] * 2
+off = max((abs(a - b) for got in logprobs for a, b in zip(got, expected["logprobs"])), default=0.0)
+right = texts == [expected["text"]] * 2 and lengths and off < 5e-3
+print("right" if right else f"WRONG {texts!r}, logprobs {[len(got) for got in logprobs]} off by {off}", flush=True)
 """
 TRAIN_CLIENT = """
 import json, sys, torch
@@ -167,14 +175,24 @@ ROUTINE = ("meadow.server.server: points: ", "meadow.api.generation: generation 
 
 
 def prompts_with_answers(model: str, rng: random.Random) -> list[tuple[list[int], dict]]:
-    """Prompts of 3 to 300 random tokens and transformers' greedy continuation of each, as tokens and as text."""
+    """Prompts of 3 to 300 random tokens and transformers' greedy continuation of each, as tokens, as text and as
+    the log-probabilities of its tokens up to an end of sequence."""
     reference, tokenizer, cases = load_reference_model(model), load_tokenizer(model), []
+    ends = reference.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [ends, tokenizer.eos_token_id])
     for length, new_tokens in ((3, 30), (17, 12), (60, 30), (150, 4), (300, 12)):
         prompt = torch.tensor([[rng.randrange(100, 40000) for _ in range(length)]])
         with torch.no_grad():
-            out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False)
-        tokens = out[0, length:].tolist()
-        cases.append((prompt[0].tolist(), {"tokens": tokens, "text": tokenizer.decode(tokens, skip_special_tokens=True)}))
+            out = reference.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        tokens = out.sequences[0, length:].tolist()
+        rows = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+        kept = next((i for i, token in enumerate(tokens) if token in ends), len(tokens))
+        logprobs = [rows[i, token].item() for i, token in enumerate(tokens[:kept])]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        cases.append((prompt[0].tolist(), {"tokens": tokens, "text": text, "logprobs": logprobs}))
     return cases
 
 
