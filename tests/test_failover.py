@@ -122,6 +122,44 @@ def test_a_server_killed_while_it_holds_a_step_is_failed_over_at_once_and_banned
         swarm.stop()
 
 
+def test_a_failed_server_stays_avoided_after_its_ban_until_it_announces_again(model_path, expected):
+    """A hung server's record lives on for three announcement periods: once its ban is over it is not dialled again
+    (which takes seconds for a machine that is gone) until it announces again, and then it is used again. The other
+    server of its blocks announces a low speed, so routing takes the hung one whenever it may."""
+    prompt, reference = expected
+    swarm = start_swarm(model_path, ["0:3", "3:6"], "--update-period", "10")
+    try:
+        slow = swarm.start_server(model_path, "--blocks", "3:6", "--throughput", "1")
+        model = client(model_path, swarm, ban_seconds=1.0, step_timeout=2.0, min_step_timeout=2.0, connect_timeout=2.0)
+        hung = server_of(swarm, "3:6")
+        streamer = AfterTokens({3: lambda: hung.signal(signal.SIGSTOP)})
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
+        assert torch.equal(got, reference)
+        (victim,) = model.sequence.failures
+        assert victim.to_base58() in "\n".join(hung.lines)
+        time.sleep(max(0.0, model.sequence.banned_until[victim] - time.monotonic()))
+        model.sequence.update_routes(force=True)
+        assert victim in model.sequence.servers and victim in model.sequence.banned()  # its record lives on
+        for _ in range(2):
+            assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+        assert model.sequence.failures[victim] == 1  # not tried again
+
+        hung.signal(signal.SIGCONT)  # it announces at once (its announcement is overdue)
+        deadline = time.monotonic() + 30
+        while victim in model.sequence.banned():
+            assert time.monotonic() < deadline, "the server that came back was never routed to again"
+            time.sleep(0.5)
+            model.sequence.update_routes(force=True)
+        with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
+            assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+            assert victim in [hop.peer for hop in session.remote.hops] and slow.popen.poll() is None
+        model.sequence.close()
+    finally:
+        for server in swarm.servers:
+            server.signal(signal.SIGCONT)
+        swarm.stop()
+
+
 def test_failover_to_smaller_servers_that_join_after_the_session_began(model_path, expected):
     prompt, reference = expected
     swarm = start_swarm(model_path, ["0:3", "3:6"], "--update-period", "2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from meadow.client.routing import (
 from meadow.client.verify import SpotChecker, WrongOutputs
 from meadow.models import resolve_model_path
 from meadow.models.fingerprint import checkpoint_fingerprint
-from meadow.swarm import ServerInfo, dht_prefix_for, fetch_servers, start_dht
+from meadow.swarm import ServerInfo, dht_prefix_for, fetch_announcements, start_dht
 from meadow.client.tuning import RemoteTuning
 from meadow.models.quant import with_quant_at_least
 from meadow.wire import (
@@ -97,6 +98,10 @@ class RemoteSequence:
         self.steps: dict[PeerID, MeasuredStep] = {}  # a decoding step as our sessions last timed it on each server
         self.routes_updated = 0.0
         self.banned_until: dict[PeerID, float] = {}  # failed servers...
+        # ...and when their records expired as they failed: until they announce again (a later expiration), they stay
+        # avoided after their ban, for a dead server's record lives on for minutes and dialling it may take seconds
+        self.failed_record: dict[PeerID, float] = {}
+        self.expirations: dict[PeerID, float] = {}  # of each server's latest record, as last read
         self.skipped_until: dict[PeerID, float] = {}  # ...and healthy ones that left, moved or are full (MOVED)
         self.failures: dict[PeerID, int] = defaultdict(int)
         self.payer = None  # signs receipts for the servers' work, if we have an identity (meadow/points/payer.py)
@@ -108,7 +113,12 @@ class RemoteSequence:
         if not force and time.monotonic() - self.routes_updated < self.config.routes_max_age:
             return
         self.revive_network()  # a dead DHT process would not answer the read below
-        online = servers_by_peer(fetch_servers(self.dht, self.dht_prefix, self.num_blocks))
+        per_block, self.expirations = fetch_announcements(self.dht, self.dht_prefix, self.num_blocks)
+        with self._bans_lock:  # forget those that announced since they failed (their bans still run out) or are gone
+            self.failed_record = {
+                peer: seen for peer, seen in self.failed_record.items() if self.expirations.get(peer, math.inf) <= seen
+            }  # fmt: skip
+        online = servers_by_peer(per_block)
         online = with_quant_at_least(online, self.config.min_quant)
         self.servers = {peer: info for peer, info in online.items() if self.fingerprint in (None, info.fingerprint)}
         self.other_checkpoints = {peer: info for peer, info in online.items() if peer not in self.servers}
@@ -156,7 +166,9 @@ class RemoteSequence:
             self.failures[peer] += 1
             seconds = min(self.config.ban_seconds * 2 ** (self.failures[peer] - 1), self.config.max_ban_seconds)
             self.banned_until[peer] = time.monotonic() + seconds
-        logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s")
+            if peer in self.expirations:
+                self.failed_record[peer] = self.expirations[peer]
+        logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s, and then until it announces")
 
     def revive_network(self) -> bool:
         """If our DHT process or its p2p daemon is gone, start new ones (once, whichever thread finds it); True if
@@ -191,11 +203,14 @@ class RemoteSequence:
             return False
 
     def banned(self, skipped: bool = True) -> frozenset[PeerID]:
-        """The servers routing avoids now: failed ones, and (with `skipped`) healthy ones skipped for a moment."""
+        """The servers routing avoids now: failed ones (for their ban, and after it until they announce again), and
+        (with `skipped`) healthy ones skipped for a moment."""
         now = time.monotonic()
         with self._bans_lock:
             avoided = [self.banned_until, self.skipped_until] if skipped else [self.banned_until]
-            return frozenset(peer for until in avoided for peer, end in until.items() if end > now)
+            banned = {peer for until in avoided for peer, end in until.items() if end > now}
+            stale = {peer for peer, seen in self.failed_record.items() if self.expirations.get(peer, seen) <= seen}
+            return frozenset(banned | stale)
 
     def skipped_hold(self, blocks: list[int]) -> bool:
         """True if a server we only skip for a moment (it is full, say) holds some of `blocks`: worth waiting for."""

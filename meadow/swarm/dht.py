@@ -170,9 +170,18 @@ def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[d
     """For each block, the servers that announce it and are not offline. The DHT node dropped records with a bad
     signature; a record that is not a sane ServerInfo of that block (check_record) is skipped here too, for a stranger's
     node may answer anything, and DHT nodes check only the swarms they were told of."""
+    return fetch_announcements(dht, dht_prefix, num_blocks)[0]
+
+
+def fetch_announcements(
+    dht: hivemind.DHT, dht_prefix: str, num_blocks: int
+) -> tuple[list[dict[PeerID, ServerInfo]], dict[PeerID, float]]:
+    """What fetch_servers returns, and when each server's latest record expires (DHT time): later with each of its
+    announcements, so a server whose expiration has not moved since some moment has not announced since."""
     keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
     found = dht.run_coroutine(partial(_get_many, keys=keys))
     servers: list[dict[PeerID, ServerInfo]] = []
+    expirations: dict[PeerID, float] = {}
     for block, key in enumerate(keys):
         entry, by_peer = found.get(key), {}
         if entry is not None and isinstance(entry.value, dict):
@@ -184,8 +193,9 @@ def fetch_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[d
                     continue
                 if info.state != ServerState.OFFLINE and (getattr(dht, "allowed", None) is None or peer in dht.allowed):
                     by_peer[peer] = info
+                    expirations[peer] = max(expirations.get(peer, 0.0), record.expiration_time)
         servers.append(by_peer)
-    return servers
+    return servers, expirations
 
 
 # run_coroutine pickles its function into the DHT's process, so these live at module level.
