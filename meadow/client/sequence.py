@@ -168,7 +168,7 @@ class RemoteSequence:
             self.banned_until[peer] = time.monotonic() + seconds
             if peer in self.expirations:
                 self.failed_record[peer] = self.expirations[peer]
-        logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s, and then until it announces")
+        logger.warning(f"server {peer} failed ({error!r}); avoiding it for {seconds:.0f} s and until it announces")
 
     def revive_network(self) -> bool:
         """If our DHT process or its p2p daemon is gone, start new ones (once, whichever thread finds it); True if
