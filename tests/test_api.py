@@ -232,7 +232,8 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(client
     """lm-eval-harness's loglikelihood request: token-id prompts, several at once, echo, logprobs=1, max_tokens=1.
     Each prompt token's logprob given the ones before must be the local model's; max_tokens=0 scores alone."""
     local, tokenizer = reference
-    prompts = [tokenizer(text)["input_ids"] for text in ("Bees visit clover in the meadow", "Rain")]
+    texts = ("Bees visit clover in the meadow", "Rain", "Wind over the grass. " * 50)  # the last over 2 scoring steps
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
     expected = []
     for ids in prompts:
         with torch.no_grad():
@@ -243,7 +244,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(client
         response = client.completions.create(
             model=model_id, prompt=prompts, max_tokens=max_tokens, echo=True, logprobs=1, temperature=0
         )  # fmt: skip
-        assert [choice.index for choice in response.choices] == [0, 1]
+        assert [choice.index for choice in response.choices] == [0, 1, 2]
         for choice, ids, (rows, prompt_logprobs) in zip(response.choices, prompts, expected):
             logprobs = choice.logprobs
             assert logprobs.tokens[: len(ids)] == [tokenizer.decode([i]) for i in ids]

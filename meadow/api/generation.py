@@ -138,42 +138,43 @@ class TextGeneration:
             raise self._first[2]
 
     def _generate(self, send) -> None:
-        """The worker thread: the prompt's logprobs if asked for, one generate call inside one inference session; then
-        the chain it used, or its error."""
+        """The worker thread: inside one inference session, the prompt's logprobs if asked for and one generate call;
+        then the chain it used, or its error."""
         hops, error, s = [], None, self.sampling
         try:
-            if s.prompt_logprobs:
-                self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)
-            if s.max_tokens > 0:  # 0: the prompt's logprobs were all it asked for
-                hops = self._run_generate(send)
+            # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
+            length = self.prompt_tokens + s.max_tokens
+            opened = self.model.inference_session(length, batch_size=1, give_up=self.cancelled)
+            with torch.no_grad(), opened as session:
+                self.session = session  # start() asks it whether it waits for room
+                if s.prompt_logprobs:  # the prompt but its last token, into the session: generate sends only that one
+                    self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)
+                if s.max_tokens > 0:  # 0: the prompt's logprobs were all it asked for
+                    self._run_generate(send)
+                remote = session.remote
+                hops = [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
         except BaseException as e:  # handed to the request; the thread itself has nobody to tell
             error = e
         send(("done", hops, error))
 
-    def _run_generate(self, send) -> list[dict]:
-        """generate, its tokens sent as they come; the chain that served it."""
+    def _run_generate(self, send) -> None:
+        """generate, inside the session, its tokens sent as they come."""
         s, length = self.sampling, self.prompt_tokens
         recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
         processors = logits_processors(
             length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias
         )
-        # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
-        opened = self.model.inference_session(length + s.max_tokens, batch_size=1, give_up=self.cancelled)
-        with torch.no_grad(), opened as session:
-            self.session = session  # start() asks it whether it waits for room
-            self.model.generate(
-                self.prompt_ids,
-                attention_mask=torch.ones_like(self.prompt_ids),
-                max_new_tokens=s.max_tokens,
-                do_sample=False,  # a SeededSampler in the processors samples, when temperature > 0
-                logits_processor=LogitsProcessorList([recorder, *processors] if recorder else processors),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
-                streamer=_ToLoop(send, recorder),
-                eos_token_id=self.eos_ids or None,
-                pad_token_id=self.pad_id,
-            )
-            remote = session.remote
-            return [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
+        self.model.generate(
+            self.prompt_ids,
+            attention_mask=torch.ones_like(self.prompt_ids),
+            max_new_tokens=s.max_tokens,
+            do_sample=False,  # a SeededSampler in the processors samples, when temperature > 0
+            logits_processor=LogitsProcessorList([recorder, *processors] if recorder else processors),
+            stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancelled)]),
+            streamer=_ToLoop(send, recorder),
+            eos_token_id=self.eos_ids or None,
+            pad_token_id=self.pad_id,
+        )
 
     def _waiting_for_room(self) -> str | None:
         return self.session.waiting_for_room if self.session is not None else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-HEAD_CHUNK = 256  # prompt positions put through the LM head at once: a whole prompt's logits can take gigabytes
+HEAD_CHUNK = 512  # prompt tokens a step when scoring a prompt: a whole prompt's logits can take gigabytes
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,19 @@ def describe(tokenizer: PreTrainedTokenizerBase, logprobs: torch.Tensor, token: 
 
 def prompt_logprobs(model, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, top: int) -> list[TokenLogprob]:
     """Each prompt token's entry given the tokens before it (none for the first), with its offset in the decoded
-    prompt: one forward pass through the swarm (blocking: call it on a worker thread)."""
-    with torch.no_grad():
-        hidden = model.remote_hidden(ids, None, torch.ones_like(ids), None)[0]
-        entries = [TokenLogprob(tokenizer.decode(ids[0, :1]), None, ())]
-        for start in range(0, ids.shape[1] - 1, HEAD_CHUNK):
-            logits = model.lm_head(model.norm(hidden[start : start + HEAD_CHUNK]))
-            for row, token in zip(torch.log_softmax(logits.float(), dim=-1), ids[0, start + 1 : start + 1 + HEAD_CHUNK]):
-                entries.append(describe(tokenizer, row, int(token), top))
+    prompt. Run inside the model's inference session (blocking: on a worker thread): all of the prompt but its last
+    token goes to the servers, HEAD_CHUNK tokens a step, so that a generate call after it sends only that last token
+    and the prompt is computed once."""
     prompt = ids[0].tolist()
-    return [replace(entry, offset=len(tokenizer.decode(prompt[:i], skip_special_tokens=True))) for i, entry in enumerate(entries)]
+    entries = [TokenLogprob(tokenizer.decode(prompt[:1]), None, ())]
+    with torch.no_grad():
+        for start in range(0, len(prompt) - 1, HEAD_CHUNK):
+            end = min(start + HEAD_CHUNK, len(prompt) - 1)
+            logits = model(ids[:, :end], attention_mask=torch.ones_like(ids[:, :end])).logits[0]  # the new tokens'
+            for row, token in zip(torch.log_softmax(logits.float(), dim=-1), prompt[start + 1 : end + 1]):
+                entries.append(describe(tokenizer, row, token, top))
+    offsets = [len(tokenizer.decode(prompt[:i], skip_special_tokens=True)) for i in range(len(prompt))]
+    return [replace(entry, offset=offset) for entry, offset in zip(entries, offsets)]
 
 
 def chat_format(entries: list[TokenLogprob]) -> dict:
