@@ -71,7 +71,7 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int, extra_stop: list[str] = (), **logprobs) -> Sampling:
         """The generation it asks for (`logprobs`: Sampling's logprobs and prompt_logprobs)."""
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return Sampling(**logprobs,
+        return Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -80,6 +80,7 @@ class _Request(BaseModel):
             seed=self.seed,
             stop=tuple(dict.fromkeys([*stops, *extra_stop])),
             logit_bias=tuple((self.logit_bias or {}).items()),
+            **logprobs,
         )
 
     @property
