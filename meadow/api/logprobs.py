@@ -36,7 +36,7 @@ class Recorder(LogitsProcessor):
 
 def describe(tokenizer: PreTrainedTokenizerBase, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """`token`'s entry at a place whose log-probabilities over the vocabulary are `logprobs` (V,)."""
-    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+    values, ids = logprobs.topk(top)
     best = tuple((tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist()))
     return TokenLogprob(tokenizer.decode([token]), logprobs[token].item(), best)
 

@@ -209,8 +209,7 @@ class RemoteSequence:
         with self._bans_lock:
             avoided = [self.banned_until, self.skipped_until] if skipped else [self.banned_until]
             banned = {peer for until in avoided for peer, end in until.items() if end > now}
-            stale = {peer for peer, seen in self.failed_record.items() if self.expirations.get(peer, seen) <= seen}
-            return frozenset(banned | stale)
+            return frozenset(banned | self.failed_record.keys())  # update_routes keeps only those not announced since
 
     def skipped_hold(self, blocks: list[int]) -> bool:
         """True if a server we only skip for a moment (it is full, say) holds some of `blocks`: worth waiting for."""
