@@ -129,7 +129,7 @@ def test_a_failed_server_stays_avoided_after_its_ban_until_it_announces_again(mo
     prompt, reference = expected
     swarm = start_swarm(model_path, ["0:3", "3:6"], "--update-period", "10")
     try:
-        slow = swarm.start_server(model_path, "--blocks", "3:6", "--throughput", "1")
+        slow = swarm.start_server(model_path, "--blocks", "3:6", "--throughput", "0.1")  # routing: 10 s a step
         model = client(model_path, swarm, ban_seconds=1.0, step_timeout=2.0, min_step_timeout=2.0, connect_timeout=2.0)
         hung = server_of(swarm, "3:6")
         streamer = AfterTokens({3: lambda: hung.signal(signal.SIGSTOP)})

@@ -208,7 +208,9 @@ class Server:
 
     @property
     def inference_rps(self) -> float:
-        return self.speed.inference_rps if self.speed is not None else 0.0
+        if self.speed is None:  # --throughput N: routing takes a decoding step through the span to last 1 / N s
+            return float(self.config.throughput) * len(self.span_range) if self.span_range is not None else 0.0
+        return self.speed.inference_rps
 
     def _measure(self) -> str:
         """Set self.speed per --throughput; return where the numbers came from."""
