@@ -2,9 +2,9 @@
 
 Cheating servers are the real server started by tests/tampering_server.py with its outputs tampered (noise added by
 its blocks; a NaN, or a token missing, in what it sends). Honest servers of the same blocks announce a low speed
-(--throughput 1: 10 ms a block, against well under 1 ms measured), so routing takes the cheaters first: what the
-client then returns equals the model run locally. The model has 24 blocks so that the speeds, not the first pings'
-round trips (up to 0.5 s on a loaded machine), decide the route.
+(--throughput 1: routing takes a step through a span of theirs for 1 s, against a few ms measured), so routing takes
+the cheaters first: what the client then returns equals the model run locally. The model has 24 blocks so that the
+speeds, not the first pings' round trips (up to 0.5 s on a loaded machine), decide the route.
 """
 
 from __future__ import annotations
