@@ -178,18 +178,19 @@ def test_failover_to_smaller_servers_that_join_after_the_session_began(model_pat
         swarm.stop()
 
 
-def test_a_replacement_that_fails_its_replay_is_banned_and_the_next_one_taken(model_path, expected):
-    """The session's server dies; the fastest replacement answers the replayed history with NaN: it is banned and
-    another replacement rebuilds the cache, so the tokens do not change."""
+def test_a_replacement_that_fails_its_replay_is_banned_and_the_next_one_taken(model_path, expected, caplog):
+    """The session's server dies; its fastest replacement is two servers, and the second answers the replayed history
+    with NaN: it is banned and another server takes its blocks. Only their cache is rebuilt again (the first server of
+    the replacement keeps the one it rebuilt), and the tokens do not change."""
     prompt, reference = expected
-    swarm = start_swarm(model_path, ["0:6"], "--update-period", "2")
+    swarm = start_swarm(model_path, ["0:6", "0:3"], "--update-period", "2")
     try:
-        swarm.start_server(model_path, "--blocks", "0:6", "--throughput", "1", "--update-period", "2")  # slow, honest
+        swarm.start_server(model_path, "--blocks", "3:6", "--throughput", "1", "--update-period", "2")  # slow, honest
         model = client(model_path, swarm, routes_max_age=1.0)  # the failover reads the servers' records again
         broken: list = []
 
         def after_3_tokens():  # a fast server that sends NaN joins once the session runs on the first one
-            broken.append(swarm.start_server(model_path, "--blocks", "0:6", "--update-period", "2",
+            broken.append(swarm.start_server(model_path, "--blocks", "3:6", "--update-period", "2",
                                              program=[sys.executable, TAMPERING_SERVER, "nan"]))  # fmt: skip
 
         def after_6_tokens():
@@ -197,10 +198,14 @@ def test_a_replacement_that_fails_its_replay_is_banned_and_the_next_one_taken(mo
             swarm.servers[0].signal(signal.SIGKILL)
 
         streamer = AfterTokens({3: after_3_tokens, 6: after_6_tokens})
-        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
+        with caplog.at_level(logging.INFO, logger="meadow.client.session"):
+            got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
         assert torch.equal(got, reference)
         cheat = next(peer for peer in model.sequence.banned_until if peer.to_base58() in "\n".join(broken[0].lines))
         assert model.sequence.banned_until[cheat] > time.monotonic()
+        rebuilt = [record.getMessage() for record in caplog.records if record.getMessage().startswith("rebuilt")]
+        assert [message.split()[5] for message in rebuilt] == ["0:3", "3:6"]  # 0:3 once: kept when 3:6 failed
+        assert cheat.to_base58() not in rebuilt[1]
         model.sequence.close()
     finally:
         swarm.stop()

@@ -12,6 +12,7 @@ stored what it returned) are replaced with the same replay; the step runs again 
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import threading
 import time
@@ -31,6 +32,8 @@ from meadow.client.sequence import RemoteSequence, full_mask
 from meadow.client.tuning import RemoteTuning
 from meadow.client.verify import WrongOutputs
 from meadow.wire import RPC_FORWARD, BlockRange, OpenSession, PushTarget, Step
+
+logger = logging.getLogger(__name__)
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
 MAX_PUSH_MISSES = 2  # after this many late pushes to a server, the client passes its steps on itself
@@ -251,17 +254,22 @@ class InferenceSession:
 
     def _open(self, blocks: BlockRange, history: list[Inputs] | None = None) -> list[Segment]:
         """Segments covering `blocks`, their caches rebuilt from `history`; a server that fails meanwhile is
-        banned and another tried, up to max_retries times; while all are full, it waits for room (Retries)."""
+        banned and another tried, up to max_retries times; while all are full, it waits for room (Retries). Segments
+        already rebuilt are kept when a later one fails: only the blocks after them are routed and rebuilt again."""
         retries = Retries(self.sequence.config, self.give_up)
+        kept: list[Segment] = []  # rebuilt from history, from blocks.start on
         while True:
-            segments: list[Segment] = []
+            fresh: list[Segment] = []
             try:
+                rest = BlockRange(start=kept[-1].hop.blocks.end if kept else blocks.start, end=blocks.end)
                 cache_tokens = self.batch_size * self.max_length  # what each server must have room for
-                chain = self.sequence.make_chain(blocks, cache_tokens)  # routes here, not on the loop: make_chain waits on it
-                segments = run(self._open_streams(chain, self.ticket))
-                if history:
-                    self._replay(history, segments)
+                chain = self.sequence.make_chain(rest, cache_tokens)  # here, not on the loop: make_chain waits on it
+                fresh = run(self._open_streams(chain, self.ticket))
+                while history and fresh:
+                    history = self._replay(history, fresh[0])
+                    kept.append(fresh.pop(0))
                 self.waiting_for_room = None
+                segments = kept + fresh
                 self._leave_lines(keep={segment.hop.peer for segment in segments})
                 return segments
             except HopFailed as e:
@@ -271,9 +279,11 @@ class InferenceSession:
             if is_busy(error) and peer is not None:
                 self.waiting_at.add(peer)  # it keeps our place in its line: we leave it when served or gone
             if not retries.allow(error):
+                for segment in kept + fresh:
+                    run(segment.stream.close())
                 raise error  # outside the except clauses: the error as it came, not "during handling of" its wrapper
             self.waiting_for_room = error.remote_message if is_busy(error) else None
-            for segment in segments:
+            for segment in fresh:
                 run(segment.stream.close())
             if peer is not None:
                 self.sequence.ban(peer, error)
@@ -307,25 +317,28 @@ class InferenceSession:
             raise
         return opened
 
-    def _replay(self, history: list[Inputs], segments: list[Segment]) -> None:
-        """Send the failed segment's past inputs through its replacements, in chunks a server accepts."""
+    def _replay(self, history: list[Inputs], segment: Segment) -> list[Inputs]:
+        """Send a failed segment's past inputs through (the first server of) its replacement, in chunks a server
+        accepts, to rebuild its cache; the history of the server after it."""
         hidden, position_ids, key_mask = (torch.cat(parts, dim=1) for parts in zip(*history))
         chunk = max(1, self.sequence.config.replay_chunk_tokens // hidden.shape[0])
-        for segment in segments:
-            outputs = []
-            for start in range(0, hidden.shape[1], chunk):
-                piece = [tensor[:, start : start + chunk] for tensor in (hidden, position_ids, key_mask)]
-                try:
-                    meta = Step(position=start).to_wire()
-                    timeout = self.sequence.work_timeout(segment.hop.peer, segment.hop.blocks, piece[0])
-                    outputs.append(run(segment.stream.step(piece, timeout, meta)))
-                except Exception as e:
-                    raise HopFailed(segment.hop.peer, e) from e
-            segment.history = [(hidden, position_ids, key_mask)]
-            if self.sequence.payer is not None:
-                self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, hidden.shape[0] * hidden.shape[1], "inference")
-            hidden = torch.cat(outputs, dim=1)
-            segment.outputs = [hidden] if self.sequence.config.verify > 0 else []
+        outputs = []
+        for start in range(0, hidden.shape[1], chunk):
+            piece = [tensor[:, start : start + chunk] for tensor in (hidden, position_ids, key_mask)]
+            try:
+                meta = Step(position=start).to_wire()
+                timeout = self.sequence.work_timeout(segment.hop.peer, segment.hop.blocks, piece[0])
+                outputs.append(run(segment.stream.step(piece, timeout, meta)))
+            except Exception as e:
+                raise HopFailed(segment.hop.peer, e) from e
+        segment.history = [(hidden, position_ids, key_mask)]
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if self.sequence.payer is not None:
+            self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, tokens, "inference")
+        logger.info(f"rebuilt the cache of blocks {segment.hop.blocks} on server {segment.hop.peer} ({tokens} tokens)")
+        output = torch.cat(outputs, dim=1)
+        segment.outputs = [output] if self.sequence.config.verify > 0 else []
+        return [(output, position_ids, key_mask)]
 
     def _leave_lines(self, keep: set[PeerID] = frozenset()) -> None:
         """Leave the lines we wait in, so that our places claim no room, but at `keep` (which let us in: our place
