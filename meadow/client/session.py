@@ -2,8 +2,9 @@
 
 Each segment (one server, some blocks) remembers every input it was sent. When a server dies, hangs or
 leaves, the client bans it, routes a replacement for exactly its blocks (one server or several, maybe
-ones that joined after the session began), replays the remembered inputs to rebuild their KV caches,
-and resends the step that failed. Downstream servers never notice, so greedy results stay identical.
+ones that joined after the session began), replays the remembered inputs to rebuild their KV caches
+(a replacement that fails meanwhile is replaced in turn; those before it keep theirs), and resends the step
+that failed. Downstream servers never notice, so greedy results stay identical.
 
 A step may be spot-checked (ClientConfig.verify, verify.py): then every segment's outputs so far are recomputed by
 another server from the segment's history. A server found wrong is banned, and it and the servers after it (which
