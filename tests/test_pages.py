@@ -66,20 +66,23 @@ def page(browser):
     page.close()
 
 
-def local_answer(path, question: str, max_tokens: int) -> str:
-    """The local transformers model's greedy reply, cut where the API cuts it."""
+def local_answer(path, conversation: str | list[dict], max_tokens: int) -> str:
+    """The local transformers model's greedy reply to a question or a conversation, cut where the API cuts it."""
     tokenizer = load_tokenizer(path)
     local = load_reference_model(path)
-    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+    prompt_ids = chat_prompt_ids(tokenizer, messages)
     with torch.no_grad():
         out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_tokens, do_sample=False)
     text = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
     return text[: min([text.find(stop) for stop in stop_strings(tokenizer) if stop in text], default=len(text))]
 
 
-def type_question(page, url: str, question: str, max_tokens: int) -> None:
-    """Open the chat page and, keyboard only, set the temperature to 0 (greedy), a token budget, and the question."""
-    page.goto(url)
+def type_question(page, url: str | None, question: str, max_tokens: int) -> None:
+    """Open the chat page (or stay on it: url None) and, keyboard only, set the temperature to 0 (greedy), a token
+    budget, and the question."""
+    if url is not None:
+        page.goto(url)
     page.focus("#temperature")
     page.keyboard.press("Home")
     page.fill("#max-tokens", str(max_tokens))
@@ -87,7 +90,7 @@ def type_question(page, url: str, question: str, max_tokens: int) -> None:
     page.keyboard.type(question)
 
 
-def test_chat_page_streams_the_greedy_answer(page, served):
+def test_chat_page_streams_the_greedy_answer_and_keeps_the_conversation_over_a_reload(page, served):
     question = "What grows in a meadow?"
     type_question(page, served["url"], question, 24)
     # record every text the answer shows while it streams
@@ -108,11 +111,19 @@ def test_chat_page_streams_the_greedy_answer(page, served):
     hops = page.locator(".turn.assistant .meta .hop").all_text_contents()
     assert [hop.split()[1] for hop in hops] == ["0:2", "2:4"]
     assert " s" in page.text_content(".turn.assistant .meta")  # how long it took
+
+    page.reload()  # the conversation is still there, meta line included, and goes on from where it was
+    assert page.text_content(".turn.user .bubble") == question
+    assert page.text_content(".turn.assistant .bubble") == answer
+    assert page.locator(".turn.assistant[data-done] .meta .hop").all_text_contents() == hops
+    follow_up = "And what lives there?"
+    type_question(page, None, follow_up, 24)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done] >> nth=1", timeout=60_000)
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    expected = local_answer(served["path"], [*conversation, {"role": "user", "content": follow_up}], 24)
+    assert page.locator(".turn.assistant .bubble").nth(1).text_content() == expected
     if SCREENSHOTS:
-        page.focus("#prompt")
-        page.keyboard.type("And what lives there?")
-        page.keyboard.press("Enter")
-        page.wait_for_selector(".turn.assistant[data-done] >> nth=1", timeout=60_000)
         DOCS.mkdir(exist_ok=True)
         page.screenshot(path=DOCS / "chat.png")
 
@@ -130,6 +141,8 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     page.click("#new-chat")
     assert page.locator(".turn").count() == 0
     assert page.evaluate("document.activeElement.id") == "prompt"
+    page.reload()  # the conversation left is forgotten
+    assert page.locator(".turn").count() == 0 and page.is_visible("#welcome")
 
 
 def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):

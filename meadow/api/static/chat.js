@@ -7,7 +7,7 @@ const sendButton = $("send"), stopButton = $("stop");
 const temperature = $("temperature"), temperatureValue = $("temperature-value"), maxTokens = $("max-tokens");
 
 let model = null;      // the id /v1/models gives
-let messages = [];     // the conversation as OpenAI messages
+let messages = [];     // the conversation as OpenAI messages (an answer's also with `info`: its meta line)
 let running = null;    // {controller, stopped} while an answer streams
 
 // settings survive a reload
@@ -17,6 +17,10 @@ const showTemperature = () => (temperatureValue.textContent = Number(temperature
 showTemperature();
 temperature.addEventListener("input", () => { showTemperature(); localStorage.setItem("meadow.temperature", temperature.value); });
 maxTokens.addEventListener("change", () => localStorage.setItem("meadow.maxTokens", maxTokens.value));
+
+// so does the conversation, each exchange saved once answered; "New chat" forgets it
+const SAVED = "meadow.conversation";
+const save = () => localStorage.setItem(SAVED, JSON.stringify(messages));
 
 const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise.reject(r.status))).then((body) => {
   model = body.data[0].id;
@@ -109,6 +113,24 @@ async function* events(response) {
   }
 }
 
+// the saved conversation, back on the page; something else saved under its name is dropped
+function restore() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(SAVED) ?? "[]");
+    for (const message of saved) {
+      if (!["user", "assistant"].includes(message.role) || typeof message.content !== "string") throw new Error();
+      const {turn} = addTurn(message.role, message.content);
+      if (message.info) {
+        showMeta(turn, message.info);
+        turn.dataset.done = "true";
+      }
+    }
+    messages = saved;
+  } catch (error) {
+    newChat();
+  }
+}
+
 function setRunning(value) {
   running = value;
   sendButton.hidden = !!value;
@@ -142,7 +164,8 @@ async function send() {
       method: "POST",
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify({
-        model, messages: history, stream: true, stream_options: {include_usage: true},
+        model, messages: history.map(({role, content}) => ({role, content})), stream: true,
+        stream_options: {include_usage: true},
         temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
       }),
       signal: controller.signal,
@@ -182,11 +205,13 @@ async function send() {
   }
   cursor.remove();
   waiting.remove();
-  history.push({role: "assistant", content: answer});
-  showMeta(turn, {
+  const meta = {
     seconds: info?.seconds ?? (performance.now() - began) / 1000,
     servers: info?.servers, tokens, stopped: state.stopped,
-  });
+  };
+  history.push({role: "assistant", content: answer, info: meta});
+  if (history === messages) save();  // not a conversation "New chat" has left meanwhile
+  showMeta(turn, meta);
   turn.dataset.done = "true";
   scrollDown();
   setRunning(null);
@@ -202,6 +227,7 @@ function stop() {
 function newChat() {
   stop();
   messages = [];
+  localStorage.removeItem(SAVED);
   thread.replaceChildren();
   const welcome = element("div", "welcome");
   welcome.id = "welcome";
@@ -226,3 +252,4 @@ prompt.addEventListener("keydown", (event) => {
 document.addEventListener("keydown", (event) => { if (event.key === "Escape") stop(); });
 stopButton.addEventListener("click", stop);
 $("new-chat").addEventListener("click", newChat);
+restore();
