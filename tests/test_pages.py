@@ -143,6 +143,12 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     assert page.evaluate("document.activeElement.id") == "prompt"
     page.reload()  # the conversation left is forgotten
     assert page.locator(".turn").count() == 0 and page.is_visible("#welcome")
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    for garbage in ['{"role": "user"}', '[{"role": "user", "content": "hi"}, {"role": "system", "content": 1}]', "[1"]:
+        page.evaluate("(text) => localStorage.setItem('meadow.conversation', text)", garbage)
+        page.reload()  # saved by something else: dropped, not half shown
+        assert page.locator(".turn").count() == 0 and page.is_visible("#welcome") and not errors
 
 
 def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):
