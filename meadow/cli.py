@@ -18,6 +18,12 @@ def _block_range(text: str) -> BlockRange:
         raise argparse.ArgumentTypeError(f"expected START:END with START < END, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _throughput(text: str) -> str | float:
     if text in ("auto", "eval"):
         return text
@@ -130,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="host a span of a model's blocks")
     serve.add_argument("model", nargs="?", help=MODEL_HELP)
     serve.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
-    span = serve.add_mutually_exclusive_group(required=True)
+    span = serve.add_mutually_exclusive_group()  # neither: as many blocks as fit in memory, where the swarm needs them
     span.add_argument("--blocks", type=_block_range, help="blocks to host, START:END (END excluded)")
-    span.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm needs them")
+    span.add_argument("--num-blocks", type=_positive_int,
+                      help="host this many blocks where the swarm needs them (default: as many as fit in memory)")
     _add_network(serve)
     _add_identity(serve)
     _add_allow_peers(serve)
@@ -281,6 +288,7 @@ def _run(args: argparse.Namespace) -> None:
         from meadow.models.quant import QuantUnavailable
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
+        from meadow.server.sizing import NotEnoughMemory
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
@@ -299,7 +307,7 @@ def _run(args: argparse.Namespace) -> None:
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
         try:
             server = Server(config)
-        except QuantUnavailable as e:  # the platform's fault, not a bug: one line, no traceback
+        except (QuantUnavailable, NotEnoughMemory) as e:  # the machine's limits, not a bug: one line, no traceback
             sys.exit(f"meadow serve: error: {e}")
         server.run()
     elif args.command == "generate":

@@ -1,4 +1,4 @@
-"""The command line as a person uses it: `meadow dht`, `meadow serve --num-blocks`, `meadow generate`."""
+"""The command line as a person uses it: `meadow dht`, `meadow serve --num-blocks` (or no span), `meadow generate`."""
 
 from __future__ import annotations
 
@@ -78,6 +78,24 @@ def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks)
         assert "-natPortMap=0" in args, args
         listen = [arg for arg in args if arg.startswith("-hostAddrs=")]
         assert listen and all("/ip4/127.0.0.1/" in addr for addr in listen[0].split("=", 1)[1].split(",")), args
+
+
+def test_a_server_given_no_span_takes_as_many_blocks_as_fit_in_memory(swarm_by_num_blocks):
+    swarm, path = swarm_by_num_blocks  # after the tests that count the swarm's servers
+    server = swarm.start_server(path)
+    assert any("6 of 6 blocks fit in the" in line for line in server.lines)  # a tiny model: all of them
+    assert " blocks 0:6 as " in next(line for line in server.lines if "Server ready" in line)
+
+
+def test_a_server_that_cannot_hold_one_block_says_so_in_one_line(checkpoints):
+    path = checkpoints("llama", num_layers=6)
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "serve", str(path), "--cache-tokens", str(10**12), "--initial-peers",
+         "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("meadow serve: error: one block needs")
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path):

@@ -22,6 +22,7 @@ from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
+from meadow.server.sizing import block_bytes, blocks_that_fit, free_memory
 from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
@@ -105,6 +106,9 @@ class Server:
             stop_packing()  # before any block is loaded or timed: the speed announced is the unpacked blocks' speed
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
+        self.num_blocks = config.num_blocks  # of a server that picks its span: given, or as many as fit in memory
+        if config.blocks is None and config.num_blocks is None:
+            self.num_blocks = self._blocks_that_fit()
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
         limits = config.limits  # one budget for the server's life: a move keeps its size
         self.budget = CacheBudget(config.cache_tokens, limits.max_peer_cache_share, limits.max_peer_sessions)
@@ -230,10 +234,19 @@ class Server:
             if self.config.blocks.end > total:
                 raise ValueError(f"--blocks {self.config.blocks} is out of range: the model has {total} blocks")
             return self.config.blocks
-        num_blocks = min(self.config.num_blocks or total, total)
+        num_blocks = min(self.num_blocks, total)
         swarm = placements(fetch_servers(self.dht, self.dht_prefix, total), total)
         start = choose_span(block_throughputs(swarm.values(), total), num_blocks)
         return BlockRange(start=start, end=start + num_blocks)
+
+    def _blocks_that_fit(self) -> int:
+        total, config = self.model_config.num_hidden_layers, self.config
+        per_block = block_bytes(self.model_config, self.dtype, config.quant, config.cache_tokens)
+        free = free_memory(self.device)
+        fit = blocks_that_fit(free, per_block, total, self.device)
+        each = f"{per_block / 2**20:.0f} MiB a block, with {config.cache_tokens} tokens of KV cache"
+        logger.info(f"{fit} of {total} blocks fit in the {free / 2**30:.1f} GiB free on {self.device} ({each})")
+        return fit
 
     def _load_span(self, blocks: BlockRange) -> Span:
         return Span(self._load_blocks(blocks), blocks.start, self.model_config, self.dtype, self.device,

@@ -1,0 +1,39 @@
+"""How many blocks a server given no span takes: what a block holds, quantized or not, and its KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from meadow.models import load_config
+from meadow.models.default import default_model_path
+from meadow.server.sizing import NotEnoughMemory, block_bytes, blocks_that_fit
+from meadow.server.throughput import random_block
+
+CPU = torch.device("cpu")
+LAYERS = {"llama": "layers.0", "mixtral": "layers.0", "bloom": "h.0"}  # where transformers keeps block 0
+
+
+def test_a_block_is_sized_as_a_server_holds_it(checkpoints):
+    config = load_config(default_model_path())
+    for quant in ("int8", "nf4"):  # bitsandbytes' weights and constants, as a quantized server loads them
+        block = random_block(config, torch.float32, CPU, quant)
+        held = sum(tensor.numel() * tensor.element_size() for tensor in block.state_dict().values())
+        assert held <= block_bytes(config, torch.float32, quant) <= 1.25 * held, quant
+    for family in ("llama", "mixtral", "bloom"):  # transformers' own blocks, float32
+        path = checkpoints(family, num_layers=2)
+        layer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).base_model.get_submodule(LAYERS[family])
+        weights = block_bytes(load_config(path), torch.float32)
+        assert weights == sum(parameter.numel() * 4 for parameter in layer.parameters()), family
+        assert block_bytes(load_config(path), torch.bfloat16) * 2 == weights
+    cache = block_bytes(config, torch.float32, cache_tokens=1000) - block_bytes(config, torch.float32)
+    assert cache == 1000 * 2 * config.num_key_value_heads * config.head_dim * 4  # keys and values, float32
+
+
+def test_as_many_blocks_as_fit_and_a_clear_error_when_none_does():
+    block = 100 * 2**20
+    assert blocks_that_fit(8 * 2**30, block, 30, CPU) == 30  # all of them, with room to spare
+    assert blocks_that_fit(3 * 2**30, block, 30, CPU) == 17  # 90% of 3 GiB, less 1 GiB for the process: 1741 MiB
+    with pytest.raises(NotEnoughMemory, match="one block needs 100 MiB .* 1.0 GiB free: use --quant"):
+        blocks_that_fit(2**30, block, 30, CPU)
