@@ -80,11 +80,14 @@ def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks)
         assert listen and all("/ip4/127.0.0.1/" in addr for addr in listen[0].split("=", 1)[1].split(",")), args
 
 
-def test_a_server_given_no_span_takes_as_many_blocks_as_fit_in_memory(swarm_by_num_blocks):
+def test_servers_size_their_span_to_their_memory_or_warn_that_it_may_not_fit(swarm_by_num_blocks):
     swarm, path = swarm_by_num_blocks  # after the tests that count the swarm's servers
     server = swarm.start_server(path)
     assert any("6 of 6 blocks fit in the" in line for line in server.lines)  # a tiny model: all of them
     assert " blocks 0:6 as " in next(line for line in server.lines if "Server ready" in line)
+    # blocks asked for are served, with a warning where they may not fit (here, once their KV caches fill up)
+    server = swarm.start_server(path, "--blocks", "0:6", "--cache-tokens", str(2**29))
+    assert any("6 blocks may not fit in the" in line for line in server.lines)
 
 
 def test_a_server_that_cannot_hold_one_block_says_so_in_one_line(checkpoints):

@@ -22,7 +22,7 @@ from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
-from meadow.server.sizing import block_bytes, blocks_that_fit, free_memory
+from meadow.server.sizing import NotEnoughMemory, block_bytes, blocks_that_fit, free_memory
 from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
 from meadow.stopping import exit_now, on_stop_signals
@@ -106,9 +106,8 @@ class Server:
             stop_packing()  # before any block is loaded or timed: the speed announced is the unpacked blocks' speed
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
-        self.num_blocks = config.num_blocks  # of a server that picks its span: given, or as many as fit in memory
-        if config.blocks is None and config.num_blocks is None:
-            self.num_blocks = self._blocks_that_fit()
+        # of a server that picks its span: given, or as many as fit in memory
+        self.num_blocks = self._blocks_that_fit(len(config.blocks) if config.blocks is not None else config.num_blocks)
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
         limits = config.limits  # one budget for the server's life: a move keeps its size
         self.budget = CacheBudget(config.cache_tokens, limits.max_peer_cache_share, limits.max_peer_sessions)
@@ -239,14 +238,25 @@ class Server:
         start = choose_span(block_throughputs(swarm.values(), total), num_blocks)
         return BlockRange(start=start, end=start + num_blocks)
 
-    def _blocks_that_fit(self) -> int:
+    def _blocks_that_fit(self, asked: int | None) -> int | None:
+        """As many blocks as fit in memory, if none were `asked` for (NotEnoughMemory if not one does); else `asked`,
+        with a warning if they may not fit (the estimate counts every KV-cache slot in use, which may never happen)."""
         total, config = self.model_config.num_hidden_layers, self.config
         per_block = block_bytes(self.model_config, self.dtype, config.quant, config.cache_tokens)
         free = free_memory(self.device)
-        fit = blocks_that_fit(free, per_block, total, self.device)
         each = f"{per_block / 2**20:.0f} MiB a block, with {config.cache_tokens} tokens of KV cache"
-        logger.info(f"{fit} of {total} blocks fit in the {free / 2**30:.1f} GiB free on {self.device} ({each})")
-        return fit
+        if asked is None:
+            fit = blocks_that_fit(free, per_block, total, self.device)
+            logger.info(f"{fit} of {total} blocks fit in the {free / 2**30:.1f} GiB free on {self.device} ({each})")
+            return fit
+        try:
+            fit = blocks_that_fit(free, per_block, asked, self.device)
+        except NotEnoughMemory:
+            fit = 0
+        if fit < asked:
+            logger.warning(f"{asked} blocks may not fit in the {free / 2**30:.1f} GiB free on {self.device}: {fit} do "
+                           f"({each}); fewer blocks, a --quant or fewer --cache-tokens would")  # fmt: skip
+        return asked
 
     def _load_span(self, blocks: BlockRange) -> Span:
         return Span(self._load_blocks(blocks), blocks.start, self.model_config, self.dtype, self.device,
