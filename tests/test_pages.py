@@ -149,6 +149,18 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
         page.evaluate("(text) => localStorage.setItem('meadow.conversation', text)", garbage)
         page.reload()  # saved by something else: dropped, not half shown
         assert page.locator(".turn").count() == 0 and page.is_visible("#welcome") and not errors
+    # the browser's storage is full: the answer comes all the same, and the page is ready for the next question
+    page.evaluate("""() => {
+        for (const size of [1 << 20, 1 << 14, 1 << 8, 1]) {
+            try {
+                for (let i = 0; ; i++) localStorage.setItem(`filler ${size} ${i}`, "x".repeat(size));
+            } catch (full) {}
+        }
+    }""")
+    type_question(page, None, "Hello", 4)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    assert page.is_visible("#send") and not page.is_visible("#stop") and not errors
 
 
 def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):

@@ -20,7 +20,13 @@ maxTokens.addEventListener("change", () => localStorage.setItem("meadow.maxToken
 
 // so does the conversation, each exchange saved once answered; "New chat" forgets it
 const SAVED = "meadow.conversation";
-const save = () => localStorage.setItem(SAVED, JSON.stringify(messages));
+function save() {
+  try {
+    localStorage.setItem(SAVED, JSON.stringify(messages));
+  } catch (error) {  // the browser's storage is full: this conversation is not kept, and the page goes on
+    localStorage.removeItem(SAVED);
+  }
+}
 
 const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise.reject(r.status))).then((body) => {
   model = body.data[0].id;
