@@ -163,6 +163,72 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     assert page.is_visible("#send") and not page.is_visible("#stop") and not errors
 
 
+def test_chat_page_follows_a_system_prompt_copies_an_answer_and_asks_again(browser, served):
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.goto(served["url"])
+    page.click("#system-details summary")
+    instructions = "You answer like a gardener."
+    page.fill("#system", instructions)
+    question = "What grows in a meadow?"
+    type_question(page, None, question, 16)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    conversation = [{"role": "system", "content": instructions}, {"role": "user", "content": question}]
+    answer = page.text_content(".turn.assistant .bubble")
+    assert answer == local_answer(served["path"], conversation, 16)
+
+    page.click(".turn.assistant .meta .copy")
+    assert page.evaluate("navigator.clipboard.readText()") == answer
+    # asked again with a smaller budget: one answer, to the same conversation, kept over a reload
+    page.fill("#max-tokens", "6")
+    page.click(".turn.assistant .meta .regenerate")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    assert page.locator(".turn.assistant").count() == 1 and page.locator(".turn.user").count() == 1
+    again = page.text_content(".turn.assistant .bubble")
+    assert again == local_answer(served["path"], conversation, 6) != answer
+    page.reload()
+    assert page.input_value("#system") == instructions and page.is_visible("#system")
+    assert page.locator(".turn.assistant .bubble").all_text_contents() == [again]
+
+    # a question the API refuses goes back to the composer, to be asked again; the conversation is as it was
+    page.fill("#max-tokens", "0")
+    page.focus("#prompt")
+    page.keyboard.type("And now?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.error", timeout=30_000)
+    assert "max_tokens" in page.text_content(".turn.error")
+    assert page.input_value("#prompt") == "And now?"
+    assert page.locator(".turn.user .bubble").all_text_contents() == [question]
+    assert len(page.evaluate("JSON.parse(localStorage.getItem('meadow.conversation'))")) == 2
+    assert not page.is_visible(".regenerate")  # the last turn is the error: nothing to ask again
+    context.close()
+
+
+def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, served):
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    page.goto(served["url"])
+    code = "for flower in meadow:\n    print('<b>', flower)"
+    answer = f"Here:\n```python\n{code}\n```\nDone <img src=x onerror=alert(1)>\n```\nnot closed"
+    saved = [{"role": "user", "content": "Show me"}, {"role": "assistant", "content": answer, "info": {"seconds": 1}}]
+    page.evaluate("(saved) => localStorage.setItem('meadow.conversation', JSON.stringify(saved))", saved)
+    page.reload()
+    blocks = page.locator(".turn.assistant .bubble pre.code-block")
+    assert blocks.locator("code").all_text_contents() == [code, "not closed"]
+    assert blocks.first.get_attribute("data-language") == "python"
+    assert page.locator(".turn.assistant .bubble img, .turn.assistant .bubble b").count() == 0
+    assert "Done <img src=x onerror=alert(1)>" in page.text_content(".turn.assistant .bubble")
+    blocks.first.locator(".copy-code").click()
+    assert page.evaluate("navigator.clipboard.readText()") == code
+    page.click(".turn.assistant .meta .copy")
+    assert page.evaluate("navigator.clipboard.readText()") == answer
+    assert not errors
+    context.close()
+
+
 def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):
     """An API started with --api-key: the page asks for the key once (every request refused meanwhile waits for that
     one answer), keeps it, and answers; a page whose user declines says that it needs the key."""

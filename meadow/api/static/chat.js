@@ -17,6 +17,11 @@ const showTemperature = () => (temperatureValue.textContent = Number(temperature
 showTemperature();
 temperature.addEventListener("input", () => { showTemperature(); localStorage.setItem("meadow.temperature", temperature.value); });
 maxTokens.addEventListener("change", () => localStorage.setItem("meadow.maxTokens", maxTokens.value));
+// the system prompt, sent before the conversation with every question; open while it says something
+const system = $("system"), systemDetails = $("system-details");
+system.value = localStorage.getItem("meadow.system") ?? "";
+systemDetails.open = system.value.trim() !== "";
+system.addEventListener("input", () => localStorage.setItem("meadow.system", system.value));
 
 // so does the conversation, each exchange saved once answered; "New chat" forgets it
 const SAVED = "meadow.conversation";
@@ -56,6 +61,59 @@ function element(tag, className, text) {
   return node;
 }
 
+// Text onto the clipboard; the old way where the page is not a secure context (an API reached over plain http by
+// another address than 127.0.0.1 has no navigator.clipboard). The button says "Copied" for a moment.
+async function copyText(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch (error) {
+    const area = element("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  button.classList.add("copied");
+  setTimeout(() => button.classList.remove("copied"), 1500);
+}
+
+function codeBlock(language, lines) {
+  const pre = element("pre", "code-block");
+  if (language) pre.dataset.language = language;  // shown by the style sheet, so not part of the answer's text
+  const copy = element("button", "copy-code");  // its label too comes from the style sheet
+  copy.type = "button";
+  copy.setAttribute("aria-label", "Copy the code");
+  copy.addEventListener("click", () => copyText(lines.join("\n"), copy));
+  pre.append(copy, element("code", "", lines.join("\n")));
+  return pre;
+}
+
+// An answer as nodes: its fenced code blocks (``` lines) as code with a copy button, the rest as plain text. Only text
+// nodes carry what the model wrote, so nothing in it becomes HTML. A block not closed yet (still streaming) runs to the
+// end.
+function rendered(text) {
+  const nodes = [];
+  let prose = [], code = null;  // the lines since the last fence; inside a block, {language, lines}
+  const endProse = () => prose.length && nodes.push(document.createTextNode(prose.join("\n")));
+  for (const line of text.split("\n")) {
+    const fence = line.match(/^ {0,3}```\s*([\w#+.-]*)\s*$/);
+    if (fence && !code) {
+      endProse();
+      prose = [];
+      code = {language: fence[1], lines: []};
+    } else if (fence && !fence[1]) {
+      nodes.push(codeBlock(code.language, code.lines));
+      code = null;
+    } else {
+      (code ? code.lines : prose).push(line);
+    }
+  }
+  if (code) nodes.push(codeBlock(code.language, code.lines));
+  endProse();
+  return nodes;
+}
+
 function nearBottom() {
   return conversation.scrollHeight - conversation.scrollTop - conversation.clientHeight < 80;
 }
@@ -68,7 +126,8 @@ function addTurn(role, text) {
   $("welcome")?.remove();
   const turn = element("div", `turn ${role}`);
   if (role === "assistant") turn.append(element("div", "who", "Meadow"));
-  const bubble = element("div", "bubble", text);
+  const bubble = element("div", "bubble", role === "assistant" ? undefined : text);
+  if (role === "assistant") bubble.append(...rendered(text));
   turn.append(bubble);
   thread.append(turn);
   scrollDown(true);
@@ -77,7 +136,8 @@ function addTurn(role, text) {
 
 const shortPeer = (peer) => "…" + peer.slice(-6);
 
-function showMeta(turn, info) {
+// An answer's meta line: its time, speed and servers, and what can be done with it: copy it; ask again, for the last
+function showMeta(turn, info, answer) {
   const meta = element("div", "meta");
   const parts = [`${info.seconds.toFixed(2)} s`];
   if (info.tokens !== undefined) {
@@ -97,6 +157,15 @@ function showMeta(turn, info) {
     meta.append(chain);
   }
   if (info.stopped) meta.append(element("span", "stopped", "stopped"));
+  const copy = element("button", "action copy", "Copy");
+  copy.type = "button";
+  copy.title = "Copy the answer";
+  copy.addEventListener("click", () => copyText(answer, copy));
+  const again = element("button", "action regenerate", "↻ Ask again");
+  again.type = "button";
+  again.title = "Drop this answer and ask the swarm again";
+  again.addEventListener("click", () => regenerate(turn));
+  meta.append(copy, again);
   turn.append(meta);
 }
 
@@ -127,7 +196,7 @@ function restore() {
       if (!["user", "assistant"].includes(message.role) || typeof message.content !== "string") throw new Error();
       const {turn} = addTurn(message.role, message.content);
       if (message.info) {
-        showMeta(turn, message.info);
+        showMeta(turn, message.info, message.content);
         turn.dataset.done = "true";
       }
     }
@@ -143,26 +212,37 @@ function setRunning(value) {
   stopButton.hidden = !value;
 }
 
-async function send() {
+function send() {
   const text = prompt.value.trim();
   if (!text || running) return;
   prompt.value = "";
   autosize();
-  const history = messages;  // this conversation, even if "New chat" replaces it while the answer streams
-  history.push({role: "user", content: text});
-  addTurn("user", text);
+  messages.push({role: "user", content: text});
+  answer(messages, addTurn("user", text).turn);
+}
+
+// Ask again: the last answer is dropped and its question answered anew (another answer, unless greedy).
+function regenerate(turn) {
+  if (running || turn !== thread.lastElementChild || messages.at(-1)?.role !== "assistant") return;
+  const question = turn.previousElementSibling;
+  turn.remove();
+  messages.pop();
+  answer(messages, question);
+}
+
+// Stream the answer to `history` (which ends with the user's question, shown in `questionTurn`) into the page.
+async function answer(history, questionTurn) {
+  // `history` is this conversation, even if "New chat" replaces it while the answer streams
   const {turn, bubble} = addTurn("assistant", "");
   const cursor = element("span", "cursor");
   bubble.append(cursor);
-  const textNode = document.createTextNode("");
-  bubble.insertBefore(textNode, cursor);
-
   const controller = new AbortController();
   const state = {controller, stopped: false};
   setRunning(state);
   const began = performance.now();
   await modelReady;
-  let answer = "", info = null, tokens;
+  const instructions = system.value.trim() ? [{role: "system", content: system.value.trim()}] : [];
+  let text = "", info = null, tokens;
   // shown while every server that could answer is full (at first, or after a failover mid-answer), until words come
   const waiting = element("div", "waiting", "The servers are full: waiting for room…");
   try {
@@ -170,7 +250,7 @@ async function send() {
       method: "POST",
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify({
-        model, messages: history.map(({role, content}) => ({role, content})), stream: true,
+        model, messages: [...instructions, ...history.map(({role, content}) => ({role, content}))], stream: true,
         stream_options: {include_usage: true},
         temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
       }),
@@ -190,8 +270,8 @@ async function send() {
       const delta = chunk.choices?.[0]?.delta?.content;
       if (delta) {
         waiting.remove();
-        answer += delta;
-        textNode.data = answer;
+        text += delta;
+        bubble.replaceChildren(...rendered(text), cursor);
         scrollDown();
       }
       if (chunk.meadow) info = chunk.meadow;
@@ -200,9 +280,15 @@ async function send() {
   } catch (error) {
     waiting.remove();
     if (!state.stopped) {
-      cursor.remove();
-      if (!answer) turn.remove();
-      history.pop();  // the question got no answer: let the user ask again
+      // the question got no answer: it goes back to the composer (unless something new is typed there) to ask again
+      turn.remove();
+      questionTurn.remove();
+      const question = history.pop();
+      if (history === messages) save();
+      if (!prompt.value.trim()) {
+        prompt.value = question.content;
+        autosize();
+      }
       addTurn("error", `Error: ${error.message}`);
       setRunning(null);
       prompt.focus();
@@ -215,9 +301,9 @@ async function send() {
     seconds: info?.seconds ?? (performance.now() - began) / 1000,
     servers: info?.servers, tokens, stopped: state.stopped,
   };
-  history.push({role: "assistant", content: answer, info: meta});
+  history.push({role: "assistant", content: text, info: meta});
   if (history === messages) save();  // not a conversation "New chat" has left meanwhile
-  showMeta(turn, meta);
+  showMeta(turn, meta, text);
   turn.dataset.done = "true";
   scrollDown();
   setRunning(null);
