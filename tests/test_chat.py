@@ -144,6 +144,8 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
                 "--max-new-tokens", "8")  # fmt: skip
     try:
         chat.wait(lambda: chat.out.endswith("> "), "prompt")
+        start = chat.send("/retry")
+        chat.wait(lambda: "no message to ask again" in chat.out[start:], "/retry refused before any message")
         held, ids, shown, made = chat.turn("Hello there")
         assert held == 0 and ids == chat_prompt_ids(tokenizer, [user("Hello there")])[0].tolist()
         first, text = local_reply(reference, tokenizer, ids, 8)
@@ -156,6 +158,9 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
         assert ids2[: len(conversation)] == conversation and "Tell me more" in tokenizer.decode(ids2[len(conversation) :])
         _, text = local_reply(reference, tokenizer, ids2, 8)
         assert text and text in shown
+        # /retry drops that reply and asks again: the session, rewound, is sent only the second message again
+        held_again, ids_again, shown, _ = chat.turn("/retry")
+        assert (held_again, ids_again) == (held, ids2) and text in shown
 
         if template:  # /system and /reset start new sessions from the template's prompt
             start = chat.send("/system Be brief.")

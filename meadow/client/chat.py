@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 HELP = """Commands:
   /reset          start a new conversation
   /system TEXT    set the system prompt (and start a new conversation); /system alone clears it
+  /retry          drop the last reply and ask the last message again (the same reply, if greedy)
   /help           this help
   /quit           leave (so do Ctrl-D, and Ctrl-C twice at the prompt)
 Ctrl-C while the model writes stops its reply; the reply so far stays in the conversation."""
@@ -61,6 +62,9 @@ class Conversation:
         self.system: str | None = None
         self.messages: list[dict[str, str]] = []
         self.ids: torch.Tensor | None = None
+        # before the last message: the messages, the ids and the session's position, for /retry; and the message
+        self._before_last: tuple[list[dict[str, str]], torch.Tensor | None, int] | None = None
+        self.last_message: str | None = None
         self.reset(system)
 
     def reset(self, system: str | None = None) -> None:
@@ -68,6 +72,7 @@ class Conversation:
         self.system = system
         self.messages = [{"role": "system", "content": system}] if system else []
         self._close_session()
+        self._before_last = self.last_message = None
 
     def _close_session(self) -> None:
         self._session.close()
@@ -90,6 +95,7 @@ class Conversation:
         if self.ids is None:
             self._session.enter_context(self.model.inference_session(max_length=self.max_length))
         held = self.model.session.position
+        self._before_last, self.last_message = (messages[:-1], self.ids, held), text
         logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; ids {ids[0].tolist()}")
         printer = ReplyPrinter(self.tokenizer, write)
         try:
@@ -106,6 +112,20 @@ class Conversation:
         logger.debug(f"reply: {output.shape[1] - ids.shape[1]} new tokens")
         self.messages = [*messages, {"role": "assistant", "content": reply.strip()}]
         return reply
+
+    def retry(self, sampling: Sampling, stop: threading.Event, write: Callable[[str], None]) -> str:
+        """Drop the last reply and reply to the last message again. The session is rewound to where it was before
+        that message, so only the message is sent again (unless the session was new then, or closed since)."""
+        if self._before_last is None:
+            raise ValueError("there is no message to ask again yet")
+        messages, ids, position = self._before_last
+        if ids is not None and self.ids is not None:
+            self.model.session.rewind(position)
+            self.ids = ids
+        else:
+            self._close_session()
+        self.messages = messages
+        return self.reply(self.last_message, sampling, stop, write)
 
     def _continued(self, messages: list[dict[str, str]]) -> torch.Tensor | None:
         """The ids of `messages` as a continuation of what the session holds (all of them when it holds nothing);
@@ -268,12 +288,15 @@ def _answer(line: str, conversation: Conversation, sampling: Sampling) -> bool:
     elif command == "/system":
         conversation.reset(argument.strip() or None)
         _write(f"(system prompt {'set' if argument.strip() else 'cleared'}; new conversation)\n")
-    elif command.startswith("/"):
+    elif command.startswith("/") and command != "/retry":
         _write(f"(unknown command {command}; /help lists them)\n")
     else:
         with sigint_sets_event() as stop:
             try:
-                conversation.reply(line, sampling, stop, _write)
+                if command == "/retry":
+                    conversation.retry(sampling, stop, _write)
+                else:
+                    conversation.reply(line, sampling, stop, _write)
                 _write("\n(stopped)\n" if stop.is_set() else "\n")
             except Exception as e:
                 _write(f"\n(error: {e})\n")
