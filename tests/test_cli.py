@@ -49,7 +49,8 @@ def test_generate_command_streams_the_local_models_text(swarm_by_num_blocks):
     prompt = "The swarm says"
     result = subprocess.run(  # the swarm given as `meadow demo --keep` says, in $MEADOW_INITIAL_PEERS
         [sys.executable, "-m", "meadow", "generate", str(path), "--prompt", prompt, "--max-new-tokens", "10"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "MEADOW_INITIAL_PEERS": " ".join(swarm.initial_peers)},
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "MEADOW_INITIAL_PEERS": " ".join(swarm.initial_peers)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     tokenizer = AutoTokenizer.from_pretrained(path)
