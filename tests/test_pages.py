@@ -141,14 +141,15 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     page.click("#new-chat")
     assert page.locator(".turn").count() == 0
     assert page.evaluate("document.activeElement.id") == "prompt"
-    page.reload()  # the conversation left is forgotten
+    page.reload()  # a new chat still, the one left kept in the list
     assert page.locator(".turn").count() == 0 and page.is_visible("#welcome")
+    assert page.locator("#conversations li").all_text_contents() == ["Say a lot×"]
     errors = []
     page.on("pageerror", lambda error: errors.append(error))
-    for garbage in ['{"role": "user"}', '[{"role": "user", "content": "hi"}, {"role": "system", "content": 1}]', "[1"]:
-        page.evaluate("(text) => localStorage.setItem('meadow.conversation', text)", garbage)
+    for garbage in ['{"id": "a", "messages": []}', '[{"id": "a", "messages": [{"role": "user", "content": 1}]}]', "[1"]:
+        page.evaluate("(text) => localStorage.setItem('meadow.conversations', text)", garbage)
         page.reload()  # saved by something else: dropped, not half shown
-        assert page.locator(".turn").count() == 0 and page.is_visible("#welcome") and not errors
+        assert page.locator(".turn, #conversations li").count() == 0 and page.is_visible("#welcome") and not errors
     # the browser's storage is full: the answer comes all the same, and the page is ready for the next question
     page.evaluate("""() => {
         for (const size of [1 << 20, 1 << 14, 1 << 8, 1]) {
@@ -200,7 +201,7 @@ def test_chat_page_follows_a_system_prompt_copies_an_answer_and_asks_again(brows
     assert "max_tokens" in page.text_content(".turn.error")
     assert page.input_value("#prompt") == "And now?"
     assert page.locator(".turn.user .bubble").all_text_contents() == [question]
-    assert len(page.evaluate("JSON.parse(localStorage.getItem('meadow.conversation'))")) == 2
+    assert len(page.evaluate("JSON.parse(localStorage.getItem('meadow.conversations'))[0].messages")) == 2
     assert not page.is_visible(".regenerate")  # the last turn is the error: nothing to ask again
     context.close()
 
@@ -214,8 +215,10 @@ def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, serv
     code = "for flower in meadow:\n    print('<b>', flower)"
     answer = f"Here:\n```python\n{code}\n```\nDone <img src=x onerror=alert(1)>\n```\nnot closed"
     saved = [{"role": "user", "content": "Show me"}, {"role": "assistant", "content": answer, "info": {"seconds": 1}}]
-    page.evaluate("(saved) => localStorage.setItem('meadow.conversation', JSON.stringify(saved))", saved)
+    page.evaluate("(saved) => localStorage.setItem('meadow.conversations', JSON.stringify(saved))",
+                  [{"id": "kept", "messages": saved, "updated": 0}])
     page.reload()
+    page.click("#conversations li .open")
     blocks = page.locator(".turn.assistant .bubble pre.code-block")
     assert blocks.locator("code").all_text_contents() == [code, "not closed"]
     assert blocks.first.get_attribute("data-language") == "python"
@@ -227,6 +230,42 @@ def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, serv
     assert page.evaluate("navigator.clipboard.readText()") == answer
     assert not errors
     context.close()
+
+
+def test_chat_page_keeps_conversations_apart_in_its_list(page, served):
+    path = served["path"]
+    first, second = "What grows in a meadow?", "Name a river."
+    type_question(page, served["url"], first, 8)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    first_answer = page.text_content(".turn.assistant .bubble")
+    page.click("#new-chat")
+    type_question(page, None, second, 8)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    assert page.locator("#conversations li .open").all_text_contents() == [second, first]  # newest first
+    assert page.text_content("#conversations li.active .open") == second
+
+    # back to the first: its turns on the page, and a follow-up continues that conversation, not the other
+    page.click(f"#conversations li:has-text('{first}') .open")
+    assert page.locator(".turn .bubble").all_text_contents() == [first, first_answer]
+    type_question(page, None, "And what lives there?", 8)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done] >> nth=1", timeout=60_000)
+    conversation = [{"role": "user", "content": first}, {"role": "assistant", "content": first_answer},
+                    {"role": "user", "content": "And what lives there?"}]  # fmt: skip
+    assert page.locator(".turn.assistant .bubble").nth(1).text_content() == local_answer(path, conversation, 8)
+    assert page.locator("#conversations li .open").all_text_contents() == [first, second]
+
+    page.reload()  # the conversation it showed, the list as it was
+    assert page.locator(".turn.user .bubble").all_text_contents() == [first, "And what lives there?"]
+    assert page.text_content("#conversations li.active .open") == first
+    page.click("#conversations li.active .delete")  # deleting the one on the page leaves a new chat
+    assert page.locator(".turn").count() == 0
+    assert page.locator("#conversations li .open").all_text_contents() == [second]
+    page.reload()
+    assert page.locator(".turn").count() == 0
+    assert page.locator("#conversations li .open").all_text_contents() == [second]
 
 
 def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):

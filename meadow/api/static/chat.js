@@ -7,7 +7,9 @@ const sendButton = $("send"), stopButton = $("stop");
 const temperature = $("temperature"), temperatureValue = $("temperature-value"), maxTokens = $("max-tokens");
 
 let model = null;      // the id /v1/models gives
-let messages = [];     // the conversation as OpenAI messages (an answer's also with `info`: its meta line)
+let messages = [];     // the conversation on the page, as OpenAI messages (an answer's also with `info`: its meta line)
+let current = newConversationId();  // its id in the conversations kept (conversations.js)
+let conversations = loadConversations();
 let running = null;    // {controller, stopped} while an answer streams
 
 // settings survive a reload
@@ -15,22 +17,69 @@ temperature.value = localStorage.getItem("meadow.temperature") ?? temperature.va
 maxTokens.value = localStorage.getItem("meadow.maxTokens") ?? maxTokens.value;
 const showTemperature = () => (temperatureValue.textContent = Number(temperature.value).toFixed(2));
 showTemperature();
-temperature.addEventListener("input", () => { showTemperature(); localStorage.setItem("meadow.temperature", temperature.value); });
-maxTokens.addEventListener("change", () => localStorage.setItem("meadow.maxTokens", maxTokens.value));
+temperature.addEventListener("input", () => { showTemperature(); remember("meadow.temperature", temperature.value); });
+maxTokens.addEventListener("change", () => remember("meadow.maxTokens", maxTokens.value));
 // the system prompt, sent before the conversation with every question; open while it says something
 const system = $("system"), systemDetails = $("system-details");
 system.value = localStorage.getItem("meadow.system") ?? "";
 systemDetails.open = system.value.trim() !== "";
-system.addEventListener("input", () => localStorage.setItem("meadow.system", system.value));
+system.addEventListener("input", () => remember("meadow.system", system.value));
 
-// so does the conversation, each exchange saved once answered; "New chat" forgets it
-const SAVED = "meadow.conversation";
-function save() {
+// so do the conversations, each saved once an answer is in; the list beside them opens or deletes one
+function save(id, history) {
+  // not kept: a conversation deleted meanwhile, or one left before its first answer
+  if (history !== messages && !conversations.some((c) => c.id === id)) return;
+  conversations = keepConversation(conversations, id, history);
+  if (id === current) remember("meadow.current", id);  // a reload shows it again
+  showConversations();
+}
+
+// a setting kept in this browser (not kept, when its storage is full)
+function remember(item, value) {
   try {
-    localStorage.setItem(SAVED, JSON.stringify(messages));
-  } catch (error) {  // the browser's storage is full: this conversation is not kept, and the page goes on
-    localStorage.removeItem(SAVED);
+    localStorage.setItem(item, value);
+  } catch (full) { /* not remembered */ }
+}
+
+function showConversations() {
+  $("conversations").replaceChildren(...conversations.map((conversation) => {
+    const item = element("li", conversation.id === current ? "active" : "");
+    const open = element("button", "open", titleOf(conversation));
+    open.type = "button";
+    open.title = titleOf(conversation);
+    open.addEventListener("click", () => openConversation(conversation));
+    const remove = element("button", "delete", "×");
+    remove.type = "button";
+    remove.title = "Delete this conversation";
+    remove.setAttribute("aria-label", "Delete this conversation");
+    remove.addEventListener("click", () => deleteConversation(conversation.id));
+    item.append(open, remove);
+    return item;
+  }));
+}
+
+function openConversation(conversation) {
+  if (conversation.id === current && thread.querySelector(".turn")) return;  // on the page already
+  stop();
+  current = conversation.id;
+  remember("meadow.current", current);
+  messages = conversation.messages;
+  thread.replaceChildren();
+  for (const message of messages) {
+    const {turn} = addTurn(message.role, message.content);
+    if (message.info) {
+      showMeta(turn, message.info, message.content);
+      turn.dataset.done = "true";
+    }
   }
+  showConversations();
+  prompt.focus();
+}
+
+function deleteConversation(id) {
+  if (id === current) newChat();
+  conversations = keepConversation(conversations, id, []);
+  showConversations();
 }
 
 const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise.reject(r.status))).then((body) => {
@@ -188,24 +237,6 @@ async function* events(response) {
   }
 }
 
-// the saved conversation, back on the page; something else saved under its name is dropped
-function restore() {
-  try {
-    const saved = JSON.parse(localStorage.getItem(SAVED) ?? "[]");
-    for (const message of saved) {
-      if (!["user", "assistant"].includes(message.role) || typeof message.content !== "string") throw new Error();
-      const {turn} = addTurn(message.role, message.content);
-      if (message.info) {
-        showMeta(turn, message.info, message.content);
-        turn.dataset.done = "true";
-      }
-    }
-    messages = saved;
-  } catch (error) {
-    newChat();
-  }
-}
-
 function setRunning(value) {
   running = value;
   sendButton.hidden = !!value;
@@ -232,7 +263,8 @@ function regenerate(turn) {
 
 // Stream the answer to `history` (which ends with the user's question, shown in `questionTurn`) into the page.
 async function answer(history, questionTurn) {
-  // `history` is this conversation, even if "New chat" replaces it while the answer streams
+  // `history` is this conversation, even if another one replaces it on the page while the answer streams
+  const id = current;
   const {turn, bubble} = addTurn("assistant", "");
   const cursor = element("span", "cursor");
   bubble.append(cursor);
@@ -284,7 +316,7 @@ async function answer(history, questionTurn) {
       turn.remove();
       questionTurn.remove();
       const question = history.pop();
-      if (history === messages) save();
+      save(id, history);
       if (!prompt.value.trim()) {
         prompt.value = question.content;
         autosize();
@@ -302,7 +334,7 @@ async function answer(history, questionTurn) {
     servers: info?.servers, tokens, stopped: state.stopped,
   };
   history.push({role: "assistant", content: text, info: meta});
-  if (history === messages) save();  // not a conversation "New chat" has left meanwhile
+  save(id, history);
   showMeta(turn, meta, text);
   turn.dataset.done = "true";
   scrollDown();
@@ -319,7 +351,9 @@ function stop() {
 function newChat() {
   stop();
   messages = [];
-  localStorage.removeItem(SAVED);
+  current = newConversationId();
+  remember("meadow.current", current);
+  showConversations();
   thread.replaceChildren();
   const welcome = element("div", "welcome");
   welcome.id = "welcome";
@@ -344,4 +378,7 @@ prompt.addEventListener("keydown", (event) => {
 document.addEventListener("keydown", (event) => { if (event.key === "Escape") stop(); });
 stopButton.addEventListener("click", stop);
 $("new-chat").addEventListener("click", newChat);
-restore();
+// the page as it was left: the conversation it showed, or a new one
+const left = conversations.find((conversation) => conversation.id === localStorage.getItem("meadow.current"));
+if (left) openConversation(left);
+else showConversations();
