@@ -15,6 +15,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import ollama
 import openai
 import pytest
 import torch
@@ -437,6 +438,59 @@ def test_concurrent_requests_all_get_their_greedy_text(client, model_id, referen
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         assert list(pool.map(ask, prompts)) == expected
+
+
+def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_id, reference):
+    """Ollama's own Python client, pointed at the API: the same greedy text as transformers, streamed or not."""
+    tokenizer = reference[1]
+    client = ollama.Client(host=served["url"].rstrip("/"), timeout=120)
+    assert [entry.model for entry in client.list().models] == [model_id]
+    assert client.show(model_id).details.family == "llama"
+    greedy = {"temperature": 0, "num_predict": 12}
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do bees live?"}]
+    prompt_ids = chat_prompt_ids(tokenizer, messages)
+    text, finish, tokens = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))
+    whole = client.chat(model=model_id, messages=messages, options=greedy)
+    assert (whole.message.role, whole.message.content, whole.done, whole.done_reason) == ("assistant", text, True, finish)
+    assert whole.prompt_eval_count == prompt_ids.shape[1] and whole.total_duration > whole.eval_duration > 0
+    if tokens >= 0:
+        assert whole.eval_count == tokens
+    chunks = list(client.chat(model=f"{model_id}:latest", messages=messages, options=greedy, stream=True))
+    assert len(chunks) > 2 and "".join(chunk.message.content for chunk in chunks) == text
+    assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True] and chunks[-1].done_reason == finish
+
+    # generate: the prompt as the user's message (after the system prompt), or as it is with raw
+    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    text = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
+    chunks = client.generate(model=model_id, prompt="Hi", system="Be brief.", options=greedy, stream=True)
+    assert "".join(chunk.response for chunk in chunks) == text
+    text = local_reply(reference, tokenizer("A quiet field of", return_tensors="pt")["input_ids"], 12)[0]
+    assert client.generate(model=model_id, prompt="A quiet field of", raw=True, options=greedy).response == text
+    assert client.generate(model=model_id, prompt="").done_reason == "load"  # how clients load a model ahead
+
+    # sampling: a seed repeats a reply; top_k 1 leaves only the likeliest token, whatever the temperature
+    sampled = {"temperature": 1.5, "top_p": 1, "top_k": 0, "num_predict": 12, "seed": 7}
+    replies = [client.generate(model=model_id, prompt="A quiet field of", raw=True, options=sampled).response for _ in "ab"]
+    assert replies[0] == replies[1] != text
+    assert client.generate(model=model_id, prompt="A quiet field of", raw=True, options={**sampled, "top_k": 1}).response == text
+
+
+@pytest.mark.parametrize(
+    "path, body, status, words",
+    [
+        ("chat", {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}, 404, "model 'llama3' not found"),
+        ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"temperature": 3}}, 400, "options.temperature"),
+        ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"num_predict": 0}}, 400, "num_predict"),
+        ("chat", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "format": "json"}, 400, "format"),
+        ("chat", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400, "images"),
+        ("chat", {"model": "tiny-llama", "messages": []}, 400, "messages"),
+        ("generate", b'{"model": "tiny-llama", "prompt": ', 400, "not valid JSON"),
+    ],
+)
+def test_ollama_routes_refuse_bad_requests_in_ollamas_shape(served, path, body, status, words):
+    answer = http(served["url"] + "api/" + path, body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert answer[0] == status and list(answer[1]) == ["error"] and words in answer[1]["error"], answer
 
 
 def free_cache(url: str) -> list[int]:

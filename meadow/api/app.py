@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions and /v1/completions over one distributed model, the
-swarm's state at /api/swarm, and the chat (/) and monitor (/monitor) pages."""
+"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions and /v1/completions over one distributed model (and
+Ollama's routes, ollama.py), the swarm's state at /api/swarm, and the chat (/) and monitor (/monitor) pages."""
 
 from __future__ import annotations
 
@@ -14,33 +14,20 @@ from typing import AsyncIterator
 
 import torch
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.logprobs import chat_format, completion_format
+from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
 from meadow.api.schemas import DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest
+from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
-
-
-class _GenerationResponse(StreamingResponse):
-    """Server-sent events of a request's generations, which are stopped (and their server sessions closed) however
-    the response ends: finished, failed, or the client went away."""
-
-    def __init__(self, events: AsyncIterator[dict], generations: list[TextGeneration]):
-        super().__init__(_sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.generations = generations
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            _close(self.generations)
 
 
 async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -57,7 +44,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
     files stay open, and ask the user for it."""
     app = FastAPI(title="Meadow", docs_url=None, redoc_url=None)  # their pages would load scripts from a CDN
-    install_error_handlers(app)
+    install_error_handlers(app, OLLAMA_PATHS)
 
     def require_key(authorization: str | None = Header(None)) -> None:
         if api_key is None:
@@ -100,14 +87,14 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
         them there, and if one fails, all stop."""
         samplings = [replace(sampling, seed=None if sampling.seed is None else sampling.seed + j) for j in range(n)]
         generations = [TextGeneration(model, tokenizer, ids, s) for ids in prompts for s in samplings]
-        watcher = asyncio.create_task(_close_when_gone(generations, http))
+        watcher = asyncio.create_task(close_when_gone(generations, http))
         try:
             await asyncio.gather(*(generation.start() for generation in generations))
         except asyncio.CancelledError:  # the API is shutting down
-            _close(generations)
+            close(generations)
             raise
         except Exception as e:
-            _close(generations)
+            close(generations)
             raise api_error(e) from None
         finally:
             watcher.cancel()
@@ -143,7 +130,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
             return chat_format([entry for piece in pieces for entry in piece.logprobs]) if request.logprobs else None
 
         if not request.stream:
-            replies = await _collect(generations, http)
+            replies = await collect_replies(generations, http)
             choices = [
                 {
                     "index": index, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
@@ -161,7 +148,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
 
             for index in range(len(generations)):
                 yield chunk(index, {"role": "assistant", "content": ""})
-            async for index, piece in _merged([generation.deltas(tell_waits=True) for generation in generations]):
+            async for index, piece in merged([generation.deltas(tell_waits=True) for generation in generations]):
                 if piece is None:  # that choice is done
                     done = generations[index]
                     yield {**chunk(index, {}, done.outcome.finish_reason), "meadow": meadow_info([done])}
@@ -172,7 +159,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
             if request.include_usage:
                 yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generations, request.n)}
 
-        return _GenerationResponse(chunks(), generations)
+        return GenerationResponse(_sse(chunks()), generations, "text/event-stream")
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: CompletionRequest, http: Request):
@@ -211,7 +198,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
         if not request.stream:
-            replies = await _collect(generations, http)
+            replies = await collect_replies(generations, http)
             choices = [
                 choice(index, pieces, generation.outcome.finish_reason, start=True)
                 for index, (generation, pieces) in enumerate(zip(generations, replies))
@@ -221,7 +208,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
 
         async def chunks() -> AsyncIterator[dict]:
             started = set()
-            async for index, piece in _merged([generation.deltas(tell_waits=True) for generation in generations]):
+            async for index, piece in merged([generation.deltas(tell_waits=True) for generation in generations]):
                 if isinstance(piece, Waiting):
                     yield {**head, "choices": [choice(index, [], None)], "meadow": {"waiting": piece.reason}}
                     continue
@@ -236,7 +223,9 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
             if request.include_usage:
                 yield {**head, "choices": [], "usage": usage(generations, request.n)}
 
-        return _GenerationResponse(chunks(), generations)
+        return GenerationResponse(_sse(chunks()), generations, "text/event-stream")
+
+    add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget)
 
     @app.get("/api/swarm", dependencies=keyed)
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block
@@ -261,59 +250,3 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-def _close(generations: list[TextGeneration]) -> None:
-    for generation in generations:
-        generation.close()
-
-
-async def _close_when_gone(generations: list[TextGeneration], http: Request) -> None:
-    """Stop `generations` once their client has gone away (run as a task, cancelled when no longer needed)."""
-    while not await http.is_disconnected():
-        await asyncio.sleep(0.25)
-    _close(generations)
-
-
-async def _collect(generations: list[TextGeneration], http: Request) -> list[list[Delta]]:
-    """The whole replies of a request that is not streamed, piece by piece; generating stops if its client goes away
-    meanwhile, or if one of them fails."""
-
-    async def collect(generation: TextGeneration) -> list[Delta]:
-        return [piece async for piece in generation.deltas()]
-
-    watcher = asyncio.create_task(_close_when_gone(generations, http))
-    try:
-        return await asyncio.gather(*(collect(generation) for generation in generations))
-    except Exception as e:
-        _close(generations)
-        raise api_error(e) from None
-    finally:
-        watcher.cancel()
-
-
-async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-    """The items of several streams as they come, each as (its stream's index, item), and (index, None) once that
-    stream ends; an error in one ends them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator) -> None:
-        try:
-            async for item in stream:
-                await queue.put((index, item))
-            await queue.put((index, None))
-        except Exception as e:
-            await queue.put((index, e))
-
-    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            left -= item is None
-            yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -1,4 +1,5 @@
-"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status OpenAI would use."""
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status OpenAI would use; on
+Ollama's routes in Ollama's, {"error": message}."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, plain: bool = False) -> JSONResponse:
+        """The error as a response; `plain`: in Ollama's shape."""
+        return JSONResponse({"error": self.message} if plain else self.body(), status_code=self.status)
 
 
 def api_error(error: BaseException) -> APIError:
@@ -46,28 +48,32 @@ def api_error(error: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(error).__name__}: {error}", "server_error")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error the app answers with, including FastAPI's own (422 for bad fields becomes OpenAI's 400)."""
+def install_error_handlers(app: FastAPI, plain_paths: frozenset[str] = frozenset()) -> None:
+    """Every error the app answers with, including FastAPI's own (422 for bad fields becomes OpenAI's 400); on
+    `plain_paths`, in Ollama's shape."""
+
+    def respond(request: Request, error: APIError) -> JSONResponse:
+        return error.response(plain=request.url.path in plain_paths)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
-        return error.response()
+        return respond(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = error.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+            return respond(request, APIError(400, "the request body is not valid JSON", code="invalid_json"))
         # the deepest location is the most specific complaint (a union's other members fail at its top)
         param = max((_param(e.get("loc", ())) for e in errors), key=lambda p: p.count(".") if p else -1)
         reasons = dict.fromkeys(str(e.get("msg")).removeprefix("Value error, ") for e in errors if _param(e.get("loc", ())) == param)
         message = " or ".join(reasons)
-        return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value").response()
+        return respond(request, APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value"))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return APIError(error.status_code, str(error.detail), kind).response()
+        return respond(request, APIError(error.status_code, str(error.detail), kind))
 
 
 def _param(location: tuple) -> str | None:

@@ -29,6 +29,7 @@ class Sampling:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: every token
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -162,7 +163,7 @@ class TextGeneration:
         s, length = self.sampling, self.prompt_tokens
         recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
         processors = logits_processors(
-            length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias
+            length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias, s.top_k
         )
         self.model.generate(
             self.prompt_ids,

@@ -15,6 +15,7 @@ from transformers import (
     LogitsProcessorList,
     SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -57,8 +58,10 @@ def logits_processors(
     frequency_penalty: float,
     seed: int | None,
     logit_bias: tuple[tuple[int, float], ...] = (),
+    top_k: int = 0,
 ) -> LogitsProcessorList:
-    """What turns the model's logits into the next token for one request; temperature 0 means greedy."""
+    """What turns the model's logits into the next token for one request; temperature 0 means greedy, top_k 0 keeps
+    every token."""
     processors = LogitsProcessorList()
     if logit_bias:
         processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in logit_bias]))
@@ -66,6 +69,8 @@ def logits_processors(
         processors.append(OpenAIPenalties(prompt_length, presence_penalty, frequency_penalty))
     if temperature > 0:
         processors.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            processors.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
         processors.append(SeededSampler(seed))

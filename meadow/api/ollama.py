@@ -1,0 +1,210 @@
+"""Ollama's API over the same model, for the tools that speak it (its Python and JavaScript clients, chat front ends):
+GET /api/tags and /api/version, POST /api/show, /api/chat and /api/generate, streamed as lines of JSON unless the
+request says `"stream": false`. Each request is a generation like the OpenAI routes' (an inference session of its
+own, stopped when its client goes away); errors come in Ollama's shape, {"error": message}."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import PreTrainedTokenizerBase
+
+import meadow
+from meadow.api.errors import APIError, api_error
+from meadow.api.generation import Sampling, TextGeneration
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS
+from meadow.api.streaming import GenerationResponse, collect_replies
+from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+
+OLLAMA_PATHS = frozenset({"/api/tags", "/api/version", "/api/show", "/api/chat", "/api/generate"})
+# Ollama's sampling defaults, for the options a request leaves out
+DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
+# fields that ask for what Meadow does not do: refused rather than answered with something else
+UNSUPPORTED = {
+    "format": "structured (JSON) replies are not supported: the reply would be plain text",
+    "tools": "tool calls are not supported: the reply would be plain text",
+    "images": "images are not supported: the model reads text",
+    "suffix": "inserting text is not supported",
+}
+
+
+class Options(BaseModel):
+    """The options Meadow applies; Ollama's others (repeat_penalty, num_ctx, mirostat...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # 0: every token
+    num_predict: int | None = Field(None, ge=-2)  # tokens to generate; -1 and -2: as many as the context leaves
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class _Refusing(BaseModel):
+    """Refuses the fields in UNSUPPORTED, set; ignores the others it does not know."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, body):
+        for field, reason in UNSUPPORTED.items():
+            if isinstance(body, dict) and body.get(field):
+                raise APIError(400, f"{field}: {reason}", param=field)
+        return body
+
+
+class _OllamaRequest(_Refusing):
+    model: str
+    stream: bool = True
+    options: Options = Field(default_factory=Options)
+
+
+class Message(_Refusing):
+    role: Literal["system", "user", "assistant"]
+    content: str = ""
+
+
+class ChatRequest(_OllamaRequest):
+    messages: list[Message] = Field(min_length=1)
+
+
+class GenerateRequest(_OllamaRequest):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False  # the prompt as it is, without the chat template
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None  # what older clients call it
+
+
+def add_ollama_routes(
+    app: FastAPI,
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    model_id: str,
+    keyed: list,
+    start: Callable,
+    budget: Callable[[int, int | None, int, str], int],
+) -> None:
+    """Ollama's routes on `app`, generating with `start` and sizing replies with `budget` (create_app's)."""
+    config = model.config
+    context_length = getattr(config, "max_position_embeddings", None) or 2048
+    details = {"format": "", "family": config.model_type, "families": [config.model_type], "parameter_size": "",
+               "quantization_level": ""}  # fmt: skip
+    started = _now()
+
+    def check(name: str | None) -> None:
+        if name not in (model_id, f"{model_id}:latest"):  # Ollama's clients may add the default tag
+            raise APIError(404, f"model '{name}' not found: this API serves '{model_id}'", param="model")
+
+    def sampling(options: Options, prompt_tokens: int, extra_stop: list[str]) -> Sampling:
+        if options.num_predict == 0:
+            raise APIError(400, "options.num_predict: 0 generates nothing", param="options.num_predict")
+        whole_context = options.num_predict is not None and options.num_predict < 0
+        requested = None if whole_context else options.num_predict
+        default = context_length if whole_context else DEFAULT_CHAT_TOKENS
+        given = options.model_dump(exclude_none=True)
+        return Sampling(
+            max_tokens=budget(prompt_tokens, requested, default, "options.num_predict"),
+            **{name: given.get(name, value) for name, value in DEFAULTS.items()},
+            presence_penalty=options.presence_penalty or 0.0,
+            frequency_penalty=options.frequency_penalty or 0.0,
+            seed=options.seed,
+            stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
+        )  # fmt: skip
+
+    async def reply(request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable):
+        """Generate for `prompt_ids`; each line of the reply says its text as `content(text)` does."""
+        began = time.perf_counter()
+        (generation,) = await start([prompt_ids], sampling(request.options, prompt_ids.shape[1], extra_stop), 1, http)
+
+        def line(text: str, done: bool = False) -> dict:
+            last = _statistics(generation, began) if done else {}
+            return {"model": request.model, "created_at": _now(), **content(text), "done": done, **last}
+
+        if not request.stream:
+            (pieces,) = await collect_replies([generation], http)
+            return line("".join(piece.text for piece in pieces), done=True)
+
+        async def lines() -> AsyncIterator[dict]:
+            async for piece in generation.deltas():
+                yield line(piece.text)
+            yield line("", done=True)
+
+        return GenerationResponse(_ndjson(lines()), [generation], "application/x-ndjson")
+
+    @app.post("/api/chat", dependencies=keyed)
+    async def chat(request: ChatRequest, http: Request):
+        check(request.model)
+        prompt_ids = chat_prompt_ids(tokenizer, [message.model_dump() for message in request.messages])
+        content = lambda text: {"message": {"role": "assistant", "content": text}}
+        return await reply(request, prompt_ids, stop_strings(tokenizer), http, content)
+
+    @app.post("/api/generate", dependencies=keyed)
+    async def generate(request: GenerateRequest, http: Request):
+        check(request.model)
+        if not request.prompt:  # Ollama's way to load a model ahead: a swarm's is loaded already
+            return {"model": request.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+        if request.raw:
+            prompt_ids, extra_stop = tokenizer(request.prompt, return_tensors="pt")["input_ids"], []
+        else:
+            system = [{"role": "system", "content": request.system}] if request.system else []
+            prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}])
+            extra_stop = stop_strings(tokenizer)
+        return await reply(request, prompt_ids, extra_stop, http, lambda text: {"response": text})
+
+    @app.get("/api/tags", dependencies=keyed)
+    def tags() -> dict:
+        return {"models": [{"name": model_id, "model": model_id, "modified_at": started, "size": 0, "digest": "",
+                            "details": details}]}  # fmt: skip
+
+    @app.post("/api/show", dependencies=keyed)
+    def show(request: ShowRequest) -> dict:
+        check(request.model or request.name)
+        return {
+            "modelfile": "", "parameters": "", "template": tokenizer.chat_template or "", "details": details,
+            "model_info": {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length},
+            "capabilities": ["completion"], "modified_at": started,
+        }  # fmt: skip
+
+    @app.get("/api/version")
+    def version() -> dict:
+        return {"version": meadow.__version__}
+
+
+def _statistics(generation: TextGeneration, began: float) -> dict:
+    """The last line's figures, in Ollama's units (nanoseconds); the prompt's time is that of the first token."""
+    outcome, nanoseconds = generation.outcome, lambda seconds: int(seconds * 1e9)
+    prompt_seconds = outcome.first_token_seconds or outcome.seconds
+    return {
+        "done_reason": outcome.finish_reason, "total_duration": nanoseconds(time.perf_counter() - began),
+        "load_duration": 0, "prompt_eval_count": generation.prompt_tokens,
+        "prompt_eval_duration": nanoseconds(prompt_seconds), "eval_count": outcome.completion_tokens,
+        "eval_duration": nanoseconds(outcome.seconds - prompt_seconds),
+    }  # fmt: skip
+
+
+async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for line in lines:
+            yield json.dumps(line) + "\n"
+    except Exception as e:  # the status line is long gone: the error travels as a line, as Ollama's does
+        yield json.dumps({"error": api_error(e).message}) + "\n"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
