@@ -452,7 +452,8 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     prompt_ids = chat_prompt_ids(tokenizer, messages)
     text, finish, tokens = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))
     whole = client.chat(model=model_id, messages=messages, options=greedy)
-    assert (whole.message.role, whole.message.content, whole.done, whole.done_reason) == ("assistant", text, True, finish)
+    assert (whole.message.role, whole.message.content) == ("assistant", text)
+    assert whole.done and whole.done_reason == finish
     assert whole.prompt_eval_count == prompt_ids.shape[1] and whole.total_duration > whole.eval_duration > 0
     if tokens >= 0:
         assert whole.eval_count == tokens
@@ -461,7 +462,7 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True] and chunks[-1].done_reason == finish
 
     # generate: the prompt as the user's message (after the system prompt), or as it is with raw
-    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    prompt_ids = chat_prompt_ids(tokenizer, [messages[0], {"role": "user", "content": "Hi"}])
     text = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
     chunks = client.generate(model=model_id, prompt="Hi", system="Be brief.", options=greedy, stream=True)
     assert "".join(chunk.response for chunk in chunks) == text
@@ -471,19 +472,22 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
 
     # sampling: a seed repeats a reply; top_k 1 leaves only the likeliest token, whatever the temperature
     sampled = {"temperature": 1.5, "top_p": 1, "top_k": 0, "num_predict": 12, "seed": 7}
-    replies = [client.generate(model=model_id, prompt="A quiet field of", raw=True, options=sampled).response for _ in "ab"]
-    assert replies[0] == replies[1] != text
-    assert client.generate(model=model_id, prompt="A quiet field of", raw=True, options={**sampled, "top_k": 1}).response == text
+    raw = lambda options: client.generate(model=model_id, prompt="A quiet field of", raw=True, options=options).response
+    assert raw(sampled) == raw(sampled) != text
+    assert raw({**sampled, "top_k": 1}) == text
+
+
+HI = {"role": "user", "content": "hi"}
 
 
 @pytest.mark.parametrize(
     "path, body, status, words",
     [
-        ("chat", {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}, 404, "model 'llama3' not found"),
-        ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"temperature": 3}}, 400, "options.temperature"),
+        ("chat", {"model": "llama3", "messages": [HI]}, 404, "model 'llama3' not found"),
+        ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"temperature": 3}}, 400, "temperature"),
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"num_predict": 0}}, 400, "num_predict"),
-        ("chat", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "format": "json"}, 400, "format"),
-        ("chat", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400, "images"),
+        ("chat", {"model": "tiny-llama", "messages": [HI], "format": "json"}, 400, "format"),
+        ("chat", {"model": "tiny-llama", "messages": [{**HI, "images": ["aGk="]}]}, 400, "images"),
         ("chat", {"model": "tiny-llama", "messages": []}, 400, "messages"),
         ("generate", b'{"model": "tiny-llama", "prompt": ', 400, "not valid JSON"),
     ],

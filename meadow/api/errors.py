@@ -68,7 +68,8 @@ def install_error_handlers(app: FastAPI, plain_paths: frozenset[str] = frozenset
         param = max((_param(e.get("loc", ())) for e in errors), key=lambda p: p.count(".") if p else -1)
         reasons = dict.fromkeys(str(e.get("msg")).removeprefix("Value error, ") for e in errors if _param(e.get("loc", ())) == param)
         message = " or ".join(reasons)
-        return respond(request, APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value"))
+        message = f"{param}: {message}" if param else message
+        return respond(request, APIError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:

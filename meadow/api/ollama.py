@@ -175,10 +175,10 @@ def add_ollama_routes(
     @app.post("/api/show", dependencies=keyed)
     def show(request: ShowRequest) -> dict:
         check(request.model or request.name)
+        info = {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length}
         return {
             "modelfile": "", "parameters": "", "template": tokenizer.chat_template or "", "details": details,
-            "model_info": {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length},
-            "capabilities": ["completion"], "modified_at": started,
+            "model_info": info, "capabilities": ["completion"], "modified_at": started,
         }  # fmt: skip
 
     @app.get("/api/version")
