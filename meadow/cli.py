@@ -51,6 +51,12 @@ def _multiaddr(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a multiaddr such as /ip4/1.2.3.4/tcp/31337/p2p/Qm...; a MODEL goes before --initial-peers"
         )
+    from hivemind.utils.multiaddr import Multiaddr  # here: hivemind takes seconds to import
+
+    try:
+        Multiaddr(text)
+    except Exception as e:  # the daemon would fail on it later, with a traceback
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -203,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text through the swarm")
     generate.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_initial_peers(generate)
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", help="the text to continue (default: what is piped in, e.g. `meadow generate < notes.txt`)")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
@@ -335,8 +341,13 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "generate":
         from meadow.client.text import stream_generate
 
+        prompt = args.prompt
+        if prompt is None:
+            if sys.stdin.isatty():
+                sys.exit("meadow generate: error: give --prompt TEXT, or pipe the prompt in")
+            prompt = sys.stdin.read()
         stream_generate(
-            _model(args), args.initial_peers, args.prompt, args.max_new_tokens, args.temperature, args.dht_prefix,
+            _model(args), args.initial_peers, prompt, args.max_new_tokens, args.temperature, args.dht_prefix,
             args.adapter, _client_config(args),
         )  # fmt: skip
     elif args.command == "chat":
