@@ -230,7 +230,8 @@ def test_chat_and_generate_use_a_served_adapter(chat_swarm):
 
 
 def test_model_is_optional_and_defaults_to_the_default_model(capsys):
-    parser, peers = build_parser(), ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7"]
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7"
+    parser, peers = build_parser(), ["--initial-peers", peer]
     args = parser.parse_args(["serve", *peers, "--blocks", "0:10"])
     assert args.model is None and args.blocks.end == 10
     assert parser.parse_args(["generate", *peers, "--prompt", "hi"]).model is None

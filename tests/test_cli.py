@@ -47,7 +47,8 @@ def test_servers_started_with_num_blocks_cover_the_model(swarm_by_num_blocks):
 def test_generate_command_streams_the_local_models_text(swarm_by_num_blocks):
     swarm, path = swarm_by_num_blocks
     prompt = "The swarm says"
-    result = subprocess.run(  # the swarm given as `meadow demo --keep` says, in $MEADOW_INITIAL_PEERS; the prompt piped in
+    # the swarm given as `meadow demo --keep` says, in $MEADOW_INITIAL_PEERS; the prompt piped in
+    result = subprocess.run(
         [sys.executable, "-m", "meadow", "generate", str(path), "--max-new-tokens", "10"],
         input=prompt, capture_output=True, text=True, timeout=180,
         env={**os.environ, "MEADOW_INITIAL_PEERS": " ".join(swarm.initial_peers)},
