@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text through the swarm")
     generate.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_initial_peers(generate)
-    generate.add_argument("--prompt", help="the text to continue (default: what is piped in: meadow generate < notes.txt)")
+    generate.add_argument("--prompt", help="the text to continue (default: what is piped in: meadow generate < FILE)")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
