@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_points_identity(chat)
     _add_allow_peers(chat)
 
-    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)")
+    api = commands.add_parser(
+        "api", help="serve an OpenAI- and Ollama-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)"
+    )
     api.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_initial_peers(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

@@ -111,7 +111,7 @@ function element(tag, className, text) {
 }
 
 // Text onto the clipboard; the old way where the page is not a secure context (an API reached over plain http by
-// another address than 127.0.0.1 has no navigator.clipboard). The button says "Copied" for a moment.
+// another address than 127.0.0.1 has no navigator.clipboard). The button shows a tick for a moment.
 async function copyText(text, button) {
   try {
     await navigator.clipboard.writeText(text);
