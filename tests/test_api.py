@@ -444,7 +444,8 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     """Ollama's own Python client, pointed at the API: the same greedy text as transformers, streamed or not."""
     tokenizer = reference[1]
     client = ollama.Client(host=served["url"].rstrip("/"), timeout=120)
-    assert [entry.model for entry in client.list().models] == [model_id]
+    listed, running = client.list().models, client.ps().models
+    assert [entry.model for entry in listed] == [entry.model for entry in running] == [model_id]
     assert client.show(model_id).details.family == "llama"
     greedy = {"temperature": 0, "num_predict": 12}
 

@@ -1,7 +1,7 @@
 """Ollama's API over the same model, for the tools that speak it (its Python and JavaScript clients, chat front ends):
-GET /api/tags and /api/version, POST /api/show, /api/chat and /api/generate, streamed as lines of JSON unless the
-request says `"stream": false`. Each request is a generation like the OpenAI routes' (an inference session of its
-own, stopped when its client goes away); errors come in Ollama's shape, {"error": message}."""
+GET /api/tags, /api/ps and /api/version, POST /api/show, /api/chat and /api/generate, streamed as lines of JSON
+unless the request says `"stream": false`. Each request is a generation like the OpenAI routes' (an inference session
+of its own, stopped when its client goes away); errors come in Ollama's shape, {"error": message}."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from meadow.api.schemas import DEFAULT_CHAT_TOKENS
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
-OLLAMA_PATHS = frozenset({"/api/tags", "/api/version", "/api/show", "/api/chat", "/api/generate"})
+OLLAMA_PATHS = frozenset({"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/chat", "/api/generate"})
 # Ollama's sampling defaults, for the options a request leaves out
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
@@ -167,10 +167,15 @@ def add_ollama_routes(
             extra_stop = stop_strings(tokenizer)
         return await reply(request, prompt_ids, extra_stop, http, lambda text: {"response": text})
 
+    entry = {"name": model_id, "model": model_id, "size": 0, "digest": "", "details": details}
+
     @app.get("/api/tags", dependencies=keyed)
     def tags() -> dict:
-        return {"models": [{"name": model_id, "model": model_id, "modified_at": started, "size": 0, "digest": "",
-                            "details": details}]}  # fmt: skip
+        return {"models": [{**entry, "modified_at": started}]}
+
+    @app.get("/api/ps", dependencies=keyed)
+    def running() -> dict:  # the swarm holds the model for as long as its servers serve it
+        return {"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}]}
 
     @app.post("/api/show", dependencies=keyed)
     def show(request: ShowRequest) -> dict:
