@@ -469,6 +469,10 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     assert "".join(chunk.response for chunk in chunks) == text
     text = local_reply(reference, tokenizer("A quiet field of", return_tensors="pt")["input_ids"], 12)[0]
     assert client.generate(model=model_id, prompt="A quiet field of", raw=True, options=greedy).response == text
+    body = {"model": model_id, "prompt": "A quiet field of", "raw": True, "options": greedy, "stream": False}
+    as_curl_sends_it = {"Content-Type": "application/x-www-form-urlencoded"}  # Ollama's examples: curl -d '{...}'
+    request = urllib.request.Request(served["url"] + "api/generate", json.dumps(body).encode(), as_curl_sends_it)
+    assert json.load(urllib.request.urlopen(request, timeout=60))["response"] == text
     assert client.generate(model=model_id, prompt="").done_reason == "load"  # how clients load a model ahead
 
     # sampling: a seed repeats a reply; top_k 1 leaves only the likeliest token, whatever the temperature

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from typing import AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import PreTrainedTokenizerBase
 
 import meadow
@@ -148,14 +148,16 @@ def add_ollama_routes(
         return GenerationResponse(_ndjson(lines()), [generation], "application/x-ndjson")
 
     @app.post("/api/chat", dependencies=keyed)
-    async def chat(request: ChatRequest, http: Request):
+    async def chat(http: Request):
+        request = await _parsed(http, ChatRequest)
         check(request.model)
         prompt_ids = chat_prompt_ids(tokenizer, [message.model_dump() for message in request.messages])
         content = lambda text: {"message": {"role": "assistant", "content": text}}
         return await reply(request, prompt_ids, stop_strings(tokenizer), http, content)
 
     @app.post("/api/generate", dependencies=keyed)
-    async def generate(request: GenerateRequest, http: Request):
+    async def generate(http: Request):
+        request = await _parsed(http, GenerateRequest)
         check(request.model)
         if not request.prompt:  # Ollama's way to load a model ahead: a swarm's is loaded already
             return {"model": request.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
@@ -178,7 +180,8 @@ def add_ollama_routes(
         return {"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}]}
 
     @app.post("/api/show", dependencies=keyed)
-    def show(request: ShowRequest) -> dict:
+    async def show(http: Request) -> dict:
+        request = await _parsed(http, ShowRequest)
         check(request.model or request.name)
         info = {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length}
         return {
@@ -189,6 +192,19 @@ def add_ollama_routes(
     @app.get("/api/version")
     def version() -> dict:
         return {"version": meadow.__version__}
+
+
+async def _parsed(http: Request, schema: type[BaseModel]) -> BaseModel:
+    """The request's body as `schema`: JSON, whatever its content type says (Ollama's own examples send curl's
+    default, a form's)."""
+    try:
+        body = json.loads(await http.body())
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None  # answered as FastAPI's own are, naming the field
 
 
 def _statistics(generation: TextGeneration, began: float) -> dict:
