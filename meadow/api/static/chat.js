@@ -144,11 +144,16 @@ function codeBlock(language, lines) {
 function rendered(text) {
   const nodes = [];
   let prose = [], code = null;  // the lines since the last fence; inside a block, {language, lines}
-  const endProse = () => prose.length && nodes.push(document.createTextNode(prose.join("\n")));
+  const endProse = (beforeBlock) => {
+    let text = prose.join("\n");
+    if (nodes.length) text = text.replace(/^\n/, "");  // a code block is a block of its own: no blank line after it
+    if (beforeBlock) text = text.replace(/\n$/, "");  // nor before it
+    if (text) nodes.push(document.createTextNode(text));
+  };
   for (const line of text.split("\n")) {
     const fence = line.match(/^ {0,3}```\s*([\w#+.-]*)\s*$/);
     if (fence && !code) {
-      endProse();
+      endProse(true);
       prose = [];
       code = {language: fence[1], lines: []};
     } else if (fence && !fence[1]) {
@@ -159,7 +164,7 @@ function rendered(text) {
     }
   }
   if (code) nodes.push(codeBlock(code.language, code.lines));
-  endProse();
+  endProse(false);
   return nodes;
 }
 
