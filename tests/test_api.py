@@ -381,6 +381,9 @@ def test_an_api_key_keeps_out_requests_without_it(served, reference):
     for path in ("api/swarm", "api/points"):
         status, reply = http(url + path)
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    with pytest.raises(ollama.ResponseError) as caught:  # Ollama's routes too, in Ollama's shape
+        ollama.Client(host=url.rstrip("/")).list()
+    assert caught.value.status_code == 401 and "needs a key" in caught.value.error
     with urllib.request.urlopen(url, timeout=60) as page:
         assert page.status == 200 and b"<script" in page.read()
 
@@ -389,6 +392,9 @@ def test_an_api_key_keeps_out_requests_without_it(served, reference):
     expected = local_reply(reference, reference[1](prompt, return_tensors="pt")["input_ids"], 8)[0]
     reply = keyed.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0)
     assert reply.choices[0].text == expected
+    client = ollama.Client(host=url.rstrip("/"), headers={"Authorization": "Bearer meadow-secret"})
+    greedy = {"temperature": 0, "num_predict": 8}
+    assert client.generate(model="tiny-llama", prompt=prompt, raw=True, options=greedy).response == expected
     request = urllib.request.Request(url + "api/swarm", headers={"Authorization": "Bearer meadow-secret"})
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
