@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -228,8 +229,11 @@ def serve_dht_node(
     dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map, identity=identity, allow_peers=allow_peers)
     started.set()
     try:
-        for maddr in dht.get_visible_maddrs():
+        maddrs = dht.get_visible_maddrs()
+        for maddr in maddrs:
             print(maddr, flush=True)
+        print(f"Others join with --initial-peers {maddrs[0]}, or after export MEADOW_INITIAL_PEERS={maddrs[0]}",
+              file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()
     finally:
         dht.shutdown()
