@@ -29,7 +29,8 @@ def run_api(
     client_config: ClientConfig | None = None,
     api_key: str | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)` once it accepts requests."""
+    """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID): ...` (where each API and the
+    chat page are) once it accepts requests."""
     from meadow.api.app import create_app
     from meadow.client.model import AutoDistributedModelForCausalLM
     from meadow.models import load_tokenizer
@@ -50,7 +51,9 @@ def run_api(
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"API ready: http://{shown_host}:{bound_port} (model {model_id})", flush=True)
+    address = f"http://{shown_host}:{bound_port}"
+    print(f"API ready: {address} (model {model_id}): OpenAI's API at {address}/v1, Ollama's at {address} (its host), "
+          f"the chat page at {address}/", flush=True)  # fmt: skip
     if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
         logging.getLogger(__name__).warning(f"anyone who can reach {host} can use this API: --api-key asks for a key")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
