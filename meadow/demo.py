@@ -96,7 +96,8 @@ def keep_running(swarm: LocalSwarm, model: str) -> None:
     swarm.extra.append(api)
     url = api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
     print(f"\nThe swarm keeps running. Chat page: http://{url}/  monitor: http://{url}/monitor\n"
-          f"OpenAI-compatible API: http://{url}/v1  Ollama-compatible API: http://{url}\nFor meadow chat, generate, serve, status... in another terminal:\n"
+          f"OpenAI-compatible API: http://{url}/v1  Ollama-compatible API: http://{url}\n"
+          f"For meadow chat, generate, serve, status... in another terminal:\n"
           f"  export MEADOW_INITIAL_PEERS='{' '.join(swarm.initial_peers)}'\nCtrl-C stops it all.")  # fmt: skip
     try:
         while all(p.popen.poll() is None for p in swarm.servers + swarm.extra):
