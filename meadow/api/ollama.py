@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 import meadow
@@ -44,9 +44,16 @@ class Options(BaseModel):
     top_k: int | None = Field(None, ge=0)  # 0: every token
     num_predict: int | None = Field(None, ge=-2)  # tokens to generate; -1 and -2: as many as the context leaves
     seed: int | None = None
-    stop: list[str] | None = None
+    stop: list[str] | None = Field(None, max_length=16)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _none_empty(cls, stop):
+        if stop and not all(stop):
+            raise ValueError("a stop string must not be empty (it would end every reply at once)")
+        return stop
 
 
 class _Refusing(BaseModel):
