@@ -468,6 +468,20 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     assert len(chunks) > 2 and "".join(chunk.message.content for chunk in chunks) == text
     assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True] and chunks[-1].done_reason == finish
 
+    # logprobs: the model's own, as transformers computes them, streamed or not
+    flower = [{"role": "user", "content": "Name a flower."}]
+    tokens, logprobs = local_logprobs(reference, chat_prompt_ids(tokenizer, flower), 8)
+    for stream in (False, True):
+        reply = client.chat(model=model_id, messages=flower, options={**greedy, "num_predict": 8}, stream=stream,
+                            logprobs=True, top_logprobs=2)  # fmt: skip
+        entries = [entry for chunk in (reply if stream else [reply]) for entry in chunk.logprobs or []]
+        assert [entry.token for entry in entries] == [tokenizer.decode([t]) for t in tokens]
+        for entry, token, row in zip(entries, tokens, logprobs):
+            best = row.topk(2)
+            assert abs(entry.logprob - row[token].item()) < 1e-4
+            assert [top.token for top in entry.top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+            assert max(abs(top.logprob - v) for top, v in zip(entry.top_logprobs, best.values.tolist())) < 1e-4
+
     # generate: the prompt as the user's message (after the system prompt), or as it is with raw
     prompt_ids = chat_prompt_ids(tokenizer, [messages[0], {"role": "user", "content": "Hi"}])
     text = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]

@@ -17,8 +17,9 @@ from transformers import PreTrainedTokenizerBase
 
 import meadow
 from meadow.api.errors import APIError, api_error
-from meadow.api.generation import Sampling, TextGeneration
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS
+from meadow.api.generation import Delta, Sampling, TextGeneration
+from meadow.api.logprobs import TokenLogprob
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -74,6 +75,8 @@ class _OllamaRequest(_Refusing):
     model: str
     stream: bool = True
     options: Options = Field(default_factory=Options)
+    logprobs: bool = False  # each token's log-probability, the model's own (before sampling)
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs, this many likeliest tokens at each place
 
 
 class Message(_Refusing):
@@ -118,7 +121,8 @@ def add_ollama_routes(
         if name not in (model_id, f"{model_id}:latest"):  # Ollama's clients may add the default tag
             raise APIError(404, f"model '{name}' not found: this API serves '{model_id}'", param="model")
 
-    def sampling(options: Options, prompt_tokens: int, extra_stop: list[str]) -> Sampling:
+    def sampling(request: _OllamaRequest, prompt_tokens: int, extra_stop: list[str]) -> Sampling:
+        options = request.options
         if options.num_predict == 0:
             raise APIError(400, "options.num_predict: 0 generates nothing", param="options.num_predict")
         whole_context = options.num_predict is not None and options.num_predict < 0
@@ -132,25 +136,29 @@ def add_ollama_routes(
             frequency_penalty=options.frequency_penalty or 0.0,
             seed=options.seed,
             stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
+            logprobs=request.top_logprobs if request.logprobs else None,
         )  # fmt: skip
 
     async def reply(request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable):
         """Generate for `prompt_ids`; each line of the reply says its text as `content(text)` does."""
         began = time.perf_counter()
-        (generation,) = await start([prompt_ids], sampling(request.options, prompt_ids.shape[1], extra_stop), 1, http)
+        (generation,) = await start([prompt_ids], sampling(request, prompt_ids.shape[1], extra_stop), 1, http)
 
-        def line(text: str, done: bool = False) -> dict:
-            last = _statistics(generation, began) if done else {}
-            return {"model": request.model, "created_at": _now(), **content(text), "done": done, **last}
+        def line(pieces: list[Delta], done: bool = False) -> dict:
+            text = "".join(piece.text for piece in pieces)
+            body = {"model": request.model, "created_at": _now(), **content(text), "done": done}
+            if request.logprobs:
+                body["logprobs"] = [_logprob(entry) for piece in pieces for entry in piece.logprobs]
+            return {**body, **(_statistics(generation, began) if done else {})}
 
         if not request.stream:
             (pieces,) = await collect_replies([generation], http)
-            return line("".join(piece.text for piece in pieces), done=True)
+            return line(pieces, done=True)
 
         async def lines() -> AsyncIterator[dict]:
             async for piece in generation.deltas():
-                yield line(piece.text)
-            yield line("", done=True)
+                yield line([piece])
+            yield line([], done=True)
 
         return GenerationResponse(_ndjson(lines()), [generation], "application/x-ndjson")
 
@@ -212,6 +220,12 @@ async def _parsed(http: Request, schema: type[BaseModel]) -> BaseModel:
         return schema.model_validate(body)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None  # answered as FastAPI's own are, naming the field
+
+
+def _logprob(entry: TokenLogprob) -> dict:
+    """A token's entry as Ollama gives it."""
+    top = [{"token": token, "logprob": logprob} for token, logprob in entry.top]
+    return {"token": entry.token, "logprob": entry.logprob, "top_logprobs": top}
 
 
 def _statistics(generation: TextGeneration, began: float) -> dict:
