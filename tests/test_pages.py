@@ -1,7 +1,7 @@
 """The web pages `meadow api` serves, driven in headless Chromium (Debian's `chromium`, through playwright) against a
 real loopback swarm: the chat page streams the model's answer, the monitor shows every server's blocks.
 
-MEADOW_SCREENSHOTS=1 also saves docs/chat.png and docs/monitor.png."""
+MEADOW_SCREENSHOTS=1 also saves docs/monitor.png (docs/chat.png shows the default model, on `meadow demo --keep`)."""
 
 from __future__ import annotations
 
@@ -123,9 +123,6 @@ def test_chat_page_streams_the_greedy_answer_and_keeps_the_conversation_over_a_r
     conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     expected = local_answer(served["path"], [*conversation, {"role": "user", "content": follow_up}], 24)
     assert page.locator(".turn.assistant .bubble").nth(1).text_content() == expected
-    if SCREENSHOTS:
-        DOCS.mkdir(exist_ok=True)
-        page.screenshot(path=DOCS / "chat.png")
 
 
 def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
