@@ -210,7 +210,8 @@ def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, serv
     page.on("pageerror", lambda error: errors.append(error))
     page.goto(served["url"])
     code = "for flower in meadow:\n    print('<b>', flower)"
-    answer = f"Here:\n```python\n{code}\n```\nDone <img src=x onerror=alert(1)>\n```\nnot closed"
+    inline = "Use `add`, **not** `<b>`."
+    answer = f"Here:\n```python\n{code}\n```\nDone <img src=x onerror=alert(1)>\n{inline}\n```\nnot closed"
     saved = [{"role": "user", "content": "Show me"}, {"role": "assistant", "content": answer, "info": {"seconds": 1}}]
     page.evaluate("(saved) => localStorage.setItem('meadow.conversations', JSON.stringify(saved))",
                   [{"id": "kept", "messages": saved, "updated": 0}])
@@ -221,6 +222,11 @@ def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, serv
     assert blocks.first.get_attribute("data-language") == "python"
     assert page.locator(".turn.assistant .bubble img, .turn.assistant .bubble b").count() == 0
     assert "Done <img src=x onerror=alert(1)>" in page.text_content(".turn.assistant .bubble")
+    # inline code and bold shown so, their marks kept in the answer's text but not shown
+    assert page.locator(".bubble code.inline").all_inner_texts() == ["add", "<b>"]
+    assert page.locator(".bubble strong").all_inner_texts() == ["not"]
+    bubble = page.locator(".turn.assistant .bubble")
+    assert inline in bubble.text_content() and inline not in bubble.inner_text()
     blocks.first.locator(".copy-code").click()
     assert page.evaluate("navigator.clipboard.readText()") == code
     page.click(".turn.assistant .meta .copy")

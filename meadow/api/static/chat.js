@@ -138,6 +138,23 @@ function codeBlock(language, lines) {
   return pre;
 }
 
+// Prose with its `code` and **bold** shown so. The marks stay in the text, hidden, so that the answer's text is still
+// the model's (what the page's tests read).
+function inline(text) {
+  const nodes = [];
+  let end = 0;
+  for (const match of text.matchAll(/`([^`\n]+)`|\*\*([^*\n]+)\*\*/g)) {
+    if (match.index > end) nodes.push(document.createTextNode(text.slice(end, match.index)));
+    const [tag, mark, inner] = match[1] !== undefined ? ["code", "`", match[1]] : ["strong", "**", match[2]];
+    const styled = element(tag, "inline");
+    styled.append(element("span", "mark", mark), inner, element("span", "mark", mark));
+    nodes.push(styled);
+    end = match.index + match[0].length;
+  }
+  if (end < text.length) nodes.push(document.createTextNode(text.slice(end)));
+  return nodes;
+}
+
 // An answer as nodes: its fenced code blocks (``` lines) as code with a copy button, the rest as plain text. Only text
 // nodes carry what the model wrote, so nothing in it becomes HTML. A block not closed yet (still streaming) runs to the
 // end.
@@ -148,7 +165,7 @@ function rendered(text) {
     let text = prose.join("\n");
     if (nodes.length) text = text.replace(/^\n/, "");  // a code block is a block of its own: no blank line after it
     if (beforeBlock) text = text.replace(/\n$/, "");  // nor before it
-    if (text) nodes.push(document.createTextNode(text));
+    if (text) nodes.push(...inline(text));
   };
   for (const line of text.split("\n")) {
     const fence = line.match(/^ {0,3}```\s*([\w#+.-]*)\s*$/);
