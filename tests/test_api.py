@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 
+from meadow.api.embeddings import batches
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
@@ -502,6 +503,80 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     assert raw({**sampled, "top_k": 1}) == text
 
 
+def local_embedding(reference, ids: list[int]) -> torch.Tensor:
+    """The local model's last hidden states (after the final norm) for `ids`, averaged and scaled to length 1."""
+    with torch.no_grad():
+        hidden = reference[0].model(torch.tensor([ids])).last_hidden_state[0]
+    return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
+
+
+EMBEDDED = ["Bees", "A quiet field of clover, humming in the afternoon sun, and a river beyond it", "Wind over the hill"]
+
+
+def test_embeddings_are_the_local_models_mean_hidden_state(client, model_id, reference, served):
+    """OpenAI's client (which asks for base64) and plain JSON floats, texts of different lengths in one request (one
+    padded batch), and token ids: each vector the local model's for that text alone."""
+    ids = [reference[1](text)["input_ids"] for text in EMBEDDED]
+    expected = torch.stack([local_embedding(reference, row) for row in ids])
+
+    response = client.embeddings.create(model=model_id, input=EMBEDDED)
+    assert [item.index for item in response.data] == [0, 1, 2]
+    assert response.usage.prompt_tokens == response.usage.total_tokens == sum(map(len, ids))
+    torch.testing.assert_close(torch.tensor([item.embedding for item in response.data]), expected, atol=1e-4, rtol=0)
+
+    body = {"model": model_id, "input": ids[1], "encoding_format": "float"}  # token ids, floats in the JSON
+    status, reply = http(served["url"] + "v1/embeddings", json.dumps(body).encode())
+    assert status == 200 and reply["object"] == "list" and reply["data"][0]["object"] == "embedding", reply
+    torch.testing.assert_close(torch.tensor(reply["data"][0]["embedding"]), expected[1], atol=1e-4, rtol=0)
+
+
+def test_ollamas_client_embeds_as_the_local_model_does_cut_to_the_context(served, model_id, reference):
+    ollama_client = ollama.Client(host=served["url"].rstrip("/"))
+    ids = [reference[1](text)["input_ids"] for text in EMBEDDED]
+    expected = torch.stack([local_embedding(reference, row) for row in ids])
+
+    response = ollama_client.embed(model=model_id, input=EMBEDDED)
+    torch.testing.assert_close(torch.tensor(response.embeddings), expected, atol=1e-4, rtol=0)
+    assert response.prompt_eval_count == sum(map(len, ids))
+    older = ollama_client.embeddings(model=model_id, prompt=EMBEDDED[2])  # the older route, one text
+    torch.testing.assert_close(torch.tensor(older.embedding), expected[2], atol=1e-4, rtol=0)
+
+    context = reference[0].config.max_position_embeddings
+    long_text = "grass " * (context + 10)
+    cut = reference[1](long_text)["input_ids"][:context]
+    (vector,) = ollama_client.embed(model=model_id, input=long_text).embeddings  # truncate: Ollama's default
+    torch.testing.assert_close(torch.tensor(vector), local_embedding(reference, cut), atol=1e-4, rtol=0)
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.embed(model=model_id, input=long_text, truncate=False)
+    assert caught.value.status_code == 400 and str(context) in caught.value.error
+
+
+def test_embedding_batches_hold_every_text_once_within_their_token_budget():
+    lengths = torch.randint(1, 120, (200,), generator=torch.Generator().manual_seed(0)).tolist() + [300]
+    groups = batches(lengths, budget=256)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        assert len(group) * max(lengths[i] for i in group) <= 256 or len(group) == 1
+    assert len(groups) < 60  # texts of similar length together: 201 texts of 60 tokens on average fill ~50 batches
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "tiny-llama", "input": []}, "input"),
+        ({"model": "tiny-llama", "input": ["a", ""]}, "input"),
+        ({"model": "tiny-llama", "input": [[1, 2], [5, 100000]]}, "input"),
+        ({"model": "tiny-llama", "input": ["a"] * 2049}, "input"),
+        ({"model": "tiny-llama", "input": "a", "dimensions": 8}, "dimensions"),
+        ({"model": "tiny-llama", "input": "a", "encoding_format": "hex"}, "encoding_format"),
+        ({"model": "tiny-llama", "input": "grass " * 4200}, "input"),  # longer than the context
+    ],
+)
+def test_bad_embedding_requests_are_a_400_naming_the_field(served, body, param):
+    status, reply = http(served["url"] + "v1/embeddings", json.dumps(body).encode())
+    assert status == 400 and reply["error"]["param"] == param, reply
+
+
 HI = {"role": "user", "content": "hi"}
 
 
@@ -516,6 +591,9 @@ HI = {"role": "user", "content": "hi"}
         ("chat", {"model": "tiny-llama", "messages": [{**HI, "images": ["aGk="]}]}, 400, "images"),
         ("chat", {"model": "tiny-llama", "messages": []}, 400, "messages"),
         ("generate", b'{"model": "tiny-llama", "prompt": ', 400, "not valid JSON"),
+        ("embed", {"model": "tiny-llama", "input": ["a", ""]}, 400, "input 1 is empty"),
+        ("embed", {"model": "tiny-llama"}, 400, "input"),
+        ("embeddings", {"model": "llama3", "prompt": "hi"}, 404, "model 'llama3' not found"),
     ],
 )
 def test_ollama_routes_refuse_bad_requests_in_ollamas_shape(served, path, body, status, words):

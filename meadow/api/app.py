@@ -1,9 +1,11 @@
-"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions and /v1/completions over one distributed model (and
+"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings over one distributed
+model (and
 Ollama's routes, ollama.py), the swarm's state at /api/swarm, and the chat (/) and monitor (/monitor) pages."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -18,16 +20,24 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
 
+from meadow.api.embeddings import embed
 from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest
+from meadow.api.schemas import (
+    DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+)
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
+
+
+def _base64(vector: torch.Tensor) -> str:
+    """A vector as OpenAI's base64 encoding gives it: its float32s, little-endian."""
+    return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
 
 
 async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -63,8 +73,15 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
         if request.model != model_id:
             message = f"The model `{request.model}` does not exist: this API serves `{model_id}`"
             raise APIError(404, message, param="model", code="model_not_found")
-        if any(not 0 <= token < model.config.vocab_size for token in request.logit_bias or {}):
+        if any(not 0 <= token < model.config.vocab_size for token in getattr(request, "logit_bias", None) or {}):
             raise APIError(400, f"logit_bias token ids must be in [0, {model.config.vocab_size})", param="logit_bias")
+
+    def token_ids(items: list[str | list[int]], param: str) -> list[list[int]]:
+        """Each item's token ids: a text tokenized, or token ids checked against the vocabulary."""
+        rows = [item if isinstance(item, list) else tokenizer(item)["input_ids"] for item in items]
+        if any(not 0 <= i < model.config.vocab_size for row in rows for i in row):
+            raise APIError(400, f"{param} token ids must be in [0, {model.config.vocab_size})", param=param)
+        return rows
 
     def budget(prompt_tokens: int, requested: int | None, default: int, param: str) -> int:
         """max_tokens for the request: what it asked for, or the default cut to the context left."""
@@ -164,11 +181,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: CompletionRequest, http: Request):
         check(request)
-        prompts = [prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"] for prompt in request.prompts]
-        for ids in prompts:
-            if any(not 0 <= i < model.config.vocab_size for i in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {model.config.vocab_size})", param="prompt")
-        prompts = [torch.tensor([ids], dtype=torch.long) for ids in prompts]
+        prompts = [torch.tensor([ids], dtype=torch.long) for ids in token_ids(request.prompts, "prompt")]
         # one max_tokens for all: each prompt's default cut to the context it leaves, the shortest of them
         default = DEFAULT_COMPLETION_TOKENS
         max_tokens = min(budget(ids.shape[1], request.max_tokens, default, "prompt") for ids in prompts)
@@ -224,6 +237,19 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
                 yield {**head, "choices": [], "usage": usage(generations, request.n)}
 
         return GenerationResponse(_sse(chunks()), generations, "text/event-stream")
+
+    @app.post("/v1/embeddings", dependencies=keyed)
+    async def embeddings(request: EmbeddingRequest, http: Request) -> dict:
+        check(request)
+        if request.dimensions not in (None, model.config.hidden_size):
+            message = f"dimensions: this model's embeddings have {model.config.hidden_size}, it cannot shorten them"
+            raise APIError(400, message, param="dimensions")
+        rows = token_ids(request.inputs, "input")
+        vectors = await embed(model, rows, context_length, http.is_disconnected)
+        encode = (lambda v: v.tolist()) if request.encoding_format == "float" else _base64
+        data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
+        tokens = sum(map(len, rows))
+        return {"object": "list", "data": data, "model": model_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget)
 

@@ -1,6 +1,6 @@
 """Ollama's API over the same model, for the tools that speak it (its Python and JavaScript clients, chat front ends):
-GET /api/tags, /api/ps and /api/version, POST /api/show, /api/chat and /api/generate, streamed as lines of JSON
-unless the request says `"stream": false`. Each request is a generation like the OpenAI routes' (an inference session
+GET /api/tags, /api/ps and /api/version, POST /api/show, /api/embed (and the older /api/embeddings), /api/chat and
+/api/generate, the last two streamed as lines of JSON unless the request says `"stream": false`. Each request is a generation like the OpenAI routes' (an inference session
 of its own, stopped when its client goes away); errors come in Ollama's shape, {"error": message}."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from transformers import PreTrainedTokenizerBase
 
 import meadow
+from meadow.api.embeddings import embed, none_empty
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
@@ -23,7 +24,9 @@ from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
-OLLAMA_PATHS = frozenset({"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/chat", "/api/generate"})
+OLLAMA_PATHS = frozenset(
+    {"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/embed", "/api/embeddings", "/api/chat", "/api/generate"}
+)
 # Ollama's sampling defaults, for the options a request leaves out
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
@@ -92,6 +95,19 @@ class GenerateRequest(_OllamaRequest):
     prompt: str = ""
     system: str | None = None
     raw: bool = False  # the prompt as it is, without the chat template
+
+
+class EmbedRequest(_Refusing):
+    model: str
+    input: str | list[str]
+    truncate: bool = True  # a text longer than the context is cut to it; false: refused
+
+    _none_empty = field_validator("input")(none_empty)
+
+
+class OldEmbeddingsRequest(_Refusing):
+    model: str
+    prompt: str = ""
 
 
 class ShowRequest(BaseModel):
@@ -183,6 +199,30 @@ def add_ollama_routes(
             prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}])
             extra_stop = stop_strings(tokenizer)
         return await reply(request, prompt_ids, extra_stop, http, lambda text: {"response": text})
+
+    @app.post("/api/embed", dependencies=keyed)
+    async def embed_texts(http: Request) -> dict:
+        began = time.perf_counter()
+        request = await _parsed(http, EmbedRequest)
+        check(request.model)
+        texts = [request.input] if isinstance(request.input, str) else request.input
+        rows = [tokenizer(text)["input_ids"] for text in texts]
+        vectors = await embed(model, rows, context_length, http.is_disconnected, truncate=request.truncate)
+        return {
+            "model": request.model, "embeddings": vectors.tolist(), "load_duration": 0,
+            "total_duration": int((time.perf_counter() - began) * 1e9),
+            "prompt_eval_count": sum(min(len(row), context_length) for row in rows),
+        }  # fmt: skip
+
+    @app.post("/api/embeddings", dependencies=keyed)
+    async def embed_prompt(http: Request) -> dict:  # Ollama's older route: one text, no counts
+        request = await _parsed(http, OldEmbeddingsRequest)
+        check(request.model)
+        if not request.prompt:  # as Ollama answers it (a way to load the model)
+            return {"embedding": []}
+        rows = [tokenizer(request.prompt)["input_ids"]]
+        (vector,) = await embed(model, rows, context_length, http.is_disconnected, truncate=True)
+        return {"embedding": vector.tolist()}
 
     entry = {"name": model_id, "model": model_id, "size": 0, "digest": "", "details": details}
 

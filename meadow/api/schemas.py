@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from meadow.api.embeddings import none_empty
 from meadow.api.errors import APIError
 from meadow.api.generation import Sampling
 
@@ -141,3 +142,20 @@ class CompletionRequest(_Request):
         """Each prompt: a text or its token ids."""
         one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
         return [self.prompt] if one else list(self.prompt)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `user` and the like
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] = Field(description="a text or its token ids, or a list")
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s, what OpenAI's client asks for
+    dimensions: int | None = Field(None, ge=1)
+
+    _none_empty = field_validator("input")(none_empty)
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """Each input: a text or its token ids."""
+        one = isinstance(self.input, str) or (self.input and isinstance(self.input[0], int))
+        return [self.input] if one else list(self.input)
