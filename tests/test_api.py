@@ -503,6 +503,36 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     assert raw({**sampled, "top_k": 1}) == text
 
 
+def penalized_greedy(reference, prompt_ids: list[int], tokens: int, penalty: float, window: int) -> list[int]:
+    """Greedy decoding step by step with the local model, each logit of the last `window` tokens' ids divided by
+    `penalty` (multiplied, if negative): Ollama's repeat_penalty and repeat_last_n."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(tokens):
+            logits = reference[0](torch.tensor([ids])).logits[0, -1]
+            for seen in set(ids[-window:]):
+                logits[seen] = logits[seen] / penalty if logits[seen] > 0 else logits[seen] * penalty
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids) :]
+
+
+def test_ollamas_repeat_penalty_looks_back_over_repeat_last_n_tokens(served, model_id, reference):
+    client = ollama.Client(host=served["url"].rstrip("/"), timeout=120)
+    prompt = "grass grass clover grass clover clover bees"
+    prompt_ids = reference[1](prompt)["input_ids"]
+    plain = penalized_greedy(reference, prompt_ids, 16, 1.0, 1)
+    eos = reference[1].eos_token_id
+    decode = lambda ids: reference[1].decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
+    replies = set()
+    for window in (3, -1):  # the last 3 tokens, or all of them (transformers' repetition_penalty)
+        expected = penalized_greedy(reference, prompt_ids, 16, 2.0, window if window > 0 else len(prompt_ids) + 16)
+        options = {"temperature": 0, "num_predict": 16, "repeat_penalty": 2.0, "repeat_last_n": window}
+        reply = client.generate(model=model_id, prompt=prompt, raw=True, options=options).response
+        assert reply == decode(expected) and expected != plain
+        replies.add(reply)
+    assert len(replies) == 2  # the window matters
+
+
 def local_embedding(reference, ids: list[int]) -> torch.Tensor:
     """The local model's last hidden states (after the final norm) for `ids`, averaged and scaled to length 1."""
     with torch.no_grad():

@@ -32,6 +32,8 @@ class Sampling:
     top_k: int = 0  # 0: every token
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # Ollama's: transformers' repetition penalty over the last repeat_last_n tokens
+    repeat_last_n: int = 64  # -1: every token
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
@@ -163,7 +165,8 @@ class TextGeneration:
         s, length = self.sampling, self.prompt_tokens
         recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
         processors = logits_processors(
-            length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias, s.top_k
+            length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias, s.top_k,
+            s.repeat_penalty, s.repeat_last_n,
         )
         self.model.generate(
             self.prompt_ids,

@@ -39,7 +39,7 @@ UNSUPPORTED = {
 
 
 class Options(BaseModel):
-    """The options Meadow applies; Ollama's others (repeat_penalty, num_ctx, mirostat...) are accepted and ignored."""
+    """The options Meadow applies; Ollama's others (num_ctx, mirostat, min_p...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -51,6 +51,8 @@ class Options(BaseModel):
     stop: list[str] | None = Field(None, max_length=16)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(None, gt=0)  # default 1, none (Ollama: 1.1): temperature 0 stays greedy
+    repeat_last_n: int | None = Field(None, ge=-1)  # the tokens it looks back over: default 64, 0 none, -1 all
 
     @field_validator("stop")
     @classmethod
@@ -150,6 +152,8 @@ def add_ollama_routes(
             **{name: given.get(name, value) for name, value in DEFAULTS.items()},
             presence_penalty=options.presence_penalty or 0.0,
             frequency_penalty=options.frequency_penalty or 0.0,
+            repeat_penalty=options.repeat_penalty or 1.0,
+            repeat_last_n=64 if options.repeat_last_n is None else options.repeat_last_n,
             seed=options.seed,
             stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
             logprobs=request.top_logprobs if request.logprobs else None,

@@ -13,6 +13,7 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -31,6 +32,17 @@ class OpenAIPenalties(LogitsProcessor):
         generated = input_ids[:, self.prompt_length :]
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class RecentRepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty (a seen token's logit divided by `penalty` if positive, multiplied if not),
+    counting only the last `window` tokens, the prompt's included, as Ollama does; window -1: every token."""
+
+    def __init__(self, penalty: float, window: int):
+        self.penalty, self.window = RepetitionPenaltyLogitsProcessor(penalty), window
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.penalty(input_ids if self.window < 0 else input_ids[:, -self.window :], scores)
 
 
 class SeededSampler(LogitsProcessor):
@@ -59,10 +71,14 @@ def logits_processors(
     seed: int | None,
     logit_bias: tuple[tuple[int, float], ...] = (),
     top_k: int = 0,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
 ) -> LogitsProcessorList:
     """What turns the model's logits into the next token for one request; temperature 0 means greedy, top_k 0 keeps
-    every token."""
+    every token, repeat_penalty 1 or repeat_last_n 0 penalizes no repetition."""
     processors = LogitsProcessorList()
+    if repeat_penalty != 1.0 and repeat_last_n != 0:
+        processors.append(RecentRepetitionPenalty(repeat_penalty, repeat_last_n))
     if logit_bias:
         processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in logit_bias]))
     if presence_penalty or frequency_penalty:
