@@ -540,7 +540,7 @@ def local_embedding(reference, ids: list[int]) -> torch.Tensor:
     return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
 
 
-EMBEDDED = ["Bees", "A quiet field of clover, humming in the afternoon sun, and a river beyond it", "Wind over the hill"]
+EMBEDDED = ["Bees", "A quiet field of clover, humming in the afternoon sun, with a river beyond it", "Wind over hills"]
 
 
 def test_embeddings_are_the_local_models_mean_hidden_state(client, model_id, reference, served):

@@ -211,7 +211,10 @@ def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, serv
     page.goto(served["url"])
     code = "for flower in meadow:\n    print('<b>', flower)"
     inline = "Use `add`, **not** `<b>`."
-    answer = f"Here:\n```python\n{code}\n```\nDone <img src=x onerror=alert(1)>\n{inline}\n```\nnot closed"
+    markdown = ("## Steps **now**\n- pick [a flower](https://example.org/a?b=1)\n  * [trap](javascript:history.back)\n"
+                "3 * 4 is not a list")  # fmt: skip
+    answer = (f"Here:\n```python\n{code}\n```\nDone <img src=x onerror=alert(1)>\n{inline}\n{markdown}\n"
+              "```\nnot closed")  # fmt: skip
     saved = [{"role": "user", "content": "Show me"}, {"role": "assistant", "content": answer, "info": {"seconds": 1}}]
     page.evaluate("(saved) => localStorage.setItem('meadow.conversations', JSON.stringify(saved))",
                   [{"id": "kept", "messages": saved, "updated": 0}])
@@ -224,9 +227,16 @@ def test_chat_page_shows_code_blocks_as_code_and_no_answer_as_html(browser, serv
     assert "Done <img src=x onerror=alert(1)>" in page.text_content(".turn.assistant .bubble")
     # inline code and bold shown so, their marks kept in the answer's text but not shown
     assert page.locator(".bubble code.inline").all_inner_texts() == ["add", "<b>"]
-    assert page.locator(".bubble strong").all_inner_texts() == ["not"]
+    assert page.locator(".bubble strong.inline").all_inner_texts() == ["not", "now"]
     bubble = page.locator(".turn.assistant .bubble")
     assert inline in bubble.text_content() and inline not in bubble.inner_text()
+    # headings, bullets and links too; a link only to an http(s) address, opened apart from the page
+    assert markdown in bubble.text_content()
+    assert page.locator(".bubble .heading.h2").all_inner_texts() == ["Steps now"]
+    assert page.locator(".bubble .bullet").count() == 2
+    (link,) = page.locator(".bubble a").all()
+    assert link.inner_text() == "a flower" and link.get_attribute("href") == "https://example.org/a?b=1"
+    assert link.get_attribute("target") == "_blank" and "noopener" in link.get_attribute("rel")
     blocks.first.locator(".copy-code").click()
     assert page.evaluate("navigator.clipboard.readText()") == code
     page.click(".turn.assistant .meta .copy")

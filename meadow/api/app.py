@@ -249,7 +249,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
         encode = (lambda v: v.tolist()) if request.encoding_format == "float" else _base64
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         tokens = sum(map(len, rows))
-        return {"object": "list", "data": data, "model": model_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": model_id, "usage": usage}
 
     add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget)
 

@@ -52,7 +52,9 @@ def mean_pooled(model, rows: list[list[int]]) -> torch.Tensor:
     return torch.nn.functional.normalize(mean, dim=-1)
 
 
-async def embed(model, rows: list[list[int]], context_length: int, gone: Callable, truncate: bool = False) -> torch.Tensor:
+async def embed(
+    model, rows: list[list[int]], context_length: int, gone: Callable, truncate: bool = False
+) -> torch.Tensor:
     """`mean_pooled` for every row, a batch at a time on a worker thread; a row longer than `context_length` is cut to
     it with `truncate`, refused without. Stops between batches once `gone()` (an async check: the client left)."""
     if len(rows) > MAX_INPUTS:

@@ -1,7 +1,8 @@
 """Ollama's API over the same model, for the tools that speak it (its Python and JavaScript clients, chat front ends):
 GET /api/tags, /api/ps and /api/version, POST /api/show, /api/embed (and the older /api/embeddings), /api/chat and
-/api/generate, the last two streamed as lines of JSON unless the request says `"stream": false`. Each request is a generation like the OpenAI routes' (an inference session
-of its own, stopped when its client goes away); errors come in Ollama's shape, {"error": message}."""
+/api/generate, the last two streamed as lines of JSON unless the request says `"stream": false`. Each request is a
+generation like the OpenAI routes' (an inference session of its own, stopped when its client goes away); errors come
+in Ollama's shape, {"error": message}."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ class EmbeddingRequest(BaseModel):
 
     model: str
     input: str | list[str] | list[int] | list[list[int]] = Field(description="a text or its token ids, or a list")
-    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s, what OpenAI's client asks for
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32s (OpenAI's client asks)
     dimensions: int | None = Field(None, ge=1)
 
     _none_empty = field_validator("input")(none_empty)

@@ -138,17 +138,40 @@ function codeBlock(language, lines) {
   return pre;
 }
 
-// Prose with its `code` and **bold** shown so. The marks stay in the text, hidden, so that the answer's text is still
-// the model's (what the page's tests read).
+// Prose with its headings (# ...), bullets (- ...), `code`, **bold** and links ([text](https://...)) shown so. The
+// marks stay in the text, hidden, so that the answer's text is still the model's (what the page's tests read). Links
+// go only to http(s) addresses, in a new tab that cannot reach back into this page.
+const MARKDOWN = new RegExp([
+  /^(#{1,4} )(.+)$/, /^( {0,6})([-*]) (?=\S)/, /`([^`\n]+)`/, /\*\*([^*\n]+)\*\*/,
+  /\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/,
+].map((part) => part.source).join("|"), "gm");
+
+function marked(tag, className, before, inner, after) {
+  const styled = element(tag, className);
+  styled.append(element("span", "mark", before), ...inner, element("span", "mark", after));
+  return styled;
+}
+
 function inline(text) {
   const nodes = [];
   let end = 0;
-  for (const match of text.matchAll(/`([^`\n]+)`|\*\*([^*\n]+)\*\*/g)) {
+  for (const match of text.matchAll(MARKDOWN)) {
     if (match.index > end) nodes.push(document.createTextNode(text.slice(end, match.index)));
-    const [tag, mark, inner] = match[1] !== undefined ? ["code", "`", match[1]] : ["strong", "**", match[2]];
-    const styled = element(tag, "inline");
-    styled.append(element("span", "mark", mark), inner, element("span", "mark", mark));
-    nodes.push(styled);
+    const [, hashes, heading, indent, bullet, code, bold, label, url] = match;
+    if (hashes) {
+      nodes.push(marked("strong", `heading h${hashes.length - 1}`, hashes, inline(heading), ""));
+    } else if (bullet) {
+      const dot = marked("span", "bullet", bullet, [], "");  // the style sheet shows a dot
+      nodes.push(document.createTextNode(indent), dot, document.createTextNode(" "));
+    } else if (code !== undefined) {
+      nodes.push(marked("code", "inline", "`", [code], "`"));
+    } else if (bold !== undefined) {
+      nodes.push(marked("strong", "inline", "**", [bold], "**"));
+    } else {
+      const link = marked("a", "", "[", [label], `](${url})`);
+      Object.assign(link, {href: url, target: "_blank", rel: "noopener noreferrer", title: url});
+      nodes.push(link);
+    }
     end = match.index + match[0].length;
   }
   if (end < text.length) nodes.push(document.createTextNode(text.slice(end)));
