@@ -111,6 +111,9 @@ def server_peers(swarm, dht_prefix: str) -> dict[str, str]:
 def test_models_lists_the_served_model(client, served):
     models = client.models.list().data
     assert [model.id for model in models] == ["tiny-llama"]
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_greedy_chat_equals_local_greedy(client, model_id, reference):
@@ -454,6 +457,10 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     listed, running = client.list().models, client.ps().models
     assert [entry.model for entry in listed] == [entry.model for entry in running] == [model_id]
     assert client.show(model_id).details.family == "llama"
+    assert client.pull(model_id).status == "success"  # there already: nothing to download
+    assert [line.status for line in client.pull(f"{model_id}:latest", stream=True)] == ["success"]
+    with pytest.raises(ollama.ResponseError, match="cannot be deleted"):
+        client.delete(model_id)
     greedy = {"temperature": 0, "num_predict": 12}
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do bees live?"}]
@@ -624,6 +631,8 @@ HI = {"role": "user", "content": "hi"}
         ("embed", {"model": "tiny-llama", "input": ["a", ""]}, 400, "input 1 is empty"),
         ("embed", {"model": "tiny-llama"}, 400, "input"),
         ("embeddings", {"model": "llama3", "prompt": "hi"}, 404, "model 'llama3' not found"),
+        ("pull", {"model": "llama3"}, 404, "model 'llama3' not found"),
+        ("copy", {"source": "tiny-llama", "destination": "mine"}, 400, "cannot be copied"),
     ],
 )
 def test_ollama_routes_refuse_bad_requests_in_ollamas_shape(served, path, body, status, words):

@@ -128,9 +128,17 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
         seconds = max(generation.outcome.seconds for generation in generations)
         return {"servers": list(servers.values()), "seconds": round(seconds, 3)}
 
+    entry = {"id": model_id, "object": "model", "created": created, "owned_by": "meadow"}
+
     @app.get("/v1/models", dependencies=keyed)
     def list_models() -> dict:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "meadow"}]}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/v1/models/{name:path}", dependencies=keyed)
+    def retrieve_model(name: str) -> dict:
+        if name != model_id:
+            raise APIError(404, f"The model `{name}` does not exist: this API serves `{model_id}`", code="model_not_found")
+        return entry
 
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: ChatCompletionRequest, http: Request):

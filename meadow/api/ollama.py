@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
@@ -25,9 +26,12 @@ from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
+# what would change the models a machine holds: a swarm's model is its servers' to hold
+MANAGING = {"/api/create": "created", "/api/copy": "copied", "/api/delete": "deleted", "/api/push": "pushed"}
 OLLAMA_PATHS = frozenset(
-    {"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/embed", "/api/embeddings", "/api/chat", "/api/generate"}
-)
+    {"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/pull", "/api/embed", "/api/embeddings", "/api/chat",
+     "/api/generate", *MANAGING}
+)  # fmt: skip
 # Ollama's sampling defaults, for the options a request leaves out
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
@@ -120,6 +124,10 @@ class ShowRequest(BaseModel):
     name: str | None = None  # what older clients call it
 
 
+class PullRequest(ShowRequest):
+    stream: bool = True
+
+
 def add_ollama_routes(
     app: FastAPI,
     model,
@@ -138,7 +146,8 @@ def add_ollama_routes(
 
     def check(name: str | None) -> None:
         if name not in (model_id, f"{model_id}:latest"):  # Ollama's clients may add the default tag
-            raise APIError(404, f"model '{name}' not found: this API serves '{model_id}'", param="model")
+            message = f"model '{name}' not found: this API serves '{model_id}' (the model its swarm's servers hold)"
+            raise APIError(404, message, param="model")
 
     def sampling(request: _OllamaRequest, prompt_tokens: int, extra_stop: list[str]) -> Sampling:
         options = request.options
@@ -249,6 +258,17 @@ def add_ollama_routes(
             "model_info": info, "capabilities": ["completion"], "modified_at": started,
         }  # fmt: skip
 
+    @app.post("/api/pull", dependencies=keyed)
+    async def pull(http: Request):  # the served model is there already; Meadow downloads nothing
+        request = await _parsed(http, PullRequest)
+        check(request.model or request.name)
+        done = {"status": "success"}
+        return _lines([done]) if request.stream else done
+
+    for path, done in MANAGING.items():
+        message = f"a swarm's model is held by its servers: it cannot be {done} through this API"
+        app.add_api_route(path, _refusal(message), methods=["POST", "DELETE"], dependencies=keyed)
+
     @app.get("/api/version")
     def version() -> dict:
         return {"version": meadow.__version__}
@@ -265,6 +285,17 @@ async def _parsed(http: Request, schema: type[BaseModel]) -> BaseModel:
         return schema.model_validate(body)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None  # answered as FastAPI's own are, naming the field
+
+
+def _refusal(message: str) -> Callable:
+    def refuse() -> None:
+        raise APIError(400, message)
+
+    return refuse
+
+
+def _lines(lines: list[dict]) -> StreamingResponse:
+    return StreamingResponse((json.dumps(line) + "\n" for line in lines), media_type="application/x-ndjson")
 
 
 def _logprob(entry: TokenLogprob) -> dict:
