@@ -68,11 +68,14 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
     context_length = getattr(model.config, "max_position_embeddings", None) or 2048
     created = int(time.time())
 
+    def unknown_model(name: str) -> APIError:
+        message = f"The model `{name}` does not exist: this API serves `{model_id}`"
+        return APIError(404, message, param="model", code="model_not_found")
+
     def check(request) -> None:
         """What pydantic cannot check: the model's name, and token ids in its vocabulary."""
         if request.model != model_id:
-            message = f"The model `{request.model}` does not exist: this API serves `{model_id}`"
-            raise APIError(404, message, param="model", code="model_not_found")
+            raise unknown_model(request.model)
         if any(not 0 <= token < model.config.vocab_size for token in getattr(request, "logit_bias", None) or {}):
             raise APIError(400, f"logit_bias token ids must be in [0, {model.config.vocab_size})", param="logit_bias")
 
@@ -137,7 +140,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
     @app.get("/v1/models/{name:path}", dependencies=keyed)
     def retrieve_model(name: str) -> dict:
         if name != model_id:
-            raise APIError(404, f"The model `{name}` does not exist: this API serves `{model_id}`", code="model_not_found")
+            raise unknown_model(name)
         return entry
 
     @app.post("/v1/chat/completions", dependencies=keyed)
