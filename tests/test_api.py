@@ -19,6 +19,7 @@ import ollama
 import openai
 import pytest
 import torch
+from openai.types.responses import Response
 
 from meadow.api.embeddings import batches
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
@@ -313,6 +314,70 @@ def test_logit_bias_moves_the_choice_as_transformers_sequence_bias_does(client, 
     assert response.choices[0].text == expected
     assert not set(response.choices[0].logprobs.tokens) & {tokenizer.decode([token]) for token in banned}
     assert client.completions.create(**ask).choices[0].logprobs.tokens[0] == tokenizer.decode([greedy[0]])
+
+
+def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, model_id, reference, served):
+    """OpenAI's Responses API through OpenAI's client: the local greedy reply, as one response (its JSON valid as the
+    client's own type) or as typed events; `previous_response_id` continues the conversation; retrieve and delete."""
+    tokenizer, stops = reference[1], stop_strings(reference[1])
+    question = {"role": "user", "content": "Where do bees live?"}
+    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "system", "content": "Be brief."}, question])
+    text, finish, _ = local_reply(reference, prompt_ids, 12, stops)
+    status = "incomplete" if finish == "length" else "completed"
+    asked = {"model": model_id, "instructions": "Be brief.", "temperature": 0, "max_output_tokens": 12}
+
+    response = client.responses.create(input=question["content"], **asked)
+    assert (response.output_text, response.status) == (text, status)
+    assert response.usage.input_tokens == prompt_ids.shape[1]
+    code, raw = http(served["url"] + "v1/responses", json.dumps({**asked, "input": [question]}).encode())
+    assert code == 200 and Response.model_validate(raw).output_text == text, raw  # every field the type requires
+
+    events = list(client.responses.create(input=question["content"], stream=True, **asked))
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == text
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == f"response.{status}"
+    assert events[-1].response.output_text == text
+
+    # the conversation goes on from the stored response, without its instructions (as OpenAI's does)
+    follow = client.responses.create(
+        model=model_id, input="And wasps?", previous_response_id=response.id, temperature=0, max_output_tokens=12
+    )
+    conversation = [question, {"role": "assistant", "content": text}, {"role": "user", "content": "And wasps?"}]
+    assert follow.output_text == local_reply(reference, chat_prompt_ids(tokenizer, conversation), 12, stops)[0]
+
+    # logprobs, the model's own
+    tokens, logprobs = local_logprobs(reference, prompt_ids, 6)
+    scored = client.responses.create(input=question["content"], include=["message.output_text.logprobs"],
+                                     top_logprobs=2, **{**asked, "max_output_tokens": 6})  # fmt: skip
+    entries = scored.output[0].content[0].logprobs
+    assert [entry.token for entry in entries] == [tokenizer.decode([t]) for t in tokens]
+    assert max(abs(entry.logprob - row[t].item()) for entry, t, row in zip(entries, tokens, logprobs)) < 1e-4
+    assert all(len(entry.top_logprobs) == 2 for entry in entries)
+
+    assert client.responses.retrieve(follow.id).output_text == follow.output_text
+    client.responses.delete(follow.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(follow.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=model_id, input="Hi", previous_response_id=follow.id)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "tiny-llama", "input": []}, "input"),
+        ({"model": "tiny-llama", "input": ""}, "input"),
+        ({"model": "tiny-llama", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+         "input.0.content.0.type"),
+        ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_object"}}}, "text"),
+        ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": "tiny-llama", "input": "hi", "previous_response_id": "resp_none"}, "previous_response_id"),
+    ],
+)
+def test_bad_responses_requests_are_refused_naming_the_field(served, body, param):
+    status, reply = http(served["url"] + "v1/responses", json.dumps(body).encode())
+    assert status in (400, 404) and reply["error"]["param"] == param, reply
 
 
 def test_malformed_json_is_a_400_in_openais_shape(served):

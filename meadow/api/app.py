@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI's /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings over one distributed
-model (and
-Ollama's routes, ollama.py), the swarm's state at /api/swarm, and the chat (/) and monitor (/monitor) pages."""
+model (its /v1/responses in responses.py, Ollama's routes in ollama.py), the swarm's state at /api/swarm, and the chat
+(/) and monitor (/monitor) pages."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
+from meadow.api.responses import add_responses_routes
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
 )
@@ -263,6 +264,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": model_id, "usage": usage}
 
+    add_responses_routes(app, tokenizer, model_id, keyed, start, budget, check)
     add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget)
 
     @app.get("/api/swarm", dependencies=keyed)
