@@ -1,7 +1,7 @@
 """OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/ID), what OpenAI's newer clients and tools
 call: the same generation as chat completions, its text as one output message, streamed as typed events
-(`response.output_text.delta`...) unless `stream` is false. Responses are kept in memory (the latest few thousand,
-unless `store` is false), so that `previous_response_id` continues a conversation as OpenAI's does."""
+(`response.output_text.delta`...) unless `stream` is false. Responses are kept in memory (the latest KEPT, unless
+`store` is false, without their logprobs), so that `previous_response_id` continues a conversation as OpenAI's does."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
-KEPT = 4096  # stored responses (their conversations), the oldest forgotten first
+KEPT = 1024  # stored responses (their conversations, each within the context), the oldest forgotten first
 LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
@@ -148,9 +148,10 @@ def add_responses_routes(
         def finished(pieces: list[Delta]) -> dict:
             status = "incomplete" if generation.outcome.finish_reason == "length" else "completed"
             response = body(status, pieces)
-            if request.store:
-                reply = {"role": "assistant", "content": response["output"][0]["content"][0]["text"]}
-                stored[ids["response"]] = (response, [*conversation, reply])
+            if request.store:  # without the logprobs, which can be a thousand times the text
+                part = response["output"][0]["content"][0]
+                kept = {**response, "output": [{**response["output"][0], "content": [{**part, "logprobs": []}]}]}
+                stored[ids["response"]] = (kept, [*conversation, {"role": "assistant", "content": part["text"]}])
                 while len(stored) > KEPT:
                     stored.popitem(last=False)
             return response
