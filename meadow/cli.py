@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer only requests with `Authorization: Bearer KEY` (the pages ask for it; default: "
                           "$MEADOW_API_KEY, which keeps it out of the process list; none: open to all who reach "
                           "--host)")  # fmt: skip
+    api.add_argument("--allow-origin", action="append", dest="origins",
+                     default=[o for o in os.environ.get("MEADOW_ORIGINS", "").split(",") if o.strip()],
+                     help="let web pages from this origin (e.g. https://chat.example.org; * for any) call the API from "
+                          "a browser; pages on this machine (localhost, 127.0.0.1) may by default; repeat for more "
+                          "(default: $MEADOW_ORIGINS, comma-separated)")  # fmt: skip
     _add_identity(api)
     _add_points_identity(api)
     _add_allow_peers(api)
@@ -366,7 +371,7 @@ def _run(args: argparse.Namespace) -> None:
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
         run_api(
             _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
-            args.api_key or None,
+            args.api_key or None, [origin.strip() for origin in args.origins],
         )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm

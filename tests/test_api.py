@@ -436,11 +436,30 @@ def test_bad_completion_fields_are_a_400_naming_the_field(served, body, param):
     assert status == 400 and reply["error"]["param"] == param, reply
 
 
+def preflight(url: str, origin: str) -> str | None:
+    """The origin a browser's CORS preflight from `origin` for a request with a key is let in as (None: refused)."""
+    headers = {"Origin": origin, "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    request = urllib.request.Request(url + "v1/chat/completions", method="OPTIONS", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.headers.get("Access-Control-Allow-Origin")
+    except urllib.error.HTTPError:
+        return None
+
+
+def test_web_pages_on_this_machine_may_call_the_api_others_only_when_let_in(served):
+    for origin in ("http://localhost:3000", "http://127.0.0.1:5173", "http://[::1]:8080"):
+        assert preflight(served["url"], origin) == origin
+    for origin in ("https://example.org", "http://localhost.example.org", "http://127.0.0.1.example.org"):
+        assert preflight(served["url"], origin) is None
+
+
 def test_an_api_key_keeps_out_requests_without_it(served, reference):
     """`meadow api --api-key KEY` (here from $MEADOW_API_KEY): /v1 and /api answer only `Authorization: Bearer KEY`,
-    with OpenAI's 401 otherwise; the pages themselves stay open."""
+    with OpenAI's 401 otherwise; the pages themselves stay open. (Its pages let in by $MEADOW_ORIGINS: below.)"""
     api = Process(["api", str(served["path"]), "--initial-peers", *served["swarm"].initial_peers, "--port", "0"], "api",
-                  env={"MEADOW_API_KEY": "meadow-secret"})  # fmt: skip
+                  env={"MEADOW_API_KEY": "meadow-secret", "MEADOW_ORIGINS": "https://chat.example.org"})  # fmt: skip
     served["swarm"].extra.append(api)
     url = api_url(api)
     for key in ("wrong", "Bearer meadow-secret"):  # (no key at all: below)
@@ -467,6 +486,8 @@ def test_an_api_key_keeps_out_requests_without_it(served, reference):
     request = urllib.request.Request(url + "api/swarm", headers={"Authorization": "Bearer meadow-secret"})
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
+    assert preflight(url, "https://chat.example.org") == "https://chat.example.org"
+    assert preflight(url, "https://other.example.org") is None
 
 
 def test_unknown_model_is_a_404(client):

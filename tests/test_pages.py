@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -307,6 +308,16 @@ def test_chat_page_asks_for_the_key_of_an_api_that_needs_one(page, served):
     refused = "document.getElementById('model').textContent.includes('API key needed')"
     declining.wait_for_function(refused, timeout=30_000)
     declining.close()
+
+    # a page from another origin on this machine (the first API's) may call it from the browser, key and all
+    other = page.context.browser.new_page()
+    other.goto(served["url"])
+    fetched = other.evaluate("""async (url) => {
+        const reply = await fetch(url + "v1/models", {headers: {Authorization: "Bearer meadow-secret"}});
+        return (await reply.json()).data[0].id;
+    }""", url)  # fmt: skip
+    assert fetched == "tiny-llama" and urlsplit(served["url"]).netloc != urlsplit(url).netloc
+    other.close()
 
 
 def test_monitor_shows_every_servers_blocks(page, served):

@@ -12,10 +12,11 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import torch
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import PreTrainedTokenizerBase
@@ -34,6 +35,8 @@ from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
+# pages served from this machine, on any port: front ends and tools run locally (a page from elsewhere must be let in)
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
 def _base64(vector: torch.Tensor) -> str:
@@ -50,11 +53,18 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = ()
+) -> FastAPI:
     """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
-    files stay open, and ask the user for it."""
+    files stay open, and ask the user for it. Web pages on this machine (and from `origins`; "*": any) may call it
+    from a browser, as Ollama lets them."""
     app = FastAPI(title="Meadow", docs_url=None, redoc_url=None)  # their pages would load scripts from a CDN
+    app.add_middleware(
+        CORSMiddleware, allow_origin_regex=LOCAL_ORIGINS, allow_origins=list(origins), allow_methods=["*"],
+        allow_headers=["*"],
+    )  # fmt: skip
     install_error_handlers(app, OLLAMA_PATHS)
 
     def require_key(authorization: str | None = Header(None)) -> None:

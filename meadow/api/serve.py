@@ -28,6 +28,7 @@ def run_api(
     adapter: str | None = None,
     client_config: ClientConfig | None = None,
     api_key: str | None = None,
+    origins: Sequence[str] = (),
 ) -> None:
     """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID): ...` (where each API and the
     chat page are) once it accepts requests."""
@@ -41,7 +42,7 @@ def run_api(
         client_config=replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS),
     )  # fmt: skip
     model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
-    app = create_app(distributed, tokenizer, model_id, api_key)
+    app = create_app(distributed, tokenizer, model_id, api_key, origins)
 
     # our own socket, so that --port 0 works and the address printed is the one bound
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
