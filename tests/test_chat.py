@@ -171,6 +171,15 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
             chat.send("/reset")
             held, again, shown, _ = chat.turn("Hello there")
             assert held == 0 and again == ids  # a new conversation, with the same system prompt
+            # a message of several lines, between """ marks as in Ollama's chat (a line in it is never a command)
+            chat.send("/reset")
+            chat.send('"""First line')
+            chat.send("/reset")
+            held, ids, shown, _ = chat.turn('last line"""')
+            message = "First line\n/reset\nlast line"
+            system = {"role": "system", "content": "Be brief."}
+            assert held == 0 and ids == chat_prompt_ids(tokenizer, [system, user(message)])[0].tolist()
+            assert local_reply(reference, tokenizer, ids, 8)[1] in shown
         chat.popen.stdin.close()  # Ctrl-D
         assert chat.popen.wait(60) == 0
     finally:

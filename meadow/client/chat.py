@@ -27,6 +27,7 @@ from meadow.client.config import ClientConfig
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 logger = logging.getLogger(__name__)
+MULTILINE = '"""'  # around a message of several lines, as in Ollama's terminal chat
 
 HELP = """Commands:
   /reset          start a new conversation
@@ -34,6 +35,7 @@ HELP = """Commands:
   /retry          drop the last reply and ask the last message again (the same reply, if greedy)
   /help           this help
   /quit           leave (so do Ctrl-D, and Ctrl-C twice at the prompt)
+A message over several lines goes between \"\"\" marks: \"\"\" on its first line, \"\"\" at the end of its last.
 Ctrl-C while the model writes stops its reply; the reply so far stays in the conversation."""
 
 
@@ -260,7 +262,9 @@ def chat_loop(conversation: Conversation, sampling: Sampling, read: Callable[[st
         try:
             line = read("> ").strip()
             interrupts = 0
-            if not _answer(line, conversation, sampling):
+            if line.startswith(MULTILINE):
+                _answer(_multiline(line[len(MULTILINE) :], read), conversation, sampling, message=True)
+            elif not _answer(line, conversation, sampling):
                 return
         except EOFError:
             _write("\n")
@@ -273,9 +277,18 @@ def chat_loop(conversation: Conversation, sampling: Sampling, read: Callable[[st
             _write("\n(Ctrl-C again, /quit or Ctrl-D to leave)\n")
 
 
-def _answer(line: str, conversation: Conversation, sampling: Sampling) -> bool:
-    """Carry out a command or reply to a message; False when the user leaves."""
-    command, _, argument = line.partition(" ")
+def _multiline(first: str, read: Callable[[str], str]) -> str:
+    """The rest of a message begun with MULTILINE: its lines up to the one that ends with MULTILINE."""
+    lines = [first]
+    while not lines[-1].rstrip().endswith(MULTILINE):
+        lines.append(read("... "))
+    lines[-1] = lines[-1].rstrip().removesuffix(MULTILINE)
+    return "\n".join(lines).strip()
+
+
+def _answer(line: str, conversation: Conversation, sampling: Sampling, message: bool = False) -> bool:
+    """Carry out a command or reply to a message (a `message` is never a command); False when the user leaves."""
+    command, _, argument = ("", "", "") if message else line.partition(" ")
     if not line:
         pass
     elif command in ("/quit", "/exit"):
