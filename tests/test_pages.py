@@ -162,7 +162,7 @@ def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
     assert page.is_visible("#send") and not page.is_visible("#stop") and not errors
 
 
-def test_chat_page_follows_a_system_prompt_copies_an_answer_and_asks_again(browser, served):
+def test_chat_page_follows_a_system_prompt_copies_an_answer_asks_again_and_edits(browser, served):
     context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
     page = context.new_page()
     page.goto(served["url"])
@@ -190,6 +190,19 @@ def test_chat_page_follows_a_system_prompt_copies_an_answer_and_asks_again(brows
     assert page.input_value("#system") == instructions and page.is_visible("#system")
     assert page.locator(".turn.assistant .bubble").all_text_contents() == [again]
 
+    # the question edited: it goes back to the message box, its answer away; the edited one is answered instead
+    page.click(".turn.assistant .meta .edit")
+    assert page.input_value("#prompt") == question and page.locator(".turn").count() == 0
+    edited = "What grows in a wet meadow?"
+    page.fill("#prompt", edited)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    assert page.locator(".turn.user .bubble").all_text_contents() == [edited]
+    conversation[-1]["content"] = edited
+    assert page.text_content(".turn.assistant .bubble") == local_answer(served["path"], conversation, 6)
+    page.reload()
+    assert page.locator(".turn.user .bubble").all_text_contents() == [edited]
+
     # a question the API refuses goes back to the composer, to be asked again; the conversation is as it was
     page.fill("#max-tokens", "0")
     page.focus("#prompt")
@@ -198,9 +211,9 @@ def test_chat_page_follows_a_system_prompt_copies_an_answer_and_asks_again(brows
     page.wait_for_selector(".turn.error", timeout=30_000)
     assert "max_tokens" in page.text_content(".turn.error")
     assert page.input_value("#prompt") == "And now?"
-    assert page.locator(".turn.user .bubble").all_text_contents() == [question]
+    assert page.locator(".turn.user .bubble").all_text_contents() == [edited]
     assert len(page.evaluate("JSON.parse(localStorage.getItem('meadow.conversations'))[0].messages")) == 2
-    assert not page.is_visible(".regenerate")  # the last turn is the error: nothing to ask again
+    assert not page.is_visible(".regenerate") and not page.is_visible(".edit")  # the last turn is the error
     context.close()
 
 

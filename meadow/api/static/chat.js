@@ -230,7 +230,8 @@ function addTurn(role, text) {
 
 const shortPeer = (peer) => "…" + peer.slice(-6);
 
-// An answer's meta line: its time, speed and servers, and what can be done with it: copy it; ask again, for the last
+// An answer's meta line: its time, speed and servers, and what can be done with it: copy it; for the last, ask again
+// or edit its question
 function showMeta(turn, info, answer) {
   const meta = element("div", "meta");
   const parts = [`${info.seconds.toFixed(2)} s`];
@@ -259,7 +260,11 @@ function showMeta(turn, info, answer) {
   again.type = "button";
   again.title = "Drop this answer and ask the swarm again";
   again.addEventListener("click", () => regenerate(turn));
-  meta.append(copy, again);
+  const edit = element("button", "action edit", "✎ Edit question");
+  edit.type = "button";
+  edit.title = "Drop this answer and put its question back in the message box, to change it";
+  edit.addEventListener("click", () => editQuestion(turn));
+  meta.append(copy, again, edit);
   turn.append(meta);
 }
 
@@ -304,6 +309,18 @@ function regenerate(turn) {
   turn.remove();
   messages.pop();
   answer(messages, question);
+}
+
+// Edit the question: the last answer and its question leave the conversation, the question goes back to the message
+// box (the conversation kept in the browser changes once the new question is answered).
+function editQuestion(turn) {
+  if (running || turn !== thread.lastElementChild || messages.at(-1)?.role !== "assistant") return;
+  turn.previousElementSibling.remove();
+  turn.remove();
+  messages.pop();
+  prompt.value = messages.pop().content;
+  autosize();
+  prompt.focus();
 }
 
 // Stream the answer to `history` (which ends with the user's question, shown in `questionTurn`) into the page.
