@@ -370,7 +370,7 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
         ({"model": "tiny-llama", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0.type"),
         ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
-        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_object"}}}, "text"),
+        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text"),
         ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "tiny-llama", "input": "hi", "previous_response_id": "resp_none"}, "previous_response_id"),
     ],
@@ -378,6 +378,34 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
 def test_bad_responses_requests_are_refused_naming_the_field(served, body, param):
     status, reply = http(served["url"] + "v1/responses", json.dumps(body).encode())
     assert status in (400, 404) and reply["error"]["param"] == param, reply
+
+
+def test_json_mode_replies_are_json_objects_on_every_route(client, model_id, served, reference):
+    """A random model's reply, which is not JSON, is a JSON object when the request asks for one: OpenAI's chat
+    (greedy or sampled, streamed or not), the Responses API and Ollama's `format: "json"`."""
+    messages = [{"role": "user", "content": "List three flowers as JSON."}]
+    plain = client.chat.completions.create(model=model_id, messages=messages, max_tokens=40, temperature=0)
+    with pytest.raises(ValueError):
+        json.loads(plain.choices[0].message.content)
+    as_json = {"type": "json_object"}
+    texts = []
+    for options in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        reply = client.chat.completions.create(model=model_id, messages=messages, response_format=as_json,
+                                               max_tokens=400, **options)  # fmt: skip
+        assert reply.choices[0].finish_reason == "stop"  # the end of sequence, once the object closed
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+        texts.append(reply.choices[0].message.content)
+    assert texts[0] != texts[1]
+    streamed = client.chat.completions.create(model=model_id, messages=messages, response_format=as_json,
+                                              max_tokens=400, temperature=0, stream=True)  # fmt: skip
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == texts[0]
+    response = client.responses.create(model=model_id, input=messages, text={"format": as_json}, temperature=0,
+                                       max_output_tokens=400)  # fmt: skip
+    assert response.output_text == texts[0] and response.text.format.type == "json_object"
+    ollama_client = ollama.Client(host=served["url"].rstrip("/"))
+    greedy = {"temperature": 0, "num_predict": 400}
+    chat = ollama_client.chat(model=model_id, messages=messages, format="json", options=greedy)
+    assert chat.message.content == texts[0]
 
 
 def test_malformed_json_is_a_400_in_openais_shape(served):
@@ -404,6 +432,8 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
          "tools"),  # asks for what it would not get
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
          "response_format"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -710,7 +740,7 @@ HI = {"role": "user", "content": "hi"}
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"temperature": 3}}, 400, "temperature"),
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"num_predict": 0}}, 400, "num_predict"),
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"stop": ["", "b"]}}, 400, "options.stop"),
-        ("chat", {"model": "tiny-llama", "messages": [HI], "format": "json"}, 400, "format"),
+        ("chat", {"model": "tiny-llama", "messages": [HI], "format": {"type": "object"}}, 400, "format"),
         ("chat", {"model": "tiny-llama", "messages": [{**HI, "images": ["aGk="]}]}, 400, "images"),
         ("chat", {"model": "tiny-llama", "messages": []}, 400, "messages"),
         ("generate", b'{"model": "tiny-llama", "prompt": ', 400, "not valid JSON"),

@@ -36,7 +36,7 @@ OLLAMA_PATHS = frozenset(
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = {
-    "format": "structured (JSON) replies are not supported: the reply would be plain text",
+    "format": "only \"json\" (a JSON object): JSON schemas are not supported",
     "tools": "tool calls are not supported: the reply would be plain text",
     "images": "images are not supported: the model reads text",
     "suffix": "inserting text is not supported",
@@ -76,13 +76,14 @@ class _Refusing(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, body):
         for field, reason in UNSUPPORTED.items():
-            if isinstance(body, dict) and body.get(field):
+            if isinstance(body, dict) and body.get(field) and not (field == "format" and body[field] == "json"):
                 raise APIError(400, f"{field}: {reason}", param=field)
         return body
 
 
 class _OllamaRequest(_Refusing):
     model: str
+    format: Literal["json", ""] | None = None  # "json": the reply is a JSON object
     stream: bool = True
     options: Options = Field(default_factory=Options)
     logprobs: bool = False  # each token's log-probability, the model's own (before sampling)
@@ -166,7 +167,7 @@ def add_ollama_routes(
             repeat_last_n=64 if options.repeat_last_n is None else options.repeat_last_n,
             seed=options.seed,
             stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
-            logprobs=request.top_logprobs if request.logprobs else None,
+            logprobs=request.top_logprobs if request.logprobs else None, json_object=request.format == "json",
         )  # fmt: skip
 
     async def reply(request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable):

@@ -27,12 +27,17 @@ LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
     ("tools", bool, "tool calls are not supported: the reply would be plain text"),
-    ("text", lambda t: not isinstance(t, dict) or (t.get("format") or {"type": "text"}).get("type") != "text",
-     "only plain text replies"),
+    ("text", lambda t: not isinstance(t, dict) or _format(t) not in ("text", "json_object"),
+     "only plain text or a JSON object (json_object): JSON schemas are not supported"),
     ("conversation", bool, "conversations kept by the server are not supported: use previous_response_id"),
     ("background", bool, "background responses are not supported"),
     ("prompt", bool, "prompt templates are not supported"),
 ]  # fmt: skip
+
+
+def _format(text: dict) -> str | None:
+    """The reply's format a request's `text` asks for."""
+    return (text.get("format") or {"type": "text"}).get("type")
 
 
 class InputText(BaseModel):
@@ -62,6 +67,7 @@ class ResponseRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     include: list[str] | None = None
+    text: dict | None = None  # {"format": {"type": "text" or "json_object"}}
     stream: bool = False
     store: bool = True
     metadata: dict[str, str] | None = None
@@ -79,6 +85,10 @@ class ResponseRequest(BaseModel):
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         return [message.as_dict() for message in self.input]
+
+    @property
+    def json_object(self) -> bool:
+        return self.text is not None and _format(self.text) == "json_object"
 
     @property
     def logprobs(self) -> int | None:
@@ -109,7 +119,7 @@ def add_responses_routes(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs,
+            stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs, json_object=request.json_object,
         )  # fmt: skip
         (generation,) = await start([prompt_ids], sampling, 1, http)
         ids = {"response": f"resp_{uuid.uuid4().hex}", "message": f"msg_{uuid.uuid4().hex}"}
@@ -127,7 +137,8 @@ def add_responses_routes(
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "metadata": request.metadata or {},
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "error": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "store": request.store,
-                "text": {"format": {"type": "text"}}, "top_logprobs": request.top_logprobs,
+                "text": {"format": {"type": "json_object" if request.json_object else "text"}},
+                "top_logprobs": request.top_logprobs,
                 "usage": {
                     **tokens, "total_tokens": sum(tokens.values()), "output_tokens_details": {"reasoning_tokens": 0},
                     "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},

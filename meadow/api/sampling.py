@@ -20,6 +20,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from meadow.api.json_mode import JsonObjectChooser
+
 
 class OpenAIPenalties(LogitsProcessor):
     """logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty, counting the tokens generated
@@ -49,17 +51,23 @@ class SeededSampler(LogitsProcessor):
     """Samples the next token from softmax(scores) with its own generator; returns scores that keep only that token,
     so that a greedy generate picks it."""
 
-    def __init__(self, seed: int | None):
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()  # a fresh random seed
-        else:
-            self.generator.manual_seed(seed)
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float(), dim=-1).cpu()
         chosen = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A request's own generator: `seed`, or a fresh random one."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def logits_processors(
@@ -73,9 +81,12 @@ def logits_processors(
     top_k: int = 0,
     repeat_penalty: float = 1.0,
     repeat_last_n: int = 64,
+    json_texts: tuple[str | None, ...] | None = None,
+    eos_ids: list[int] = (),
 ) -> LogitsProcessorList:
     """What turns the model's logits into the next token for one request; temperature 0 means greedy, top_k 0 keeps
-    every token, repeat_penalty 1 or repeat_last_n 0 penalizes no repetition."""
+    every token, repeat_penalty 1 or repeat_last_n 0 penalizes no repetition. With `json_texts` (each token's text),
+    the token is chosen so that the reply is a JSON object, ended by one of `eos_ids`."""
     processors = LogitsProcessorList()
     if repeat_penalty != 1.0 and repeat_last_n != 0:
         processors.append(RecentRepetitionPenalty(repeat_penalty, repeat_last_n))
@@ -89,5 +100,9 @@ def logits_processors(
             processors.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-        processors.append(SeededSampler(seed))
+    generator = seeded_generator(seed) if temperature > 0 else None
+    if json_texts is not None:
+        processors.append(JsonObjectChooser(json_texts, list(eos_ids), generator))
+    elif generator is not None:
+        processors.append(SeededSampler(generator))
     return processors

@@ -17,7 +17,8 @@ MAX_TOP_LOGPROBS = 20
 # fields that, when set so, ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
     ("tools", bool, "tool calls are not supported: the reply would be plain text"),
-    ("response_format", lambda f: not isinstance(f, dict) or f.get("type") != "text", "only plain text replies"),
+    ("response_format", lambda f: not isinstance(f, dict) or f.get("type") not in ("text", "json_object"),
+     "only plain text or a JSON object (json_object): JSON schemas are not supported"),
     ("suffix", bool, "inserting text is not supported"),
     ("best_of", lambda b: b != 1, "best_of is not supported: ask for n choices and their logprobs"),
 ]
@@ -45,6 +46,7 @@ class _Request(BaseModel):
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, -100 to 100
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    response_format: dict | None = None  # {"type": "text"} or {"type": "json_object"}
 
     @field_validator("stop")
     @classmethod
@@ -81,6 +83,7 @@ class _Request(BaseModel):
             seed=self.seed,
             stop=tuple(dict.fromkeys([*stops, *extra_stop])),
             logit_bias=tuple((self.logit_bias or {}).items()),
+            json_object=(self.response_format or {}).get("type") == "json_object",
             **logprobs,
         )
 
