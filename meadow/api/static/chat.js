@@ -260,7 +260,7 @@ function showMeta(turn, info, answer) {
   again.type = "button";
   again.title = "Drop this answer and ask the swarm again";
   again.addEventListener("click", () => regenerate(turn));
-  const edit = element("button", "action edit", "✎ Edit question");
+  const edit = element("button", "action edit", "✎ Edit");
   edit.type = "button";
   edit.title = "Drop this answer and put its question back in the message box, to change it";
   edit.addEventListener("click", () => editQuestion(turn));
