@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(e, NotAllowed):
             raise
         sys.exit(f"meadow {args.command}: error: {e}")  # a private swarm refused us: one line, no traceback
+    except KeyboardInterrupt:  # Ctrl-C where a command has nothing left to do but stop (its processes are stopped)
+        sys.exit(130)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -70,7 +70,10 @@ class Process:
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
 
     def leave(self) -> None:
         """SIGTERM to the main process only, once (graceful: a server announces it is offline and stops its own DHT
@@ -121,11 +124,18 @@ class LocalSwarm:
         return server
 
     def stop(self) -> None:
-        """All processes leave at once (each takes a moment to say so), the DHT node last: the others tell it."""
-        for process in [*self.extra, *self.servers]:
-            process.leave()
-        for process in [*self.extra, *self.servers, *([self.dht] if self.dht else [])]:
-            process.stop()
+        """All processes leave at once (each takes a moment to say so), the DHT node last: the others tell it.
+        Interrupted (Ctrl-C pressed again meanwhile), it ends them all at once."""
+        processes = [*self.extra, *self.servers, *([self.dht] if self.dht else [])]
+        try:
+            for process in [*self.extra, *self.servers]:
+                process.leave()
+            for process in processes:
+                process.stop()
+        except KeyboardInterrupt:
+            for process in processes:
+                process.signal(signal.SIGKILL)
+            raise
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -19,10 +19,21 @@ _fork_hook_registered = False
 
 
 def on_stop_signals(handler: Callable[[], None]) -> None:
-    """Call `handler` (in the main thread) on SIGINT or SIGTERM to this process; forked children keep the defaults."""
+    """Call `handler` (in the main thread) on the first SIGINT or SIGTERM to this process; a second one (even while the
+    handler runs: Ctrl-C pressed again) ends the process and its children at once. Forked children keep the defaults.
+    A handler runs between two bytecodes of the main thread, so it must not wait for a lock that thread may hold (an
+    Event's, say): set a flag, or hand the work to an event loop."""
     global _fork_hook_registered
+    stopping = []
+
+    def handle(*_) -> None:
+        if stopping:
+            exit_now(1)
+        stopping.append(True)
+        handler()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: handler())
+        signal.signal(sig, handle)
     if not _fork_hook_registered:
         os.register_at_fork(after_in_child=_default_stop_signals)
         _fork_hook_registered = True

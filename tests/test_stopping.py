@@ -92,6 +92,25 @@ def test_every_process_ends_whichever_way_it_is_stopped(command, sig, target, st
 
 
 @pytest.mark.parametrize("command", ["dht", "serve"])
+def test_every_process_ends_when_stop_signals_come_in_a_burst(command, started):
+    """Ctrl-C pressed again and again, or a supervisor's SIGTERM on top of a dying parent's: a signal that comes while
+    the last one's handler runs must end the process at once, not deadlock it."""
+    _, initial_peers, model = started
+    process = start(command, initial_peers, model)
+    pgid = process.popen.pid
+    try:
+        wait_ready(process)
+        for sig in [signal.SIGTERM, signal.SIGINT] * 100:
+            try:
+                os.kill(pgid, sig)
+            except ProcessLookupError:
+                break
+        assert_group_ends(process, pgid)
+    finally:
+        process.stop(timeout=1)
+
+
+@pytest.mark.parametrize("command", ["dht", "serve"])
 def test_every_process_ends_when_the_group_is_stopped_during_start_up(command, started):
     """The DHT process dies before it reports ready: the main process must not wait for it."""
     _, initial_peers, model = started

@@ -118,14 +118,13 @@ class Server:
 
     async def _serve(self) -> None:
         config, loop = self.config, asyncio.get_running_loop()
-        stop, stopping, started = asyncio.Event(), threading.Event(), threading.Event()
+        stop, started = asyncio.Event(), threading.Event()
 
         def on_stop() -> None:
             # before we serve anything, nothing needs an orderly goodbye (and the DHT process may have died during
-            # start-up, leaving us waiting for it); a second stop does not wait for the first one either
-            if not started.is_set() or stopping.is_set():
+            # start-up, leaving us waiting for it); a second stop does not wait for the first one either (stopping.py)
+            if not started.is_set():
                 exit_now(1)
-            stopping.set()
             loop.call_soon_threadsafe(stop.set)
 
         on_stop_signals(on_stop)

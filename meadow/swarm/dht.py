@@ -219,21 +219,22 @@ def serve_dht_node(
     allow_peers: str | Path | None = None,
 ) -> None:
     """`meadow dht`: a bootstrap node that prints its multiaddrs once reachable and runs until SIGINT/SIGTERM."""
-    import threading
+    import time
 
     from meadow.stopping import exit_now, on_stop_signals
 
-    started, stop = threading.Event(), threading.Event()
-    # stopped while the DHT starts (it may have died, and would never report ready), or stopped twice: do not wait
-    on_stop_signals(lambda: stop.set() if started.is_set() and not stop.is_set() else exit_now(1))
+    started, stop = [], []  # flags, not Events: a signal handler must not wait on a lock the main thread may hold
+    # stopped while the DHT starts (it may have died, and would never report ready): do not wait
+    on_stop_signals(lambda: stop.append(True) if started else exit_now(1))
     dht = start_dht(initial_peers, host=host, port=port, nat_port_map=nat_port_map, identity=identity, allow_peers=allow_peers)
-    started.set()
+    started.append(True)
     try:
         maddrs = dht.get_visible_maddrs()
         for maddr in maddrs:
             print(maddr, flush=True)
         print(f"Others join with --initial-peers {maddrs[0]}, or after export MEADOW_INITIAL_PEERS={maddrs[0]}",
               file=sys.stderr, flush=True)  # fmt: skip
-        stop.wait()
+        while not stop:
+            time.sleep(0.2)
     finally:
         dht.shutdown()
