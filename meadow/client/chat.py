@@ -241,10 +241,11 @@ class ReplyPrinter(BaseStreamer):
 @contextmanager
 def sigint_sets_event() -> Iterator[threading.Event]:
     """While inside, a first Ctrl-C (SIGINT) sets the yielded event; a second raises KeyboardInterrupt as usual."""
-    event = threading.Event()
+    event, signals = threading.Event(), []
 
     def interrupted(*_) -> None:
-        if event.is_set():
+        signals.append(True)  # counted apart from the event: a second Ctrl-C may come while the first sets it
+        if len(signals) > 1:
             raise KeyboardInterrupt
         event.set()
 
