@@ -723,6 +723,7 @@ def test_embedding_batches_hold_every_text_once_within_their_token_budget():
         ({"model": "tiny-llama", "input": "a", "dimensions": 8}, "dimensions"),
         ({"model": "tiny-llama", "input": "a", "encoding_format": "hex"}, "encoding_format"),
         ({"model": "tiny-llama", "input": "grass " * 4200}, "input"),  # longer than the context
+        ({"model": "tiny-llama", "input": ["grass " * 200] * 2000}, "input"),  # more tokens than a request may have
     ],
 )
 def test_bad_embedding_requests_are_a_400_naming_the_field(served, body, param):

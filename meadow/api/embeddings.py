@@ -12,6 +12,7 @@ import torch
 from meadow.api.errors import APIError, api_error
 
 MAX_INPUTS = 2048  # texts in one request, as OpenAI allows
+MAX_TOKENS = 300_000  # tokens in one request, as OpenAI allows: minutes of work for a swarm of small machines
 BATCH_TOKENS = 4096  # tokens (batch x longest text, padding included) in one pass through the swarm
 
 
@@ -67,6 +68,8 @@ async def embed(
         message = (f"input {long[0]} has {len(rows[long[0]])} tokens, more than this model's maximum context length "
                    f"of {context_length}")  # fmt: skip
         raise APIError(400, message, param="input", code="context_length_exceeded")
+    if (tokens := sum(map(len, rows))) > MAX_TOKENS:
+        raise APIError(400, f"at most {MAX_TOKENS} tokens per request, got {tokens}", param="input")
     vectors = torch.empty(len(rows), model.config.hidden_size)
     for group in batches([len(row) for row in rows]):
         if await gone():

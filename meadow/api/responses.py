@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import chat_format
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, refuse_unsupported
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -72,13 +72,7 @@ class ResponseRequest(BaseModel):
     store: bool = True
     metadata: dict[str, str] | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, body):
-        for field, asks, reason in UNSUPPORTED:
-            if isinstance(body, dict) and body.get(field) is not None and asks(body[field]):
-                raise APIError(400, f"{field}: {reason}", param=field, code="unsupported_value")
-        return body
+    _refuse_unsupported = model_validator(mode="before")(lambda body: refuse_unsupported(body, UNSUPPORTED))
 
     @property
     def messages(self) -> list[dict[str, str]]:

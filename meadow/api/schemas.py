@@ -24,6 +24,15 @@ UNSUPPORTED = [
 ]
 
 
+def refuse_unsupported(body, unsupported: list[tuple]):
+    """A request's body, unless a field in it is set so that it `asks` for what Meadow does not do: then a 400 naming
+    the field and the `reason` (entries of `unsupported`: (field, asks, reason))."""
+    for field, asks, reason in unsupported:
+        if isinstance(body, dict) and body.get(field) is not None and asks(body[field]):
+            raise APIError(400, f"{field}: {reason}", param=field, code="unsupported_value")
+    return body
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -56,13 +65,7 @@ class _Request(BaseModel):
             raise ValueError("at most 4 stop sequences, none empty")
         return stop
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, body):
-        for field, asks, reason in UNSUPPORTED:
-            if isinstance(body, dict) and body.get(field) is not None and asks(body[field]):
-                raise APIError(400, f"{field}: {reason}", param=field, code="unsupported_value")
-        return body
+    _refuse_unsupported = model_validator(mode="before")(lambda body: refuse_unsupported(body, UNSUPPORTED))
 
     @field_validator("logit_bias")
     @classmethod
