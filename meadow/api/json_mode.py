@@ -14,6 +14,17 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 WHITESPACE = " \t\n\r"
 MAX_WHITESPACE = 16  # in a row, outside strings: a model may otherwise pad forever
 LITERALS = {"t": "true", "f": "false", "n": "null"}
+# a number's states (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?) and where each character kind leads from each
+NUMBER_MOVES = {
+    "sign": {"0": "zero", "digit": "int"},
+    "zero": {".": "dot", "e": "e"},
+    "int": {"0": "int", "digit": "int", ".": "dot", "e": "e"},
+    "dot": {"0": "frac", "digit": "frac"},
+    "frac": {"0": "frac", "digit": "frac", "e": "e"},
+    "e": {"0": "exp", "digit": "exp", "+": "esign", "-": "esign"},
+    "esign": {"0": "exp", "digit": "exp"},
+    "exp": {"0": "exp", "digit": "exp"},
+}
 DRAWS = 64  # tokens drawn at once when sampling (without replacement: each the next draw of a rejection sampler)
 
 
@@ -33,6 +44,11 @@ class JsonPrefix:
     @property
     def closed(self) -> bool:
         return self.expect == "closed" and not self.number
+
+    def copy(self) -> "JsonPrefix":
+        twin = copy.copy(self)
+        twin.stack = list(self.stack)  # the only field that is not a plain value
+        return twin
 
     def feed(self, text: str) -> bool:
         return all(self._char(c) for c in text)
@@ -119,17 +135,7 @@ class JsonPrefix:
 
     def _number(self, c: str) -> bool:
         """One more character of a number (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?), if it continues it."""
-        state = self.number
-        moves = {
-            "sign": {"0": "zero", "digit": "int"},
-            "zero": {".": "dot", "e": "e"},
-            "int": {"0": "int", "digit": "int", ".": "dot", "e": "e"},
-            "dot": {"0": "frac", "digit": "frac"},
-            "frac": {"0": "frac", "digit": "frac", "e": "e"},
-            "e": {"0": "exp", "digit": "exp", "+": "esign", "-": "esign"},
-            "esign": {"0": "exp", "digit": "exp"},
-            "exp": {"0": "exp", "digit": "exp"},
-        }[state]
+        moves = NUMBER_MOVES[self.number]
         kind = "0" if c == "0" else "digit" if c in "123456789" else "e" if c in "eE" else c
         if kind not in moves:
             return False
@@ -180,7 +186,7 @@ class JsonObjectChooser(LogitsProcessor):
             text = self.texts[token] if token < len(self.texts) else None
             if not text:
                 continue
-            state = copy.deepcopy(self.state)
+            state = self.state.copy()
             if state.feed(text):
                 self.state = state
                 return token

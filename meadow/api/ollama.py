@@ -22,7 +22,7 @@ from meadow.api.embeddings import embed, none_empty
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, refuse_unsupported
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -35,12 +35,12 @@ OLLAMA_PATHS = frozenset(
 # Ollama's sampling defaults, for the options a request leaves out
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
-UNSUPPORTED = {
-    "format": "only \"json\" (a JSON object): JSON schemas are not supported",
-    "tools": "tool calls are not supported: the reply would be plain text",
-    "images": "images are not supported: the model reads text",
-    "suffix": "inserting text is not supported",
-}
+UNSUPPORTED = [
+    ("format", lambda f: f not in ("json", ""), "only \"json\" (a JSON object): JSON schemas are not supported"),
+    ("tools", bool, "tool calls are not supported: the reply would be plain text"),
+    ("images", bool, "images are not supported: the model reads text"),
+    ("suffix", bool, "inserting text is not supported"),
+]
 
 
 class Options(BaseModel):
@@ -72,13 +72,7 @@ class _Refusing(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, body):
-        for field, reason in UNSUPPORTED.items():
-            if isinstance(body, dict) and body.get(field) and not (field == "format" and body[field] == "json"):
-                raise APIError(400, f"{field}: {reason}", param=field)
-        return body
+    _refuse_unsupported = model_validator(mode="before")(lambda body: refuse_unsupported(body, UNSUPPORTED))
 
 
 class _OllamaRequest(_Refusing):
