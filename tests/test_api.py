@@ -13,10 +13,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
+from typing import Literal, Optional
 from urllib.parse import urlsplit
 
 import ollama
 import openai
+import pydantic
 import pytest
 import torch
 from openai.types.responses import Response
@@ -370,7 +372,8 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
         ({"model": "tiny-llama", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0.type"),
         ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
-        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text"),
+        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {"minimum": 1}}}},
+         "text.format"),
         ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "tiny-llama", "input": "hi", "previous_response_id": "resp_none"}, "previous_response_id"),
     ],
@@ -408,6 +411,37 @@ def test_json_mode_replies_are_json_objects_on_every_route(client, model_id, ser
     assert chat.message.content == texts[0]
 
 
+class Flower(pydantic.BaseModel):
+    """A reply a random model can finish: short strings, an enum, a short list."""
+
+    name: str = pydantic.Field(max_length=8)
+    colour: Literal["red", "white", "deep blue"]
+    petals: list[bool] = pydantic.Field(max_length=3)
+    scent: Optional[Literal["sweet", "none"]] = None
+
+
+def test_structured_replies_match_their_schema_on_every_route(client, model_id, served):
+    """Replies held to a JSON schema, each parsed by the client's own helper into the pydantic model it came from:
+    OpenAI's chat (`parse`, greedy and sampled, streamed), the Responses API, Ollama's `format` as a schema."""
+    messages = [{"role": "user", "content": "Describe a flower."}]
+    asked = {"model": model_id, "messages": messages, "max_tokens": 300}
+    greedy = client.chat.completions.parse(**asked, response_format=Flower, temperature=0).choices[0]
+    sampled = client.chat.completions.parse(**asked, response_format=Flower, temperature=1, seed=5).choices[0]
+    assert greedy.finish_reason == "stop" and isinstance(greedy.message.parsed, Flower)
+    assert isinstance(sampled.message.parsed, Flower) and sampled.message.content != greedy.message.content
+    with client.chat.completions.stream(**asked, response_format=Flower, temperature=0) as stream:
+        assert stream.get_final_completion().choices[0].message.content == greedy.message.content
+    response = client.responses.parse(model=model_id, input=messages, text_format=Flower, temperature=0,
+                                      max_output_tokens=300)  # fmt: skip
+    assert isinstance(response.output_parsed, Flower) and response.text.format.type == "json_schema"
+    ollama_client = ollama.Client(host=served["url"].rstrip("/"))
+    for seed in range(3):
+        chat = ollama_client.chat(model=model_id, messages=messages, format=Flower.model_json_schema(),
+                                  options={"seed": seed, "num_predict": 300})  # fmt: skip
+        assert chat.done_reason == "stop"
+        Flower.model_validate_json(chat.message.content)
+
+
 def test_malformed_json_is_a_400_in_openais_shape(served):
     status, reply = http(served["url"] + "v1/chat/completions", b'{"model": "tiny-llama", "messages": [')
     assert status == 400
@@ -431,9 +465,10 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
          "tools"),  # asks for what it would not get
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
-         "response_format"),
+         "response_format.type"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
-          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"format": "email"}}}},
+         "response_format"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),

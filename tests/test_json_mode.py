@@ -1,5 +1,6 @@
-"""JSON mode's state machine against Python's own JSON parser: a text is a whole JSON object exactly when json.loads
-reads it as one, and every prefix of one is accepted as it grows."""
+"""The machine that holds replies to JSON. JSON mode against Python's own JSON parser: a text is a whole JSON object
+exactly when json.loads reads it as one, and every prefix of one is accepted as it grows. JSON schemas against the
+jsonschema package: every text the machine takes, walked at random or edited from valid ones, is valid."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import random
 
 import pytest
 
+import jsonschema
+
 from meadow.api.json_mode import MAX_WHITESPACE, JsonPrefix
+from meadow.api.json_schema import OBJECT, SchemaError, compile_schema
 
 
 def random_value(rng: random.Random, depth: int = 0):
@@ -28,10 +32,10 @@ def random_value(rng: random.Random, depth: int = 0):
     return {f"k{i}": random_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
 
 
-def accepts(text: str) -> bool:
-    """Whether JsonPrefix takes `text` whole and sees a closed object at its end."""
-    state = JsonPrefix()
-    return state.feed(text) and state.closed
+def accepts(text: str, node=OBJECT) -> bool:
+    """Whether the machine takes `text` whole and sees a complete value at its end (by default, any JSON object)."""
+    state = JsonPrefix(node).fed(text)
+    return state is not None and state.complete
 
 
 def is_object(text: str) -> bool:
@@ -46,11 +50,12 @@ def test_every_prefix_of_a_json_object_is_accepted_and_only_the_whole_one_is_clo
     for _ in range(300):
         value = {f"key{i}": random_value(rng) for i in range(rng.randint(0, 4))}
         text = json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]))
-        state = JsonPrefix()
+        state = JsonPrefix(OBJECT)
         for i, c in enumerate(text):
-            assert not state.closed, text[:i]
-            assert state.feed(c), (text, i)
-        assert state.closed, text
+            assert not state.complete, text[:i]
+            state = state.fed(c)
+            assert state is not None, (text, i)
+        assert state.complete and state.finished, text
 
 
 @pytest.mark.parametrize(
@@ -84,3 +89,164 @@ def test_texts_near_json_are_taken_exactly_when_python_reads_an_object():
         assert accepts(text) == is_object(text), text
         objects += is_object(text)
     assert objects > 300  # the check saw both kinds
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 6},
+        "age": {"type": "integer"},
+        "height": {"type": "number"},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue", 'say "hi"']}, "minItems": 1, "maxItems": 3},
+        "nick": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
+        "naïve \"key\"": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+TREE = {
+    "$defs": {"tree": {"type": "object", "properties": {"v": {"enum": [1, 10, -2.5, None]},
+                                                        "kids": {"type": "array", "items": {"$ref": "#/$defs/tree"}}},
+                       "required": ["v"]}},
+    "$ref": "#/$defs/tree",
+}  # fmt: skip
+SCHEMAS = [
+    PERSON,
+    TREE,
+    {"type": "object", "additionalProperties": {"type": "integer"}},  # any keys, integer values
+    {"type": "object", "properties": {"a": {"const": "x"}, "b": {"type": ["string", "null"], "maxLength": 2}},
+     "required": ["b"]},
+    {"type": "array", "items": {"type": ["integer", "boolean"]}, "maxItems": 4},
+    {"type": "string", "minLength": 2, "maxLength": 4},
+    {"type": "number"},
+    {"anyOf": [{"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer"}},
+                "required": ["kind", "x"], "additionalProperties": False},
+               {"type": "object", "properties": {"kind": {"const": "b"}, "y": {"type": "string", "maxLength": 3}},
+                "required": ["kind", "y"], "additionalProperties": False}]},
+    {"type": "object", "required": ["free"]},  # a required key not declared: any value
+]  # fmt: skip
+
+
+def walk(schema, rng: random.Random, limit: int = 160) -> str | None:
+    """A random text the machine takes for `schema`, one character at a time among those it allows (drawn from the
+    schema's own characters and JSON's), ended once complete by chance; None if it grew past `limit`."""
+    json_characters = '{}[]",:0123456789-.eE+ \n\\/"é😀truefalsenull'
+    alphabet = sorted(set(json.dumps(schema, ensure_ascii=False)) | set(json_characters))
+    state, text = JsonPrefix(compile_schema(schema)), ""
+    while len(text) < limit:
+        if state.finished or state.complete and rng.random() < 0.3:
+            return text
+        options = [(c, after) for c in alphabet if (after := state.fed(c)) is not None]
+        closing = [(c, after) for c, after in options if c in '}]"'] if len(text) > limit // 2 else []
+        c, state = rng.choice(closing or options)
+        text += c
+    return None
+
+
+@pytest.mark.parametrize("index", range(len(SCHEMAS)))
+def test_every_text_walked_through_the_machine_is_valid_for_its_schema(index):
+    schema, rng = SCHEMAS[index], random.Random(index)
+    texts = [text for _ in range(40) if (text := walk(schema, rng)) is not None]
+    assert len(set(texts)) > 10  # the walks went somewhere
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+
+
+VALID = [
+    (PERSON,
+     {"name": "Ann", "age": 30, "height": 1.7, "tags": ["red", 'say "hi"'], "nick": None, "naïve \"key\"": True}),
+    (PERSON, {"name": "Bo", "age": -4, "tags": ["blue"]}),
+    (PERSON, {"name": "Bo", "age": 0, "tags": ["blue"], "nick": "B"}),
+    (TREE, {"v": 1, "kids": [{"v": 10}, {"v": None, "kids": [{"v": -2.5, "kids": []}]}]}),
+    (SCHEMAS[2], {"a": 1, "b": -20}),
+    (SCHEMAS[3], {"a": "x", "b": None}),
+    (SCHEMAS[4], [1, True, 0]),
+    (SCHEMAS[5], "abcd"),
+    (SCHEMAS[6], -1.5e-3),
+    (SCHEMAS[7], {"kind": "b", "y": "ok"}),
+    (SCHEMAS[8], {"free": [1, {"x": None}]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("schema, value", VALID)
+def test_valid_values_written_in_the_schemas_order_are_taken(schema, value):
+    for indent in (None, 2):
+        assert accepts(json.dumps(value, ensure_ascii=False, indent=indent), compile_schema(schema))
+
+
+def test_edited_valid_texts_are_taken_only_when_still_valid():
+    """Random edits of valid texts: whatever the machine takes is valid (the converse need not hold: keys must come in
+    the schema's order, enum values written as the schema writes them)."""
+    rng = random.Random(2)
+    alphabet = '{}[]":,0123456789-.eE+ tfnul"abxyz'
+    taken = refused_valid = 0
+    for schema, value in VALID * 150:
+        text = list(json.dumps(value))
+        for _ in range(rng.randint(1, 2)):
+            place = rng.randrange(len(text) + 1)
+            edit = rng.choice(["insert", "delete", "replace"])
+            if edit == "insert":
+                text.insert(place, rng.choice(alphabet))
+            elif place < len(text):
+                text[place : place + 1] = [] if edit == "delete" else [rng.choice(alphabet)]
+        text = "".join(text)
+        if accepts(text, compile_schema(schema)):
+            taken += 1
+            jsonschema.validate(json.loads(text), schema)
+    assert taken > 50
+
+
+@pytest.mark.parametrize(
+    "schema, text",
+    [
+        (PERSON, '{"name": "Ann", "tags": ["red"]}'),  # a required key missing
+        (PERSON, '{"name": "", "age": 1, "tags": ["red"]}'),  # minLength
+        (PERSON, '{"name": "Annabel", "age": 1, "tags": ["red"]}'),  # maxLength
+        (PERSON, '{"name": "Ann", "age": 1.5, "tags": ["red"]}'),  # not an integer
+        (PERSON, '{"name": "Ann", "age": 1, "tags": []}'),  # minItems
+        (PERSON, '{"name": "Ann", "age": 1, "tags": ["red", "red", "red", "red"]}'),  # maxItems
+        (PERSON, '{"name": "Ann", "age": 1, "tags": ["green"]}'),  # not in the enum
+        (PERSON, '{"name": "Ann", "age": 1, "tags": ["red"], "nick": "Annie"}'),  # no alternative allows it
+        (PERSON, '{"name": "Ann", "age": 1, "tags": ["red"], "extra": 1}'),  # additionalProperties false
+        (TREE, '{"v": 2}'),
+        (TREE, '{"v": 1, "kids": [{"kids": []}]}'),
+        (SCHEMAS[2], '{"a": "1"}'),
+        (SCHEMAS[4], "[1, 2, 3, 4, 5]"),
+        (SCHEMAS[6], '"1"'),
+        (SCHEMAS[7], '{"kind": "a", "y": "ok"}'),
+    ],
+)
+def test_what_the_schema_does_not_allow_is_refused(schema, text):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(text), schema)  # the case is really invalid
+    assert not accepts(text, compile_schema(schema))
+
+
+def test_keys_are_taken_only_in_the_schemas_order():
+    """Stricter than the schema, on purpose: a reply gives its keys as the schema lists them (as OpenAI's does)."""
+    text = '{"age": 30, "name": "Ann", "tags": ["red"]}'
+    jsonschema.validate(json.loads(text), PERSON)
+    assert not accepts(text, compile_schema(PERSON))
+    assert accepts('{"name": "Ann", "age": 30, "tags": ["red"]}', compile_schema(PERSON))
+
+
+@pytest.mark.parametrize(
+    "schema, words",
+    [
+        ({"type": "string", "pattern": "^a"}, "'pattern' is not supported"),
+        ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}, "schema.properties.n"),
+        ({"type": "strange"}, "type must be one of"),
+        ({"$ref": "#"}, "refers back to itself"),
+        ({"$ref": "#/$defs/missing"}, "refers to nothing"),
+        ({"$ref": "https://example.org/schema.json"}, "only references into the schema itself"),
+        ({"type": "object", "required": ["x"], "additionalProperties": False}, "'x' is required"),
+        ({"enum": ["a"], "type": "integer"}, "no value of its enum"),
+        ({"anyOf": []}, "anyOf must list"),
+        ({"type": "array", "minItems": 3, "maxItems": 2}, "minItems <= maxItems"),
+        ({"anyOf": [{"type": "string"}], "type": "string"}, "together with"),
+        ([1], "must be a JSON schema"),
+    ],
+)
+def test_schemas_meadow_cannot_hold_a_reply_to_are_refused_saying_why(schema, words):
+    with pytest.raises(SchemaError, match=words):
+        compile_schema(schema)

@@ -15,6 +15,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from meadow.api.json_mode import token_texts
+from meadow.api.json_schema import Node
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 
@@ -35,7 +36,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0  # Ollama's: transformers' repetition penalty over the last repeat_last_n tokens
     repeat_last_n: int = 64  # -1: every token
-    json_object: bool = False  # the reply a JSON object (json_mode.py)
+    json_format: Node | None = None  # the reply a JSON value this compiled schema allows (json_mode.py)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
@@ -168,7 +169,8 @@ class TextGeneration:
         recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
         processors = logits_processors(
             length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias, s.top_k,
-            s.repeat_penalty, s.repeat_last_n, token_texts(self.tokenizer) if s.json_object else None, self.eos_ids,
+            s.repeat_penalty, s.repeat_last_n, s.json_format,
+            token_texts(self.tokenizer) if s.json_format else (), self.eos_ids,
         )
         self.model.generate(
             self.prompt_ids,

@@ -1,20 +1,27 @@
-"""JSON mode (OpenAI's `response_format: {"type": "json_object"}`, Ollama's `"format": "json"`): the reply is a JSON
-object. At each step the likeliest token (or, when sampling, a draw) that keeps the text a prefix of a JSON object is
-taken; once the object is closed, the end of sequence. A token's text is checked character by character against a
-small JSON state machine, so only the few tokens tried cost anything, not the whole vocabulary."""
+"""Replies held to JSON: OpenAI's `response_format` (`json_object`, `json_schema`), Ollama's `format` ("json" or a
+schema). At each step the likeliest token (or, when sampling, a draw) that keeps the reply the beginning of a JSON value
+its schema allows is taken; once the value is whole, the end of sequence. A token's text is checked character by
+character against a pushdown machine of the schema (json_schema.py), so only the few tokens tried cost anything, not
+the whole vocabulary."""
 
 from __future__ import annotations
 
-import copy
+import json
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
+from meadow.api.errors import APIError
+from meadow.api.json_schema import Node
+
 WHITESPACE = " \t\n\r"
 MAX_WHITESPACE = 16  # in a row, outside strings: a model may otherwise pad forever
-LITERALS = {"t": "true", "f": "false", "n": "null"}
-# a number's states (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?) and where each character kind leads from each
+DIGITS = "0123456789"
+HEX = "0123456789abcdefABCDEF"
+# a number's states (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?), where each kind of character leads from each, and where it
+# may end
 NUMBER_MOVES = {
     "sign": {"0": "zero", "digit": "int"},
     "zero": {".": "dot", "e": "e"},
@@ -25,137 +32,222 @@ NUMBER_MOVES = {
     "esign": {"0": "exp", "digit": "exp"},
     "exp": {"0": "exp", "digit": "exp"},
 }
+NUMBER_ENDS = {"zero", "int", "frac", "exp"}
+MAX_READINGS = 32  # ways of reading a reply kept at once: any one of them keeps it valid, and anyOf nested in
+# anyOf could otherwise multiply them with every bracket
 DRAWS = 64  # tokens drawn at once when sampling (without replacement: each the next draw of a rejection sampler)
 
 
-class JsonPrefix:
-    """Where a text stands in a JSON object: `feed` says whether it is still a prefix of one; `closed` whether the
-    object is complete."""
+# What the reader is in the middle of: a stack of these, the innermost last.
+class Value(NamedTuple):  # a value of `node` to come (whitespace first, maybe)
+    node: Node
 
-    def __init__(self):
-        self.stack: list[str] = []  # "{" or "[" of each open container
-        self.expect = "start"  # start, value, key, key_or_end, value_or_end, colon, comma_or_end, closed
-        self.string: str | None = None  # inside a string: "key" or "value"; escape: pending escape characters
-        self.escape = ""
-        self.number = ""  # the state of a number being read, see _number
-        self.literal = ""  # what is left of true, false or null
-        self.spaces = 0
+
+class Object(NamedTuple):
+    node: Node
+    next: int = 0  # the first of node.properties still allowed (they come in order)
+    expect: str = "key_or_end"  # key_or_end, key, in_key, colon, value, comma_or_end
+    value: Node | None = None  # the schema of the value after the colon
+
+
+class Array(NamedTuple):
+    node: Node
+    count: int = 0
+    expect: str = "value_or_end"  # value_or_end, value, comma_or_end
+
+
+class String(NamedTuple):  # a string value, or a key of an object that takes any key
+    node: Node  # its minLength and maxLength
+    length: int = 0
+    escape: str = ""  # what an escape still needs: "\\" after the backslash, then "uuuu" for four hex digits
+
+
+class Key(NamedTuple):  # one of an object's declared property names, after its opening quote
+    options: tuple[tuple[str, int], ...]  # (the rest of the quoted name, the property's index)
+
+
+class Literal(NamedTuple):  # true, false, null, or one of an enum's texts
+    options: tuple[str, ...]  # the rest of each text still possible; "" when it may end here
+
+
+class Number(NamedTuple):
+    state: str  # see NUMBER_MOVES
+    integer: bool
+
+
+END = "end"  # the whole value read: only whitespace may follow
+STRUCTURE = (Value, Object, Array, str)  # where whitespace is not content
+
+
+class JsonPrefix:
+    """Where a reply stands in the JSON values a schema allows. `fed(text)` is the state after `text`, or None when
+    the reply would no longer begin such a value; `complete` says it is one, `finished` that nothing but whitespace
+    may follow. Immutable: the chooser tries tokens from the same state."""
+
+    def __init__(self, node: Node, stacks: tuple[tuple, ...] | None = None, spaces: int = 0):
+        self.node = node
+        self.stacks = stacks or ((Value(node),),)  # each way of reading the reply so far (anyOf: more than one)
+        self.spaces = spaces
+
+    def fed(self, text: str) -> "JsonPrefix | None":
+        stacks, spaces = self.stacks, self.spaces
+        for c in text:
+            stacks = tuple(dict.fromkeys(after for stack in stacks for after in _step(stack, c)))[:MAX_READINGS]
+            if not stacks:
+                return None
+            spaces = spaces + 1 if c in WHITESPACE and all(isinstance(s[-1], STRUCTURE) for s in stacks) else 0
+            if spaces > MAX_WHITESPACE:
+                return None
+        return JsonPrefix(self.node, stacks, spaces)
 
     @property
-    def closed(self) -> bool:
-        return self.expect == "closed" and not self.number
+    def complete(self) -> bool:
+        return any(_ended(stack) == (END,) for stack in self.stacks)
 
-    def copy(self) -> "JsonPrefix":
-        twin = copy.copy(self)
-        twin.stack = list(self.stack)  # the only field that is not a plain value
-        return twin
+    @property
+    def finished(self) -> bool:
+        return all(stack == (END,) for stack in self.stacks)
 
-    def feed(self, text: str) -> bool:
-        return all(self._char(c) for c in text)
 
-    def _char(self, c: str) -> bool:
-        if self.string is not None:
-            return self._in_string(c)
-        if self.literal:
-            if c != self.literal[0]:
-                return False
-            self.literal = self.literal[1:]
-            if not self.literal:
-                self._value_done()
-            return True
-        if self.number:
-            if self._number(c):
-                return True
-            if self.number not in ("zero", "int", "frac", "exp"):
-                return False
-            self.number = ""
-            self._value_done()  # the number ended with the character that follows it
-        if c in WHITESPACE:
-            self.spaces += 1
-            return self.spaces <= MAX_WHITESPACE
-        self.spaces = 0
-        expect = self.expect
-        if expect == "start":
-            return c == "{" and self._open(c)
-        if expect in ("value", "value_or_end"):
-            if c == "]" and expect == "value_or_end":
-                return self._close("[")
-            if c in "{[":
-                return self._open(c)
-            if c == '"':
-                self.string = "value"
-                return True
-            if c in LITERALS:
-                self.literal = LITERALS[c][1:]
-                return True
-            if c == "-" or c.isdigit():
-                self.number = "sign"
-                return self._number(c) if c != "-" else True
-            return False
-        if expect in ("key", "key_or_end"):
-            if c == "}" and expect == "key_or_end":
-                return self._close("{")
-            if c == '"':
-                self.string = "key"
-                return True
-            return False
-        if expect == "colon":
-            if c == ":":
-                self.expect = "value"
-                return True
-            return False
-        if expect == "comma_or_end":
-            if c == ",":
-                self.expect = "key" if self.stack[-1] == "{" else "value"
-                return True
-            return c in "}]" and self._close("{" if c == "}" else "[")
-        return False  # closed: nothing may follow but whitespace
+def _ended(stack: tuple) -> tuple:
+    """The stack once a number or literal that may end here has ended."""
+    top = stack[-1]
+    if type(top) is Number and top.state in NUMBER_ENDS or type(top) is Literal and "" in top.options:
+        return _done(stack[:-1])
+    return stack
 
-    def _in_string(self, c: str) -> bool:
-        if self.escape:
-            if self.escape == "\\":
-                if c == "u":
-                    self.escape = "uuuu"
-                    return True
-                self.escape = ""
-                return c in '"\\/bfnrt'
-            self.escape = self.escape[1:]
-            return c in "0123456789abcdefABCDEF"
-        if c == "\\":
-            self.escape = "\\"
-            return True
-        if c == '"':
-            kind, self.string = self.string, None
-            if kind == "key":
-                self.expect = "colon"
-            else:
-                self._value_done()
-            return True
-        return ord(c) >= 0x20  # control characters must be escaped
 
-    def _number(self, c: str) -> bool:
-        """One more character of a number (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?), if it continues it."""
-        moves = NUMBER_MOVES[self.number]
-        kind = "0" if c == "0" else "digit" if c in "123456789" else "e" if c in "eE" else c
-        if kind not in moves:
-            return False
-        self.number = moves[kind]
-        return True
+def _step(stack: tuple, c: str) -> list[tuple]:
+    """Each way of reading one more character `c` from `stack`."""
+    top, below = stack[-1], stack[:-1]
+    kind = type(top)
+    if kind is String:
+        return _string(top, below, c)
+    if kind is Key:
+        return _key(top, below, c)
+    if kind is Literal:
+        options = tuple(rest[1:] for rest in top.options if rest[:1] == c)
+        if options:
+            return [_literal(below, options)]
+        return _step(_done(below), c) if "" in top.options else []
+    if kind is Number:
+        moves = NUMBER_MOVES[top.state]
+        move = moves.get("0" if c == "0" else "digit" if c in DIGITS else "e" if c in "eE" else c)
+        if move and not (top.integer and move in ("dot", "e")):
+            return [(*below, Number(move, top.integer))]
+        return _step(_done(below), c) if top.state in NUMBER_ENDS else []
+    if c in WHITESPACE:
+        return [stack]
+    if kind is Value:
+        return _start(top.node, below, c)
+    if kind is Object:
+        return _object(top, below, c)
+    if kind is Array:
+        return _array(top, below, c)
+    return []  # END: nothing but whitespace
 
-    def _open(self, c: str) -> bool:
-        self.stack.append(c)
-        self.expect = "key_or_end" if c == "{" else "value_or_end"
-        return True
 
-    def _close(self, opener: str) -> bool:
-        if not self.stack or self.stack[-1] != opener:
-            return False
-        self.stack.pop()
-        self._value_done()
-        return True
+def _start(node: Node, below: tuple, c: str) -> list[tuple]:
+    """The ways a value of `node` can begin with `c`."""
+    ways = []
+    for option in node.alternatives():
+        if option.enum is not None:
+            texts = tuple(text[1:] for text in option.enum if text[0] == c)
+            ways += [_literal(below, texts)] if texts else []
+            continue
+        types = option.types
+        if c == "{" and "object" in types:
+            ways.append((*below, Object(option)))
+        elif c == "[" and "array" in types:
+            ways.append((*below, Array(option)))
+        elif c == '"' and "string" in types:
+            ways.append((*below, String(option)))
+        elif c in "tf" and "boolean" in types or c == "n" and "null" in types:
+            ways.append(_literal(below, ({"t": "rue", "f": "alse", "n": "ull"}[c],)))
+        elif (c == "-" or c in DIGITS) and types & {"number", "integer"}:
+            integer = "number" not in types
+            ways.append((*below, Number("sign" if c == "-" else "zero" if c == "0" else "int", integer)))
+    return ways
 
-    def _value_done(self) -> None:
-        self.expect = "comma_or_end" if self.stack else "closed"
+
+def _literal(below: tuple, options: tuple[str, ...]) -> tuple:
+    return _done(below) if options == ("",) else (*below, Literal(options))
+
+
+def _done(below: tuple) -> tuple:
+    """The stack once the value (or free key) on top of `below` is whole."""
+    if not below:
+        return (END,)
+    parent = below[-1]
+    if type(parent) is Array:
+        return (*below[:-1], parent._replace(count=parent.count + 1, expect="comma_or_end"))
+    if parent.expect == "in_key":
+        return (*below[:-1], parent._replace(expect="colon"))
+    return (*below[:-1], parent._replace(expect="comma_or_end", value=None))
+
+
+def _object(top: Object, below: tuple, c: str) -> list[tuple]:
+    node, expect = top.node, top.expect
+    declared = node.properties[top.next :]
+    may_close = not any(name in node.required for name, _ in declared)
+    if expect in ("key_or_end", "key"):
+        if c == "}" and expect == "key_or_end" and may_close:
+            return [_done(below)]
+        if c != '"':
+            return []
+        if not node.properties:  # any key, if any is allowed
+            key = String(Node(types=frozenset({"string"})))
+            return [(*below, top._replace(expect="in_key", value=node.extra), key)] if node.extra else []
+        options = []
+        for index, (name, _) in enumerate(declared, start=top.next):
+            options.append((json.dumps(name, ensure_ascii=False)[1:], index))
+            if name in node.required:
+                break  # a required property cannot be skipped
+        return [(*below, top._replace(expect="in_key"), Key(tuple(options)))] if options else []
+    if expect == "colon":
+        return [(*below, top._replace(expect="value"), Value(top.value))] if c == ":" else []
+    if expect == "comma_or_end":
+        if c == "," and (declared or not node.properties):
+            return [(*below, top._replace(expect="key"))]
+        if c == "}" and may_close:
+            return [_done(below)]
+    return []
+
+
+def _key(top: Key, below: tuple, c: str) -> list[tuple]:
+    options = tuple((rest[1:], index) for rest, index in top.options if rest[0] == c)
+    for rest, index in options:
+        if not rest:  # its closing quote
+            parent = below[-1]
+            value = parent.node.properties[index][1]
+            return [(*below[:-1], parent._replace(next=index + 1, expect="colon", value=value))]
+    return [(*below, Key(options))] if options else []
+
+
+def _array(top: Array, below: tuple, c: str) -> list[tuple]:
+    node = top.node
+    if c == "]" and top.expect != "value" and top.count >= node.min_items:
+        return [_done(below)]
+    if top.expect == "value_or_end" and node.max_items != 0:
+        return _start(node.items, (*below, top._replace(expect="value")), c)
+    if top.expect == "comma_or_end" and c == "," and (node.max_items is None or top.count < node.max_items):
+        return [(*below, top._replace(expect="value"), Value(node.items))]
+    return []
+
+
+def _string(top: String, below: tuple, c: str) -> list[tuple]:
+    node = top.node
+    if top.escape == "\\":
+        if c == "u":
+            return [(*below, top._replace(escape="uuuu"))]
+        return [(*below, top._replace(escape=""))] if c in '"\\/bfnrt' else []
+    if top.escape:
+        return [(*below, top._replace(escape=top.escape[1:]))] if c in HEX else []
+    if c == '"':
+        return [_done(below)] if top.length >= node.min_length else []
+    if node.max_length is not None and top.length >= node.max_length or ord(c) < 0x20:
+        return []  # control characters must be escaped
+    return [(*below, top._replace(length=top.length + 1, escape="\\" if c == "\\" else ""))]
 
 
 @lru_cache(maxsize=4)
@@ -166,31 +258,38 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, ...]:
     return tuple(None if i in special else text for i, text in enumerate(texts))
 
 
-class JsonObjectChooser(LogitsProcessor):
+class JsonChooser(LogitsProcessor):
     """Chooses the next token, the likeliest (or, with a `generator`, one drawn from softmax(scores)) that keeps the
-    reply a prefix of a JSON object; an end-of-sequence token once the object is closed. Returns scores that keep
-    only that token, so that a greedy generate picks it. Goes last among the processors."""
+    reply the beginning of a JSON value `node` allows; an end-of-sequence token where the value may end (and must,
+    once nothing but whitespace can follow). Returns scores that keep only that token, so that a greedy generate
+    picks it. Goes last among the processors."""
 
-    def __init__(self, texts: tuple[str | None, ...], eos_ids: list[int], generator: torch.Generator | None):
+    def __init__(
+        self, node: Node, texts: tuple[str | None, ...], eos_ids: list[int], generator: torch.Generator | None
+    ):
         self.texts, self.eos_ids, self.generator = texts, eos_ids, generator
-        self.state = JsonPrefix()
+        self.state = JsonPrefix(node)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         chosen = self._choose(scores[0])
         return torch.full_like(scores, float("-inf")).index_fill_(1, torch.tensor([chosen], device=scores.device), 0.0)
 
     def _choose(self, scores: torch.Tensor) -> int:
-        if self.state.closed and self.eos_ids:
+        if self.state.finished and self.eos_ids:
             return max(self.eos_ids, key=lambda i: scores[i].item())
         for token in self._candidates(scores.float().cpu()):
-            text = self.texts[token] if token < len(self.texts) else None
-            if not text:
+            if token in self.eos_ids:
+                if self.state.complete:
+                    return token
                 continue
-            state = self.state.copy()
-            if state.feed(text):
+            text = self.texts[token] if token < len(self.texts) else None
+            state = self.state.fed(text) if text else None
+            if state is not None:
                 self.state = state
                 return token
-        raise RuntimeError("no token continues the JSON object")  # every token tried: cannot happen with '"' or '}'
+        # every token tried: only a schema's name or text that no token spells (a rare character split into bytes)
+        message = "the JSON schema asks for text that no token of this model spells"
+        raise APIError(400, message, code="unsupported_value")
 
     def _candidates(self, scores: torch.Tensor):
         """Token ids in the order they are tried: by score (the first few, then all), or drawn one after another without

@@ -22,7 +22,8 @@ from meadow.api.embeddings import embed, none_empty
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, refuse_unsupported
+from meadow.api.json_schema import Node
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_format, refuse_unsupported
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -36,7 +37,6 @@ OLLAMA_PATHS = frozenset(
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
-    ("format", lambda f: f not in ("json", ""), "only \"json\" (a JSON object): JSON schemas are not supported"),
     ("tools", bool, "tool calls are not supported: the reply would be plain text"),
     ("images", bool, "images are not supported: the model reads text"),
     ("suffix", bool, "inserting text is not supported"),
@@ -77,11 +77,18 @@ class _Refusing(BaseModel):
 
 class _OllamaRequest(_Refusing):
     model: str
-    format: Literal["json", ""] | None = None  # "json": the reply is a JSON object
+    format: Literal["json", ""] | dict | None = None  # "json": any JSON object; a dict: a JSON schema to match
     stream: bool = True
     options: Options = Field(default_factory=Options)
     logprobs: bool = False  # each token's log-probability, the model's own (before sampling)
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs, this many likeliest tokens at each place
+
+
+    @property
+    def json_format(self) -> Node | None:
+        if isinstance(self.format, dict):
+            return json_format("json_schema", self.format, "format")
+        return json_format("json_object" if self.format == "json" else None, None, "format")
 
 
 class Message(_Refusing):
@@ -161,7 +168,7 @@ def add_ollama_routes(
             repeat_last_n=64 if options.repeat_last_n is None else options.repeat_last_n,
             seed=options.seed,
             stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
-            logprobs=request.top_logprobs if request.logprobs else None, json_object=request.format == "json",
+            logprobs=request.top_logprobs if request.logprobs else None, json_format=request.json_format,
         )  # fmt: skip
 
     async def reply(request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable):

@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import chat_format
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, refuse_unsupported
+from meadow.api.json_schema import Node
+from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_format, refuse_unsupported
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -27,17 +28,22 @@ LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
     ("tools", bool, "tool calls are not supported: the reply would be plain text"),
-    ("text", lambda t: not isinstance(t, dict) or _format(t) not in ("text", "json_object"),
-     "only plain text or a JSON object (json_object): JSON schemas are not supported"),
     ("conversation", bool, "conversations kept by the server are not supported: use previous_response_id"),
     ("background", bool, "background responses are not supported"),
     ("prompt", bool, "prompt templates are not supported"),
 ]  # fmt: skip
 
 
-def _format(text: dict) -> str | None:
-    """The reply's format a request's `text` asks for."""
-    return (text.get("format") or {"type": "text"}).get("type")
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None  # json_schema's
+    schema_: dict | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat = Field(default_factory=TextFormat)
 
 
 class InputText(BaseModel):
@@ -67,7 +73,7 @@ class ResponseRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     include: list[str] | None = None
-    text: dict | None = None  # {"format": {"type": "text" or "json_object"}}
+    text: TextOptions = Field(default_factory=TextOptions)
     stream: bool = False
     store: bool = True
     metadata: dict[str, str] | None = None
@@ -81,8 +87,8 @@ class ResponseRequest(BaseModel):
         return [message.as_dict() for message in self.input]
 
     @property
-    def json_object(self) -> bool:
-        return self.text is not None and _format(self.text) == "json_object"
+    def json_format(self) -> Node | None:
+        return json_format(self.text.format.type, self.text.format.schema_, "text.format")
 
     @property
     def logprobs(self) -> int | None:
@@ -113,7 +119,7 @@ def add_responses_routes(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs, json_object=request.json_object,
+            stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs, json_format=request.json_format,
         )  # fmt: skip
         (generation,) = await start([prompt_ids], sampling, 1, http)
         ids = {"response": f"resp_{uuid.uuid4().hex}", "message": f"msg_{uuid.uuid4().hex}"}
@@ -131,7 +137,7 @@ def add_responses_routes(
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "metadata": request.metadata or {},
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "error": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "store": request.store,
-                "text": {"format": {"type": "json_object" if request.json_object else "text"}},
+                "text": {"format": request.text.format.model_dump(by_alias=True, exclude_none=True)},
                 "top_logprobs": request.top_logprobs,
                 "usage": {
                     **tokens, "total_tokens": sum(tokens.values()), "output_tokens_details": {"reasoning_tokens": 0},

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from meadow.api.embeddings import none_empty
 from meadow.api.errors import APIError
 from meadow.api.generation import Sampling
+from meadow.api.json_schema import OBJECT, Node, SchemaError, compile_schema
 
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context", which would reserve every
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
@@ -17,8 +18,6 @@ MAX_TOP_LOGPROBS = 20
 # fields that, when set so, ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
     ("tools", bool, "tool calls are not supported: the reply would be plain text"),
-    ("response_format", lambda f: not isinstance(f, dict) or f.get("type") not in ("text", "json_object"),
-     "only plain text or a JSON object (json_object): JSON schemas are not supported"),
     ("suffix", bool, "inserting text is not supported"),
     ("best_of", lambda b: b != 1, "best_of is not supported: ask for n choices and their logprobs"),
 ]
@@ -31,6 +30,26 @@ def refuse_unsupported(body, unsupported: list[tuple]):
         if isinstance(body, dict) and body.get(field) is not None and asks(body[field]):
             raise APIError(400, f"{field}: {reason}", param=field, code="unsupported_value")
     return body
+
+
+def json_format(kind, schema, param: str) -> Node | None:
+    """What a request's reply format asks for (OpenAI's type: text, json_object or json_schema with its `schema`): None
+    for plain text, else the compiled schema the reply must match; a 400 naming `param` if Meadow cannot follow it."""
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return OBJECT
+    if kind != "json_schema":
+        raise APIError(400, f"{param}: the type must be text, json_object or json_schema", param=param)
+    try:
+        return compile_schema(True if schema is None else schema)
+    except SchemaError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="unsupported_value") from None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None  # {"name", "schema", "strict", "description"}
 
 
 class StreamOptions(BaseModel):
@@ -55,7 +74,7 @@ class _Request(BaseModel):
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, -100 to 100
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    response_format: dict | None = None  # {"type": "text"} or {"type": "json_object"}
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -86,9 +105,16 @@ class _Request(BaseModel):
             seed=self.seed,
             stop=tuple(dict.fromkeys([*stops, *extra_stop])),
             logit_bias=tuple((self.logit_bias or {}).items()),
-            json_object=(self.response_format or {}).get("type") == "json_object",
+            json_format=self.json_format,
             **logprobs,
         )
+
+    @property
+    def json_format(self) -> Node | None:
+        if self.response_format is None:
+            return None
+        schema = (self.response_format.json_schema or {}).get("schema")
+        return json_format(self.response_format.type, schema, "response_format")
 
     @property
     def include_usage(self) -> bool:
