@@ -11,7 +11,9 @@ import pytest
 
 import jsonschema
 
-from meadow.api.json_mode import MAX_WHITESPACE, JsonPrefix
+import re
+
+from meadow.api.json_mode import MAX_INDENT, JsonPrefix
 from meadow.api.json_schema import OBJECT, SchemaError, compile_schema
 
 
@@ -63,14 +65,25 @@ def test_every_prefix_of_a_json_object_is_accepted_and_only_the_whole_one_is_clo
     ['[1, 2]', '"a"', '3', '{"a" 1}', '{"a": 01}', '{"a": tru}', '{"a": "x\ny"}', '{,}', '{"a": 1,}', '{"a": [1,]}',
      '{} x', '{"a": -}', '{"a": 1.}', '{"a": .5}', '{"a": 1e}', '{"a": "\\x"}', '{"a": "\\u12g4"}', "{'a': 1}",
      '{"a": 1]', '{"a": [1}', '{"a": NaN}', '{"a": nulls}', '{1: 2}', '{"a": 1}}',
-     "{" + " " * (MAX_WHITESPACE + 1) + "}"],
+     # whitespace Python would take but the machine keeps out of replies
+     " {}", "{}\n", "{  }", "{\n\n}", "{ \n}", "{\t}", '{"a" : 1}', '{"a": 1 , "b": 2}', "{\r\n}",
+     "{\n" + " " * (MAX_INDENT + 1) + "}"],
 )
 def test_what_is_not_a_json_object_is_refused(text):
     assert not accepts(text)
 
 
+def tidy(text: str) -> bool:
+    """Whether each run of whitespace outside strings is one space or a line break and an indent, none comes first or
+    last, and none before a comma or a colon: the whitespace the machine allows."""
+    outside = re.sub(r'"(\\.|[^"\\])*"', '""', text)  # strings emptied (json.loads has read them whole)
+    return outside.strip() == outside and all(re.fullmatch(r"( |\n[ \t]{0,%d})" % MAX_INDENT, run) for run in
+                                              re.findall(r"\s+", outside)) and not re.search(r"\s[,:]", outside)
+
+
 def test_texts_near_json_are_taken_exactly_when_python_reads_an_object():
-    """Random edits of JSON objects, and random strings of JSON's characters: accepted iff json.loads gives a dict."""
+    """Random edits of JSON objects, and random strings of JSON's characters: accepted iff json.loads gives a dict
+    and its whitespace is tidy."""
     rng = random.Random(1)
     alphabet = '{}[]":,0123456789-.eE+ tfnrulas\\\n'
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10))) for _ in range(3000)]
@@ -86,8 +99,8 @@ def test_texts_near_json_are_taken_exactly_when_python_reads_an_object():
         texts.append("".join(text))
     objects = 0
     for text in texts:
-        assert accepts(text) == is_object(text), text
-        objects += is_object(text)
+        assert accepts(text) == (is_object(text) and tidy(text)), text
+        objects += is_object(text) and tidy(text)
     assert objects > 300  # the check saw both kinds
 
 

@@ -17,7 +17,7 @@ from meadow.api.errors import APIError
 from meadow.api.json_schema import Node
 
 WHITESPACE = " \t\n\r"
-MAX_WHITESPACE = 16  # in a row, outside strings: a model may otherwise pad forever
+MAX_INDENT = 20  # spaces or tabs after a line break
 DIGITS = "0123456789"
 HEX = "0123456789abcdefABCDEF"
 # a number's states (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?), where each kind of character leads from each, and where it
@@ -79,26 +79,40 @@ END = "end"  # the whole value read: only whitespace may follow
 STRUCTURE = (Value, Object, Array, str)  # where whitespace is not content
 
 
+def _gap(gap: int, c: str) -> int | None:
+    """Whitespace between two parts of the reply is one space, or a line break and an indent (a model left free pads
+    with blank lines); `gap` says what came so far: 0 nothing, -1 a space, n > 0 a line break and n - 1 indent
+    characters. None: `c` may not come next."""
+    if gap == 0:
+        return -1 if c == " " else 1 if c == "\n" else None
+    return gap + 1 if gap > 0 and c in " \t" and gap <= MAX_INDENT else None
+
+
 class JsonPrefix:
     """Where a reply stands in the JSON values a schema allows. `fed(text)` is the state after `text`, or None when
     the reply would no longer begin such a value; `complete` says it is one, `finished` that nothing but whitespace
     may follow. Immutable: the chooser tries tokens from the same state."""
 
-    def __init__(self, node: Node, stacks: tuple[tuple, ...] | None = None, spaces: int = 0):
+    def __init__(self, node: Node, stacks: tuple[tuple, ...] | None = None, gap: int = 0):
         self.node = node
         self.stacks = stacks or ((Value(node),),)  # each way of reading the reply so far (anyOf: more than one)
-        self.spaces = spaces
+        self.gap = gap  # the whitespace just read, see _gap
 
     def fed(self, text: str) -> "JsonPrefix | None":
-        stacks, spaces = self.stacks, self.spaces
+        stacks, gap = self.stacks, self.gap
         for c in text:
             stacks = tuple(dict.fromkeys(after for stack in stacks for after in _step(stack, c)))[:MAX_READINGS]
             if not stacks:
                 return None
-            spaces = spaces + 1 if c in WHITESPACE and all(isinstance(s[-1], STRUCTURE) for s in stacks) else 0
-            if spaces > MAX_WHITESPACE:
-                return None
-        return JsonPrefix(self.node, stacks, spaces)
+            if c in WHITESPACE and all(isinstance(stack[-1], STRUCTURE) for stack in stacks):
+                gap = _gap(gap, c)
+                if gap is None:
+                    return None
+            elif gap and c in ",:":
+                return None  # no whitespace before a comma or a colon
+            else:
+                gap = 0
+        return JsonPrefix(self.node, stacks, gap)
 
     @property
     def complete(self) -> bool:
@@ -136,8 +150,8 @@ def _step(stack: tuple, c: str) -> list[tuple]:
         if move and not (top.integer and move in ("dot", "e")):
             return [(*below, Number(move, top.integer))]
         return _step(_done(below), c) if top.state in NUMBER_ENDS else []
-    if c in WHITESPACE:
-        return [stack]
+    if c in WHITESPACE:  # between the value's parts (not before a comma or a colon: see fed), not around it
+        return [stack] if kind is Value and below or kind in (Object, Array) and _spaced(top) else []
     if kind is Value:
         return _start(top.node, below, c)
     if kind is Object:
@@ -145,6 +159,20 @@ def _step(stack: tuple, c: str) -> list[tuple]:
     if kind is Array:
         return _array(top, below, c)
     return []  # END: nothing but whitespace
+
+
+def _spaced(top: Object | Array) -> bool:
+    """Whether whitespace may come next in an object or array: not after a key, and after a value only where the
+    container may close (the whitespace cannot come before a comma)."""
+    if top.expect == "comma_or_end":
+        return _may_close(top)
+    return top.expect != "colon"
+
+
+def _may_close(top: Object | Array) -> bool:
+    if type(top) is Array:
+        return top.count >= top.node.min_items
+    return not any(name in top.node.required for name, _ in top.node.properties[top.next :])
 
 
 def _start(node: Node, below: tuple, c: str) -> list[tuple]:
@@ -189,7 +217,7 @@ def _done(below: tuple) -> tuple:
 def _object(top: Object, below: tuple, c: str) -> list[tuple]:
     node, expect = top.node, top.expect
     declared = node.properties[top.next :]
-    may_close = not any(name in node.required for name, _ in declared)
+    may_close = _may_close(top)
     if expect in ("key_or_end", "key"):
         if c == "}" and expect == "key_or_end" and may_close:
             return [_done(below)]
@@ -226,7 +254,7 @@ def _key(top: Key, below: tuple, c: str) -> list[tuple]:
 
 def _array(top: Array, below: tuple, c: str) -> list[tuple]:
     node = top.node
-    if c == "]" and top.expect != "value" and top.count >= node.min_items:
+    if c == "]" and top.expect != "value" and _may_close(top):
         return [_done(below)]
     if top.expect == "value_or_end" and node.max_items != 0:
         return _start(node.items, (*below, top._replace(expect="value")), c)
