@@ -13,7 +13,7 @@ import jsonschema
 
 import re
 
-from meadow.api.json_mode import MAX_INDENT, JsonPrefix
+from meadow.api.json_mode import MAX_INDENT, JsonPrefix, token_texts
 from meadow.api.json_schema import OBJECT, SchemaError, compile_schema
 
 
@@ -263,3 +263,30 @@ def test_keys_are_taken_only_in_the_schemas_order():
 def test_schemas_meadow_cannot_hold_a_reply_to_are_refused_saying_why(schema, words):
     with pytest.raises(SchemaError, match=words):
         compile_schema(schema)
+
+
+def sentencepiece_style_tokenizer():
+    """A tokenizer that marks a word's leading space with "▁" and drops it at the start of a text, as Llama 2's and
+    Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["a", "▁a", "{", '"', '▁"', "key", "▁key", ":", "▁1", "1", "2", "▁2", "}", "▁}", ",", "▁", "x"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+def test_token_texts_spell_the_reply_as_it_is_decoded_whole():
+    """The machine reads a reply as the concatenation of its tokens' texts: that must be the text the reply decodes
+    to, leading spaces of words included (`{"key": 1 2}` must not read as `{"key":12}`)."""
+    tokenizer = sentencepiece_style_tokenizer()
+    texts = token_texts(tokenizer)
+    rng = random.Random(3)
+    for _ in range(200):
+        ids = [rng.randrange(1, len(tokenizer)) for _ in range(rng.randint(1, 8))]
+        assert "".join(texts[i] for i in ids[1:]) == tokenizer.decode(ids)[len(tokenizer.decode(ids[:1])) :], ids
+    number, space_two = tokenizer.convert_tokens_to_ids(["▁1", "▁2"])
+    assert tokenizer.decode([number, space_two]) == "1 2" and texts[space_two] == " 2"

@@ -280,10 +280,17 @@ def _string(top: String, below: tuple, c: str) -> list[tuple]:
 
 @lru_cache(maxsize=4)
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, ...]:
-    """Each token's text on its own (None for special tokens, which are never part of a JSON reply)."""
+    """Each token's text as it reads after other text (None for special tokens, which are never part of a JSON reply).
+    Decoded after a token of its own, not alone: SentencePiece-style tokenizers drop the space a word's token begins
+    with at the start of a text, and the reply would then hold spaces the state machine never saw."""
     special = set(tokenizer.all_special_ids)
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return tuple(None if i in special else text for i, text in enumerate(texts))
+    before = tokenizer.encode("a", add_special_tokens=False)
+    start = tokenizer.decode(before)
+    texts = tokenizer.batch_decode([[*before, i] for i in range(len(tokenizer))])
+    return tuple(
+        None if i in special else text[len(start) :] if text.startswith(start) else tokenizer.decode([i])
+        for i, text in enumerate(texts)
+    )
 
 
 class JsonChooser(LogitsProcessor):
