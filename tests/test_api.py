@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -374,7 +375,7 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
         ({"model": "tiny-llama", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0.type"),
         ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
-        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {"minimum": 1}}}},
+        ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {"not": 1}}}},
          "text.format"),
         ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "tiny-llama", "input": "hi", "previous_response_id": "resp_none"}, "previous_response_id"),
@@ -418,11 +419,13 @@ def test_json_mode_replies_are_json_objects_on_every_route(client, model_id, ser
 
 
 class Flower(pydantic.BaseModel):
-    """A reply a random model can finish: short strings, an enum, a short list."""
+    """A reply a random model can finish: short strings, an enum, a short list, a date, a bounded number."""
 
     name: str = pydantic.Field(max_length=8)
     colour: Literal["red", "white", "deep blue"]
     petals: list[bool] = pydantic.Field(max_length=3)
+    planted: datetime.date
+    height_cm: int = pydantic.Field(ge=1, le=99)
     scent: Optional[Literal["sweet", "none"]] = None
 
 
@@ -473,7 +476,7 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
          "response_format.type"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
-          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"format": "email"}}}},
+          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"uniqueItems": True}}}},
          "response_format"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),

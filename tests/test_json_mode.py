@@ -4,12 +4,15 @@ jsonschema package: every text the machine takes, walked at random or edited fro
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
+import uuid
 
 import pytest
 
 import jsonschema
+import pydantic
 
 import re
 
@@ -137,13 +140,37 @@ SCHEMAS = [
                {"type": "object", "properties": {"kind": {"const": "b"}, "y": {"type": "string", "maxLength": 3}},
                 "required": ["kind", "y"], "additionalProperties": False}]},
     {"type": "object", "required": ["free"]},  # a required key not declared: any value
+    {"type": "array", "items": {"anyOf": [{"type": "integer", "minimum": 60, "maximum": 70},
+                                          {"type": "number", "exclusiveMinimum": -1.5, "exclusiveMaximum": 0.25},
+                                          {"type": "integer", "maximum": -120}]}},
+    {"type": "array", "items": {"anyOf": [{"type": "string", "pattern": "^[a-c]+x?$", "maxLength": 4},
+                                          {"type": "string", "pattern": "^y[0-9]{2}"}]}, "maxItems": 3},
 ]  # fmt: skip
+
+
+FORMATS = jsonschema.FormatChecker(["date", "email", "ipv4", "uuid"])  # its "time" is another one than RFC 3339's
+
+
+class Event(pydantic.BaseModel):
+    """Fields a pydantic user writes: formats and bounds."""
+
+    when: datetime.datetime
+    day: datetime.date
+    at: datetime.time
+    key: uuid.UUID
+    mail: str = pydantic.Field(json_schema_extra={"format": "email"})
+    guests: int = pydantic.Field(ge=1, le=12)
+    share: float = pydantic.Field(gt=0, lt=1)
+    code: str = pydantic.Field(pattern=r"^[A-Z]{2}-\d{2}$")
+
+
+SCHEMAS.append(Event.model_json_schema())
 
 
 def walk(schema, rng: random.Random, limit: int = 160) -> str | None:
     """A random text the machine takes for `schema`, one character at a time among those it allows (drawn from the
     schema's own characters and JSON's), ended once complete by chance; None if it grew past `limit`."""
-    json_characters = '{}[]",:0123456789-.eE+ \n\\/"é😀truefalsenull'
+    json_characters = '{}[]",:0123456789-.eE+ \n\\/"é😀truefalsenullTZ@'
     alphabet = sorted(set(json.dumps(schema, ensure_ascii=False)) | set(json_characters))
     state, text = JsonPrefix(compile_schema(schema)), ""
     while len(text) < limit:
@@ -159,10 +186,12 @@ def walk(schema, rng: random.Random, limit: int = 160) -> str | None:
 @pytest.mark.parametrize("index", range(len(SCHEMAS)))
 def test_every_text_walked_through_the_machine_is_valid_for_its_schema(index):
     schema, rng = SCHEMAS[index], random.Random(index)
-    texts = [text for _ in range(40) if (text := walk(schema, rng)) is not None]
+    texts = [text for _ in range(25) if (text := walk(schema, rng, limit=300)) is not None]
     assert len(set(texts)) > 10  # the walks went somewhere
     for text in texts:
-        jsonschema.validate(json.loads(text), schema)
+        jsonschema.validate(json.loads(text), schema, format_checker=FORMATS)
+        if schema is SCHEMAS[-1]:
+            Event.model_validate_json(text)  # dates and times as pydantic reads them
 
 
 VALID = [
@@ -227,6 +256,13 @@ def test_edited_valid_texts_are_taken_only_when_still_valid():
         (SCHEMAS[4], "[1, 2, 3, 4, 5]"),
         (SCHEMAS[6], '"1"'),
         (SCHEMAS[7], '{"kind": "a", "y": "ok"}'),
+        (SCHEMAS[9], "[5]"),  # below the minimum
+        (SCHEMAS[9], "[71]"),
+        (SCHEMAS[9], "[0.25]"),  # the exclusive maximum
+        (SCHEMAS[9], "[-119]"),
+        (SCHEMAS[10], '["abcd"]'),  # maxLength
+        (SCHEMAS[10], '["abx", "y1"]'),  # the pattern
+        (SCHEMAS[10], '["aa", "abc", "b", "c"]'),  # maxItems
     ],
 )
 def test_what_the_schema_does_not_allow_is_refused(schema, text):
@@ -246,8 +282,11 @@ def test_keys_are_taken_only_in_the_schemas_order():
 @pytest.mark.parametrize(
     "schema, words",
     [
-        ({"type": "string", "pattern": "^a"}, "'pattern' is not supported"),
-        ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}, "schema.properties.n"),
+        ({"type": "integer", "multipleOf": 3}, "'multipleOf' is not supported"),
+        ({"type": "object", "properties": {"n": {"type": "array", "uniqueItems": True}}}, "schema.properties.n"),
+        ({"oneOf": [{"type": "string"}, {"type": "null"}]}, "'oneOf' is not supported"),
+        ({"type": "string", "pattern": "(["}, "no regular expression"),
+        ({"type": "number", "minimum": "1"}, "minimum must be a number"),
         ({"type": "strange"}, "type must be one of"),
         ({"$ref": "#"}, "refers back to itself"),
         ({"$ref": "#/$defs/missing"}, "refers to nothing"),
@@ -290,3 +329,24 @@ def test_token_texts_spell_the_reply_as_it_is_decoded_whole():
         assert "".join(texts[i] for i in ids[1:]) == tokenizer.decode(ids)[len(tokenizer.decode(ids[:1])) :], ids
     number, space_two = tokenizer.convert_tokens_to_ids(["▁1", "▁2"])
     assert tokenizer.decode([number, space_two]) == "1 2" and texts[space_two] == " 2"
+
+
+@pytest.mark.parametrize(
+    "format, good, bad",
+    [
+        ("date", "2024-02-28", "2024-02-30"),
+        ("date-time", "2024-01-31T23:59:59.250Z", "2024-01-31 23:59:59Z"),
+        ("time", "00:00:00+05:30", "24:00:00Z"),
+        ("uuid", "0f8fad5b-d9cb-469f-a165-70867728950e", "0f8fad5b-d9cb-469f-a165-70867728950"),
+        ("email", "ann.lee@example.org", "ann@example"),
+        ("ipv4", "10.0.0.255", "10.0.0.256"),
+    ],
+)
+def test_formats_hold_strings_to_their_shape(format, good, bad):
+    node = compile_schema({"type": "string", "format": format})
+    assert accepts(json.dumps(good), node) and not accepts(json.dumps(bad), node)
+    assert not accepts(json.dumps(good + "\n"), node)
+
+
+def test_unknown_formats_are_annotations_as_json_schema_says():
+    assert accepts('"not a host"', compile_schema({"type": "string", "format": "hostname"}))

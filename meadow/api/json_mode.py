@@ -14,12 +14,14 @@ import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError
+from meadow.api.json_numbers import reachable, within
 from meadow.api.json_schema import Node
 
 WHITESPACE = " \t\n\r"
 MAX_INDENT = 20  # spaces or tabs after a line break
 DIGITS = "0123456789"
 HEX = "0123456789abcdefABCDEF"
+ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 # a number's states (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?), where each kind of character leads from each, and where it
 # may end
 NUMBER_MOVES = {
@@ -57,9 +59,9 @@ class Array(NamedTuple):
 
 
 class String(NamedTuple):  # a string value, or a key of an object that takes any key
-    node: Node  # its minLength and maxLength
-    length: int = 0
-    escape: str = ""  # what an escape still needs: "\\" after the backslash, then "uuuu" for four hex digits
+    node: Node  # its minLength, maxLength and patterns
+    text: str = ""  # read so far, escapes decoded
+    escape: str = ""  # an escape begun: "\\" after the backslash, then "u" and the hex digits so far
 
 
 class Key(NamedTuple):  # one of an object's declared property names, after its opening quote
@@ -73,6 +75,8 @@ class Literal(NamedTuple):  # true, false, null, or one of an enum's texts
 class Number(NamedTuple):
     state: str  # see NUMBER_MOVES
     integer: bool
+    node: Node  # its bounds
+    text: str  # read so far
 
 
 END = "end"  # the whole value read: only whitespace may follow
@@ -126,7 +130,7 @@ class JsonPrefix:
 def _ended(stack: tuple) -> tuple:
     """The stack once a number or literal that may end here has ended."""
     top = stack[-1]
-    if type(top) is Number and top.state in NUMBER_ENDS or type(top) is Literal and "" in top.options:
+    if type(top) is Number and _number_ends(top) or type(top) is Literal and "" in top.options:
         return _done(stack[:-1])
     return stack
 
@@ -147,9 +151,9 @@ def _step(stack: tuple, c: str) -> list[tuple]:
     if kind is Number:
         moves = NUMBER_MOVES[top.state]
         move = moves.get("0" if c == "0" else "digit" if c in DIGITS else "e" if c in "eE" else c)
-        if move and not (top.integer and move in ("dot", "e")):
-            return [(*below, Number(move, top.integer))]
-        return _step(_done(below), c) if top.state in NUMBER_ENDS else []
+        if move and _number_may_go(top.node, top.integer, move, top.text + c):
+            return [(*below, top._replace(state=move, text=top.text + c))]
+        return _step(_done(below), c) if _number_ends(top) else []
     if c in WHITESPACE:  # between the value's parts (not before a comma or a colon: see fed), not around it
         return [stack] if kind is Value and below or kind in (Object, Array) and _spaced(top) else []
     if kind is Value:
@@ -193,9 +197,22 @@ def _start(node: Node, below: tuple, c: str) -> list[tuple]:
         elif c in "tf" and "boolean" in types or c == "n" and "null" in types:
             ways.append(_literal(below, ({"t": "rue", "f": "alse", "n": "ull"}[c],)))
         elif (c == "-" or c in DIGITS) and types & {"number", "integer"}:
-            integer = "number" not in types
-            ways.append((*below, Number("sign" if c == "-" else "zero" if c == "0" else "int", integer)))
+            integer, state = "number" not in types, "sign" if c == "-" else "zero" if c == "0" else "int"
+            if reachable(c, integer, option.lower, option.upper):
+                ways.append((*below, Number(state, integer, option, c)))
     return ways
+
+
+def _number_may_go(node: Node, integer: bool, move: str, text: str) -> bool:
+    """Whether a number may go on to `text` (in state `move`): integers have no fraction or exponent, bounded numbers
+    no exponent, and some number beginning with `text` must lie within the bounds."""
+    if move in ("dot", "e", "esign", "exp") and (integer or move != "dot" and (node.lower or node.upper)):
+        return False
+    return reachable(text, integer, node.lower, node.upper)
+
+
+def _number_ends(top: Number) -> bool:
+    return top.state in NUMBER_ENDS and within(top.text, top.node.lower, top.node.upper)
 
 
 def _literal(below: tuple, options: tuple[str, ...]) -> tuple:
@@ -266,16 +283,35 @@ def _array(top: Array, below: tuple, c: str) -> list[tuple]:
 def _string(top: String, below: tuple, c: str) -> list[tuple]:
     node = top.node
     if top.escape == "\\":
-        if c == "u":
-            return [(*below, top._replace(escape="uuuu"))]
-        return [(*below, top._replace(escape=""))] if c in '"\\/bfnrt' else []
-    if top.escape:
-        return [(*below, top._replace(escape=top.escape[1:]))] if c in HEX else []
+        if c == "u" and not node.patterns:  # with patterns, only escapes whose character is known at once
+            return [(*below, top._replace(escape="u"))]
+        return _append(top, below, ESCAPES[c]) if c in ESCAPES else []
+    if top.escape:  # \u and its hex digits so far
+        digits = top.escape[1:] + c
+        if c not in HEX:
+            return []
+        if len(digits) < 4:
+            return [(*below, top._replace(escape="u" + digits))]
+        return _append(top, below, chr(int(digits, 16)))
     if c == '"':
-        return [_done(below)] if top.length >= node.min_length else []
-    if node.max_length is not None and top.length >= node.max_length or ord(c) < 0x20:
+        whole = len(top.text) >= node.min_length and all(pattern.search(top.text) for pattern in node.patterns)
+        return [_done(below)] if whole else []
+    if node.max_length is not None and len(top.text) >= node.max_length or ord(c) < 0x20:
         return []  # control characters must be escaped
-    return [(*below, top._replace(length=top.length + 1, escape="\\" if c == "\\" else ""))]
+    if c == "\\":
+        return [(*below, top._replace(escape="\\"))] if any(_fits(node, top.text + e) for e in ESCAPES.values()) else []
+    return _append(top, below, c)
+
+
+def _append(top: String, below: tuple, c: str) -> list[tuple]:
+    """The string with one more character, if its patterns may still match."""
+    text = top.text + c
+    return [(*below, top._replace(text=text, escape=""))] if _fits(top.node, text) else []
+
+
+def _fits(node: Node, text: str) -> bool:
+    """Whether a string beginning with `text` may match node's patterns (regex's partial matching)."""
+    return all(pattern.search(text, partial=True) for pattern in node.patterns)
 
 
 @lru_cache(maxsize=4)

@@ -5,11 +5,30 @@ those Meadow cannot enforce (a `pattern`, a `minimum`...) are refused, never ign
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from fractions import Fraction
+
+import regex
 
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref",
-            "minItems", "maxItems", "minLength", "maxLength"}
+            "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
+            "exclusiveMinimum", "exclusiveMaximum"}
+# the formats a string is held to (others are annotations, as JSON Schema's validators take them by default)
+TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"  # not year 0, which Python's dates refuse
+DAY = r"((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"  # no 29 Feb
+DATE = f"{YEAR}-{DAY}"
+FORMATS = {
+    "date": DATE,
+    "time": TIME,
+    "date-time": f"{DATE}T{TIME}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "ipv4": r"((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)",
+    "uri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+",
+}
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs", "definitions",
                "deprecated", "readOnly", "writeOnly", "strict"}
 MAX_DEPTH = 64  # schemas nested deeper are refused (they come from requests)
@@ -35,6 +54,9 @@ class Node:
     max_items: int | None = None
     min_length: int = 0
     max_length: int | None = None
+    patterns: tuple[regex.Pattern, ...] = ()  # a string's pattern and format, each searched in it
+    lower: tuple[Fraction, bool] | None = None  # a number's minimum (value, exclusive)
+    upper: tuple[Fraction, bool] | None = None
     enum: tuple[str, ...] | None = None  # the only JSON texts allowed (enum, const), compact
     any_of: tuple["Node", ...] = ()  # alternatives: the value matches one of them (the other fields unused)
 
@@ -109,6 +131,9 @@ class _Compiler:
                 raise SchemaError(f"{where}: no value of its enum (or const) has its type")
             return
         node.min_length, node.max_length = self._bounds(schema, "minLength", "maxLength", where)
+        node.patterns = self._patterns(schema, where)
+        node.lower = self._limit(schema, "minimum", "exclusiveMinimum", max, where)
+        node.upper = self._limit(schema, "maximum", "exclusiveMaximum", min, where)
         node.min_items, node.max_items = self._bounds(schema, "minItems", "maxItems", where)
         node.items = self.node(schema.get("items", True), f"{where}.items", depth + 1)
         properties = schema.get("properties", {})
@@ -143,6 +168,31 @@ class _Compiler:
                 raise SchemaError(f"{where}: {ref!r} refers to nothing in the schema")
             target = target[part]
         return target
+
+    @staticmethod
+    def _limit(schema: dict, inclusive: str, exclusive: str, tighter, where: str) -> tuple[Fraction, bool] | None:
+        """The tighter of a bound's inclusive and exclusive forms, as (value, exclusive)."""
+        limits = []
+        for key, strict in ((inclusive, False), (exclusive, True)):
+            value = schema.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SchemaError(f"{where}: {key} must be a number")
+            limits.append((Fraction(str(value)), strict))
+        # at the same value the exclusive bound is the tighter one
+        key = (lambda bound: bound) if tighter is max else (lambda bound: (bound[0], not bound[1]))
+        return tighter(limits, key=key) if limits else None
+
+    @staticmethod
+    def _patterns(schema: dict, where: str) -> tuple[regex.Pattern, ...]:
+        texts = [schema["pattern"]] if "pattern" in schema else []
+        if schema.get("format") in FORMATS:
+            texts.append(f"^(?:{FORMATS[schema['format']]})\\Z")  # not $, which a final line break also matches
+        try:
+            return tuple(regex.compile(text) for text in texts)
+        except (regex.error, TypeError) as e:
+            raise SchemaError(f"{where}: its pattern is no regular expression ({e})") from None
 
     @staticmethod
     def _bounds(schema: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
