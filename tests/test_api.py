@@ -785,7 +785,7 @@ HI = {"role": "user", "content": "hi"}
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"temperature": 3}}, 400, "temperature"),
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"num_predict": 0}}, 400, "num_predict"),
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"stop": ["", "b"]}}, 400, "options.stop"),
-        ("chat", {"model": "tiny-llama", "messages": [HI], "format": {"type": "object"}}, 400, "format"),
+        ("chat", {"model": "tiny-llama", "messages": [HI], "format": {"type": "object", "not": {}}}, 400, "format"),
         ("chat", {"model": "tiny-llama", "messages": [{**HI, "images": ["aGk="]}]}, 400, "images"),
         ("chat", {"model": "tiny-llama", "messages": []}, 400, "messages"),
         ("generate", b'{"model": "tiny-llama", "prompt": ', 400, "not valid JSON"),
