@@ -98,7 +98,7 @@ class _Compiler:
             raise SchemaError(f"the schema is nested more than {MAX_DEPTH} deep")
         unknown = sorted(set(schema) - ENFORCED - ANNOTATIONS)
         if unknown:
-            raise SchemaError(f"{where}: the keyword {unknown[0]!r} is not supported (the reply could not be held to it)")
+            raise SchemaError(f"{where}: the keyword {unknown[0]!r} is not supported (no reply could be held to it)")
         if "$ref" in schema:
             self._alone(schema, "$ref", where)
             target = self._resolve(schema["$ref"], where)
@@ -138,7 +138,8 @@ class _Compiler:
         node.items = self.node(schema.get("items", True), f"{where}.items", depth + 1)
         properties = schema.get("properties", {})
         required = schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        names = isinstance(required, list) and all(isinstance(name, str) for name in required)
+        if not isinstance(properties, dict) or not names:
             raise SchemaError(f"{where}: properties must be an object and required a list of names")
         extra = schema.get("additionalProperties", True)
         extra = None if extra is False else self.node(extra, f"{where}.additionalProperties", depth + 1)
