@@ -284,6 +284,7 @@ def test_keys_are_taken_only_in_the_schemas_order():
         ({"oneOf": [{"type": "string"}, {"type": "null"}]}, "'oneOf' is not supported"),
         ({"type": "string", "pattern": "(["}, "no regular expression"),
         ({"type": "number", "minimum": "1"}, "minimum must be a number"),
+        ({"type": "string", "format": ["date"]}, "format must be a name"),
         ({"type": "strange"}, "type must be one of"),
         ({"$ref": "#"}, "refers back to itself"),
         ({"$ref": "#/$defs/missing"}, "refers to nothing"),

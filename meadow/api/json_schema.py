@@ -188,6 +188,8 @@ class _Compiler:
     @staticmethod
     def _patterns(schema: dict, where: str) -> tuple[regex.Pattern, ...]:
         texts = [schema["pattern"]] if "pattern" in schema else []
+        if not isinstance(schema.get("format", ""), str):
+            raise SchemaError(f"{where}: format must be a name")
         if schema.get("format") in FORMATS:
             texts.append(f"^(?:{FORMATS[schema['format']]})\\Z")  # not $, which a final line break also matches
         try:

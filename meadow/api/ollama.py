@@ -83,7 +83,6 @@ class _OllamaRequest(_Refusing):
     logprobs: bool = False  # each token's log-probability, the model's own (before sampling)
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs, this many likeliest tokens at each place
 
-
     @property
     def json_format(self) -> Node | None:
         if isinstance(self.format, dict):
