@@ -294,8 +294,7 @@ def _string(top: String, below: tuple, c: str) -> list[tuple]:
             return [(*below, top._replace(escape="u" + digits))]
         return _append(top, below, chr(int(digits, 16)))
     if c == '"':
-        whole = len(top.text) >= node.min_length and all(pattern.search(top.text) for pattern in node.patterns)
-        return [_done(below)] if whole else []
+        return [_done(below)] if len(top.text) >= node.min_length and _fits(node, top.text, partial=False) else []
     if node.max_length is not None and len(top.text) >= node.max_length or ord(c) < 0x20:
         return []  # control characters must be escaped
     if c == "\\":
@@ -309,9 +308,10 @@ def _append(top: String, below: tuple, c: str) -> list[tuple]:
     return [(*below, top._replace(text=text, escape=""))] if _fits(top.node, text) else []
 
 
-def _fits(node: Node, text: str) -> bool:
-    """Whether a string beginning with `text` may match node's patterns (regex's partial matching)."""
-    return all(pattern.search(text, partial=True) for pattern in node.patterns)
+def _fits(node: Node, text: str, partial: bool = True) -> bool:
+    """Whether a string beginning with `text` may match node's patterns (regex's partial matching), or, not `partial`,
+    `text` itself matches them."""
+    return all(pattern.search(text, partial=partial) for pattern in node.patterns)
 
 
 @lru_cache(maxsize=4)
