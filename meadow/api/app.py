@@ -32,6 +32,7 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
+from meadow.api.tool_calls import CallReader, conversation, read_reply
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
@@ -157,7 +158,9 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: ChatCompletionRequest, http: Request):
         check(request)
-        prompt_ids = chat_prompt_ids(tokenizer, [message.as_dict() for message in request.messages])
+        box = request.toolbox
+        messages, shown = conversation(tokenizer.chat_template, [message.as_dict() for message in request.messages], box)
+        prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -168,12 +171,23 @@ def create_app(
         def logprobs_of(pieces: list[Delta]) -> dict | None:
             return chat_format([entry for piece in pieces for entry in piece.logprobs]) if request.logprobs else None
 
+        def finish_reason(generation: TextGeneration, called: bool) -> str:
+            reason = generation.outcome.finish_reason
+            return "tool_calls" if called and reason == "stop" else reason
+
+        def message(pieces: list[Delta]) -> dict:
+            text = "".join(piece.text for piece in pieces)
+            content, calls = read_reply(text) if box else (text, [])
+            if not calls:
+                return {"role": "assistant", "content": content}
+            return {"role": "assistant", "content": content or None, "tool_calls": [call.openai() for call in calls]}
+
         if not request.stream:
             replies = await collect_replies(generations, http)
             choices = [
                 {
-                    "index": index, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                    "logprobs": logprobs_of(pieces), "finish_reason": generation.outcome.finish_reason,
+                    "index": index, "message": (said := message(pieces)), "logprobs": logprobs_of(pieces),
+                    "finish_reason": finish_reason(generation, "tool_calls" in said),
                 }
                 for index, (generation, pieces) in enumerate(zip(generations, replies))
             ]  # fmt: skip
@@ -185,16 +199,27 @@ def create_app(
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
                 return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
+            readers = [CallReader() for _ in generations]  # with tools: each choice's content and calls
+            called = [0] * len(generations)
             for index in range(len(generations)):
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for index, piece in merged([generation.deltas(tell_waits=True) for generation in generations]):
                 if piece is None:  # that choice is done
                     done = generations[index]
-                    yield {**chunk(index, {}, done.outcome.finish_reason), "meadow": meadow_info([done])}
+                    rest = readers[index].rest() if box else ""
+                    if rest:
+                        yield chunk(index, {"content": rest})
+                    last = chunk(index, {}, finish_reason(done, called[index] > 0))
+                    yield {**last, "meadow": meadow_info([done])}
                 elif isinstance(piece, Waiting):  # an extra field, as the last chunk's: OpenAI's clients let it pass
                     yield {**chunk(index, {}), "meadow": {"waiting": piece.reason}}
                 else:
-                    yield chunk(index, {"content": piece.text}, logprobs=logprobs_of([piece]))
+                    content, calls = readers[index].feed(piece.text) if box else (piece.text, [])
+                    if content or piece.logprobs:
+                        yield chunk(index, {"content": content}, logprobs=logprobs_of([piece]))
+                    for call in calls:  # each whole, in one chunk
+                        yield chunk(index, {"tool_calls": [call.openai(called[index])]})
+                        called[index] += 1
             if request.include_usage:
                 yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generations, request.n)}
 

@@ -15,7 +15,6 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from meadow.api.json_mode import token_texts
-from meadow.api.json_schema import Node
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 
@@ -36,7 +35,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0  # Ollama's: transformers' repetition penalty over the last repeat_last_n tokens
     repeat_last_n: int = 64  # -1: every token
-    json_format: Node | None = None  # the reply a JSON value this compiled schema allows (json_mode.py)
+    constraint: object | None = None  # what the reply is held to, at its start: a JsonPrefix or a ToolCallPrefix
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
@@ -169,8 +168,8 @@ class TextGeneration:
         recorder = Recorder(self.tokenizer, s.logprobs) if s.logprobs is not None else None
         processors = logits_processors(
             length, s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.logit_bias, s.top_k,
-            s.repeat_penalty, s.repeat_last_n, s.json_format,
-            token_texts(self.tokenizer) if s.json_format else (), self.eos_ids,
+            s.repeat_penalty, s.repeat_last_n, s.constraint,
+            token_texts(self.tokenizer) if s.constraint else (), self.eos_ids,
         )
         self.model.generate(
             self.prompt_ids,

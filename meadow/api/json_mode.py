@@ -329,17 +329,14 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, ...]:
     )
 
 
-class JsonChooser(LogitsProcessor):
-    """Chooses the next token, the likeliest (or, with a `generator`, one drawn from softmax(scores)) that keeps the
-    reply the beginning of a JSON value `node` allows; an end-of-sequence token where the value may end (and must,
-    once nothing but whitespace can follow). Returns scores that keep only that token, so that a greedy generate
-    picks it. Goes last among the processors."""
+class PrefixChooser(LogitsProcessor):
+    """Chooses the next token, the likeliest (or, with a `generator`, one drawn from softmax(scores)) whose text
+    `state` takes (a JsonPrefix, or any machine with its `fed`, `complete` and `finished`: tool_calls.py's); an
+    end-of-sequence token where the reply may end (and must, once it is finished). Returns scores that keep only that
+    token, so that a greedy generate picks it. Goes last among the processors."""
 
-    def __init__(
-        self, node: Node, texts: tuple[str | None, ...], eos_ids: list[int], generator: torch.Generator | None
-    ):
-        self.texts, self.eos_ids, self.generator = texts, eos_ids, generator
-        self.state = JsonPrefix(node)
+    def __init__(self, state, texts: tuple[str | None, ...], eos_ids: list[int], generator: torch.Generator | None):
+        self.state, self.texts, self.eos_ids, self.generator = state, texts, eos_ids, generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         chosen = self._choose(scores[0])
@@ -359,7 +356,7 @@ class JsonChooser(LogitsProcessor):
                 self.state = state
                 return token
         # every token tried: only a schema's name or text that no token spells (a rare character split into bytes)
-        message = "the JSON schema asks for text that no token of this model spells"
+        message = "the reply's JSON schema or tools ask for text that no token of this model spells"
         raise APIError(400, message, code="unsupported_value")
 
     def _candidates(self, scores: torch.Tensor):

@@ -74,9 +74,10 @@ ANY = _any()  # any JSON value
 OBJECT = Node(types=frozenset({"object"}), extra=ANY)  # any JSON object: JSON mode
 
 
-def compile_schema(schema) -> Node:
-    """The Node of a JSON schema (a dict, or True for anything), or a SchemaError naming what cannot be followed."""
-    return _Compiler(schema).node(schema, "schema", 0)
+def compile_schema(schema, where: str = "schema") -> Node:
+    """The Node of a JSON schema (a dict, or True for anything), or a SchemaError naming what cannot be followed (and
+    where in it, the schema itself called `where`)."""
+    return _Compiler(schema).node(schema, where, 0)
 
 
 class _Compiler:

@@ -23,8 +23,11 @@ from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
 from meadow.api.json_schema import Node
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_format, refuse_unsupported
+from meadow.api.schemas import (
+    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
+)
 from meadow.api.streaming import GenerationResponse, collect_replies
+from meadow.api.tool_calls import CallReader, Tool, Toolbox, conversation, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 # what would change the models a machine holds: a swarm's model is its servers' to hold
@@ -37,7 +40,6 @@ OLLAMA_PATHS = frozenset(
 DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
-    ("tools", bool, "tool calls are not supported: the reply would be plain text"),
     ("images", bool, "images are not supported: the model reads text"),
     ("suffix", bool, "inserting text is not supported"),
 ]
@@ -89,17 +91,52 @@ class _OllamaRequest(_Refusing):
             return json_format("json_schema", self.format, "format")
         return json_format("json_object" if self.format == "json" else None, None, "format")
 
+    @property
+    def constraint(self) -> object | None:
+        return json_constraint(self.json_format)
+
+
+class Call(BaseModel):
+    function: dict  # {"name", "arguments": an object}
+
+    @field_validator("function")
+    @classmethod
+    def _named_with_arguments(cls, function):
+        if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments", {}), dict):
+            raise ValueError("a call's function needs a name and its arguments as an object")
+        return function
+
 
 class Message(_Refusing):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[Call] | None = None  # an assistant's calls
+
+    def as_dict(self) -> dict:
+        """As chat templates take it: transformers' shape for calls."""
+        message = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            functions = [{"name": c.function["name"], "arguments": c.function.get("arguments", {})} for c in self.tool_calls]
+            message["tool_calls"] = [{"type": "function", "function": function} for function in functions]
+        return message
 
 
 class ChatRequest(_OllamaRequest):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None  # the model calls them as it sees fit (Ollama has no tool_choice)
+
+    @property
+    def toolbox(self) -> Toolbox | None:
+        box = toolbox(self.tools, None, None)
+        if box and self.json_format:
+            raise APIError(400, "tools and a JSON format together are not supported", param="format")
+        return box
 
 
 class GenerateRequest(_OllamaRequest):
+    _no_tools = model_validator(mode="before")(
+        lambda body: refuse_unsupported(body, [("tools", bool, "tool calls are for /api/chat")])
+    )
     prompt: str = ""
     system: str | None = None
     raw: bool = False  # the prompt as it is, without the chat template
@@ -150,7 +187,7 @@ def add_ollama_routes(
             message = f"model '{name}' not found: this API serves '{model_id}' (the model its swarm's servers hold)"
             raise APIError(404, message, param="model")
 
-    def sampling(request: _OllamaRequest, prompt_tokens: int, extra_stop: list[str]) -> Sampling:
+    def sampling(request: _OllamaRequest, prompt_tokens: int, extra_stop: list[str], constraint) -> Sampling:
         options = request.options
         if options.num_predict == 0:
             raise APIError(400, "options.num_predict: 0 generates nothing", param="options.num_predict")
@@ -167,17 +204,21 @@ def add_ollama_routes(
             repeat_last_n=64 if options.repeat_last_n is None else options.repeat_last_n,
             seed=options.seed,
             stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
-            logprobs=request.top_logprobs if request.logprobs else None, json_format=request.json_format,
+            logprobs=request.top_logprobs if request.logprobs else None, constraint=constraint,
         )  # fmt: skip
 
-    async def reply(request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable):
-        """Generate for `prompt_ids`; each line of the reply says its text as `content(text)` does."""
+    async def reply(
+        request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable, constraint=None
+    ):
+        """Generate for `prompt_ids` (held to `constraint`, if any); each line of the reply says its text as
+        `content(text, done)` does."""
         began = time.perf_counter()
-        (generation,) = await start([prompt_ids], sampling(request, prompt_ids.shape[1], extra_stop), 1, http)
+        asked = sampling(request, prompt_ids.shape[1], extra_stop, constraint or request.constraint)
+        (generation,) = await start([prompt_ids], asked, 1, http)
 
         def line(pieces: list[Delta], done: bool = False) -> dict:
             text = "".join(piece.text for piece in pieces)
-            body = {"model": request.model, "created_at": _now(), **content(text), "done": done}
+            body = {"model": request.model, "created_at": _now(), **content(text, done), "done": done}
             if request.logprobs:
                 body["logprobs"] = [_logprob(entry) for piece in pieces for entry in piece.logprobs]
             return {**body, **(_statistics(generation, began) if done else {})}
@@ -197,9 +238,20 @@ def add_ollama_routes(
     async def chat(http: Request):
         request = await _parsed(http, ChatRequest)
         check(request.model)
-        prompt_ids = chat_prompt_ids(tokenizer, [message.model_dump() for message in request.messages])
-        content = lambda text: {"message": {"role": "assistant", "content": text}}
-        return await reply(request, prompt_ids, stop_strings(tokenizer), http, content)
+        box = request.toolbox
+        messages, shown = conversation(tokenizer.chat_template, [message.as_dict() for message in request.messages], box)
+        prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
+        reader = CallReader()  # with tools: the reply's content, and its calls as each is whole
+
+        def content(text: str, done: bool) -> dict:
+            if box is None:
+                return {"message": {"role": "assistant", "content": text}}
+            said, calls = reader.feed(text)
+            message = {"role": "assistant", "content": said + (reader.rest() if done else "")}
+            return {"message": {**message, "tool_calls": [call.ollama() for call in calls]} if calls else message}
+
+        constraint = box.prefix() if box else None
+        return await reply(request, prompt_ids, stop_strings(tokenizer), http, content, constraint)
 
     @app.post("/api/generate", dependencies=keyed)
     async def generate(http: Request):
@@ -213,7 +265,7 @@ def add_ollama_routes(
             system = [{"role": "system", "content": request.system}] if request.system else []
             prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}])
             extra_stop = stop_strings(tokenizer)
-        return await reply(request, prompt_ids, extra_stop, http, lambda text: {"response": text})
+        return await reply(request, prompt_ids, extra_stop, http, lambda text, done: {"response": text})
 
     @app.post("/api/embed", dependencies=keyed)
     async def embed_texts(http: Request) -> dict:
@@ -256,7 +308,7 @@ def add_ollama_routes(
         info = {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length}
         return {
             "modelfile": "", "parameters": "", "template": tokenizer.chat_template or "", "details": details,
-            "model_info": info, "capabilities": ["completion"], "modified_at": started,
+            "model_info": info, "capabilities": ["completion", "tools"], "modified_at": started,
         }  # fmt: skip
 
     @app.post("/api/pull", dependencies=keyed)

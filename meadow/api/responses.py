@@ -18,8 +18,11 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import chat_format
+from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node
-from meadow.api.schemas import DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_format, refuse_unsupported
+from meadow.api.schemas import (
+    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
+)
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -91,6 +94,10 @@ class ResponseRequest(BaseModel):
         return json_format(self.text.format.type, self.text.format.schema_, "text.format")
 
     @property
+    def constraint(self) -> JsonPrefix | None:
+        return json_constraint(self.json_format)
+
+    @property
     def logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if LOGPROBS in (self.include or []) else None
 
@@ -119,7 +126,7 @@ def add_responses_routes(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs, json_format=request.json_format,
+            stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs, constraint=request.constraint,
         )  # fmt: skip
         (generation,) = await start([prompt_ids], sampling, 1, http)
         ids = {"response": f"resp_{uuid.uuid4().hex}", "message": f"msg_{uuid.uuid4().hex}"}

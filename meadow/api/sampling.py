@@ -20,8 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from meadow.api.json_mode import JsonChooser
-from meadow.api.json_schema import Node
+from meadow.api.json_mode import PrefixChooser
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -82,13 +81,14 @@ def logits_processors(
     top_k: int = 0,
     repeat_penalty: float = 1.0,
     repeat_last_n: int = 64,
-    json_format: Node | None = None,
+    constraint=None,
     token_texts: tuple[str | None, ...] = (),
     eos_ids: list[int] = (),
 ) -> LogitsProcessorList:
     """What turns the model's logits into the next token for one request; temperature 0 means greedy, top_k 0 keeps
-    every token, repeat_penalty 1 or repeat_last_n 0 penalizes no repetition. With `json_format` (and each token's
-    text), the token is chosen so that the reply is a JSON value it allows, ended by one of `eos_ids`."""
+    every token, repeat_penalty 1 or repeat_last_n 0 penalizes no repetition. With a `constraint` (a JsonPrefix or a
+    ToolCallPrefix, and each token's text), the token is chosen so that the reply follows it, ended by one of
+    `eos_ids`."""
     processors = LogitsProcessorList()
     if repeat_penalty != 1.0 and repeat_last_n != 0:
         processors.append(RecentRepetitionPenalty(repeat_penalty, repeat_last_n))
@@ -103,8 +103,8 @@ def logits_processors(
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
     generator = seeded_generator(seed) if temperature > 0 else None
-    if json_format is not None:
-        processors.append(JsonChooser(json_format, token_texts, list(eos_ids), generator))
+    if constraint is not None:
+        processors.append(PrefixChooser(constraint, token_texts, list(eos_ids), generator))
     elif generator is not None:
         processors.append(SeededSampler(generator))
     return processors

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from meadow.api.embeddings import none_empty
 from meadow.api.errors import APIError
 from meadow.api.generation import Sampling
+from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT, Node, SchemaError, compile_schema
+from meadow.api.tool_calls import Tool, ToolChoice, Toolbox, toolbox
 
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context", which would reserve every
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
@@ -17,7 +20,6 @@ MAX_CHOICES = 16  # choices one request may ask for (prompts x n): each is an in
 MAX_TOP_LOGPROBS = 20
 # fields that, when set so, ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
-    ("tools", bool, "tool calls are not supported: the reply would be plain text"),
     ("suffix", bool, "inserting text is not supported"),
     ("best_of", lambda b: b != 1, "best_of is not supported: ask for n choices and their logprobs"),
 ]
@@ -45,6 +47,11 @@ def json_format(kind, schema, param: str) -> Node | None:
         return compile_schema(True if schema is None else schema)
     except SchemaError as e:
         raise APIError(400, f"{param}: {e}", param=param, code="unsupported_value") from None
+
+
+def json_constraint(node: Node | None) -> JsonPrefix | None:
+    """What a reply held to `node` (if any) follows from its start."""
+    return None if node is None else JsonPrefix(node)
 
 
 class ResponseFormat(BaseModel):
@@ -105,7 +112,7 @@ class _Request(BaseModel):
             seed=self.seed,
             stop=tuple(dict.fromkeys([*stops, *extra_stop])),
             logit_bias=tuple((self.logit_bias or {}).items()),
-            json_format=self.json_format,
+            constraint=self.constraint,
             **logprobs,
         )
 
@@ -117,6 +124,10 @@ class _Request(BaseModel):
         return json_format(self.response_format.type, schema, "response_format")
 
     @property
+    def constraint(self) -> object | None:
+        return json_constraint(self.json_format)
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -126,14 +137,42 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text, as OpenAI writes it
 
-    def as_dict(self) -> dict[str, str]:
-        """{"role", "content"} with plain-text content, as chat templates take it ("developer" is the new "system")."""
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, arguments):
+        try:
+            if isinstance(json.loads(arguments), dict):
+                return arguments
+        except ValueError:
+            pass
+        raise ValueError("a call's arguments must be a JSON object's text")
+
+
+class MessageToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    def as_dict(self) -> dict:
+        """{"role", "content"} with plain-text content, as chat templates take it ("developer" is the new "system"),
+        and an assistant's calls with their arguments as objects (transformers' shape)."""
         content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            functions = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in self.tool_calls]
+            message["tool_calls"] = [{"type": "function", "function": function} for function in functions]
+        return message
 
 
 class ChatCompletionRequest(_Request):
@@ -141,6 +180,10 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    _toolbox: Toolbox | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -148,8 +191,28 @@ class ChatCompletionRequest(_Request):
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return self
 
+    @model_validator(mode="after")
+    def _tools_compiled(self):
+        self._toolbox = toolbox(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if self._toolbox and self.json_format:
+            message = "tools and a JSON response_format together are not supported"
+            raise APIError(400, message, param="response_format")
+        return self
+
+    @property
+    def toolbox(self) -> Toolbox | None:
+        """The tools the reply may call, if it is offered any."""
+        return self._toolbox
+
+    @property
+    def constraint(self) -> object | None:
+        return self._toolbox.prefix() if self._toolbox else json_constraint(self.json_format)
+
 
 class CompletionRequest(_Request):
+    _no_tools = model_validator(mode="before")(
+        lambda body: refuse_unsupported(body, [("tools", bool, "tool calls are for chat completions")])
+    )
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="a text or its token ids, or a list")
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo and logprobs: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -10,10 +10,11 @@ PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = "\nUser:"  # a base model continues the transcript: its reply ends where it starts the user's next turn
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> torch.Tensor:
-    """Token ids (1, L) of `messages` followed by the start of the assistant's reply."""
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None) -> torch.Tensor:
+    """Token ids (1, L) of `messages` followed by the start of the assistant's reply (`tools`: for a chat template
+    that shows them itself)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     lines = [f"{PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
     return tokenizer("\n".join(lines) + "\nAssistant:", return_tensors="pt")["input_ids"]

@@ -1,0 +1,268 @@
+"""Tool calls (OpenAI's `tools` and `tool_choice`, Ollama's `tools`): the functions shown to the model, its calls read
+back out of the reply. A call is written as Hermes and Qwen models are trained to write it,
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+and once the reply opens one, the rest is held to it (json_mode.py's chooser, following `ToolCallPrefix`): the name is
+one of the tools', the arguments match that tool's parameters, so every call the API returns can be made. Before a
+call the model writes freely (`auto`), or nothing (`required`, a named tool); `none` never opens one."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from meadow.api.errors import APIError
+from meadow.api.json_mode import JsonPrefix
+from meadow.api.json_schema import Node, SchemaError, compile_schema
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+CALL_START = '\n{"name": '  # after OPEN: the name comes first, as the models write it
+ARGUMENTS = ', "arguments": '
+CALL_END = "}\n" + CLOSE
+AGAIN = "\n" + OPEN  # another call, on the next line
+MAX_TOOLS = 128  # as OpenAI's
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# shown to a model whose chat template does not show tools itself; the call's form is the one it is held to
+TOOLS_PROMPT = """You can call functions to help with the user's request. They are described here, one JSON object per line:
+<tools>
+{tools}
+</tools>
+To call one, reply with a JSON object holding its name and arguments between <tool_call> and </tool_call>:
+<tool_call>
+{{"name": "the function's name", "arguments": {{"an argument": "its value"}}}}
+</tool_call>
+The result comes back between <tool_response> and </tool_response>."""
+
+
+class Function(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule: every model can spell it
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # always: the arguments are held to `parameters`
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class NamedChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict  # {"name": ...}
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedChoice
+
+
+@dataclass(frozen=True)
+class Toolbox:
+    """The tools a request offers, their parameters compiled, and how the reply may use them."""
+
+    tools: tuple[Tool, ...]
+    parameters: dict[str, Node]  # name -> the schema its arguments follow
+    callable: tuple[str, ...]  # the names the reply may call: none ("none"), one (a named choice) or all
+    free: bool  # text may come before a call (auto, none); else the reply is calls only
+    parallel: bool  # more than one call in a reply
+
+    def prefix(self) -> "ToolCallPrefix":
+        """The machine a reply follows, at its start."""
+        return ToolCallPrefix(self, ("free", 0) if self.free else ("spell", OPEN + CALL_START, _names(self)))
+
+    def shown(self) -> list[dict]:
+        """The tools as chat templates take them (OpenAI's shape)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+
+def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None, param: str = "tools"):
+    """A request's Toolbox (None when it offers no tools), or a 400 naming what is wrong."""
+    if not tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    if len(tools) > MAX_TOOLS:
+        raise APIError(400, f"{param}: at most {MAX_TOOLS} tools", param=param)
+    parameters = {}
+    for i, tool in enumerate(tools):
+        where = f"{param}[{i}].function.parameters"
+        name, schema = tool.function.name, tool.function.parameters or NO_PARAMETERS
+        if name in parameters:
+            raise APIError(400, f"{param}: two tools are named {name!r}", param=param)
+        if schema.get("type") != "object":
+            raise APIError(400, f"{where}: the arguments must be an object (type: object)", param=param)
+        try:
+            parameters[name] = compile_schema(schema, where)
+        except SchemaError as e:
+            raise APIError(400, str(e), param=param, code="unsupported_value") from None
+    names = tuple(parameters)
+    if isinstance(choice, NamedChoice):
+        named = choice.function.get("name")
+        if named not in parameters:
+            raise APIError(400, f"tool_choice: no tool is named {named!r}", param="tool_choice")
+        names = (named,)
+    callable_ = () if choice == "none" else names
+    free = choice in (None, "auto", "none")
+    parallel = parallel is not False and not isinstance(choice, NamedChoice)  # a named tool: one call of it
+    return Toolbox(tuple(tools), parameters, callable_, free, parallel)
+
+
+def _names(box: Toolbox) -> tuple:
+    return "name", tuple((json.dumps(name) + ARGUMENTS, name) for name in box.callable)
+
+
+AFTER = ("after",)
+
+
+class ToolCallPrefix:
+    """Where a reply stands: free text, then calls (see the module's doc). Like JsonPrefix: `fed(text)` is the state
+    after `text` or None, `complete` says the reply may end here, `finished` that it must. Immutable. A phase is one of
+    ("free", characters of OPEN just read), ("spell", the text that must come, the phase after it), ("name", (the
+    rest of each name still possible, with ARGUMENTS after it; the name)), ("args", name, JsonPrefix), AFTER."""
+
+    def __init__(self, box: Toolbox, phase: tuple):
+        self.box, self.phase = box, phase
+
+    def fed(self, text: str) -> "ToolCallPrefix | None":
+        phase = self.phase
+        for c in text:
+            phase = self._step(phase, c)
+            if phase is None:
+                return None
+        return ToolCallPrefix(self.box, phase)
+
+    def _step(self, phase: tuple, c: str) -> tuple | None:
+        kind = phase[0]
+        if kind == "free":
+            seen = OPEN[: phase[1]] + c
+            while not OPEN.startswith(seen):
+                seen = seen[1:]
+            if seen != OPEN:
+                return "free", len(seen)
+            return ("spell", CALL_START, _names(self.box)) if self.box.callable else None
+        if kind == "spell":
+            _, rest, then = phase
+            if c != rest[0]:
+                return None
+            return ("spell", rest[1:], then) if len(rest) > 1 else then
+        if kind == "name":
+            options = tuple((rest[1:], name) for rest, name in phase[1] if rest[0] == c)
+            ended = [name for rest, name in options if not rest]
+            if ended:
+                return "args", ended[0], JsonPrefix(self.box.parameters[ended[0]])
+            return ("name", options) if options else None
+        if kind == "args":
+            _, name, arguments = phase
+            if arguments.finished:
+                return self._step(("spell", CALL_END, AFTER), c)
+            arguments = arguments.fed(c)
+            return arguments and ("args", name, arguments)
+        return self._step(("spell", AGAIN + CALL_START, _names(self.box)), c) if self.box.parallel else None
+
+    @property
+    def complete(self) -> bool:
+        return self.phase[0] == "free" or self.phase == AFTER
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == AFTER and not self.box.parallel
+
+
+@dataclass(frozen=True)
+class Call:
+    id: str
+    name: str
+    arguments: dict
+
+    def openai(self, index: int | None = None) -> dict:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": json.dumps(self.arguments)}}
+        return call if index is None else {"index": index, **call}
+
+    def ollama(self) -> dict:
+        return {"function": {"name": self.name, "arguments": self.arguments}}
+
+
+class CallReader:
+    """Reads a reply as it grows: the text before its first call (its content), then each call once it is whole.
+    Text that may be the beginning of a call (a piece of OPEN, whitespace) is held back until it is known not to be."""
+
+    def __init__(self):
+        self.text, self.given, self.calls = "", 0, 0  # the reply so far; content handed out; calls handed out
+
+    def feed(self, piece: str) -> tuple[str, list[Call]]:
+        """The content and calls that `piece` completes."""
+        self.text += piece
+        start = self.text.find(OPEN)
+        if start < 0:
+            held = max((n for n in range(1, len(OPEN)) if self.text.endswith(OPEN[:n])), default=0)
+            safe = len(self.text[: len(self.text) - held].rstrip())
+            content, self.given = self.text[self.given : max(safe, self.given)], max(safe, self.given)
+            return content, []
+        content = self.text[self.given : len(self.text[:start].rstrip())]
+        self.given = len(self.text)  # nothing after the first call is content
+        calls = _calls(self.text[start:])
+        new, self.calls = calls[self.calls :], len(calls)
+        return content, new
+
+    def rest(self) -> str:
+        """The content held back, once the reply has ended (trailing whitespace is not given)."""
+        return "" if OPEN in self.text else self.text[self.given :].rstrip()
+
+
+def _calls(text: str) -> list[Call]:
+    """The whole calls in `text`, which begins with OPEN (written as ToolCallPrefix holds them)."""
+    calls, decoder, at = [], json.JSONDecoder(), 0
+    while text.startswith(OPEN + "\n", at):
+        try:
+            call, at = decoder.raw_decode(text, at + len(OPEN) + 1)
+        except json.JSONDecodeError:  # not whole yet
+            break
+        calls.append(Call(f"call_{uuid.uuid4().hex[:24]}", call["name"], call["arguments"]))
+        at += len(CALL_END)  # past "\n</tool_call>" and the line break before another call
+    return calls
+
+
+def read_reply(text: str) -> tuple[str, list[Call]]:
+    """A whole reply's content and calls."""
+    reader = CallReader()
+    content, calls = reader.feed(text)
+    return content + reader.rest(), calls
+
+
+def conversation(template: str | None, messages: list[dict], box: Toolbox | None) -> tuple[list[dict], list | None]:
+    """`messages` (transformers' shape: an assistant's `tool_calls` with their arguments as objects, "tool" messages
+    with the results) and the tools, as the chat template is given them. A `template` that shows tools and calls in
+    the form the reply is held to takes them as they are; for any other, the tools are described in the system
+    message, calls written into the assistant's text and results sent as the user's, each in its tags."""
+    if template and OPEN in template and "tools" in template:
+        return messages, box.shown() if box and box.callable else None
+    out = []
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "tool":
+            content = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("tool_results"):  # the results of one turn's calls, as one message
+                out[-1]["content"] += "\n" + content
+                continue
+            out.append({"role": "user", "content": content, "tool_results": True})
+            continue
+        calls = [_written(call["function"]) for call in message.get("tool_calls") or []]
+        out.append({"role": role, "content": "\n".join([content, *calls] if content else calls)})
+    if box and box.callable:
+        described = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in box.shown()))
+        if out and out[0]["role"] == "system":
+            out[0]["content"] += "\n\n" + described
+        else:
+            out.insert(0, {"role": "system", "content": described})
+    return [{"role": m["role"], "content": m["content"]} for m in out], None
+
+
+def _written(function: dict) -> str:
+    """A call as the reply writes it."""
+    return f"{OPEN}\n{json.dumps({'name': function['name'], 'arguments': function['arguments']})}\n{CLOSE}"

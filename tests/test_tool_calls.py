@@ -1,0 +1,170 @@
+"""Tool calls: the machine a reply with tools follows, against the jsonschema package (every call it lets through can
+be made: a known name, arguments valid for that tool), the reader that takes calls back out of the reply, whole or as
+it streams, and the conversation as chat templates are given it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from meadow.api.errors import APIError
+from meadow.api.tool_calls import OPEN, CallReader, NamedChoice, Tool, conversation, read_reply, toolbox
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["C", "F"]},
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+}
+NOTE = {"type": "object", "properties": {"text": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"},
+        "maxItems": 2}}, "required": ["text", "tags"]}  # fmt: skip
+TOOLS = [
+    Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}),
+    Tool.model_validate({"type": "function", "function": {"name": "add_note", "parameters": NOTE}}),
+    Tool.model_validate({"type": "function", "function": {"name": "now"}}),  # no parameters: {} only
+]
+SCHEMAS = {"get_weather": WEATHER, "add_note": NOTE, "now": {"type": "object", "additionalProperties": False}}
+NAMED = NamedChoice(function={"name": "add_note"})
+# (tool_choice, parallel_tool_calls)
+MODES = [(None, None), ("auto", False), ("required", None), ("required", False), (NAMED, None), ("none", None)]
+
+
+def walk(box, rng: random.Random, limit: int = 600) -> str | None:
+    """A random reply the machine takes, a character at a time among those it allows (and, now and then, a whole
+    OPEN where one may come), ended once complete by chance; None if it grew past `limit`."""
+    alphabet = sorted(set(json.dumps([tool.model_dump() for tool in TOOLS])) | set(' \n\\"0123456789-.:<>/_abcé'))
+    state, text = box.prefix(), ""
+    while len(text) < limit:
+        if state.finished or state.complete and rng.random() < 0.2:
+            return text
+        if rng.random() < 0.1 and (after := state.fed(OPEN)) is not None:
+            state, text = after, text + OPEN
+            continue
+        options = [(c, after) for c in alphabet if (after := state.fed(c)) is not None]
+        closing = [(c, after) for c, after in options if c in '}]"'] if len(text) > limit // 2 else []
+        c, state = rng.choice(closing or options)
+        text += c
+    return None
+
+
+@pytest.mark.parametrize("choice, parallel", MODES)
+def test_every_reply_walked_through_the_machine_reads_back_as_calls_that_can_be_made(choice, parallel):
+    box, rng = toolbox(TOOLS, choice, parallel), random.Random(str(choice))
+    replies = [text for _ in range(60) if (text := walk(box, rng)) is not None]
+    assert len(set(replies)) > 20
+    counts = []
+    for text in replies:
+        content, calls = read_reply(text)
+        counts.append(len(calls))
+        for call in calls:
+            assert call.name in box.callable
+            jsonschema.validate(call.arguments, SCHEMAS[call.name])
+        if not box.free:  # the reply is calls only
+            assert content == "" and calls and text.startswith(OPEN)
+        if choice == "none":
+            assert OPEN not in text and content == text.rstrip()
+        assert bool(calls) == (OPEN in text) and len(calls) <= (99 if box.parallel else 1)  # each call opened is whole
+        # read as it streams, in random pieces: the same content and calls
+        reader, streamed, said = CallReader(), [], ""
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 6)))
+        for start, end in zip([0, *cuts], [*cuts, len(text)]):
+            piece, new = reader.feed(text[start:end])
+            said, streamed = said + piece, streamed + new
+        assert said + reader.rest() == content
+        assert [(call.name, call.arguments) for call in streamed] == [(call.name, call.arguments) for call in calls]
+    if choice != "none":
+        assert max(counts) >= (2 if box.parallel else 1)  # the walks made calls, several in a reply when allowed
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "choice, parallel, text",
+    [
+        ("required", None, "Sure." + CALL),  # text before a call that is required
+        ("required", None, CALL.replace("get_weather", "get_wether")),  # no such tool
+        ("required", None, CALL.replace('"Paris"}', '"Paris", "when": 1}')),  # no such argument
+        ("required", None, CALL.replace('"Paris"', '"Paris", "days": 8')),  # above its maximum
+        ("required", None, CALL.replace('"Paris"', '"Paris", "unit": "K"')),  # not in its enum
+        ("required", None, CALL.replace("{\"city\": \"Paris\"}", "[]")),  # arguments must be an object
+        ("required", None, CALL.replace('"name": "get_weather", "arguments"', '"arguments"')),  # the name first
+        ("required", None, CALL.replace("\n{", "{")),  # the call on a line of its own
+        ("required", None, CALL.replace("</tool_call>", "</tool>")),
+        ("auto", None, CALL + " Done."),  # nothing but calls after a call
+        ("auto", False, CALL + "\n" + CALL),  # one call only
+        (NAMED, None, CALL),  # another tool than the one named
+        ("none", None, "I will call it: " + CALL),  # no call at all
+    ],
+)
+def test_replies_that_break_the_form_are_refused(choice, parallel, text):
+    box = toolbox(TOOLS, choice, parallel)
+    assert box.prefix().fed(text) is None
+
+
+def test_the_reply_may_end_where_a_call_or_text_has_ended_and_must_once_nothing_else_may_come():
+    auto, one = toolbox(TOOLS, "auto", None), toolbox(TOOLS, "required", False)
+    assert auto.prefix().fed("Hello").complete and auto.prefix().fed(CALL).complete
+    assert not auto.prefix().fed(CALL[:-1]).complete and not auto.prefix().fed(CALL).finished
+    assert not one.prefix().fed("").complete and one.prefix().fed(CALL).finished
+    assert read_reply("It is sunny.\n" + CALL)[0] == "It is sunny."
+    assert read_reply(CALL[:-20])[1] == []  # cut short (max_tokens): no call
+
+
+HERMES = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" \
+         "<tool_call>"  # fmt: skip
+HISTORY = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}},
+    ]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "tool", "content": "rain"},
+]  # fmt: skip
+
+
+def test_a_template_that_shows_tools_gets_them_others_see_them_described_and_calls_written_as_replies_write_them():
+    box = toolbox(TOOLS, None, None)
+    assert conversation(HERMES, HISTORY, box) == (HISTORY, box.shown())
+    assert conversation(HERMES, HISTORY, toolbox(TOOLS, "none", None)) == (HISTORY, None)
+    messages, tools = conversation(None, HISTORY, box)
+    assert tools is None and [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    system = messages[0]["content"]
+    assert system.startswith("Be brief.\n\n") and all(json.dumps(tool.model_dump(exclude_none=True)) in system
+                                                      for tool in TOOLS)  # fmt: skip
+    assert messages[3]["content"] == "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>"
+    # the calls of the history are written as the machine holds a reply to: read back, they are the same calls
+    written = messages[2]["content"]
+    assert toolbox(TOOLS, "required", None).prefix().fed(written).complete
+    assert [(call.name, call.arguments) for call in read_reply(written)[1]] == [("get_weather", {"city": "Paris"}),
+                                                                          ("get_weather", {"city": "Rome", "days": 2})]
+    none = conversation(None, HISTORY[1:2], toolbox(TOOLS, "none", None))[0]
+    assert none == HISTORY[1:2]  # tools that may not be called are not described
+
+
+@pytest.mark.parametrize(
+    "tools, choice, words",
+    [
+        ([], "required", "tool_choice needs tools"),
+        (TOOLS + TOOLS[:1], None, "two tools are named"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None, "must be an object"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}], None,
+         "tools[0].function.parameters: the keyword 'not'"),
+        (TOOLS, NamedChoice(function={"name": "fly"}), "no tool is named 'fly'"),
+        (TOOLS * 50, None, "at most 128"),
+    ],
+)
+def test_tools_that_cannot_be_followed_are_refused_saying_why(tools, choice, words):
+    tools = [tool if isinstance(tool, Tool) else Tool.model_validate(tool) for tool in tools]
+    with pytest.raises(APIError) as refused:
+        toolbox(tools, choice, None)
+    assert refused.value.status == 400 and words in refused.value.message
