@@ -27,6 +27,8 @@ from openai.types.responses import Response
 from meadow.api.embeddings import batches
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT
+from meadow.api.schemas import ChatMessage
+from meadow.api.tool_calls import Tool, conversation, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
@@ -451,6 +453,61 @@ def test_structured_replies_match_their_schema_on_every_route(client, model_id, 
         Flower.model_validate_json(chat.message.content)
 
 
+class Weather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=8)
+    days: int = pydantic.Field(ge=1, le=7)
+
+
+NOW = {"type": "function", "function": {"name": "now", "strict": True,
+       "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}  # fmt: skip
+
+
+def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(client, model_id, served, reference):
+    """A random model never opens a call by itself; asked to call (`required`, or a named tool), every call is one
+    the client's own helper parses into its pydantic model, streamed or not. Left to choose (`auto`, Ollama), its
+    reply is the local greedy reply to the conversation with the tools described, and the calls and results of earlier
+    turns written in."""
+    tools = [openai.pydantic_function_tool(Weather, name="get_weather"), NOW]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    asked = {"model": model_id, "messages": messages, "tools": tools, "max_tokens": 200}
+    forced = client.chat.completions.parse(**asked, tool_choice="required", temperature=0).choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.content is None
+    assert forced.message.tool_calls and all(call.function.name in ("get_weather", "now")
+                                             for call in forced.message.tool_calls)  # fmt: skip
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    for options in ({"temperature": 0}, {"temperature": 1, "seed": 3}):
+        named = client.chat.completions.parse(**asked, tool_choice=weather, **options).choices[0]
+        (call,) = named.message.tool_calls
+        assert isinstance(call.function.parsed_arguments, Weather) and named.finish_reason == "tool_calls"
+    with client.chat.completions.stream(**asked, tool_choice=weather, temperature=1, seed=3) as stream:
+        (streamed,) = stream.get_final_completion().choices[0].message.tool_calls
+    assert streamed.function.arguments == call.function.arguments and streamed.id.startswith("call_")
+
+    tokenizer, box = reference[1], toolbox([Tool.model_validate(tool) for tool in tools], None, None)
+    made = {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}
+    earlier = [*messages, {"role": "assistant", "content": None, "tool_calls": [made]},
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+    for conversation_so_far in (messages, earlier):
+        shown = [ChatMessage.model_validate(message).as_dict() for message in conversation_so_far]
+        prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, shown, box))
+        text, finish, _ = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))
+        chosen = client.chat.completions.create(**{**asked, "messages": conversation_so_far, "max_tokens": 12},
+                                                temperature=0)  # fmt: skip
+        assert chosen.choices[0].message.content == text and chosen.usage.prompt_tokens == prompt_ids.shape[1]
+        assert chosen.choices[0].message.tool_calls is None and chosen.choices[0].finish_reason == finish
+    described = chat_prompt_ids(tokenizer, conversation(tokenizer.chat_template, messages, box)[0]).shape[1]
+    assert described > chat_prompt_ids(tokenizer, messages).shape[1] + 100  # the tools' description is in the prompt
+    # Ollama's route (its client would send its own reading of the tools: the request as it is, here)
+    arguments = json.loads(call.function.arguments)
+    ollama_earlier = [*messages, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name":
+                      "get_weather", "arguments": arguments}}]}, {"role": "tool", "content": "sunny"}]  # fmt: skip
+    body = {"model": model_id, "messages": ollama_earlier, "tools": tools, "stream": False,
+            "options": {"temperature": 0, "num_predict": 12}}  # fmt: skip
+    status, chat = http(served["url"] + "api/chat", json.dumps(body).encode())
+    assert status == 200 and chat["message"] == {"role": "assistant", "content": text}
+    assert chat["prompt_eval_count"] == prompt_ids.shape[1]
+
+
 def test_malformed_json_is_a_400_in_openais_shape(served):
     status, reply = http(served["url"] + "v1/chat/completions", b'{"model": "tiny-llama", "messages": [')
     assert status == 400
@@ -472,7 +529,14 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-         "tools"),  # asks for what it would not get
+         "tools.0.function"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [NOW, NOW]}, "tools"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+         "tool_choice"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [NOW],
+          "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": "tiny-llama", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+          "function": {"name": "now", "arguments": "{not json"}}]}]}, "messages.0.tool_calls.0.function.arguments"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
          "response_format.type"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
@@ -499,6 +563,7 @@ def test_bad_fields_are_a_400_naming_the_field(served, body, param):
         ({"model": "tiny-llama", "prompt": [[1, 2], []]}, "prompt"),
         ({"model": "tiny-llama", "prompt": "a", "logprobs": 21}, "logprobs"),
         ({"model": "tiny-llama", "prompt": "a", "suffix": " end"}, "suffix"),  # asks for what it would not get
+        ({"model": "tiny-llama", "prompt": "a", "tools": [NOW]}, "tools"),
         ({"model": "tiny-llama", "prompt": "a", "best_of": 3}, "best_of"),
         ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"model": "tiny-llama", "prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias"),
@@ -787,6 +852,8 @@ HI = {"role": "user", "content": "hi"}
         ("generate", {"model": "tiny-llama", "prompt": "hi", "options": {"stop": ["", "b"]}}, 400, "options.stop"),
         ("chat", {"model": "tiny-llama", "messages": [HI], "format": {"type": "object", "not": {}}}, 400, "format"),
         ("chat", {"model": "tiny-llama", "messages": [{**HI, "images": ["aGk="]}]}, 400, "images"),
+        ("generate", {"model": "tiny-llama", "prompt": "hi", "tools": [NOW]}, 400, "tool calls are for /api/chat"),
+        ("chat", {"model": "tiny-llama", "messages": [HI], "tools": [NOW], "format": "json"}, 400, "tools and a JSON"),
         ("chat", {"model": "tiny-llama", "messages": []}, 400, "messages"),
         ("generate", b'{"model": "tiny-llama", "prompt": ', 400, "not valid JSON"),
         ("embed", {"model": "tiny-llama", "input": ["a", ""]}, 400, "input 1 is empty"),

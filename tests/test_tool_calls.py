@@ -71,6 +71,7 @@ def test_every_reply_walked_through_the_machine_reads_back_as_calls_that_can_be_
         if choice == "none":
             assert OPEN not in text and content == text.rstrip()
         assert bool(calls) == (OPEN in text) and len(calls) <= (99 if box.parallel else 1)  # each call opened is whole
+        assert len({json.dumps([call.name, call.arguments], sort_keys=True) for call in calls}) == len(calls)
         # read as it streams, in random pieces: the same content and calls
         reader, streamed, said = CallReader(), [], ""
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 6)))
@@ -116,6 +117,18 @@ def test_the_reply_may_end_where_a_call_or_text_has_ended_and_must_once_nothing_
     assert not one.prefix().fed("").complete and one.prefix().fed(CALL).finished
     assert read_reply("It is sunny.\n" + CALL)[0] == "It is sunny."
     assert read_reply(CALL[:-20])[1] == []  # cut short (max_tokens): no call
+
+
+def test_a_call_that_repeats_one_already_made_ends_the_reply_and_is_not_read_back():
+    """A small model asked for calls repeats its first until max_tokens: the repeat ends the reply instead."""
+    box = toolbox(TOOLS, "required", None)
+    other = CALL.replace("Paris", "Rome")
+    assert not box.prefix().fed(CALL + "\n" + other).finished
+    for again in (CALL, CALL.replace('{"city": "Paris"}', '{\n  "city":"Paris"}')):
+        state = box.prefix().fed(CALL + "\n" + other + "\n" + again)
+        assert state.finished and state.fed("\n") is None
+        content, calls = read_reply(CALL + "\n" + other + "\n" + again)
+        assert [call.arguments["city"] for call in calls] == ["Paris", "Rome"]
 
 
 HERMES = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" \

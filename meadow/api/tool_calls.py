@@ -113,18 +113,23 @@ def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool 
     return Toolbox(tuple(tools), parameters, callable_, free, parallel)
 
 
-def _names(box: Toolbox) -> tuple:
-    return "name", tuple((json.dumps(name) + ARGUMENTS, name) for name in box.callable)
+def _names(box: Toolbox, made: frozenset = frozenset()) -> tuple:
+    return "name", tuple((json.dumps(name) + ARGUMENTS, name) for name in box.callable), made
 
 
-AFTER = ("after",)
+def _same(name: str, arguments) -> str:
+    """What two calls have alike when they are the same call, however their arguments are spaced or ordered."""
+    return json.dumps([name, arguments], sort_keys=True)
 
 
 class ToolCallPrefix:
     """Where a reply stands: free text, then calls (see the module's doc). Like JsonPrefix: `fed(text)` is the state
     after `text` or None, `complete` says the reply may end here, `finished` that it must. Immutable. A phase is one of
     ("free", characters of OPEN just read), ("spell", the text that must come, the phase after it), ("name", (the
-    rest of each name still possible, with ARGUMENTS after it; the name)), ("args", name, JsonPrefix), AFTER."""
+    rest of each name still possible, with ARGUMENTS after it; the name), made), ("args", name, JsonPrefix, their
+    text, made), ("after", made, repeated); `made` holds the calls made so far (as `_same` writes them). A call that
+    repeats one already made ends the reply (a small model, asked for calls, would go on repeating it): it is not
+    read back (`_calls`)."""
 
     def __init__(self, box: Toolbox, phase: tuple):
         self.box, self.phase = box, phase
@@ -152,26 +157,31 @@ class ToolCallPrefix:
                 return None
             return ("spell", rest[1:], then) if len(rest) > 1 else then
         if kind == "name":
-            options = tuple((rest[1:], name) for rest, name in phase[1] if rest[0] == c)
+            _, options, made = phase
+            options = tuple((rest[1:], name) for rest, name in options if rest[0] == c)
             ended = [name for rest, name in options if not rest]
             if ended:
-                return "args", ended[0], JsonPrefix(self.box.parameters[ended[0]])
-            return ("name", options) if options else None
+                return "args", ended[0], JsonPrefix(self.box.parameters[ended[0]]), "", made
+            return ("name", options, made) if options else None
         if kind == "args":
-            _, name, arguments = phase
+            _, name, arguments, text, made = phase
             if arguments.finished:
-                return self._step(("spell", CALL_END, AFTER), c)
+                call = _same(name, json.loads(text))
+                return self._step(("spell", CALL_END, ("after", made | {call}, call in made)), c)
             arguments = arguments.fed(c)
-            return arguments and ("args", name, arguments)
-        return self._step(("spell", AGAIN + CALL_START, _names(self.box)), c) if self.box.parallel else None
+            return arguments and ("args", name, arguments, text + c, made)
+        _, made, repeated = phase
+        if repeated or not self.box.parallel:
+            return None
+        return self._step(("spell", AGAIN + CALL_START, _names(self.box, made)), c)
 
     @property
     def complete(self) -> bool:
-        return self.phase[0] == "free" or self.phase == AFTER
+        return self.phase[0] in ("free", "after")
 
     @property
     def finished(self) -> bool:
-        return self.phase == AFTER and not self.box.parallel
+        return self.phase[0] == "after" and (self.phase[2] or not self.box.parallel)
 
 
 @dataclass(frozen=True)
@@ -217,13 +227,15 @@ class CallReader:
 
 def _calls(text: str) -> list[Call]:
     """The whole calls in `text`, which begins with OPEN (written as ToolCallPrefix holds them)."""
-    calls, decoder, at = [], json.JSONDecoder(), 0
+    calls, made, decoder, at = [], set(), json.JSONDecoder(), 0
     while text.startswith(OPEN + "\n", at):
         try:
             call, at = decoder.raw_decode(text, at + len(OPEN) + 1)
         except json.JSONDecodeError:  # not whole yet
             break
-        calls.append(Call(f"call_{uuid.uuid4().hex[:24]}", call["name"], call["arguments"]))
+        if (same := _same(call["name"], call["arguments"])) not in made:  # a repeated call ended the reply
+            calls.append(Call(f"call_{uuid.uuid4().hex[:24]}", call["name"], call["arguments"]))
+            made.add(same)
         at += len(CALL_END)  # past "\n</tool_call>" and the line break before another call
     return calls
 
