@@ -27,6 +27,7 @@ from openai.types.responses import Response
 from meadow.api.embeddings import batches
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT
+from meadow.api.responses import FunctionTool
 from meadow.api.schemas import ChatMessage
 from meadow.api.tool_calls import Tool, conversation, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
@@ -376,7 +377,11 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
         ({"model": "tiny-llama", "input": ""}, "input"),
         ({"model": "tiny-llama", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0.type"),
-        ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),  # OpenAI's own
+        ({"model": "tiny-llama", "input": "hi", "tools": [{"type": "function", "name": "f"}],
+          "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
+        ({"model": "tiny-llama", "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]},
+         "input.0.arguments"),
         ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {"not": 1}}}},
          "text.format"),
         ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
@@ -506,6 +511,24 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     status, chat = http(served["url"] + "api/chat", json.dumps(body).encode())
     assert status == 200 and chat["message"] == {"role": "assistant", "content": text}
     assert chat["prompt_eval_count"] == prompt_ids.shape[1]
+
+    # the Responses API: its flat tools, calls as output items, their outputs sent back after previous_response_id
+    flat = [{"type": "function", **tools[0]["function"]}]
+    asked = {"model": model_id, "input": messages, "tools": flat, "temperature": 0, "max_output_tokens": 200}
+    response = client.responses.create(**asked, tool_choice="required")
+    (item,) = response.output
+    assert item.type == "function_call" and Weather.model_validate_json(item.arguments)
+    with client.responses.stream(**asked, tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        streamed = stream.get_final_response()
+    assert [(out.type, out.name, out.arguments) for out in streamed.output] == [(item.type, item.name, item.arguments)]
+    output = [{"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}]
+    after = client.responses.create(**{**asked, "input": output, "max_output_tokens": 12}, previous_response_id=response.id)
+    box = toolbox([FunctionTool.model_validate(tool).as_tool() for tool in flat], None, None)
+    made = {"type": "function", "function": {"name": "get_weather", "arguments": json.loads(item.arguments)}}
+    shown = [*messages, {"role": "assistant", "content": "", "tool_calls": [made]}, {"role": "tool", "content": "sunny"}]
+    prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, shown, box))
+    assert after.output_text == local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
+    assert after.usage.input_tokens == prompt_ids.shape[1] and after.output[0].type == "message"
 
 
 def test_malformed_json_is_a_400_in_openais_shape(served):

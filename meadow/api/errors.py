@@ -79,7 +79,8 @@ def install_error_handlers(app: FastAPI, plain_paths: frozenset[str] = frozenset
 
 def _param(location: tuple) -> str | None:
     """A field's path as OpenAI names it ("messages.0.content"), without pydantic's union member tags ("str",
-    "list[TextPart]") and the "body" it starts with."""
+    "list[TextPart]", "InputMessage": no field's name begins with a capital) and the "body" it starts with."""
     tags = {"str", "int", "float", "bool", "none", "body"}
-    parts = [str(part) for part in location if isinstance(part, int) or (str(part).isidentifier() and str(part) not in tags)]
+    named = lambda part: str(part).isidentifier() and str(part) not in tags and not str(part)[0].isupper()
+    parts = [str(part) for part in location if isinstance(part, int) or named(part)]
     return ".".join(parts) or None

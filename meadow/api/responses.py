@@ -1,7 +1,8 @@
 """OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/ID), what OpenAI's newer clients and tools
-call: the same generation as chat completions, its text as one output message, streamed as typed events
-(`response.output_text.delta`...) unless `stream` is false. Responses are kept in memory (the latest KEPT, unless
-`store` is false, without their logprobs), so that `previous_response_id` continues a conversation as OpenAI's does."""
+call: the same generation as chat completions, its text as one output message (and its function calls, when it is given
+tools), streamed as typed events (`response.output_text.delta`...) unless `stream` is false. Responses are kept in
+memory (the latest KEPT, unless `store` is false, without their logprobs), so that `previous_response_id` continues a
+conversation as OpenAI's does."""
 
 from __future__ import annotations
 
@@ -9,28 +10,27 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from typing import AsyncIterator, Callable, Literal
+from typing import Annotated, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import chat_format
-from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
-    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
+    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, object_text, refuse_unsupported,
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
+from meadow.api.tool_calls import Call, CallReader, Function, NamedChoice, Tool, Toolbox, conversation, read_reply, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 KEPT = 1024  # stored responses (their conversations, each within the context), the oldest forgotten first
 LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
-    ("tools", bool, "tool calls are not supported: the reply would be plain text"),
     ("conversation", bool, "conversations kept by the server are not supported: use previous_response_id"),
     ("background", bool, "background responses are not supported"),
     ("prompt", bool, "prompt templates are not supported"),
@@ -55,7 +55,7 @@ class InputText(BaseModel):
 
 
 class InputMessage(BaseModel):
-    type: Literal["message"] = "message"  # other items (images, files, tool outputs) are refused
+    type: Literal["message"] = "message"  # other items (images, files) are refused
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[InputText]
 
@@ -64,11 +64,60 @@ class InputMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
+class FunctionCallItem(BaseModel):
+    """A call the model made (an earlier response's output, sent back)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str  # a JSON object's text
+
+    _an_object = field_validator("arguments")(object_text)
+
+
+class FunctionCallOutput(BaseModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+def _item_kind(item) -> str:
+    """Which kind of input item `item` is, by its type (a message's may be left out): its member of InputItem."""
+    kind = item.get("type", "message") if isinstance(item, dict) else item.type
+    return {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}.get(kind, "Message")
+
+
+# one of them, told apart by type: a bad item's error names its own fields, not those of the kinds it is not
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("Message")] | Annotated[FunctionCallItem, Tag("FunctionCall")]
+    | Annotated[FunctionCallOutput, Tag("FunctionCallOutput")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(BaseModel):
+    """A function the model may call, in the Responses API's flat shape."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    def as_tool(self) -> Tool:
+        return Tool(function=Function(**self.model_dump(exclude={"type"})))
+
+
+class NamedFunction(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
 class ResponseRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # user, metadata, reasoning, truncation, store options...
 
     model: str
-    input: str | list[InputMessage] = Field(min_length=1)
+    input: str | list[InputItem] = Field(min_length=1)
     instructions: str | None = None
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -80,22 +129,53 @@ class ResponseRequest(BaseModel):
     stream: bool = False
     store: bool = True
     metadata: dict[str, str] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    _toolbox: Toolbox | None = PrivateAttr(None)
 
     _refuse_unsupported = model_validator(mode="before")(lambda body: refuse_unsupported(body, UNSUPPORTED))
 
+    @model_validator(mode="after")
+    def _tools_compiled(self):
+        choice = self.tool_choice
+        choice = NamedChoice(function={"name": choice.name}) if isinstance(choice, NamedFunction) else choice
+        tools = [tool.as_tool() for tool in self.tools or []]
+        self._toolbox = toolbox(tools, choice, self.parallel_tool_calls)
+        if self._toolbox and self.json_format:
+            raise APIError(400, "tools and a JSON text.format together are not supported", param="text.format")
+        return self
+
     @property
-    def messages(self) -> list[dict[str, str]]:
+    def toolbox(self) -> Toolbox | None:
+        return self._toolbox
+
+    @property
+    def messages(self) -> list[dict]:
+        """The input as chat messages (transformers' shape): calls join the assistant's message before them, their
+        outputs are "tool" messages."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
-        return [message.as_dict() for message in self.input]
+        messages = []
+        for item in self.input:
+            if isinstance(item, FunctionCallOutput):
+                messages.append({"role": "tool", "content": item.output})
+            elif isinstance(item, FunctionCallItem):
+                if not messages or messages[-1]["role"] != "assistant":
+                    messages.append({"role": "assistant", "content": ""})
+                call = {"type": "function", "function": {"name": item.name, "arguments": json.loads(item.arguments)}}
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append(item.as_dict())
+        return messages
 
     @property
     def json_format(self) -> Node | None:
         return json_format(self.text.format.type, self.text.format.schema_, "text.format")
 
     @property
-    def constraint(self) -> JsonPrefix | None:
-        return json_constraint(self.json_format)
+    def constraint(self) -> object | None:
+        return self._toolbox.prefix() if self._toolbox else json_constraint(self.json_format)
 
     @property
     def logprobs(self) -> int | None:
@@ -118,10 +198,11 @@ def add_responses_routes(
     @app.post("/v1/responses", dependencies=keyed)
     async def create(request: ResponseRequest, http: Request):
         check(request)
+        box = request.toolbox
         earlier = find(request.previous_response_id, "previous_response_id")[1] if request.previous_response_id else []
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
-        conversation = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
-        prompt_ids = chat_prompt_ids(tokenizer, [*instructions, *conversation])
+        history = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
+        prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, [*instructions, *history], box))
         sampling = Sampling(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -132,18 +213,20 @@ def add_responses_routes(
         ids = {"response": f"resp_{uuid.uuid4().hex}", "message": f"msg_{uuid.uuid4().hex}"}
         created = time.time()
 
-        def body(status: str, pieces: list[Delta]) -> dict:
+        def body(status: str, output: list[dict]) -> dict:
             """The response as it stands: `status` in_progress (no output yet), completed or incomplete."""
-            output = [] if status == "in_progress" else [message(pieces, "completed")]
             done = status != "in_progress"
             tokens = {"input_tokens": generation.prompt_tokens, "output_tokens": generation.outcome.completion_tokens}
+            choice = request.tool_choice
             return {
                 "id": ids["response"], "object": "response", "created_at": created, "model": model_id,
                 "status": status, "output": output, "instructions": request.instructions,
                 "previous_response_id": request.previous_response_id, "max_output_tokens": request.max_output_tokens,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "metadata": request.metadata or {},
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "error": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "store": request.store,
+                "error": None, "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or []],
+                "tool_choice": choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",
+                "parallel_tool_calls": request.parallel_tool_calls is not False, "store": request.store,
                 "text": {"format": request.text.format.model_dump(by_alias=True, exclude_none=True)},
                 "top_logprobs": request.top_logprobs,
                 "usage": {
@@ -152,48 +235,97 @@ def add_responses_routes(
                 } if done else None,
             }  # fmt: skip
 
-        def message(pieces: list[Delta], status: str) -> dict:
-            content = [text_part(pieces)] if status == "completed" else []
+        def message(text: str, logprobs: list[dict], status: str) -> dict:
+            content = [text_part(text, logprobs)] if status == "completed" else []
             return {"type": "message", "id": ids["message"], "status": status, "role": "assistant", "content": content}
 
-        def text_part(pieces: list[Delta]) -> dict:
-            return {"type": "output_text", "text": "".join(piece.text for piece in pieces), "annotations": [],
-                    "logprobs": logprobs_of(pieces)}  # fmt: skip
+        def text_part(text: str, logprobs: list[dict]) -> dict:
+            return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
-        def logprobs_of(pieces: list[Delta]) -> list[dict]:
-            return chat_format([entry for piece in pieces for entry in piece.logprobs])["content"]
+        def function_call(call: Call, status: str) -> dict:
+            arguments = json.dumps(call.arguments) if status == "completed" else ""
+            return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+                    "name": call.name, "arguments": arguments, "status": status}  # fmt: skip
 
-        def finished(pieces: list[Delta]) -> dict:
+        def output(content: str, logprobs: list[dict], calls: list[Call]) -> list[dict]:
+            """A message (unless the reply is calls only), then the calls."""
+            said = [message(content, logprobs, "completed")] if content or not calls else []
+            return said + [function_call(call, "completed") for call in calls]
+
+        def logprobs_of(pieces: list[Delta], content: str | None = None) -> list[dict]:
+            """The entries of the tokens in `pieces`; given the `content` of a reply with calls, of its tokens only."""
+            entries = [entry for piece in pieces for entry in piece.logprobs]
+            entries = entries if content is None else [entry for entry in entries if entry.offset < len(content)]
+            return chat_format(entries)["content"]
+
+        def finished(content: str, logprobs: list[dict], calls: list[Call]) -> dict:
             status = "incomplete" if generation.outcome.finish_reason == "length" else "completed"
-            response = body(status, pieces)
+            response = body(status, output(content, logprobs, calls))
             if request.store:  # without the logprobs, which can be a thousand times the text
-                part = response["output"][0]["content"][0]
-                kept = {**response, "output": [{**response["output"][0], "content": [{**part, "logprobs": []}]}]}
-                stored[ids["response"]] = (kept, [*conversation, {"role": "assistant", "content": part["text"]}])
+                unscored = lambda item: {**item, "content": [{**part, "logprobs": []} for part in item["content"]]}
+                kept = [unscored(item) if item["type"] == "message" else item for item in response["output"]]
+                said = {"role": "assistant", "content": content}
+                if calls:
+                    said["tool_calls"] = [{"type": "function", "function": {"name": call.name,
+                                          "arguments": call.arguments}} for call in calls]  # fmt: skip
+                stored[ids["response"]] = ({**response, "output": kept}, [*history, said])
                 while len(stored) > KEPT:
                     stored.popitem(last=False)
             return response
 
         if not request.stream:
             (pieces,) = await collect_replies([generation], http)
-            return finished(pieces)
+            text = "".join(piece.text for piece in pieces)
+            content, calls = read_reply(text) if box else (text, [])
+            return finished(content, logprobs_of(pieces, content if calls else None), calls)
 
         async def events() -> AsyncIterator[dict]:
             place = {"item_id": ids["message"], "output_index": 0, "content_index": 0}
             yield {"type": "response.created", "response": body("in_progress", [])}
             yield {"type": "response.in_progress", "response": body("in_progress", [])}
-            yield {"type": "response.output_item.added", "output_index": 0, "item": message([], "in_progress")}
-            yield {"type": "response.content_part.added", **place, "part": text_part([])}
-            pieces = []
+            reader, pieces, content, calls, opened = CallReader(), [], "", [], False
+
+            def opening() -> list[dict]:
+                return [{"type": "response.output_item.added", "output_index": 0, "item": message("", [], "in_progress")},
+                        {"type": "response.content_part.added", **place, "part": text_part("", [])}]  # fmt: skip
+
+            def closing() -> list[dict]:
+                said = message(content, logprobs_of(pieces, content if calls else None), "completed")
+                part = said["content"][0]
+                return [{"type": "response.output_text.done", **place, "text": content, "logprobs": part["logprobs"]},
+                        {"type": "response.content_part.done", **place, "part": part},
+                        {"type": "response.output_item.done", "output_index": 0, "item": said}]  # fmt: skip
+
             async for piece in generation.deltas():
                 pieces.append(piece)
-                delta = {"delta": piece.text, "logprobs": logprobs_of([piece])}
-                yield {"type": "response.output_text.delta", **place, **delta}
-            response = finished(pieces)
-            part = response["output"][0]["content"][0]
-            yield {"type": "response.output_text.done", **place, "text": part["text"], "logprobs": part["logprobs"]}
-            yield {"type": "response.content_part.done", **place, "part": part}
-            yield {"type": "response.output_item.done", "output_index": 0, "item": response["output"][0]}
+                said, new = reader.feed(piece.text) if box else (piece.text, [])
+                if said or not box:  # the message begins with its first text (a reply of calls only has none)
+                    for event in [] if opened else opening():
+                        yield event
+                    opened, content = True, content + said
+                    delta = {"delta": said, "logprobs": logprobs_of([piece], content if box else None)}
+                    yield {"type": "response.output_text.delta", **place, **delta}
+                for call in new:
+                    for event in closing() if opened and not calls else []:  # the message ends where calls begin
+                        yield event
+                    index, item = int(opened) + len(calls), function_call(call, "completed")
+                    calls.append(call)
+                    yield {"type": "response.output_item.added", "output_index": index,
+                           "item": function_call(call, "in_progress")}  # fmt: skip
+                    at = {"item_id": item["id"], "output_index": index}
+                    yield {"type": "response.function_call_arguments.delta", **at, "delta": item["arguments"]}
+                    yield {"type": "response.function_call_arguments.done", **at, "arguments": item["arguments"]}
+                    yield {"type": "response.output_item.done", "output_index": index, "item": item}
+            rest = reader.rest() if box else ""
+            if not calls:
+                for event in [] if opened else opening():
+                    yield event
+                if rest:
+                    content += rest
+                    yield {"type": "response.output_text.delta", **place, "delta": rest, "logprobs": []}
+                for event in closing():
+                    yield event
+            response = finished(content, logprobs_of(pieces, content if calls else None), calls)
             yield {"type": f"response.{response['status']}", "response": response}
 
         return GenerationResponse(_typed_events(events()), [generation], "text/event-stream")

@@ -137,19 +137,21 @@ class TextPart(BaseModel):
     text: str
 
 
+def object_text(text: str) -> str:
+    """`text`, checked: a JSON object's (a call's arguments, as OpenAI writes them)."""
+    try:
+        if isinstance(json.loads(text), dict):
+            return text
+    except ValueError:
+        pass
+    raise ValueError("a call's arguments must be a JSON object's text")
+
+
 class FunctionCall(BaseModel):
     name: str
-    arguments: str  # a JSON object's text, as OpenAI writes it
+    arguments: str
 
-    @field_validator("arguments")
-    @classmethod
-    def _an_object(cls, arguments):
-        try:
-            if isinstance(json.loads(arguments), dict):
-                return arguments
-        except ValueError:
-            pass
-        raise ValueError("a call's arguments must be a JSON object's text")
+    _an_object = field_validator("arguments")(object_text)
 
 
 class MessageToolCall(BaseModel):
