@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -529,6 +530,50 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, shown, box))
     assert after.output_text == local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
     assert after.usage.input_tokens == prompt_ids.shape[1] and after.output[0].type == "message"
+
+
+# a chat template that shows tools and calls in the Hermes form, and takes no system message (as some do)
+HERMES_TEMPLATE = (
+    "{% if tools %}<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> Calls: <tool_call>{% endif %}"
+    "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System messages are not supported') }}"
+    "{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>"
+    "{% elif m.tool_calls %}{% for call in m.tool_calls %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}assistant:"
+)
+
+
+def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversation_is_a_400(served, tmp_path):
+    """An API over a copy of the model whose chat template is HERMES_TEMPLATE: the tools and the calls of earlier turns
+    go to the template as they are; a system message is a 400 quoting the template, on every chat route."""
+    path = tmp_path / "tiny-llama"
+    shutil.copytree(served["path"], path)
+    tokenizer = load_tokenizer(path)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    tokenizer.save_pretrained(path)
+    api = Process(["api", str(path), "--initial-peers", *served["swarm"].initial_peers, "--port", "0"], "api")
+    served["swarm"].extra.append(api)
+    url = api_url(api)
+    hi, system = {"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}
+    refused = [("v1/chat/completions", {"messages": [system, hi]}), ("v1/responses", {"input": "hi", "instructions": "Be brief."}),
+               ("api/chat", {"messages": [system, hi]})]  # fmt: skip
+    for route, body in refused:
+        status, reply = http(url + route, json.dumps({"model": "tiny-llama", **body}).encode())
+        message = reply["error"] if route.startswith("api/") else reply["error"]["message"]
+        assert status == 400 and "refuses the conversation: System messages are not supported" in message, reply
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+    box = toolbox([Tool.model_validate(NOW)], None, None)
+    call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+    earlier = [hi, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "noon"}]
+    for messages in ([hi], earlier):
+        reply = client.chat.completions.create(model="tiny-llama", messages=messages, tools=[NOW], max_tokens=4,
+                                               temperature=0)  # fmt: skip
+        shown = [ChatMessage.model_validate(message).as_dict() for message in messages]
+        expected = chat_prompt_ids(tokenizer, shown, box.shown())
+        assert reply.usage.prompt_tokens == expected.shape[1]
+    assert '<tool_call>{"name": "now", "arguments": {}}</tool_call><tool_response>noon' in tokenizer.decode(expected[0])
+    forced = client.chat.completions.create(model="tiny-llama", messages=[hi], tools=[NOW], tool_choice="required",
+                                            max_tokens=80, temperature=0).choices[0]  # fmt: skip
+    assert [call.function.name for call in forced.message.tool_calls] == ["now"]
 
 
 def test_malformed_json_is_a_400_in_openais_shape(served):

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from meadow.client.chat_prompt import ConversationRefused
 from meadow.client.routing import MissingBlocksError
 from meadow.wire import MeadowError, RemoteError
 
@@ -70,6 +71,11 @@ def install_error_handlers(app: FastAPI, plain_paths: frozenset[str] = frozenset
         message = " or ".join(reasons)
         message = f"{param}: {message}" if param else message
         return respond(request, APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(ConversationRefused)
+    async def _refused(request: Request, error: ConversationRefused) -> JSONResponse:
+        param = "input" if request.url.path == "/v1/responses" else "messages"
+        return respond(request, APIError(400, str(error), param=param, code="invalid_value"))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
