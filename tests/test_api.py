@@ -490,7 +490,8 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     assert streamed.function.arguments == call.function.arguments and streamed.id.startswith("call_")
 
     tokenizer, box = reference[1], toolbox([Tool.model_validate(tool) for tool in tools], None, None)
-    made = {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}
+    made = {"id": call.id, "type": "function",
+            "function": {"name": "get_weather", "arguments": call.function.arguments}}  # fmt: skip
     earlier = [*messages, {"role": "assistant", "content": None, "tool_calls": [made]},
                {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
     for conversation_so_far in (messages, earlier):
@@ -523,10 +524,12 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
         streamed = stream.get_final_response()
     assert [(out.type, out.name, out.arguments) for out in streamed.output] == [(item.type, item.name, item.arguments)]
     output = [{"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}]
-    after = client.responses.create(**{**asked, "input": output, "max_output_tokens": 12}, previous_response_id=response.id)
+    after = client.responses.create(**{**asked, "input": output, "max_output_tokens": 12},
+                                    previous_response_id=response.id)  # fmt: skip
     box = toolbox([FunctionTool.model_validate(tool).as_tool() for tool in flat], None, None)
     made = {"type": "function", "function": {"name": "get_weather", "arguments": json.loads(item.arguments)}}
-    shown = [*messages, {"role": "assistant", "content": "", "tool_calls": [made]}, {"role": "tool", "content": "sunny"}]
+    shown = [*messages, {"role": "assistant", "content": "", "tool_calls": [made]},
+             {"role": "tool", "content": "sunny"}]  # fmt: skip
     prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, shown, box))
     assert after.output_text == local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
     assert after.usage.input_tokens == prompt_ids.shape[1] and after.output[0].type == "message"
@@ -537,7 +540,8 @@ HERMES_TEMPLATE = (
     "{% if tools %}<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> Calls: <tool_call>{% endif %}"
     "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System messages are not supported') }}"
     "{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>"
-    "{% elif m.tool_calls %}{% for call in m.tool_calls %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}"
+    "{% elif m.tool_calls %}{% for call in m.tool_calls %}<tool_call>{{ call.function | tojson }}</tool_call>"
+    "{% endfor %}"
     "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}assistant:"
 )
 
@@ -554,8 +558,8 @@ def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversati
     served["swarm"].extra.append(api)
     url = api_url(api)
     hi, system = {"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}
-    refused = [("v1/chat/completions", {"messages": [system, hi]}), ("v1/responses", {"input": "hi", "instructions": "Be brief."}),
-               ("api/chat", {"messages": [system, hi]})]  # fmt: skip
+    refused = [("v1/chat/completions", {"messages": [system, hi]}), ("api/chat", {"messages": [system, hi]}),
+               ("v1/responses", {"input": "hi", "instructions": "Be brief."})]  # fmt: skip
     for route, body in refused:
         status, reply = http(url + route, json.dumps({"model": "tiny-llama", **body}).encode())
         message = reply["error"] if route.startswith("api/") else reply["error"]["message"]

@@ -23,8 +23,8 @@ WEATHER = {
     "required": ["city"],
     "additionalProperties": False,
 }
-NOTE = {"type": "object", "properties": {"text": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"},
-        "maxItems": 2}}, "required": ["text", "tags"]}  # fmt: skip
+NOTE = {"type": "object", "required": ["text", "tags"], "properties": {
+    "text": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2}}}  # fmt: skip
 TOOLS = [
     Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}),
     Tool.model_validate({"type": "function", "function": {"name": "add_note", "parameters": NOTE}}),
@@ -131,8 +131,8 @@ def test_a_call_that_repeats_one_already_made_ends_the_reply_and_is_not_read_bac
         assert [call.arguments["city"] for call in calls] == ["Paris", "Rome"]
 
 
-HERMES = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" \
-         "<tool_call>"  # fmt: skip
+HERMES = "{% for m in messages %}{{ m.content }}{% endfor %}" \
+         "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}<tool_call>"  # fmt: skip
 HISTORY = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Weather in Paris and Rome?"},
@@ -169,7 +169,8 @@ def test_a_template_that_shows_tools_gets_them_others_see_them_described_and_cal
     [
         ([], "required", "tool_choice needs tools"),
         (TOOLS + TOOLS[:1], None, "two tools are named"),
-        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None, "must be an object"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None,
+         "must be an object"),
         ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}], None,
          "tools[0].function.parameters: the keyword 'not'"),
         (TOOLS, NamedChoice(function={"name": "fly"}), "no tool is named 'fly'"),

@@ -159,7 +159,8 @@ def create_app(
     async def chat_completions(request: ChatCompletionRequest, http: Request):
         check(request)
         box = request.toolbox
-        messages, shown = conversation(tokenizer.chat_template, [message.as_dict() for message in request.messages], box)
+        messages = [message.as_dict() for message in request.messages]
+        messages, shown = conversation(tokenizer.chat_template, messages, box)
         prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")

@@ -116,8 +116,9 @@ class Message(_Refusing):
         """As chat templates take it: transformers' shape for calls."""
         message = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            functions = [{"name": c.function["name"], "arguments": c.function.get("arguments", {})} for c in self.tool_calls]
-            message["tool_calls"] = [{"type": "function", "function": function} for function in functions]
+            calls = [call.function for call in self.tool_calls]
+            message["tool_calls"] = [{"type": "function", "function": {"name": call["name"],
+                                      "arguments": call.get("arguments", {})}} for call in calls]  # fmt: skip
         return message
 
 
@@ -239,7 +240,8 @@ def add_ollama_routes(
         request = await _parsed(http, ChatRequest)
         check(request.model)
         box = request.toolbox
-        messages, shown = conversation(tokenizer.chat_template, [message.as_dict() for message in request.messages], box)
+        messages = [message.as_dict() for message in request.messages]
+        messages, shown = conversation(tokenizer.chat_template, messages, box)
         prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
         reader = CallReader()  # with tools: the reply's content, and its calls as each is whole
 

@@ -24,7 +24,9 @@ from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, object_text, refuse_unsupported,
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
-from meadow.api.tool_calls import Call, CallReader, Function, NamedChoice, Tool, Toolbox, conversation, read_reply, toolbox
+from meadow.api.tool_calls import (
+    Call, CallReader, Function, NamedChoice, Tool, Toolbox, conversation, read_reply, toolbox,
+)
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 KEPT = 1024  # stored responses (their conversations, each within the context), the oldest forgotten first
@@ -286,7 +288,8 @@ def add_responses_routes(
             reader, pieces, content, calls, opened = CallReader(), [], "", [], False
 
             def opening() -> list[dict]:
-                return [{"type": "response.output_item.added", "output_index": 0, "item": message("", [], "in_progress")},
+                added = message("", [], "in_progress")
+                return [{"type": "response.output_item.added", "output_index": 0, "item": added},
                         {"type": "response.content_part.added", **place, "part": text_part("", [])}]  # fmt: skip
 
             def closing() -> list[dict]:

@@ -172,8 +172,9 @@ class ChatMessage(BaseModel):
         content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content or [])
         message = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.tool_calls:
-            functions = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in self.tool_calls]
-            message["tool_calls"] = [{"type": "function", "function": function} for function in functions]
+            calls = [call.function for call in self.tool_calls]
+            message["tool_calls"] = [{"type": "function", "function": {"name": call.name,
+                                      "arguments": json.loads(call.arguments)}} for call in calls]  # fmt: skip
         return message
 
 

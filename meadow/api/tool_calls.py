@@ -31,7 +31,7 @@ AGAIN = "\n" + OPEN  # another call, on the next line
 MAX_TOOLS = 128  # as OpenAI's
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # shown to a model whose chat template does not show tools itself; the call's form is the one it is held to
-TOOLS_PROMPT = """You can call functions to help with the user's request. They are described here, one JSON object per line:
+TOOLS_PROMPT = """You can call functions to help with the user's request. Each is described here in a JSON object:
 <tools>
 {tools}
 </tools>
@@ -191,7 +191,8 @@ class Call:
     arguments: dict
 
     def openai(self, index: int | None = None) -> dict:
-        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": json.dumps(self.arguments)}}
+        function = {"name": self.name, "arguments": json.dumps(self.arguments)}
+        call = {"id": self.id, "type": "function", "function": function}
         return call if index is None else {"index": index, **call}
 
     def ollama(self) -> dict:

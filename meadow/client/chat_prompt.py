@@ -10,7 +10,8 @@ PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = "\nUser:"  # a base model continues the transcript: its reply ends where it starts the user's next turn
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None) -> torch.Tensor:
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None
+                    ) -> torch.Tensor:  # fmt: skip
     """Token ids (1, L) of `messages` followed by the start of the assistant's reply (`tools`: for a chat template
     that shows them itself)."""
     if tokenizer.chat_template:
