@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -10,12 +11,20 @@ PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = "\nUser:"  # a base model continues the transcript: its reply ends where it starts the user's next turn
 
 
+class ConversationRefused(ValueError):
+    """The model's chat template refuses the conversation: a role it does not take (some take no system message),
+    or turns out of the order it takes (some need user and assistant to alternate)."""
+
+
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None
                     ) -> torch.Tensor:  # fmt: skip
     """Token ids (1, L) of `messages` followed by the start of the assistant's reply (`tools`: for a chat template
     that shows them itself)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # the template's own raise_exception("...")
+            raise ConversationRefused(f"this model's chat template refuses the conversation: {e}") from None
         return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     lines = [f"{PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
     return tokenizer("\n".join(lines) + "\nAssistant:", return_tensors="pt")["input_ids"]
