@@ -85,7 +85,7 @@ class FunctionCallOutput(BaseModel):
 
 def _item_kind(item) -> str:
     """Which kind of input item `item` is, by its type (a message's may be left out): its member of InputItem."""
-    kind = item.get("type", "message") if isinstance(item, dict) else item.type
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
     return {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}.get(kind, "Message")
 
 
@@ -279,7 +279,7 @@ def add_responses_routes(
             (pieces,) = await collect_replies([generation], http)
             text = "".join(piece.text for piece in pieces)
             content, calls = read_reply(text) if box else (text, [])
-            return finished(content, logprobs_of(pieces, content if calls else None), calls)
+            return finished(content, logprobs_of(pieces, content if box else None), calls)
 
         async def events() -> AsyncIterator[dict]:
             place = {"item_id": ids["message"], "output_index": 0, "content_index": 0}
@@ -293,7 +293,7 @@ def add_responses_routes(
                         {"type": "response.content_part.added", **place, "part": text_part("", [])}]  # fmt: skip
 
             def closing() -> list[dict]:
-                said = message(content, logprobs_of(pieces, content if calls else None), "completed")
+                said = message(content, logprobs_of(pieces, content if box else None), "completed")
                 part = said["content"][0]
                 return [{"type": "response.output_text.done", **place, "text": content, "logprobs": part["logprobs"]},
                         {"type": "response.content_part.done", **place, "part": part},
@@ -328,7 +328,7 @@ def add_responses_routes(
                     yield {"type": "response.output_text.delta", **place, "delta": rest, "logprobs": []}
                 for event in closing():
                     yield event
-            response = finished(content, logprobs_of(pieces, content if calls else None), calls)
+            response = finished(content, logprobs_of(pieces, content if box else None), calls)
             yield {"type": f"response.{response['status']}", "response": response}
 
         return GenerationResponse(_typed_events(events()), [generation], "text/event-stream")
