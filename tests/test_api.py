@@ -383,6 +383,7 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
           "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
         ({"model": "tiny-llama", "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]},
          "input.0.arguments"),
+        ({"model": "tiny-llama", "input": [{"type": ["x"], "call_id": "c", "output": "ok"}]}, "input.0.type"),  # was a 500
         ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {"not": 1}}}},
          "text.format"),
         ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),

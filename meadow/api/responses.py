@@ -86,7 +86,8 @@ class FunctionCallOutput(BaseModel):
 def _item_kind(item) -> str:
     """Which kind of input item `item` is, by its type (a message's may be left out): its member of InputItem."""
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
-    return {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}.get(kind, "Message")
+    kinds = {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}
+    return kinds.get(kind, "Message") if isinstance(kind, str) else "Message"  # a junk type: the message's error
 
 
 # one of them, told apart by type: a bad item's error names its own fields, not those of the kinds it is not
