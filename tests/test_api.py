@@ -505,6 +505,16 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
         assert chosen.choices[0].message.tool_calls is None and chosen.choices[0].finish_reason == finish
     described = chat_prompt_ids(tokenizer, conversation(tokenizer.chat_template, messages, box)[0]).shape[1]
     assert described > chat_prompt_ids(tokenizer, messages).shape[1] + 100  # the tools' description is in the prompt
+    # the older form, `functions` and `function_call`: one call, its result a "function" message
+    legacy = {"model": model_id, "functions": [tool["function"] for tool in tools], "max_tokens": 200, "temperature": 0}
+    old = client.chat.completions.create(**legacy, messages=messages, function_call={"name": "get_weather"}).choices[0]
+    assert old.finish_reason == "function_call" and old.message.tool_calls is None
+    Weather.model_validate_json(old.message.function_call.arguments)
+    earlier_old = [*messages, {"role": "assistant", "content": None, "function_call": made["function"]},
+                   {"role": "function", "name": "get_weather", "content": "sunny"}]  # fmt: skip
+    reply = client.chat.completions.create(**{**legacy, "max_tokens": 12}, messages=earlier_old)
+    assert reply.choices[0].message.content == text and reply.usage.prompt_tokens == prompt_ids.shape[1]
+
     # Ollama's route (its client would send its own reading of the tools: the request as it is, here)
     arguments = json.loads(call.function.arguments)
     ollama_earlier = [*messages, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name":
@@ -604,6 +614,10 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
          "tools.0.function"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [NOW, NOW]}, "tools"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [NOW],
+          "functions": [NOW["function"]]}, "functions"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "function_call": "auto"},
+         "function_call"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
          "tool_choice"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools": [NOW],

@@ -32,7 +32,7 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
-from meadow.api.tool_calls import CallReader, conversation, read_reply
+from meadow.api.tool_calls import Call, CallReader, conversation, read_reply
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
@@ -174,24 +174,27 @@ def create_app(
 
         def finish_reason(generation: TextGeneration, called: bool) -> str:
             reason = generation.outcome.finish_reason
-            return "tool_calls" if called and reason == "stop" else reason
+            return ("function_call" if request.legacy else "tool_calls") if called and reason == "stop" else reason
 
-        def message(pieces: list[Delta]) -> dict:
+        def calls_field(calls: list[Call], first: int | None = None) -> dict:
+            """The calls as a message gives them (a streamed delta: numbered from `first`); `function_call` (one)
+            when they were asked for as `functions`."""
+            if request.legacy:
+                return {"function_call": calls[0].openai()["function"]}
+            return {"tool_calls": [call.openai(None if first is None else first + i) for i, call in enumerate(calls)]}
+
+        def choice(index: int, generation: TextGeneration, pieces: list[Delta]) -> dict:
             text = "".join(piece.text for piece in pieces)
             content, calls = read_reply(text) if box else (text, [])
-            if not calls:
-                return {"role": "assistant", "content": content}
-            return {"role": "assistant", "content": content or None, "tool_calls": [call.openai() for call in calls]}
+            said = {"role": "assistant", "content": content}
+            if calls:  # the content null when there is none, as OpenAI's
+                said = {"role": "assistant", "content": content or None, **calls_field(calls)}
+            finish = finish_reason(generation, bool(calls))
+            return {"index": index, "message": said, "logprobs": logprobs_of(pieces), "finish_reason": finish}
 
         if not request.stream:
             replies = await collect_replies(generations, http)
-            choices = [
-                {
-                    "index": index, "message": (said := message(pieces)), "logprobs": logprobs_of(pieces),
-                    "finish_reason": finish_reason(generation, "tool_calls" in said),
-                }
-                for index, (generation, pieces) in enumerate(zip(generations, replies))
-            ]  # fmt: skip
+            choices = [choice(index, *reply) for index, reply in enumerate(zip(generations, replies))]
             extra = {"usage": usage(generations, request.n), "meadow": meadow_info(generations)}
             return {**head, "object": "chat.completion", "choices": choices, **extra}
 
@@ -219,7 +222,7 @@ def create_app(
                     if content or piece.logprobs:
                         yield chunk(index, {"content": content}, logprobs=logprobs_of([piece]))
                     for call in calls:  # each whole, in one chunk
-                        yield chunk(index, {"tool_calls": [call.openai(called[index])]})
+                        yield chunk(index, calls_field([call], called[index]))
                         called[index] += 1
             if request.include_usage:
                 yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generations, request.n)}

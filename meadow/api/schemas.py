@@ -12,7 +12,7 @@ from meadow.api.errors import APIError
 from meadow.api.generation import Sampling
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT, Node, SchemaError, compile_schema
-from meadow.api.tool_calls import Tool, ToolChoice, Toolbox, toolbox
+from meadow.api.tool_calls import Function, NamedChoice, Tool, ToolChoice, Toolbox, toolbox
 
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context", which would reserve every
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
@@ -161,18 +161,20 @@ class MessageToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool's result: the call it answers
+    function_call: FunctionCall | None = None  # the older form: an assistant's one call, its result a "function" one
 
     def as_dict(self) -> dict:
-        """{"role", "content"} with plain-text content, as chat templates take it ("developer" is the new "system"),
-        and an assistant's calls with their arguments as objects (transformers' shape)."""
+        """{"role", "content"} with plain-text content, as chat templates take it ("developer" is the new "system",
+        "function" the old "tool"), and an assistant's calls with their arguments as objects (transformers' shape)."""
         content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content or [])
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
-        if self.tool_calls:
-            calls = [call.function for call in self.tool_calls]
+        roles = {"developer": "system", "function": "tool"}
+        message = {"role": roles.get(self.role, self.role), "content": content}
+        if self.tool_calls or self.function_call:
+            calls = [call.function for call in self.tool_calls or []] + ([self.function_call] if self.function_call else [])
             message["tool_calls"] = [{"type": "function", "function": {"name": call.name,
                                       "arguments": json.loads(call.arguments)}} for call in calls]  # fmt: skip
         return message
@@ -186,6 +188,8 @@ class ChatCompletionRequest(_Request):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[Function] | None = None  # tools' older form: one call at most, as `function_call`
+    function_call: Literal["none", "auto"] | dict | None = None  # tool_choice's; {"name": ...}: call that one
     _toolbox: Toolbox | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -196,7 +200,16 @@ class ChatCompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _tools_compiled(self):
-        self._toolbox = toolbox(self.tools, self.tool_choice, self.parallel_tool_calls)
+        tools, choice, parallel = self.tools, self.tool_choice, self.parallel_tool_calls
+        if self.functions is not None:
+            if tools is not None:
+                raise APIError(400, "functions is the older form of tools: send one of them", param="functions")
+            named = self.function_call.get("name") if isinstance(self.function_call, dict) else None
+            tools = [Tool(function=function) for function in self.functions]
+            choice, parallel = NamedChoice(function={"name": named}) if named else self.function_call, False
+        elif self.function_call is not None:
+            raise APIError(400, "function_call needs functions", param="function_call")
+        self._toolbox = toolbox(tools, choice, parallel)
         if self._toolbox and self.json_format:
             message = "tools and a JSON response_format together are not supported"
             raise APIError(400, message, param="response_format")
@@ -206,6 +219,11 @@ class ChatCompletionRequest(_Request):
     def toolbox(self) -> Toolbox | None:
         """The tools the reply may call, if it is offered any."""
         return self._toolbox
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the tools came as `functions`: the call is then answered as `function_call`."""
+        return self.functions is not None
 
     @property
     def constraint(self) -> object | None:
