@@ -165,8 +165,8 @@ def run_bench(
     print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, quant {quant}, "
           f"wire {wire_label(wire, dtype)}, "
           f"{num_servers} servers (spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))})")  # fmt: skip
-    print(f"| measure | local | swarm | swarm/local |")
-    print(f"|---|---|---|---|")
+    print("| measure | local | swarm | swarm/local |")
+    print("|---|---|---|---|")
     print(f"| generation, tokens/s (batch 1, {new_tokens} new) | {local['tokens_per_s']:.1f} | {remote['tokens_per_s']:.1f} "
           f"| {remote['tokens_per_s'] / local['tokens_per_s']:.2f}x |")  # fmt: skip
     print(f"| prefill {PREFILL_BATCH}x{PREFILL_LENGTH}, s | {local['prefill_s']:.3f} | {remote['prefill_s']:.3f} "
@@ -354,7 +354,7 @@ def run_speculative_bench(model: str | None, num_servers: int, lookup: int, new_
     results = {}
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        servers = start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device)
+        start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device)
         with AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=getattr(torch, dtype)) as distributed:
             for task, prompt in prompts.items():
                 for mode in (None, lookup):

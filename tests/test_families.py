@@ -18,7 +18,6 @@ from meadow.models import load_blocks, load_client_parts, load_config, load_refe
 from meadow.models.registry import family_of
 from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 from meadow.server.span import Session, Span
-from meadow.wire import BlockRange
 
 ATOL = 1e-4
 WINDOW = 8  # mistral's and mixtral's sliding window; every sequence below is longer

@@ -10,7 +10,7 @@ from meadow.models import load_block, load_config
 from meadow.server.graph_cache import Graph, GraphCache
 from meadow.server.span import Span
 from meadow.server.tuning import TuningInputs
-from meadow.wire import BlockRange, LoraEntry
+from meadow.wire import LoraEntry
 
 
 def span_of(path) -> Span:

@@ -14,7 +14,7 @@ from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import connect_sequence
 from meadow.models import load_config
-from meadow.wire import RPC_PUSH, BlockRange, OpenSession, Push, PushTarget, RemoteError, Step, pack
+from meadow.wire import RPC_PUSH, OpenSession, Push, PushTarget, RemoteError, Step, pack
 
 HIDDEN = 64
 

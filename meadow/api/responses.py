@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error
-from meadow.api.generation import Delta, Sampling, TextGeneration
+from meadow.api.generation import Delta, Sampling
 from meadow.api.logprobs import chat_format
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (

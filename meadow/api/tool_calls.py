@@ -12,7 +12,6 @@ call the model writes freely (`auto`), or nothing (`required`, a named tool); `n
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Literal

@@ -82,7 +82,7 @@ def start_dht(
             raise
         try:
             dht.wait_until_ready()  # inside the folder: p2pd may not have read a fresh identity's key before
-        except RuntimeError as e:  # hivemind: "none of the initial_peers responded": say why, if they refused us
+        except RuntimeError:  # hivemind: "none of the initial_peers responded": say why, if they refused us
             reason = refused_reason(list(initial_peers), key.path) if initial_peers else None
             if reason is not None:
                 raise NotAllowed(reason) from None
