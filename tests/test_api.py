@@ -30,7 +30,7 @@ from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT
 from meadow.api.responses import FunctionTool
 from meadow.api.schemas import ChatMessage
-from meadow.api.tool_calls import Tool, conversation, toolbox
+from meadow.api.tool_calls import Tool, conversation, dialect_of, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
@@ -497,13 +497,13 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
                {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
     for conversation_so_far in (messages, earlier):
         shown = [ChatMessage.model_validate(message).as_dict() for message in conversation_so_far]
-        prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, shown, box))
+        prompt_ids = chat_prompt_ids(tokenizer, *conversation(dialect_of(tokenizer.chat_template), shown, box))
         text, finish, _ = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))
         chosen = client.chat.completions.create(**{**asked, "messages": conversation_so_far, "max_tokens": 12},
                                                 temperature=0)  # fmt: skip
         assert chosen.choices[0].message.content == text and chosen.usage.prompt_tokens == prompt_ids.shape[1]
         assert chosen.choices[0].message.tool_calls is None and chosen.choices[0].finish_reason == finish
-    described = chat_prompt_ids(tokenizer, conversation(tokenizer.chat_template, messages, box)[0]).shape[1]
+    described = chat_prompt_ids(tokenizer, conversation(dialect_of(tokenizer.chat_template), messages, box)[0]).shape[1]
     assert described > chat_prompt_ids(tokenizer, messages).shape[1] + 100  # the tools' description is in the prompt
     # the older form, `functions` and `function_call`: one call, its result a "function" message
     legacy = {"model": model_id, "functions": [tool["function"] for tool in tools], "max_tokens": 200, "temperature": 0}
@@ -541,7 +541,7 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     made = {"type": "function", "function": {"name": "get_weather", "arguments": json.loads(item.arguments)}}
     shown = [*messages, {"role": "assistant", "content": "", "tool_calls": [made]},
              {"role": "tool", "content": "sunny"}]  # fmt: skip
-    prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, shown, box))
+    prompt_ids = chat_prompt_ids(tokenizer, *conversation(dialect_of(tokenizer.chat_template), shown, box))
     assert after.output_text == local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
     assert after.usage.input_tokens == prompt_ids.shape[1] and after.output[0].type == "message"
 
@@ -557,17 +557,23 @@ HERMES_TEMPLATE = (
 )
 
 
-def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversation_is_a_400(served, tmp_path):
-    """An API over a copy of the model whose chat template is HERMES_TEMPLATE: the tools and the calls of earlier turns
-    go to the template as they are; a system message is a 400 quoting the template, on every chat route."""
+def api_with_template(served, tmp_path, template: str):
+    """An API over the served swarm for a copy of its model whose chat template is `template`: its URL and
+    tokenizer."""
     path = tmp_path / "tiny-llama"
     shutil.copytree(served["path"], path)
     tokenizer = load_tokenizer(path)
-    tokenizer.chat_template = HERMES_TEMPLATE
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(path)
     api = Process(["api", str(path), "--initial-peers", *served["swarm"].initial_peers, "--port", "0"], "api")
     served["swarm"].extra.append(api)
-    url = api_url(api)
+    return api_url(api), tokenizer
+
+
+def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversation_is_a_400(served, tmp_path):
+    """An API over a copy of the model whose chat template is HERMES_TEMPLATE: the tools and the calls of earlier turns
+    go to the template as they are; a system message is a 400 quoting the template, on every chat route."""
+    url, tokenizer = api_with_template(served, tmp_path, HERMES_TEMPLATE)
     hi, system = {"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}
     refused = [("v1/chat/completions", {"messages": [system, hi]}), ("api/chat", {"messages": [system, hi]}),
                ("v1/responses", {"input": "hi", "instructions": "Be brief."})]  # fmt: skip
@@ -589,6 +595,36 @@ def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversati
     forced = client.chat.completions.create(model="tiny-llama", messages=[hi], tools=[NOW], tool_choice="required",
                                             max_tokens=80, temperature=0).choices[0]  # fmt: skip
     assert [call.function.name for call in forced.message.tool_calls] == ["now"]
+
+
+# Llama 3's way: the tools and the form of a call in the prompt, a call as the whole reply, its arguments "parameters"
+LLAMA_TEMPLATE = (
+    '{% if tools %}Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.{% for tool in tools %}{{ tool | tojson }}{% endfor %}\n{% endif %}{% for m in messages %}"
+    "{% if m.role == 'tool' %}ipython: {{ m.content }}\n{% elif m.tool_calls %}assistant: {% for call in m.tool_calls %}"
+    '{"name": "{{ call.function.name }}", "parameters": {{ call.function.arguments | tojson }}}{% endfor %}\n'
+    "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}assistant:"
+)
+
+
+def test_a_llama_template_gets_the_tools_and_its_calls_come_back_from_the_reply_it_writes(served, tmp_path):
+    url, tokenizer = api_with_template(served, tmp_path, LLAMA_TEMPLATE)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+    tools = [openai.pydantic_function_tool(Weather, name="get_weather"), NOW]
+    hi = {"role": "user", "content": "Weather in Paris?"}
+    asked = {"model": "tiny-llama", "tools": tools, "max_tokens": 120, "temperature": 0}
+    forced = client.chat.completions.parse(**asked, messages=[hi], tool_choice="required").choices[0]
+    (call,) = forced.message.tool_calls  # one call a reply, in this form
+    assert forced.finish_reason == "tool_calls" and call.function.name in ("get_weather", "now")
+    made = {"id": call.id, "type": "function", "function": {"name": call.function.name,
+            "arguments": call.function.arguments}}  # fmt: skip
+    earlier = [hi, {"role": "assistant", "content": None, "tool_calls": [made]}, {"role": "tool", "content": "sunny"}]
+    reply = client.chat.completions.create(**{**asked, "max_tokens": 8}, messages=earlier)
+    shown = [ChatMessage.model_validate(message).as_dict() for message in earlier]
+    box = toolbox([Tool.model_validate(tool) for tool in tools], None, None)
+    expected = chat_prompt_ids(tokenizer, shown, box.shown())
+    assert reply.usage.prompt_tokens == expected.shape[1]
+    assert f'assistant: {{"name": "{call.function.name}", "parameters": ' in tokenizer.decode(expected[0])
 
 
 def test_malformed_json_is_a_400_in_openais_shape(served):

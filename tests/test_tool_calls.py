@@ -11,7 +11,9 @@ import jsonschema
 import pytest
 
 from meadow.api.errors import APIError
-from meadow.api.tool_calls import OPEN, CallReader, NamedChoice, Tool, conversation, read_reply, toolbox
+from meadow.api.tool_calls import (
+    LLAMA, OPEN, CallReader, NamedChoice, Tool, conversation, dialect_of, read_reply, toolbox,
+)
 
 WEATHER = {
     "type": "object",
@@ -32,20 +34,22 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "add_note": NOTE, "now": {"type": "object", "additionalProperties": False}}
 NAMED = NamedChoice(function={"name": "add_note"})
-# (tool_choice, parallel_tool_calls)
-MODES = [(None, None), ("auto", False), ("required", None), ("required", False), (NAMED, None), ("none", None)]
+# (tool_choice, parallel_tool_calls, dialect): Meadow's own description (the Hermes form), Llama 3's bare JSON
+MODES = [(None, None, None), ("auto", False, None), ("required", None, None), ("required", False, None),
+         (NAMED, None, None), ("none", None, None),
+         (None, None, LLAMA), ("required", None, LLAMA), (NAMED, None, LLAMA), ("none", None, LLAMA)]  # fmt: skip
 
 
 def walk(box, rng: random.Random, limit: int = 600) -> str | None:
     """A random reply the machine takes, a character at a time among those it allows (and, now and then, a whole
     OPEN where one may come), ended once complete by chance; None if it grew past `limit`."""
     alphabet = sorted(set(json.dumps([tool.model_dump() for tool in TOOLS])) | set(' \n\\"0123456789-.:<>/_abcé'))
-    state, text = box.prefix(), ""
+    state, text, opener = box.prefix(), "", box.dialect.marker or "{"
     while len(text) < limit:
         if state.finished or state.complete and rng.random() < 0.2:
             return text
-        if rng.random() < 0.1 and (after := state.fed(OPEN)) is not None:
-            state, text = after, text + OPEN
+        if rng.random() < 0.1 and (after := state.fed(opener)) is not None:
+            state, text = after, text + opener
             continue
         options = [(c, after) for c in alphabet if (after := state.fed(c)) is not None]
         closing = [(c, after) for c, after in options if c in '}]"'] if len(text) > limit // 2 else []
@@ -54,26 +58,30 @@ def walk(box, rng: random.Random, limit: int = 600) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("choice, parallel", MODES)
-def test_every_reply_walked_through_the_machine_reads_back_as_calls_that_can_be_made(choice, parallel):
+@pytest.mark.parametrize("choice, parallel, dialect", MODES)
+def test_every_reply_walked_through_the_machine_reads_back_as_calls_that_can_be_made(choice, parallel, dialect):
     box, rng = toolbox(TOOLS, choice, parallel), random.Random(str(choice))
+    box = box.speaking(dialect) if dialect else box
+    d, callable_ = box.dialect, bool(box.callable)
+    several = box.parallel and d.again is not None
     replies = [text for _ in range(60) if (text := walk(box, rng)) is not None]
     assert len(set(replies)) > 20
     counts = []
     for text in replies:
-        content, calls = read_reply(text)
+        content, calls = read_reply(text, d, callable_)
         counts.append(len(calls))
         for call in calls:
             assert call.name in box.callable
             jsonschema.validate(call.arguments, SCHEMAS[call.name])
         if not box.free:  # the reply is calls only
-            assert content == "" and calls and text.startswith(OPEN)
+            assert content == "" and calls and text.startswith(d.marker or "{")
         if choice == "none":
-            assert OPEN not in text and content == text.rstrip()
-        assert bool(calls) == (OPEN in text) and len(calls) <= (99 if box.parallel else 1)  # each call opened is whole
+            assert not calls and content == text.rstrip() and (OPEN not in text or not d.marker)
+        opened = OPEN in text if d.marker else callable_ and text.startswith("{")
+        assert bool(calls) == opened and len(calls) <= (99 if several else 1)  # each call opened is whole
         assert len({json.dumps([call.name, call.arguments], sort_keys=True) for call in calls}) == len(calls)
         # read as it streams, in random pieces: the same content and calls
-        reader, streamed, said = CallReader(), [], ""
+        reader, streamed, said = CallReader(d, callable_), [], ""
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 6)))
         for start, end in zip([0, *cuts], [*cuts, len(text)]):
             piece, new = reader.feed(text[start:end])
@@ -81,7 +89,7 @@ def test_every_reply_walked_through_the_machine_reads_back_as_calls_that_can_be_
         assert said + reader.rest() == content
         assert [(call.name, call.arguments) for call in streamed] == [(call.name, call.arguments) for call in calls]
     if choice != "none":
-        assert max(counts) >= (2 if box.parallel else 1)  # the walks made calls, several in a reply when allowed
+        assert max(counts) >= (2 if several else 1)  # the walks made calls, several in a reply when allowed
 
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -110,6 +118,32 @@ def test_replies_that_break_the_form_are_refused(choice, parallel, text):
     assert box.prefix().fed(text) is None
 
 
+LLAMA_CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize(
+    "choice, text",
+    [
+        ("required", "Sure. " + LLAMA_CALL),  # the call is the whole reply
+        ("required", CALL),  # not the Hermes form
+        ("required", LLAMA_CALL.replace("parameters", "arguments")),  # Llama's key for them
+        ("auto", LLAMA_CALL + "\n" + LLAMA_CALL.replace("Paris", "Rome")),  # one call a reply
+        ("auto", LLAMA_CALL + " Done."),
+    ],
+)
+def test_llama_replies_that_break_its_form_are_refused(choice, text):
+    assert toolbox(TOOLS, choice, None).speaking(LLAMA).prefix().fed(text) is None
+
+
+def test_a_llama_call_is_the_whole_reply_or_none_of_it():
+    auto = toolbox(TOOLS, "auto", None).speaking(LLAMA).prefix()
+    assert auto.fed("It is " + LLAMA_CALL).complete  # a call only as the reply begins: here, text
+    assert read_reply("It is " + LLAMA_CALL, LLAMA) == ("It is " + LLAMA_CALL, [])
+    assert auto.fed(LLAMA_CALL).finished and read_reply(LLAMA_CALL, LLAMA)[1][0].arguments == {"city": "Paris"}
+    none = toolbox(TOOLS, "none", None).speaking(LLAMA).prefix()  # any text, a call's too, and no call read in it
+    assert none.fed(LLAMA_CALL).complete and read_reply(LLAMA_CALL, LLAMA, callable=False) == (LLAMA_CALL, [])
+
+
 def test_the_reply_may_end_where_a_call_or_text_has_ended_and_must_once_nothing_else_may_come():
     auto, one = toolbox(TOOLS, "auto", None), toolbox(TOOLS, "required", False)
     assert auto.prefix().fed("Hello").complete and auto.prefix().fed(CALL).complete
@@ -131,7 +165,7 @@ def test_a_call_that_repeats_one_already_made_ends_the_reply_and_is_not_read_bac
         assert [call.arguments["city"] for call in calls] == ["Paris", "Rome"]
 
 
-HERMES = "{% for m in messages %}{{ m.content }}{% endfor %}" \
+HERMES_LIKE = "{% for m in messages %}{{ m.content }}{% endfor %}" \
          "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}<tool_call>"  # fmt: skip
 HISTORY = [
     {"role": "system", "content": "Be brief."},
@@ -145,11 +179,18 @@ HISTORY = [
 ]  # fmt: skip
 
 
+LLAMA_LIKE = '{% if tools %}Respond in the format {"name": function name, "parameters": dictionary of argument name ' \
+             'and its value}.{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}'  # fmt: skip
+
+
 def test_a_template_that_shows_tools_gets_them_others_see_them_described_and_calls_written_as_replies_write_them():
+    assert [dialect_of(template).shown for template in (HERMES_LIKE, LLAMA_LIKE, None, "{{ messages }}")] == [
+        True, True, False, False]  # fmt: skip
+    assert dialect_of(LLAMA_LIKE) == LLAMA and dialect_of(HERMES_LIKE).marker == dialect_of(None).marker == OPEN
     box = toolbox(TOOLS, None, None)
-    assert conversation(HERMES, HISTORY, box) == (HISTORY, box.shown())
-    assert conversation(HERMES, HISTORY, toolbox(TOOLS, "none", None)) == (HISTORY, None)
-    messages, tools = conversation(None, HISTORY, box)
+    assert conversation(dialect_of(HERMES_LIKE), HISTORY, box) == (HISTORY, box.shown())
+    assert conversation(dialect_of(HERMES_LIKE), HISTORY, toolbox(TOOLS, "none", None)) == (HISTORY, None)
+    messages, tools = conversation(dialect_of(None), HISTORY, box)
     assert tools is None and [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     system = messages[0]["content"]
     assert system.startswith("Be brief.\n\n") and all(json.dumps(tool.model_dump(exclude_none=True)) in system
@@ -160,7 +201,7 @@ def test_a_template_that_shows_tools_gets_them_others_see_them_described_and_cal
     assert toolbox(TOOLS, "required", None).prefix().fed(written).complete
     assert [(call.name, call.arguments) for call in read_reply(written)[1]] == [("get_weather", {"city": "Paris"}),
                                                                           ("get_weather", {"city": "Rome", "days": 2})]
-    none = conversation(None, HISTORY[1:2], toolbox(TOOLS, "none", None))[0]
+    none = conversation(dialect_of(None), HISTORY[1:2], toolbox(TOOLS, "none", None))[0]
     assert none == HISTORY[1:2]  # tools that may not be called are not described
 
 

@@ -32,7 +32,7 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
-from meadow.api.tool_calls import Call, CallReader, conversation, read_reply
+from meadow.api.tool_calls import Call, CallReader, conversation, dialect_of, read_reply
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 STATIC = Path(__file__).parent / "static"
@@ -78,6 +78,7 @@ def create_app(
 
     keyed = [Depends(require_key)]
     context_length = getattr(model.config, "max_position_embeddings", None) or 2048
+    dialect = dialect_of(tokenizer.chat_template)  # how the model writes tool calls
     created = int(time.time())
 
     def unknown_model(name: str) -> APIError:
@@ -158,9 +159,9 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: ChatCompletionRequest, http: Request):
         check(request)
-        box = request.toolbox
+        box = request.speaking(dialect)
         messages = [message.as_dict() for message in request.messages]
-        messages, shown = conversation(tokenizer.chat_template, messages, box)
+        messages, shown = conversation(dialect, messages, box)
         prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
@@ -185,7 +186,7 @@ def create_app(
 
         def choice(index: int, generation: TextGeneration, pieces: list[Delta]) -> dict:
             text = "".join(piece.text for piece in pieces)
-            content, calls = read_reply(text) if box else (text, [])
+            content, calls = read_reply(text, dialect, bool(box.callable)) if box else (text, [])
             said = {"role": "assistant", "content": content}
             if calls:  # the content null when there is none, as OpenAI's
                 said = {"role": "assistant", "content": content or None, **calls_field(calls)}
@@ -203,7 +204,7 @@ def create_app(
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
                 return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-            readers = [CallReader() for _ in generations]  # with tools: each choice's content and calls
+            readers = [CallReader(dialect, bool(box and box.callable)) for _ in generations]  # with tools
             called = [0] * len(generations)
             for index in range(len(generations)):
                 yield chunk(index, {"role": "assistant", "content": ""})

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Annotated, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error
@@ -25,7 +25,7 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import (
-    Call, CallReader, Function, NamedChoice, Tool, Toolbox, conversation, read_reply, toolbox,
+    Call, CallReader, Function, NamedChoice, OffersTools, Tool, conversation, dialect_of, read_reply, toolbox,
 )
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
@@ -116,7 +116,7 @@ class NamedFunction(BaseModel):
     name: str
 
 
-class ResponseRequest(BaseModel):
+class ResponseRequest(OffersTools):
     model_config = ConfigDict(extra="ignore")  # user, metadata, reasoning, truncation, store options...
 
     model: str
@@ -135,7 +135,6 @@ class ResponseRequest(BaseModel):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
-    _toolbox: Toolbox | None = PrivateAttr(None)
 
     _refuse_unsupported = model_validator(mode="before")(lambda body: refuse_unsupported(body, UNSUPPORTED))
 
@@ -148,10 +147,6 @@ class ResponseRequest(BaseModel):
         if self._toolbox and self.json_format:
             raise APIError(400, "tools and a JSON text.format together are not supported", param="text.format")
         return self
-
-    @property
-    def toolbox(self) -> Toolbox | None:
-        return self._toolbox
 
     @property
     def messages(self) -> list[dict]:
@@ -201,11 +196,12 @@ def add_responses_routes(
     @app.post("/v1/responses", dependencies=keyed)
     async def create(request: ResponseRequest, http: Request):
         check(request)
-        box = request.toolbox
+        dialect = dialect_of(tokenizer.chat_template)
+        box = request.speaking(dialect)
         earlier = find(request.previous_response_id, "previous_response_id")[1] if request.previous_response_id else []
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
         history = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
-        prompt_ids = chat_prompt_ids(tokenizer, *conversation(tokenizer.chat_template, [*instructions, *history], box))
+        prompt_ids = chat_prompt_ids(tokenizer, *conversation(dialect, [*instructions, *history], box))
         sampling = Sampling(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -279,14 +275,15 @@ def add_responses_routes(
         if not request.stream:
             (pieces,) = await collect_replies([generation], http)
             text = "".join(piece.text for piece in pieces)
-            content, calls = read_reply(text) if box else (text, [])
+            content, calls = read_reply(text, dialect, bool(box.callable)) if box else (text, [])
             return finished(content, logprobs_of(pieces, content if box else None), calls)
 
         async def events() -> AsyncIterator[dict]:
             place = {"item_id": ids["message"], "output_index": 0, "content_index": 0}
             yield {"type": "response.created", "response": body("in_progress", [])}
             yield {"type": "response.in_progress", "response": body("in_progress", [])}
-            reader, pieces, content, calls, opened = CallReader(), [], "", [], False
+            reader, pieces, content, calls = CallReader(dialect, bool(box and box.callable)), [], "", []
+            opened = False
 
             def opening() -> list[dict]:
                 added = message("", [], "in_progress")

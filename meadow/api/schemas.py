@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from meadow.api.embeddings import none_empty
 from meadow.api.errors import APIError
 from meadow.api.generation import Sampling
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT, Node, SchemaError, compile_schema
-from meadow.api.tool_calls import Function, NamedChoice, Tool, ToolChoice, Toolbox, toolbox
+from meadow.api.tool_calls import Function, NamedChoice, OffersTools, Tool, ToolChoice, toolbox
 
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context", which would reserve every
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
@@ -180,7 +180,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_Request, OffersTools):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
@@ -190,7 +190,6 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[Function] | None = None  # tools' older form: one call at most, as `function_call`
     function_call: Literal["none", "auto"] | dict | None = None  # tool_choice's; {"name": ...}: call that one
-    _toolbox: Toolbox | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -214,11 +213,6 @@ class ChatCompletionRequest(_Request):
             message = "tools and a JSON response_format together are not supported"
             raise APIError(400, message, param="response_format")
         return self
-
-    @property
-    def toolbox(self) -> Toolbox | None:
-        """The tools the reply may call, if it is offered any."""
-        return self._toolbox
 
     @property
     def legacy(self) -> bool:

@@ -1,32 +1,32 @@
 """Tool calls (OpenAI's `tools` and `tool_choice`, Ollama's `tools`): the functions shown to the model, its calls read
-back out of the reply. A call is written as Hermes and Qwen models are trained to write it,
+back out of the reply. A call is written as the model's chat template shows it (a `Dialect`): as Hermes and Qwen models
+are trained to write it,
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-and once the reply opens one, the rest is held to it (json_mode.py's chooser, following `ToolCallPrefix`): the name is
-one of the tools', the arguments match that tool's parameters, so every call the API returns can be made. Before a
-call the model writes freely (`auto`), or nothing (`required`, a named tool); `none` never opens one."""
+(also the form Meadow describes to models whose template shows no tools), or as Llama 3's, the whole reply
+`{"name": "get_weather", "parameters": {"city": "Paris"}}`. Once the reply opens a call, the rest is held to it
+(json_mode.py's chooser, following `ToolCallPrefix`): the name is one of the tools', the arguments match that tool's
+parameters, so every call the API returns can be made. Before a call the model writes freely (`auto`), or nothing
+(`required`, a named tool); `none` never opens one."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from meadow.api.errors import APIError
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node, SchemaError, compile_schema
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-CALL_START = '\n{"name": '  # after OPEN: the name comes first, as the models write it
-ARGUMENTS = ', "arguments": '
-CALL_END = "}\n" + CLOSE
-AGAIN = "\n" + OPEN  # another call, on the next line
+LLAMA_FORMAT = '"parameters": dictionary of argument name'  # what Llama 3's templates tell the model
 MAX_TOOLS = 128  # as OpenAI's
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # shown to a model whose chat template does not show tools itself; the call's form is the one it is held to
@@ -39,6 +39,36 @@ To call one, reply with a JSON object holding its name and arguments between <to
 {{"name": "the function's name", "arguments": {{"an argument": "its value"}}}}
 </tool_call>
 The result comes back between <tool_response> and </tool_response>."""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a model writes its calls, and whether its chat template shows the tools itself."""
+
+    marker: str | None  # what opens a call after text; None: a call is the whole reply
+    start: str  # what a call begins with (after the marker): the name comes first, as the models write it
+    arguments: str  # the arguments' key, as it follows the name
+    end: str  # what ends a call
+    again: str | None  # what opens another call after one (then `start`); None: one call a reply
+    shown: bool  # the template shows the tools (else Meadow describes them, and the calls, in the Hermes form)
+
+    @property
+    def arguments_key(self) -> str:
+        return self.arguments.split('"')[1]
+
+
+HERMES = Dialect(OPEN, '\n{"name": ', ', "arguments": ', "}\n" + CLOSE, "\n" + OPEN, shown=True)
+DESCRIBED = replace(HERMES, shown=False)
+LLAMA = Dialect(None, '{"name": ', ', "parameters": ', "}", None, shown=True)
+
+
+def dialect_of(template: str | None) -> Dialect:
+    """How a model whose chat template is `template` writes calls (and whether the template shows tools)."""
+    if template and "tools" in template and OPEN in template:
+        return HERMES
+    if template and "tools" in template and LLAMA_FORMAT in template:
+        return LLAMA
+    return DESCRIBED
 
 
 class Function(BaseModel):
@@ -69,15 +99,43 @@ class Toolbox:
     parameters: dict[str, Node]  # name -> the schema its arguments follow
     callable: tuple[str, ...]  # the names the reply may call: none ("none"), one (a named choice) or all
     free: bool  # text may come before a call (auto, none); else the reply is calls only
-    parallel: bool  # more than one call in a reply
+    parallel: bool  # more than one call in a reply (if the dialect has more than one)
+    dialect: Dialect = DESCRIBED
+
+    def speaking(self, dialect: Dialect) -> "Toolbox":
+        """The same tools, called in `dialect`."""
+        return replace(self, dialect=dialect)
 
     def prefix(self) -> "ToolCallPrefix":
         """The machine a reply follows, at its start."""
-        return ToolCallPrefix(self, ("free", 0) if self.free else ("spell", OPEN + CALL_START, _names(self)))
+        d = self.dialect
+        if not self.free:
+            return ToolCallPrefix(self, ("spell", (d.marker or "") + d.start, _names(self)))
+        if d.marker is None:  # a call only as the whole reply: its first character tells
+            return ToolCallPrefix(self, ("first",) if self.callable else ("text",))
+        return ToolCallPrefix(self, ("free", 0))
 
     def shown(self) -> list[dict]:
         """The tools as chat templates take them (OpenAI's shape)."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+
+class OffersTools(BaseModel):
+    """A request that may offer tools: its Toolbox (set once its fields are checked), then called in the model's
+    dialect once the route knows the model."""
+
+    _toolbox: Toolbox | None = PrivateAttr(None)
+
+    @property
+    def toolbox(self) -> Toolbox | None:
+        """The tools the reply may call, if it is offered any."""
+        return self._toolbox
+
+    def speaking(self, dialect: Dialect) -> Toolbox | None:
+        """The toolbox, from now on called as `dialect` writes calls."""
+        if self._toolbox is not None:
+            self._toolbox = self._toolbox.speaking(dialect)
+        return self._toolbox
 
 
 def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None, param: str = "tools"):
@@ -113,7 +171,7 @@ def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool 
 
 
 def _names(box: Toolbox, made: frozenset = frozenset()) -> tuple:
-    return "name", tuple((json.dumps(name) + ARGUMENTS, name) for name in box.callable), made
+    return "name", tuple((json.dumps(name) + box.dialect.arguments, name) for name in box.callable), made
 
 
 def _same(name: str, arguments) -> str:
@@ -124,9 +182,11 @@ def _same(name: str, arguments) -> str:
 class ToolCallPrefix:
     """Where a reply stands: free text, then calls (see the module's doc). Like JsonPrefix: `fed(text)` is the state
     after `text` or None, `complete` says the reply may end here, `finished` that it must. Immutable. A phase is one of
-    ("free", characters of OPEN just read), ("spell", the text that must come, the phase after it), ("name", (the
-    rest of each name still possible, with ARGUMENTS after it; the name), made), ("args", name, JsonPrefix, their
-    text, made), ("after", made, repeated); `made` holds the calls made so far (as `_same` writes them). A call that
+    ("free", characters of the dialect's marker just read), ("first",) and ("text",) (a dialect whose call is the whole
+    reply: before its first character, and text that is no call), ("spell", the text that must come, the phase after
+    it), ("name", (the rest of each name still possible, with the arguments' key after it; the name), made), ("args",
+    name, JsonPrefix, their text, made), ("after", made, repeated); `made` holds the calls made so far (as `_same`
+    writes them). A call that
     repeats one already made ends the reply (a small model, asked for calls, would go on repeating it): it is not
     read back (`_calls`)."""
 
@@ -142,14 +202,19 @@ class ToolCallPrefix:
         return ToolCallPrefix(self.box, phase)
 
     def _step(self, phase: tuple, c: str) -> tuple | None:
-        kind = phase[0]
+        kind, dialect = phase[0], self.box.dialect
         if kind == "free":
-            seen = OPEN[: phase[1]] + c
-            while not OPEN.startswith(seen):
+            marker = dialect.marker
+            seen = marker[: phase[1]] + c
+            while not marker.startswith(seen):
                 seen = seen[1:]
-            if seen != OPEN:
+            if seen != marker:
                 return "free", len(seen)
-            return ("spell", CALL_START, _names(self.box)) if self.box.callable else None
+            return ("spell", dialect.start, _names(self.box)) if self.box.callable else None
+        if kind == "first":
+            return self._step(("spell", dialect.start, _names(self.box)), c) if c == dialect.start[0] else ("text",)
+        if kind == "text":
+            return phase
         if kind == "spell":
             _, rest, then = phase
             if c != rest[0]:
@@ -166,21 +231,24 @@ class ToolCallPrefix:
             _, name, arguments, text, made = phase
             if arguments.finished:
                 call = _same(name, json.loads(text))
-                return self._step(("spell", CALL_END, ("after", made | {call}, call in made)), c)
+                return self._step(("spell", dialect.end, ("after", made | {call}, call in made)), c)
             arguments = arguments.fed(c)
             return arguments and ("args", name, arguments, text + c, made)
-        _, made, repeated = phase
-        if repeated or not self.box.parallel:
+        if self._last(phase):
             return None
-        return self._step(("spell", AGAIN + CALL_START, _names(self.box, made)), c)
+        return self._step(("spell", dialect.again + dialect.start, _names(self.box, phase[1])), c)
+
+    def _last(self, phase: tuple) -> bool:
+        """Whether no call may follow the one just made (`phase` is "after" one)."""
+        return phase[2] or not self.box.parallel or self.box.dialect.again is None
 
     @property
     def complete(self) -> bool:
-        return self.phase[0] in ("free", "after")
+        return self.phase[0] in ("free", "first", "text", "after")
 
     @property
     def finished(self) -> bool:
-        return self.phase[0] == "after" and (self.phase[2] or not self.box.parallel)
+        return self.phase[0] == "after" and self._last(self.phase)
 
 
 @dataclass(frozen=True)
@@ -200,59 +268,75 @@ class Call:
 
 class CallReader:
     """Reads a reply as it grows: the text before its first call (its content), then each call once it is whole.
-    Text that may be the beginning of a call (a piece of OPEN, whitespace) is held back until it is known not to be."""
+    Text that may be the beginning of a call (a piece of the marker, whitespace; in a dialect whose call is the whole
+    reply, nothing yet) is held back until it is known not to be. `callable`: whether the reply may call at all."""
 
-    def __init__(self):
+    def __init__(self, dialect: Dialect = DESCRIBED, callable: bool = True):
+        self.dialect, self.callable = dialect, callable
         self.text, self.given, self.calls = "", 0, 0  # the reply so far; content handed out; calls handed out
 
     def feed(self, piece: str) -> tuple[str, list[Call]]:
         """The content and calls that `piece` completes."""
         self.text += piece
-        start = self.text.find(OPEN)
-        if start < 0:
-            held = max((n for n in range(1, len(OPEN)) if self.text.endswith(OPEN[:n])), default=0)
+        start = self._call_start()
+        if start is None:
+            marker = self.dialect.marker or ""
+            held = max((n for n in range(1, len(marker)) if self.text.endswith(marker[:n])), default=0)
             safe = len(self.text[: len(self.text) - held].rstrip())
             content, self.given = self.text[self.given : max(safe, self.given)], max(safe, self.given)
             return content, []
         content = self.text[self.given : len(self.text[:start].rstrip())]
         self.given = len(self.text)  # nothing after the first call is content
-        calls = _calls(self.text[start:])
+        calls = _calls(self.text[start:], self.dialect)
         new, self.calls = calls[self.calls :], len(calls)
         return content, new
 
+    def _call_start(self) -> int | None:
+        """Where the first call begins, if the reply has one."""
+        if not self.callable:
+            return None
+        if self.dialect.marker is None:
+            return 0 if self.text[:1] == self.dialect.start[0] or not self.text else None
+        start = self.text.find(self.dialect.marker)
+        return start if start >= 0 else None
+
     def rest(self) -> str:
         """The content held back, once the reply has ended (trailing whitespace is not given)."""
-        return "" if OPEN in self.text else self.text[self.given :].rstrip()
+        return "" if self.text and self._call_start() is not None else self.text[self.given :].rstrip()
 
 
-def _calls(text: str) -> list[Call]:
-    """The whole calls in `text`, which begins with OPEN (written as ToolCallPrefix holds them)."""
+def _calls(text: str, dialect: Dialect) -> list[Call]:
+    """The whole calls in `text`, which begins with the first (written as ToolCallPrefix holds them)."""
     calls, made, decoder, at = [], set(), json.JSONDecoder(), 0
-    while text.startswith(OPEN + "\n", at):
+    opening = (dialect.marker or "") + dialect.start[:-len('{"name": ')]  # before the call's JSON object
+    while text.startswith(opening, at) and at < len(text):
         try:
-            call, at = decoder.raw_decode(text, at + len(OPEN) + 1)
+            call, at = decoder.raw_decode(text, at + len(opening))
         except json.JSONDecodeError:  # not whole yet
             break
-        if (same := _same(call["name"], call["arguments"])) not in made:  # a repeated call ended the reply
-            calls.append(Call(f"call_{uuid.uuid4().hex[:24]}", call["name"], call["arguments"]))
+        name, arguments = call["name"], call[dialect.arguments_key]
+        if (same := _same(name, arguments)) not in made:  # a repeated call ended the reply
+            calls.append(Call(f"call_{uuid.uuid4().hex[:24]}", name, arguments))
             made.add(same)
-        at += len(CALL_END)  # past "\n</tool_call>" and the line break before another call
+        if dialect.again is None:
+            break
+        at += len(dialect.end) - 1 + len(dialect.again) - len(dialect.marker)  # past the end and what opens the next
     return calls
 
 
-def read_reply(text: str) -> tuple[str, list[Call]]:
+def read_reply(text: str, dialect: Dialect = DESCRIBED, callable: bool = True) -> tuple[str, list[Call]]:
     """A whole reply's content and calls."""
-    reader = CallReader()
+    reader = CallReader(dialect, callable)
     content, calls = reader.feed(text)
     return content + reader.rest(), calls
 
 
-def conversation(template: str | None, messages: list[dict], box: Toolbox | None) -> tuple[list[dict], list | None]:
+def conversation(dialect: Dialect, messages: list[dict], box: Toolbox | None) -> tuple[list[dict], list | None]:
     """`messages` (transformers' shape: an assistant's `tool_calls` with their arguments as objects, "tool" messages
-    with the results) and the tools, as the chat template is given them. A `template` that shows tools and calls in
-    the form the reply is held to takes them as they are; for any other, the tools are described in the system
-    message, calls written into the assistant's text and results sent as the user's, each in its tags."""
-    if template and OPEN in template and "tools" in template:
+    with the results) and the tools, as the chat template is given them. A template that shows tools (its `dialect`
+    says) takes them as they are; for any other, the tools are described in the system message, calls written into
+    the assistant's text and results sent as the user's, each in its tags (the Hermes form)."""
+    if dialect.shown:
         return messages, box.shown() if box and box.callable else None
     out = []
     for message in messages:
