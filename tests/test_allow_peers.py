@@ -93,7 +93,8 @@ def test_outsider_client_is_told_it_is_not_allowed(private):
         AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, client_config=config)
     generate = Process(["generate", str(path), "--initial-peers", *swarm.initial_peers, "--prompt", "hi"], "outsider")
     generate.popen.wait(120)
-    assert generate.popen.returncode == 1 and any("meadow generate: error: " in line and REFUSED in line for line in generate.lines)
+    refused = any("meadow generate: error: " in line and REFUSED in line for line in generate.lines)
+    assert generate.popen.returncode == 1 and refused
     assert not any("Traceback" in line for line in generate.lines)
 
 

@@ -383,7 +383,8 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
           "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
         ({"model": "tiny-llama", "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]},
          "input.0.arguments"),
-        ({"model": "tiny-llama", "input": [{"type": ["x"], "call_id": "c", "output": "ok"}]}, "input.0.type"),  # was a 500
+        ({"model": "tiny-llama", "input": [{"type": ["x"], "call_id": "c", "output": "ok"}]},
+         "input.0.type"),  # was a 500
         ({"model": "tiny-llama", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {"not": 1}}}},
          "text.format"),
         ({"model": "tiny-llama", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
@@ -601,7 +602,8 @@ def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversati
 LLAMA_TEMPLATE = (
     '{% if tools %}Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
     "value}.{% for tool in tools %}{{ tool | tojson }}{% endfor %}\n{% endif %}{% for m in messages %}"
-    "{% if m.role == 'tool' %}ipython: {{ m.content }}\n{% elif m.tool_calls %}assistant: {% for call in m.tool_calls %}"
+    "{% if m.role == 'tool' %}ipython: {{ m.content }}\n"
+    "{% elif m.tool_calls %}assistant: {% for call in m.tool_calls %}"
     '{"name": "{{ call.function.name }}", "parameters": {{ call.function.arguments | tojson }}}{% endfor %}\n'
     "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}assistant:"
 )

@@ -179,8 +179,8 @@ HISTORY = [
 ]  # fmt: skip
 
 
-LLAMA_LIKE = '{% if tools %}Respond in the format {"name": function name, "parameters": dictionary of argument name ' \
-             'and its value}.{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}'  # fmt: skip
+LLAMA_LIKE = '{% if tools %}Respond in the format {"name": function name, "parameters": dictionary of argument ' \
+             'name and its value}.{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}'  # fmt: skip
 
 
 def test_a_template_that_shows_tools_gets_them_others_see_them_described_and_calls_written_as_replies_write_them():

@@ -174,7 +174,7 @@ class ChatMessage(BaseModel):
         roles = {"developer": "system", "function": "tool"}
         message = {"role": roles.get(self.role, self.role), "content": content}
         if self.tool_calls or self.function_call:
-            calls = [call.function for call in self.tool_calls or []] + ([self.function_call] if self.function_call else [])
+            calls = [call.function for call in self.tool_calls or []] + [self.function_call] * bool(self.function_call)
             message["tool_calls"] = [{"type": "function", "function": {"name": call.name,
                                       "arguments": json.loads(call.arguments)}} for call in calls]  # fmt: skip
         return message
