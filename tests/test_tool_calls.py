@@ -11,8 +11,10 @@ import jsonschema
 import pytest
 
 from meadow.api.errors import APIError
+from meadow.client.chat_prompt import ConversationRefused
+from meadow.models.tiny import make_tokenizer
 from meadow.api.tool_calls import (
-    LLAMA, OPEN, CallReader, NamedChoice, Tool, conversation, dialect_of, read_reply, toolbox,
+    LLAMA, OPEN, CallReader, NamedChoice, Tool, conversation, dialect_of, read_reply, tool_prompt_ids, toolbox,
 )
 
 WEATHER = {
@@ -223,3 +225,21 @@ def test_tools_that_cannot_be_followed_are_refused_saying_why(tools, choice, wor
     with pytest.raises(APIError) as refused:
         toolbox(tools, choice, None)
     assert refused.value.status == 400 and words in refused.value.message
+
+
+# as Mistral's first templates: user and assistant alternate from the start, no system message
+ALTERNATING = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+               "[{{ m.role }}] {{ m.content }}\n{% endfor %}")  # fmt: skip
+
+
+def test_a_template_without_a_system_message_gets_the_tools_before_the_first_user_message():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ALTERNATING
+    box, hi = toolbox(TOOLS, None, None), {"role": "user", "content": "hi"}
+    for messages, last in (([hi], "hi"), ([hi, *HISTORY[2:]], "rain\n</tool_response>")):  # results: one message
+        text = tokenizer.decode(tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), messages, box)[0])
+        assert text.startswith("[user] You can call functions") and text.count("<tools>") == 1
+        assert text.rstrip().endswith(last)
+    with pytest.raises(ConversationRefused, match="must alternate"):  # a system message of the user's own: refused
+        tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), [HISTORY[0], hi], box)

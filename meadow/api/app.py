@@ -32,8 +32,8 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
-from meadow.api.tool_calls import Call, CallReader, conversation, dialect_of, read_reply
-from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.api.tool_calls import Call, CallReader, dialect_of, read_reply, tool_prompt_ids
+from meadow.client.chat_prompt import stop_strings
 
 STATIC = Path(__file__).parent / "static"
 # pages served from this machine, on any port: front ends and tools run locally (a page from elsewhere must be let in)
@@ -161,8 +161,7 @@ def create_app(
         check(request)
         box = request.speaking(dialect)
         messages = [message.as_dict() for message in request.messages]
-        messages, shown = conversation(dialect, messages, box)
-        prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box)
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None

@@ -27,7 +27,7 @@ from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
-from meadow.api.tool_calls import CallReader, Tool, Toolbox, conversation, dialect_of, toolbox
+from meadow.api.tool_calls import CallReader, Tool, Toolbox, dialect_of, tool_prompt_ids, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 # what would change the models a machine holds: a swarm's model is its servers' to hold
@@ -243,8 +243,7 @@ def add_ollama_routes(
         box = request.toolbox
         box = box and box.speaking(dialect)
         messages = [message.as_dict() for message in request.messages]
-        messages, shown = conversation(dialect, messages, box)
-        prompt_ids = chat_prompt_ids(tokenizer, messages, shown)
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box)
         reader = CallReader(dialect, bool(box and box.callable))  # with tools: the content, and each call once whole
 
         def content(text: str, done: bool) -> dict:

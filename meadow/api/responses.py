@@ -25,9 +25,9 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import (
-    Call, CallReader, Function, NamedChoice, OffersTools, Tool, conversation, dialect_of, read_reply, toolbox,
+    Call, CallReader, Function, NamedChoice, OffersTools, Tool, dialect_of, read_reply, tool_prompt_ids, toolbox,
 )
-from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.client.chat_prompt import stop_strings
 
 KEPT = 1024  # stored responses (their conversations, each within the context), the oldest forgotten first
 LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them
@@ -201,7 +201,7 @@ def add_responses_routes(
         earlier = find(request.previous_response_id, "previous_response_id")[1] if request.previous_response_id else []
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
         history = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
-        prompt_ids = chat_prompt_ids(tokenizer, *conversation(dialect, [*instructions, *history], box))
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, [*instructions, *history], box)
         sampling = Sampling(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,

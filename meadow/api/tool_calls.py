@@ -19,11 +19,13 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field, PrivateAttr
 
 from meadow.api.errors import APIError
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node, SchemaError, compile_schema
+from meadow.client.chat_prompt import ConversationRefused, chat_prompt_ids
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 LLAMA_FORMAT = '"parameters": dictionary of argument name'  # what Llama 3's templates tell the model
@@ -331,11 +333,14 @@ def read_reply(text: str, dialect: Dialect = DESCRIBED, callable: bool = True) -
     return content + reader.rest(), calls
 
 
-def conversation(dialect: Dialect, messages: list[dict], box: Toolbox | None) -> tuple[list[dict], list | None]:
+def conversation(
+    dialect: Dialect, messages: list[dict], box: Toolbox | None, in_user_message: bool = False
+) -> tuple[list[dict], list | None]:
     """`messages` (transformers' shape: an assistant's `tool_calls` with their arguments as objects, "tool" messages
     with the results) and the tools, as the chat template is given them. A template that shows tools (its `dialect`
     says) takes them as they are; for any other, the tools are described in the system message, calls written into
-    the assistant's text and results sent as the user's, each in its tags (the Hermes form)."""
+    the assistant's text and results sent as the user's, each in its tags (the Hermes form); `in_user_message`: the
+    tools described before the first user message's text instead (for templates that take no system message)."""
     if dialect.shown:
         return messages, box.shown() if box and box.callable else None
     out = []
@@ -352,7 +357,10 @@ def conversation(dialect: Dialect, messages: list[dict], box: Toolbox | None) ->
         out.append({"role": role, "content": "\n".join([content, *calls] if content else calls)})
     if box and box.callable:
         described = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in box.shown()))
-        if out and out[0]["role"] == "system":
+        first_user = next((m for m in out if m["role"] == "user"), None)
+        if in_user_message and first_user is not None:
+            first_user["content"] = described + "\n\n" + first_user["content"]
+        elif out and out[0]["role"] == "system":
             out[0]["content"] += "\n\n" + described
         else:
             out.insert(0, {"role": "system", "content": described})
@@ -362,3 +370,16 @@ def conversation(dialect: Dialect, messages: list[dict], box: Toolbox | None) ->
 def _written(function: dict) -> str:
     """A call as the reply writes it."""
     return f"{OPEN}\n{json.dumps({'name': function['name'], 'arguments': function['arguments']})}\n{CLOSE}"
+
+
+def tool_prompt_ids(tokenizer, dialect: Dialect, messages: list[dict], box: Toolbox | None) -> torch.Tensor:
+    """The prompt's token ids for `messages` with `box`'s tools (see `conversation`). A template that refuses the
+    system message the tools were described in (some take none: Mistral's first ones need user and assistant to
+    alternate from the start) gets them before the first user message's text instead."""
+    try:
+        return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box))
+    except ConversationRefused:
+        own_system = any(message["role"] == "system" for message in messages)
+        if own_system or dialect.shown or not (box and box.callable):
+            raise  # not the description's doing
+        return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box, in_user_message=True))
