@@ -379,7 +379,6 @@ def tool_prompt_ids(tokenizer, dialect: Dialect, messages: list[dict], box: Tool
     try:
         return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box))
     except ConversationRefused:
-        own_system = any(message["role"] == "system" for message in messages)
-        if own_system or dialect.shown or not (box and box.callable):
+        if dialect.shown or not (box and box.callable):
             raise  # not the description's doing
         return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box, in_user_message=True))
