@@ -27,7 +27,7 @@ from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
-from meadow.api.tool_calls import CallReader, Tool, Toolbox, dialect_of, tool_prompt_ids, toolbox
+from meadow.api.tool_calls import CallReader, OffersTools, Tool, dialect_of, tool_prompt_ids, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 
 # what would change the models a machine holds: a swarm's model is its servers' to hold
@@ -122,16 +122,16 @@ class Message(_Refusing):
         return message
 
 
-class ChatRequest(_OllamaRequest):
+class ChatRequest(_OllamaRequest, OffersTools):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None  # the model calls them as it sees fit (Ollama has no tool_choice)
 
-    @property
-    def toolbox(self) -> Toolbox | None:
-        box = toolbox(self.tools, None, None)
-        if box and self.json_format:
+    @model_validator(mode="after")
+    def _tools_compiled(self):
+        self._toolbox = toolbox(self.tools, None, None)
+        if self._toolbox and self.json_format:
             raise APIError(400, "tools and a JSON format together are not supported", param="format")
-        return box
+        return self
 
 
 class GenerateRequest(_OllamaRequest):
@@ -240,8 +240,7 @@ def add_ollama_routes(
         request = await _parsed(http, ChatRequest)
         check(request.model)
         dialect = dialect_of(tokenizer.chat_template)
-        box = request.toolbox
-        box = box and box.speaking(dialect)
+        box = request.speaking(dialect)
         messages = [message.as_dict() for message in request.messages]
         prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box)
         reader = CallReader(dialect, bool(box and box.callable))  # with tools: the content, and each call once whole

@@ -140,26 +140,26 @@ class OffersTools(BaseModel):
         return self._toolbox
 
 
-def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None, param: str = "tools"):
+def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None) -> Toolbox | None:
     """A request's Toolbox (None when it offers no tools), or a 400 naming what is wrong."""
     if not tools:
         if choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         return None
     if len(tools) > MAX_TOOLS:
-        raise APIError(400, f"{param}: at most {MAX_TOOLS} tools", param=param)
+        raise APIError(400, f"tools: at most {MAX_TOOLS} tools", param="tools")
     parameters = {}
     for i, tool in enumerate(tools):
-        where = f"{param}[{i}].function.parameters"
+        where = f"tools[{i}].function.parameters"
         name, schema = tool.function.name, tool.function.parameters or NO_PARAMETERS
         if name in parameters:
-            raise APIError(400, f"{param}: two tools are named {name!r}", param=param)
+            raise APIError(400, f"tools: two tools are named {name!r}", param="tools")
         if schema.get("type") != "object":
-            raise APIError(400, f"{where}: the arguments must be an object (type: object)", param=param)
+            raise APIError(400, f"{where}: the arguments must be an object (type: object)", param="tools")
         try:
             parameters[name] = compile_schema(schema, where)
         except SchemaError as e:
-            raise APIError(400, str(e), param=param, code="unsupported_value") from None
+            raise APIError(400, str(e), param="tools", code="unsupported_value") from None
     names = tuple(parameters)
     if isinstance(choice, NamedChoice):
         named = choice.function.get("name")
@@ -188,9 +188,8 @@ class ToolCallPrefix:
     reply: before its first character, and text that is no call), ("spell", the text that must come, the phase after
     it), ("name", (the rest of each name still possible, with the arguments' key after it; the name), made), ("args",
     name, JsonPrefix, their text, made), ("after", made, repeated); `made` holds the calls made so far (as `_same`
-    writes them). A call that
-    repeats one already made ends the reply (a small model, asked for calls, would go on repeating it): it is not
-    read back (`_calls`)."""
+    writes them). A call that repeats one already made ends the reply (a small model, asked for calls, would go on
+    repeating it): it is not read back (`_calls`)."""
 
     def __init__(self, box: Toolbox, phase: tuple):
         self.box, self.phase = box, phase
