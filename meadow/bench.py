@@ -73,16 +73,25 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def timed(fn, repeats: int = 1) -> float:
     fn()  # warm-up
+    synchronize()
     began = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize()
     return (time.perf_counter() - began) / repeats
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a local model's forward returns before it is done), if a GPU was used."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def measure(model, new_tokens: int, vocab_size: int, generated: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Generation tokens/s, prefill and training-step seconds; `generated` is called after the generations."""
     prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
+    prompt, prefill = prompt.to(model.device), prefill.to(model.device)  # a local model on a GPU takes its inputs there
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
         generate_time = timed(lambda: model.generate(prompt, **kwargs), repeats=3)
