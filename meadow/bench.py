@@ -209,7 +209,11 @@ def client_worker(
     prompt = torch.randint(0, vocab_size, (1, CLIENT_PROMPT_LENGTH), generator=torch.Generator().manual_seed(100 + index))
     # no end-of-sequence token, so every client generates exactly new_tokens tokens without transformers' min-length
     # processors (a full pass over the vocabulary each step: client CPU that real chats do not spend)
-    # (every setting in the config: transformers warns when a config and separate arguments come together)
+    # (every setting in the config: transformers warns when a config and separate arguments come together). Not in
+    # the model's own config either: generate fills a passed config's unset values from it (a random model with a
+    # small vocabulary drew its end-of-sequence token within 32 tokens, and its client stopped early)
+    distributed.generation_config.eos_token_id = None
+
     def greedy(tokens: int):
         config = copy.deepcopy(distributed.generation_config)
         config.eos_token_id, config.max_new_tokens, config.do_sample = None, tokens, False
