@@ -26,6 +26,7 @@ from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
+from meadow.api.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 from meadow.api.responses import add_responses_routes
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
@@ -79,6 +80,7 @@ def create_app(
     keyed = [Depends(require_key)]
     context_length = getattr(model.config, "max_position_embeddings", None) or 2048
     dialect = dialect_of(tokenizer.chat_template)  # how the model writes tool calls
+    thinking = thinks(tokenizer.chat_template)  # a reasoning model: its think block is given apart
     created = int(time.time())
 
     def unknown_model(name: str) -> APIError:
@@ -161,7 +163,8 @@ def create_app(
         check(request)
         box = request.speaking(dialect)
         messages = [message.as_dict() for message in request.messages]
-        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box)
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **request.chat_template_kwargs or {})
+        inside = thinking and opens_thinking(tokenizer, prompt_ids)  # the template opened the reply's think block
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -185,10 +188,13 @@ def create_app(
 
         def choice(index: int, generation: TextGeneration, pieces: list[Delta]) -> dict:
             text = "".join(piece.text for piece in pieces)
+            reasoning, text = split_reasoning(text, inside) if thinking else ("", text)
             content, calls = read_reply(text, dialect, bool(box.callable)) if box else (text, [])
             said = {"role": "assistant", "content": content}
             if calls:  # the content null when there is none, as OpenAI's
                 said = {"role": "assistant", "content": content or None, **calls_field(calls)}
+            if reasoning:
+                said["reasoning_content"] = reasoning
             finish = finish_reason(generation, bool(calls))
             return {"index": index, "message": said, "logprobs": logprobs_of(pieces), "finish_reason": finish}
 
@@ -204,13 +210,19 @@ def create_app(
                 return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
             readers = [CallReader(dialect, bool(box and box.callable)) for _ in generations]  # with tools
+            thinkers = [ThinkingReader(inside) for _ in generations]  # for a reasoning model
             called = [0] * len(generations)
             for index in range(len(generations)):
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for index, piece in merged([generation.deltas(tell_waits=True) for generation in generations]):
                 if piece is None:  # that choice is done
                     done = generations[index]
-                    rest = readers[index].rest() if box else ""
+                    reasoning, rest = thinkers[index].rest() if thinking else ("", "")
+                    if reasoning:
+                        yield chunk(index, {"reasoning_content": reasoning})
+                    if box:
+                        content, _ = readers[index].feed(rest)  # held text: no call begins in it
+                        rest = content + readers[index].rest()
                     if rest:
                         yield chunk(index, {"content": rest})
                     last = chunk(index, {}, finish_reason(done, called[index] > 0))
@@ -218,7 +230,10 @@ def create_app(
                 elif isinstance(piece, Waiting):  # an extra field, as the last chunk's: OpenAI's clients let it pass
                     yield {**chunk(index, {}), "meadow": {"waiting": piece.reason}}
                 else:
-                    content, calls = readers[index].feed(piece.text) if box else (piece.text, [])
+                    reasoning, text = thinkers[index].feed(piece.text) if thinking else ("", piece.text)
+                    if reasoning:
+                        yield chunk(index, {"reasoning_content": reasoning})
+                    content, calls = readers[index].feed(text) if box else (text, [])
                     if content or piece.logprobs:
                         yield chunk(index, {"content": content}, logprobs=logprobs_of([piece]))
                     for call in calls:  # each whole, in one chunk

@@ -22,6 +22,7 @@ from meadow.api.embeddings import embed, none_empty
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
+from meadow.api.reasoning import ThinkingReader, opens_thinking, thinks
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
@@ -84,6 +85,7 @@ class _OllamaRequest(_Refusing):
     options: Options = Field(default_factory=Options)
     logprobs: bool = False  # each token's log-probability, the model's own (before sampling)
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs, this many likeliest tokens at each place
+    think: bool | Literal["low", "medium", "high"] | None = None  # a reasoning model's thinking: apart, or none
 
     @property
     def json_format(self) -> Node | None:
@@ -182,6 +184,8 @@ def add_ollama_routes(
     details = {"format": "", "family": config.model_type, "families": [config.model_type], "parameter_size": "",
                "quantization_level": ""}  # fmt: skip
     started = _now()
+    thinking = thinks(tokenizer.chat_template)  # a reasoning model
+    capabilities = ["completion", "tools", *["thinking"] * thinking]
 
     def check(name: str | None) -> None:
         if name not in (model_id, f"{model_id}:latest"):  # Ollama's clients may add the default tag
@@ -207,6 +211,28 @@ def add_ollama_routes(
             stop=tuple(dict.fromkeys([*(options.stop or []), *extra_stop])),
             logprobs=request.top_logprobs if request.logprobs else None, constraint=constraint,
         )  # fmt: skip
+
+    def asked_to_think(request: _OllamaRequest) -> tuple[bool, dict]:
+        """Whether the reply's thinking is given apart, and the chat template's variables for `think`: false asks a
+        reasoning model not to think (Qwen3's templates then close an empty think block for it); true, or a level,
+        of a model that does not reason is refused, as Ollama refuses it."""
+        if request.think is False:
+            return False, {"enable_thinking": False} if thinking else {}
+        if request.think is not None and not thinking:
+            raise APIError(400, f"'{model_id}' does not support thinking", param="think")
+        return thinking, {}
+
+    def thoughts(apart: bool, inside: bool) -> Callable[[str, bool], tuple[str, str]]:
+        """Splits the reply's pieces, as `content` sees them, into its thinking and its answer (with `apart`)."""
+        reader = ThinkingReader(inside)
+
+        def split(text: str, done: bool) -> tuple[str, str]:
+            if not apart:
+                return "", text
+            parts = [reader.feed(text), reader.rest() if done else ("", "")]
+            return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
+
+        return split
 
     async def reply(
         request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable, constraint=None
@@ -241,15 +267,20 @@ def add_ollama_routes(
         check(request.model)
         dialect = dialect_of(tokenizer.chat_template)
         box = request.speaking(dialect)
+        apart, variables = asked_to_think(request)
         messages = [message.as_dict() for message in request.messages]
-        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box)
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **variables)
+        split = thoughts(apart, apart and opens_thinking(tokenizer, prompt_ids))
         reader = CallReader(dialect, bool(box and box.callable))  # with tools: the content, and each call once whole
 
         def content(text: str, done: bool) -> dict:
-            if box is None:
-                return {"message": {"role": "assistant", "content": text}}
-            said, calls = reader.feed(text)
-            message = {"role": "assistant", "content": said + (reader.rest() if done else "")}
+            thought, text = split(text, done)
+            message, calls = {"role": "assistant", "content": text}, []
+            if box is not None:
+                said, calls = reader.feed(text)
+                message["content"] = said + (reader.rest() if done else "")
+            if thought:
+                message["thinking"] = thought
             return {"message": {**message, "tool_calls": [call.ollama() for call in calls]} if calls else message}
 
         constraint = box.prefix() if box else None
@@ -261,13 +292,21 @@ def add_ollama_routes(
         check(request.model)
         if not request.prompt:  # Ollama's way to load a model ahead: a swarm's is loaded already
             return {"model": request.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-        if request.raw:
+        apart, variables = asked_to_think(request)
+        if request.raw:  # the prompt as it is: its text says whether the model thinks
             prompt_ids, extra_stop = tokenizer(request.prompt, return_tensors="pt")["input_ids"], []
+            apart = False
         else:
             system = [{"role": "system", "content": request.system}] if request.system else []
-            prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}])
+            prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}], **variables)
             extra_stop = stop_strings(tokenizer)
-        return await reply(request, prompt_ids, extra_stop, http, lambda text, done: {"response": text})
+        split = thoughts(apart, apart and opens_thinking(tokenizer, prompt_ids))
+
+        def response(text: str, done: bool) -> dict:
+            thought, text = split(text, done)
+            return {"response": text, **({"thinking": thought} if thought else {})}
+
+        return await reply(request, prompt_ids, extra_stop, http, response)
 
     @app.post("/api/embed", dependencies=keyed)
     async def embed_texts(http: Request) -> dict:
@@ -310,7 +349,7 @@ def add_ollama_routes(
         info = {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length}
         return {
             "modelfile": "", "parameters": "", "template": tokenizer.chat_template or "", "details": details,
-            "model_info": info, "capabilities": ["completion", "tools"], "modified_at": started,
+            "model_info": info, "capabilities": capabilities, "modified_at": started,
         }  # fmt: skip
 
     @app.post("/api/pull", dependencies=keyed)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from transformers import PreTrainedTokenizerBase
 
 from meadow.api.embeddings import none_empty
 from meadow.api.errors import APIError
@@ -160,6 +162,10 @@ class MessageToolCall(BaseModel):
     function: FunctionCall
 
 
+# what apply_chat_template takes itself, and what it gives the template: not for chat_template_kwargs
+TEMPLATE_ARGUMENTS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {"messages"}
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
@@ -190,6 +196,15 @@ class ChatCompletionRequest(_Request, OffersTools):
     parallel_tool_calls: bool | None = None
     functions: list[Function] | None = None  # tools' older form: one call at most, as `function_call`
     function_call: Literal["none", "auto"] | dict | None = None  # tool_choice's; {"name": ...}: call that one
+    # variables for the chat template, as vLLM takes them: {"enable_thinking": false} turns Qwen3's reasoning off
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_the_templates_own(cls, variables):
+        if taken := sorted(set(variables or {}) & TEMPLATE_ARGUMENTS):
+            raise ValueError(f"{', '.join(taken)}: set by the request itself, not a template variable")
+        return variables
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

@@ -371,13 +371,15 @@ def _written(function: dict) -> str:
     return f"{OPEN}\n{json.dumps({'name': function['name'], 'arguments': function['arguments']})}\n{CLOSE}"
 
 
-def tool_prompt_ids(tokenizer, dialect: Dialect, messages: list[dict], box: Toolbox | None) -> torch.Tensor:
+def tool_prompt_ids(tokenizer, dialect: Dialect, messages: list[dict], box: Toolbox | None, **template_kwargs
+                    ) -> torch.Tensor:  # fmt: skip
     """The prompt's token ids for `messages` with `box`'s tools (see `conversation`). A template that refuses the
     system message the tools were described in (some take none: Mistral's first ones need user and assistant to
     alternate from the start) gets them before the first user message's text instead."""
     try:
-        return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box))
+        return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box), **template_kwargs)
     except ConversationRefused:
         if dialect.shown or not (box and box.callable):
             raise  # not the description's doing
-        return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box, in_user_message=True))
+        shown = conversation(dialect, messages, box, in_user_message=True)
+        return chat_prompt_ids(tokenizer, *shown, **template_kwargs)

@@ -16,13 +16,14 @@ class ConversationRefused(ValueError):
     or turns out of the order it takes (some need user and assistant to alternate)."""
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None
-                    ) -> torch.Tensor:  # fmt: skip
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None,
+                    **template_kwargs) -> torch.Tensor:  # fmt: skip
     """Token ids (1, L) of `messages` followed by the start of the assistant's reply (`tools`: for a chat template
-    that shows them itself)."""
+    that shows them itself; `template_kwargs`: variables for the template, e.g. Qwen3's enable_thinking=False)."""
     if tokenizer.chat_template:
         try:
-            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                 **template_kwargs)  # fmt: skip
         except jinja2.TemplateError as e:  # the template's own raise_exception("...")
             raise ConversationRefused(f"this model's chat template refuses the conversation: {e}") from None
         return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]

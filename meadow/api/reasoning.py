@@ -1,0 +1,88 @@
+"""A reasoning model's thinking, apart from its answer. Qwen3, QwQ and DeepSeek-R1 (and the models distilled from it)
+begin a reply with their reasoning in a `<think>...</think>` block, then answer; some templates open the block for the
+model (the reply then begins inside it). The APIs give the reasoning in its own field, as the servers these clients
+know do: `reasoning_content` on OpenAI's chat completions (DeepSeek's and vLLM's name), `thinking` on Ollama's routes.
+Only a block at the very beginning of the reply is reasoning; `<think>` later in an answer is the answer's text."""
+
+from __future__ import annotations
+
+OPEN, CLOSE = "<think>", "</think>"
+
+
+def thinks(template: str | None) -> bool:
+    """Whether a chat template is a reasoning model's: it writes think blocks (Qwen3's removes them from earlier
+    turns, DeepSeek-R1's opens one for the reply)."""
+    return bool(template) and CLOSE in template
+
+
+def begins_thinking(prompt: str) -> bool:
+    """Whether the rendered prompt leaves the reply inside an open think block."""
+    opened = prompt.rfind(OPEN)
+    return opened >= 0 and CLOSE not in prompt[opened:]
+
+
+def _held(text: str, tag: str) -> int:
+    """How many characters at the end of `text` may be the beginning of `tag`."""
+    return max((n for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)
+
+
+class ThinkingReader:
+    """Splits a reply, as it grows, into its reasoning and its answer; the whitespace around the reasoning is dropped.
+    Text that may be the beginning of a tag (or whitespace the reasoning may end with) is held back until it is
+    known not to be. `inside`: the prompt opened the block."""
+
+    def __init__(self, inside: bool = False):
+        self.phase = "thinking" if inside else "start"  # start -> thinking -> after -> answer, or start -> answer
+        self.text = ""  # what is not handed out yet
+        self.began = False  # whether any reasoning was handed out (its leading whitespace is dropped)
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        """The reasoning and the answer that `piece` completes."""
+        self.text += piece
+        reasoning, answer = "", ""
+        if self.phase == "start":
+            rest = self.text.lstrip()
+            if rest.startswith(OPEN):
+                self.phase, self.text = "thinking", rest[len(OPEN) :]
+            elif not OPEN.startswith(rest):  # not a think block: all of it is the answer
+                self.phase = "answer"
+        if self.phase == "thinking":
+            end = self.text.find(CLOSE)
+            if end >= 0:
+                reasoning, self.text, self.phase = self._reasoning(self.text[:end].rstrip()), self.text[end + len(CLOSE) :], "after"
+            else:
+                safe = len(self.text[: len(self.text) - _held(self.text, CLOSE)].rstrip())
+                reasoning, self.text = self._reasoning(self.text[:safe]), self.text[safe:]
+        if self.phase == "after":
+            self.text = self.text.lstrip()
+            if self.text:
+                self.phase = "answer"
+        if self.phase == "answer":
+            answer, self.text = self.text, ""
+        return reasoning, answer
+
+    def _reasoning(self, text: str) -> str:
+        if not self.began:
+            text = text.lstrip()
+            self.began = bool(text)
+        return text
+
+    def rest(self) -> tuple[str, str]:
+        """What was held back, once the reply has ended: a block never closed (the reply ran out of tokens) is all
+        reasoning; a reply that was only the beginning of a tag, its answer."""
+        text, self.text = self.text, ""
+        if self.phase == "thinking":
+            return self._reasoning(text.rstrip()), ""
+        return "", text if self.phase in ("start", "answer") else ""
+
+
+def split_reasoning(text: str, inside: bool = False) -> tuple[str, str]:
+    """A whole reply's reasoning and answer."""
+    reader = ThinkingReader(inside)
+    parts = [reader.feed(text), reader.rest()]
+    return "".join(part[0] for part in parts), "".join(part[1] for part in parts)
+
+
+def opens_thinking(tokenizer, prompt_ids) -> bool:
+    """Whether the prompt's last tokens leave the reply inside an open think block."""
+    return begins_thinking(tokenizer.decode(prompt_ids[0, -16:]))
