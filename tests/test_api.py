@@ -629,6 +629,51 @@ def test_a_llama_template_gets_the_tools_and_its_calls_come_back_from_the_reply_
     assert f'assistant: {{"name": "{call.function.name}", "parameters": ' in tokenizer.decode(expected[0])
 
 
+# a reasoning model's: DeepSeek-R1's way, the reply opened inside a think block; Qwen3's enable_thinking=False closes
+# an empty one for it instead
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
+)
+
+
+def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(served, tmp_path, reference):
+    """A template that opens the reply's think block: the greedy reply (all thinking: it never closes the block in
+    8 tokens) comes as reasoning_content (OpenAI) or thinking (Ollama), streamed or not, the answer empty; asked not to
+    think (chat_template_kwargs, Ollama's think: false), the template closes the block and the reply is the answer."""
+    url, tokenizer = api_with_template(served, tmp_path, THINKING_TEMPLATE)
+    hi = [{"role": "user", "content": "Why is the sky blue?"}]
+    thought = local_reply((reference[0], tokenizer), chat_prompt_ids(tokenizer, hi), 8)[0].strip()
+    assert thought
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+    asked = {"model": "tiny-llama", "messages": hi, "max_tokens": 8, "temperature": 0}
+    message = client.chat.completions.create(**asked).choices[0].message
+    assert (message.reasoning_content, message.content) == (thought, "")
+    deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(**asked, stream=True) if chunk.choices]
+    assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == thought
+    assert not "".join(delta.content or "" for delta in deltas)
+
+    plain_ids = chat_prompt_ids(tokenizer, hi, enable_thinking=False)
+    answer = local_reply((reference[0], tokenizer), plain_ids, 8)[0]
+    plain = client.chat.completions.create(**asked, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert plain.usage.prompt_tokens == plain_ids.shape[1]
+    assert (plain.choices[0].message.content, getattr(plain.choices[0].message, "reasoning_content", None)) == (answer, None)
+
+    ollamas = ollama.Client(host=url.rstrip("/"), timeout=120)
+    assert "thinking" in ollamas.show("tiny-llama").capabilities
+    greedy = {"temperature": 0, "num_predict": 8}
+    chat = ollamas.chat(model="tiny-llama", messages=hi, options=greedy)
+    assert (chat.message.thinking, chat.message.content) == (thought, "")
+    lines = list(ollamas.chat(model="tiny-llama", messages=hi, options=greedy, stream=True, think=True))
+    assert "".join(line.message.thinking or "" for line in lines) == thought
+    quiet = ollamas.chat(model="tiny-llama", messages=hi, options=greedy, think=False)
+    assert (quiet.message.content, quiet.message.thinking, quiet.prompt_eval_count) == (answer, None, plain_ids.shape[1])
+    generated = ollamas.generate(model="tiny-llama", prompt=hi[0]["content"], options=greedy)
+    assert (generated.thinking, generated.response) == (thought, "")
+    status, reply = http(served["url"] + "api/chat", json.dumps({**asked, "think": True}).encode())
+    assert status == 400 and "does not support thinking" in reply["error"]  # a model that does not reason
+
+
 def test_malformed_json_is_a_400_in_openais_shape(served):
     status, reply = http(served["url"] + "v1/chat/completions", b'{"model": "tiny-llama", "messages": [')
     assert status == 400
@@ -670,6 +715,10 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+          "chat_template_kwargs": {"tools": [], "enable_thinking": False}}, "chat_template_kwargs"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": [1]},
+         "chat_template_kwargs"),
     ],
 )
 def test_bad_fields_are_a_400_naming_the_field(served, body, param):

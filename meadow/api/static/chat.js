@@ -66,7 +66,7 @@ function openConversation(conversation) {
   messages = conversation.messages;
   thread.replaceChildren();
   for (const message of messages) {
-    const {turn} = addTurn(message.role, message.content);
+    const {turn} = addTurn(message.role, message.content, message.reasoning);
     if (message.info) {
       showMeta(turn, message.info, message.content);
       turn.dataset.done = "true";
@@ -216,16 +216,26 @@ function scrollDown(force) {
   if (force || nearBottom()) conversation.scrollTop = conversation.scrollHeight;
 }
 
-function addTurn(role, text) {
+function addTurn(role, text, reasoning) {
   $("welcome")?.remove();
   const turn = element("div", `turn ${role}`);
   if (role === "assistant") turn.append(element("div", "who", "Meadow"));
   const bubble = element("div", "bubble", role === "assistant" ? undefined : text);
   if (role === "assistant") bubble.append(...rendered(text));
+  const thought = showReasoning(turn, reasoning);
   turn.append(bubble);
   thread.append(turn);
   scrollDown(true);
-  return {turn, bubble};
+  return {turn, bubble, thought};
+}
+
+// A reasoning model's thinking, folded away above its answer (open while it thinks); none shown without any
+function showReasoning(turn, reasoning) {
+  const thought = element("details", "reasoning");
+  thought.append(element("summary", "", "Thought"), element("div", "thinking", reasoning ?? ""));
+  thought.hidden = !reasoning;
+  turn.append(thought);
+  return thought;
 }
 
 const shortPeer = (peer) => "…" + peer.slice(-6);
@@ -327,7 +337,7 @@ function editQuestion(turn) {
 async function answer(history, questionTurn) {
   // `history` is this conversation, even if another one replaces it on the page while the answer streams
   const id = current;
-  const {turn, bubble} = addTurn("assistant", "");
+  const {turn, bubble, thought} = addTurn("assistant", "");
   const cursor = element("span", "cursor");
   bubble.append(cursor);
   const controller = new AbortController();
@@ -336,7 +346,7 @@ async function answer(history, questionTurn) {
   const began = performance.now();
   await modelReady;
   const instructions = system.value.trim() ? [{role: "system", content: system.value.trim()}] : [];
-  let text = "", info = null, tokens;
+  let text = "", reasoning = "", info = null, tokens;
   // shown while every server that could answer is full (at first, or after a failover mid-answer), until words come
   const waiting = element("div", "waiting", "The servers are full: waiting for room…");
   try {
@@ -361,9 +371,21 @@ async function answer(history, questionTurn) {
         turn.append(waiting);
         scrollDown();
       }
+      const thinking = chunk.choices?.[0]?.delta?.reasoning_content;
+      if (thinking) {
+        waiting.remove();
+        if (!reasoning) {  // its first words: shown, and open while it thinks (folded once it answers)
+          thought.hidden = false;
+          thought.open = true;
+        }
+        reasoning += thinking;
+        thought.lastChild.textContent = reasoning;
+        scrollDown();
+      }
       const delta = chunk.choices?.[0]?.delta?.content;
       if (delta) {
         waiting.remove();
+        if (!text) thought.open = false;
         text += delta;
         bubble.replaceChildren(...rendered(text), cursor);
         scrollDown();
@@ -395,7 +417,7 @@ async function answer(history, questionTurn) {
     seconds: info?.seconds ?? (performance.now() - began) / 1000,
     servers: info?.servers, tokens, stopped: state.stopped,
   };
-  history.push({role: "assistant", content: text, info: meta});
+  history.push({role: "assistant", content: text, ...(reasoning && {reasoning}), info: meta});
   save(id, history);
   showMeta(turn, meta, text);
   turn.dataset.done = "true";
