@@ -17,6 +17,7 @@ from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_config, load_reference_model, load_tokenizer
+from tests.test_api import THINKING_TEMPLATE, api_with_template
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SCREENSHOTS = os.environ.get("MEADOW_SCREENSHOTS") == "1"
@@ -107,6 +108,7 @@ def test_chat_page_streams_the_greedy_answer_and_keeps_the_conversation_over_a_r
 
     answer = page.text_content(".turn.assistant .bubble")
     assert answer == local_answer(served["path"], question, 24)
+    assert page.is_hidden(".turn.assistant .reasoning")  # a model that does not reason: no thinking shown
     assert len(set(page.evaluate("window.seen"))) > 1  # it appeared piece by piece
     assert page.text_content(".turn.user .bubble") == question
     hops = page.locator(".turn.assistant .meta .hop").all_text_contents()
@@ -124,6 +126,23 @@ def test_chat_page_streams_the_greedy_answer_and_keeps_the_conversation_over_a_r
     conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     expected = local_answer(served["path"], [*conversation, {"role": "user", "content": follow_up}], 24)
     assert page.locator(".turn.assistant .bubble").nth(1).text_content() == expected
+
+
+def test_chat_page_shows_a_reasoning_models_thinking_folded_above_its_answer(page, served, tmp_path):
+    """An API over a copy of the model whose template opens the reply's think block: the greedy reply (all thinking in
+    8 tokens) shows open under "Thought" while it comes, the answer empty; after a reload, folded, still there."""
+    url, tokenizer = api_with_template(served, tmp_path, THINKING_TEMPLATE)
+    question = "Why is the sky blue?"
+    type_question(page, url, question, 8)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    expected = local_answer(tmp_path / "tiny-llama", question, 8).strip()
+    assert expected and page.text_content(".turn.assistant .reasoning .thinking") == expected
+    assert page.is_visible(".turn.assistant .reasoning .thinking")  # open: no answer came after it
+    assert page.text_content(".turn.assistant .bubble") == ""
+    page.reload()
+    assert page.text_content(".turn.assistant .reasoning .thinking") == expected
+    assert page.is_visible(".turn.assistant .reasoning summary") and page.is_hidden(".turn.assistant .thinking")
 
 
 def test_chat_page_stops_an_answer_and_starts_a_new_chat(page, served):
