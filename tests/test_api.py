@@ -639,8 +639,9 @@ THINKING_TEMPLATE = (
 
 def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(served, tmp_path, reference):
     """A template that opens the reply's think block: the greedy reply (all thinking: it never closes the block in
-    8 tokens) comes as reasoning_content (OpenAI) or thinking (Ollama), streamed or not, the answer empty; asked not to
-    think (chat_template_kwargs, Ollama's think: false), the template closes the block and the reply is the answer."""
+    8 tokens) comes as reasoning_content (OpenAI), a reasoning item (Responses) or thinking (Ollama), streamed or not,
+    the answer empty; asked not to think (chat_template_kwargs, Ollama's think: false), the template closes the block
+    and the reply is the answer."""
     url, tokenizer = api_with_template(served, tmp_path, THINKING_TEMPLATE)
     hi = [{"role": "user", "content": "Why is the sky blue?"}]
     thought = local_reply((reference[0], tokenizer), chat_prompt_ids(tokenizer, hi), 8)[0].strip()
@@ -652,6 +653,18 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(**asked, stream=True) if chunk.choices]
     assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == thought
     assert not "".join(delta.content or "" for delta in deltas)
+
+    asked_once = {"model": "tiny-llama", "input": hi[0]["content"], "max_output_tokens": 8, "temperature": 0}
+    response = client.responses.create(**asked_once)
+    assert [item.type for item in response.output] == ["reasoning", "message"] and response.output_text == ""
+    assert response.output[0].content[0].text == thought
+    events = list(client.responses.create(**asked_once, stream=True))
+    assert "".join(event.delta for event in events if event.type == "response.reasoning_text.delta") == thought
+    assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+    more = [*[item.model_dump() for item in response.output], {"role": "user", "content": "And?"}]  # sent back
+    went_on = client.responses.create(**{**asked_once, "input": [hi[0], *more]})
+    shown = [*hi, {"role": "assistant", "content": ""}, {"role": "user", "content": "And?"}]
+    assert went_on.usage.input_tokens == chat_prompt_ids(tokenizer, shown).shape[1]  # the thinking left out
 
     plain_ids = chat_prompt_ids(tokenizer, hi, enable_thinking=False)
     answer = local_reply((reference[0], tokenizer), plain_ids, 8)[0]

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling
 from meadow.api.logprobs import chat_format
+from meadow.api.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, object_text, refuse_unsupported,
@@ -83,17 +84,25 @@ class FunctionCallOutput(BaseModel):
     output: str
 
 
+class ReasoningItem(BaseModel):
+    """A reasoning model's thinking (an earlier response's output, sent back): not shown to the model again, as
+    reasoning models' templates leave earlier thinking out."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["reasoning"]
+
+
 def _item_kind(item) -> str:
     """Which kind of input item `item` is, by its type (a message's may be left out): its member of InputItem."""
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
-    kinds = {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}
+    kinds = {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput", "reasoning": "Reasoning"}
     return kinds.get(kind, "Message") if isinstance(kind, str) else "Message"  # a junk type: the message's error
 
 
 # one of them, told apart by type: a bad item's error names its own fields, not those of the kinds it is not
 InputItem = Annotated[
     Annotated[InputMessage, Tag("Message")] | Annotated[FunctionCallItem, Tag("FunctionCall")]
-    | Annotated[FunctionCallOutput, Tag("FunctionCallOutput")],
+    | Annotated[FunctionCallOutput, Tag("FunctionCallOutput")] | Annotated[ReasoningItem, Tag("Reasoning")],
     Discriminator(_item_kind),
 ]
 
@@ -158,6 +167,8 @@ class ResponseRequest(OffersTools):
         for item in self.input:
             if isinstance(item, FunctionCallOutput):
                 messages.append({"role": "tool", "content": item.output})
+            elif isinstance(item, ReasoningItem):
+                continue
             elif isinstance(item, FunctionCallItem):
                 if not messages or messages[-1]["role"] != "assistant":
                     messages.append({"role": "assistant", "content": ""})
@@ -180,6 +191,9 @@ class ResponseRequest(OffersTools):
         return (self.top_logprobs or 0) if LOGPROBS in (self.include or []) else None
 
 
+PREFIXES = {"response": "resp", "message": "msg", "reasoning": "rs"}  # of the ids of a response and its items
+
+
 def add_responses_routes(
     app: FastAPI, tokenizer: PreTrainedTokenizerBase, model_id: str, keyed: list, start: Callable, budget: Callable,
     check: Callable,
@@ -196,12 +210,13 @@ def add_responses_routes(
     @app.post("/v1/responses", dependencies=keyed)
     async def create(request: ResponseRequest, http: Request):
         check(request)
-        dialect = dialect_of(tokenizer.chat_template)
+        dialect, thinking = dialect_of(tokenizer.chat_template), thinks(tokenizer.chat_template)
         box = request.speaking(dialect)
         earlier = find(request.previous_response_id, "previous_response_id")[1] if request.previous_response_id else []
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
         history = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
         prompt_ids = tool_prompt_ids(tokenizer, dialect, [*instructions, *history], box)
+        inside = thinking and opens_thinking(tokenizer, prompt_ids)  # the template opened the reply's think block
         sampling = Sampling(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -209,7 +224,7 @@ def add_responses_routes(
             stop=tuple(stop_strings(tokenizer)), logprobs=request.logprobs, constraint=request.constraint,
         )  # fmt: skip
         (generation,) = await start([prompt_ids], sampling, 1, http)
-        ids = {"response": f"resp_{uuid.uuid4().hex}", "message": f"msg_{uuid.uuid4().hex}"}
+        ids = {kind: f"{prefix}_{uuid.uuid4().hex}" for kind, prefix in PREFIXES.items()}
         created = time.time()
 
         def body(status: str, output: list[dict]) -> dict:
@@ -241,25 +256,30 @@ def add_responses_routes(
         def text_part(text: str, logprobs: list[dict]) -> dict:
             return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
+        def reasoning(thought: str, status: str) -> dict:
+            content = [{"type": "reasoning_text", "text": thought}] if status == "completed" else []
+            return {"type": "reasoning", "id": ids["reasoning"], "summary": [], "content": content, "status": status}
+
         def function_call(call: Call, status: str) -> dict:
             arguments = json.dumps(call.arguments) if status == "completed" else ""
             return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
                     "name": call.name, "arguments": arguments, "status": status}  # fmt: skip
 
-        def output(content: str, logprobs: list[dict], calls: list[Call]) -> list[dict]:
-            """A message (unless the reply is calls only), then the calls."""
+        def output(thought: str, content: str, logprobs: list[dict], calls: list[Call]) -> list[dict]:
+            """The thinking (of a reasoning model), a message (unless the reply is calls only), then the calls."""
+            thinking = [reasoning(thought, "completed")] if thought else []
             said = [message(content, logprobs, "completed")] if content or not calls else []
-            return said + [function_call(call, "completed") for call in calls]
+            return thinking + said + [function_call(call, "completed") for call in calls]
 
-        def logprobs_of(pieces: list[Delta], content: str | None = None) -> list[dict]:
-            """The entries of the tokens in `pieces`; given the `content` of a reply with calls, of its tokens only."""
-            entries = [entry for piece in pieces for entry in piece.logprobs]
-            entries = entries if content is None else [entry for entry in entries if entry.offset < len(content)]
-            return chat_format(entries)["content"]
+        def logprobs_of(pieces: list[Delta], start: int = 0, content: str | None = None) -> list[dict]:
+            """The entries of the tokens in `pieces` from the answer's `start` in the reply on (after the thinking);
+            given the `content` of a reply with calls, of its tokens only."""
+            end = float("inf") if content is None else start + len(content)
+            return chat_format([entry for piece in pieces for entry in piece.logprobs if start <= entry.offset < end])["content"]
 
-        def finished(content: str, logprobs: list[dict], calls: list[Call]) -> dict:
+        def finished(thought: str, content: str, logprobs: list[dict], calls: list[Call]) -> dict:
             status = "incomplete" if generation.outcome.finish_reason == "length" else "completed"
-            response = body(status, output(content, logprobs, calls))
+            response = body(status, output(thought, content, logprobs, calls))
             if request.store:  # without the logprobs, which can be a thousand times the text
                 unscored = lambda item: {**item, "content": [{**part, "logprobs": []} for part in item["content"]]}
                 kept = [unscored(item) if item["type"] == "message" else item for item in response["output"]]
@@ -275,41 +295,78 @@ def add_responses_routes(
         if not request.stream:
             (pieces,) = await collect_replies([generation], http)
             text = "".join(piece.text for piece in pieces)
-            content, calls = read_reply(text, dialect, bool(box.callable)) if box else (text, [])
-            return finished(content, logprobs_of(pieces, content if box else None), calls)
+            thought, answer = split_reasoning(text, inside) if thinking else ("", text)
+            content, calls = read_reply(answer, dialect, bool(box.callable)) if box else (answer, [])
+            answer_at = len(text) - len(answer)  # the answer is the reply's end
+            return finished(thought, content, logprobs_of(pieces, answer_at, content if box else None), calls)
 
         async def events() -> AsyncIterator[dict]:
-            place = {"item_id": ids["message"], "output_index": 0, "content_index": 0}
             yield {"type": "response.created", "response": body("in_progress", [])}
             yield {"type": "response.in_progress", "response": body("in_progress", [])}
             reader, pieces, content, calls = CallReader(dialect, bool(box and box.callable)), [], "", []
-            opened = False
+            thinker, thought, answer, reply = ThinkingReader(inside), "", "", ""
+            opened = False  # the message
+            first = 0  # the message's output index: 1 after a reasoning item
+
+            def place() -> dict:
+                return {"item_id": ids["message"], "output_index": first, "content_index": 0}
+
+            thinking_at = {"item_id": ids["reasoning"], "output_index": 0, "content_index": 0}
 
             def opening() -> list[dict]:
                 added = message("", [], "in_progress")
-                return [{"type": "response.output_item.added", "output_index": 0, "item": added},
-                        {"type": "response.content_part.added", **place, "part": text_part("", [])}]  # fmt: skip
+                return [{"type": "response.output_item.added", "output_index": first, "item": added},
+                        {"type": "response.content_part.added", **place(), "part": text_part("", [])}]  # fmt: skip
 
             def closing() -> list[dict]:
-                said = message(content, logprobs_of(pieces, content if box else None), "completed")
+                said = message(content, logprobs_of(pieces, len(reply) - len(answer), content if box else None),
+                               "completed")  # fmt: skip
                 part = said["content"][0]
-                return [{"type": "response.output_text.done", **place, "text": content, "logprobs": part["logprobs"]},
-                        {"type": "response.content_part.done", **place, "part": part},
-                        {"type": "response.output_item.done", "output_index": 0, "item": said}]  # fmt: skip
+                return [{"type": "response.output_text.done", **place(), "text": content, "logprobs": part["logprobs"]},
+                        {"type": "response.content_part.done", **place(), "part": part},
+                        {"type": "response.output_item.done", "output_index": first, "item": said}]  # fmt: skip
 
-            async for piece in generation.deltas():
-                pieces.append(piece)
-                said, new = reader.feed(piece.text) if box else (piece.text, [])
-                if said or not box:  # the message begins with its first text (a reply of calls only has none)
+            def thinking_ends() -> list[dict]:
+                return [{"type": "response.reasoning_text.done", **thinking_at, "text": thought},
+                        {"type": "response.output_item.done", "output_index": 0,
+                         "item": reasoning(thought, "completed")}]  # fmt: skip
+
+            def split(text: str, done: bool = False) -> tuple[str, str]:
+                if not thinking:
+                    return "", text
+                parts = [thinker.feed(text), thinker.rest() if done else ("", "")]
+                return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
+
+            async for piece in _with_end(generation.deltas()):
+                if piece is not None:
+                    pieces.append(piece)
+                    reply += piece.text
+                more, text = split(piece.text if piece else "", done=piece is None)
+                if more:
+                    if not thought:  # its first words: the reasoning item opens
+                        first = 1
+                        yield {"type": "response.output_item.added", "output_index": 0,
+                               "item": reasoning("", "in_progress")}  # fmt: skip
+                    thought += more
+                    yield {"type": "response.reasoning_text.delta", **thinking_at, "delta": more}
+                if thought and (text or piece is None) and not answer:  # the answer begins (or the reply ends)
+                    for event in thinking_ends():
+                        yield event
+                answer += text
+                said, new = reader.feed(text) if box else (text, [])
+                if piece is None and box:
+                    said += reader.rest()
+                if said or (piece is not None and not box and not thinking):  # the message opens with its first text
                     for event in [] if opened else opening():
                         yield event
                     opened, content = True, content + said
-                    delta = {"delta": said, "logprobs": logprobs_of([piece], content if box else None)}
-                    yield {"type": "response.output_text.delta", **place, **delta}
+                    answer_at = len(reply) - len(answer)
+                    logprobs = logprobs_of([piece] if piece else [], answer_at, content if box else None)
+                    yield {"type": "response.output_text.delta", **place(), "delta": said, "logprobs": logprobs}
                 for call in new:
                     for event in closing() if opened and not calls else []:  # the message ends where calls begin
                         yield event
-                    index, item = int(opened) + len(calls), function_call(call, "completed")
+                    index, item = first + int(opened) + len(calls), function_call(call, "completed")
                     calls.append(call)
                     yield {"type": "response.output_item.added", "output_index": index,
                            "item": function_call(call, "in_progress")}  # fmt: skip
@@ -317,16 +374,13 @@ def add_responses_routes(
                     yield {"type": "response.function_call_arguments.delta", **at, "delta": item["arguments"]}
                     yield {"type": "response.function_call_arguments.done", **at, "arguments": item["arguments"]}
                     yield {"type": "response.output_item.done", "output_index": index, "item": item}
-            rest = reader.rest() if box else ""
             if not calls:
                 for event in [] if opened else opening():
                     yield event
-                if rest:
-                    content += rest
-                    yield {"type": "response.output_text.delta", **place, "delta": rest, "logprobs": []}
                 for event in closing():
                     yield event
-            response = finished(content, logprobs_of(pieces, content if box else None), calls)
+            logprobs = logprobs_of(pieces, len(reply) - len(answer), content if box else None)
+            response = finished(thought, content, logprobs, calls)
             yield {"type": f"response.{response['status']}", "response": response}
 
         return GenerationResponse(_typed_events(events()), [generation], "text/event-stream")
@@ -340,6 +394,13 @@ def add_responses_routes(
         find(response_id)
         del stored[response_id]
         return Response(status_code=204)
+
+
+async def _with_end(items: AsyncIterator) -> AsyncIterator:
+    """The items, then None."""
+    async for item in items:
+        yield item
+    yield None
 
 
 async def _typed_events(events: AsyncIterator[dict]) -> AsyncIterator[str]:
