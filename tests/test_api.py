@@ -658,6 +658,8 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     response = client.responses.create(**asked_once)
     assert [item.type for item in response.output] == ["reasoning", "message"] and response.output_text == ""
     assert response.output[0].content[0].text == thought
+    scored = client.responses.create(**asked_once, include=["message.output_text.logprobs"])
+    assert scored.output[1].content[0].logprobs == []  # the answer's tokens only: none
     events = list(client.responses.create(**asked_once, stream=True))
     assert "".join(event.delta for event in events if event.type == "response.reasoning_text.delta") == thought
     assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
