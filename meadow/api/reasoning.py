@@ -49,7 +49,8 @@ class ThinkingReader:
         if self.phase == "thinking":
             end = self.text.find(CLOSE)
             if end >= 0:
-                reasoning, self.text, self.phase = self._reasoning(self.text[:end].rstrip()), self.text[end + len(CLOSE) :], "after"
+                reasoning = self._reasoning(self.text[:end].rstrip())
+                self.text, self.phase = self.text[end + len(CLOSE) :], "after"
             else:
                 safe = len(self.text[: len(self.text) - _held(self.text, CLOSE)].rstrip())
                 reasoning, self.text = self._reasoning(self.text[:safe]), self.text[safe:]

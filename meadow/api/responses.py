@@ -275,7 +275,8 @@ def add_responses_routes(
             """The entries of the tokens in `pieces` from the answer's `start` in the reply on (after the thinking);
             given the `content` of a reply with calls, of its tokens only."""
             end = float("inf") if content is None else start + len(content)
-            return chat_format([entry for piece in pieces for entry in piece.logprobs if start <= entry.offset < end])["content"]
+            entries = [entry for piece in pieces for entry in piece.logprobs if start <= entry.offset < end]
+            return chat_format(entries)["content"]
 
         def finished(thought: str, content: str, logprobs: list[dict], calls: list[Call]) -> dict:
             status = "incomplete" if generation.outcome.finish_reason == "length" else "completed"
