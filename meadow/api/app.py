@@ -217,7 +217,7 @@ def create_app(
             async for index, piece in merged([generation.deltas(tell_waits=True) for generation in generations]):
                 if piece is None:  # that choice is done
                     done = generations[index]
-                    reasoning, rest = thinkers[index].rest() if thinking else ("", "")
+                    reasoning, rest = thinkers[index].take("", last=True) if thinking else ("", "")
                     if reasoning:
                         yield chunk(index, {"reasoning_content": reasoning})
                     if box:

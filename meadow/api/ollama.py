@@ -222,17 +222,10 @@ def add_ollama_routes(
             raise APIError(400, f"'{model_id}' does not support thinking", param="think")
         return thinking, {}
 
-    def thoughts(apart: bool, inside: bool) -> Callable[[str, bool], tuple[str, str]]:
-        """Splits the reply's pieces, as `content` sees them, into its thinking and its answer (with `apart`)."""
-        reader = ThinkingReader(inside)
-
-        def split(text: str, done: bool) -> tuple[str, str]:
-            if not apart:
-                return "", text
-            parts = [reader.feed(text), reader.rest() if done else ("", "")]
-            return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
-
-        return split
+    def thoughts(apart: bool, prompt_ids) -> Callable[[str, bool], tuple[str, str]]:
+        """Splits the reply's pieces, as `content` sees them (the last one `done`), into its thinking and its answer
+        (with `apart`; without, all is the answer)."""
+        return ThinkingReader(opens_thinking(tokenizer, prompt_ids)).take if apart else lambda text, done: ("", text)
 
     async def reply(
         request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable, constraint=None
@@ -270,7 +263,7 @@ def add_ollama_routes(
         apart, variables = asked_to_think(request)
         messages = [message.as_dict() for message in request.messages]
         prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **variables)
-        split = thoughts(apart, apart and opens_thinking(tokenizer, prompt_ids))
+        split = thoughts(apart, prompt_ids)
         reader = CallReader(dialect, bool(box and box.callable))  # with tools: the content, and each call once whole
 
         def content(text: str, done: bool) -> dict:
@@ -300,7 +293,7 @@ def add_ollama_routes(
             system = [{"role": "system", "content": request.system}] if request.system else []
             prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}], **variables)
             extra_stop = stop_strings(tokenizer)
-        split = thoughts(apart, apart and opens_thinking(tokenizer, prompt_ids))
+        split = thoughts(apart, prompt_ids)
 
         def response(text: str, done: bool) -> dict:
             thought, text = split(text, done)

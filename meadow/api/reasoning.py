@@ -77,11 +77,16 @@ class ThinkingReader:
         return "", text if self.phase in ("start", "answer") else ""
 
 
+    def take(self, piece: str, last: bool = False) -> tuple[str, str]:
+        """`feed`, and once the reply has ended (`last`) `rest`, together."""
+        reasoning, answer = self.feed(piece)
+        more, rest = self.rest() if last else ("", "")
+        return reasoning + more, answer + rest
+
+
 def split_reasoning(text: str, inside: bool = False) -> tuple[str, str]:
     """A whole reply's reasoning and answer."""
-    reader = ThinkingReader(inside)
-    parts = [reader.feed(text), reader.rest()]
-    return "".join(part[0] for part in parts), "".join(part[1] for part in parts)
+    return ThinkingReader(inside).take(text, last=True)
 
 
 def opens_thinking(tokenizer, prompt_ids) -> bool:

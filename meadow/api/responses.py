@@ -332,17 +332,12 @@ def add_responses_routes(
                         {"type": "response.output_item.done", "output_index": 0,
                          "item": reasoning(thought, "completed")}]  # fmt: skip
 
-            def split(text: str, done: bool = False) -> tuple[str, str]:
-                if not thinking:
-                    return "", text
-                parts = [thinker.feed(text), thinker.rest() if done else ("", "")]
-                return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
-
             async for piece in _with_end(generation.deltas()):
                 if piece is not None:
                     pieces.append(piece)
                     reply += piece.text
-                more, text = split(piece.text if piece else "", done=piece is None)
+                text = piece.text if piece else ""
+                more, text = thinker.take(text, last=piece is None) if thinking else ("", text)
                 if more:
                     if not thought:  # its first words: the reasoning item opens
                         first = 1
