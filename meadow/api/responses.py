@@ -267,9 +267,9 @@ def add_responses_routes(
 
         def output(thought: str, content: str, logprobs: list[dict], calls: list[Call]) -> list[dict]:
             """The thinking (of a reasoning model), a message (unless the reply is calls only), then the calls."""
-            thought = [reasoning(thought, "completed")] if thought else []
-            said = [message(content, logprobs, "completed")] if content or not calls else []
-            return thought + said + [function_call(call, "completed") for call in calls]
+            items = [reasoning(thought, "completed")] if thought else []
+            items += [message(content, logprobs, "completed")] if content or not calls else []
+            return items + [function_call(call, "completed") for call in calls]
 
         def logprobs_of(pieces: list[Delta], start: int = 0, content: str | None = None) -> list[dict]:
             """The entries of the tokens in `pieces` from the answer's `start` in the reply on (after the thinking);
