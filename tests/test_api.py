@@ -734,6 +734,8 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
           "chat_template_kwargs": {"tools": [], "enable_thinking": False}}, "chat_template_kwargs"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+          "chat_template_kwargs": {"raise_exception": 1}}, "chat_template_kwargs"),  # a function templates call
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": [1]},
          "chat_template_kwargs"),
     ],

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from meadow.api.errors import APIError
-from meadow.client.chat_prompt import ConversationRefused
+from meadow.client.chat_prompt import ConversationRefused, chat_prompt_ids
 from meadow.models.tiny import make_tokenizer
 from meadow.api.tool_calls import (
     LLAMA, OPEN, CallReader, NamedChoice, Tool, conversation, dialect_of, read_reply, tool_prompt_ids, toolbox,
@@ -243,3 +243,13 @@ def test_a_template_without_a_system_message_gets_the_tools_before_the_first_use
         assert text.rstrip().endswith(last)
     with pytest.raises(ConversationRefused, match="must alternate"):  # a system message of the user's own: refused
         tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), [HISTORY[0], hi], box)
+
+
+def test_a_template_that_fails_on_a_variable_of_another_type_refuses_the_conversation_naming_it():
+    """Not a 500: a request's chat_template_kwargs may give a variable a value the template cannot use."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{{ bos_token + messages[0]['content'] }}"
+    hi = [{"role": "user", "content": "hi"}]
+    assert tokenizer.decode(chat_prompt_ids(tokenizer, hi, bos_token="<s>")[0]) == "<s>hi"
+    with pytest.raises(ConversationRefused, match="with the variables bos_token: TypeError"):
+        chat_prompt_ids(tokenizer, hi, bos_token={"a": 1})

@@ -162,8 +162,11 @@ class MessageToolCall(BaseModel):
     function: FunctionCall
 
 
-# what apply_chat_template takes itself, and what it gives the template: not for chat_template_kwargs
-TEMPLATE_ARGUMENTS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {"messages"}
+# what apply_chat_template takes itself, what it gives the template, and the functions templates call (transformers'
+# and jinja's): not for chat_template_kwargs
+TEMPLATE_ARGUMENTS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {
+    "messages", "raise_exception", "strftime_now", "range", "dict", "lipsum", "cycler", "joiner", "namespace",
+}
 
 
 class ChatMessage(BaseModel):

@@ -26,6 +26,10 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], to
                                                  **template_kwargs)  # fmt: skip
         except jinja2.TemplateError as e:  # the template's own raise_exception("...")
             raise ConversationRefused(f"this model's chat template refuses the conversation: {e}") from None
+        except Exception as e:  # a value of another type than the template takes (a variable given, say)
+            given = f" with the variables {', '.join(sorted(template_kwargs))}" if template_kwargs else ""
+            message = f"this model's chat template fails on the conversation{given}: {type(e).__name__}: {e}"
+            raise ConversationRefused(message) from None
         return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     lines = [f"{PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
     return tokenizer("\n".join(lines) + "\nAssistant:", return_tensors="pt")["input_ids"]
