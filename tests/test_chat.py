@@ -23,6 +23,7 @@ from meadow.cli import build_parser
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.models.reference import load_reference_model
 from meadow.swarm import dht_prefix_for
+from tests.test_api import THINKING_TEMPLATE
 
 # a ChatML-like template over the tiny tokenizer's special tokens; a turn ends with </s>, its end-of-sequence token
 TEMPLATE = (
@@ -182,6 +183,26 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
             assert local_reply(reference, tokenizer, ids, 8)[1] in shown
         chat.popen.stdin.close()  # Ctrl-D
         assert chat.popen.wait(60) == 0
+    finally:
+        chat.close()
+
+
+def test_a_reasoning_models_thinking_is_shown_apart_from_its_answer(chat_swarm, tmp_path):
+    """A copy of the model whose template opens the reply's think block: the greedy reply (all thinking in 8 tokens)
+    is shown between "Thinking..." and "...done thinking.", as Ollama's terminal chat shows it."""
+    swarm, templated, _, reference, _ = chat_swarm
+    path = tmp_path / "tiny-thinking"
+    shutil.copytree(templated, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(path)
+    chat = Chat(str(path), "--initial-peers", *swarm.initial_peers, "--dht-prefix", dht_prefix_for(templated),
+                "--max-new-tokens", "8")  # fmt: skip
+    try:
+        chat.wait(lambda: chat.out.endswith("> "), "prompt")
+        _, ids, shown, _ = chat.turn("Why is the sky blue?")
+        thought = local_reply(reference, tokenizer, ids, 8)[1].strip()
+        assert thought and shown.startswith(f"Thinking...\n{thought}\n...done thinking.\n\n"), shown
     finally:
         chat.close()
 

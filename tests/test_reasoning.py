@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from meadow.api.reasoning import ThinkingReader, begins_thinking, split_reasoning, thinks
+from meadow.client.reasoning import ThinkingReader, begins_thinking, split_reasoning, thinks
 
 REPLIES = [  # (reply, whether the prompt opened the think block, (thinking, answer))
     ("<think>\nLet me see.\n</think>\n\nParis.", False, ("Let me see.", "Paris.")),  # Qwen3's

@@ -26,7 +26,6 @@ from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
-from meadow.api.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 from meadow.api.responses import add_responses_routes
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
@@ -35,6 +34,7 @@ from meadow.api.streaming import GenerationResponse, close, close_when_gone, col
 from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.api.tool_calls import Call, CallReader, dialect_of, read_reply, tool_prompt_ids
 from meadow.client.chat_prompt import stop_strings
+from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 
 STATIC = Path(__file__).parent / "static"
 # pages served from this machine, on any port: front ends and tools run locally (a page from elsewhere must be let in)

@@ -22,7 +22,6 @@ from meadow.api.embeddings import embed, none_empty
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
-from meadow.api.reasoning import ThinkingReader, opens_thinking, thinks
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
@@ -30,6 +29,7 @@ from meadow.api.schemas import (
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import CallReader, OffersTools, Tool, dialect_of, tool_prompt_ids, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 
 # what would change the models a machine holds: a swarm's model is its servers' to hold
 MANAGING = {"/api/create": "created", "/api/copy": "copied", "/api/delete": "deleted", "/api/push": "pushed"}

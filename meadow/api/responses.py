@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling
 from meadow.api.logprobs import chat_format
-from meadow.api.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, object_text, refuse_unsupported,
@@ -29,6 +28,7 @@ from meadow.api.tool_calls import (
     Call, CallReader, Function, NamedChoice, OffersTools, Tool, dialect_of, read_reply, tool_prompt_ids, toolbox,
 )
 from meadow.client.chat_prompt import stop_strings
+from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 
 KEPT = 1024  # stored responses (their conversations, each within the context), the oldest forgotten first
 LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them

@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from meadow.client.config import ClientConfig
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 
 logger = logging.getLogger(__name__)
 MULTILINE = '"""'  # around a message of several lines, as in Ollama's terminal chat
@@ -60,6 +61,7 @@ class Conversation:
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, max_length: int, system: str | None = None):
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.thinks = thinks(tokenizer.chat_template)  # a reasoning model: its thinking is shown apart
         self._session = ExitStack()  # holds the model's inference session open from turn to turn
         self.system: str | None = None
         self.messages: list[dict[str, str]] = []
@@ -99,6 +101,8 @@ class Conversation:
         held = self.model.session.position
         self._before_last, self.last_message = (messages[:-1], self.ids, held), text
         logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; ids {ids[0].tolist()}")
+        if self.thinks:
+            write = ThoughtsApart(write, opens_thinking(self.tokenizer, ids), dim=sys.stdout.isatty())
         printer = ReplyPrinter(self.tokenizer, write)
         try:
             output = self.model.generate(
@@ -111,6 +115,8 @@ class Conversation:
             raise
         self.ids = output
         reply = printer.finish(output[0, ids.shape[1] :])
+        if self.thinks:
+            write("", last=True)
         logger.debug(f"reply: {output.shape[1] - ids.shape[1]} new tokens")
         self.messages = [*messages, {"role": "assistant", "content": reply.strip()}]
         return reply
@@ -236,6 +242,28 @@ class ReplyPrinter(BaseStreamer):
         if len(text) > self.written:
             self.write(text[self.written :])
             self.written = len(text)
+
+
+class ThoughtsApart:
+    """Writes a reasoning model's reply as Ollama's terminal chat shows it: the thinking between "Thinking..." and
+    "...done thinking." (dimmed on a terminal), then the answer."""
+
+    def __init__(self, write: Callable[[str], None], inside: bool, dim: bool):
+        self.reader, self.write, self.dim = ThinkingReader(inside), write, dim
+        self.phase = "before"  # before -> thinking -> answer
+
+    def __call__(self, text: str, last: bool = False) -> None:
+        thought, answer = self.reader.take(text, last)
+        if thought:
+            if self.phase == "before":
+                self.write("Thinking...\n")
+                self.phase = "thinking"
+            self.write(f"\033[2m{thought}\033[0m" if self.dim else thought)
+        if self.phase == "thinking" and (answer or last):
+            self.write("\n...done thinking.\n\n")
+            self.phase = "answer"
+        if answer:
+            self.write(answer)
 
 
 @contextmanager

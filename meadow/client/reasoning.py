@@ -1,7 +1,8 @@
 """A reasoning model's thinking, apart from its answer. Qwen3, QwQ and DeepSeek-R1 (and the models distilled from it)
 begin a reply with their reasoning in a `<think>...</think>` block, then answer; some templates open the block for the
-model (the reply then begins inside it). The APIs give the reasoning in its own field, as the servers these clients
-know do: `reasoning_content` on OpenAI's chat completions (DeepSeek's and vLLM's name), `thinking` on Ollama's routes.
+model (the reply then begins inside it). The APIs give the reasoning in its own field, as the servers their clients
+know do (`reasoning_content` on OpenAI's chat completions: DeepSeek's and vLLM's name; a reasoning item on the
+Responses API; `thinking` on Ollama's routes), and `meadow chat` shows it apart from the answer.
 Only a block at the very beginning of the reply is reasoning; `<think>` later in an answer is the answer's text."""
 
 from __future__ import annotations
