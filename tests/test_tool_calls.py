@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -243,6 +244,20 @@ def test_a_template_without_a_system_message_gets_the_tools_before_the_first_use
         assert text.rstrip().endswith(last)
     with pytest.raises(ConversationRefused, match="must alternate"):  # a system message of the user's own: refused
         tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), [HISTORY[0], hi], box)
+
+
+def test_a_reasoning_models_think_block_opens_no_call():
+    """In a think block (opened by the template, or the reply's first words) a call's marker is text; after it, and
+    in a reply that does not begin with one, a call is held to the tools as ever."""
+    box = toolbox(TOOLS, None, None).speaking(dialect_of("{{ tools }}" + OPEN))
+    inside, may = replace(box, thinking="inside"), replace(box, thinking="may")
+    bogus, good = '<tool_call>\n{"name": "bogus', '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    assert inside.prefix().fed(f"I could write {bogus}").complete  # thinking: any text, the reply may end there
+    assert inside.prefix().fed(f"x</think>\n\n{bogus}") is None and inside.prefix().fed(f"x</think>\n\n{good}")
+    assert may.prefix().fed(f"\n<think>{bogus}</think>\n\n{good}").finished is False  # another call may follow
+    for reply in (bogus, f"Hello {bogus}", f"<think>x</think>{bogus}"):
+        assert may.prefix().fed(reply) is None and box.prefix().fed(reply.replace("<think>x</think>", "")) is None
+    assert may.prefix().fed(good) and may.prefix().fed(f"<th{good}")  # "<th" was no think block: free text
 
 
 def test_a_template_that_fails_on_a_variable_of_another_type_refuses_the_conversation_naming_it():

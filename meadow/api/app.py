@@ -165,6 +165,7 @@ def create_app(
         messages = [message.as_dict() for message in request.messages]
         prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **request.chat_template_kwargs or {})
         inside = thinking and opens_thinking(tokenizer, prompt_ids)  # the template opened the reply's think block
+        request.thinking(thinking, inside)  # no call opens in the think block
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = budget(prompt_ids.shape[1], requested, DEFAULT_CHAT_TOKENS, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None

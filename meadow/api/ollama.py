@@ -264,6 +264,7 @@ def add_ollama_routes(
         messages = [message.as_dict() for message in request.messages]
         prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **variables)
         split = thoughts(apart, prompt_ids)
+        request.thinking(apart, apart and opens_thinking(tokenizer, prompt_ids))  # no call opens in the think block
         reader = CallReader(dialect, bool(box and box.callable))  # with tools: the content, and each call once whole
 
         def content(text: str, done: bool) -> dict:
@@ -276,7 +277,7 @@ def add_ollama_routes(
                 message["thinking"] = thought
             return {"message": {**message, "tool_calls": [call.ollama() for call in calls]} if calls else message}
 
-        constraint = box.prefix() if box else None
+        constraint = request.toolbox.prefix() if box else None
         return await reply(request, prompt_ids, stop_strings(tokenizer), http, content, constraint)
 
     @app.post("/api/generate", dependencies=keyed)

@@ -217,6 +217,7 @@ def add_responses_routes(
         history = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
         prompt_ids = tool_prompt_ids(tokenizer, dialect, [*instructions, *history], box)
         inside = thinking and opens_thinking(tokenizer, prompt_ids)  # the template opened the reply's think block
+        request.thinking(thinking, inside)  # no call opens in the think block
         sampling = Sampling(
             max_tokens=budget(prompt_ids.shape[1], request.max_output_tokens, DEFAULT_CHAT_TOKENS, "input"),
             temperature=1.0 if request.temperature is None else request.temperature,

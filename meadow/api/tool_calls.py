@@ -26,6 +26,7 @@ from meadow.api.errors import APIError
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node, SchemaError, compile_schema
 from meadow.client.chat_prompt import ConversationRefused, chat_prompt_ids
+from meadow.client import reasoning
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 LLAMA_FORMAT = '"parameters": dictionary of argument name'  # what Llama 3's templates tell the model
@@ -103,6 +104,9 @@ class Toolbox:
     free: bool  # text may come before a call (auto, none); else the reply is calls only
     parallel: bool  # more than one call in a reply (if the dialect has more than one)
     dialect: Dialect = DESCRIBED
+    # a reasoning model's think block, in which a call's marker is only text: "may" (the reply may begin with one),
+    # "inside" (its template opened it) or None
+    thinking: Literal["may", "inside"] | None = None
 
     def speaking(self, dialect: Dialect) -> "Toolbox":
         """The same tools, called in `dialect`."""
@@ -115,6 +119,8 @@ class Toolbox:
             return ToolCallPrefix(self, ("spell", (d.marker or "") + d.start, _names(self)))
         if d.marker is None:  # a call only as the whole reply: its first character tells
             return ToolCallPrefix(self, ("first",) if self.callable else ("text",))
+        if self.thinking is not None:
+            return ToolCallPrefix(self, ("think", 0) if self.thinking == "inside" else ("start", ""))
         return ToolCallPrefix(self, ("free", 0))
 
     def shown(self) -> list[dict]:
@@ -138,6 +144,12 @@ class OffersTools(BaseModel):
         if self._toolbox is not None:
             self._toolbox = self._toolbox.speaking(dialect)
         return self._toolbox
+
+    def thinking(self, thinks: bool, inside: bool) -> None:
+        """A reasoning model's reply (`thinks`) may begin with a think block, or begins inside one (`inside`): no
+        call opens in it."""
+        if self._toolbox is not None and thinks:
+            self._toolbox = replace(self._toolbox, thinking="inside" if inside else "may")
 
 
 def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None) -> Toolbox | None:
@@ -184,12 +196,13 @@ def _same(name: str, arguments) -> str:
 class ToolCallPrefix:
     """Where a reply stands: free text, then calls (see the module's doc). Like JsonPrefix: `fed(text)` is the state
     after `text` or None, `complete` says the reply may end here, `finished` that it must. Immutable. A phase is one of
-    ("free", characters of the dialect's marker just read), ("first",) and ("text",) (a dialect whose call is the whole
-    reply: before its first character, and text that is no call), ("spell", the text that must come, the phase after
-    it), ("name", (the rest of each name still possible, with the arguments' key after it; the name), made), ("args",
-    name, JsonPrefix, their text, made), ("after", made, repeated); `made` holds the calls made so far (as `_same`
-    writes them). A call that repeats one already made ends the reply (a small model, asked for calls, would go on
-    repeating it): it is not read back (`_calls`)."""
+    ("start", the text so far) and ("think", characters of its end just read) (a reasoning model's reply: before
+    anything but whitespace, and in its think block), ("free", characters of the dialect's marker just read), ("first",)
+    and ("text",) (a dialect whose call is the whole reply: before its first character, and text that is no call),
+    ("spell", the text that must come, the phase after it), ("name", (the rest of each name still possible, with the
+    arguments' key after it; the name), made), ("args", name, JsonPrefix, their text, made), ("after", made, repeated);
+    `made` holds the calls made so far (as `_same` writes them). A call that repeats one already made ends the reply (a
+    small model, asked for calls, would go on repeating it): it is not read back (`_calls`)."""
 
     def __init__(self, box: Toolbox, phase: tuple):
         self.box, self.phase = box, phase
@@ -204,6 +217,21 @@ class ToolCallPrefix:
 
     def _step(self, phase: tuple, c: str) -> tuple | None:
         kind, dialect = phase[0], self.box.dialect
+        if kind == "start":  # before anything but whitespace: a think block may open
+            text = phase[1] + c
+            if text.lstrip() == reasoning.OPEN:
+                return "think", 0
+            if reasoning.OPEN.startswith(text.lstrip()):
+                return "start", text
+            phase = "free", 0  # no think block: all of it is free text (too short to hold a whole marker)
+            for c in text:
+                phase = self._step(phase, c)
+            return phase
+        if kind == "think":  # all is thinking up to its end, a call's marker too
+            seen = reasoning.CLOSE[: phase[1]] + c
+            while not reasoning.CLOSE.startswith(seen):
+                seen = seen[1:]
+            return ("free", 0) if seen == reasoning.CLOSE else ("think", len(seen))
         if kind == "free":
             marker = dialect.marker
             seen = marker[: phase[1]] + c
@@ -245,7 +273,7 @@ class ToolCallPrefix:
 
     @property
     def complete(self) -> bool:
-        return self.phase[0] in ("free", "first", "text", "after")
+        return self.phase[0] in ("start", "think", "free", "first", "text", "after")
 
     @property
     def finished(self) -> bool:
