@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meadow.cli import main
 from meadow.local_swarm import LocalSwarm
+from meadow.server.sizing import block_bytes
 from meadow.models import load_config
 from meadow.swarm import dht_prefix_for, fetch_servers, start_dht
 
@@ -98,9 +100,18 @@ def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks)
 
 def test_servers_size_their_span_to_their_memory_or_warn_that_it_may_not_fit(swarm_by_num_blocks):
     swarm, path = swarm_by_num_blocks  # after the tests that count the swarm's servers
+    claims = Path(os.environ["MEADOW_HOME"]) / "memory-claims"  # what each server here will still take
+    others = sum(json.loads((claims / f"{server.popen.pid}.json").read_text())["bytes"] for server in swarm.servers)
+    cache = block_bytes(load_config(path), torch.float32, cache_tokens=16384) - block_bytes(load_config(path), torch.float32)
+    assert others == 3 * 2 * cache  # three servers of two blocks, loaded: their KV caches
     server = swarm.start_server(path)
-    assert any("6 of 6 blocks fit in the" in line for line in server.lines)  # a tiny model: all of them
+    fit = next(line for line in server.lines if "blocks fit in the" in line)
+    assert "6 of 6 blocks fit in the" in fit  # a tiny model: all of them
+    assert f"(less {others / 2**20:.0f} MiB other servers here have claimed)" in fit
     assert " blocks 0:6 as " in next(line for line in server.lines if "Server ready" in line)
+    assert json.loads((claims / f"{server.popen.pid}.json").read_text())["bytes"] == 6 * cache
+    server.stop()
+    assert not (claims / f"{server.popen.pid}.json").exists()  # a server that leaves lets go of its claim
     # blocks asked for are served, with a warning where they may not fit (here, once their KV caches fill up)
     server = swarm.start_server(path, "--blocks", "0:6", "--cache-tokens", str(2**29))
     assert any("6 blocks may not fit in the" in line for line in server.lines)

@@ -1,6 +1,11 @@
-"""How many blocks a server given no span takes: what a block holds, quantized or not, and its KV cache."""
+"""How many blocks a server given no span takes: what a block holds, quantized or not, and its KV cache; the memory
+other servers on the machine have claimed."""
 
 from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from meadow.models import load_config
 from meadow.models.default import default_model_path
+from meadow.server.memory_claims import MemoryClaims
 from meadow.server.sizing import NotEnoughMemory, block_bytes, blocks_that_fit
 from meadow.server.throughput import random_block
 
@@ -37,3 +43,36 @@ def test_as_many_blocks_as_fit_and_a_clear_error_when_none_does():
     assert blocks_that_fit(3 * 2**30, block, 30, CPU) == 17  # 90% of 3 GiB, less 1 GiB for the process: 1741 MiB
     with pytest.raises(NotEnoughMemory, match="one block needs 100 MiB .* 1.0 GiB free: use --quant"):
         blocks_that_fit(2**30, block, 30, CPU)
+
+
+def hold_claim(folder: Path, nbytes: int, ready, done) -> None:
+    """A server's claim, in another process, for as long as `done` is not set."""
+    claims = MemoryClaims(CPU, folder)
+    with claims.locked():
+        claims.set(nbytes)
+    ready.set()
+    done.wait(60)
+
+
+def test_servers_on_one_machine_count_each_others_claims_until_they_end(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    ready, done = context.Event(), context.Event()
+    other = context.Process(target=hold_claim, args=(tmp_path, 3 * 2**30, ready, done))
+    other.start()
+    try:
+        assert ready.wait(60)
+        mine, on_gpu = MemoryClaims(CPU, tmp_path), MemoryClaims(torch.device("cuda"), tmp_path)
+        with mine.locked():
+            assert mine.others() == 3 * 2**30 and on_gpu.others() == 0  # claims are per device
+            mine.set(2**30)
+        assert mine.others() == 3 * 2**30  # its own claim is not among the others'
+        done.set()
+        other.join(60)
+        assert mine.others() == 0 and not (tmp_path / f"{other.pid}.json").exists()  # it ended: its claim is dropped
+        (tmp_path / "1.json").write_text(json.dumps({"device": "cpu", "bytes": 5, "started": 0.0}))
+        assert mine.others() == 0  # a claim whose pid now names another process (started at another time)
+        mine.release()
+        assert not list(tmp_path.glob("*.json"))
+    finally:
+        done.set()
+        other.join(60)

@@ -22,6 +22,7 @@ from meadow.models.quant import check_quant, quantize_block
 from meadow.server.block_selection import Placement, block_throughputs, choose_move, choose_span, placements
 from meadow.server.handler import BlockHandler, Limits
 from meadow.server.memory import CacheBudget
+from meadow.server.memory_claims import MemoryClaims
 from meadow.server.sizing import NotEnoughMemory, block_bytes, blocks_that_fit, free_memory
 from meadow.server.span import Span
 from meadow.server.throughput import BlockSpeed, block_speed, ping_peers
@@ -106,6 +107,7 @@ class Server:
             stop_packing()  # before any block is loaded or timed: the speed announced is the unpacked blocks' speed
         self.state = ServerState.JOINING
         self.span_range: BlockRange | None = None
+        self.claims = MemoryClaims(self.device)  # what this server will take, for others starting on this machine
         # of a server that picks its span: given, or as many as fit in memory
         self.num_blocks = self._blocks_that_fit(len(config.blocks) if config.blocks is not None else config.num_blocks)
         self.speed: BlockSpeed | None = None  # None when --throughput gives a number instead of measuring
@@ -168,6 +170,7 @@ class Server:
             self.dht.shutdown()
             if self.handler.points is not None:
                 self.handler.points.ledger.close()
+            self.claims.release()
             print("Server stopped", flush=True)
 
     async def _start_points(self, p2p) -> None:
@@ -239,22 +242,31 @@ class Server:
 
     def _blocks_that_fit(self, asked: int | None) -> int | None:
         """As many blocks as fit in memory, if none were `asked` for (NotEnoughMemory if not one does); else `asked`,
-        with a warning if they may not fit (the estimate counts every KV-cache slot in use, which may never happen)."""
+        with a warning if they may not fit (the estimate counts every KV-cache slot in use, which may never happen).
+        The free memory counted is less what other servers on this machine claim; the blocks' memory is then ours."""
         total, config = self.model_config.num_hidden_layers, self.config
         per_block = block_bytes(self.model_config, self.dtype, config.quant, config.cache_tokens)
-        free = free_memory(self.device)
         each = f"{per_block / 2**20:.0f} MiB a block, with {config.cache_tokens} tokens of KV cache"
+        with self.claims.locked():
+            claimed = self.claims.others()
+            free = max(0, free_memory(self.device) - claimed)
+            where = f"{free / 2**30:.1f} GiB free on {self.device}" + (
+                f" (less {claimed / 2**20:.0f} MiB other servers here have claimed)" if claimed else "")  # fmt: skip
+            try:
+                fit = blocks_that_fit(free, per_block, asked or total, self.device)
+            except NotEnoughMemory as e:
+                if asked is None:
+                    others = f"; other servers here have claimed {claimed / 2**20:.0f} MiB of it" if claimed else ""
+                    raise NotEnoughMemory(f"{e}{others}") from None
+                fit = 0
+            self.claimable = free  # a claim never counts more than there was (blocks asked for may not fit)
+            self.claims.set(min((asked or fit) * per_block, free))
         if asked is None:
-            fit = blocks_that_fit(free, per_block, total, self.device)
-            logger.info(f"{fit} of {total} blocks fit in the {free / 2**30:.1f} GiB free on {self.device} ({each})")
+            logger.info(f"{fit} of {total} blocks fit in the {where} ({each})")
             return fit
-        try:
-            fit = blocks_that_fit(free, per_block, asked, self.device)
-        except NotEnoughMemory:
-            fit = 0
         if fit < asked:
-            logger.warning(f"{asked} blocks may not fit in the {free / 2**30:.1f} GiB free on {self.device}: {fit} do "
-                           f"({each}); fewer blocks, a --quant or fewer --cache-tokens would")  # fmt: skip
+            logger.warning(f"{asked} blocks may not fit in the {where}: {fit} do ({each}); fewer blocks, a --quant or "
+                           "fewer --cache-tokens would")  # fmt: skip
         return asked
 
     def _load_span(self, blocks: BlockRange) -> Span:
@@ -279,6 +291,9 @@ class Server:
             await self._announce()  # clients see who is coming but do not route through us yet
             loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_span, blocks)
         self.handler.serve(loaded)
+        cache = (block_bytes(self.model_config, self.dtype, self.config.quant, self.config.cache_tokens)
+                 - block_bytes(self.model_config, self.dtype, self.config.quant))  # fmt: skip
+        self.claims.set(min(len(blocks) * cache, self.claimable))  # the weights are taken now; the KV cache as it fills
         self.state = ServerState.ONLINE
         await self._announce()
 
