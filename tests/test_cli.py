@@ -102,7 +102,8 @@ def test_servers_size_their_span_to_their_memory_or_warn_that_it_may_not_fit(swa
     swarm, path = swarm_by_num_blocks  # after the tests that count the swarm's servers
     claims = Path(os.environ["MEADOW_HOME"]) / "memory-claims"  # what each server here will still take
     others = sum(json.loads((claims / f"{server.popen.pid}.json").read_text())["bytes"] for server in swarm.servers)
-    cache = block_bytes(load_config(path), torch.float32, cache_tokens=16384) - block_bytes(load_config(path), torch.float32)
+    config = load_config(path)
+    cache = block_bytes(config, torch.float32, cache_tokens=16384) - block_bytes(config, torch.float32)
     assert others == 3 * 2 * cache  # three servers of two blocks, loaded: their KV caches
     server = swarm.start_server(path)
     fit = next(line for line in server.lines if "blocks fit in the" in line)
