@@ -228,17 +228,12 @@ class ToolCallPrefix:
                 phase = self._step(phase, c)
             return phase
         if kind == "think":  # all is thinking up to its end, a call's marker too
-            seen = reasoning.CLOSE[: phase[1]] + c
-            while not reasoning.CLOSE.startswith(seen):
-                seen = seen[1:]
-            return ("free", 0) if seen == reasoning.CLOSE else ("think", len(seen))
+            seen = reasoning.begun(reasoning.CLOSE[: phase[1]] + c, reasoning.CLOSE)
+            return ("free", 0) if seen == len(reasoning.CLOSE) else ("think", seen)
         if kind == "free":
-            marker = dialect.marker
-            seen = marker[: phase[1]] + c
-            while not marker.startswith(seen):
-                seen = seen[1:]
-            if seen != marker:
-                return "free", len(seen)
+            seen = reasoning.begun(dialect.marker[: phase[1]] + c, dialect.marker)
+            if seen < len(dialect.marker):
+                return "free", seen
             return ("spell", dialect.start, _names(self.box)) if self.box.callable else None
         if kind == "first":
             return self._step(("spell", dialect.start, _names(self.box)), c) if c == dialect.start[0] else ("text",)
@@ -309,8 +304,7 @@ class CallReader:
         self.text += piece
         start = self._call_start()
         if start is None:
-            marker = self.dialect.marker or ""
-            held = max((n for n in range(1, len(marker)) if self.text.endswith(marker[:n])), default=0)
+            held = reasoning.begun(self.text, self.dialect.marker or "")  # not all of it: no call has begun
             safe = len(self.text[: len(self.text) - held].rstrip())
             content, self.given = self.text[self.given : max(safe, self.given)], max(safe, self.given)
             return content, []

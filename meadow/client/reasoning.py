@@ -22,9 +22,12 @@ def begins_thinking(prompt: str) -> bool:
     return opened >= 0 and CLOSE not in prompt[opened:]
 
 
-def _held(text: str, tag: str) -> int:
-    """How many characters at the end of `text` may be the beginning of `tag`."""
-    return max((n for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)
+def begun(text: str, tag: str) -> int:
+    """How many characters at the end of `text` are the beginning of `tag` (all of it, if `text` ends with it)."""
+    seen = text[-len(tag) :] if tag else ""
+    while not tag.startswith(seen):
+        seen = seen[1:]
+    return len(seen)
 
 
 class ThinkingReader:
@@ -53,7 +56,7 @@ class ThinkingReader:
                 reasoning = self._reasoning(self.text[:end].rstrip())
                 self.text, self.phase = self.text[end + len(CLOSE) :], "after"
             else:
-                safe = len(self.text[: len(self.text) - _held(self.text, CLOSE)].rstrip())
+                safe = len(self.text[: len(self.text) - begun(self.text, CLOSE)].rstrip())
                 reasoning, self.text = self._reasoning(self.text[:safe]), self.text[safe:]
         if self.phase == "after":
             self.text = self.text.lstrip()
@@ -76,7 +79,6 @@ class ThinkingReader:
         if self.phase == "thinking":
             return self._reasoning(text.rstrip()), ""
         return "", text if self.phase in ("start", "answer") else ""
-
 
     def take(self, piece: str, last: bool = False) -> tuple[str, str]:
         """`feed`, and once the reply has ended (`last`) `rest`, together."""
