@@ -874,7 +874,12 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     client = ollama.Client(host=served["url"].rstrip("/"), timeout=120)
     listed, running = client.list().models, client.ps().models
     assert [entry.model for entry in listed] == [entry.model for entry in running] == [model_id]
-    assert client.show(model_id).details.family == "llama"
+    shown, local = client.show(model_id), reference[0]
+    assert (shown.details.family, shown.details.format, shown.details.quantization_level) == ("llama", "safetensors", "F32")
+    assert shown.modelinfo["general.parameter_count"] == local.num_parameters()  # what its files hold
+    assert shown.modelinfo["llama.block_count"] == local.config.num_hidden_layers
+    assert shown.modelinfo["llama.embedding_length"] == local.config.hidden_size
+    assert listed[0].size == sum(file.stat().st_size for file in Path(served["path"]).glob("*.safetensors")) > 0
     assert client.pull(model_id).status == "success"  # there already: nothing to download
     assert [line.status for line in client.pull(f"{model_id}:latest", stream=True)] == ["success"]
     with pytest.raises(ollama.ResponseError, match="cannot be deleted"):

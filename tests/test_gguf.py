@@ -23,6 +23,7 @@ from meadow.models import (
     resolve_model_path,
 )
 from meadow.models import gguf
+from meadow.models.checkpoint import ModelFacts, model_facts
 from meadow.models.tiny import make_tiny_gguf
 from meadow.swarm import dht_prefix_for
 
@@ -61,6 +62,19 @@ def test_blocks_and_client_parts_equal_transformers(tiny_gguf, quant):
     assert (got - expected).abs().max().item() <= 1e-4
     expected = local.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K"])
+def test_a_gguf_files_facts_are_its_parameter_count_and_the_type_most_are_stored_in(tiny_gguf, quant):
+    path = tiny_gguf(quant)  # these files name no file type: their weights' type is what most parameters have
+    parameters = load_reference_model(path).num_parameters()
+    assert model_facts(path) == ModelFacts("gguf", parameters, quant, path.stat().st_size)
+
+
+@pytest.mark.parametrize("count, shown", [(134_515_008, "134.52M"), (7_241_732_096, "7.2B"), (8_000_000_000, "8B"),
+                                          (1_500_000, "1.5M"), (12_300, "12K"), (999, "999")])  # fmt: skip
+def test_a_parameter_count_reads_as_ollama_shows_it(count, shown):
+    assert ModelFacts("gguf", count, "F16", 0).parameter_size == shown
 
 
 def test_folder_holding_a_gguf_is_the_gguf(tiny_gguf):
@@ -159,6 +173,11 @@ def test_default_model_blocks_and_head_equal_transformers(smollm):
         for block in last:
             x = block(x, positions)
         assert (parts.logits(x) - out.logits).abs().max().item() <= 1e-4
+
+
+def test_default_model_facts_are_its_parameter_count_and_file_type(smollm):
+    path, local = smollm  # its file names its type: Q4_1
+    assert model_facts(path) == ModelFacts("gguf", local.num_parameters(), "Q4_1", path.stat().st_size)
 
 
 @pytest.fixture(scope="module")

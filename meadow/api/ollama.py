@@ -30,8 +30,15 @@ from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import CallReader, OffersTools, Tool, dialect_of, tool_prompt_ids, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
+from meadow.models.checkpoint import model_facts
 
 # what would change the models a machine holds: a swarm's model is its servers' to hold
+# /api/show's model_info keys (llama.cpp's GGUF names, as Ollama reports them) -> the transformers config's
+OLLAMA_SHAPE = {
+    "embedding_length": "hidden_size", "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads", "feed_forward_length": "intermediate_size",
+    "vocab_size": "vocab_size",
+}  # fmt: skip
 MANAGING = {"/api/create": "created", "/api/copy": "copied", "/api/delete": "deleted", "/api/push": "pushed"}
 OLLAMA_PATHS = frozenset(
     {"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/pull", "/api/embed", "/api/embeddings", "/api/chat",
@@ -181,8 +188,11 @@ def add_ollama_routes(
     """Ollama's routes on `app`, generating with `start` and sizing replies with `budget` (create_app's)."""
     config = model.config
     context_length = getattr(config, "max_position_embeddings", None) or 2048
-    details = {"format": "", "family": config.model_type, "families": [config.model_type], "parameter_size": "",
-               "quantization_level": ""}  # fmt: skip
+    facts = model_facts(model.name_or_path)
+    arch = config.model_type
+    details = {"format": facts.format, "family": arch, "families": [arch], "parameter_size": facts.parameter_size,
+               "quantization_level": facts.quantization}  # fmt: skip
+    shape = [(key, getattr(config, name, None)) for key, name in OLLAMA_SHAPE.items()]
     started = _now()
     thinking = thinks(tokenizer.chat_template)  # a reasoning model
     capabilities = ["completion", "tools", *["thinking"] * thinking]
@@ -326,7 +336,7 @@ def add_ollama_routes(
         (vector,) = await embed(model, rows, context_length, http.is_disconnected, truncate=True)
         return {"embedding": vector.tolist()}
 
-    entry = {"name": model_id, "model": model_id, "size": 0, "digest": "", "details": details}
+    entry = {"name": model_id, "model": model_id, "size": facts.size, "digest": "", "details": details}
 
     @app.get("/api/tags", dependencies=keyed)
     def tags() -> dict:
@@ -340,7 +350,8 @@ def add_ollama_routes(
     async def show(http: Request) -> dict:
         request = await _parsed(http, ShowRequest)
         check(request.model or request.name)
-        info = {"general.architecture": config.model_type, f"{config.model_type}.context_length": context_length}
+        info = {"general.architecture": arch, "general.parameter_count": facts.parameters, **{
+            f"{arch}.{key}": value for key, value in (("context_length", context_length), *shape) if value is not None}}
         return {
             "modelfile": "", "parameters": "", "template": tokenizer.chat_template or "", "details": details,
             "model_info": info, "capabilities": capabilities, "modified_at": started,

@@ -480,6 +480,7 @@ def load_distributed(
     an in-process one)."""
     path = resolve_model_path(model)
     config = load_hf_config(path, **(config_overrides or {}))
+    config.name_or_path = str(path)  # as transformers' from_pretrained sets it: where the model came from
     block_config = load_config(path)
     _check_local_blocks(local_blocks, block_config.num_hidden_layers, tuning_mode, lora, kwargs.get("active_adapter"))
     parts = load_client_parts(path, block_config, dtype, device)

@@ -7,7 +7,9 @@ or a hub id already in the local HF cache. Nothing here touches the network.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -183,3 +185,40 @@ def read_tensors(
                 # one tensor at a time: peak memory is the wanted tensors plus one in checkpoint dtype
                 tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     return tensors
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model's files tell of it (as Ollama's /api/tags and /api/show report a model)."""
+
+    format: str  # "gguf" or "safetensors"
+    parameters: int
+    quantization: str  # how most parameters are stored: "Q4_1", "Q4_K_M", "BF16", "F32"...
+    size: int  # bytes on disk
+
+    @property
+    def parameter_size(self) -> str:
+        """The count as a person reads it: "134.52M", "7.2B"."""
+        for scale, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+            if self.parameters >= scale:
+                return f"{self.parameters / scale:.{digits}f}".rstrip("0").rstrip(".") + unit
+        return str(self.parameters)
+
+
+def model_facts(model: str | Path) -> ModelFacts:
+    """The format, parameter count, storage type and size of `model`'s files, from their headers only."""
+    path = resolve_model_path(model)
+    if gguf.is_gguf(path):
+        return ModelFacts("gguf", *gguf.storage(path), path.stat().st_size)
+    index_file = path / "model.safetensors.index.json"
+    # the index's shards (a folder may hold other files too: Mistral's consolidated.safetensors, say)
+    shards = json.loads(index_file.read_text())["weight_map"].values() if index_file.is_file() else ["model.safetensors"]
+    files = [path / name for name in sorted(set(shards))]
+    by_dtype: dict[str, int] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                by_dtype[part.get_dtype()] = by_dtype.get(part.get_dtype(), 0) + math.prod(part.get_shape())
+    kind = max(by_dtype, key=by_dtype.get, default="")
+    return ModelFacts("safetensors", sum(by_dtype.values()), kind, sum(file.stat().st_size for file in files))

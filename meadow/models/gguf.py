@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
 from meadow.home import meadow_home
@@ -120,6 +120,20 @@ def metadata(path: Path, key: str, default=None):
 
 def architecture(path: Path) -> str:
     return metadata(path, "general.architecture")
+
+
+def storage(path: Path) -> tuple[int, str]:
+    """The file's parameter count and how most of them are stored, as llama.cpp names it ("Q4_K_M", "F16"...)."""
+    reader = open_gguf(path)
+    by_type: dict[str, int] = {}
+    for tensor in reader.tensors:
+        by_type[tensor.tensor_type.name] = by_type.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+    file_type = metadata(path, "general.file_type")
+    try:  # the converter's word for the whole file (a Q4_K_M file holds Q4_K and Q6_K tensors)
+        kind = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:  # none, or one this gguf-py does not know: the type most parameters have
+        kind = max(by_type, key=by_type.get, default="")
+    return sum(by_type.values()), kind
 
 
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
