@@ -875,7 +875,8 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     listed, running = client.list().models, client.ps().models
     assert [entry.model for entry in listed] == [entry.model for entry in running] == [model_id]
     shown, local = client.show(model_id), reference[0]
-    assert (shown.details.family, shown.details.format, shown.details.quantization_level) == ("llama", "safetensors", "F32")
+    details = shown.details
+    assert (details.family, details.format, details.quantization_level) == ("llama", "safetensors", "F32")
     assert shown.modelinfo["general.parameter_count"] == local.num_parameters()  # what its files hold
     assert shown.modelinfo["llama.block_count"] == local.config.num_hidden_layers
     assert shown.modelinfo["llama.embedding_length"] == local.config.hidden_size

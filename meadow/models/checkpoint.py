@@ -212,7 +212,9 @@ def model_facts(model: str | Path) -> ModelFacts:
         return ModelFacts("gguf", *gguf.storage(path), path.stat().st_size)
     index_file = path / "model.safetensors.index.json"
     # the index's shards (a folder may hold other files too: Mistral's consolidated.safetensors, say)
-    shards = json.loads(index_file.read_text())["weight_map"].values() if index_file.is_file() else ["model.safetensors"]
+    shards = ["model.safetensors"]
+    if index_file.is_file():
+        shards = json.loads(index_file.read_text())["weight_map"].values()
     files = [path / name for name in sorted(set(shards))]
     by_dtype: dict[str, int] = {}
     for file in files:
