@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meadow.cli import main
+from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm
 from meadow.server.sizing import block_bytes
 from meadow.models import load_config
@@ -116,6 +118,34 @@ def test_servers_size_their_span_to_their_memory_or_warn_that_it_may_not_fit(swa
     # blocks asked for are served, with a warning where they may not fit (here, once their KV caches fill up)
     server = swarm.start_server(path, "--blocks", "0:6", "--cache-tokens", str(2**29))
     assert any("6 blocks may not fit in the" in line for line in server.lines)
+    server.stop()  # its claim is all the free memory
+
+
+def test_a_servers_claim_is_the_kv_cache_its_sessions_have_not_taken(swarm_by_num_blocks):
+    """An open session's cache is memory in use (other servers count it as taken): the claim leaves it out."""
+    swarm, path = swarm_by_num_blocks
+    server = swarm.start_server(path, "--blocks", "0:6", "--dht-prefix", "claims", "--update-period", "0.5")
+    config, claim = load_config(path), Path(os.environ["MEADOW_HOME"]) / "memory-claims" / f"{server.popen.pid}.json"
+    cache = block_bytes(config, torch.float32, cache_tokens=16384) - block_bytes(config, torch.float32)
+    claimed = lambda: json.loads(claim.read_text())["bytes"]
+
+    def becomes(nbytes: int) -> bool:
+        deadline = time.monotonic() + 10  # announcements (which update the claim) come every half second
+        while claimed() != nbytes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return claimed() == nbytes
+
+    assert claimed() == 6 * cache
+    sequence = connect_sequence(str(path), config, swarm.initial_peers, dht_prefix="claims")
+    try:
+        with sequence.inference_session(max_length=4096, batch_size=2) as session:  # half of the 16384 slots
+            hidden, positions = torch.randn(2, 3, config.hidden_size), torch.arange(3).expand(2, 3)
+            session.step(hidden, positions, torch.ones(2, 3, dtype=torch.bool))
+            assert becomes(6 * cache // 2)
+        assert becomes(6 * cache)  # the session ended: its cache is free again, and claimed
+    finally:
+        sequence.close()
+        server.stop()
 
 
 def test_a_server_that_cannot_hold_one_block_says_so_in_one_line(checkpoints):

@@ -291,11 +291,16 @@ class Server:
             await self._announce()  # clients see who is coming but do not route through us yet
             loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_span, blocks)
         self.handler.serve(loaded)
-        cache = (block_bytes(self.model_config, self.dtype, self.config.quant, self.config.cache_tokens)
-                 - block_bytes(self.model_config, self.dtype, self.config.quant))  # fmt: skip
-        self.claims.set(min(len(blocks) * cache, self.claimable))  # the weights are taken now; the KV cache as it fills
         self.state = ServerState.ONLINE
         await self._announce()
+
+    def _claim_untaken_cache(self) -> None:
+        """Claim the KV cache our sessions have not taken yet: the weights are taken, and so is the cache of open
+        sessions (allocated as each opens), which other servers count as used memory already."""
+        cache = (block_bytes(self.model_config, self.dtype, self.config.quant, self.config.cache_tokens)
+                 - block_bytes(self.model_config, self.dtype, self.config.quant))  # fmt: skip
+        untaken = len(self.span_range) * cache * self.budget.left // max(1, self.budget.total)
+        self.claims.set(min(untaken, self.claimable))
 
     async def _run_until(self, stop: asyncio.Event) -> None:
         """Announce every update period; with --num-blocks, also check the balance every (jittered) balance period."""
@@ -355,6 +360,8 @@ class Server:
         gc.collect()  # free the old blocks before loading the new ones: memory stays one span's worth
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        whole = block_bytes(self.model_config, self.dtype, self.config.quant, self.config.cache_tokens)
+        self.claims.set(min(len(new) * whole, self.claimable))  # what the old span freed is the new one's: claimed
         await self._take(new)
         print(f"Server moved: blocks {new} online", flush=True)
 
@@ -396,6 +403,8 @@ class Server:
             await asyncio.sleep(0.02)
 
     async def _announce(self) -> None:
+        if self.state == ServerState.ONLINE:  # (while it loads, its claim is the whole span's)
+            self._claim_untaken_cache()
         info, expiration = self.info(), 3 * self.config.update_period
         model = ModelInfo(  # for monitors
             dht_prefix=self.dht_prefix, num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path)
