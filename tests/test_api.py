@@ -488,8 +488,10 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
         (call,) = named.message.tool_calls
         assert isinstance(call.function.parsed_arguments, Weather) and named.finish_reason == "tool_calls"
     with client.chat.completions.stream(**asked, tool_choice=weather, temperature=1, seed=3) as stream:
+        pieces = [event.arguments_delta for event in stream if event.type == "tool_calls.function.arguments.delta"]
         (streamed,) = stream.get_final_completion().choices[0].message.tool_calls
     assert streamed.function.arguments == call.function.arguments and streamed.id.startswith("call_")
+    assert len(pieces) > 3 and "".join(pieces) == call.function.arguments  # streamed as they are written
 
     tokenizer, box = reference[1], toolbox([Tool.model_validate(tool) for tool in tools], None, None)
     made = {"id": call.id, "type": "function",
@@ -511,6 +513,11 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     old = client.chat.completions.create(**legacy, messages=messages, function_call={"name": "get_weather"}).choices[0]
     assert old.finish_reason == "function_call" and old.message.tool_calls is None
     Weather.model_validate_json(old.message.function_call.arguments)
+    chunks = client.chat.completions.create(**legacy, messages=messages, function_call={"name": "get_weather"},
+                                            stream=True)  # fmt: skip
+    pieces = [chunk.choices[0].delta.function_call for chunk in chunks if chunk.choices[0].delta.function_call]
+    assert pieces[0].name == "get_weather" and all(piece.name is None for piece in pieces[1:]) and len(pieces) > 3
+    assert "".join(piece.arguments for piece in pieces) == old.message.function_call.arguments
     earlier_old = [*messages, {"role": "assistant", "content": None, "function_call": made["function"]},
                    {"role": "function", "name": "get_weather", "content": "sunny"}]  # fmt: skip
     reply = client.chat.completions.create(**{**legacy, "max_tokens": 12}, messages=earlier_old)
@@ -533,8 +540,10 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     (item,) = response.output
     assert item.type == "function_call" and Weather.model_validate_json(item.arguments)
     with client.responses.stream(**asked, tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        pieces = [event.delta for event in stream if event.type == "response.function_call_arguments.delta"]
         streamed = stream.get_final_response()
     assert [(out.type, out.name, out.arguments) for out in streamed.output] == [(item.type, item.name, item.arguments)]
+    assert len(pieces) > 3 and "".join(pieces) == item.arguments
     output = [{"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}]
     after = client.responses.create(**{**asked, "input": output, "max_output_tokens": 12},
                                     previous_response_id=response.id)  # fmt: skip

@@ -15,7 +15,7 @@ from meadow.api.errors import APIError
 from meadow.client.chat_prompt import ConversationRefused, chat_prompt_ids
 from meadow.models.tiny import make_tokenizer
 from meadow.api.tool_calls import (
-    LLAMA, OPEN, CallReader, NamedChoice, Tool, conversation, dialect_of, read_reply, tool_prompt_ids, toolbox,
+    HERMES, LLAMA, OPEN, CallReader, NamedChoice, Tool, conversation, dialect_of, read_reply, tool_prompt_ids, toolbox,
 )
 
 WEATHER = {
@@ -91,6 +91,18 @@ def test_every_reply_walked_through_the_machine_reads_back_as_calls_that_can_be_
             said, streamed = said + piece, streamed + new
         assert said + reader.rest() == content
         assert [(call.name, call.arguments) for call in streamed] == [(call.name, call.arguments) for call in calls]
+        # and piece by piece: each call begins once, with its id and name, and its arguments' text adds up to them
+        reader, texts, wholes = CallReader(d, callable_), {}, []
+        for start, end in zip([0, *cuts], [*cuts, len(text)]):
+            for piece in reader.stream(text[start:end])[1]:
+                assert piece.begins == (piece.index not in texts) and piece.name in box.callable
+                texts[piece.index] = texts.get(piece.index, "") + piece.arguments
+                if piece.whole is not None:
+                    assert (piece.whole.id, piece.whole.text) == (piece.id, texts[piece.index])
+                    assert json.loads(piece.whole.text) == piece.whole.arguments and piece.whole.text in text
+                    wholes.append(piece.whole)
+        assert [(call.name, call.arguments) for call in wholes] == [(call.name, call.arguments) for call in calls]
+        assert list(texts) == list(range(len(calls)))  # numbered in order, none begun that did not end whole
     if choice != "none":
         assert max(counts) >= (2 if several else 1)  # the walks made calls, several in a reply when allowed
 
@@ -166,6 +178,27 @@ def test_a_call_that_repeats_one_already_made_ends_the_reply_and_is_not_read_bac
         assert state.finished and state.fed("\n") is None
         content, calls = read_reply(CALL + "\n" + other + "\n" + again)
         assert [call.arguments["city"] for call in calls] == ["Paris", "Rome"]
+
+
+def test_a_streamed_call_comes_as_its_arguments_are_written_a_second_of_one_function_whole_and_a_repeat_not():
+    other, time = CALL.replace("Paris", "Rome"), '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    reply = "Let me look.\n" + CALL + "\n" + time + "\n" + other + "\n" + CALL
+    for dialect, text in ((HERMES, reply), (LLAMA, LLAMA_CALL)):
+        reader, said, pieces = CallReader(dialect), "", []
+        for c in text:  # a character at a time
+            content, new = reader.stream(c)
+            said, pieces = said + content, pieces + [(len(said), piece) for piece in new]
+        assert said + reader.rest() == ("Let me look." if dialect is HERMES else "")
+        first = [piece for _, piece in pieces if piece.index == 0]
+        assert first[0].begins and first[0].name == "get_weather" and first[0].arguments == ""  # its name, at once
+        assert "".join(piece.arguments for piece in first) == '{"city": "Paris"}' == first[-1].whole.text
+        assert len(first) == 1 + len('{"city": "Paris"}') and first[-1].whole.arguments == {"city": "Paris"}
+        assert len({piece.id for piece in first}) == 1 and not any(piece.begins for piece in first[1:])
+        if dialect is HERMES:  # then "now" (no arguments), and a second call of get_weather, whole in one piece
+            assert [(p.index, p.name, p.arguments, p.begins) for _, p in pieces if p.index > 0] == [
+                (1, "now", "", True), (1, "now", "{", False), (1, "now", "}", False),
+                (2, "get_weather", '{"city": "Rome"}', True)]  # fmt: skip
+            assert pieces[-1][1].whole.arguments == {"city": "Rome"}  # and the repeat of the first: nothing
 
 
 HERMES_LIKE = "{% for m in messages %}{{ m.content }}{% endfor %}" \

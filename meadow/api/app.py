@@ -32,7 +32,7 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
-from meadow.api.tool_calls import Call, CallReader, dialect_of, read_reply, tool_prompt_ids
+from meadow.api.tool_calls import Call, CallPiece, CallReader, dialect_of, read_reply, tool_prompt_ids
 from meadow.client.chat_prompt import stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 
@@ -180,12 +180,17 @@ def create_app(
             reason = generation.outcome.finish_reason
             return ("function_call" if request.legacy else "tool_calls") if called and reason == "stop" else reason
 
-        def calls_field(calls: list[Call], first: int | None = None) -> dict:
-            """The calls as a message gives them (a streamed delta: numbered from `first`); `function_call` (one)
-            when they were asked for as `functions`."""
+        def calls_field(calls: list[Call]) -> dict:
+            """The calls as a message gives them; `function_call` (one) when they were asked for as `functions`."""
             if request.legacy:
                 return {"function_call": calls[0].openai()["function"]}
-            return {"tool_calls": [call.openai(None if first is None else first + i) for i, call in enumerate(calls)]}
+            return {"tool_calls": [call.openai() for call in calls]}
+
+        def call_piece(piece: CallPiece) -> dict:
+            """A streamed delta of a call (or of the function call, when asked for as `functions`)."""
+            if request.legacy:
+                return {"function_call": piece.openai()["function"]}
+            return {"tool_calls": [piece.openai()]}
 
         def choice(index: int, generation: TextGeneration, pieces: list[Delta]) -> dict:
             text = "".join(piece.text for piece in pieces)
@@ -222,7 +227,7 @@ def create_app(
                     if reasoning:
                         yield chunk(index, {"reasoning_content": reasoning})
                     if box:
-                        content, _ = readers[index].feed(rest)  # held text: no call begins in it
+                        content, _ = readers[index].stream(rest)  # held text: no call begins in it
                         rest = content + readers[index].rest()
                     if rest:
                         yield chunk(index, {"content": rest})
@@ -234,12 +239,12 @@ def create_app(
                     reasoning, text = thinkers[index].feed(piece.text) if thinking else ("", piece.text)
                     if reasoning:
                         yield chunk(index, {"reasoning_content": reasoning})
-                    content, calls = readers[index].feed(text) if box else (text, [])
+                    content, calls = readers[index].stream(text) if box else (text, [])
                     if content or piece.logprobs:
                         yield chunk(index, {"content": content}, logprobs=logprobs_of([piece]))
-                    for call in calls:  # each whole, in one chunk
-                        yield chunk(index, calls_field([call], called[index]))
-                        called[index] += 1
+                    for call in calls:  # as its arguments are written
+                        yield chunk(index, call_piece(call))
+                        called[index] += call.begins
             if request.include_usage:
                 yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generations, request.n)}
 

@@ -25,7 +25,7 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import (
-    Call, CallReader, Function, NamedChoice, OffersTools, Tool, dialect_of, read_reply, tool_prompt_ids, toolbox,
+    Call, CallPiece, CallReader, Function, NamedChoice, OffersTools, Tool, dialect_of, read_reply, tool_prompt_ids, toolbox,
 )
 from meadow.client.chat_prompt import stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
@@ -261,8 +261,7 @@ def add_responses_routes(
             content = [{"type": "reasoning_text", "text": thought}] if status == "completed" else []
             return {"type": "reasoning", "id": ids["reasoning"], "summary": [], "content": content, "status": status}
 
-        def function_call(call: Call, status: str) -> dict:
-            arguments = json.dumps(call.arguments) if status == "completed" else ""
+        def function_call(call: Call | CallPiece, arguments: str, status: str) -> dict:
             return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
                     "name": call.name, "arguments": arguments, "status": status}  # fmt: skip
 
@@ -270,7 +269,7 @@ def add_responses_routes(
             """The thinking (of a reasoning model), a message (unless the reply is calls only), then the calls."""
             items = [reasoning(thought, "completed")] if thought else []
             items += [message(content, logprobs, "completed")] if content or not calls else []
-            return items + [function_call(call, "completed") for call in calls]
+            return items + [function_call(call, call.text, "completed") for call in calls]
 
         def logprobs_of(pieces: list[Delta], start: int = 0, content: str | None = None) -> list[dict]:
             """The entries of the tokens in `pieces` from the answer's `start` in the reply on (after the thinking);
@@ -308,6 +307,7 @@ def add_responses_routes(
             reader, pieces, content, calls = CallReader(dialect, bool(box and box.callable)), [], "", []
             thinker, thought, answer, reply = ThinkingReader(inside), "", "", ""
             opened = False  # the message
+            writing, written = None, ""  # the call being written, and its arguments so far
             first = 0  # the message's output index: 1 after a reasoning item
 
             def place() -> dict:
@@ -350,7 +350,7 @@ def add_responses_routes(
                     for event in thinking_ends():
                         yield event
                 answer += text
-                said, new = reader.feed(text) if box else (text, [])
+                said, new = reader.stream(text) if box else (text, [])
                 if piece is None and box:
                     said += reader.rest()
                 if said or (piece is not None and not box and not thinking):  # the message opens with its first text
@@ -360,18 +360,30 @@ def add_responses_routes(
                     answer_at = len(reply) - len(answer)
                     logprobs = logprobs_of([piece] if piece else [], answer_at, content if box else None)
                     yield {"type": "response.output_text.delta", **place(), "delta": said, "logprobs": logprobs}
-                for call in new:
-                    for event in closing() if opened and not calls else []:  # the message ends where calls begin
-                        yield event
-                    index, item = first + int(opened) + len(calls), function_call(call, "completed")
-                    calls.append(call)
-                    yield {"type": "response.output_item.added", "output_index": index,
-                           "item": function_call(call, "in_progress")}  # fmt: skip
-                    at = {"item_id": item["id"], "output_index": index}
-                    yield {"type": "response.function_call_arguments.delta", **at, "delta": item["arguments"]}
-                    yield {"type": "response.function_call_arguments.done", **at, "arguments": item["arguments"]}
-                    yield {"type": "response.output_item.done", "output_index": index, "item": item}
-            if not calls:
+                for call in new:  # as its arguments are written
+                    index = first + int(opened) + call.index
+                    at = {"item_id": "fc_" + call.id.removeprefix("call_"), "output_index": index}
+                    if call.begins:
+                        for event in closing() if opened and call.index == 0 else []:  # the message ends here
+                            yield event
+                        writing, written = call, ""
+                        added = function_call(call, "", "in_progress")
+                        yield {"type": "response.output_item.added", "output_index": index, "item": added}
+                    if call.arguments:
+                        written += call.arguments
+                        yield {"type": "response.function_call_arguments.delta", **at, "delta": call.arguments}
+                    if call.whole is not None:
+                        writing = None
+                        calls.append(call.whole)
+                        arguments = call.whole.text
+                        yield {"type": "response.function_call_arguments.done", **at, "arguments": arguments}
+                        item = function_call(call.whole, arguments, "completed")
+                        yield {"type": "response.output_item.done", "output_index": index, "item": item}
+            if writing is not None:  # cut short (max_output_tokens): the call is left out, as without a stream
+                index = first + int(opened) + writing.index
+                item = function_call(writing, written, "incomplete")
+                yield {"type": "response.output_item.done", "output_index": index, "item": item}
+            elif not calls:
                 for event in [] if opened else opening():
                     yield event
                 for event in closing():

@@ -280,9 +280,10 @@ class Call:
     id: str
     name: str
     arguments: dict
+    text: str = ""  # the arguments as the model wrote them (what the API gives, as OpenAI's does)
 
     def openai(self, index: int | None = None) -> dict:
-        function = {"name": self.name, "arguments": json.dumps(self.arguments)}
+        function = {"name": self.name, "arguments": self.text or json.dumps(self.arguments)}
         call = {"id": self.id, "type": "function", "function": function}
         return call if index is None else {"index": index, **call}
 
@@ -290,17 +291,67 @@ class Call:
         return {"function": {"name": self.name, "arguments": self.arguments}}
 
 
+@dataclass(frozen=True)
+class CallPiece:
+    """What a streamed reply tells of one call, as it is written: the call begins (`begins`: its id and name are
+    known), more of its arguments' text comes, and it is `whole`."""
+
+    index: int  # among the reply's calls
+    id: str
+    name: str
+    arguments: str  # the arguments' text since the call's last piece
+    begins: bool
+    whole: Call | None  # once its arguments are whole
+
+    def openai(self) -> dict:
+        """The piece as a streamed chat completion gives it (OpenAI's shape: the id and name with the first piece)."""
+        if self.begins:
+            function = {"name": self.name, "arguments": self.arguments}
+            return {"index": self.index, "id": self.id, "type": "function", "function": function}
+        return {"index": self.index, "function": {"arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A call in a reply's text, maybe not whole: its text so far, its name (once whole) and arguments' text."""
+
+    text: str
+    name: str | None
+    arguments: str
+    whole: dict | None  # the arguments, once whole
+
+
+@dataclass
+class _Begun:
+    index: int
+    id: str
+    given: int = -1  # characters of the arguments' text handed out (-1: not even the call's beginning)
+    ended: bool = False
+
+
 class CallReader:
-    """Reads a reply as it grows: the text before its first call (its content), then each call once it is whole.
-    Text that may be the beginning of a call (a piece of the marker, whitespace; in a dialect whose call is the whole
-    reply, nothing yet) is held back until it is known not to be. `callable`: whether the reply may call at all."""
+    """Reads a reply as it grows: the text before its first call (its content), then its calls. Text that may be the
+    beginning of a call (a piece of the marker, whitespace; in a dialect whose call is the whole reply, nothing yet)
+    is held back until it is known not to be. `callable`: whether the reply may call at all. `feed` gives each call
+    once whole; `stream` each call's pieces as they are written, but a call of a function called before in the reply
+    comes whole: it may repeat the earlier call (the same arguments, however spaced), which ends the reply and is not
+    read back."""
 
     def __init__(self, dialect: Dialect = DESCRIBED, callable: bool = True):
         self.dialect, self.callable = dialect, callable
-        self.text, self.given, self.calls = "", 0, 0  # the reply so far; content handed out; calls handed out
+        self.text, self.given = "", 0  # the reply so far; content handed out
+        self.begun: dict[int, _Begun] = {}  # the calls handed out (by their place among the written ones)
+        self.skipped: set[int] = set()  # repeated calls
 
     def feed(self, piece: str) -> tuple[str, list[Call]]:
-        """The content and calls that `piece` completes."""
+        """The content and the calls that `piece` completes."""
+        return self._read(piece, streamed=False)
+
+    def stream(self, piece: str) -> tuple[str, list[CallPiece]]:
+        """The content and the calls' pieces that `piece` brings."""
+        return self._read(piece, streamed=True)
+
+    def _read(self, piece: str, streamed: bool) -> tuple[str, list]:
         self.text += piece
         start = self._call_start()
         if start is None:
@@ -310,9 +361,31 @@ class CallReader:
             return content, []
         content = self.text[self.given : len(self.text[:start].rstrip())]
         self.given = len(self.text)  # nothing after the first call is content
-        calls = _calls(self.text[start:], self.dialect)
-        new, self.calls = calls[self.calls :], len(calls)
-        return content, new
+        pieces = self._pieces(_read_calls(self.text[start:], self.dialect), streamed)
+        return content, pieces if streamed else [piece.whole for piece in pieces if piece.whole is not None]
+
+    def _pieces(self, written: list[_Written], streamed: bool) -> list[CallPiece]:
+        pieces, made, names = [], set(), set()
+        for at, call in enumerate(written):
+            same = call.whole is not None and _same(call.name, call.whole)
+            begun = self.begun.get(at)
+            if begun is None and at not in self.skipped:
+                if same in made:  # a repeat: the reply ends with it
+                    self.skipped.add(at)
+                elif call.whole is not None or streamed and call.name not in (None, *names):
+                    begun = self.begun[at] = _Begun(len(self.begun), f"call_{uuid.uuid4().hex[:24]}")
+                else:
+                    break  # held back until it is whole, or reads as no earlier call
+            made.add(same)
+            names.add(call.name)
+            if begun is None or begun.ended:
+                continue
+            whole = Call(begun.id, call.name, call.whole, call.arguments) if call.whole is not None else None
+            fresh = call.arguments[max(begun.given, 0) :]
+            if fresh or whole or begun.given < 0:
+                pieces.append(CallPiece(begun.index, begun.id, call.name, fresh, begun.given < 0, whole))
+            begun.given, begun.ended = len(call.arguments), whole is not None
+        return pieces
 
     def _call_start(self) -> int | None:
         """Where the first call begins, if the reply has one."""
@@ -328,22 +401,28 @@ class CallReader:
         return "" if self.text and self._call_start() is not None else self.text[self.given :].rstrip()
 
 
-def _calls(text: str, dialect: Dialect) -> list[Call]:
-    """The whole calls in `text`, which begins with the first (written as ToolCallPrefix holds them)."""
-    calls, made, decoder, at = [], set(), json.JSONDecoder(), 0
-    opening = (dialect.marker or "") + dialect.start[:-len('{"name": ')]  # before the call's JSON object
-    while text.startswith(opening, at) and at < len(text):
+def _read_calls(text: str, dialect: Dialect) -> list[_Written]:
+    """The calls in `text`, which begins with the first (written as ToolCallPrefix holds them), the last maybe cut."""
+    calls, decoder, at = [], json.JSONDecoder(), 0
+    opening = (dialect.marker or "") + dialect.start  # up to the name
+    while at < len(text) and text.startswith(opening[: len(text) - at], at):
+        name = end = None
         try:
-            call, at = decoder.raw_decode(text, at + len(opening))
-        except json.JSONDecodeError:  # not whole yet
+            name, end = decoder.raw_decode(text, at + len(opening))
+            if not text.startswith(dialect.arguments, end):
+                raise ValueError("not yet")
+            arguments_at = end + len(dialect.arguments)
+            whole, end = decoder.raw_decode(text, arguments_at)
+            arguments = text[arguments_at:end]
+        except ValueError:  # cut short
+            known = name is not None and text.startswith(dialect.arguments, end)  # the name, and the arguments began
+            arguments = text[end + len(dialect.arguments) :] if known else ""
+            calls.append(_Written(text[at:], name if known else None, arguments, None))
             break
-        name, arguments = call["name"], call[dialect.arguments_key]
-        if (same := _same(name, arguments)) not in made:  # a repeated call ended the reply
-            calls.append(Call(f"call_{uuid.uuid4().hex[:24]}", name, arguments))
-            made.add(same)
+        calls.append(_Written(text[at : end + 1], name, arguments, whole))  # (+ 1: the call's own closing brace)
         if dialect.again is None:
             break
-        at += len(dialect.end) - 1 + len(dialect.again) - len(dialect.marker)  # past the end and what opens the next
+        at = end + len(dialect.end) + len(dialect.again) - len(dialect.marker)  # past the end and what opens the next
     return calls
 
 
