@@ -25,7 +25,8 @@ from meadow.api.schemas import (
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import (
-    Call, CallPiece, CallReader, Function, NamedChoice, OffersTools, Tool, dialect_of, read_reply, tool_prompt_ids, toolbox,
+    Call, CallPiece, CallReader, Function, NamedChoice, OffersTools, Tool, dialect_of, read_reply, tool_prompt_ids,
+    toolbox,
 )
 from meadow.client.chat_prompt import stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
