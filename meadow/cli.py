@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser(
         "api", help="serve an OpenAI- and Ollama-compatible HTTP API, a web chat (/) and a swarm monitor (/monitor)"
     )
-    api.add_argument("model", nargs="?", help=MODEL_HELP)
+    api.add_argument("model", nargs="*", metavar="MODEL", help=MODEL_HELP + "; several: one API over all of them")
     _add_initial_peers(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
@@ -371,8 +371,12 @@ def _run(args: argparse.Namespace) -> None:
         from meadow.api.serve import run_api
 
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per request
+        for option, given in (("--dht-prefix", args.dht_prefix), ("--adapter", args.adapter)):
+            if given and len(args.model) > 1:
+                sys.exit(f"meadow api: {option} names one model's swarm: give one MODEL with it")
+        models = args.model or [_model(argparse.Namespace(model=None, command="api"))]
         run_api(
-            _model(args), args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
+            models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
             args.api_key or None, [origin.strip() for origin in args.origins],
         )  # fmt: skip
     elif args.command == "status":

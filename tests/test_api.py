@@ -35,6 +35,7 @@ from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.stopping import descendants
+from meadow.swarm import dht_prefix_for
 from meadow.models import load_config, load_reference_model, load_tokenizer
 
 CACHE_TOKENS = 16384  # a server's default KV-cache budget: all of it is free when no session is open
@@ -836,6 +837,52 @@ def test_unknown_model_is_a_404(client):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 404
     assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+
+
+def test_one_api_serves_several_models_each_request_answered_by_the_model_it_names(served, checkpoints, reference):
+    """`meadow api A B` over a swarm that serves both: one list of models, and each request (OpenAI's, Ollama's, a
+    Responses one continued by the other model) answered by its own model, as it would be run locally."""
+    other = checkpoints("qwen2", num_layers=2)
+    swarm = served["swarm"]
+    swarm.start_server(other, "--blocks", "0:2")
+    api = Process(["api", str(served["path"]), str(other), "--initial-peers", *swarm.initial_peers, "--port", "0"],
+                  "api")  # fmt: skip
+    swarm.extra.append(api)
+    url = api_url(api)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+    ids = [entry.id for entry in client.models.list().data]
+    assert len(ids) == 2 and ids[0] == dht_prefix_for(str(served["path"])) and ids[1] == dht_prefix_for(str(other))
+    references = dict(zip(ids, [reference, (load_reference_model(other), load_tokenizer(other))]))
+    ollama_client = ollama.Client(host=url.rstrip("/"), timeout=120)
+    tags = ollama_client.list().models
+    assert [entry.model for entry in tags] == ids and [entry.details.family for entry in tags] == ["llama", "qwen2"]
+    assert [entry.model for entry in ollama_client.ps().models] == ids
+    question = [{"role": "user", "content": "Where do bees live?"}]
+    for model_id, local in references.items():
+        prompt_ids = chat_prompt_ids(local[1], question)
+        text = local_reply(local, prompt_ids, 8, stop_strings(local[1]))[0]
+        reply = client.chat.completions.create(model=model_id, messages=question, max_tokens=8, temperature=0)
+        assert (reply.model, reply.choices[0].message.content) == (model_id, text)
+        chunks = client.chat.completions.create(model=model_id, messages=question, max_tokens=8, temperature=0,
+                                                stream=True)  # fmt: skip
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == text
+        said = ollama_client.chat(model=f"{model_id}:latest", messages=question, options={"temperature": 0,
+                                  "num_predict": 8})  # fmt: skip
+        assert said.message.content == text and ollama_client.show(model_id).details.family == local[0].config.model_type
+    # a response stored by one model, continued by the other
+    first = client.responses.create(model=ids[0], input="Hi", max_output_tokens=4, temperature=0)
+    assert client.responses.retrieve(first.id).id == first.id
+    after = client.responses.create(model=ids[1], input="And?", previous_response_id=first.id, max_output_tokens=4,
+                                    temperature=0)  # fmt: skip
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And?"}]  # fmt: skip
+    prompt_ids = chat_prompt_ids(references[ids[1]][1], history)
+    assert after.usage.input_tokens == prompt_ids.shape[1]
+    assert after.output_text == local_reply(references[ids[1]], prompt_ids, 4, stop_strings(references[ids[1]][1]))[0]
+    with pytest.raises(openai.NotFoundError, match=f"this API serves `{ids[0]}`, `{ids[1]}`"):
+        client.chat.completions.create(model="gpt-4o", messages=question)
+    with pytest.raises(ollama.ResponseError, match=f"this API serves '{ids[0]}', '{ids[1]}'"):
+        ollama_client.chat(model="llama3", messages=question)
 
 
 def test_too_long_prompt_is_a_400(client, model_id, reference):

@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -56,12 +57,15 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 
 def create_app(
-    model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = ()
-) -> FastAPI:
+    model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = (),
+    served: Sequence[str] = (), stored: OrderedDict | None = None,
+) -> FastAPI:  # fmt: skip
     """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
     files stay open, and ask the user for it. Web pages on this machine (and from `origins`; "*": any) may call it
-    from a browser, as Ollama lets them."""
+    from a browser, as Ollama lets them. Beside other models' apps (model_router.py): `served` names all the models
+    (for a request that names another), and they share the Responses API's `stored` responses."""
+    served = list(served) or [model_id]
     app = FastAPI(title="Meadow", docs_url=None, redoc_url=None)  # their pages would load scripts from a CDN
     app.add_middleware(
         CORSMiddleware, allow_origin_regex=LOCAL_ORIGINS, allow_origins=list(origins), allow_methods=["*"],
@@ -84,7 +88,7 @@ def create_app(
     created = int(time.time())
 
     def unknown_model(name: str) -> APIError:
-        message = f"The model `{name}` does not exist: this API serves `{model_id}`"
+        message = f"The model `{name}` does not exist: this API serves {', '.join(f'`{m}`' for m in served)}"
         return APIError(404, message, param="model", code="model_not_found")
 
     def check(request) -> None:
@@ -324,8 +328,8 @@ def create_app(
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": model_id, "usage": usage}
 
-    add_responses_routes(app, tokenizer, model_id, keyed, start, budget, check)
-    add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget)
+    add_responses_routes(app, tokenizer, model_id, keyed, start, budget, check, OrderedDict() if stored is None else stored)
+    add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget, served)
 
     @app.get("/api/swarm", dependencies=keyed)
     def swarm() -> JSONResponse:  # a plain def: FastAPI runs it on a worker thread, as the DHT calls block

@@ -184,8 +184,10 @@ def add_ollama_routes(
     keyed: list,
     start: Callable,
     budget: Callable[[int, int | None, int, str], int],
+    served: list[str],
 ) -> None:
-    """Ollama's routes on `app`, generating with `start` and sizing replies with `budget` (create_app's)."""
+    """Ollama's routes on `app`, generating with `start` and sizing replies with `budget` (create_app's); `served`:
+    the models this API serves."""
     config = model.config
     context_length = getattr(config, "max_position_embeddings", None) or 2048
     facts = model_facts(model.name_or_path)
@@ -199,7 +201,8 @@ def add_ollama_routes(
 
     def check(name: str | None) -> None:
         if name not in (model_id, f"{model_id}:latest"):  # Ollama's clients may add the default tag
-            message = f"model '{name}' not found: this API serves '{model_id}' (the model its swarm's servers hold)"
+            serves = ", ".join(f"'{m}'" for m in served)
+            message = f"model '{name}' not found: this API serves {serves} (the models its swarm's servers hold)"
             raise APIError(404, message, param="model")
 
     def sampling(request: _OllamaRequest, prompt_tokens: int, extra_stop: list[str], constraint) -> Sampling:

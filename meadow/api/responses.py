@@ -197,11 +197,10 @@ PREFIXES = {"response": "resp", "message": "msg", "reasoning": "rs"}  # of the i
 
 def add_responses_routes(
     app: FastAPI, tokenizer: PreTrainedTokenizerBase, model_id: str, keyed: list, start: Callable, budget: Callable,
-    check: Callable,
+    check: Callable, stored: OrderedDict[str, tuple[dict, list[dict]]],
 ) -> None:  # fmt: skip
     """The Responses routes on `app`, generating with `start`, sizing replies with `budget` and checking the model's
-    name with `check` (create_app's)."""
-    stored: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()  # id -> (response, its whole conversation)
+    name with `check` (create_app's); responses are kept in `stored` (id -> the response, its whole conversation)."""
 
     def find(response_id: str, param: str | None = None) -> tuple[dict, list[dict]]:
         if response_id not in stored:

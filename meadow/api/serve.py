@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import sys
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ WAIT_FOR_SERVERS = 5.0
 
 
 def run_api(
-    model: str | Path,
+    models: Sequence[str | Path],
     initial_peers: Sequence[str],
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -30,20 +31,38 @@ def run_api(
     api_key: str | None = None,
     origins: Sequence[str] = (),
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID): ...` (where each API and the
-    chat page are) once it accepts requests."""
+    """Serve `models` (one API over them all) until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)`
+    (where each API and the chat page are) once it accepts requests."""
     from meadow.api.app import create_app
+    from meadow.api.model_router import ModelRouter
     from meadow.client.model import AutoDistributedModelForCausalLM
     from meadow.models import load_tokenizer
 
-    tokenizer = load_tokenizer(model)
-    distributed = AutoDistributedModelForCausalLM.from_pretrained(
-        model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter,
-        client_config=replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS),
-    )  # fmt: skip
-    model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
-    app = create_app(distributed, tokenizer, model_id, api_key, origins)
+    config = replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS)
+    joined: dict[str, tuple] = {}  # model id -> (the distributed model, its tokenizer)
+    try:
+        for model in models:
+            tokenizer = load_tokenizer(model)
+            distributed = AutoDistributedModelForCausalLM.from_pretrained(
+                model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter, client_config=config
+            )
+            model_id = distributed.sequence.dht_prefix + (f":{adapter}" if adapter else "")
+            if model_id in joined:
+                distributed.close()
+                sys.exit(f"meadow api: two of the models given are {model_id}")
+            joined[model_id] = distributed, tokenizer
+        ids, stored = list(joined), OrderedDict()
+        apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored)
+                for model_id, (distributed, tokenizer) in joined.items()}  # fmt: skip
+        _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, host, port, api_key)
+    finally:
+        for distributed, _ in joined.values():
+            distributed.close()
+        logging.getLogger(__name__).info("API stopped")
 
+
+def _serve(app, ids: list[str], host: str, port: int, api_key: str | None) -> None:
+    """Serve `app` (the API of the models `ids`) on host:port until SIGINT/SIGTERM."""
     # our own socket, so that --port 0 works and the address printed is the one bound
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -53,8 +72,8 @@ def run_api(
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     address = f"http://{shown_host}:{bound_port}"
-    print(f"API ready: {address} (model {model_id}): OpenAI's API at {address}/v1, Ollama's at {address} (its host), "
-          f"the chat page at {address}/", flush=True)  # fmt: skip
+    print(f"API ready: {address} ({'model' if len(ids) == 1 else 'models'} {', '.join(ids)}): OpenAI's API at "
+          f"{address}/v1, Ollama's at {address} (its host), the chat page at {address}/", flush=True)  # fmt: skip
     if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
         logging.getLogger(__name__).warning(f"anyone who can reach {host} can use this API: --api-key asks for a key")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
@@ -62,8 +81,4 @@ def run_api(
     # `finally`, so that the client's DHT process stops too (SIGTERM's default would leave it running)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        distributed.close()
-        logging.getLogger(__name__).info("API stopped")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -82,9 +82,18 @@ function deleteConversation(id) {
   showConversations();
 }
 
+// the model that answers: the API's, or the one chosen among several (kept over a reload)
 const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise.reject(r.status))).then((body) => {
-  model = body.data[0].id;
+  const ids = body.data.map((entry) => entry.id), chosen = localStorage.getItem("meadow.model");
+  model = ids.includes(chosen) ? chosen : ids[0];
   $("model").textContent = model;
+  if (ids.length > 1) {
+    const choice = $("model-choice");
+    for (const id of ids) choice.append(new Option(id, id, false, id === model));
+    choice.addEventListener("change", () => { model = choice.value; remember("meadow.model", model); });
+    $("model").hidden = true;
+    choice.hidden = false;
+  }
 }).catch((status) => {
   $("model").textContent = status === 401 ? "API key needed: reload to enter it" : "API unreachable";
 });
