@@ -128,6 +128,28 @@ def test_chat_page_streams_the_greedy_answer_and_keeps_the_conversation_over_a_r
     assert page.locator(".turn.assistant .bubble").nth(1).text_content() == expected
 
 
+def test_chat_page_of_an_api_over_two_models_answers_with_the_one_chosen(page, served, checkpoints):
+    other = checkpoints("qwen2", num_layers=2)
+    swarm = served["swarm"]
+    swarm.start_server(other, "--blocks", "0:2")
+    api = Process(["api", str(served["path"]), str(other), "--initial-peers", *swarm.initial_peers, "--port", "0"],
+                  "api")  # fmt: skip
+    swarm.extra.append(api)
+    url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+    page.goto(url)
+    page.wait_for_selector("#model-choice option >> nth=1", state="attached")
+    choices = page.locator("#model-choice option").all_text_contents()
+    assert len(choices) == 2 and page.is_hidden("#model") and page.input_value("#model-choice") == choices[0]
+    page.select_option("#model-choice", choices[1])
+    type_question(page, None, "What grows in a meadow?", 12)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
+    assert page.text_content(".turn.assistant .bubble") == local_answer(other, "What grows in a meadow?", 12)
+    page.reload()  # the choice is kept
+    page.wait_for_selector("#model-choice option >> nth=1", state="attached")
+    assert page.input_value("#model-choice") == choices[1]
+
+
 def test_chat_page_shows_a_reasoning_models_thinking_folded_above_its_answer(page, served, tmp_path):
     """An API over a copy of the model whose template opens the reply's think block: the greedy reply (all thinking in
     8 tokens) shows open under "Thought" while it comes, the answer empty; after a reload, folded, still there."""
