@@ -79,6 +79,14 @@ def test_a_command_without_initial_peers_says_how_to_give_them(command, monkeypa
         assert "MEADOW_INITIAL_PEERS: " in str(exit.value) and complaint in str(exit.value)
 
 
+@pytest.mark.parametrize("option", ["--dht-prefix", "--adapter"])
+def test_an_api_over_several_models_refuses_an_option_that_names_one_models_swarm(option):
+    good = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7"
+    with pytest.raises(SystemExit) as exit:
+        main(["api", "a-model", "b-model", "--initial-peers", good, option, "x"])
+    assert str(exit.value) == f"meadow api: {option} names one model's swarm: give one MODEL with it"
+
+
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
     swarm, _ = swarm_by_num_blocks
     roots = {process.popen.pid for process in [swarm.dht, *swarm.servers]}
