@@ -28,6 +28,7 @@ from openai.types.responses import Response
 from meadow.api.embeddings import batches
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT
+from meadow.api.response_store import ResponseStore
 from meadow.api.responses import FunctionTool
 from meadow.api.schemas import ChatMessage
 from meadow.api.tool_calls import Tool, conversation, dialect_of, toolbox
@@ -370,6 +371,47 @@ def test_responses_api_gives_the_local_greedy_reply_and_continues_it(client, mod
         client.responses.retrieve(follow.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=model_id, input="Hi", previous_response_id=follow.id)
+
+
+def test_stored_responses_outlive_the_api_and_another_api_continues_them(served, reference):
+    swarm, url = served["swarm"], served["url"]
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+    model_id = client.models.list().data[0].id
+    first = client.responses.create(model=model_id, input="Hi", max_output_tokens=4, temperature=0)
+    api = start_api(served["path"], swarm.initial_peers)  # a second API on this machine, and then after the first
+    swarm.extra.append(api)
+    other = openai.OpenAI(base_url=api_url(api) + "v1", api_key="unused", max_retries=0, timeout=120)
+    assert other.responses.retrieve(first.id).output_text == first.output_text
+    api.stop()
+    api = start_api(served["path"], swarm.initial_peers)
+    swarm.extra.append(api)
+    again = openai.OpenAI(base_url=api_url(api) + "v1", api_key="unused", max_retries=0, timeout=120)
+    after = again.responses.create(model=model_id, input="And?", previous_response_id=first.id, max_output_tokens=4,
+                                   temperature=0)  # fmt: skip
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And?"}]  # fmt: skip
+    prompt_ids = chat_prompt_ids(reference[1], history)
+    assert after.usage.input_tokens == prompt_ids.shape[1]
+    assert after.output_text == local_reply(reference, prompt_ids, 4, stop_strings(reference[1]))[0]
+    again.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+def test_the_response_store_keeps_the_latest_and_starts_afresh_beside_a_file_it_cannot_read(tmp_path):
+    store = ResponseStore(tmp_path / "responses.sqlite", kept=3)
+    for i in range(5):
+        store.put(f"resp_{i}", {"id": f"resp_{i}"}, [{"role": "user", "content": str(i)}])
+    store.put("resp_3", {"id": "resp_3", "again": True}, [])  # stored again: the latest now
+    assert [store.get(f"resp_{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    assert store.get("resp_3") == ({"id": "resp_3", "again": True}, [])
+    assert store.delete("resp_4") and not store.delete("resp_4") and store.get("resp_4") is None
+    assert ResponseStore(tmp_path / "responses.sqlite", kept=3).get("resp_2")[1] == [{"role": "user", "content": "2"}]
+    (tmp_path / "torn.sqlite").write_bytes(b"not a database" * 100)
+    fresh = ResponseStore(tmp_path / "torn.sqlite")
+    assert fresh.get("resp_2") is None and len(list(tmp_path.glob("torn.sqlite.unreadable-*"))) == 1
+    fresh.put("resp_9", {}, [])
+    assert fresh.get("resp_9") == ({}, [])
 
 
 @pytest.mark.parametrize(

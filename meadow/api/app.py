@@ -10,7 +10,6 @@ import json
 import secrets
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -27,6 +26,7 @@ from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
+from meadow.api.response_store import ResponseStore
 from meadow.api.responses import add_responses_routes
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
@@ -58,7 +58,7 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 def create_app(
     model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = (),
-    served: Sequence[str] = (), stored: OrderedDict | None = None,
+    served: Sequence[str] = (), stored: ResponseStore | None = None,
 ) -> FastAPI:  # fmt: skip
     """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
@@ -328,7 +328,7 @@ def create_app(
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": model_id, "usage": usage}
 
-    add_responses_routes(app, tokenizer, model_id, keyed, start, budget, check, OrderedDict() if stored is None else stored)
+    add_responses_routes(app, tokenizer, model_id, keyed, start, budget, check, stored or ResponseStore())
     add_ollama_routes(app, model, tokenizer, model_id, keyed, start, budget, served)
 
     @app.get("/api/swarm", dependencies=keyed)

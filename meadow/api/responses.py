@@ -1,7 +1,7 @@
 """OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/ID), what OpenAI's newer clients and tools
 call: the same generation as chat completions, its text as one output message (and its function calls, when it is given
-tools), streamed as typed events (`response.output_text.delta`...) unless `stream` is false. Responses are kept in
-memory (the latest KEPT, unless `store` is false, without their logprobs), so that `previous_response_id` continues a
+tools), streamed as typed events (`response.output_text.delta`...) unless `stream` is false. Responses are kept
+(response_store.py: unless `store` is false, without their logprobs), so that `previous_response_id` continues a
 conversation as OpenAI's does."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import OrderedDict
 from typing import Annotated, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request, Response
@@ -18,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling
+from meadow.api.response_store import ResponseStore
 from meadow.api.logprobs import chat_format
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
@@ -31,7 +31,6 @@ from meadow.api.tool_calls import (
 from meadow.client.chat_prompt import stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 
-KEPT = 1024  # stored responses (their conversations, each within the context), the oldest forgotten first
 LOGPROBS = "message.output_text.logprobs"  # what `include` names to get them
 # fields that ask for what Meadow does not do: refused rather than answered with something else
 UNSUPPORTED = [
@@ -197,15 +196,16 @@ PREFIXES = {"response": "resp", "message": "msg", "reasoning": "rs"}  # of the i
 
 def add_responses_routes(
     app: FastAPI, tokenizer: PreTrainedTokenizerBase, model_id: str, keyed: list, start: Callable, budget: Callable,
-    check: Callable, stored: OrderedDict[str, tuple[dict, list[dict]]],
+    check: Callable, stored: ResponseStore,
 ) -> None:  # fmt: skip
     """The Responses routes on `app`, generating with `start`, sizing replies with `budget` and checking the model's
-    name with `check` (create_app's); responses are kept in `stored` (id -> the response, its whole conversation)."""
+    name with `check` (create_app's); responses are kept in `stored`."""
 
     def find(response_id: str, param: str | None = None) -> tuple[dict, list[dict]]:
-        if response_id not in stored:
+        kept = stored.get(response_id)
+        if kept is None:
             raise APIError(404, f"Response with id '{response_id}' not found.", param=param)
-        return stored[response_id]
+        return kept
 
     @app.post("/v1/responses", dependencies=keyed)
     async def create(request: ResponseRequest, http: Request):
@@ -288,9 +288,7 @@ def add_responses_routes(
                 if calls:
                     said["tool_calls"] = [{"type": "function", "function": {"name": call.name,
                                           "arguments": call.arguments}} for call in calls]  # fmt: skip
-                stored[ids["response"]] = ({**response, "output": kept}, [*history, said])
-                while len(stored) > KEPT:
-                    stored.popitem(last=False)
+                stored.put(ids["response"], {**response, "output": kept}, [*history, said])
             return response
 
         if not request.stream:
@@ -400,8 +398,8 @@ def add_responses_routes(
 
     @app.delete("/v1/responses/{response_id}", dependencies=keyed)
     def delete(response_id: str) -> Response:
-        find(response_id)
-        del stored[response_id]
+        if not stored.delete(response_id):
+            find(response_id)  # its 404
         return Response(status_code=204)
 
 

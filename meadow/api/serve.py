@@ -7,7 +7,6 @@ import logging
 import signal
 import socket
 import sys
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +34,7 @@ def run_api(
     (where each API and the chat page are) once it accepts requests."""
     from meadow.api.app import create_app
     from meadow.api.model_router import ModelRouter
+    from meadow.api.response_store import ResponseStore
     from meadow.client.model import AutoDistributedModelForCausalLM
     from meadow.models import load_tokenizer
 
@@ -51,7 +51,7 @@ def run_api(
                 distributed.close()
                 sys.exit(f"meadow api: two of the models given are {model_id}")
             joined[model_id] = distributed, tokenizer
-        ids, stored = list(joined), OrderedDict()
+        ids, stored = list(joined), ResponseStore()
         apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored)
                 for model_id, (distributed, tokenizer) in joined.items()}  # fmt: skip
         _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, host, port, api_key)
