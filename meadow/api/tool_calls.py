@@ -280,10 +280,10 @@ class Call:
     id: str
     name: str
     arguments: dict
-    text: str = ""  # the arguments as the model wrote them (what the API gives, as OpenAI's does)
+    text: str  # the arguments as the model wrote them (what the API gives, as OpenAI's does)
 
     def openai(self, index: int | None = None) -> dict:
-        function = {"name": self.name, "arguments": self.text or json.dumps(self.arguments)}
+        function = {"name": self.name, "arguments": self.text}
         call = {"id": self.id, "type": "function", "function": function}
         return call if index is None else {"index": index, **call}
 
@@ -313,9 +313,8 @@ class CallPiece:
 
 @dataclass(frozen=True)
 class _Written:
-    """A call in a reply's text, maybe not whole: its text so far, its name (once whole) and arguments' text."""
+    """A call in a reply's text, maybe not whole: its name (once whole) and its arguments' text so far."""
 
-    text: str
     name: str | None
     arguments: str
     whole: dict | None  # the arguments, once whole
@@ -365,17 +364,17 @@ class CallReader:
         return content, pieces if streamed else [piece.whole for piece in pieces if piece.whole is not None]
 
     def _pieces(self, written: list[_Written], streamed: bool) -> list[CallPiece]:
-        pieces, made, names = [], set(), set()
+        pieces, made, names = [], set(), set()  # the calls before (as `_same` writes them), their functions
         for at, call in enumerate(written):
-            same = call.whole is not None and _same(call.name, call.whole)
+            same = None if call.whole is None else _same(call.name, call.whole)
             begun = self.begun.get(at)
             if begun is None and at not in self.skipped:
-                if same in made:  # a repeat: the reply ends with it
+                if same is not None and same in made:  # a repeat: the reply ends with it
                     self.skipped.add(at)
                 elif call.whole is not None or streamed and call.name not in (None, *names):
                     begun = self.begun[at] = _Begun(len(self.begun), f"call_{uuid.uuid4().hex[:24]}")
                 else:
-                    break  # held back until it is whole, or reads as no earlier call
+                    break  # held back until its name, or all of it, is written
             made.add(same)
             names.add(call.name)
             if begun is None or begun.ended:
@@ -417,12 +416,13 @@ def _read_calls(text: str, dialect: Dialect) -> list[_Written]:
         except ValueError:  # cut short
             known = name is not None and text.startswith(dialect.arguments, end)  # the name, and the arguments began
             arguments = text[end + len(dialect.arguments) :] if known else ""
-            calls.append(_Written(text[at:], name if known else None, arguments, None))
+            calls.append(_Written(name if known else None, arguments, None))
             break
-        calls.append(_Written(text[at : end + 1], name, arguments, whole))  # (+ 1: the call's own closing brace)
+        calls.append(_Written(name, arguments, whole))
         if dialect.again is None:
             break
-        at = end + len(dialect.end) + len(dialect.again) - len(dialect.marker)  # past the end and what opens the next
+        # past the call's end (its closing brace first) and what opens the next
+        at = end + len(dialect.end) + len(dialect.again) - len(dialect.marker)
     return calls
 
 
