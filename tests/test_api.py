@@ -394,6 +394,7 @@ def test_stored_responses_outlive_the_api_and_another_api_continues_them(served,
     assert after.usage.input_tokens == prompt_ids.shape[1]
     assert after.output_text == local_reply(reference, prompt_ids, 4, stop_strings(reference[1]))[0]
     again.responses.delete(first.id)
+    api.stop()
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
 
@@ -885,15 +886,23 @@ def test_one_api_serves_several_models_each_request_answered_by_the_model_it_nam
     """`meadow api A B` over a swarm that serves both: one list of models, and each request (OpenAI's, Ollama's, a
     Responses one continued by the other model) answered by its own model, as it would be run locally."""
     other = checkpoints("qwen2", num_layers=2)
-    swarm = served["swarm"]
-    swarm.start_server(other, "--blocks", "0:2")
-    api = Process(["api", str(served["path"]), str(other), "--initial-peers", *swarm.initial_peers, "--port", "0"],
-                  "api")  # fmt: skip
-    swarm.extra.append(api)
-    url = api_url(api)
+    with LocalSwarm() as swarm:  # a swarm of its own: the served one's list of models stays as other tests expect it
+        swarm.start_dht()
+        swarm.start_server(served["path"], "--blocks", "0:4", wait=False)
+        swarm.start_server(other, "--blocks", "0:2", wait=False)
+        api = Process(["api", str(served["path"]), str(other), "--initial-peers", *swarm.initial_peers, "--port", "0"],
+                      "api")  # fmt: skip
+        swarm.extra.append(api)
+        for server in swarm.servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+        several_models_answer(api_url(api), served["path"], other, reference)
+
+
+def several_models_answer(url: str, path, other, reference) -> None:
+    """The API at `url` serves `path` (whose local model is `reference`) and `other`, each as it would run locally."""
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
     ids = [entry.id for entry in client.models.list().data]
-    assert len(ids) == 2 and ids[0] == dht_prefix_for(str(served["path"])) and ids[1] == dht_prefix_for(str(other))
+    assert len(ids) == 2 and ids[0] == dht_prefix_for(str(path)) and ids[1] == dht_prefix_for(str(other))
     references = dict(zip(ids, [reference, (load_reference_model(other), load_tokenizer(other))]))
     ollama_client = ollama.Client(host=url.rstrip("/"), timeout=120)
     tags = ollama_client.list().models

@@ -130,12 +130,21 @@ def test_chat_page_streams_the_greedy_answer_and_keeps_the_conversation_over_a_r
 
 def test_chat_page_of_an_api_over_two_models_answers_with_the_one_chosen(page, served, checkpoints):
     other = checkpoints("qwen2", num_layers=2)
-    swarm = served["swarm"]
-    swarm.start_server(other, "--blocks", "0:2")
-    api = Process(["api", str(served["path"]), str(other), "--initial-peers", *swarm.initial_peers, "--port", "0"],
-                  "api")  # fmt: skip
-    swarm.extra.append(api)
-    url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+    with LocalSwarm() as swarm:  # a swarm of its own: the served one's stays as the monitor's test expects it
+        swarm.start_dht()
+        swarm.start_server(served["path"], "--blocks", "0:4", wait=False)
+        swarm.start_server(other, "--blocks", "0:2", wait=False)
+        api = Process(["api", str(served["path"]), str(other), "--initial-peers", *swarm.initial_peers, "--port",
+                       "0"], "api")  # fmt: skip
+        swarm.extra.append(api)
+        for server in swarm.servers:
+            server.wait_for(lambda line: "ready" in line, timeout=180)
+        url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/"
+        chosen_model_answers(page, url, other)
+
+
+def chosen_model_answers(page, url: str, other) -> None:
+    """The chat page at `url` offers two models; the second one chosen (`other`) answers, and stays chosen."""
     page.goto(url)
     page.wait_for_selector("#model-choice option >> nth=1", state="attached")
     choices = page.locator("#model-choice option").all_text_contents()
