@@ -1251,6 +1251,17 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
                 api.wait_for(lambda line: "is full (ServerBusy" in line, timeout=30, after=lines_before)
                 leaving.close()
                 api.wait_for(lambda line: "generation cancelled" in line, timeout=10, after=lines_before)
+                # a streamed Responses request says at once that it waits, as a lifecycle event
+                responses = HTTPConnection(urlsplit(url).netloc, timeout=60)
+                asked = {"model": "tiny-llama", "input": prompt, "max_output_tokens": max_tokens, "stream": True}
+                responses.request("POST", "/v1/responses", json.dumps(asked), {"Content-Type": "application/json"})
+                events = (json.loads(line[6:]) for line in responses.getresponse() if line.startswith(b"data: "))
+                lines_before = len(api.lines)
+                waits = next(event for event in events if "meadow" in event.get("response", {}))
+                assert waits["type"] == "response.in_progress"
+                assert "not enough KV cache" in waits["response"]["meadow"]["waiting"]
+                responses.close()
+                api.wait_for(lambda line: "generation cancelled" in line, timeout=10, after=lines_before)
                 client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
                 with ThreadPoolExecutor(1) as pool:
                     staying = pool.submit(http, url + "v1/completions", body.encode())

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from transformers import PreTrainedTokenizerBase
 
 from meadow.api.errors import APIError, api_error
-from meadow.api.generation import Delta, Sampling
+from meadow.api.generation import Delta, Sampling, Waiting
 from meadow.api.response_store import ResponseStore
 from meadow.api.logprobs import chat_format
 from meadow.api.json_schema import Node
@@ -331,7 +331,11 @@ def add_responses_routes(
                         {"type": "response.output_item.done", "output_index": 0,
                          "item": reasoning(thought, "completed")}]  # fmt: skip
 
-            async for piece in _with_end(generation.deltas()):
+            async for piece in _with_end(generation.deltas(tell_waits=True)):
+                if isinstance(piece, Waiting):  # an extra field, as chat completions' chunks carry it
+                    waiting = {**body("in_progress", []), "meadow": {"waiting": piece.reason}}
+                    yield {"type": "response.in_progress", "response": waiting}
+                    continue
                 if piece is not None:
                     pieces.append(piece)
                     reply += piece.text
