@@ -13,7 +13,6 @@ Message = MutableMapping
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 LISTS = {"/v1/models": "data", "/api/tags": "models", "/api/ps": "models"}  # path -> the key of its list
-MAX_BODY = 64 * 2**20  # bytes of a request body read to find its model; beyond, the first app answers it
 
 
 class ModelRouter:
@@ -33,15 +32,17 @@ class ModelRouter:
             return await self._app(path.removeprefix("/v1/models/"))(scope, receive, send)
         if method != "POST":
             return await self.first(scope, receive, send)
-        body, more = b"", True
-        while more and len(body) <= MAX_BODY:
+        chunks, more = [], True  # the whole body, as the app would read it anyway to parse it
+        while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left
                 return
-            body, more = body + message.get("body", b""), message.get("more_body", False)
-        replayed = [{"type": "http.request", "body": body, "more_body": more}]
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = [{"type": "http.request", "body": body, "more_body": False}]
 
-        async def replay() -> Message:  # what was read, then the rest (an oversized body) as it comes
+        async def replay() -> Message:  # the body read, then what comes after it (the client leaving)
             return replayed.pop() if replayed else await receive()
 
         await self._app(_model_named(body))(scope, replay, send)
