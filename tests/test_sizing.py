@@ -79,8 +79,9 @@ def test_servers_on_one_machine_count_each_others_claims_until_they_end(tmp_path
         other.join(60)
 
 
-def size_and_claim(folder: Path, nbytes: int, go, seen) -> None:
-    """A server sizing itself, in another process: it reads the others' claims, thinks, and claims `nbytes`."""
+def size_and_claim(folder: Path, nbytes: int, go, seen, done) -> None:
+    """A server sizing itself, in another process: it reads the others' claims, thinks, and claims `nbytes`; it lives
+    until `done`."""
     claims = MemoryClaims(CPU, folder)
     go.wait(60)
     with claims.locked():
@@ -88,20 +89,23 @@ def size_and_claim(folder: Path, nbytes: int, go, seen) -> None:
         time.sleep(0.3)  # loading a config, measuring free memory...
         claims.set(nbytes)
     seen.put(others)
-    time.sleep(2)  # alive while the other reads its claim
+    done.wait(60)
 
 
 def test_servers_sizing_themselves_at_once_each_count_the_claim_of_the_one_before(tmp_path):
     """The lock makes reading the others' claims and setting one's own a single step: of two servers that size
     themselves at the same moment, the second counts the first's claim (without it, both would count none)."""
     context = multiprocessing.get_context("spawn")
-    go, seen = context.Event(), context.Queue()
-    servers = [context.Process(target=size_and_claim, args=(tmp_path, n, go, seen)) for n in (2**30, 2**31)]
+    go, seen, done = context.Event(), context.Queue(), context.Event()
+    servers = [context.Process(target=size_and_claim, args=(tmp_path, n, go, seen, done)) for n in (2**30, 2**31)]
     for server in servers:
         server.start()
-    time.sleep(1.0)  # both started, waiting at the same line
+    time.sleep(1.0)  # both started (most likely waiting at the same line by now)
     go.set()
-    counted = sorted(seen.get(timeout=60) for _ in servers)
-    for server in servers:
-        server.join(60)
+    try:
+        counted = sorted(seen.get(timeout=60) for _ in servers)
+    finally:
+        done.set()
+        for server in servers:
+            server.join(60)
     assert counted[0] == 0 and counted[1] in (2**30, 2**31)
