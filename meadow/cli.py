@@ -85,14 +85,16 @@ MODEL_HELP = "checkpoint folder, GGUF file, or a model id in the local HF cache 
 
 def _model(args: argparse.Namespace) -> str:
     """The MODEL given, or the default model's path."""
-    if args.model is not None:
-        return args.model
+    return args.model if args.model is not None else _default_model(args.command)
+
+
+def _default_model(command: str) -> str:
     from meadow.models import default_model_path
 
     try:
         return str(default_model_path())
     except FileNotFoundError as e:
-        sys.exit(f"meadow {args.command}: {e}")
+        sys.exit(f"meadow {command}: {e}")
 
 
 def _add_network(parser: argparse.ArgumentParser) -> None:
@@ -374,7 +376,7 @@ def _run(args: argparse.Namespace) -> None:
         for option, given in (("--dht-prefix", args.dht_prefix), ("--adapter", args.adapter)):
             if given and len(args.model) > 1:
                 sys.exit(f"meadow api: {option} names one model's swarm: give one MODEL with it")
-        models = args.model or [_model(argparse.Namespace(model=None, command="api"))]
+        models = args.model or [_default_model("api")]
         run_api(
             models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
             args.api_key or None, [origin.strip() for origin in args.origins],

@@ -32,13 +32,13 @@ from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 from meadow.models.checkpoint import model_facts
 
-# what would change the models a machine holds: a swarm's model is its servers' to hold
 # /api/show's model_info keys (llama.cpp's GGUF names, as Ollama reports them) -> the transformers config's
 OLLAMA_SHAPE = {
     "embedding_length": "hidden_size", "block_count": "num_hidden_layers",
     "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
     "feed_forward_length": "intermediate_size", "vocab_size": "vocab_size",
 }  # fmt: skip
+# what would change the models a machine holds: a swarm's model is its servers' to hold
 MANAGING = {"/api/create": "created", "/api/copy": "copied", "/api/delete": "deleted", "/api/push": "pushed"}
 OLLAMA_PATHS = frozenset(
     {"/api/tags", "/api/ps", "/api/version", "/api/show", "/api/pull", "/api/embed", "/api/embeddings", "/api/chat",

@@ -31,7 +31,7 @@ def run_api(
     origins: Sequence[str] = (),
 ) -> None:
     """Serve `models` (one API over them all) until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)`
-    (where each API and the chat page are) once it accepts requests."""
+    (`(models ID, ID)` for several; then where each API and the chat page are) once it accepts requests."""
     from meadow.api.app import create_app
     from meadow.api.model_router import ModelRouter
     from meadow.api.response_store import ResponseStore
