@@ -919,7 +919,8 @@ def several_models_answer(url: str, path, other, reference) -> None:
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == text
         said = ollama_client.chat(model=f"{model_id}:latest", messages=question, options={"temperature": 0,
                                   "num_predict": 8})  # fmt: skip
-        assert said.message.content == text and ollama_client.show(model_id).details.family == local[0].config.model_type
+        assert said.message.content == text
+        assert ollama_client.show(model_id).details.family == local[0].config.model_type
     # a response stored by one model, continued by the other
     first = client.responses.create(model=ids[0], input="Hi", max_output_tokens=4, temperature=0)
     assert client.responses.retrieve(first.id).id == first.id

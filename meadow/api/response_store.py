@@ -40,7 +40,8 @@ class ResponseStore:
     def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
         """The response and its whole conversation, or None if none is kept under `response_id`."""
         with self._lock:
-            row = self._db.execute("SELECT response, conversation FROM responses WHERE id = ?", (response_id,)).fetchone()
+            row = self._db.execute("SELECT response, conversation FROM responses WHERE id = ?", (response_id,))
+            row = row.fetchone()
         return None if row is None else (json.loads(row[0]), json.loads(row[1]))
 
     def put(self, response_id: str, response: dict, conversation: list[dict]) -> None:
