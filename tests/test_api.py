@@ -413,6 +413,10 @@ def test_the_response_store_keeps_the_latest_and_starts_afresh_beside_a_file_it_
     assert fresh.get("resp_2") is None and len(list(tmp_path.glob("torn.sqlite.unreadable-*"))) == 1
     fresh.put("resp_9", {}, [])
     assert fresh.get("resp_9") == ({}, [])
+    (tmp_path / "a-file").write_text("")  # no folder can be made here: the responses are kept in memory
+    in_memory = ResponseStore(tmp_path / "a-file" / "responses.sqlite")
+    in_memory.put("resp_1", {"id": "resp_1"}, [])
+    assert in_memory.get("resp_1") == ({"id": "resp_1"}, []) and not (tmp_path / "a-file").is_dir()
 
 
 @pytest.mark.parametrize(
