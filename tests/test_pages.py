@@ -154,9 +154,11 @@ def chosen_model_answers(page, url: str, other) -> None:
     page.keyboard.press("Enter")
     page.wait_for_selector(".turn.assistant[data-done]", timeout=60_000)
     assert page.text_content(".turn.assistant .bubble") == local_answer(other, "What grows in a meadow?", 12)
+    assert page.text_content(".turn.assistant .meta span") == choices[1]  # the answer names its model
     page.reload()  # the choice is kept
     page.wait_for_selector("#model-choice option >> nth=1", state="attached")
     assert page.input_value("#model-choice") == choices[1]
+    assert page.text_content(".turn.assistant[data-done] .meta span") == choices[1]
 
 
 def test_chat_page_shows_a_reasoning_models_thinking_folded_above_its_answer(page, served, tmp_path):

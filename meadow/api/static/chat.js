@@ -6,7 +6,8 @@ const thread = $("thread"), conversation = $("conversation"), prompt = $("prompt
 const sendButton = $("send"), stopButton = $("stop");
 const temperature = $("temperature"), temperatureValue = $("temperature-value"), maxTokens = $("max-tokens");
 
-let model = null;      // the id /v1/models gives
+let model = null;      // the id /v1/models gives (or the one chosen, when it gives several)
+let several = false;   // the API serves several models: each answer's meta line names its own
 let messages = [];     // the conversation on the page, as OpenAI messages (an answer's also with `info`: its meta line)
 let current = newConversationId();  // its id in the conversations kept (conversations.js)
 let conversations = loadConversations();
@@ -87,7 +88,8 @@ const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise
   const ids = body.data.map((entry) => entry.id), chosen = localStorage.getItem("meadow.model");
   model = ids.includes(chosen) ? chosen : ids[0];
   $("model").textContent = model;
-  if (ids.length > 1) {
+  several = ids.length > 1;
+  if (several) {
     const choice = $("model-choice");
     for (const id of ids) choice.append(new Option(id, id, false, id === model));
     choice.addEventListener("change", () => { model = choice.value; remember("meadow.model", model); });
@@ -258,6 +260,7 @@ function showMeta(turn, info, answer) {
     parts.push(`${info.tokens} tokens`);
     if (info.seconds > 0) parts.push(`${(info.tokens / info.seconds).toFixed(1)} tokens/s`);
   }
+  if (info.model) parts.unshift(info.model);
   for (const part of parts) meta.append(element("span", "", part));
   if (info.servers?.length) {
     const chain = element("span", "chain");
@@ -354,6 +357,7 @@ async function answer(history, questionTurn) {
   setRunning(state);
   const began = performance.now();
   await modelReady;
+  const asked = model;  // the model that answers, whatever is chosen meanwhile
   const instructions = system.value.trim() ? [{role: "system", content: system.value.trim()}] : [];
   let text = "", reasoning = "", info = null, tokens;
   // shown while every server that could answer is full (at first, or after a failover mid-answer), until words come
@@ -363,7 +367,7 @@ async function answer(history, questionTurn) {
       method: "POST",
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify({
-        model, messages: [...instructions, ...history.map(({role, content}) => ({role, content}))], stream: true,
+        model: asked, messages: [...instructions, ...history.map(({role, content}) => ({role, content}))], stream: true,
         stream_options: {include_usage: true},
         temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
       }),
@@ -424,7 +428,7 @@ async function answer(history, questionTurn) {
   waiting.remove();
   const meta = {
     seconds: info?.seconds ?? (performance.now() - began) / 1000,
-    servers: info?.servers, tokens, stopped: state.stopped,
+    servers: info?.servers, tokens, stopped: state.stopped, ...(several && {model: asked}),
   };
   history.push({role: "assistant", content: text, ...(reasoning && {reasoning}), info: meta});
   save(id, history);
