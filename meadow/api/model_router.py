@@ -56,7 +56,7 @@ class ModelRouter:
 
     async def _merged(self, scope: Scope, send, key: str) -> None:
         """The apps' answers to a list of models, as one: the first's (its status and headers), with all their items."""
-        answers = [await _answer(app, scope) for app in self.apps.values()]
+        answers = [await _answer(app, dict(scope)) for app in self.apps.values()]  # (an app adds its own keys)
         start, body = answers[0]
         if start["status"] == 200:
             merged = json.loads(body)
