@@ -159,6 +159,10 @@ def chosen_model_answers(page, url: str, other) -> None:
     page.wait_for_selector("#model-choice option >> nth=1", state="attached")
     assert page.input_value("#model-choice") == choices[1]
     assert page.text_content(".turn.assistant[data-done] .meta span") == choices[1]
+    page.select_option("#model-choice", choices[0])
+    page.click("#new-chat")
+    page.click("#conversations li .open")  # the conversation goes on with the model that answered it
+    assert page.input_value("#model-choice") == choices[1]
 
 
 def test_chat_page_shows_a_reasoning_models_thinking_folded_above_its_answer(page, served, tmp_path):

@@ -73,8 +73,18 @@ function openConversation(conversation) {
       turn.dataset.done = "true";
     }
   }
+  const used = messages.findLast((message) => message.info?.model)?.info.model;
+  if (used) modelReady.then(() => chooseModel(used));  // it goes on with the model that answered it
   showConversations();
   prompt.focus();
+}
+
+// Choose model `id` among those this API serves (nothing, if it serves one, or no longer that one)
+function chooseModel(id) {
+  const choice = $("model-choice");
+  if (!several || ![...choice.options].some((option) => option.value === id)) return;
+  model = choice.value = id;
+  remember("meadow.model", id);
 }
 
 function deleteConversation(id) {
@@ -92,7 +102,7 @@ const modelReady = apiFetch("/v1/models").then((r) => (r.ok ? r.json() : Promise
   if (several) {
     const choice = $("model-choice");
     for (const id of ids) choice.append(new Option(id, id, false, id === model));
-    choice.addEventListener("change", () => { model = choice.value; remember("meadow.model", model); });
+    choice.addEventListener("change", () => chooseModel(choice.value));
     $("model").hidden = true;
     choice.hidden = false;
   }
