@@ -17,18 +17,10 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
-
-from meadow.bench import default_bench_model
+from meadow.bench import cpu_seconds, default_bench_model
 from meadow.demo import split_evenly
 from meadow.local_swarm import LocalSwarm, Process
 from meadow.models import load_config, load_tokenizer
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of a process and its descendants."""
-    process = psutil.Process(pid)
-    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
 def main() -> None:
@@ -64,13 +56,13 @@ def main() -> None:
         for users in [int(n) for n in args.users.split(",")]:
             runs = []
             for _ in range(args.rounds):
-                cpu = (tree_cpu_seconds(api.popen.pid), sum(tree_cpu_seconds(s.popen.pid) for s in servers))
+                server_pids = [server.popen.pid for server in servers]
+                cpu = (cpu_seconds([api.popen.pid]), cpu_seconds(server_pids))
                 began = time.perf_counter()
                 with ThreadPoolExecutor(users) as pool:
                     tokens = sum(pool.map(complete, range(users)))
                 seconds = time.perf_counter() - began
-                used = (tree_cpu_seconds(api.popen.pid) - cpu[0], sum(tree_cpu_seconds(s.popen.pid) for s in servers)
-                        - cpu[1])  # fmt: skip
+                used = (cpu_seconds([api.popen.pid]) - cpu[0], cpu_seconds(server_pids) - cpu[1])
                 runs.append((tokens / seconds, used[0] / tokens * 1000, used[1] / tokens * 1000))
             aggregate = statistics.median(run[0] for run in runs)
             alone = alone or aggregate
