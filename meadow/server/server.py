@@ -245,7 +245,7 @@ class Server:
         with a warning if they may not fit (the estimate counts every KV-cache slot in use, which may never happen).
         The free memory counted is less what other servers on this machine claim; the blocks' memory is then ours."""
         total, config = self.model_config.num_hidden_layers, self.config
-        per_block = block_bytes(self.model_config, self.dtype, config.quant, config.cache_tokens)
+        per_block = self._block_bytes(config.cache_tokens)
         each = f"{per_block / 2**20:.0f} MiB a block, with {config.cache_tokens} tokens of KV cache"
         with self.claims.locked():
             claimed = self.claims.others()
@@ -294,11 +294,14 @@ class Server:
         self.state = ServerState.ONLINE
         await self._announce()
 
+    def _block_bytes(self, cache_tokens: int) -> int:
+        """What one of our blocks takes, with `cache_tokens` of KV cache."""
+        return block_bytes(self.model_config, self.dtype, self.config.quant, cache_tokens)
+
     def _claim_untaken_cache(self) -> None:
         """Claim the KV cache our sessions have not taken yet: the weights are taken, and so is the cache of open
         sessions (allocated as each opens), which other servers count as used memory already."""
-        cache = (block_bytes(self.model_config, self.dtype, self.config.quant, self.config.cache_tokens)
-                 - block_bytes(self.model_config, self.dtype, self.config.quant))  # fmt: skip
+        cache = self._block_bytes(self.config.cache_tokens) - self._block_bytes(0)
         untaken = len(self.span_range) * cache * self.budget.left // max(1, self.budget.total)
         self.claims.set(min(untaken, self.claimable))
 
@@ -360,8 +363,7 @@ class Server:
         gc.collect()  # free the old blocks before loading the new ones: memory stays one span's worth
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        whole = block_bytes(self.model_config, self.dtype, self.config.quant, self.config.cache_tokens)
-        self.claims.set(min(len(new) * whole, self.claimable))  # what the old span freed is the new one's: claimed
+        self.claims.set(min(len(new) * self._block_bytes(self.config.cache_tokens), self.claimable))  # what the old span freed is the new one's: claimed
         await self._take(new)
         print(f"Server moved: blocks {new} online", flush=True)
 
