@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from meadow.api.kept_sessions import KEEP_SECONDS
 from meadow.wire import WIRE_FORMATS, BlockRange
 
 
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let web pages from this origin (e.g. https://chat.example.org; * for any) call the API from "
                           "a browser; pages on this machine (localhost, 127.0.0.1) may by default; repeat for more "
                           "(default: $MEADOW_ORIGINS, comma-separated)")  # fmt: skip
+    api.add_argument("--keep-sessions", type=float, default=KEEP_SECONDS, metavar="SECONDS",
+                     help="keep a request's session on the servers this long after it, so that the conversation's "
+                          "next request sends only what is new (default: %(default)s; 0: close each at once)")  # fmt: skip
     _add_identity(api)
     _add_points_identity(api)
     _add_allow_peers(api)
@@ -379,7 +383,7 @@ def _run(args: argparse.Namespace) -> None:
         models = args.model or [_default_model("api")]
         run_api(
             models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
-            args.api_key or None, [origin.strip() for origin in args.origins],
+            args.api_key or None, [origin.strip() for origin in args.origins], args.keep_sessions,
         )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm

@@ -62,7 +62,9 @@ def served(checkpoints):
         for span in ("0:2", "2:4"):
             swarm.start_server(path, "--blocks", span, "--update-period", "2", wait=False)
         swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "partial", wait=False)
-        api, partial = start_api(path, swarm.initial_peers), start_api(path, swarm.initial_peers, "--dht-prefix", "partial")
+        # sessions closed with their requests (kept ones would hold cache the tests count): kept ones have their test
+        api = start_api(path, swarm.initial_peers, "--keep-sessions", "0")
+        partial = start_api(path, swarm.initial_peers, "--dht-prefix", "partial")
         swarm.extra += [api, partial]  # stopped with the swarm, all at once
         for server in swarm.servers:
             server.wait_for(lambda line: "ready" in line, timeout=180)
@@ -1215,6 +1217,41 @@ def test_a_client_that_disconnects_mid_answer_frees_its_server_sessions(client, 
     assert client.completions.create(model=model_id, prompt="Again", max_tokens=3, temperature=0).choices[0].text
 
 
+def test_a_conversations_next_turn_goes_on_in_the_session_kept_from_the_last(served, reference):
+    """With --keep-sessions, a request's session stays open a while after it: the conversation's next turn sends the
+    servers only what is new (its usage says how many prompt tokens they held already), its greedy answer is still the
+    local model's, and the kept session is closed once its time is up (the servers' cache is all free again)."""
+    local, tokenizer = reference
+    api = start_api(served["path"], served["swarm"].initial_peers, "--keep-sessions", "6")
+    try:
+        client = openai.OpenAI(base_url=api_url(api) + "v1", api_key="unused", max_retries=0, timeout=120)
+        messages, stored = [{"role": "user", "content": "Tell me about the river by the hill farm."}], None
+        for turn in range(3):
+            prompt_ids = chat_prompt_ids(tokenizer, messages)
+            with torch.no_grad():
+                out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=12, do_sample=False)
+            reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
+            assert out.shape[1] == prompt_ids.shape[1] + 12  # no stop string or end of sequence (with this seed)
+            assert reply.choices[0].message.content == tokenizer.decode(out[0, prompt_ids.shape[1] :])
+            # what the servers held: the last prompt and its answer but the answer's last token (never sent), as far as
+            # this prompt begins with it (the answer's text may tokenize otherwise)
+            if stored is not None:
+                n = min(stored.shape[0], prompt_ids.shape[1] - 1)
+                shared = int((stored[:n] == prompt_ids[0, :n]).cumprod(0).sum())
+                assert reply.usage.prompt_tokens_details.cached_tokens == shared >= stored_prompt  # a whole prompt, at least
+            else:
+                assert reply.usage.prompt_tokens_details.cached_tokens == 0
+            stored, stored_prompt = out[0, :-1], prompt_ids.shape[1]
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content}, {"role": "user", "content": f"And {turn}?"}]
+        # the Responses API goes on in it too
+        response = client.responses.create(model="tiny-llama", input=messages, max_output_tokens=4, temperature=0)
+        assert response.usage.input_tokens_details.cached_tokens >= stored_prompt
+        wait_until(lambda: any(left < CACHE_TOKENS for left in free_cache(served["url"])), timeout=6)  # kept...
+        wait_until(lambda: free_cache(served["url"]) == [CACHE_TOKENS, CACHE_TOKENS], timeout=30)  # ...and let go
+    finally:
+        api.stop()
+
+
 def test_the_api_goes_on_when_its_dht_process_and_p2p_daemon_die(client, model_id, reference, served):
     """Killed under it (out of memory, say), they are started again: the monitor and generation keep working."""
     commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in descendants(served["api"].popen.pid)}
@@ -1242,7 +1279,7 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
     with LocalSwarm() as swarm:
         swarm.start_dht()
         swarm.start_server(path, "--blocks", "0:4", "--cache-tokens", "200")
-        api = start_api(path, swarm.initial_peers)
+        api = start_api(path, swarm.initial_peers, "--keep-sessions", "0")  # each session's room is the holder's next
         swarm.extra.append(api)
         url, config = api_url(api), load_config(path)
         holder = connect_sequence(str(path), config, swarm.initial_peers)

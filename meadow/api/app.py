@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.embeddings import embed
 from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
+from meadow.api.kept_sessions import KeptSessions
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
 from meadow.api.response_store import ResponseStore
@@ -58,13 +59,14 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 def create_app(
     model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = (),
-    served: Sequence[str] = (), stored: ResponseStore | None = None,
+    served: Sequence[str] = (), stored: ResponseStore | None = None, kept: KeptSessions | None = None,
 ) -> FastAPI:  # fmt: skip
     """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
     files stay open, and ask the user for it. Web pages on this machine (and from `origins`; "*": any) may call it
     from a browser, as Ollama lets them. Beside other models' apps (model_router.py): `served` names all the models
-    (for a request that names another), and they share the Responses API's `stored` responses."""
+    (for a request that names another), and they share the Responses API's `stored` responses. Requests go on in the
+    `kept` sessions of earlier ones where their prompts begin alike (kept_sessions.py)."""
     served = list(served) or [model_id]
     app = FastAPI(title="Meadow", docs_url=None, redoc_url=None)  # their pages would load scripts from a CDN
     app.add_middleware(
@@ -125,7 +127,7 @@ def create_app(
         for room on full servers (a streamed response then says so at once); a client that goes away meanwhile stops
         them there, and if one fails, all stop."""
         samplings = [replace(sampling, seed=None if sampling.seed is None else sampling.seed + j) for j in range(n)]
-        generations = [TextGeneration(model, tokenizer, ids, s) for ids in prompts for s in samplings]
+        generations = [TextGeneration(model, tokenizer, ids, s, kept) for ids in prompts for s in samplings]
         watcher = asyncio.create_task(close_when_gone(generations, http))
         try:
             await asyncio.gather(*(generation.start() for generation in generations))
@@ -142,7 +144,9 @@ def create_app(
     def usage(generations: list[TextGeneration], n: int) -> dict:
         done = sum(generation.outcome.completion_tokens for generation in generations)
         prompt = sum(generation.prompt_tokens for generation in generations[::n])  # each prompt counted once
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        cached = sum(generation.cached_tokens for generation in generations[::n])  # (the first choice's, OpenAI's)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
     def meadow_info(generations: list[TextGeneration]) -> dict:
         """The servers that served the choices, and how long the slowest took."""

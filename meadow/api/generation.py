@@ -15,6 +15,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from meadow.api.json_mode import token_texts
+from meadow.api.kept_sessions import KeptSessions
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 
@@ -104,9 +105,14 @@ class TextGeneration:
     `close()` (a client that went away) stops generate, which closes its inference session on the servers. With
     `sampling.prompt_logprobs`, the prompt tokens' entries are in `prompt_logprobs` by the first token."""
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling):
+    def __init__(
+        self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling,
+        kept: KeptSessions | None = None,
+    ):  # fmt: skip
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
+        self.kept = kept  # sessions kept from earlier requests: one may hold this prompt's start already
         self.prompt_tokens = prompt_ids.shape[1]
+        self.cached_tokens = 0  # prompt tokens the servers held already (a kept session's), set by the first token
         self.outcome = Outcome()
         self.cancelled = threading.Event()
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -145,13 +151,17 @@ class TextGeneration:
     def _generate(self, send) -> None:
         """The worker thread: inside one inference session, the prompt's logprobs if asked for and one generate call;
         then the chain it used, or its error."""
-        hops, error, s = [], None, self.sampling
+        hops, error, s, session = [], None, self.sampling, None
         try:
             # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
             length = self.prompt_tokens + s.max_tokens
-            opened = self.model.inference_session(length, batch_size=1, give_up=self.cancelled)
-            with torch.no_grad(), opened as session:
-                self.session = session  # start() asks it whether it waits for room
+            if self.kept is not None and not s.prompt_logprobs:  # (those need the whole prompt's logits)
+                session, self.cached_tokens = self.kept.take(self.prompt_ids, length, self.cancelled)
+            if session is None:
+                length = self.kept.length(length, self.model.sequence) if self.kept is not None else length
+                session = self.model.open_session(length, batch_size=1, give_up=self.cancelled)
+            self.session = session  # start() asks it whether it waits for room
+            with torch.no_grad(), self.model.use_session(session):
                 if s.prompt_logprobs:  # the prompt but its last token, into the session: generate sends only that one
                     self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)
                 if s.max_tokens > 0:  # 0: the prompt's logprobs were all it asked for
@@ -160,6 +170,14 @@ class TextGeneration:
                 hops = [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
         except BaseException as e:  # handed to the request; the thread itself has nobody to tell
             error = e
+        if session is not None:
+            try:
+                if self.kept is not None and error is None:  # whole steps went through it: it holds what it says
+                    self.kept.give(session)
+                else:
+                    session.close()
+            except Exception as e:  # a server gone meanwhile: its side of the session is gone too
+                logger.debug(f"closing the session: {e!r}")
         send(("done", hops, error))
 
     def _run_generate(self, send) -> None:
@@ -184,7 +202,10 @@ class TextGeneration:
         )
 
     def _waiting_for_room(self) -> str | None:
-        return self.session.waiting_for_room if self.session is not None else None
+        waiting = self.session.waiting_for_room if self.session is not None else None
+        if waiting and self.kept is not None:
+            self.kept.release()  # the room this request waits for may be what our kept sessions hold
+        return waiting
 
     async def deltas(self, tell_waits: bool = False) -> AsyncIterator[Delta | Waiting]:
         """The reply's text, piece by piece, as the tokens come; raises what generate raised. With `tell_waits`, also a

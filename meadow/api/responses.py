@@ -246,7 +246,7 @@ def add_responses_routes(
                 "top_logprobs": request.top_logprobs,
                 "usage": {
                     **tokens, "total_tokens": sum(tokens.values()), "output_tokens_details": {"reasoning_tokens": 0},
-                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "input_tokens_details": {"cached_tokens": generation.cached_tokens, "cache_write_tokens": 0},
                 } if done else None,
             }  # fmt: skip
 

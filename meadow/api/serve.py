@@ -13,6 +13,7 @@ from typing import Sequence
 
 import uvicorn
 
+from meadow.api.kept_sessions import KEEP_SECONDS, KeptSessions
 from meadow.client.config import ClientConfig
 
 # a request for blocks nobody serves should get its 503 within seconds, not after the library's 30 s default
@@ -29,6 +30,7 @@ def run_api(
     client_config: ClientConfig | None = None,
     api_key: str | None = None,
     origins: Sequence[str] = (),
+    keep_seconds: float = KEEP_SECONDS,
 ) -> None:
     """Serve `models` (one API over them all) until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)`
     (`(models ID, ID)` for several; then where each API and the chat page are) once it accepts requests."""
@@ -40,6 +42,7 @@ def run_api(
 
     config = replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS)
     joined: dict[str, tuple] = {}  # model id -> (the distributed model, its tokenizer)
+    kept: dict[str, KeptSessions] = {}  # model id -> the sessions kept between its requests
     try:
         for model in models:
             tokenizer = load_tokenizer(model)
@@ -52,10 +55,15 @@ def run_api(
                 sys.exit(f"meadow api: two of the models given are {model_id}")
             joined[model_id] = distributed, tokenizer
         ids, stored = list(joined), ResponseStore()
-        apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored)
+        for model_id, (distributed, _) in joined.items():
+            context_length = getattr(distributed.config, "max_position_embeddings", None) or 2048
+            kept[model_id] = KeptSessions(keep_seconds, context_length=context_length)
+        apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored, kept[model_id])
                 for model_id, (distributed, tokenizer) in joined.items()}  # fmt: skip
         _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, host, port, api_key)
     finally:
+        for sessions in kept.values():  # while the swarm is still joined: the servers free their caches at once
+            sessions.close()
         for distributed, _ in joined.values():
             distributed.close()
         logging.getLogger(__name__).info("API stopped")

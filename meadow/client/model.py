@@ -158,6 +158,13 @@ class GenerationSession:
         if position == 0:
             self.token_ids = self.mask = None
 
+    def hand_over(self, give_up: threading.Event | None) -> None:
+        """The session goes on for someone else (the next request of a conversation an API kept it for): whether
+        anybody still waits for it is now told by their `give_up`."""
+        self.give_up = give_up
+        if self.remote is not None:
+            self.remote.give_up = give_up
+
     def _through_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.local is not None:
             start = 0 if self.position == 0 else self.position + self.prefix_length
@@ -374,19 +381,34 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         first step). Inside, forward and generate continue it: several generate calls, each given the whole
         conversation so far, make one chat. Once `give_up` is set (nobody waits for the answer any more), a server
         that fails or is full ends the session with its error instead of being replaced or waited for."""
-        if self.session is not None:
-            raise RuntimeError("this thread already has an active inference session on this model")
+        session = self.open_session(max_length, batch_size, give_up)
+        try:
+            with self.use_session(session):
+                yield session
+        finally:
+            session.close()
+
+    def open_session(
+        self, max_length: int, batch_size: int | None = 1, give_up: threading.Event | None = None
+    ) -> GenerationSession:
+        """An inference session as `inference_session` opens one, not active yet (`use_session`) and not closed for
+        the caller: what outlives one `with` block (a session kept between an API's requests)."""
         with torch.no_grad():  # generation does not train: send plain copies of the trained tensors
             tuning = self.remote_tuning()
             tuning = tuning.with_tensors(*(None if t is None else t.detach() for t in (tuning.prompts, tuning.lora_flat)))
             prefix = None if self.prompts is None else self.prompts.prefix.detach()
-        session = GenerationSession(self.sequence, max_length, batch_size, prefix, tuning, self.local_blocks, give_up)
+        return GenerationSession(self.sequence, max_length, batch_size, prefix, tuning, self.local_blocks, give_up)
+
+    @contextmanager
+    def use_session(self, session: GenerationSession) -> Iterator[GenerationSession]:
+        """Make `session` this thread's active one inside (forward and generate continue it); it stays open after."""
+        if self.session is not None:
+            raise RuntimeError("this thread already has an active inference session on this model")
         token = _active_sessions.set(MappingProxyType({**_active_sessions.get(), id(self): session}))
         try:
             yield session
         finally:
             _active_sessions.reset(token)
-            session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' generate. Outside an inference session it opens one sized for this call
