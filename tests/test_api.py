@@ -1225,7 +1225,7 @@ def test_a_conversations_next_turn_goes_on_in_the_session_kept_from_the_last(ser
     api = start_api(served["path"], served["swarm"].initial_peers, "--keep-sessions", "6")
     try:
         client = openai.OpenAI(base_url=api_url(api) + "v1", api_key="unused", max_retries=0, timeout=120)
-        messages, stored = [{"role": "user", "content": "Tell me about the river by the hill farm."}], None
+        messages, stored, stored_prompt = [{"role": "user", "content": "Tell me about the river by the hill farm."}], None, 0
         for turn in range(3):
             prompt_ids = chat_prompt_ids(tokenizer, messages)
             with torch.no_grad():
