@@ -60,7 +60,8 @@ def served(checkpoints):
     with LocalSwarm() as swarm:
         swarm.start_dht()
         for span in ("0:2", "2:4"):
-            swarm.start_server(path, "--blocks", span, "--update-period", "2", wait=False)
+            # sessions idle for 5 s are closed: a kept session outlives its servers' side (a test below)
+            swarm.start_server(path, "--blocks", span, "--update-period", "2", "--idle-timeout", "5", wait=False)
         swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "partial", wait=False)
         # sessions closed with their requests (kept ones would hold cache the tests count): kept ones have their test
         api = start_api(path, swarm.initial_peers, "--keep-sessions", "0")
@@ -1218,36 +1219,47 @@ def test_a_client_that_disconnects_mid_answer_frees_its_server_sessions(client, 
 
 
 def test_a_conversations_next_turn_goes_on_in_the_session_kept_from_the_last(served, reference):
-    """With --keep-sessions, a request's session stays open a while after it: the conversation's next turn sends the
-    servers only what is new (its usage says how many prompt tokens they held already), its greedy answer is still the
-    local model's, and the kept session is closed once its time is up (the servers' cache is all free again)."""
+    """A request's session stays open a while after it (30 s by default): the conversation's next turn sends the
+    servers only what is new (its usage says how many prompt tokens they held already), and its greedy answer is still
+    the local model's. A kept session that its servers closed meanwhile (idle for their --idle-timeout) is replaced
+    unseen: the turn is answered all the same."""
     local, tokenizer = reference
-    api = start_api(served["path"], served["swarm"].initial_peers, "--keep-sessions", "6")
+    api = start_api(served["path"], served["swarm"].initial_peers)
+    lines_before = len(api.lines)
+
+    def turn(messages: list[dict], held: torch.Tensor | None) -> tuple[str, torch.Tensor]:
+        """The API's greedy answer, checked against the local one, and its cached tokens against the start its prompt
+        shares with the ids the servers `held` (None: none); the ids they hold after it."""
+        prompt_ids = chat_prompt_ids(tokenizer, messages)
+        with torch.no_grad():
+            out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=12, do_sample=False)
+        assert out.shape[1] == prompt_ids.shape[1] + 12  # no stop string or end of sequence (with this seed)
+        reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
+        assert reply.choices[0].message.content == tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+        shared = 0
+        if held is not None:  # as far as this prompt begins with them (an answer's text may tokenize otherwise)
+            n = min(held.shape[0], prompt_ids.shape[1] - 1)
+            shared = int((held[:n] == prompt_ids[0, :n]).cumprod(0).sum())
+        assert reply.usage.prompt_tokens_details.cached_tokens == shared
+        # they hold the prompt and the answer but its last token (never sent)
+        return reply.choices[0].message.content, out[0, :-1]
+
     try:
         client = openai.OpenAI(base_url=api_url(api) + "v1", api_key="unused", max_retries=0, timeout=120)
-        messages, stored, stored_prompt = [{"role": "user", "content": "Tell me about the river by the hill farm."}], None, 0
-        for turn in range(3):
-            prompt_ids = chat_prompt_ids(tokenizer, messages)
-            with torch.no_grad():
-                out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=12, do_sample=False)
-            reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
-            assert out.shape[1] == prompt_ids.shape[1] + 12  # no stop string or end of sequence (with this seed)
-            assert reply.choices[0].message.content == tokenizer.decode(out[0, prompt_ids.shape[1] :])
-            # what the servers held: the last prompt and its answer but the answer's last token (never sent), as far as
-            # this prompt begins with it (the answer's text may tokenize otherwise)
-            if stored is not None:
-                n = min(stored.shape[0], prompt_ids.shape[1] - 1)
-                shared = int((stored[:n] == prompt_ids[0, :n]).cumprod(0).sum())
-                assert reply.usage.prompt_tokens_details.cached_tokens == shared >= stored_prompt  # a whole prompt, at least
-            else:
-                assert reply.usage.prompt_tokens_details.cached_tokens == 0
-            stored, stored_prompt = out[0, :-1], prompt_ids.shape[1]
-            messages += [{"role": "assistant", "content": reply.choices[0].message.content}, {"role": "user", "content": f"And {turn}?"}]
+        messages, held = [{"role": "user", "content": "Tell me about the river by the hill farm."}], None
+        for n in range(3):
+            prompt_tokens = chat_prompt_ids(tokenizer, messages).shape[1]
+            text, held = turn(messages, held)
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": f"And {n}?"}]
+            # the next turn's prompt begins with this whole one, at least
+            assert torch.equal(chat_prompt_ids(tokenizer, messages)[0, :prompt_tokens], held[:prompt_tokens])
         # the Responses API goes on in it too
         response = client.responses.create(model="tiny-llama", input=messages, max_output_tokens=4, temperature=0)
-        assert response.usage.input_tokens_details.cached_tokens >= stored_prompt
-        wait_until(lambda: any(left < CACHE_TOKENS for left in free_cache(served["url"])), timeout=6)  # kept...
-        wait_until(lambda: free_cache(served["url"]) == [CACHE_TOKENS, CACHE_TOKENS], timeout=30)  # ...and let go
+        assert response.usage.input_tokens_details.cached_tokens >= prompt_tokens
+        wait_until(lambda: all(left < CACHE_TOKENS for left in free_cache(served["url"])), timeout=4)  # kept: held
+        time.sleep(5.5)  # the servers close it as idle
+        turn(messages, None)
+        assert any("a kept session failed" in line for line in api.lines[lines_before:])
     finally:
         api.stop()
 

@@ -15,7 +15,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from meadow.api.json_mode import token_texts
-from meadow.api.kept_sessions import KeptSessions
+from meadow.api.kept_sessions import KeptSessions, close_quietly
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 
@@ -149,36 +149,53 @@ class TextGeneration:
             raise self._first[2]
 
     def _generate(self, send) -> None:
-        """The worker thread: inside one inference session, the prompt's logprobs if asked for and one generate call;
-        then the chain it used, or its error."""
+        """The worker thread: inside one inference session (a kept one, if one holds the prompt's start), the prompt's
+        logprobs if asked for and one generate call; then the chain it used, or its error."""
         hops, error, s, session = [], None, self.sampling, None
+        sent = []  # whether a token went out: a kept session that failed before can be replaced unseen
+
+        def sending(item: tuple) -> None:
+            sent.append(True)
+            send(item)
+
         try:
             # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
             length = self.prompt_tokens + s.max_tokens
             if self.kept is not None and not s.prompt_logprobs:  # (those need the whole prompt's logits)
                 session, self.cached_tokens = self.kept.take(self.prompt_ids, length, self.cancelled)
+            if session is not None:
+                try:
+                    hops = self._run_in(session, sending)
+                except Exception as e:
+                    if sent or self.cancelled.is_set():
+                        raise
+                    # e.g. a server closed it as idle (its --idle-timeout shorter than our keep): a session of our own
+                    logger.info(f"a kept session failed ({e!r}): the request goes on in a new one")
+                    close_quietly(session)
+                    session, self.cached_tokens = None, 0
             if session is None:
                 length = self.kept.length(length, self.model.sequence) if self.kept is not None else length
                 session = self.model.open_session(length, batch_size=1, give_up=self.cancelled)
-            self.session = session  # start() asks it whether it waits for room
-            with torch.no_grad(), self.model.use_session(session):
-                if s.prompt_logprobs:  # the prompt but its last token, into the session: generate sends only that one
-                    self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)
-                if s.max_tokens > 0:  # 0: the prompt's logprobs were all it asked for
-                    self._run_generate(send)
-                remote = session.remote
-                hops = [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
+                hops = self._run_in(session, sending)
         except BaseException as e:  # handed to the request; the thread itself has nobody to tell
             error = e
-        if session is not None:
-            try:
-                if self.kept is not None and error is None:  # whole steps went through it: it holds what it says
-                    self.kept.give(session)
-                else:
-                    session.close()
-            except Exception as e:  # a server gone meanwhile: its side of the session is gone too
-                logger.debug(f"closing the session: {e!r}")
+        if session is not None and self.kept is not None and error is None:
+            self.kept.give(session)  # whole steps went through it: it holds what it says
+        elif session is not None:
+            close_quietly(session)
         send(("done", hops, error))
+
+    def _run_in(self, session, send) -> list[dict]:
+        """The prompt's logprobs if asked for and generate, inside `session`; the chain that served them."""
+        s = self.sampling
+        self.session = session  # start() asks it whether it waits for room
+        with torch.no_grad(), self.model.use_session(session):
+            if s.prompt_logprobs:  # the prompt but its last token, into the session: generate sends only that one
+                self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)
+            if s.max_tokens > 0:  # 0: the prompt's logprobs were all it asked for
+                self._run_generate(send)
+        remote = session.remote
+        return [{"peer": str(hop.peer), "blocks": str(hop.blocks)} for hop in (remote.hops if remote else [])]
 
     def _run_generate(self, send) -> None:
         """generate, inside the session, its tokens sent as they come."""
@@ -312,3 +329,4 @@ def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = configured if isinstance(configured, list) else [configured]
     ids = [*ids, tokenizer.eos_token_id]
     return sorted({int(i) for i in ids if i is not None})
+

@@ -90,7 +90,7 @@ class KeptSessions:
                 if self._expirer is None:
                     self._expirer = threading.Thread(target=self._expire, name="meadow-kept-sessions", daemon=True)
                     self._expirer.start()
-        _close(dropped)
+        close_quietly(*dropped)
 
     def release(self) -> None:
         """Let every kept session go (on a thread of its own: closing waits for the servers), e.g. because a request
@@ -99,7 +99,7 @@ class KeptSessions:
             dropped, self._kept = [s for _, s in self._kept], []
         if dropped:
             logger.info(f"letting {len(dropped)} kept session(s) go: a request waits for room")
-            threading.Thread(target=_close, args=(dropped,), daemon=True).start()
+            threading.Thread(target=close_quietly, args=dropped, daemon=True).start()
 
     def close(self) -> None:
         """Close every kept session now, and keep none from here on (the API stops)."""
@@ -107,7 +107,7 @@ class KeptSessions:
             self._closed = True
             dropped, self._kept = [s for _, s in self._kept], []
             self._changed.notify()
-        _close(dropped)
+        close_quietly(*dropped)
 
     def _expire(self) -> None:
         """Close each kept session `keep_seconds` after it was given back."""
@@ -119,7 +119,7 @@ class KeptSessions:
                     self._kept = [entry for entry in self._kept if entry[1] not in expired]
                     self._lock.release()
                     try:
-                        _close(expired)
+                        close_quietly(*expired)
                     finally:
                         self._lock.acquire()
                     continue
@@ -134,7 +134,8 @@ def _shared_start(stored: torch.Tensor, prompt: torch.Tensor) -> int:
     return int(differ[0, 0]) if differ.numel() else n
 
 
-def _close(sessions: list) -> None:
+def close_quietly(*sessions) -> None:
+    """Close each session; one whose server is gone meanwhile is gone on its side too (logged only)."""
     for session in sessions:
         try:
             session.close()
