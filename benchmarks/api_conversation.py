@@ -22,8 +22,8 @@ QUESTIONS = ["What grows in a meadow?", "And by the river?", "Which of those do 
              "What about in autumn?", "Give me one more.", "Why that one?", "Thanks. Anything else?"]  # fmt: skip
 
 
-def conversation(url: str, model_id: str, turns: int, tokens: int) -> list[dict]:
-    messages, rows = [{"role": "system", "content": SYSTEM}], []
+def conversation(url: str, model_id: str, turns: int, tokens: int, system: str = SYSTEM) -> list[dict]:
+    messages, rows = [{"role": "system", "content": system}], []
     for turn in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
         body = {"model": model_id, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
@@ -68,7 +68,7 @@ def main() -> None:
                 for keep, api in apis.items()}  # fmt: skip
         model_id = json.load(urllib.request.urlopen(urls["0"] + "/v1/models"))["data"][0]["id"]
         for url in urls.values():
-            conversation(url, model_id, 1, 4)  # warm-up: routes, pings
+            conversation(url, model_id, 1, 4, "Warm up.")  # routes, pings (a prompt that shares no start with the others)
         kept, fresh = (conversation(urls[keep], model_id, args.turns, args.tokens) for keep in ("60", "0"))
     print(f"{model_id} on {args.servers} servers, {args.turns} turns of up to {args.tokens} tokens")
     print("turn  prompt  cached  first token kept  first token fresh  kept / fresh")
