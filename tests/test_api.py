@@ -1363,5 +1363,16 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
             assert text == expected
             refusals = [line for line in api.lines[lines_before:] if "is full (ServerBusy" in line]
             assert len(refusals) >= 2 and not any("waiting ahead of yours" in line for line in refusals)
+            # an API that keeps sessions lets them go when its own request waits for room: the session kept from a
+            # 60-token reply and a 100-token one are more than the 150 slots one peer may hold
+            keeping = start_api(path, swarm.initial_peers)
+            swarm.extra.append(keeping)
+            kept_url = api_url(keeping)
+            assert http(kept_url + "v1/completions", body.encode())[0] == 200
+            other = {"model": "tiny-llama", "prompt": "Wasps", "max_tokens": 100, "temperature": 0}
+            status, reply = http(kept_url + "v1/completions", json.dumps(other).encode())
+            wasps_ids = reference[1]("Wasps", return_tensors="pt")["input_ids"]
+            assert status == 200 and reply["choices"][0]["text"] == local_reply(reference, wasps_ids, 100)[0]
+            assert any("letting 1 kept session(s) go" in line for line in keeping.lines)
         finally:
             holder.close()
