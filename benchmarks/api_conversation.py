@@ -68,7 +68,7 @@ def main() -> None:
                 for keep, api in apis.items()}  # fmt: skip
         model_id = json.load(urllib.request.urlopen(urls["0"] + "/v1/models"))["data"][0]["id"]
         for url in urls.values():
-            conversation(url, model_id, 1, 4, "Warm up.")  # routes, pings (a prompt that shares no start with the others)
+            conversation(url, model_id, 1, 4, "Warm up.")  # routes, pings; a prompt that shares no start with ours
         kept, fresh = (conversation(urls[keep], model_id, args.turns, args.tokens) for keep in ("60", "0"))
     print(f"{model_id} on {args.servers} servers, {args.turns} turns of up to {args.tokens} tokens")
     print("turn  prompt  cached  first token kept  first token fresh  kept / fresh")

@@ -255,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "a browser; pages on this machine (localhost, 127.0.0.1) may by default; repeat for more "
                           "(default: $MEADOW_ORIGINS, comma-separated)")  # fmt: skip
     api.add_argument("--keep-sessions", type=float, default=KEEP_SECONDS, metavar="SECONDS",
-                     help="keep a request's session on the servers this long after it, so that the conversation's "
-                          "next request sends only what is new (default: %(default)s; 0: close each at once)")  # fmt: skip
+                     help="keep a request's session on the servers this long after it, so that the "
+                          "conversation's next request sends only what is new (default: %(default)s; 0: close each "
+                          "at once)")  # fmt: skip
     _add_identity(api)
     _add_points_identity(api)
     _add_allow_peers(api)
@@ -380,6 +381,8 @@ def _run(args: argparse.Namespace) -> None:
         for option, given in (("--dht-prefix", args.dht_prefix), ("--adapter", args.adapter)):
             if given and len(args.model) > 1:
                 sys.exit(f"meadow api: {option} names one model's swarm: give one MODEL with it")
+        if args.keep_sessions < 0:
+            sys.exit("meadow api: --keep-sessions is a number of seconds, 0 or more")
         models = args.model or [_default_model("api")]
         run_api(
             models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),

@@ -1232,10 +1232,12 @@ def test_a_conversations_next_turn_goes_on_in_the_session_kept_from_the_last(ser
         shares with the ids the servers `held` (None: none); the ids they hold after it."""
         prompt_ids = chat_prompt_ids(tokenizer, messages)
         with torch.no_grad():
-            out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=12, do_sample=False)
+            out = local.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=12,
+                                 do_sample=False)  # fmt: skip
         assert out.shape[1] == prompt_ids.shape[1] + 12  # no stop string or end of sequence (with this seed)
         reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
-        assert reply.choices[0].message.content == tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+        answer = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+        assert reply.choices[0].message.content == answer
         shared = 0
         if held is not None:  # as far as this prompt begins with them (an answer's text may tokenize otherwise)
             n = min(held.shape[0], prompt_ids.shape[1] - 1)

@@ -1,4 +1,4 @@
-"""The API's kept sessions as a pool (the swarm's side is in test_api.py): which one a prompt takes, and when they go."""
+"""The API's kept sessions as a pool (the swarm's side is in test_api.py): which one a prompt takes, when they go."""
 
 from __future__ import annotations
 

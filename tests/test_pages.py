@@ -54,8 +54,8 @@ def served(checkpoints):
         swarm.start_server(path, "--blocks", "2:4", "--public-name", "river-bank", wait=False)
         swarm.start_server(path, "--blocks", "0:2", "--dht-prefix", "half-served", wait=False)
         # sessions closed with their requests: the last test has other peers take every cache slot
-        api = Process(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0", "--keep-sessions", "0"],
-                      "api")
+        api = Process(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0",
+                       "--keep-sessions", "0"], "api")  # fmt: skip
         swarm.extra.append(api)  # stopped with the swarm, all at once
         for server in swarm.servers:
             server.wait_for(lambda line: "ready" in line, timeout=180)

@@ -329,4 +329,3 @@ def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = configured if isinstance(configured, list) else [configured]
     ids = [*ids, tokenizer.eos_token_id]
     return sorted({int(i) for i in ids if i is not None})
-

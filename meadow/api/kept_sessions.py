@@ -77,7 +77,7 @@ class KeptSessions:
     def give(self, session) -> None:
         """Keep `session` (its request is done with it) for the next request of its conversation; or close it."""
         if not self.enabled or session.token_ids is None:
-            session.close()
+            close_quietly(session)
             return
         with self._lock:
             if self._closed:
