@@ -626,7 +626,9 @@ def api_with_template(served, tmp_path, template: str):
     tokenizer = load_tokenizer(path)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(path)
-    api = Process(["api", str(path), "--initial-peers", *served["swarm"].initial_peers, "--port", "0"], "api")
+    # it lives as long as the swarm: sessions kept by it would hold cache that later tests count or fill
+    api = Process(["api", str(path), "--initial-peers", *served["swarm"].initial_peers, "--port", "0", "--keep-sessions",
+                   "0"], "api")  # fmt: skip
     served["swarm"].extra.append(api)
     return api_url(api), tokenizer
 
@@ -850,7 +852,8 @@ def test_web_pages_on_this_machine_may_call_the_api_others_only_when_let_in(serv
 def test_an_api_key_keeps_out_requests_without_it(served, reference):
     """`meadow api --api-key KEY` (here from $MEADOW_API_KEY): /v1 and /api answer only `Authorization: Bearer KEY`,
     with OpenAI's 401 otherwise; the pages themselves stay open. (Its pages let in by $MEADOW_ORIGINS: below.)"""
-    api = Process(["api", str(served["path"]), "--initial-peers", *served["swarm"].initial_peers, "--port", "0"], "api",
+    api = Process(["api", str(served["path"]), "--initial-peers", *served["swarm"].initial_peers, "--port", "0",
+                   "--keep-sessions", "0"], "api",  # it lives as long as the swarm: it keeps no session holding cache
                   env={"MEADOW_API_KEY": "meadow-secret", "MEADOW_ORIGINS": "https://chat.example.org"})  # fmt: skip
     served["swarm"].extra.append(api)
     url = api_url(api)
@@ -1294,7 +1297,8 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
         swarm.start_dht()
         swarm.start_server(path, "--blocks", "0:4", "--cache-tokens", "200")
         api = start_api(path, swarm.initial_peers, "--keep-sessions", "0")  # each session's room is the holder's next
-        swarm.extra.append(api)
+        keeping = start_api(path, swarm.initial_peers)  # used last (starting meanwhile)
+        swarm.extra += [api, keeping]
         url, config = api_url(api), load_config(path)
         holder = connect_sequence(str(path), config, swarm.initial_peers)
         try:
@@ -1367,8 +1371,6 @@ def test_a_request_waits_for_room_on_a_full_server_unless_its_client_leaves(chec
             assert len(refusals) >= 2 and not any("waiting ahead of yours" in line for line in refusals)
             # an API that keeps sessions lets them go when its own request waits for room: the session kept from a
             # 60-token reply and a 100-token one are more than the 150 slots one peer may hold
-            keeping = start_api(path, swarm.initial_peers)
-            swarm.extra.append(keeping)
             kept_url = api_url(keeping)
             assert http(kept_url + "v1/completions", body.encode())[0] == 200
             other = {"model": "tiny-llama", "prompt": "Wasps", "max_tokens": 100, "temperature": 0}
