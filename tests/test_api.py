@@ -627,8 +627,8 @@ def api_with_template(served, tmp_path, template: str):
     tokenizer.chat_template = template
     tokenizer.save_pretrained(path)
     # it lives as long as the swarm: sessions kept by it would hold cache that later tests count or fill
-    api = Process(["api", str(path), "--initial-peers", *served["swarm"].initial_peers, "--port", "0", "--keep-sessions",
-                   "0"], "api")  # fmt: skip
+    api = Process(["api", str(path), "--initial-peers", *served["swarm"].initial_peers, "--port", "0",
+                   "--keep-sessions", "0"], "api")  # fmt: skip
     served["swarm"].extra.append(api)
     return api_url(api), tokenizer
 

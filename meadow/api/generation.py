@@ -152,10 +152,11 @@ class TextGeneration:
         """The worker thread: inside one inference session (a kept one, if one holds the prompt's start), the prompt's
         logprobs if asked for and one generate call; then the chain it used, or its error."""
         hops, error, s, session = [], None, self.sampling, None
-        sent = []  # whether a token went out: a kept session that failed before can be replaced unseen
+        sent = False  # whether a token went out: a kept session that failed before can be replaced unseen
 
         def sending(item: tuple) -> None:
-            sent.append(True)
+            nonlocal sent
+            sent = True
             send(item)
 
         try:

@@ -111,20 +111,17 @@ class KeptSessions:
 
     def _expire(self) -> None:
         """Close each kept session `keep_seconds` after it was given back."""
-        with self._lock:
-            while not self._closed:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
                 now = time.monotonic()
                 expired = [s for kept_at, s in self._kept if now - kept_at >= self.keep_seconds]
-                if expired:
-                    self._kept = [entry for entry in self._kept if entry[1] not in expired]
-                    self._lock.release()
-                    try:
-                        close_quietly(*expired)
-                    finally:
-                        self._lock.acquire()
+                if not expired:  # until the oldest is due, or another is given back
+                    self._changed.wait(self.keep_seconds - (now - self._kept[0][0]) if self._kept else None)
                     continue
-                wait = self.keep_seconds - (now - self._kept[0][0]) if self._kept else None
-                self._changed.wait(wait)
+                self._kept = [entry for entry in self._kept if entry[1] not in expired]
+            close_quietly(*expired)  # (closing waits for the servers: not under the lock)
 
 
 def _shared_start(stored: torch.Tensor, prompt: torch.Tensor) -> int:

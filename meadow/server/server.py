@@ -363,7 +363,8 @@ class Server:
         gc.collect()  # free the old blocks before loading the new ones: memory stays one span's worth
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.claims.set(min(len(new) * self._block_bytes(self.config.cache_tokens), self.claimable))  # what the old span freed is the new one's: claimed
+        # what the old span freed is the new one's: claimed
+        self.claims.set(min(len(new) * self._block_bytes(self.config.cache_tokens), self.claimable))
         await self._take(new)
         print(f"Server moved: blocks {new} online", flush=True)
 
