@@ -24,6 +24,7 @@ from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.sequence import connect_sequence
+from meadow.client.session import GROWTH_TOKENS
 from meadow.client.tuning import RemoteTuning
 from meadow.models import load_blocks, load_config
 from meadow.models.llama import linear_shapes
@@ -32,7 +33,7 @@ from meadow.server.compute_loop import ComputeLoop, choose_batch
 from meadow.server.memory import BY_ARRIVAL_EVERY, LINE_PATIENCE, CacheBudget
 from meadow.server.span import Session, Span
 from meadow.server.tuning import TuningInputs
-from meadow.wire import RPC_INFO, BlockRange, LoraEntry, OpenSession, RemoteError, ServerBusy
+from meadow.wire import RPC_INFO, BadRequest, BlockRange, LoraEntry, OpenSession, RemoteError, ServerBusy
 
 NUM_BLOCKS, HIDDEN, ADAPTER = 4, 64, "tiny-adapter"
 CACHE_TOKENS = 6000
@@ -117,6 +118,26 @@ def test_sessions_waiting_for_room_are_served_in_order_of_priority_then_arrival(
     assert budget.room == 100
     budget.leave("seventh", "ticket-seventh")  # one that says it waits no more gives the room back at once
     assert budget.room == 200 and not budget.line
+
+
+def test_a_session_grows_only_into_room_that_nobody_waiting_ahead_of_it_claims():
+    budget = CacheBudget(200, max_peer_share=0.75, patience=5.0)
+    with budget.reserve(50, "grower") as held:
+        budget.grow(held, 30)
+        assert budget.left == 120 and budget.peer_tokens["grower"] == 80
+        with pytest.raises(BadRequest, match="would hold 160 token slots"):  # past its peer's share: never
+            budget.grow(held, 80)
+        with budget.reserve(80, "other"):
+            with pytest.raises(ServerBusy, match="growing the session needs 60 more token slots"):
+                budget.grow(held, 60)  # 40 left
+            with pytest.raises(ServerBusy):
+                with budget.reserve(50, "waiter", "ticket-waiter"):  # refused: it waits in line for 50 slots
+                    pass
+            with pytest.raises(ServerBusy, match="sessions waiting ahead of yours claim 50"):
+                budget.grow(held, 20)  # it would fit in the 40 left, but the waiter came first
+        budget.grow(held, 20)  # room enough for both now
+        assert held.tokens == 100
+    assert budget.left == 200 and not budget.peer_tokens  # the grown slots go back with the session
 
 
 def test_waiters_without_points_are_not_starved_by_those_with():
@@ -571,6 +592,45 @@ def test_a_session_given_up_while_it_waits_leaves_the_line_at_once(small_server,
     finally:
         holder.close()
         leaving.close()
+
+
+def test_a_session_grows_past_its_max_length_and_one_refused_room_to_grow_is_reopened_when_there_is(
+    small_server, path, span, caplog
+):
+    """A session that outgrows the max_length it was opened with grows on its server, exactly; a server that has no
+    room for the growth (ServerBusy) is not counted as failed: the session waits for room like a new one, is reopened
+    at its grown length and its cache rebuilt from its history."""
+    kind = KINDS[0]
+    steps = steps_of(kind, seed=14, prompt_length=5, decoding_steps=4)
+    expected = alone(span, kind, TuningInputs(kind.blocks), steps, 200)
+    config = ClientConfig(max_retries=0, busy_retry=0.2)  # growth refused for room must not use up a failover
+    grower, holder = (
+        connect_sequence(str(path), span.config, small_server.initial_peers, client_config=config) for _ in range(2)
+    )
+    try:
+        peer = grower.make_chain()[0].peer
+        with grower.inference_session(max_length=6, batch_size=1) as session:
+            outputs = [session.step(*inputs) for inputs in steps[:3]]  # 7 tokens: the third step grew it
+            assert session.max_length == 6 + GROWTH_TOKENS
+            announces_room(grower, peer, 200 - session.max_length)  # the server holds the grown cache
+            with holder.inference_session(max_length=60, batch_size=1) as held:
+                held.step(*steps[0])
+                session.max_length = 150  # the next step grows it by 16 slots: 200 - 134 - 60 = 6 are left
+                releasing = threading.Timer(1.0, held.close)
+                releasing.start()
+                with caplog.at_level("INFO", logger="meadow.client"):
+                    outputs += [session.step(*inputs) for inputs in steps[3:]]
+                releasing.join()
+            assert "not enough KV cache: growing the session needs" in caplog.text
+            assert "rebuilt the cache of blocks 0:4" in caplog.text
+            assert [segment.max_length for segment in session.segments] == [150]
+        announces_room(grower, peer, 200)  # every slot back, the grown ones too
+        for got, want in zip(outputs, expected):
+            assert (got - want).abs().max().item() <= 1e-4
+        assert not grower.failures
+    finally:
+        grower.close()
+        holder.close()
 
 
 def step_until_given_up(sequence, max_length: int, inputs, give_up: threading.Event, errors: list) -> None:

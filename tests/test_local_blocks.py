@@ -68,7 +68,9 @@ def test_logits_and_greedy_tokens_equal_local(model, local):
     reference = local.generate(input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0), reference)
     prompt = input_ids[1:]
-    with model.inference_session(max_length=20):  # a chat: the second call sends only its new tokens
+    # a chat: the second call sends only its new tokens, and grows the session (here and on the servers) past the
+    # first call's room
+    with model.inference_session(max_length=prompt.shape[1] + 3):
         first = model.generate(prompt, max_new_tokens=3, do_sample=False)
         second = model.generate(first, max_new_tokens=5, do_sample=False)
     assert torch.equal(second, local.generate(prompt, max_new_tokens=8, do_sample=False))

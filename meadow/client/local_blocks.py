@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from meadow.client.session import grown_length
 from meadow.models import BlockConfig, KVCache
+from meadow.models.attention import lengthened
 
 
 class LocalBlocks(nn.Module):
@@ -30,7 +32,8 @@ class LocalBlocks(nn.Module):
 
 
 class LocalSession:
-    """The local blocks' KV caches for one inference session and the key mask of every token stored in them."""
+    """The local blocks' KV caches for one inference session and the key mask of every token stored in them; they grow
+    as the servers' do."""
 
     def __init__(self, blocks: LocalBlocks, batch_size: int, max_length: int):
         config, weight = blocks.config, next(blocks.parameters())
@@ -48,7 +51,10 @@ class LocalSession:
         sent again."""
         end = start + hidden.shape[1]
         if end > self.max_length:
-            raise ValueError(f"session max_length {self.max_length} exceeded: {start} + {hidden.shape[1]} tokens")
+            self.max_length = grown_length(self.max_length, end)
+            for cache in self.caches:
+                cache.grow(self.max_length, start)
+            self.key_mask = lengthened(self.key_mask, self.max_length, start, dim=1)
         self.key_mask[:, start:end] = new_mask.to(self.key_mask.device)
         key_mask = self.key_mask[:, :end]
         key_mask = None if bool(key_mask.all()) else key_mask

@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, position_ids, key_mask
 MAX_PUSH_MISSES = 2  # after this many late pushes to a server, the client passes its steps on itself
 DECODING_TOKENS = 4  # steps of at most this many new tokens are decoding steps, timed against the server's own pace
+GROWTH_TOKENS = 128  # a session that outgrows its max_length grows by this many tokens at least: not a copy per token
+
+
+def grown_length(max_length: int, needed: int) -> int:
+    """The max_length a session of `max_length` grows to when it needs `needed` tokens."""
+    return max_length if needed <= max_length else max(needed, max_length + GROWTH_TOKENS)
 
 
 class HopFailed(Exception):
@@ -56,6 +62,7 @@ class Segment:
     hop: Hop
     stream: transport.InferenceStream
     session_id: str  # the session's name on its server: the previous server pushes decoding steps to it
+    max_length: int  # what its server holds for the session: below the session's, the next step grows it
     history: list[Inputs] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)  # what it returned for them (kept if verify > 0)
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=16))
@@ -100,7 +107,9 @@ class _Walk:
 
 
 class InferenceSession:
-    """A server-side KV cache along the chain. `step` sends new tokens' hidden states through every server."""
+    """A server-side KV cache along the chain. `step` sends new tokens' hidden states through every server. The
+    servers hold `max_length` tokens per row at first; a step past that grows the session on every server (one that
+    has no room for it is replaced, as a failed one, by one that has)."""
 
     def __init__(
         self,
@@ -128,8 +137,7 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         length = hidden.shape[1]
-        if self.position + length > self.max_length:
-            raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {length} tokens")
+        self.max_length = grown_length(self.max_length, self.position + length)
         if self.segments is None:
             self.segments = self._open(self.sequence.blocks)
         inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
@@ -164,8 +172,10 @@ class InferenceSession:
         """Send a step through the segments from `index` on; a server that fails is replaced (its replacement gets the
         history replayed) and the step resent to it. The last segment's output."""
         walk = _Walk(inputs, index, decoding=inputs[0].shape[1] <= DECODING_TOKENS)
-        # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one
-        walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored
+        # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one; nor
+        # is one that grows the session: a push does not say how much to hold
+        growing = any(segment.max_length < self.max_length for segment in self.segments[index:])
+        walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored and not growing
         retries = Retries(self.sequence.config, self.give_up)
         # the whole pass is one coroutine: one hand-off to the loop thread per step, not one per server
         while (error := run(self._walk(walk))) is not None:
@@ -194,8 +204,10 @@ class InferenceSession:
                     targets = [PushTarget(peer=s.hop.peer.to_base58(), session_id=s.session_id) for s in walk.pushed_to]
                     timeout = segment.decoding_timeout(config) if walk.decoding else self.sequence.work_timeout(
                         segment.hop.peer, segment.hop.blocks, inputs[0])  # fmt: skip
-                    meta = Step(position=self.position, resent=resent, push_to=targets).to_wire()
+                    grow_to = self.max_length if segment.max_length < self.max_length else None
+                    meta = Step(position=self.position, resent=resent, push_to=targets, max_length=grow_to).to_wire()
                     output = await segment.stream.step(list(inputs), timeout, meta)
+                    segment.max_length = self.max_length
             except Exception as e:
                 return e
             if walk.decoding:
@@ -311,7 +323,7 @@ class InferenceSession:
                     await stream.open(request, self.sequence.config.connect_timeout, tensors)
                 except Exception as e:
                     raise HopFailed(hop.peer, e) from e
-                opened.append(Segment(hop, stream, session_id))
+                opened.append(Segment(hop, stream, session_id, self.max_length))
         except BaseException:
             for segment in opened:
                 await segment.stream.close()

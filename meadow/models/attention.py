@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def lengthened(tensor: Tensor, length: int, keep: int, dim: int) -> Tensor:
+    """A copy of `tensor` `length` long along `dim` that holds its first `keep` entries there, zeros after."""
+    shape = list(tensor.shape)
+    shape[dim] = length
+    new = tensor.new_zeros(shape)
+    new.narrow(dim, 0, keep).copy_(tensor.narrow(dim, 0, keep))
+    return new
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values of one block for one session."""
 
@@ -30,6 +39,12 @@ class KVCache(nn.Module):
     @property
     def max_length(self) -> int:
         return self.k_cache.shape[2]
+
+    def grow(self, max_length: int, keep: int) -> None:
+        """Hold up to `max_length` tokens from now on, keeping the first `keep` stored (new buffers: views of the old
+        ones handed out before stay as they were)."""
+        self.k_cache = lengthened(self.k_cache, max_length, keep, dim=2)
+        self.v_cache = lengthened(self.v_cache, max_length, keep, dim=2)
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, n_kv, T, D) at positions [start, start+T); return views of [0, start+T)."""

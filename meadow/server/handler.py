@@ -18,7 +18,7 @@ from hivemind.proto import runtime_pb2
 from meadow.models import BlockConfig, linear_shapes
 from meadow.server.compute_loop import ComputeLoop
 from meadow.server.graph_cache import GraphCache
-from meadow.server.memory import CacheBudget
+from meadow.server.memory import CacheBudget, Held
 from meadow.server.push import Inbox, Inputs, Pusher, check_push
 from meadow.server.span import Pieces, Session, Span, row_groups
 from meadow.server.tuning import FLOAT_DTYPES, TuningInputs, check_tuning
@@ -239,7 +239,7 @@ class BlockHandler:
                 raise BadRequest(f"session id {request.session_id!r} is already in use here")
             peer = context.remote_id
             tokens = request.batch_size * request.max_length
-            with self.budget.reserve(tokens, peer, request.ticket, self.priority(peer)):
+            with self.budget.reserve(tokens, peer, request.ticket, self.priority(peer)) as held:
                 # zeroing a big KV cache takes a while: not on the event loop
                 session = await asyncio.get_running_loop().run_in_executor(
                     None, Session.open, span, request.blocks, request.batch_size, request.max_length, tuning
@@ -252,7 +252,7 @@ class BlockHandler:
                     self.inboxes[registered] = (inbox, session)
                 self.sessions.add(me)
                 yield pack([], Reply().to_wire(), runtime_pb2.ExpertResponse)[0]  # the session is open
-                steps = self._serve_steps(requests, session, span, inbox, peer, leaving, request.wire)
+                steps = self._serve_steps(requests, session, held, span, inbox, peer, leaving, request.wire)
                 async for output in steps:
                     for response in pack([output], Reply().to_wire(), runtime_pb2.ExpertResponse, request.wire):
                         yield response
@@ -269,6 +269,7 @@ class BlockHandler:
         self,
         requests: Requests,
         session: Session,
+        held: Held,
         span: Span,
         inbox: Inbox,
         peer: Hashable,
@@ -302,6 +303,8 @@ class BlockHandler:
                             f"step at position {step.position}, the session holds {session.position} tokens: a step may "
                             "rewind to an earlier position, never skip ahead"
                         )
+                    if step.max_length is not None and step.max_length > session.max_length:
+                        await self._grow(session, held, step.max_length)
                     targets = step.push_to
                 position = session.position
                 decoding = inputs[0].shape[1] <= DECODING_LENGTH
@@ -315,6 +318,14 @@ class BlockHandler:
             if receive is not None and not receive.done():
                 receive.cancel()
                 await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
+
+    async def _grow(self, session: Session, held: Held, max_length: int) -> None:
+        """Let `session` hold `max_length` tokens per row: its slots first (ServerBusy if there is no room), then its
+        cache, copied into a bigger one off the event loop."""
+        if max_length > self.limits.max_length:
+            raise BadRequest(f"max_length {max_length} exceeds this server's limit {self.limits.max_length}")
+        self.budget.grow(held, session.batch_size * (max_length - session.max_length))
+        await asyncio.get_running_loop().run_in_executor(None, session.grow, max_length)
 
     def _check_step(self, tensors: list[torch.Tensor], meta: dict) -> tuple[Inputs, Step]:
         if len(tensors) != 3:

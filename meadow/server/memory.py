@@ -30,6 +30,15 @@ class Waiter:
     asked: float  # when it last asked (time.monotonic)
 
 
+@dataclass
+class Held:
+    """The slots one session holds, which grow with it."""
+
+    peer: Hashable
+    priority: int
+    tokens: int
+
+
 class CacheBudget:
     """Token slots (batch x length) of KV cache for every hosted block; a session holds its slots until it ends.
     No peer may hold more than `max_peer_share` of the slots or `max_peer_sessions` sessions. Refused sessions wait
@@ -64,8 +73,8 @@ class CacheBudget:
     @contextmanager
     def reserve(
         self, tokens: int, peer: Hashable = None, ticket: str | None = None, priority: int = 0
-    ) -> Iterator[None]:
-        """Hold `tokens` slots for `peer` inside; ServerBusy if they are not free for it now, BadRequest if they never
+    ) -> Iterator[Held]:
+        """Hold `tokens` slots for `peer` inside (`grow` adds to them); ServerBusy if they are not free for it now, BadRequest if they never
         will be. A refused request keeps its place in the line while it asks again with the same `ticket` (at least
         every `patience` seconds)."""
         if tokens > self.peer_limit:
@@ -95,38 +104,57 @@ class CacheBudget:
         self.used += tokens
         self.peer_tokens[peer] += tokens
         self.peer_sessions[peer] += 1
+        held = Held(peer, priority, tokens)
         try:
-            yield
+            yield held
         finally:
-            self.used -= tokens
-            self.peer_tokens[peer] -= tokens
+            self.used -= held.tokens
+            self.peer_tokens[peer] -= held.tokens
             self.peer_sessions[peer] -= 1
             if not self.peer_sessions[peer]:
                 del self.peer_tokens[peer], self.peer_sessions[peer]
+
+    def grow(self, held: Held, tokens: int) -> None:
+        """Add `tokens` slots to what a session holds; ServerBusy if they are not free for it now: sessions waiting in
+        line ahead of it (as if it came now) come first. BadRequest if they never will be."""
+        if held.tokens + tokens > self.peer_limit:
+            raise BadRequest(
+                f"the session would hold {held.tokens + tokens} token slots of KV cache (batch x max_length), and this "
+                f"server lends one peer at most {self.peer_limit} (of its {self.total})"
+            )
+        self._forget_stale()
+        growth = Waiter(held.peer, tokens, held.priority, next(self.arrivals), 0.0)
+        order = self._order([*self.line.values(), growth])
+        self._check(tokens, held.peer, order[: order.index(growth)], growth=True)
+        self.used += tokens
+        self.peer_tokens[held.peer] += tokens
+        held.tokens += tokens
 
     def leave(self, peer: Hashable, ticket: str) -> None:
         """`peer`'s request with `ticket` waits here no more (served elsewhere, or given up): its claim ends now, not
         when its place would lapse. Only the peer itself can take its place out of the line."""
         self.line.pop((peer, ticket), None)
 
-    def _check(self, tokens: int, peer: Hashable, ahead: list[Waiter]) -> None:
-        """ServerBusy unless a session of `tokens` for `peer` fits now, after the waiters `ahead` of it."""
+    def _check(self, tokens: int, peer: Hashable, ahead: list[Waiter], growth: bool = False) -> None:
+        """ServerBusy unless a session of `tokens` for `peer` (or, with `growth`, one of its sessions growing by
+        `tokens`) fits now, after the waiters `ahead` of it."""
         mine = [waiter for waiter in ahead if waiter.peer == peer]  # the peer's own earlier requests come first
         held, sessions = self.peer_tokens[peer], self.peer_sessions[peer]
         waits = f" (and wait for {len(mine)}, for {sum(w.tokens for w in mine)} slots)" if mine else ""
-        if self.max_peer_sessions is not None and sessions + len(mine) >= self.max_peer_sessions:
+        needs = f"growing the session needs {tokens} more" if growth else f"the session needs {tokens}"
+        if not growth and self.max_peer_sessions is not None and sessions + len(mine) >= self.max_peer_sessions:
             raise ServerBusy(f"you already hold {sessions} sessions here{waits}, the most one peer may")
         claimed = self._claimed(ahead)
         if tokens + claimed > self.left:
             queued = f", and sessions waiting ahead of yours claim {claimed}" if claimed else ""
             raise ServerBusy(
-                f"not enough KV cache: the session needs {tokens} token slots (batch x max_length), "
+                f"not enough KV cache: {needs} token slots (batch x max_length), "
                 f"{self.left} of {self.total} are free{queued}"
             )
         if held + sum(waiter.tokens for waiter in mine) + tokens > self.peer_limit:
             raise ServerBusy(
                 f"one peer may hold at most {self.peer_limit} of the {self.total} KV cache token slots; you hold "
-                f"{held}{waits} and the session needs {tokens}"
+                f"{held}{waits} and {needs}"
             )
 
     def _claimed(self, waiters: list[Waiter]) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meadow.models import BlockConfig, KVCache, Part
+from meadow.models.attention import lengthened
 from meadow.models.lora import BlockLora
 from meadow.models.packed import unpacked_products
 from meadow.server.graph_cache import Graph, counting_saved_activations
@@ -355,6 +356,13 @@ class Session:
             raise BadRequest(
                 f"step of {length} tokens at position {self.position} exceeds the session's max_length {self.max_length}"
             )
+
+    def grow(self, max_length: int) -> None:
+        """Hold up to `max_length` tokens per row from now on (the client's conversation outgrew what it opened)."""
+        for cache in self.caches:
+            cache.grow(max_length, self.position)
+        self.key_mask = lengthened(self.key_mask, max_length, self.position, dim=1)
+        self.max_length = max_length
 
     def rewind(self, position: int) -> None:
         """Forget the tokens from `position` on (speculative decoding: drafts the client rejected); the next step

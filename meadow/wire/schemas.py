@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meadow.wire.errors import BadRequest
 
-PROTOCOL_VERSION = 2  # 2: wire formats, step rewinds (Step.resent), receipts
+PROTOCOL_VERSION = 3  # 2: wire formats, step rewinds (Step.resent), receipts; 3: sessions grow (Step.max_length)
 
 # How hidden states and their gradients travel (wire/tensors.py): exact float32, 16-bit floats, or 8-bit blockwise
 # quantization for large payloads. Token ids, positions and masks always travel exactly.
@@ -130,10 +130,12 @@ class Step(Schema):
     """Metadata of every rpc_inference message after the first: the session position of the step's first token (below
     the session's position, the session rewinds to it: speculative decoding drops rejected drafts), whether the client
     sends a step it also had pushed (`resent`: skipped if already served from the push), and the servers after this one,
-    in chain order, to which the output should be pushed at once rather than waiting for the client to pass it on."""
+    in chain order, to which the output should be pushed at once rather than waiting for the client to pass it on. A
+`max_length` above the session's grows its KV cache to it before the step (ServerBusy if there is no room for that)."""
 
     position: int | None = Field(default=None, ge=0)
     resent: bool = False
+    max_length: int | None = Field(default=None, gt=0)
     push_to: tuple[PushTarget, ...] = Field(default=(), max_length=64)
 
 
