@@ -612,6 +612,7 @@ def test_a_session_grows_past_its_max_length_and_one_refused_room_to_grow_is_reo
         with grower.inference_session(max_length=6, batch_size=1) as session:
             outputs = [session.step(*inputs) for inputs in steps[:3]]  # 7 tokens: the third step grew it
             assert session.max_length == 6 + GROWTH_TOKENS
+            assert [segment.max_length for segment in session.segments] == [session.max_length]  # grown: no more asked
             announces_room(grower, peer, 200 - session.max_length)  # the server holds the grown cache
             with holder.inference_session(max_length=60, batch_size=1) as held:
                 held.step(*steps[0])
