@@ -7,11 +7,11 @@ import time
 
 import torch
 
-from meadow.api.kept_sessions import GROWTH_TOKENS, MIN_SHARED_TOKENS, ROOM_FACTOR, KeptSessions
+from meadow.api.kept_sessions import MIN_SHARED_TOKENS, KeptSessions
 
 
 class Session:
-    """What the pool uses of a GenerationSession: the ids the servers hold, its length, rewind, hand_over, close."""
+    """What the pool uses of a GenerationSession: the ids the servers hold, rewind, make_room, hand_over, close."""
 
     def __init__(self, ids: list[int], max_length: int = 1000):
         self.token_ids, self.max_length, self.closed, self.give_up = torch.tensor([ids]), max_length, False, None
@@ -19,19 +19,14 @@ class Session:
     def rewind(self, position: int) -> None:
         self.token_ids = self.token_ids[:, :position]
 
+    def make_room(self, max_length: int) -> None:
+        self.max_length = max(self.max_length, max_length)
+
     def hand_over(self, give_up) -> None:
         self.give_up = give_up
 
     def close(self) -> None:
         self.closed = True
-
-
-class Sequence:
-    def __init__(self, room: int):
-        self.room = room
-
-    def cache_room(self) -> int:
-        return self.room
 
 
 def prompt(ids: list[int]) -> torch.Tensor:
@@ -50,8 +45,8 @@ def test_a_prompt_takes_the_kept_session_it_shares_the_longest_start_with_rewoun
     assert pool.take(prompt(common + [1, 2]), 20, event) == (short, MIN_SHARED_TOKENS + 1)
     assert pool.take(prompt(common + [7]), 20, event) == (None, 0)  # `other` shares nothing with it
     assert pool.take(prompt(list(range(MIN_SHARED_TOKENS - 1)) + [99]), 20, event) == (None, 0)  # too short a start
-    assert pool.take(prompt(list(range(30))), 2000, event) == (None, 0)  # `other` is too short for 2000 tokens
-    assert pool.take(prompt(list(range(30))), 20, event) == (other, 29)
+    assert pool.take(prompt(list(range(30))), 2000, event) == (other, 29)
+    assert other.max_length == 2000 and long.max_length == 1000  # made to hold what its request needs, no less
     assert not any(session.closed for session in (short, long, other))
 
 
@@ -85,12 +80,3 @@ def test_kept_sessions_go_when_their_time_is_up_when_too_many_when_a_request_wai
     unkept = Session([8] * 20)
     off.give(unkept)
     assert unkept.closed
-
-
-def test_sessions_grow_room_only_where_the_servers_announce_plenty():
-    pool = KeptSessions(keep_seconds=30, context_length=4096)
-    grown = 100 + GROWTH_TOKENS
-    assert pool.length(100, Sequence(ROOM_FACTOR * grown)) == grown
-    assert pool.length(100, Sequence(ROOM_FACTOR * grown - 1)) == 100  # a small or busy server: only what it needs
-    assert pool.length(4000, Sequence(10**6)) == 4096  # never past the context
-    assert KeptSessions(keep_seconds=0).length(100, Sequence(10**6)) == 100  # nothing is kept: nothing to grow into

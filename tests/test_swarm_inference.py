@@ -70,12 +70,15 @@ def test_left_padded_batch_is_identical(swarm_and_models):
 def test_chat_over_several_generate_calls_equals_one_generation(swarm_and_models):
     distributed, local, tokenizer = swarm_and_models
     input_ids = tokenizer("Tell me", return_tensors="pt")["input_ids"]
-    expected = local.generate(input_ids, max_new_tokens=12, do_sample=False)
+    expected = local.generate(input_ids, max_new_tokens=16, do_sample=False)
     # room for the first call only: the later ones grow the session on every server
-    with distributed.inference_session(max_length=input_ids.shape[1] + 4):
+    with distributed.inference_session(max_length=input_ids.shape[1] + 4) as session:
         ids = input_ids
         for _ in range(3):
             ids = distributed.generate(ids, max_new_tokens=4, do_sample=False)
+        session.make_room(500)  # what the next call will need, asked for at once (not in GROWTH_TOKENS at a time)
+        ids = distributed.generate(ids, max_new_tokens=4, do_sample=False)
+        assert [segment.max_length for segment in session.remote.segments] == [500] * len(session.remote.segments)
     assert torch.equal(ids, expected)
 
 

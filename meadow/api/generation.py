@@ -175,7 +175,6 @@ class TextGeneration:
                     close_quietly(session)
                     session, self.cached_tokens = None, 0
             if session is None:
-                length = self.kept.length(length, self.model.sequence) if self.kept is not None else length
                 session = self.model.open_session(length, batch_size=1, give_up=self.cancelled)
                 hops = self._run_in(session, sending)
         except BaseException as e:  # handed to the request; the thread itself has nobody to tell

@@ -5,10 +5,9 @@ prompt, rewinds it to where they part, and goes on from there; OpenAI's usage te
 (`cached_tokens`).
 
 A kept session holds KV cache on servers that others share, so it is kept briefly (`keep_seconds` after its request),
-a few at most, and all are let go at once when a request of this API waits for room. Sessions are opened with room
-to grow (`GROWTH_TOKENS` past what their request needs): the next turn's prompt is the last one's plus the answer and
-a new message, and a session that cannot hold it cannot be reused. Only where the servers announce plenty of room:
-a session that fits a small server without that room must not be refused by it, nor wait for room it does not need."""
+a few at most, and all are let go at once when a request of this API waits for room. A session is opened for what
+its request needs; the next turn's prompt is the last one's plus the answer and a new message: the session grows on
+the servers with the next step (on a server with no room to grow, it moves to one that has)."""
 
 from __future__ import annotations
 
@@ -24,16 +23,14 @@ logger = logging.getLogger(__name__)
 
 KEEP_SECONDS = 30.0  # a chat's next question, an agent's next step after a tool ran
 MAX_KEPT = 4
-GROWTH_TOKENS = 1024  # room for the conversation to grow by before its session is too short for the next request
-ROOM_FACTOR = 4  # room to grow is asked for where every block has a server with room for this many such sessions
 MIN_SHARED_TOKENS = 16  # a shorter common start saves too little to be worth a session another request may want
 
 
 class KeptSessions:
     """The sessions kept for one model's requests. Thread-safe: requests take and give back on their own threads."""
 
-    def __init__(self, keep_seconds: float = KEEP_SECONDS, max_kept: int = MAX_KEPT, context_length: int = 2048):
-        self.keep_seconds, self.max_kept, self.context_length = keep_seconds, max_kept, context_length
+    def __init__(self, keep_seconds: float = KEEP_SECONDS, max_kept: int = MAX_KEPT):
+        self.keep_seconds, self.max_kept = keep_seconds, max_kept
         self._kept: list[tuple[float, object]] = []  # (when it was given back, the GenerationSession), oldest first
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -44,24 +41,16 @@ class KeptSessions:
     def enabled(self) -> bool:
         return self.keep_seconds > 0
 
-    def length(self, needed: int, sequence) -> int:
-        """The max_length to open a request's session with: what it needs, and room to grow if it may be kept and the
-        servers of the model's `sequence` (its RemoteSequence) announce room for it."""
-        grown = min(self.context_length, needed + GROWTH_TOKENS)
-        if not self.enabled or grown <= needed or sequence.cache_room() < ROOM_FACTOR * grown:
-            return needed
-        return grown
-
     def take(self, prompt_ids: torch.Tensor, needed: int, give_up: threading.Event):
         """(session, cached tokens): the kept session sharing the longest start (at least MIN_SHARED_TOKENS) with
-        `prompt_ids` (1, L) and room for `needed` tokens, rewound to where they part (before the prompt's last token
-        at most: generate needs one new token); or (None, 0)."""
+        `prompt_ids` (1, L), rewound to where they part (before the prompt's last token at most: generate needs one new
+        token) and made to hold `needed` tokens; or (None, 0)."""
         prompt = prompt_ids[0]
         with self._lock:
             best, best_shared = None, 0
             for entry in self._kept:
                 session = entry[1]
-                if session.max_length < needed or session.token_ids is None or session.token_ids.shape[0] != 1:
+                if session.token_ids is None or session.token_ids.shape[0] != 1:
                     continue
                 shared = _shared_start(session.token_ids[0], prompt)
                 if shared > best_shared:
@@ -71,6 +60,7 @@ class KeptSessions:
             self._kept.remove(best)
         session = best[1]
         session.rewind(best_shared)
+        session.make_room(needed)
         session.hand_over(give_up)
         return session, best_shared
 

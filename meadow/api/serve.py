@@ -55,9 +55,8 @@ def run_api(
                 sys.exit(f"meadow api: two of the models given are {model_id}")
             joined[model_id] = distributed, tokenizer
         ids, stored = list(joined), ResponseStore()
-        for model_id, (distributed, _) in joined.items():
-            context_length = getattr(distributed.config, "max_position_embeddings", None) or 2048
-            kept[model_id] = KeptSessions(keep_seconds, context_length=context_length)
+        for model_id in joined:
+            kept[model_id] = KeptSessions(keep_seconds)
         apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored, kept[model_id])
                 for model_id, (distributed, tokenizer) in joined.items()}  # fmt: skip
         _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, host, port, api_key)

@@ -158,6 +158,12 @@ class GenerationSession:
         if position == 0:
             self.token_ids = self.mask = None
 
+    def make_room(self, max_length: int) -> None:
+        """Let the session hold `max_length` tokens per row (at least): the servers grow it with the next step."""
+        self.max_length = max(self.max_length, max_length)
+        if self.remote is not None:
+            self.remote.max_length = max(self.remote.max_length, max_length + self.prefix_length)
+
     def hand_over(self, give_up: threading.Event | None) -> None:
         """The session goes on for someone else (the next request of a conversation an API kept it for): whether
         anybody still waits for it is now told by their `give_up`."""

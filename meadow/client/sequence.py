@@ -248,18 +248,6 @@ class RemoteSequence:
                 time.sleep(1.0)
                 force = True
 
-    def cache_room(self) -> int:
-        """The KV-cache slots the servers announce free, on the roomiest server of each remote block, for the block that
-        has the fewest (routes read first where they are older than routes_max_age)."""
-        with self._routes_lock:
-            self.update_routes()
-            servers = list(self.usable_servers().values())
-        rooms = (
-            max((info.cache_tokens_left for info in servers if info.start <= block < info.end), default=0)
-            for block in range(self.blocks.start, self.blocks.end)
-        )  # fmt: skip
-        return min(rooms, default=0)
-
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
         """The servers we may route to: those of our protocol version (and with our adapter, if we use one)."""
         return {
