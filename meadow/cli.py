@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
     chat.add_argument("--max-length", type=int, default=2048,
-                      help="tokens the conversation's inference session holds; a longer conversation goes on in a new one")  # fmt: skip
+                      help="most tokens the conversation's inference session may grow to; a longer conversation goes on "
+                           "in a new one")  # fmt: skip
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")

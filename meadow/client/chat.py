@@ -93,11 +93,14 @@ class Conversation:
         if ids is None or ids.shape[1] + sampling.max_new_tokens > self.max_length:
             kept, ids = self._fit(messages, sampling.max_new_tokens)
             if len(kept) < len(messages):
-                write(f"(the conversation outgrew the session's {self.max_length} tokens: its oldest messages are "
-                      "dropped, and it goes on in a new session)\n")  # fmt: skip
+                write(f"(the conversation outgrew the {self.max_length} tokens a session may hold: its oldest "
+                      "messages are dropped, and it goes on in a new session)\n")  # fmt: skip
             messages = kept
+        # the servers hold what this turn needs; the session grows on them as the conversation does
+        needed = ids.shape[1] + sampling.max_new_tokens
         if self.ids is None:
-            self._session.enter_context(self.model.inference_session(max_length=self.max_length))
+            self._session.enter_context(self.model.inference_session(max_length=needed))
+        self.model.session.make_room(needed)
         held = self.model.session.position
         self._before_last, self.last_message = (messages[:-1], self.ids, held), text
         logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; ids {ids[0].tolist()}")
