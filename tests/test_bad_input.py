@@ -25,6 +25,7 @@ from meadow.wire import (
     LoraEntry,
     OpenSession,
     RemoteError,
+    Step,
     serialize,
 )
 
@@ -148,6 +149,13 @@ def test_session_limits_leave_other_sessions_intact(served):
     run(first.close())
     second = run(open_session(48))  # 40 + 48 > 64: only if the closed session's slots are free again
     run(second.close())
+    # a session asked to grow past the server's limit is refused; one that grows within it goes on, exactly
+    with pytest.raises(RemoteError, match="max_length 100 exceeds this server's limit 48"):
+        run(run(open_session(8)).step(tensors, 30, Step(max_length=100).to_wire()))
+    grown = run(open_session(2))
+    out = run(grown.step(tensors, 30, Step(max_length=48).to_wire()))
+    assert (out - forward(sequence, peer, tensors)).abs().max() < 1e-5
+    run(grown.close())
     assert_still_serving(sequence, peer)
 
 
