@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
     serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--reclaim-idle", type=float, default=15.0,
+                       help="seconds after which an idle session is closed when others wait for its KV cache (its "
+                            "client rebuilds it when it returns); 0: never")  # fmt: skip
     serve.add_argument("--chunk-tokens", type=int, default=256,
                        help="prefill/forward/training tokens per batched pass: how long decoding may wait behind them")
     serve.add_argument("--graph-cache-mb", type=float, default=1024,
@@ -337,7 +340,7 @@ def _run(args: argparse.Namespace) -> None:
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
-            graph_cache_bytes=int(args.graph_cache_mb * 2**20), chunk_tokens=args.chunk_tokens,
+            reclaim_idle=args.reclaim_idle, graph_cache_bytes=int(args.graph_cache_mb * 2**20), chunk_tokens=args.chunk_tokens,
         )  # fmt: skip
         config = ServerConfig(
             model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,

@@ -634,6 +634,37 @@ def test_a_session_grows_past_its_max_length_and_one_refused_room_to_grow_is_reo
         holder.close()
 
 
+def test_a_session_left_idle_gives_its_room_to_one_that_waits_and_is_rebuilt_when_it_returns(path, span, caplog):
+    """A full server closes a session that has sat idle for --reclaim-idle seconds when another waits for its room
+    (before then, the newcomer waits); the idle session's client, back, rebuilds it (here, once the newcomer is done)
+    and gets exactly what it would have, and counts no server as failed."""
+    kind = KINDS[0]
+    steps = steps_of(kind, seed=15, prompt_length=5, decoding_steps=2)
+    expected = alone(span, kind, TuningInputs(kind.blocks), steps, 120)
+    config = ClientConfig(max_retries=0, busy_retry=0.2, busy_wait=10.0)
+    with start_swarm(path, ["0:4"], "--cache-tokens", "200", "--reclaim-idle", "1.5") as swarm:
+        idle, newcomer = (
+            connect_sequence(str(path), span.config, swarm.initial_peers, client_config=config) for _ in range(2)
+        )
+        try:
+            with idle.inference_session(max_length=120, batch_size=1) as session:
+                outputs = [session.step(*inputs) for inputs in steps[:2]]
+                began = time.monotonic()
+                with newcomer.inference_session(max_length=120, batch_size=1) as other:  # 120 + 120 > 200 slots
+                    assert (other.step(*steps[0]) - expected[0]).abs().max().item() <= 1e-4
+                    waited = time.monotonic() - began
+                with caplog.at_level("INFO", logger="meadow.client"):
+                    outputs.append(session.step(*steps[2]))
+            assert waited >= 1.0  # not before the idle one had been idle for 1.5 s
+            assert "session idle for" in caplog.text and "rebuilt the cache of blocks 0:4" in caplog.text
+            for got, want in zip(outputs, expected):
+                assert (got - want).abs().max().item() <= 1e-4
+            assert not idle.failures and not newcomer.failures
+        finally:
+            idle.close()
+            newcomer.close()
+
+
 def step_until_given_up(sequence, max_length: int, inputs, give_up: threading.Event, errors: list) -> None:
     """A session's first step, on a thread while the server is full: what it raised (ServerBusy, once `give_up` is
     set and it stops waiting for room) goes to `errors`."""

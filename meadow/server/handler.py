@@ -64,6 +64,8 @@ class Limits:
     max_length: int = 8192  # longest inference session
     max_batch_size: int = 256
     idle_timeout: float = 300.0  # seconds an inference session may wait between steps before it is closed
+    # a session idle this long is closed when others need its KV cache (0: never); its client rebuilds it on its return
+    reclaim_idle: float = 15.0
     max_prompt_tokens: int = 256  # longest deep prompt (prefix) a client may send
     max_lora_rank: int = 64  # highest rank of a client's own LoRA weights
     graph_cache_bytes: int = 1 << 30  # activations of training clients' forward passes kept for their backward
@@ -89,6 +91,9 @@ class BlockHandler:
         self.leaving: asyncio.Future[str] | None = None  # resolved (with the reason) when the current span's sessions must end
         self.sessions: set[object] = set()  # open sessions that have not yet been told why they end
         self.inboxes: dict[str, tuple[Inbox, Session]] = {}  # sessions that accept pushed steps, by session id
+        # sessions waiting for their next step: since when (loop time), their slots, and the future that closes them
+        self.idle: dict[Session, tuple[float, Held, asyncio.Future]] = {}
+        budget.when_short = self.reclaim_idle
         self.points = None  # a PointsService (meadow/points/service.py): requesters' points set their priority
 
     def serve(self, span: Span) -> None:
@@ -284,7 +289,7 @@ class BlockHandler:
             while True:
                 if receive is None:
                     receive = asyncio.ensure_future(unpack(requests, self.max_request_bytes))
-                pushed = await self._next_step(receive, inbox, session.position, leaving)
+                pushed = await self._next_step(receive, inbox, session, held, leaving)
                 if pushed is not None:
                     inputs, targets = pushed
                     if wire is not None:  # as if the client had sent it: the pusher encoded it in its own format
@@ -332,16 +337,24 @@ class BlockHandler:
             raise BadRequest(f"expected 3 tensors (hidden, position_ids, key_mask), got {len(tensors)}")
         return self._check_inputs(tensors), Step.from_wire(meta)
 
-    async def _next_step(self, receive: asyncio.Future, inbox: Inbox, position: int, leaving: asyncio.Future):
-        """Wait for the client's next message (returns None: read it from `receive`) or a step pushed to this session
-        for `position` (returns it). ServerLeaving as soon as the server leaves, BadRequest if nothing comes for
-        the idle timeout."""
+    async def _next_step(
+        self, receive: asyncio.Future, inbox: Inbox, session: Session, held: Held, leaving: asyncio.Future
+    ):
+        """Wait for the client's next message (returns None: read it from `receive`) or a step pushed to `session` for
+        its position (returns it). ServerLeaving as soon as the server leaves, BadRequest if nothing comes for the idle
+        timeout, ServerBusy if the session is closed meanwhile to give its room to others (`reclaim_idle`)."""
         if leaving.done():
             raise ServerLeaving(leaving.result())
-        pushed = asyncio.ensure_future(inbox.get(position))
+        loop = asyncio.get_running_loop()
+        pushed, reclaimed = asyncio.ensure_future(inbox.get(session.position)), loop.create_future()
+        self.idle[session] = (loop.time(), held, reclaimed)
         try:
-            await asyncio.wait((receive, pushed, leaving), timeout=self.limits.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                (receive, pushed, leaving, reclaimed), timeout=self.limits.idle_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
         finally:
+            del self.idle[session]
             if not pushed.done():
                 pushed.cancel()
         if leaving.done():  # even if a step came in too: the client will resend it elsewhere
@@ -350,7 +363,25 @@ class BlockHandler:
             return pushed.result()
         if receive.done():
             return None
+        if reclaimed.done():
+            raise ServerBusy(
+                f"session idle for {reclaimed.result():.0f} s closed: others needed its KV cache (send its tokens again)"
+            )
         raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed")
+
+    def reclaim_idle(self, slots: int) -> None:
+        """Others need `slots` more KV-cache slots than are free: close sessions idle for `limits.reclaim_idle`
+        seconds or more, longest idle first, until they free that many (their clients rebuild them if they return)."""
+        if self.limits.reclaim_idle <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        for since, held, reclaimed in sorted(self.idle.values(), key=lambda idle: idle[0]):
+            if slots <= 0 or now - since < self.limits.reclaim_idle:
+                break
+            slots -= held.tokens  # a session closed already frees its slots in a moment too
+            if not reclaimed.done():
+                logger.info(f"closing a session idle for {now - since:.0f} s: others need its {held.tokens} cache slots")
+                reclaimed.set_result(now - since)
 
     async def rpc_push(self, requests: Requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Decoding steps' inputs, pushed into our sessions by a server before us in clients' chains: one message

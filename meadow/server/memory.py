@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import Callable, Hashable, Iterator
 
 from meadow.wire import BadRequest, ServerBusy
 
@@ -59,6 +59,9 @@ class CacheBudget:
         self.line: dict[Hashable, Waiter] = {}  # by (peer, ticket)
         self.arrivals = itertools.count()
         self.let_in = 0  # sessions given room so far
+        # called with the slots missing whenever a session (or a session's growth) is refused for lack of room: the
+        # server may then close sessions that sit idle (BlockHandler.reclaim_idle)
+        self.when_short: Callable[[int], None] = lambda slots: None
 
     @property
     def left(self) -> int:
@@ -146,6 +149,7 @@ class CacheBudget:
             raise ServerBusy(f"you already hold {sessions} sessions here{waits}, the most one peer may")
         claimed = self._claimed(ahead)
         if tokens + claimed > self.left:
+            self.when_short(tokens + claimed - self.left)
             queued = f", and sessions waiting ahead of yours claim {claimed}" if claimed else ""
             raise ServerBusy(
                 f"not enough KV cache: {needs} token slots (batch x max_length), "
