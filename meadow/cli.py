@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
     chat.add_argument("--max-length", type=int, default=2048,
-                      help="most tokens the conversation's inference session may grow to; a longer conversation goes on "
-                           "in a new one")  # fmt: skip
+                      help="most tokens the conversation's inference session may grow to; a longer conversation "
+                           "goes on in a new one")  # fmt: skip
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
@@ -340,7 +340,8 @@ def _run(args: argparse.Namespace) -> None:
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
-            reclaim_idle=args.reclaim_idle, graph_cache_bytes=int(args.graph_cache_mb * 2**20), chunk_tokens=args.chunk_tokens,
+            reclaim_idle=args.reclaim_idle, graph_cache_bytes=int(args.graph_cache_mb * 2**20),
+            chunk_tokens=args.chunk_tokens,
         )  # fmt: skip
         config = ServerConfig(
             model=_model(args), initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,

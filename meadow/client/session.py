@@ -175,7 +175,8 @@ class InferenceSession:
         # a step that rewinds is not pushed: a server waits for pushes at its own position, not an earlier one; nor
         # is one that grows the session: a push does not say how much to hold
         growing = any(segment.max_length < self.max_length for segment in self.segments[index:])
-        walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored and not growing
+        walk.pushing = walk.decoding and self.sequence.config.push_steps and self.position == self.stored
+        walk.pushing = walk.pushing and not growing
         retries = Retries(self.sequence.config, self.give_up)
         # the whole pass is one coroutine: one hand-off to the loop thread per step, not one per server
         while (error := run(self._walk(walk))) is not None:

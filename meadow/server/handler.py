@@ -365,7 +365,8 @@ class BlockHandler:
             return None
         if reclaimed.done():
             raise ServerBusy(
-                f"session idle for {reclaimed.result():.0f} s closed: others needed its KV cache (send its tokens again)"
+                f"session idle for {reclaimed.result():.0f} s closed: others needed its KV cache (send its tokens "
+                "again)"
             )
         raise BadRequest(f"session idle for over {self.limits.idle_timeout:.0f} s; it was closed")
 
@@ -380,7 +381,7 @@ class BlockHandler:
                 break
             slots -= held.tokens  # a session closed already frees its slots in a moment too
             if not reclaimed.done():
-                logger.info(f"closing a session idle for {now - since:.0f} s: others need its {held.tokens} cache slots")
+                logger.info(f"closing a session idle for {now - since:.0f} s: others need its {held.tokens} slots")
                 reclaimed.set_result(now - since)
 
     async def rpc_push(self, requests: Requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:

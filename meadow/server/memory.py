@@ -77,9 +77,9 @@ class CacheBudget:
     def reserve(
         self, tokens: int, peer: Hashable = None, ticket: str | None = None, priority: int = 0
     ) -> Iterator[Held]:
-        """Hold `tokens` slots for `peer` inside (`grow` adds to them); ServerBusy if they are not free for it now, BadRequest if they never
-        will be. A refused request keeps its place in the line while it asks again with the same `ticket` (at least
-        every `patience` seconds)."""
+        """Hold `tokens` slots for `peer` inside (`grow` adds to them); ServerBusy if they are not free for it now,
+        BadRequest if they never will be. A refused request keeps its place in the line while it asks again with the
+        same `ticket` (at least every `patience` seconds)."""
         if tokens > self.peer_limit:
             raise BadRequest(
                 f"the session needs {tokens} token slots of KV cache (batch x max_length), and this server lends one "
