@@ -149,13 +149,15 @@ def test_session_limits_leave_other_sessions_intact(served):
     run(first.close())
     second = run(open_session(48))  # 40 + 48 > 64: only if the closed session's slots are free again
     run(second.close())
-    # a session asked to grow past the server's limit is refused; one that grows within it goes on, exactly
-    with pytest.raises(RemoteError, match="max_length 100 exceeds this server's limit 48"):
-        run(run(open_session(8)).step(tensors, 30, Step(max_length=100).to_wire()))
+    # a session that needs more than the server's limit is refused; one asked to grow past the limit, though its step
+    # fits, grows to the limit and goes on, exactly, up to the limit
+    with pytest.raises(RemoteError, match="the session needs 49 tokens, past this server's limit 48"):
+        run(run(open_session(8)).step(inputs(length=49), 30, Step(max_length=100).to_wire()))
     grown = run(open_session(2))
-    out = run(grown.step(tensors, 30, Step(max_length=48).to_wire()))
+    out = run(grown.step(tensors, 30, Step(max_length=100).to_wire()))
     assert (out - forward(sequence, peer, tensors)).abs().max() < 1e-5
-    run(grown.close())
+    with pytest.raises(RemoteError, match="exceeds the session's max_length 48"):
+        run(grown.step(inputs(length=46), 30, Step(position=3).to_wire()))
     assert_still_serving(sequence, peer)
 
 

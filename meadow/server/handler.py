@@ -309,7 +309,7 @@ class BlockHandler:
                             "rewind to an earlier position, never skip ahead"
                         )
                     if step.max_length is not None and step.max_length > session.max_length:
-                        await self._grow(session, held, step.max_length)
+                        await self._grow(session, held, step.max_length, session.position + inputs[0].shape[1])
                     targets = step.push_to
                 position = session.position
                 decoding = inputs[0].shape[1] <= DECODING_LENGTH
@@ -324,11 +324,13 @@ class BlockHandler:
                 receive.cancel()
                 await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
 
-    async def _grow(self, session: Session, held: Held, max_length: int) -> None:
-        """Let `session` hold `max_length` tokens per row: its slots first (ServerBusy if there is no room), then its
-        cache, copied into a bigger one off the event loop."""
-        if max_length > self.limits.max_length:
-            raise BadRequest(f"max_length {max_length} exceeds this server's limit {self.limits.max_length}")
+    async def _grow(self, session: Session, held: Held, max_length: int, needed: int) -> None:
+        """Let `session` hold `max_length` tokens per row (as far as our limit allows, if its step, which `needed` that
+        many, fits): its slots first (ServerBusy if there is no room), then its cache, copied into a bigger one off the
+        event loop."""
+        if needed > self.limits.max_length:
+            raise BadRequest(f"the session needs {needed} tokens, past this server's limit {self.limits.max_length}")
+        max_length = min(max_length, self.limits.max_length)  # the client's slack past our limit: not needed yet
         self.budget.grow(held, session.batch_size * (max_length - session.max_length))
         await asyncio.get_running_loop().run_in_executor(None, session.grow, max_length)
 
