@@ -1045,6 +1045,22 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     assert json.load(urllib.request.urlopen(request, timeout=60))["response"] == text
     assert client.generate(model=model_id, prompt="").done_reason == "load"  # how clients load a model ahead
 
+    # Ollama's older way to chat through generate: each reply's `context` (its prompt's and its own tokens), passed
+    # back with the next prompt, is where that prompt goes on from
+    first = client.generate(model=model_id, prompt="Hi", options=greedy)
+    prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])
+    assert first.context[: prompt_ids.shape[1]] == prompt_ids[0].tolist()
+    assert tokenizer.decode(first.context[prompt_ids.shape[1] :], skip_special_tokens=True) == first.response
+    prompt_ids = torch.cat([torch.tensor([first.context]), chat_prompt_ids(tokenizer, [{"role": "user", "content": "And you?"}])], dim=1)
+    answer = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
+    chunks = list(client.generate(model=model_id, prompt="And you?", context=first.context, options=greedy,
+                                  stream=True))  # fmt: skip
+    assert "".join(chunk.response for chunk in chunks) == answer and chunks[-1].prompt_eval_count == prompt_ids.shape[1]
+    assert chunks[-1].context[: prompt_ids.shape[1]] == prompt_ids[0].tolist() and not chunks[0].context
+    for bad in ([-1], [local.config.vocab_size]):
+        with pytest.raises(ollama.ResponseError, match="context token ids must be in"):
+            client.generate(model=model_id, prompt="Hi", context=bad)
+
     # sampling: a seed repeats a reply; top_k 1 leaves only the likeliest token, whatever the temperature
     sampled = {"temperature": 1.5, "top_p": 1, "top_k": 0, "num_predict": 12, "seed": 7}
     raw = lambda options: client.generate(model=model_id, prompt="A quiet field of", raw=True, options=options).response

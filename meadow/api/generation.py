@@ -50,6 +50,7 @@ class Outcome:
 
     finish_reason: str | None = None  # "stop" (end of sequence or a stop string), "length"; or "cancelled", "error"
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the reply's tokens, its end-of-sequence token too
     servers: list[dict] = field(default_factory=list)  # the chain that served it: [{"peer", "blocks"}]
     seconds: float = 0.0
     first_token_seconds: float | None = None
@@ -279,6 +280,7 @@ class TextGeneration:
         of it is safe to send (not a possible start of a stop string, not half a character)."""
         for token, entry in zip(new, entries):
             self.outcome.completion_tokens += 1
+            self.outcome.token_ids.append(token)
             if token in self.eos_ids:
                 self.outcome.finish_reason = "stop"
                 break

@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 from typing import AsyncIterator, Callable, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.exceptions import RequestValidationError
@@ -150,6 +151,9 @@ class GenerateRequest(_OllamaRequest):
     prompt: str = ""
     system: str | None = None
     raw: bool = False  # the prompt as it is, without the chat template
+    # the tokens of the conversation so far, as the last reply's `context` gave them (Ollama's old way to chat through
+    # /api/generate): the prompt goes on after them
+    context: list[int] | None = None
 
 
 class EmbedRequest(_Refusing):
@@ -241,13 +245,15 @@ def add_ollama_routes(
         return ThinkingReader(opens_thinking(tokenizer, prompt_ids)).take if apart else lambda text, done: ("", text)
 
     async def reply(
-        request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable, constraint=None
+        request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable, constraint=None,
+        started: Callable = lambda generation: None,
     ):
         """Generate for `prompt_ids` (held to `constraint`, if any); each line of the reply says its text as
-        `content(text, done)` does."""
+        `content(text, done)` does. `started` is given the generation once it has begun."""
         began = time.perf_counter()
         asked = sampling(request, prompt_ids.shape[1], extra_stop, constraint or request.constraint)
         (generation,) = await start([prompt_ids], asked, 1, http)
+        started(generation)
 
         def line(pieces: list[Delta], done: bool = False) -> dict:
             text = "".join(piece.text for piece in pieces)
@@ -300,20 +306,28 @@ def add_ollama_routes(
         if not request.prompt:  # Ollama's way to load a model ahead: a swarm's is loaded already
             return {"model": request.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
         apart, variables = asked_to_think(request)
+        context = request.context or []
+        if any(not 0 <= token < config.vocab_size for token in context):
+            raise APIError(400, f"context token ids must be in [0, {config.vocab_size})", param="context")
         if request.raw:  # the prompt as it is: its text says whether the model thinks
-            prompt_ids, extra_stop = tokenizer(request.prompt, return_tensors="pt")["input_ids"], []
-            apart = False
+            prompt_ids = tokenizer(request.prompt, add_special_tokens=not context, return_tensors="pt")["input_ids"]
+            extra_stop, apart = [], False
         else:
             system = [{"role": "system", "content": request.system}] if request.system else []
             prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}], **variables)
             extra_stop = stop_strings(tokenizer)
+        prompt_ids = torch.cat([torch.tensor([context], dtype=prompt_ids.dtype), prompt_ids], dim=1)
         split = thoughts(apart, prompt_ids)
+        generations = []
 
         def response(text: str, done: bool) -> dict:
             thought, text = split(text, done)
-            return {"response": text, **({"thinking": thought} if thought else {})}
+            line = {"response": text, **({"thinking": thought} if thought else {})}
+            if done and not request.raw:  # as Ollama: what the next request's `context` goes on from
+                line["context"] = prompt_ids[0].tolist() + generations[0].outcome.token_ids
+            return line
 
-        return await reply(request, prompt_ids, extra_stop, http, response)
+        return await reply(request, prompt_ids, extra_stop, http, response, started=generations.append)
 
     @app.post("/api/embed", dependencies=keyed)
     async def embed_texts(http: Request) -> dict:
