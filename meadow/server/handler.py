@@ -325,12 +325,14 @@ class BlockHandler:
                 await asyncio.wait((receive,))  # let it unwind before anyone reads the stream again
 
     async def _grow(self, session: Session, held: Held, max_length: int, needed: int) -> None:
-        """Let `session` hold `max_length` tokens per row (as far as our limit allows, if its step, which `needed` that
-        many, fits): its slots first (ServerBusy if there is no room), then its cache, copied into a bigger one off the
-        event loop."""
+        """Let `session` hold `max_length` tokens per row, or as many as our limit allows if its step (`needed` tokens
+        with those before it) fits in that: its slots first (ServerBusy if there is no room), then its cache, copied
+        into a bigger one off the event loop."""
         if needed > self.limits.max_length:
             raise BadRequest(f"the session needs {needed} tokens, past this server's limit {self.limits.max_length}")
         max_length = min(max_length, self.limits.max_length)  # the client's slack past our limit: not needed yet
+        if max_length <= session.max_length:
+            return
         self.budget.grow(held, session.batch_size * (max_length - session.max_length))
         await asyncio.get_running_loop().run_in_executor(None, session.grow, max_length)
 
