@@ -658,6 +658,7 @@ def test_a_session_left_idle_gives_its_room_to_one_that_waits_and_is_rebuilt_whe
                     outputs.append(session.step(*steps[2]))
             assert waited >= 2.5  # not before the idle one had been idle for 3 s
             assert "session idle for" in caplog.text and "rebuilt the cache of blocks 0:4" in caplog.text
+            assert session.replayed == 6  # the 6 tokens it held, sent again (what an API counts as not cached)
             for got, want in zip(outputs, expected):
                 assert (got - want).abs().max().item() <= 1e-4
             assert not idle.failures and not newcomer.failures

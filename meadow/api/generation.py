@@ -154,9 +154,12 @@ class TextGeneration:
         logprobs if asked for and one generate call; then the chain it used, or its error."""
         hops, error, s, session = [], None, self.sampling, None
         sent = False  # whether a token went out: a kept session that failed before can be replaced unseen
+        replayed = None  # what a kept session had replayed when taken
 
         def sending(item: tuple) -> None:
             nonlocal sent
+            if not sent and replayed is not None and session.replayed > replayed:
+                self.cached_tokens = 0  # its servers had lost it (closed it as idle, gone): the prompt was computed again
             sent = True
             send(item)
 
@@ -166,6 +169,7 @@ class TextGeneration:
             if self.kept is not None and not s.prompt_logprobs:  # (those need the whole prompt's logits)
                 session, self.cached_tokens = self.kept.take(self.prompt_ids, length, self.cancelled)
             if session is not None:
+                replayed = session.replayed
                 try:
                     hops = self._run_in(session, sending)
                 except Exception as e:

@@ -84,6 +84,11 @@ class GenerationSession:
         return self.remote.waiting_for_room if self.remote is not None else None
 
     @property
+    def replayed(self) -> int:
+        """Tokens (per row) sent to servers again to rebuild their caches (a server failed, or closed the session)."""
+        return self.remote.replayed if self.remote is not None else 0
+
+    @property
     def position(self) -> int:
         """How many tokens (per row) the servers hold in their KV caches."""
         return 0 if self.token_ids is None else self.token_ids.shape[1]

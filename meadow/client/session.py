@@ -124,6 +124,7 @@ class InferenceSession:
         self.tuning = tuning or RemoteTuning()  # deep prompts and LoRA weights, sent once per server at open
         self.position = 0
         self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
+        self.replayed = 0  # tokens (per row) sent again to rebuild servers' caches (failover, a session closed as idle)
         self.segments: list[Segment] | None = None
         self.waiting_for_room: str | None = None  # while every server that could hold the session is full: why
         # keeps our place in full servers' lines for room, from try to try: one session, one place at each server
@@ -346,6 +347,7 @@ class InferenceSession:
             except Exception as e:
                 raise HopFailed(segment.hop.peer, e) from e
         segment.history = [(hidden, position_ids, key_mask)]
+        self.replayed += hidden.shape[1]
         tokens = hidden.shape[0] * hidden.shape[1]
         if self.sequence.payer is not None:
             self.sequence.payer.served(segment.hop.peer, segment.hop.blocks, tokens, "inference")
