@@ -65,7 +65,8 @@ def run(model: str, args, reclaim: float) -> dict:
         swarm.start_server(model, "--blocks", blocks, "--cache-tokens", str(args.room * SESSION_TOKENS),
                            "--reclaim-idle", str(reclaim))  # fmt: skip
         # one client per user, as each user runs their own: a peer of its own to the server
-        models = [AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers) for _ in range(args.users)]
+        models = [AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers)
+                  for _ in range(args.users)]  # fmt: skip
         results, start = [None] * args.users, threading.Barrier(args.users + 1)
 
         def user(i: int) -> None:

@@ -1051,7 +1051,8 @@ def test_ollamas_client_chats_and_generates_the_local_greedy_text(served, model_
     prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])
     assert first.context[: prompt_ids.shape[1]] == prompt_ids[0].tolist()
     assert tokenizer.decode(first.context[prompt_ids.shape[1] :], skip_special_tokens=True) == first.response
-    prompt_ids = torch.cat([torch.tensor([first.context]), chat_prompt_ids(tokenizer, [{"role": "user", "content": "And you?"}])], dim=1)
+    more = chat_prompt_ids(tokenizer, [{"role": "user", "content": "And you?"}])
+    prompt_ids = torch.cat([torch.tensor([first.context]), more], dim=1)
     answer = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))[0]
     chunks = list(client.generate(model=model_id, prompt="And you?", context=first.context, options=greedy,
                                   stream=True))  # fmt: skip

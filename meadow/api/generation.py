@@ -159,7 +159,7 @@ class TextGeneration:
         def sending(item: tuple) -> None:
             nonlocal sent
             if not sent and replayed is not None and session.replayed > replayed:
-                self.cached_tokens = 0  # its servers had lost it (closed it as idle, gone): the prompt was computed again
+                self.cached_tokens = 0  # its servers had lost it (closed as idle, gone): the prompt was computed again
             sent = True
             send(item)
 

@@ -131,7 +131,7 @@ class Step(Schema):
     the session's position, the session rewinds to it: speculative decoding drops rejected drafts), whether the client
     sends a step it also had pushed (`resent`: skipped if already served from the push), and the servers after this one,
     in chain order, to which the output should be pushed at once rather than waiting for the client to pass it on. A
-    `max_length` above the session's grows its KV cache to it before the step (ServerBusy if there is no room for it)."""
+    `max_length` above the session's grows its KV cache to it before the step (ServerBusy if there is no room)."""
 
     position: int | None = Field(default=None, ge=0)
     resent: bool = False
