@@ -1,3 +1,3 @@
-from meadow.cli import main
+from meadow.cli import command_line
 
-main()
+command_line()
