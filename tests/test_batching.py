@@ -529,6 +529,56 @@ def test_a_full_server_is_waited_for_and_a_session_it_can_never_hold_is_refused_
             client.close()
 
 
+def test_a_chat_whose_servers_are_full_says_it_waits_and_a_ctrl_c_stops_the_wait(
+    small_server, path, capsys, caplog
+):
+    """`meadow chat` on a full server: the turn says, before any reply, that it waits for room. A Ctrl-C then stops
+    the wait at once (not after busy_wait's 300 s), and the message is left out of the conversation; asked again,
+    the reply comes once the other session ends."""
+    import os
+    import signal
+
+    from meadow.client.chat import Conversation, Sampling, _answer
+    from meadow.models import load_tokenizer
+
+    peers, sampling = small_server.initial_peers, Sampling(max_new_tokens=60)  # 60-odd slots: not in the 50 left
+    holder = connect_sequence(str(path), load_config(path), peers)
+    quick = ClientConfig(busy_retry=0.5)
+    with AutoDistributedModelForCausalLM.from_pretrained(str(path), peers, client_config=quick) as model:
+        conversation = Conversation(model, load_tokenizer(path), max_length=512)
+
+        def once_waiting(then) -> threading.Thread:
+            """`then()` once the turn (on the main thread, as in `meadow chat`) has begun to wait for room."""
+            waits = len([r for r in caplog.records if "is full (ServerBusy" in r.getMessage()])
+
+            def watch() -> None:
+                while len([r for r in caplog.records if "is full (ServerBusy" in r.getMessage()]) == waits:
+                    time.sleep(0.05)
+                time.sleep(0.5)  # the notice's check comes every 0.25 s
+                then()
+
+            thread = threading.Thread(target=watch, daemon=True)
+            thread.start()
+            return thread
+
+        try:
+            with caplog.at_level("WARNING", logger="meadow.client"), holder.inference_session(150, 1) as held:
+                held.step(torch.randn(1, 3, HIDDEN), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool))
+                once_waiting(lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C, as the terminal sends it
+                assert _answer("Name a flower", conversation, sampling)
+                shown = capsys.readouterr().out
+                assert "waiting for room" in shown and "stopped: this message is not part" in shown
+                assert conversation.messages == [] and conversation.ids is None
+                once_waiting(held.close)
+                assert _answer("Name a flower", conversation, sampling)
+            shown = capsys.readouterr().out
+            reply = conversation.messages[-1]["content"]
+            assert [m["role"] for m in conversation.messages] == ["user", "assistant"] and reply
+            assert shown.count("waiting for room") == 1 and shown.index("waiting for room") < shown.index(reply)
+        finally:
+            holder.close()
+
+
 def test_room_that_frees_up_goes_to_the_session_that_waited_longest(small_server, path, span):
     """A newcomer that asks the moment room frees up does not take it from a session already waiting (which asks
     only every few seconds): it is told how many wait ahead of it, and the first in line gets the room."""

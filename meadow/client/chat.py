@@ -29,6 +29,7 @@ from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 
 logger = logging.getLogger(__name__)
 MULTILINE = '"""'  # around a message of several lines, as in Ollama's terminal chat
+WAIT_CHECK_SECONDS = 0.25  # how often a reply that has not begun looks whether it waits for room
 
 HELP = """Commands:
   /reset          start a new conversation
@@ -37,7 +38,8 @@ HELP = """Commands:
   /help           this help
   /quit           leave (so do Ctrl-D, and Ctrl-C twice at the prompt)
 A message over several lines goes between \"\"\" marks: \"\"\" on its first line, \"\"\" at the end of its last.
-Ctrl-C while the model writes stops its reply; the reply so far stays in the conversation."""
+Ctrl-C while the model writes stops its reply; the reply so far stays in the conversation. Ctrl-C while the reply
+waits for room on full servers stops waiting; the message is then not part of the conversation."""
 
 
 @dataclass(frozen=True)
@@ -100,19 +102,23 @@ class Conversation:
         needed = ids.shape[1] + sampling.max_new_tokens
         if self.ids is None:
             self._session.enter_context(self.model.inference_session(max_length=needed))
-        self.model.session.make_room(needed)
-        held = self.model.session.position
+        session = self.model.session
+        session.make_room(needed)
+        session.hand_over(stop)  # a Ctrl-C ends a wait for room on full servers too, not only the token loop
+        held = session.position
         self._before_last, self.last_message = (messages[:-1], self.ids, held), text
         logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; ids {ids[0].tolist()}")
+        notify = write
         if self.thinks:
             write = ThoughtsApart(write, opens_thinking(self.tokenizer, ids), dim=sys.stdout.isatty())
         printer = ReplyPrinter(self.tokenizer, write)
         try:
-            output = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
-                streamer=printer, stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]),
-                pad_token_id=self.pad_token_id, **self._stop_strings(), **sampling.generate_kwargs(),
-            )  # fmt: skip
+            with WaitNotice(session, printer, notify):
+                output = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
+                    streamer=printer, stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]),
+                    pad_token_id=self.pad_token_id, **self._stop_strings(), **sampling.generate_kwargs(),
+                )  # fmt: skip
         except BaseException:
             self._close_session()  # the servers may hold part of the reply: the next turn starts a new session
             raise
@@ -247,6 +253,32 @@ class ReplyPrinter(BaseStreamer):
             self.written = len(text)
 
 
+class WaitNotice:
+    """While a reply has not begun, tells the user once per wait that every server that could hold the conversation
+    is full and the reply waits for room (until another session ends: the chat would look hung otherwise)."""
+
+    def __init__(self, session, printer: ReplyPrinter, write: Callable[[str], None]):
+        self.session, self.printer, self.write = session, printer, write
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="meadow-chat-wait-notice", daemon=True)
+
+    def __enter__(self) -> "WaitNotice":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        told = None
+        while not self.done.wait(WAIT_CHECK_SECONDS):
+            waiting = self.session.waiting_for_room
+            if waiting and not told and not self.printer.written:
+                self.write("(the servers are full: waiting for room; Ctrl-C stops waiting)\n")
+            told = waiting
+
+
 class ThoughtsApart:
     """Writes a reasoning model's reply as Ollama's terminal chat shows it: the thinking between "Thinking..." and
     "...done thinking." (dimmed on a terminal), then the answer."""
@@ -344,7 +376,10 @@ def _answer(line: str, conversation: Conversation, sampling: Sampling, message: 
                     conversation.reply(line, sampling, stop, _write)
                 _write("\n(stopped)\n" if stop.is_set() else "\n")
             except Exception as e:
-                _write(f"\n(error: {e})\n")
+                if stop.is_set():  # while it waited for room, say: nothing of the turn was kept
+                    _write("\n(stopped: this message is not part of the conversation)\n")
+                else:
+                    _write(f"\n(error: {e})\n")
     return True
 
 
