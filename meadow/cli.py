@@ -304,10 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_line() -> None:
     """The `meadow` command: `main`, then, once the command has stopped in order, an exit without the interpreter's
-    slow teardown (`exit_without_teardown`). Errors and Ctrl-C (SystemExit) exit as usual."""
+    slow teardown (`exit_without_teardown`), also after a stop signal turned into `sys.exit(0)` (`meadow api`).
+    Errors exit as usual."""
     from meadow.stopping import exit_without_teardown
 
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
     exit_without_teardown(0)
 
 
