@@ -1,4 +1,5 @@
-"""How long `meadow serve` takes from spawn to its ready line, and the CPU seconds it spends getting there.
+"""How long `meadow serve` takes from spawn to its ready line, the CPU seconds it spends getting there, and how long
+it takes to stop (SIGTERM to exit, as LocalSwarm and every test of a swarm stop it).
 
     PYTHONPATH=. python benchmarks/server_start.py [--rounds 5] [--models bench default]
 
@@ -46,8 +47,9 @@ def group_cpu_seconds(sid: int) -> float:
     return total
 
 
-def one_start(swarm: LocalSwarm, model: str, blocks: str) -> tuple[float, float, float]:
-    """(seconds from spawn to the ready line, CPU seconds of the server process, of its process group)."""
+def one_start(swarm: LocalSwarm, model: str, blocks: str) -> tuple[float, float, float, float]:
+    """(seconds from spawn to the ready line, CPU seconds of the server process, of its process group, seconds from
+    SIGTERM to its exit)."""
     began = time.perf_counter()
     server = swarm.start_server(model, "--blocks", blocks, wait=False)
     pid = server.popen.pid
@@ -57,9 +59,11 @@ def one_start(swarm: LocalSwarm, model: str, blocks: str) -> tuple[float, float,
         time.sleep(0.01)  # 10 ms resolution; a tighter poll would take CPU from the server it times
     elapsed = time.perf_counter() - began
     own, group = cpu_seconds(pid), group_cpu_seconds(pid)
+    began = time.perf_counter()
     server.stop()
+    stopped = time.perf_counter() - began
     swarm.servers.remove(server)
-    return elapsed, own, group
+    return elapsed, own, group, stopped
 
 
 def import_torch_seconds(rounds: int) -> list[float]:
@@ -84,15 +88,15 @@ def main() -> None:
 
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
     print(f"{'model':8} {'blocks':6} | {'cold s':>6} | {'warm s: median (min-max)':>26} | "
-          f"{'CPU s, server':>20} | {'CPU s, process group':>20}")  # fmt: skip
+          f"{'CPU s, server':>20} | {'CPU s, process group':>20} | {'stop s':>17}")  # fmt: skip
     with LocalSwarm() as swarm:
         swarm.start_dht()
         for name in args.models:
             model, blocks = models[name]
             cold, *warm = [one_start(swarm, model, blocks) for _ in range(args.rounds + 1)]
-            elapsed, own, group = (list(column) for column in zip(*warm))
+            elapsed, own, group, stopped = (list(column) for column in zip(*warm))
             print(f"{name:8} {blocks:6} | {cold[0]:6.2f} | {summary(elapsed):>26} | {summary(own):>20} | "
-                  f"{summary(group):>20}", flush=True)  # fmt: skip
+                  f"{summary(group):>20} | {summary(stopped):>17}", flush=True)  # fmt: skip
     print(f"python -c 'import torch': {summary(import_torch_seconds(args.rounds))} s")
 
 
