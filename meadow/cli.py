@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep a request's session on the servers this long after it, so that the "
                           "conversation's next request sends only what is new (default: %(default)s; 0: close each "
                           "at once)")  # fmt: skip
+    api.add_argument("--reserve-tokens", type=int, default=0, metavar="N",
+                     help="KV cache a request's session reserves on the servers for its reply up front, in tokens "
+                          "(at most its max_tokens); it grows as the reply is written. Less lets more requests share "
+                          "full servers, but a reply whose growth finds no room waits and is replayed (default: "
+                          "%(default)s, the whole max_tokens)")  # fmt: skip
     _add_identity(api)
     _add_points_identity(api)
     _add_allow_peers(api)
@@ -402,10 +407,12 @@ def _run(args: argparse.Namespace) -> None:
                 sys.exit(f"meadow api: {option} names one model's swarm: give one MODEL with it")
         if args.keep_sessions < 0:
             sys.exit("meadow api: --keep-sessions is a number of seconds, 0 or more")
+        if args.reserve_tokens < 0:
+            sys.exit("meadow api: --reserve-tokens is a number of tokens, 0 (a reply's whole max_tokens) or more")
         models = args.model or [_default_model("api")]
         run_api(
             models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),
-            args.api_key or None, [origin.strip() for origin in args.origins], args.keep_sessions,
+            args.api_key or None, [origin.strip() for origin in args.origins], args.keep_sessions, args.reserve_tokens,
         )  # fmt: skip
     elif args.command == "status":
         from meadow.api.swarm_view import print_swarm

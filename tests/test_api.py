@@ -1238,6 +1238,31 @@ def test_a_client_that_disconnects_mid_answer_frees_its_server_sessions(client, 
     assert client.completions.create(model=model_id, prompt="Again", max_tokens=3, temperature=0).choices[0].text
 
 
+def test_a_request_reserves_what_reserve_tokens_asks_and_its_session_grows_as_the_reply_is_written(served, reference):
+    """`meadow api --reserve-tokens 16`: a request for 4000 tokens holds far fewer on the servers while it writes
+    (the whole max_tokens would be reserved otherwise), and a reply that outgrows its reservation is the local
+    model's greedy text all the same."""
+    api = start_api(served["path"], served["swarm"].initial_peers, "--reserve-tokens", "16", "--keep-sessions", "0")
+    try:
+        url = api_url(api)
+        prompt_ids = reference[1]("Bees", return_tensors="pt")["input_ids"]
+        expected = local_reply(reference, prompt_ids, 40)[0]
+        status, reply = http(url + "v1/completions", json.dumps(
+            {"model": "tiny-llama", "prompt": "Bees", "max_tokens": 40, "temperature": 0}).encode())  # fmt: skip
+        assert status == 200 and reply["choices"][0]["text"] == expected
+        wait_until(lambda: free_cache(url) == [CACHE_TOKENS, CACHE_TOKENS])
+        body = {"model": "tiny-llama", "prompt": "Endless", "max_tokens": 4000, "temperature": 0, "stream": True}
+        connection = HTTPConnection(urlsplit(url).netloc, timeout=60)
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        assert connection.getresponse().status == 200
+        wait_until(lambda: all(left < CACHE_TOKENS for left in free_cache(url)))
+        held = [CACHE_TOKENS - left for left in free_cache(url)]
+        connection.close()
+        assert max(held) < 2000, held  # the first announcements after it opened: a few growths of 128 at most
+    finally:
+        api.stop()
+
+
 def test_a_conversations_next_turn_goes_on_in_the_session_kept_from_the_last(served, reference):
     """A request's session stays open a while after it (30 s by default): the conversation's next turn sends the
     servers only what is new (its usage says how many prompt tokens they held already), and its greedy answer is still

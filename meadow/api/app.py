@@ -60,13 +60,15 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 def create_app(
     model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = (),
     served: Sequence[str] = (), stored: ResponseStore | None = None, kept: KeptSessions | None = None,
+    reserve_tokens: int = 0,
 ) -> FastAPI:  # fmt: skip
     """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their
     files stay open, and ask the user for it. Web pages on this machine (and from `origins`; "*": any) may call it
     from a browser, as Ollama lets them. Beside other models' apps (model_router.py): `served` names all the models
     (for a request that names another), and they share the Responses API's `stored` responses. Requests go on in the
-    `kept` sessions of earlier ones where their prompts begin alike (kept_sessions.py)."""
+    `kept` sessions of earlier ones where their prompts begin alike (kept_sessions.py). A request's session reserves
+    `reserve_tokens` of its reply up front (0: all of max_tokens) and grows as the reply is written."""
     served = list(served) or [model_id]
     app = FastAPI(title="Meadow", docs_url=None, redoc_url=None)  # their pages would load scripts from a CDN
     app.add_middleware(
@@ -127,7 +129,9 @@ def create_app(
         for room on full servers (a streamed response then says so at once); a client that goes away meanwhile stops
         them there, and if one fails, all stop."""
         samplings = [replace(sampling, seed=None if sampling.seed is None else sampling.seed + j) for j in range(n)]
-        generations = [TextGeneration(model, tokenizer, ids, s, kept) for ids in prompts for s in samplings]
+        generations = [
+            TextGeneration(model, tokenizer, ids, s, kept, reserve_tokens) for ids in prompts for s in samplings
+        ]
         watcher = asyncio.create_task(close_when_gone(generations, http))
         try:
             await asyncio.gather(*(generation.start() for generation in generations))

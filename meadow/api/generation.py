@@ -108,9 +108,10 @@ class TextGeneration:
 
     def __init__(
         self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling,
-        kept: KeptSessions | None = None,
+        kept: KeptSessions | None = None, reserve_tokens: int = 0,
     ):  # fmt: skip
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
+        self.reserve_tokens = reserve_tokens  # of the reply, reserved up front (0: all of max_tokens); the rest grows
         self.kept = kept  # sessions kept from earlier requests: one may hold this prompt's start already
         self.prompt_tokens = prompt_ids.shape[1]
         self.cached_tokens = 0  # prompt tokens the servers held already (a kept session's), set by the first token
@@ -165,7 +166,8 @@ class TextGeneration:
 
         try:
             # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
-            length = self.prompt_tokens + s.max_tokens
+            reply = min(s.max_tokens, self.reserve_tokens) if self.reserve_tokens else s.max_tokens
+            length = self.prompt_tokens + reply
             if self.kept is not None and not s.prompt_logprobs:  # (those need the whole prompt's logits)
                 session, self.cached_tokens = self.kept.take(self.prompt_ids, length, self.cancelled)
             if session is not None:

@@ -31,6 +31,7 @@ def run_api(
     api_key: str | None = None,
     origins: Sequence[str] = (),
     keep_seconds: float = KEEP_SECONDS,
+    reserve_tokens: int = 0,
 ) -> None:
     """Serve `models` (one API over them all) until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)`
     (`(models ID, ID)` for several; then where each API and the chat page are) once it accepts requests."""
@@ -57,7 +58,8 @@ def run_api(
         ids, stored = list(joined), ResponseStore()
         for model_id in joined:
             kept[model_id] = KeptSessions(keep_seconds)
-        apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored, kept[model_id])
+        apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored, kept[model_id],
+                                     reserve_tokens)
                 for model_id, (distributed, tokenizer) in joined.items()}  # fmt: skip
         _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, host, port, api_key)
     finally:
