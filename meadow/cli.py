@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from meadow.api.kept_sessions import KEEP_SECONDS
+from meadow.api.kept_sessions import KEEP_SECONDS, RESERVE_TOKENS
 from meadow.wire import WIRE_FORMATS, BlockRange
 
 
@@ -262,11 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep a request's session on the servers this long after it, so that the "
                           "conversation's next request sends only what is new (default: %(default)s; 0: close each "
                           "at once)")  # fmt: skip
-    api.add_argument("--reserve-tokens", type=int, default=0, metavar="N",
+    api.add_argument("--reserve-tokens", type=int, default=RESERVE_TOKENS, metavar="N",
                      help="KV cache a request's session reserves on the servers for its reply up front, in tokens "
                           "(at most its max_tokens); it grows as the reply is written. Less lets more requests share "
                           "full servers, but a reply whose growth finds no room waits and is replayed (default: "
-                          "%(default)s, the whole max_tokens)")  # fmt: skip
+                          "%(default)s; 0: the whole max_tokens)")  # fmt: skip
     _add_identity(api)
     _add_points_identity(api)
     _add_allow_peers(api)

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.embeddings import embed
 from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
-from meadow.api.kept_sessions import KeptSessions
+from meadow.api.kept_sessions import RESERVE_TOKENS, KeptSessions
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
 from meadow.api.response_store import ResponseStore
@@ -60,7 +60,7 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 def create_app(
     model, tokenizer: PreTrainedTokenizerBase, model_id: str, api_key: str | None = None, origins: Sequence[str] = (),
     served: Sequence[str] = (), stored: ResponseStore | None = None, kept: KeptSessions | None = None,
-    reserve_tokens: int = 0,
+    reserve_tokens: int = RESERVE_TOKENS,
 ) -> FastAPI:  # fmt: skip
     """The API for `model` (a DistributedModelForCausalLM), named `model_id` in requests. With `api_key`, /v1 and /api
     answer only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send it); the pages and their

@@ -15,7 +15,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from meadow.api.json_mode import token_texts
-from meadow.api.kept_sessions import KeptSessions, close_quietly
+from meadow.api.kept_sessions import RESERVE_TOKENS, KeptSessions, close_quietly
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 
@@ -108,7 +108,7 @@ class TextGeneration:
 
     def __init__(
         self, model, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, sampling: Sampling,
-        kept: KeptSessions | None = None, reserve_tokens: int = 0,
+        kept: KeptSessions | None = None, reserve_tokens: int = RESERVE_TOKENS,
     ):  # fmt: skip
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
         self.reserve_tokens = reserve_tokens  # of the reply, reserved up front (0: all of max_tokens); the rest grows

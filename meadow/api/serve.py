@@ -13,7 +13,7 @@ from typing import Sequence
 
 import uvicorn
 
-from meadow.api.kept_sessions import KEEP_SECONDS, KeptSessions
+from meadow.api.kept_sessions import KEEP_SECONDS, RESERVE_TOKENS, KeptSessions
 from meadow.client.config import ClientConfig
 
 # a request for blocks nobody serves should get its 503 within seconds, not after the library's 30 s default
@@ -31,7 +31,7 @@ def run_api(
     api_key: str | None = None,
     origins: Sequence[str] = (),
     keep_seconds: float = KEEP_SECONDS,
-    reserve_tokens: int = 0,
+    reserve_tokens: int = RESERVE_TOKENS,
 ) -> None:
     """Serve `models` (one API over them all) until SIGINT/SIGTERM. Prints `API ready: http://HOST:PORT (model ID)`
     (`(models ID, ID)` for several; then where each API and the chat page are) once it accepts requests."""
