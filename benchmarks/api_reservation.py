@@ -76,8 +76,9 @@ def main() -> None:
     for reserve, row in ((0, whole), (args.reserve, part)):
         print(f"| {reserve} | {row['all']:.1f} | {row['mean']:.1f} | {row['worst']:.1f} | {row['tokens']} | "
               f"{row['rebuilt']} |")  # fmt: skip
-    print(f"ratios {args.reserve} / 0: all done {part['all'] / whole['all']:.2f}, mean {part['mean'] / whole['mean']:.2f}, "
-          f"worst {part['worst'] / whole['worst']:.2f}")  # fmt: skip
+    ratios = {key: part[key] / whole[key] for key in ("all", "mean", "worst")}
+    print(f"ratios {args.reserve} / 0: all done {ratios['all']:.2f}, mean {ratios['mean']:.2f}, "
+          f"worst {ratios['worst']:.2f}")  # fmt: skip
     print("same replies both ways:", "yes" if whole["texts"] == part["texts"] else "NO")
 
 
