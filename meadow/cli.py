@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from meadow.api.kept_sessions import KEEP_SECONDS, RESERVE_TOKENS
+from meadow.api.kept_sessions import KEEP_SECONDS
+from meadow.client.config import RESERVE_TOKENS
 from meadow.wire import WIRE_FORMATS, BlockRange
 
 
@@ -22,6 +23,12 @@ def _block_range(text: str) -> BlockRange:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
     return int(text)
 
 
@@ -233,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-length", type=int, default=2048,
                       help="most tokens the conversation's inference session may grow to; a longer conversation "
                            "goes on in a new one")  # fmt: skip
+    chat.add_argument("--reserve-tokens", type=_whole_number, default=RESERVE_TOKENS, metavar="N",
+                      help="KV cache a turn reserves on the servers for its reply up front, in tokens; the session "
+                           "grows as the reply is written (default: %(default)s; 0: the whole --max-new-tokens)")  # fmt: skip
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
@@ -262,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep a request's session on the servers this long after it, so that the "
                           "conversation's next request sends only what is new (default: %(default)s; 0: close each "
                           "at once)")  # fmt: skip
-    api.add_argument("--reserve-tokens", type=int, default=RESERVE_TOKENS, metavar="N",
+    api.add_argument("--reserve-tokens", type=_whole_number, default=RESERVE_TOKENS, metavar="N",
                      help="KV cache a request's session reserves on the servers for its reply up front, in tokens "
                           "(at most its max_tokens); it grows as the reply is written. Less lets more requests share "
                           "full servers, but a reply whose growth finds no room waits and is replayed (default: "
@@ -396,7 +406,7 @@ def _run(args: argparse.Namespace) -> None:
         sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
         run_chat(
             _model(args), args.initial_peers, sampling, args.max_length, args.system, args.dht_prefix, args.adapter,
-            _client_config(args),
+            _client_config(args), args.reserve_tokens,
         )  # fmt: skip
     elif args.command == "api":
         from meadow.api.serve import run_api
@@ -407,8 +417,6 @@ def _run(args: argparse.Namespace) -> None:
                 sys.exit(f"meadow api: {option} names one model's swarm: give one MODEL with it")
         if args.keep_sessions < 0:
             sys.exit("meadow api: --keep-sessions is a number of seconds, 0 or more")
-        if args.reserve_tokens < 0:
-            sys.exit("meadow api: --reserve-tokens is a number of tokens, 0 (a reply's whole max_tokens) or more")
         models = args.model or [_default_model("api")]
         run_api(
             models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),

@@ -30,7 +30,7 @@ TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
-TURN = re.compile(r"the session holds (\d+) tokens, (\d+) new tokens sent; ids \[([\d, ]*)\]")
+TURN = re.compile(r"the session holds (\d+) tokens, (\d+) new tokens sent; room for (?P<room>\d+); ids \[([\d, ]*)\]")
 REPLY = re.compile(r"reply: (\d+) new tokens")
 WAIT = 180.0
 
@@ -100,7 +100,7 @@ class Chat:
             self.interrupt()
         self.wait(lambda: len(self.matches(REPLY)) > len(replies), "reply")
         self.wait(lambda: self.out.endswith("> "), "prompt")
-        held, sent, ids = self.matches(TURN)[len(turns)].groups()
+        held, sent, _, ids = self.matches(TURN)[len(turns)].groups()
         ids = [int(i) for i in ids.split(", ")]
         assert len(ids) - int(held) == int(sent)
         return int(held), ids, self.out[start:], int(self.matches(REPLY)[-1].group(1))
@@ -137,12 +137,15 @@ def user(text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain-transcript"])
 def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm, template):
+    """...and a turn reserves its prompt and --reserve-tokens of the reply (the plain copy's chat: 2 of its 8), its
+    session growing on the servers as the reply is written."""
     swarm, templated, plain, reference, _ = chat_swarm
     path = templated if template else plain  # the plain copy has the same weights and no chat template
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert bool(tokenizer.chat_template) == template
+    reserve = 128 if template else 2  # the default, above the longest reply, or below it
     chat = Chat(str(path), "--initial-peers", *swarm.initial_peers, "--dht-prefix", dht_prefix_for(templated),
-                "--max-new-tokens", "8")  # fmt: skip
+                "--max-new-tokens", "8", *([] if template else ["--reserve-tokens", "2"]))  # fmt: skip
     try:
         chat.wait(lambda: chat.out.endswith("> "), "prompt")
         start = chat.send("/retry")
@@ -150,7 +153,8 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
         held, ids, shown, made = chat.turn("Hello there")
         assert held == 0 and ids == chat_prompt_ids(tokenizer, [user("Hello there")])[0].tolist()
         first, text = local_reply(reference, tokenizer, ids, 8)
-        assert text and text in shown and made == len(first)
+        assert text and text in shown and made == len(first) > 2
+        assert int(chat.matches(TURN)[-1]["room"]) == len(ids) + min(8, reserve)
 
         # the second turn continues the session: the servers hold the first turn but for the reply's last token
         held, ids2, shown, _ = chat.turn("Tell me more")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from meadow.cli import main
+from meadow.cli import build_parser, main
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm
 from meadow.server.sizing import block_bytes
@@ -85,6 +85,16 @@ def test_an_api_over_several_models_refuses_an_option_that_names_one_models_swar
     with pytest.raises(SystemExit) as exit:
         main(["api", "a-model", "b-model", "--initial-peers", good, option, "x"])
     assert str(exit.value) == f"meadow api: {option} names one model's swarm: give one MODEL with it"
+
+
+@pytest.mark.parametrize("command", ["chat", "api"])
+def test_reserve_tokens_is_a_whole_number(command, capsys):
+    given = lambda value: build_parser().parse_args([command, "--reserve-tokens", value])
+    for bad in ["-1", "ten"]:
+        with pytest.raises(SystemExit):
+            given(bad)
+        assert f"--reserve-tokens: expected a whole number, 0 or more, got '{bad}'" in capsys.readouterr().err
+    assert given("0").reserve_tokens == 0 and build_parser().parse_args([command]).reserve_tokens == 128
 
 
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):

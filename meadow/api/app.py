@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.embeddings import embed
 from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
-from meadow.api.kept_sessions import RESERVE_TOKENS, KeptSessions
+from meadow.api.kept_sessions import KeptSessions
 from meadow.api.logprobs import chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
 from meadow.api.response_store import ResponseStore
@@ -36,6 +36,7 @@ from meadow.api.streaming import GenerationResponse, close, close_when_gone, col
 from meadow.api.swarm_view import PointsView, read_swarm
 from meadow.api.tool_calls import Call, CallPiece, CallReader, dialect_of, read_reply, tool_prompt_ids
 from meadow.client.chat_prompt import stop_strings
+from meadow.client.config import RESERVE_TOKENS
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 
 STATIC = Path(__file__).parent / "static"

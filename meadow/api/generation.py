@@ -15,9 +15,10 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from meadow.api.json_mode import token_texts
-from meadow.api.kept_sessions import RESERVE_TOKENS, KeptSessions, close_quietly
+from meadow.api.kept_sessions import KeptSessions, close_quietly
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
+from meadow.client.config import RESERVE_TOKENS
 
 logger = logging.getLogger(__name__)
 

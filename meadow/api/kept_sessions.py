@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # (the CLI reads KEEP_SECONDS here: no torch for that)
 logger = logging.getLogger(__name__)
 
 KEEP_SECONDS = 30.0  # a chat's next question, an agent's next step after a tool ran
-# what a request's session reserves of its reply up front; it grows as the reply is written (here: no torch for the CLI)
-RESERVE_TOKENS = 128  # benchmarks/api_reservation.py: 8 and 12 users on a short cache done in 0.78 and 0.55 the time
 MAX_KEPT = 4
 MIN_SHARED_TOKENS = 16  # a shorter common start saves too little to be worth a session another request may want
 

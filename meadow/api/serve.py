@@ -13,8 +13,8 @@ from typing import Sequence
 
 import uvicorn
 
-from meadow.api.kept_sessions import KEEP_SECONDS, RESERVE_TOKENS, KeptSessions
-from meadow.client.config import ClientConfig
+from meadow.api.kept_sessions import KEEP_SECONDS, KeptSessions
+from meadow.client.config import RESERVE_TOKENS, ClientConfig
 
 # a request for blocks nobody serves should get its 503 within seconds, not after the library's 30 s default
 WAIT_FOR_SERVERS = 5.0

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from meadow.client.config import ClientConfig
+from meadow.client.config import RESERVE_TOKENS, ClientConfig
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 
@@ -58,10 +58,19 @@ class Sampling:
 
 class Conversation:
     """The messages of a chat and the inference session that holds them: `ids` (1, L) are the tokens it was sent
-    and the last reply's tokens (whose last one the servers get with the next turn)."""
+    and the last reply's tokens (whose last one the servers get with the next turn). A turn reserves its prompt and
+    `reserve_tokens` of the reply on the servers (0: the whole max_new_tokens); the session grows as the reply does."""
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, max_length: int, system: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        system: str | None = None,
+        reserve_tokens: int = RESERVE_TOKENS,
+    ):
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.reserve_tokens = reserve_tokens
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.thinks = thinks(tokenizer.chat_template)  # a reasoning model: its thinking is shown apart
         self._session = ExitStack()  # holds the model's inference session open from turn to turn
@@ -98,8 +107,9 @@ class Conversation:
                 write(f"(the conversation outgrew the {self.max_length} tokens a session may hold: its oldest "
                       "messages are dropped, and it goes on in a new session)\n")  # fmt: skip
             messages = kept
-        # the servers hold what this turn needs; the session grows on them as the conversation does
-        needed = ids.shape[1] + sampling.max_new_tokens
+        # the servers hold the prompt and the start of the reply; the session grows on them as the reply does
+        reserved = min(sampling.max_new_tokens, self.reserve_tokens) if self.reserve_tokens else sampling.max_new_tokens
+        needed = ids.shape[1] + reserved
         if self.ids is None:
             self._session.enter_context(self.model.inference_session(max_length=needed))
         session = self.model.session
@@ -107,7 +117,8 @@ class Conversation:
         session.hand_over(stop)  # a Ctrl-C ends a wait for room on full servers too, not only the token loop
         held = session.position
         self._before_last, self.last_message = (messages[:-1], self.ids, held), text
-        logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; ids {ids[0].tolist()}")
+        logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; room for "
+                     f"{session.max_length}; ids {ids[0].tolist()}")  # fmt: skip
         notify = write
         if self.thinks:
             write = ThoughtsApart(write, opens_thinking(self.tokenizer, ids), dim=sys.stdout.isatty())
@@ -397,6 +408,7 @@ def run_chat(
     dht_prefix: str | None = None,
     adapter: str | None = None,
     client_config: ClientConfig | None = None,
+    reserve_tokens: int = RESERVE_TOKENS,
 ) -> None:
     """`meadow chat`: join the swarm, then chat in the terminal until the user leaves."""
     from meadow.client.model import AutoDistributedModelForCausalLM
@@ -409,7 +421,7 @@ def run_chat(
     with AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter, client_config=client_config
     ) as distributed:
-        conversation = Conversation(distributed, tokenizer, max_length, system)
+        conversation = Conversation(distributed, tokenizer, max_length, system, reserve_tokens)
         print(f"Chatting with {Path(model).name} through the swarm. /help lists the commands.", flush=True)
         try:
             chat_loop(conversation, sampling)
