@@ -529,8 +529,9 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
     tools = [openai.pydantic_function_tool(Weather, name="get_weather"), NOW]
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     asked = {"model": model_id, "messages": messages, "tools": tools, "max_tokens": 200}
-    forced = client.chat.completions.parse(**asked, tool_choice="required", temperature=0).choices[0]
+    forced = client.chat.completions.parse(**asked, tool_choice="required", temperature=0, logprobs=True).choices[0]
     assert forced.finish_reason == "tool_calls" and forced.message.content is None
+    assert forced.logprobs.content == []  # the calls' tokens are not the content's
     assert forced.message.tool_calls and all(call.function.name in ("get_weather", "now")
                                              for call in forced.message.tool_calls)  # fmt: skip
     weather = {"type": "function", "function": {"name": "get_weather"}}
@@ -554,8 +555,9 @@ def test_tool_calls_come_back_in_each_apis_shape_and_tools_reach_the_prompt(clie
         prompt_ids = chat_prompt_ids(tokenizer, *conversation(dialect_of(tokenizer.chat_template), shown, box))
         text, finish, _ = local_reply(reference, prompt_ids, 12, stop_strings(tokenizer))
         chosen = client.chat.completions.create(**{**asked, "messages": conversation_so_far, "max_tokens": 12},
-                                                temperature=0)  # fmt: skip
+                                                temperature=0, logprobs=True)  # fmt: skip
         assert chosen.choices[0].message.content == text and chosen.usage.prompt_tokens == prompt_ids.shape[1]
+        assert len(chosen.choices[0].logprobs.content) == chosen.usage.completion_tokens  # no call: all content
         assert chosen.choices[0].message.tool_calls is None and chosen.choices[0].finish_reason == finish
     described = chat_prompt_ids(tokenizer, conversation(dialect_of(tokenizer.chat_template), messages, box)[0]).shape[1]
     assert described > chat_prompt_ids(tokenizer, messages).shape[1] + 100  # the tools' description is in the prompt
@@ -699,6 +701,11 @@ THINKING_TEMPLATE = (
 )
 
 
+def streamed_logprobs(chunks) -> list:
+    return [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+            for entry in chunk.choices[0].logprobs.content]  # fmt: skip
+
+
 def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(served, tmp_path, reference):
     """A template that opens the reply's think block: the greedy reply (all thinking: it never closes the block in
     8 tokens) comes as reasoning_content (OpenAI), a reasoning item (Responses) or thinking (Ollama), streamed or not,
@@ -715,6 +722,9 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(**asked, stream=True) if chunk.choices]
     assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == thought
     assert not "".join(delta.content or "" for delta in deltas)
+    # logprobs are the answer's tokens' (none here), as the Responses API's below; the thinking's are left out
+    assert client.chat.completions.create(**asked, logprobs=True).choices[0].logprobs.content == []
+    assert not streamed_logprobs(client.chat.completions.create(**asked, logprobs=True, stream=True))
 
     asked_once = {"model": "tiny-llama", "input": hi[0]["content"], "max_output_tokens": 8, "temperature": 0}
     response = client.responses.create(**asked_once)
@@ -732,10 +742,14 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
 
     plain_ids = chat_prompt_ids(tokenizer, hi, enable_thinking=False)
     answer = local_reply((reference[0], tokenizer), plain_ids, 8)[0]
-    plain = client.chat.completions.create(**asked, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    unthinking = {**asked, "logprobs": True, "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}
+    plain = client.chat.completions.create(**unthinking)
     said = plain.choices[0].message
     assert plain.usage.prompt_tokens == plain_ids.shape[1]
     assert (said.content, getattr(said, "reasoning_content", None)) == (answer, None)
+    every = plain.usage.completion_tokens  # all of the reply is the answer: every token's logprob
+    assert len(plain.choices[0].logprobs.content) == every
+    assert len(streamed_logprobs(client.chat.completions.create(**unthinking, stream=True))) == every
 
     ollamas = ollama.Client(host=url.rstrip("/"), timeout=120)
     assert "thinking" in ollamas.show("tiny-llama").capabilities

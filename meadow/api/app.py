@@ -25,7 +25,7 @@ from meadow.api.embeddings import embed
 from meadow.api.errors import APIError, api_error, install_error_handlers
 from meadow.api.generation import Delta, Sampling, TextGeneration, Waiting
 from meadow.api.kept_sessions import KeptSessions
-from meadow.api.logprobs import chat_format, completion_format
+from meadow.api.logprobs import answer_entries, chat_format, completion_format
 from meadow.api.ollama import OLLAMA_PATHS, add_ollama_routes
 from meadow.api.response_store import ResponseStore
 from meadow.api.responses import add_responses_routes
@@ -186,8 +186,10 @@ def create_app(
         generations = await start([prompt_ids], sampling, request.n, http)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
 
-        def logprobs_of(pieces: list[Delta]) -> dict | None:
-            return chat_format([entry for piece in pieces for entry in piece.logprobs]) if request.logprobs else None
+        def logprobs_of(pieces: list[Delta], start: int, content: str | None) -> dict | None:
+            """The answer's tokens' (not the thinking's, nor a call's: see answer_entries), if they were asked for."""
+            entries = [entry for piece in pieces for entry in piece.logprobs]
+            return chat_format(answer_entries(entries, start, content)) if request.logprobs else None
 
         def finish_reason(generation: TextGeneration, called: bool) -> str:
             reason = generation.outcome.finish_reason
@@ -206,16 +208,17 @@ def create_app(
             return {"tool_calls": [piece.openai()]}
 
         def choice(index: int, generation: TextGeneration, pieces: list[Delta]) -> dict:
-            text = "".join(piece.text for piece in pieces)
-            reasoning, text = split_reasoning(text, inside) if thinking else ("", text)
-            content, calls = read_reply(text, dialect, bool(box.callable)) if box else (text, [])
+            reply = "".join(piece.text for piece in pieces)
+            reasoning, answer = split_reasoning(reply, inside) if thinking else ("", reply)
+            content, calls = read_reply(answer, dialect, bool(box.callable)) if box else (answer, [])
             said = {"role": "assistant", "content": content}
             if calls:  # the content null when there is none, as OpenAI's
                 said = {"role": "assistant", "content": content or None, **calls_field(calls)}
             if reasoning:
                 said["reasoning_content"] = reasoning
             finish = finish_reason(generation, bool(calls))
-            return {"index": index, "message": said, "logprobs": logprobs_of(pieces), "finish_reason": finish}
+            logprobs = logprobs_of(pieces, len(reply) - len(answer), content if box else None)  # the answer ends it
+            return {"index": index, "message": said, "logprobs": logprobs, "finish_reason": finish}
 
         if not request.stream:
             replies = await collect_replies(generations, http)
@@ -231,6 +234,7 @@ def create_app(
             readers = [CallReader(dialect, bool(box and box.callable)) for _ in generations]  # with tools
             thinkers = [ThinkingReader(inside) for _ in generations]  # for a reasoning model
             called = [0] * len(generations)
+            replies, answers, contents = ([""] * len(generations) for _ in range(3))  # each choice's, so far
             for index in range(len(generations)):
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for index, piece in merged([generation.deltas(tell_waits=True) for generation in generations]):
@@ -253,8 +257,13 @@ def create_app(
                     if reasoning:
                         yield chunk(index, {"reasoning_content": reasoning})
                     content, calls = readers[index].stream(text) if box else (text, [])
-                    if content or piece.logprobs:
-                        yield chunk(index, {"content": content}, logprobs=logprobs_of([piece]))
+                    replies[index] += piece.text
+                    answers[index] += text
+                    contents[index] += content
+                    answer_at = len(replies[index]) - len(answers[index])
+                    logprobs = logprobs_of([piece], answer_at, contents[index] if box else None)
+                    if content or (logprobs and logprobs["content"]):
+                        yield chunk(index, {"content": content}, logprobs=logprobs)
                     for call in calls:  # as its arguments are written
                         yield chunk(index, call_piece(call))
                         called[index] += call.begins

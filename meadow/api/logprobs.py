@@ -58,6 +58,13 @@ def prompt_logprobs(model, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor
     return [replace(entry, offset=offset) for entry, offset in zip(entries, offsets)]
 
 
+def answer_entries(entries: list[TokenLogprob], start: int, content: str | None = None) -> list[TokenLogprob]:
+    """The entries of the answer's tokens: those whose text begins at `start` in the reply or later (after a reasoning
+    model's thinking); given the `content` of a reply with calls, those within it (not a call's)."""
+    end = float("inf") if content is None else start + len(content)
+    return [entry for entry in entries if start <= entry.offset < end]
+
+
 def chat_format(entries: list[TokenLogprob]) -> dict:
     """Chat completions' `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from meadow.api.errors import APIError, api_error
 from meadow.api.generation import Delta, Sampling, Waiting
 from meadow.api.response_store import ResponseStore
-from meadow.api.logprobs import chat_format
+from meadow.api.logprobs import answer_entries, chat_format
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, object_text, refuse_unsupported,
@@ -274,9 +274,8 @@ def add_responses_routes(
         def logprobs_of(pieces: list[Delta], start: int = 0, content: str | None = None) -> list[dict]:
             """The entries of the tokens in `pieces` from the answer's `start` in the reply on (after the thinking);
             given the `content` of a reply with calls, of its tokens only."""
-            end = float("inf") if content is None else start + len(content)
-            entries = [entry for piece in pieces for entry in piece.logprobs if start <= entry.offset < end]
-            return chat_format(entries)["content"]
+            entries = [entry for piece in pieces for entry in piece.logprobs]
+            return chat_format(answer_entries(entries, start, content))["content"]
 
         def finished(thought: str, content: str, logprobs: list[dict], calls: list[Call]) -> dict:
             status = "incomplete" if generation.outcome.finish_reason == "length" else "completed"
