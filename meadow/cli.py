@@ -339,13 +339,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _run(args)
     except Exception as e:
-        from meadow.swarm.allow_list import NotAllowed
-
-        if not isinstance(e, NotAllowed):
+        if not isinstance(e, _user_errors()):
             raise
-        sys.exit(f"meadow {args.command}: error: {e}")  # a private swarm refused us: one line, no traceback
+        logging.getLogger("meadow").debug("where it was raised:", exc_info=True)  # with -v
+        sys.exit(f"meadow {args.command}: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C where a command has nothing left to do but stop (its processes are stopped)
         sys.exit(130)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that end a command with one line and no traceback (unless -v): what the user gave (a model that is not
+    there or not supported), the machine's limits, or the swarm's state (unreachable, refusing us, missing blocks, a
+    server's error) rather than a bug here."""
+    from meadow.models.checkpoint import ModelNotFound
+    from meadow.models.config import UnsupportedModelError
+    from meadow.models.quant import QuantUnavailable
+    from meadow.server.sizing import NotEnoughMemory
+    from meadow.wire import MeadowError
+
+    return MeadowError, ModelNotFound, UnsupportedModelError, QuantUnavailable, NotEnoughMemory
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -362,10 +374,8 @@ def _run(args: argparse.Namespace) -> None:
             sys.exit(f"meadow keygen: {e}")
         print(f"Wrote {identity.path}: peer id {identity.peer_id}; keep it private, pass it as --identity")
     elif args.command == "serve":
-        from meadow.models.quant import QuantUnavailable
         from meadow.server.handler import Limits
         from meadow.server.server import Server, ServerConfig
-        from meadow.server.sizing import NotEnoughMemory
 
         limits = Limits(
             max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, idle_timeout=args.idle_timeout,
@@ -383,11 +393,7 @@ def _run(args: argparse.Namespace) -> None:
             points_period=args.points_period, points_seeds=args.points_seeds, points_allow=args.points_allow,
         )  # fmt: skip
         logging.getLogger("meadow").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a server logs its decisions
-        try:
-            server = Server(config)
-        except (QuantUnavailable, NotEnoughMemory) as e:  # the machine's limits, not a bug: one line, no traceback
-            sys.exit(f"meadow serve: error: {e}")
-        server.run()
+        Server(config).run()
     elif args.command == "generate":
         from meadow.client.text import stream_generate
 

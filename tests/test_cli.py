@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -175,6 +176,24 @@ def test_a_server_that_cannot_hold_one_block_says_so_in_one_line(checkpoints):
     )  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("meadow serve: error: one block needs")
+
+
+def test_a_command_that_fails_for_what_it_was_given_or_the_swarms_state_says_so_in_one_line(tmp_path, caplog):
+    """A model that is not there, or not whole, and initial peers where no swarm answers end the command with
+    `meadow COMMAND: error: ...` alone; with -v, the traceback is logged too."""
+    dead = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7"
+    for argv, said in [
+        (["serve", str(tmp_path / "nope"), "--initial-peers", dead], "is neither a local folder or .gguf file"),
+        (["serve", str(tmp_path), "--initial-peers", dead], "has no config.json (an HF checkpoint) and no .gguf"),
+        (["chat", str(tmp_path / "nope"), "--initial-peers", dead], "is neither a local folder or .gguf file"),
+        (["dht", "--initial-peers", dead], f"none of the initial peers answered ({dead}): is a DHT node"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert str(exit.value).startswith(f"meadow {argv[0]}: error: ") and said in str(exit.value)
+    with caplog.at_level(logging.DEBUG, logger="meadow"), pytest.raises(SystemExit):
+        main(["-v", "serve", str(tmp_path), "--initial-peers", dead])
+    assert [record.exc_info[0].__name__ for record in caplog.records if record.exc_info] == ["ModelNotFound"]
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path):

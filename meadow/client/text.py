@@ -29,5 +29,9 @@ def stream_generate(
     with AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter, client_config=client_config
     ) as distributed:
-        outputs = distributed.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+        try:
+            outputs = distributed.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+        except BaseException:
+            print(flush=True)  # the error (or ^C) on a line of its own, not after the text streamed so far
+            raise
     return tokenizer.decode(outputs[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

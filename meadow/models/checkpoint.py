@@ -28,13 +28,17 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 
+class ModelNotFound(FileNotFoundError):
+    """The checkpoint asked for is not where it was said to be, or is not a whole checkpoint."""
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """A checkpoint folder with config.json, a .gguf file, or the one of a folder without config.json; a model id
     already in the local HF cache is resolved to its snapshot the same way. Never downloads."""
     path = Path(model).expanduser()
     if path.is_file():
         if not gguf.is_gguf(path):
-            raise FileNotFoundError(f"{path} is a file but not a .gguf: pass a checkpoint folder or a GGUF file")
+            raise ModelNotFound(f"{path} is a file but not a .gguf: pass a checkpoint folder or a GGUF file")
         return path.resolve()
     if path.is_dir():
         return model_in_folder(path)
@@ -43,7 +47,7 @@ def resolve_model_path(model: str | Path) -> Path:
     try:
         snapshot = Path(snapshot_download(str(model), local_files_only=True))
     except Exception as e:  # not a valid repo id, or not cached
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"model {str(model)!r} is neither a local folder or .gguf file ({path.resolve()} does not exist) nor in "
             f"the local Hugging Face cache ({constants.HF_HUB_CACHE}); Meadow never downloads, so put the checkpoint "
             f"there first ({type(e).__name__})"
@@ -59,8 +63,8 @@ def model_in_folder(path: Path) -> Path:
     if len(files) == 1:
         return files[0].resolve()
     if files:
-        raise FileNotFoundError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}): pass one")
-    raise FileNotFoundError(f"{path} has no config.json (an HF checkpoint) and no .gguf file")
+        raise ModelNotFound(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}): pass one")
+    raise ModelNotFound(f"{path} has no config.json (an HF checkpoint) and no .gguf file")
 
 
 def load_config(model: str | Path) -> BlockConfig:
@@ -172,7 +176,7 @@ def read_tensors(
         with safe_open(single_file, framework="pt") as f:
             weight_map = {name: single_file.name for name in f.keys()}
     else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+        raise ModelNotFound(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():

@@ -124,8 +124,10 @@ def refused_reason(initial_peers: list[str], identity_path: str | Path) -> str |
         from hivemind.p2p import P2P
         from hivemind.utils.multiaddr import Multiaddr
 
+        # (the identity is ours, and its DHT failed to start: no need to ask the swarm whether it is in use)
         p2p = await P2P.create(initial_peers=initial_peers, identity_path=str(identity_path),
-                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False)  # fmt: skip
+                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False,
+                               check_if_identity_free=False)  # fmt: skip
         try:
             for maddr in initial_peers:
                 peer = PeerID.from_base58(Multiaddr(maddr)["p2p"])

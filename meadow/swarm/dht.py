@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import hivemind
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
 
 from meadow.swarm.allow_list import AllowListDHT, NotAllowed, load_allow_list, refused_reason
@@ -23,8 +23,13 @@ from meadow.swarm.records import LEDGERS_KEY, MODELS_KEY, LedgerHead, ModelInfo,
 from meadow.swarm.validation import (
     InvalidRecord, check_ledger_record, check_model_record, check_record, meadow_validators, owner_subkey,
 )  # fmt: skip
+from meadow.wire import MeadowError
 
 logger = logging.getLogger(__name__)
+
+
+class SwarmUnreachable(MeadowError):
+    """None of the initial peers answered: no swarm runs there (or not at that address, or with another peer id)."""
 
 
 def start_dht(
@@ -82,10 +87,18 @@ def start_dht(
             raise
         try:
             dht.wait_until_ready()  # inside the folder: p2pd may not have read a fresh identity's key before
-        except RuntimeError:  # hivemind: "none of the initial_peers responded": say why, if they refused us
-            reason = refused_reason(list(initial_peers), key.path) if initial_peers else None
+        except (RuntimeError, P2PDaemonError) as e:  # "none of the initial_peers responded" (hivemind's DHT), or
+            # "failed to connect to bootstrap peers" (p2pd, which reached none): say why, if they refused us, and what
+            # to check if not
+            asked = initial_peers and isinstance(e, RuntimeError)
+            reason = refused_reason(list(initial_peers), key.path) if asked else None
             if reason is not None:
                 raise NotAllowed(reason) from None
+            if initial_peers and "bootstrap" in str(e):
+                raise SwarmUnreachable(
+                    f"none of the initial peers answered ({' '.join(initial_peers)}): is a DHT node (`meadow dht`) "
+                    "or a server of the swarm running there, at that address and with that peer id?"
+                ) from e
             raise
     if dht.peer_id != key.peer_id:  # readers derive a server's peer id from its signing key: they must agree
         dht.shutdown()
