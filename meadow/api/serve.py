@@ -15,6 +15,7 @@ import uvicorn
 
 from meadow.api.kept_sessions import KEEP_SECONDS, KeptSessions
 from meadow.client.config import RESERVE_TOKENS, ClientConfig
+from meadow.listening import listening_socket
 
 # a request for blocks nobody serves should get its 503 within seconds, not after the library's 30 s default
 WAIT_FOR_SERVERS = 5.0
@@ -41,6 +42,9 @@ def run_api(
     from meadow.client.model import AutoDistributedModelForCausalLM
     from meadow.models import load_tokenizer
 
+    # our own socket, taken before the swarm is joined: a port in use is said at once; with --port 0, the address
+    # printed is the one bound
+    sock = listening_socket(host, port)
     config = replace(client_config or ClientConfig(), wait_for_servers=WAIT_FOR_SERVERS)
     joined: dict[str, tuple] = {}  # model id -> (the distributed model, its tokenizer)
     kept: dict[str, KeptSessions] = {}  # model id -> the sessions kept between its requests
@@ -61,8 +65,9 @@ def run_api(
         apps = {model_id: create_app(distributed, tokenizer, model_id, api_key, origins, ids, stored, kept[model_id],
                                      reserve_tokens)
                 for model_id, (distributed, tokenizer) in joined.items()}  # fmt: skip
-        _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, host, port, api_key)
+        _serve(apps[ids[0]] if len(apps) == 1 else ModelRouter(apps), ids, sock, host, api_key)
     finally:
+        sock.close()
         for sessions in kept.values():  # while the swarm is still joined: the servers free their caches at once
             sessions.close()
         for distributed, _ in joined.values():
@@ -70,16 +75,10 @@ def run_api(
         logging.getLogger(__name__).info("API stopped")
 
 
-def _serve(app, ids: list[str], host: str, port: int, api_key: str | None) -> None:
-    """Serve `app` (the API of the models `ids`) on host:port until SIGINT/SIGTERM."""
-    # our own socket, so that --port 0 works and the address printed is the one bound
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+def _serve(app, ids: list[str], sock: socket.socket, host: str, api_key: str | None) -> None:
+    """Serve `app` (the API of the models `ids`) on `sock` (bound to `host`) until SIGINT/SIGTERM."""
     bound_port = sock.getsockname()[1]
-    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
+    shown_host = f"[{host}]" if sock.family == socket.AF_INET6 else host
     address = f"http://{shown_host}:{bound_port}"
     print(f"API ready: {address} ({'model' if len(ids) == 1 else 'models'} {', '.join(ids)}): OpenAI's API at "
           f"{address}/v1, Ollama's at {address} (its host), the chat page at {address}/", flush=True)  # fmt: skip

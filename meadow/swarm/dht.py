@@ -17,6 +17,7 @@ import hivemind
 from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
 
+from meadow.listening import check_port_free
 from meadow.swarm.allow_list import AllowListDHT, NotAllowed, load_allow_list, refused_reason
 from meadow.swarm.identity import generate_identity, load_identity
 from meadow.swarm.records import LEDGERS_KEY, MODELS_KEY, LedgerHead, ModelInfo, ServerInfo, ServerState, block_key
@@ -56,6 +57,7 @@ def start_dht(
 
     `while_joining` runs here while the DHT's own process (already forked, so none of its threads are copied there)
     starts p2pd and joins the swarm: a server loads its blocks meanwhile. If it raises, the DHT is shut down."""
+    check_port_free(host, port)  # p2pd would share a port in use (SO_REUSEPORT) instead of failing
     allowed = None
     with tempfile.TemporaryDirectory(prefix="meadow-identity-") as folder:
         # p2pd reads its key from a file at start; a fresh one's file is gone once it has (the key stays in memory)
