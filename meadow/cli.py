@@ -353,11 +353,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     server's error) rather than a bug here."""
     from meadow.models.checkpoint import ModelNotFound
     from meadow.models.config import UnsupportedModelError
+    from meadow.models.lora import AdapterError
     from meadow.models.quant import QuantUnavailable
+    from meadow.server.server import BadServerConfig
     from meadow.server.sizing import NotEnoughMemory
     from meadow.wire import MeadowError
 
-    return MeadowError, ModelNotFound, UnsupportedModelError, QuantUnavailable, NotEnoughMemory
+    return (MeadowError, ModelNotFound, UnsupportedModelError, AdapterError, QuantUnavailable, NotEnoughMemory,
+            BadServerConfig)  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> None:

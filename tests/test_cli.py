@@ -191,6 +191,10 @@ def test_a_command_that_fails_for_what_it_was_given_or_the_swarms_state_says_so_
         (["dht", "--port", taken], in_use),
         (["serve", str(swarm_by_num_blocks[1]), "--port", taken, "--initial-peers", dead, "--blocks", "0:1"], in_use),
         (["api", "--port", taken, "--initial-peers", dead], in_use),
+        (["serve", str(swarm_by_num_blocks[1]), "--device", "nonsense", "--initial-peers", dead], "--device nonsense "
+         "cannot be used here: Expected one of cpu"),
+        (["serve", str(swarm_by_num_blocks[1]), "--blocks", "0:7", "--initial-peers", *swarm_by_num_blocks[0].initial_peers],
+         "--blocks 0:7 is out of range: the model has 6 blocks"),
         (["serve", str(tmp_path / "nope"), "--initial-peers", dead], "is neither a local folder or .gguf file"),
         (["serve", str(tmp_path), "--initial-peers", dead], "has no config.json (an HF checkpoint) and no .gguf"),
         (["chat", str(tmp_path / "nope"), "--initial-peers", dead], "is neither a local folder or .gguf file"),

@@ -56,6 +56,10 @@ def points_summary(points: dict[str, float], me: str, shown: int = 10) -> str:
     return ", ".join(f"{peer} {points[peer]:.6g}" for peer in top) + more
 
 
+class BadServerConfig(ValueError):
+    """A server option that cannot work (here): out of range, or a device this machine lacks."""
+
+
 @dataclass
 class ServerConfig:
     """Everything `meadow serve` can be told."""
@@ -87,6 +91,17 @@ class ServerConfig:
     points_allow: list[str] | None = None  # a private swarm: only receipts signed by these peer ids count
 
 
+def usable_device(name: str) -> torch.device:
+    """The torch device `name` if this machine has it; BadServerConfig if not (a CPU build of torch, a GPU index past
+    the last), before any block is loaded onto it."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA enabled" is an AssertionError
+        raise BadServerConfig(f"--device {name} cannot be used here: {e}") from None
+    return device
+
+
 class Server:
     """One volunteer server. `run()` blocks until SIGINT/SIGTERM, then tells its sessions it is leaving, announces
     it is offline and exits. Started with --num-blocks, it moves to other blocks when the swarm needs it there."""
@@ -98,10 +113,10 @@ class Server:
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
         self.fingerprint = checkpoint_fingerprint(self.model_path)  # clients use only servers of their checkpoint
         if config.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype}")
+            raise BadServerConfig(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype}")
         if not 0 < config.balance_quality <= 1:
-            raise ValueError(f"--balance-quality must be in (0, 1], got {config.balance_quality}")
-        self.dtype, self.device = DTYPES[config.dtype], torch.device(config.device)
+            raise BadServerConfig(f"--balance-quality must be in (0, 1], got {config.balance_quality}")
+        self.dtype, self.device = DTYPES[config.dtype], usable_device(config.device)
         check_quant(config.quant, self.dtype, self.device)  # a quant this machine cannot run stops us now
         if config.exact:
             stop_packing()  # before any block is loaded or timed: the speed announced is the unpacked blocks' speed
@@ -222,7 +237,7 @@ class Server:
         option = self.config.throughput
         if option not in ("auto", "eval"):
             if float(option) <= 0:
-                raise ValueError(f"--throughput must be auto, eval or a positive number, got {option}")
+                raise BadServerConfig(f"--throughput must be auto, eval or a positive number, got {option}")
             return "given"
         self.speed, cached = block_speed(
             self.model_config, self.dtype, self.device, self.config.quant, remeasure=option == "eval"
@@ -233,7 +248,7 @@ class Server:
         total = self.model_config.num_hidden_layers
         if self.config.blocks is not None:
             if self.config.blocks.end > total:
-                raise ValueError(f"--blocks {self.config.blocks} is out of range: the model has {total} blocks")
+                raise BadServerConfig(f"--blocks {self.config.blocks} is out of range: the model has {total} blocks")
             return self.config.blocks
         num_blocks = min(self.num_blocks, total)
         swarm = placements(fetch_servers(self.dht, self.dht_prefix, total), total)
