@@ -13,8 +13,7 @@ import json
 import time
 import urllib.request
 
-from meadow.demo import split_evenly
-from meadow.local_swarm import LocalSwarm, Process
+from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import default_model_path, load_config
 
 SYSTEM = ("You are a patient guide to the countryside. " * 40).strip()  # a long standing prompt, as agents have

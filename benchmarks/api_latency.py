@@ -19,8 +19,7 @@ from openai import OpenAI
 
 from meadow import DEFAULT_MODEL
 from meadow.bench import peak_rss_mib
-from meadow.demo import split_evenly
-from meadow.local_swarm import LocalSwarm, Process
+from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import load_config
 
 QUESTION = "Name three flowers that grow in a meadow."

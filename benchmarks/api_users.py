@@ -18,8 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from meadow.bench import cpu_seconds, default_bench_model
-from meadow.demo import split_evenly
-from meadow.local_swarm import LocalSwarm, Process
+from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import load_config, load_tokenizer
 
 

@@ -20,7 +20,7 @@ import torch
 
 from meadow import AutoDistributedModelForCausalLM
 from meadow.bench import default_bench_model, start_spans
-from meadow.local_swarm import LocalSwarm
+from meadow.local_swarm import LocalSwarm, split_evenly
 from meadow.models import load_config, load_reference_model
 from meadow.models.quant import quantize_block
 from meadow.models.registry import family_of
@@ -67,7 +67,7 @@ def check(model: str, name: str, device: str) -> dict:
     prompt = torch.randint(0, vocab_size, (1, 16), generator=generator).to(device)
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        start_spans(swarm, model, [0, blocks // 2, blocks], "--device", device, "--dtype", dtype_name, "--quant", quant)
+        start_spans(swarm, model, split_evenly(blocks, 2), "--device", device, "--dtype", dtype_name, "--quant", quant)
         with AutoDistributedModelForCausalLM.from_pretrained(
             model, swarm.initial_peers, dtype=dtype, device=device
         ) as remote:

@@ -32,8 +32,7 @@ def main() -> None:
         figures = bench(model, args.servers, args.new_tokens, "float32", "cpu", quant)
         rows.append((quant, figures))
         loads.append(os.getloadavg()[0])
-    blocks, bounds = rows[0][1]["blocks"], rows[0][1]["bounds"]
-    spans = ", ".join(f"{a}:{b}" for a, b in zip(bounds, bounds[1:]))
+    blocks, spans = rows[0][1]["blocks"], ", ".join(rows[0][1]["spans"])
     name = model or "100M bench model"
     print(f"\n{name} ({blocks} blocks), float32 on cpu, {args.servers} servers ({spans}), "
           f"{args.new_tokens} new tokens x 3; {os.cpu_count()} cores, load average "

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from meadow.home import meadow_home
-from meadow.local_swarm import LocalSwarm, Process
+from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import load_config, load_reference_model
 from meadow.models.packed import pack_block
 from meadow.models.quant import quantize_block
@@ -110,9 +110,9 @@ def wire_label(wire: str | None, dtype: str) -> str:
     return wire or f"{default_wire(dtype)} (the servers' dtype)"
 
 
-def start_spans(swarm: LocalSwarm, model: str, bounds: list[int], *args: str) -> list[Process]:
-    """One server per span [bounds[i], bounds[i+1]), started at once; returns them when all are ready."""
-    servers = [swarm.start_server(model, "--blocks", f"{a}:{b}", *args, wait=False) for a, b in zip(bounds, bounds[1:])]
+def start_spans(swarm: LocalSwarm, model: str, spans: list[str], *args: str) -> list[Process]:
+    """One server per span ("START:END"), started at once; returns them when all are ready."""
+    servers = [swarm.start_server(model, "--blocks", span, *args, wait=False) for span in spans]
     for server in servers:
         server.wait_for(lambda line: "ready" in line, timeout=600)
     return servers
@@ -130,10 +130,10 @@ def bench(
     model = str(model or default_bench_model())
     config = load_config(model)
     blocks = config.num_hidden_layers
-    bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
+    spans = split_evenly(blocks, num_servers)
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        servers = start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device, "--quant", quant)
+        servers = start_spans(swarm, model, spans, "--dtype", dtype, "--device", device, "--quant", quant)
         distributed = AutoDistributedModelForCausalLM.from_pretrained(
             model, swarm.initial_peers, client_config=ClientConfig(wire=wire)
         )
@@ -147,7 +147,7 @@ def bench(
         client_peak = peak_rss_mib()
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
         distributed.sequence.close()
-    figures = dict(model=model, blocks=blocks, bounds=bounds, remote=remote, client_peak=client_peak,
+    figures = dict(model=model, blocks=blocks, spans=spans, remote=remote, client_peak=client_peak,
                    server_peaks=server_peaks, generation_peaks=generation_peaks, generation_rss=generation_rss)  # fmt: skip
     if not local:
         return figures
@@ -167,13 +167,13 @@ def run_bench(
     wire: str | None = None,
 ) -> None:
     figures = bench(model, num_servers, new_tokens, dtype, device, quant, wire)
-    model, blocks, bounds, params = figures["model"], figures["blocks"], figures["bounds"], figures["params"]
+    model, blocks, spans, params = figures["model"], figures["blocks"], figures["spans"], figures["params"]
     local, remote = figures["local"], figures["remote"]
     client_peak, server_peaks = figures["client_peak"], figures["server_peaks"]
     local_step, remote_step = 1 / local["tokens_per_s"], 1 / remote["tokens_per_s"]
     print(f"\nmodel {model} ({params:.0f}M parameters, {blocks} blocks), {dtype} on {device}, quant {quant}, "
           f"wire {wire_label(wire, dtype)}, "
-          f"{num_servers} servers (spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))})")  # fmt: skip
+          f"{num_servers} servers (spans {', '.join(spans)})")  # fmt: skip
     print("| measure | local | swarm | swarm/local |")
     print("|---|---|---|---|")
     print(f"| generation, tokens/s (batch 1, {new_tokens} new) | {local['tokens_per_s']:.1f} | {remote['tokens_per_s']:.1f} "
@@ -243,14 +243,14 @@ def run_clients_bench(
     model = str(model or default_bench_model())
     config = load_config(model)
     blocks = config.num_hidden_layers
-    bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
+    spans = split_evenly(blocks, num_servers)
     clients = sorted(set(clients) | {1})
     context = multiprocessing.get_context("spawn")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as for servers: clients that share cores must not spin
     rows = []
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        servers = start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device)
+        servers = start_spans(swarm, model, spans, "--dtype", dtype, "--device", device)
         results = context.Queue()
         workers = []
         for index in range(max(clients)):
@@ -294,7 +294,7 @@ def run_clients_bench(
     load = os.getloadavg()[0]
     print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, quant none, wire {wire_label(wire, dtype)}, "
           f"{num_servers} servers "
-          f"(spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))}); each client generates {new_tokens} "
+          f"(spans {', '.join(spans)}); each client generates {new_tokens} "
           f"greedy tokens after a {CLIENT_PROMPT_LENGTH}-token prompt, all at once; median of {repeats} runs; "
           f"{os.cpu_count()} cores, load average {load:.1f} at the end")  # fmt: skip
     print("| clients | aggregate tokens/s | per client tokens/s (mean, min-max) | efficiency | CPU ms/token: servers "
@@ -355,7 +355,7 @@ def run_speculative_bench(model: str | None, num_servers: int, lookup: int, new_
     model = str(model or default_model_path())
     config = load_config(model)
     blocks = config.num_hidden_layers
-    bounds = [round(i * blocks / num_servers) for i in range(num_servers + 1)]
+    spans = split_evenly(blocks, num_servers)
     tokenizer = load_tokenizer(model)
     prompts = {}
     for task, text in SPECULATIVE_TASKS.items():
@@ -367,7 +367,7 @@ def run_speculative_bench(model: str | None, num_servers: int, lookup: int, new_
     results = {}
     with LocalSwarm() as swarm:
         swarm.start_dht()
-        start_spans(swarm, model, bounds, "--dtype", dtype, "--device", device)
+        start_spans(swarm, model, spans, "--dtype", dtype, "--device", device)
         with AutoDistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=getattr(torch, dtype)) as distributed:
             for task, prompt in prompts.items():
                 for mode in (None, lookup):
@@ -378,7 +378,7 @@ def run_speculative_bench(model: str | None, num_servers: int, lookup: int, new_
             results["local", task, mode] = speculative_run(local_model, prompt, new_tokens, mode)
 
     print(f"\nmodel {model} ({blocks} blocks), {dtype} on {device}, {num_servers} servers "
-          f"(spans {', '.join(f'{a}:{b}' for a, b in zip(bounds, bounds[1:]))}); greedy, up to {new_tokens} new tokens; "
+          f"(spans {', '.join(spans)}); greedy, up to {new_tokens} new tokens; "
           f"prompt lookup drafts {lookup} tokens; best of 2 runs; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| task | where | tokens | plain tokens/s | speculative tokens/s | speed-up | acceptance | same tokens |")
     print("|---|---|---|---|---|---|---|---|")

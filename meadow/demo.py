@@ -16,16 +16,10 @@ import transformers
 from transformers import TextStreamer
 
 from meadow.client.chat_prompt import chat_prompt_ids
-from meadow.local_swarm import LocalSwarm, Process
+from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import default_model_path, load_config, load_reference_model, load_tokenizer
 
 DEMO_QUESTION = "What is the capital of France?"
-
-
-def split_evenly(num_blocks: int, parts: int) -> list[str]:
-    """`parts` spans "START:END" covering the blocks, as equal as they can be."""
-    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
-    return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
 
 
 def start_servers(swarm: LocalSwarm, model: str, spans: list[str]) -> None:
@@ -53,12 +47,12 @@ def run_demo(model: str | None, question: str, max_new_tokens: int, servers: int
     from meadow.client.model import AutoDistributedModelForCausalLM
 
     model = str(model or default_model_path())
-    num_blocks = load_config(model).num_hidden_layers
+    spans = split_evenly(load_config(model).num_hidden_layers, servers)
     began = time.perf_counter()
     with LocalSwarm() as swarm:
         swarm.start_dht()
         print(f"Model: {model}\nDHT node: {swarm.initial_peers[0]}")
-        start_servers(swarm, model, split_evenly(num_blocks, servers))
+        start_servers(swarm, model, spans)
 
         tokenizer = load_tokenizer(model)
         prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from meadow.wire import MeadowError
+
 
 def _die_with_parent() -> None:
     """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL, so no swarm outlives its owner."""
@@ -22,6 +24,18 @@ def _die_with_parent() -> None:
 
 class ProcessFailed(RuntimeError):
     """A swarm process exited or did not become ready in time."""
+
+
+class TooManyServers(MeadowError):
+    """More servers asked for than the model has blocks to give them."""
+
+
+def split_evenly(num_blocks: int, parts: int) -> list[str]:
+    """`parts` spans "START:END" covering the blocks, as equal as they can be, none empty."""
+    if not 1 <= parts <= num_blocks:
+        raise TooManyServers(f"--servers {parts}: the model has {num_blocks} blocks, and each server needs one at least")
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
 
 
 class Process:

@@ -181,3 +181,26 @@ def test_a_chats_dht_process_and_p2pd_miss_its_ctrl_c_and_end_with_it(started):
         if chat.poll() is None:
             os.killpg(chat.pid, signal.SIGKILL)
         chat.wait()
+
+
+# torch's file_system sharing strategy starts torch_shm_manager on a process's first shared tensor (hivemind's first
+# DHT call); here every SIGTERM comes to a process whose handler ignores it, without pause, while that happens
+SIGNALS_DURING_SHARED_MEMORY_START = """
+import os, signal, subprocess, time
+signal.signal(signal.SIGTERM, lambda *_: None)
+from meadow.swarm.dht import start_shared_memory
+pester = subprocess.Popen(["bash", "-c", f"while kill -TERM {os.getpid()} 2>/dev/null; do :; done"])
+time.sleep(0.5)
+start_shared_memory()
+pester.kill()
+print("started")
+"""
+
+
+def test_a_stop_signal_while_torch_starts_its_shared_memory_manager_is_handled_after_it():
+    """A handled signal that interrupts that start made torch retry the same failed read forever (a process spinning
+    at full CPU, which only SIGKILL ends: seen when a demo was stopped while its servers started). start_dht holds
+    SIGINT and SIGTERM back until the manager is up."""
+    result = subprocess.run([sys.executable, "-c", SIGNALS_DURING_SHARED_MEMORY_START], capture_output=True,
+                            text=True, timeout=HANG)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.split() == ["started"], result.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -27,6 +28,21 @@ from meadow.swarm.validation import (
 from meadow.wire import MeadowError
 
 logger = logging.getLogger(__name__)
+
+
+def start_shared_memory() -> None:
+    """Start this process's torch_shm_manager, if it has none yet, with SIGINT and SIGTERM held back meanwhile.
+    hivemind shares one byte per DHT call's future through torch's file_system memory sharing, whose first use starts
+    that manager and reads its address from a pipe; a signal with a handler (Python's own Ctrl-C handler counts) that
+    interrupts the read makes torch retry the same failed result forever: a process spinning at full CPU that only
+    SIGKILL ends. Held back, the signal is handled as soon as the manager is up."""
+    from hivemind.utils.mpfuture import SharedBytes
+
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        SharedBytes.next()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class SwarmUnreachable(MeadowError):
@@ -58,6 +74,7 @@ def start_dht(
     `while_joining` runs here while the DHT's own process (already forked, so none of its threads are copied there)
     starts p2pd and joins the swarm: a server loads its blocks meanwhile. If it raises, the DHT is shut down."""
     check_port_free(host, port)  # p2pd would share a port in use (SO_REUSEPORT) instead of failing
+    start_shared_memory()
     allowed = None
     with tempfile.TemporaryDirectory(prefix="meadow-identity-") as folder:
         # p2pd reads its key from a file at start; a fresh one's file is gone once it has (the key stays in memory)
