@@ -81,6 +81,10 @@ def test_keygen_file_gives_the_same_peer_id_at_every_start(swarm, tmp_path, caps
     with pytest.raises(SystemExit) as refused:
         main(["dht", "--identity", str(tmp_path / "nope.key")])
     assert refused.value.code == 2 and "meadow keygen" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # server0's identity, in use: one line, no traceback
+        main(["dht", "--identity", str(keys / "server0.key"), "--initial-peers", *local_swarm.initial_peers])
+    assert str(refused.value) == (f"meadow dht: error: could not start the p2p daemon: Identity from "
+                                  f"`{keys / 'server0.key'}` is already taken by another peer")  # fmt: skip
     seen = []
     for _ in range(2):  # a restart keeps the peer id
         node = Process(["dht", "--identity", str(path)], "dht-with-identity")

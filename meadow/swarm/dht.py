@@ -45,8 +45,9 @@ def start_shared_memory() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-class SwarmUnreachable(MeadowError):
-    """None of the initial peers answered: no swarm runs there (or not at that address, or with another peer id)."""
+class JoinFailed(MeadowError):
+    """The DHT node could not join the swarm: none of the initial peers answered, or p2pd refused to start (its
+    identity in use by another peer, say)."""
 
 
 def start_dht(
@@ -114,10 +115,12 @@ def start_dht(
             if reason is not None:
                 raise NotAllowed(reason) from None
             if initial_peers and "bootstrap" in str(e):
-                raise SwarmUnreachable(
+                raise JoinFailed(
                     f"none of the initial peers answered ({' '.join(initial_peers)}): is a DHT node (`meadow dht`) "
                     "or a server of the swarm running there, at that address and with that peer id?"
                 ) from e
+            if isinstance(e, P2PDaemonError):  # its own words say why (an identity another peer uses, say)
+                raise JoinFailed(f"could not start the p2p daemon: {e}") from e
             raise
     if dht.peer_id != key.peer_id:  # readers derive a server's peer id from its signing key: they must agree
         dht.shutdown()
