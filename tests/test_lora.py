@@ -7,6 +7,8 @@ sends them with each request, and gets their gradients back from rpc_backward.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -90,7 +92,8 @@ def test_an_adapter_no_server_has_is_named_in_the_error(path, swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         str(path), swarm.initial_peers, active_adapter="nobody-has-it", client_config=ClientConfig(wait_for_servers=1.0)
     )
-    with pytest.raises(MissingBlocksError, match="blocks 0:4 of this model with adapter 'nobody-has-it'"):
+    said = "blocks 0:4 of this model with adapter 'nobody-has-it'; start a server for them (theirs serve 'tiny-adapter')"
+    with pytest.raises(MissingBlocksError, match=re.escape(said)):  # and what the user may have meant
         model(torch.tensor([[5, 6, 7]]))
     model.sequence.close()
 

@@ -6,7 +6,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 from hivemind.p2p import PeerID
@@ -25,9 +25,14 @@ JITTER = 0.1  # announced speeds are measurements good to about 10%: chains clos
 class MissingBlocksError(MeadowError):
     """No online server holds some blocks of the model."""
 
-    def __init__(self, missing: list[int], adapter: str | None = None):
+    def __init__(self, missing: list[int], adapter: str | None = None, served_adapters: Sequence[str] = ()):
+        """`served_adapters`: those that the servers of the missing blocks do serve, when `adapter` is not one."""
         holds = f"holds blocks {block_ranges(missing)} of this model" + (f" with adapter {adapter!r}" if adapter else "")
-        super().__init__(f"no online server {holds}; start a server for them")
+        served = ""
+        if adapter:
+            names = ", ".join(repr(name) for name in served_adapters)
+            served = f" (theirs serve {names})" if served_adapters else " (theirs serve no adapter)"
+        super().__init__(f"no online server {holds}; start a server for them{served}")
         self.missing, self.adapter = missing, adapter
 
 

@@ -244,9 +244,16 @@ class RemoteSequence:
                     }  # fmt: skip
                     if others:
                         raise OtherCheckpointError(e.missing, others, self.fingerprint, self.active_adapter) from None
-                    raise MissingBlocksError(e.missing, self.active_adapter) from None
+                    raise MissingBlocksError(e.missing, self.active_adapter, self.adapters_at(e.missing)) from None
                 time.sleep(1.0)
                 force = True
+
+    def adapters_at(self, blocks: list[int]) -> list[str]:
+        """The adapters that servers of our version holding any of `blocks` serve: what a user may have meant."""
+        return sorted({
+            name for info in self.servers.values() if info.version == PROTOCOL_VERSION
+            and any(info.start <= i < info.end for i in blocks) for name in info.adapters
+        })  # fmt: skip
 
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
         """The servers we may route to: those of our protocol version (and with our adapter, if we use one)."""
