@@ -408,6 +408,8 @@ def _run(args: argparse.Namespace) -> None:
             if sys.stdin.isatty():
                 sys.exit("meadow generate: error: give --prompt TEXT, or pipe the prompt in")
             prompt = sys.stdin.read()
+        if not prompt:  # nothing for the model to continue (a model without a start token would get no token at all)
+            sys.exit("meadow generate: error: the prompt is empty")
         stream_generate(
             _model(args), args.initial_peers, prompt, args.max_new_tokens, args.temperature, args.dht_prefix,
             args.adapter, _client_config(args),

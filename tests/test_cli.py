@@ -207,6 +207,7 @@ def test_a_command_that_fails_for_what_it_was_given_or_the_swarms_state_says_so_
         (["serve", str(tmp_path), "--initial-peers", dead], "has no config.json (an HF checkpoint) and no .gguf"),
         (["chat", str(tmp_path / "nope"), "--initial-peers", dead], "is neither a local folder or .gguf file"),
         (["dht", "--initial-peers", dead], f"none of the initial peers answered ({dead}): is a DHT node"),
+        (["generate", "--prompt", "", "--initial-peers", dead], "the prompt is empty"),
         (["demo", "--servers", "31"], "--servers 31: the model has 30 blocks, and each server needs one at least"),
         (["bench", str(swarm_by_num_blocks[1]), "--servers", "7"], "--servers 7: the model has 6 blocks"),
     ]:
