@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that end a command with one line and no traceback (unless -v): what the user gave (a model that is not
     there or not supported), the machine's limits, or the swarm's state (unreachable, refusing us, missing blocks, a
-    server's error) rather than a bug here."""
+    server's error, a process of a local swarm that exited: its last words are in the message) rather than a bug
+    here."""
+    from meadow.local_swarm import ProcessFailed
     from meadow.models.checkpoint import ModelNotFound
     from meadow.models.config import UnsupportedModelError
     from meadow.models.lora import AdapterError
@@ -363,7 +365,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from meadow.wire import MeadowError
 
     return (MeadowError, ModelNotFound, UnsupportedModelError, AdapterError, QuantUnavailable, NotEnoughMemory,
-            BadServerConfig)  # fmt: skip
+            BadServerConfig, ProcessFailed)  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> None:

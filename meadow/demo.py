@@ -16,10 +16,12 @@ import transformers
 from transformers import TextStreamer
 
 from meadow.client.chat_prompt import chat_prompt_ids
+from meadow.listening import PortInUse, check_port_free
 from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import default_model_path, load_config, load_reference_model, load_tokenizer
 
 DEMO_QUESTION = "What is the capital of France?"
+API_PORT = 8000  # meadow api's default
 
 
 def start_servers(swarm: LocalSwarm, model: str, spans: list[str]) -> None:
@@ -85,8 +87,14 @@ def run_demo(model: str | None, question: str, max_new_tokens: int, servers: int
 
 
 def keep_running(swarm: LocalSwarm, model: str) -> None:
-    """Leave the swarm up with the HTTP API and its chat page until Ctrl-C."""
-    api = Process(["api", model, "--initial-peers", *swarm.initial_peers], "api")
+    """Leave the swarm up with the HTTP API and its chat page until Ctrl-C: on the API's usual port, 8000, or on
+    another if that one is taken (its address is printed either way)."""
+    try:
+        check_port_free("127.0.0.1", API_PORT)
+        port = API_PORT
+    except PortInUse:
+        port = 0
+    api = Process(["api", model, "--initial-peers", *swarm.initial_peers, "--port", str(port)], "api")
     swarm.extra.append(api)
     url = api.wait_for(lambda line: "http://" in line, timeout=120).split("http://", 1)[1].split()[0]
     print(f"\nThe swarm keeps running. Chat page: http://{url}/  monitor: http://{url}/monitor\n"
