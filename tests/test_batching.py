@@ -120,7 +120,7 @@ def test_sessions_waiting_for_room_are_served_in_order_of_priority_then_arrival(
     assert budget.room == 200 and not budget.line
 
 
-def test_a_session_grows_only_into_room_that_nobody_waiting_ahead_of_it_claims():
+def test_a_session_grows_before_newcomers_in_line_but_not_into_room_that_higher_priority_ones_claim():
     budget = CacheBudget(200, max_peer_share=0.75, patience=5.0)
     with budget.reserve(50, "grower") as held:
         budget.grow(held, 30)
@@ -133,9 +133,13 @@ def test_a_session_grows_only_into_room_that_nobody_waiting_ahead_of_it_claims()
             with pytest.raises(ServerBusy):
                 with budget.reserve(50, "waiter", "ticket-waiter"):  # refused: it waits in line for 50 slots
                     pass
-            with pytest.raises(ServerBusy, match="sessions waiting ahead of yours claim 50"):
-                budget.grow(held, 20)  # it would fit in the 40 left, but the waiter came first
-        budget.grow(held, 20)  # room enough for both now
+            budget.grow(held, 10)  # a running session grows before it: 30 left
+            with pytest.raises(ServerBusy):
+                with budget.reserve(40, "first", "ticket-first", priority=1):  # waits in line for 40 slots
+                    pass
+            with pytest.raises(ServerBusy, match="sessions waiting ahead of yours claim 40"):
+                budget.grow(held, 10)  # it would fit in the 30 left, but one of higher priority waits for them
+        budget.grow(held, 10)  # room enough for all now
         assert held.tokens == 100
     assert budget.left == 200 and not budget.peer_tokens  # the grown slots go back with the session
 

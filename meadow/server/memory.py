@@ -118,17 +118,19 @@ class CacheBudget:
                 del self.peer_tokens[peer], self.peer_sessions[peer]
 
     def grow(self, held: Held, tokens: int) -> None:
-        """Add `tokens` slots to what a session holds; ServerBusy if they are not free for it now: sessions waiting in
-        line ahead of it (as if it came now) come first. BadRequest if they never will be."""
+        """Add `tokens` slots to what a session holds; ServerBusy if they are not free for it now, BadRequest if they
+        never will be. A running session grows before the newcomers waiting in line (as vLLM's scheduler runs the
+        running first): refused, it would close and be replayed, and the newcomers wait for sessions to end anyway
+        (benchmarks/api_reservation.py, 12 users on a short cache: mean time per request 0.84, sessions rebuilt 6.25
+        -> 1.7 a run). Those of higher priority (points) still come first."""
         if held.tokens + tokens > self.peer_limit:
             raise BadRequest(
                 f"the session would hold {held.tokens + tokens} token slots of KV cache (batch x max_length), and this "
                 f"server lends one peer at most {self.peer_limit} (of its {self.total})"
             )
         self._forget_stale()
-        growth = Waiter(held.peer, tokens, held.priority, next(self.arrivals), 0.0)
-        order = self._order([*self.line.values(), growth])
-        self._check(tokens, held.peer, order[: order.index(growth)], growth=True)
+        ahead = [waiter for waiter in self.line.values() if waiter.priority > held.priority]
+        self._check(tokens, held.peer, ahead, growth=True)
         self.used += tokens
         self.peer_tokens[held.peer] += tokens
         held.tokens += tokens
