@@ -16,7 +16,7 @@ import transformers
 from transformers import TextStreamer
 
 from meadow.client.chat_prompt import chat_prompt_ids
-from meadow.listening import PortInUse, check_port_free
+from meadow.listening import CannotListen, check_port_free
 from meadow.local_swarm import LocalSwarm, Process, split_evenly
 from meadow.models import default_model_path, load_config, load_reference_model, load_tokenizer
 
@@ -92,7 +92,7 @@ def keep_running(swarm: LocalSwarm, model: str) -> None:
     try:
         check_port_free("127.0.0.1", API_PORT)
         port = API_PORT
-    except PortInUse:
+    except CannotListen:
         port = 0
     api = Process(["api", model, "--initial-peers", *swarm.initial_peers, "--port", str(port)], "api")
     swarm.extra.append(api)
