@@ -1,7 +1,8 @@
 """Many chat users through `meadow api` on a server whose KV cache is short, with each request reserving its whole
 `max_tokens` up front (`--reserve-tokens 0`, the API's default until it was measured here) against reserving a part
-and growing as the reply is written (`--reserve-tokens N`, 128 by default now). One server of the default model (every block, `--cache-tokens`), one API at a time
-over it; each user asks its own question once, greedy, with the chat default of 512 max_tokens, all at once. Prints,
+and growing as the reply is written (`--reserve-tokens N`, 128 by default now). One server of the default model
+(every block, `--cache-tokens`), one API at a time over it; each user asks its own question once, greedy, with the
+chat default of 512 max_tokens, all at once. Prints,
 per setting: the seconds until every reply is done, the mean and worst seconds per request, the replies' tokens,
 and how many sessions were rebuilt (a growth refused for lack of room: the reply waits and is replayed). Same replies
 both ways, or it says so.

@@ -191,10 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float32 on a CPU: compute exactly as transformers does (torch's own matrix products), "
                             "instead of oneDNN's ~2x faster ones, whose rounding moves the default model's logits by "
                             "1e-4 to 1e-3 (benchmarks/precision.py)")  # fmt: skip
-    serve.add_argument("--cache-tokens", type=_positive_int, default=16384, help="KV cache token slots (batch x length) per block")
+    serve.add_argument("--cache-tokens", type=_positive_int, default=16384,
+                       help="KV cache token slots (batch x length) per block")
     serve.add_argument("--max-length", type=_positive_int, default=8192, help="longest inference session accepted")
-    serve.add_argument("--max-batch-tokens", type=_positive_int, default=8192, help="most tokens (batch x length) in one request")
-    serve.add_argument("--idle-timeout", type=_positive_number, default=300.0, help="seconds before an idle session is closed")
+    serve.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
+                       help="most tokens (batch x length) in one request")
+    serve.add_argument("--idle-timeout", type=_positive_number, default=300.0,
+                       help="seconds before an idle session is closed")
     serve.add_argument("--reclaim-idle", type=_non_negative_number, default=15.0,
                        help="seconds after which an idle session is closed when others wait for its KV cache (its "
                             "client rebuilds it when it returns); 0: never")  # fmt: skip
@@ -244,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most tokens the conversation's inference session may grow to; a longer conversation "
                            "goes on in a new one")  # fmt: skip
     chat.add_argument("--reserve-tokens", type=_whole_number, default=RESERVE_TOKENS, metavar="N",
-                      help="KV cache a turn reserves on the servers for its reply up front, in tokens; the session "
-                           "grows as the reply is written (default: %(default)s; 0: the whole --max-new-tokens)")  # fmt: skip
+                      help="KV cache a turn reserves on the servers for its reply up front, in tokens; the "
+                           "session grows as the reply is written (default: %(default)s; 0: the whole "
+                           "--max-new-tokens)")  # fmt: skip
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")

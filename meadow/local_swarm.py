@@ -33,7 +33,8 @@ class TooManyServers(MeadowError):
 def split_evenly(num_blocks: int, parts: int) -> list[str]:
     """`parts` spans "START:END" covering the blocks, as equal as they can be, none empty."""
     if not 1 <= parts <= num_blocks:
-        raise TooManyServers(f"--servers {parts}: the model has {num_blocks} blocks, and each server needs one at least")
+        raise TooManyServers(f"--servers {parts}: the model has {num_blocks} blocks, and each server needs one at "
+                             "least")  # fmt: skip
     bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
     return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
 

@@ -189,11 +189,13 @@ def test_a_server_that_cannot_hold_one_block_says_so_in_one_line(checkpoints):
 def test_a_command_that_fails_for_what_it_was_given_or_the_swarms_state_says_so_in_one_line(
     swarm_by_num_blocks, tmp_path, caplog
 ):
-    """A model that is not there, or not whole, initial peers where no swarm answers and a --port in use (here the
-    swarm's DHT node's: p2pd's socket, which a second p2pd would share) end the command with `meadow COMMAND: error:
-    ...` alone; with -v, the traceback is logged too."""
+    """A --port in use (here the swarm's DHT node's: p2pd's socket, which a second p2pd would share), a device this
+    machine lacks, blocks past the model, a model that is not there or not whole, initial peers where no swarm answers,
+    an empty prompt and more servers than blocks end the command with `meadow COMMAND: error: ...` alone; with -v, the
+    traceback is logged too."""
     dead = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDDafu3S7oDo7ALzd8SK8rosWJ1agT1jckbFPwxPUWBU7"
-    taken = swarm_by_num_blocks[0].initial_peers[0].split("/tcp/")[1].split("/")[0]
+    peers = swarm_by_num_blocks[0].initial_peers
+    taken = peers[0].split("/tcp/")[1].split("/")[0]
     in_use = f"cannot listen on 127.0.0.1 port {taken}: Address already in use; choose another --port"
     for argv, said in [
         (["dht", "--port", taken], in_use),
@@ -201,7 +203,7 @@ def test_a_command_that_fails_for_what_it_was_given_or_the_swarms_state_says_so_
         (["api", "--port", taken, "--initial-peers", dead], in_use),
         (["serve", str(swarm_by_num_blocks[1]), "--device", "nonsense", "--initial-peers", dead], "--device nonsense "
          "cannot be used here: Expected one of cpu"),
-        (["serve", str(swarm_by_num_blocks[1]), "--blocks", "0:7", "--initial-peers", *swarm_by_num_blocks[0].initial_peers],
+        (["serve", str(swarm_by_num_blocks[1]), "--blocks", "0:7", "--initial-peers", *peers],
          "--blocks 0:7 is out of range: the model has 6 blocks"),
         (["serve", str(tmp_path / "nope"), "--initial-peers", dead], "is neither a local folder or .gguf file"),
         (["serve", str(tmp_path), "--initial-peers", dead], "has no config.json (an HF checkpoint) and no .gguf"),

@@ -92,8 +92,8 @@ def test_an_adapter_no_server_has_is_named_in_the_error(path, swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         str(path), swarm.initial_peers, active_adapter="nobody-has-it", client_config=ClientConfig(wait_for_servers=1.0)
     )
-    said = "blocks 0:4 of this model with adapter 'nobody-has-it'; start a server for them (theirs serve 'tiny-adapter')"
-    with pytest.raises(MissingBlocksError, match=re.escape(said)):  # and what the user may have meant
+    said = "adapter 'nobody-has-it'; start a server for them (theirs serve 'tiny-adapter')"  # what the user meant?
+    with pytest.raises(MissingBlocksError, match=re.escape(f"blocks 0:4 of this model with {said}")):
         model(torch.tensor([[5, 6, 7]]))
     model.sequence.close()
 
