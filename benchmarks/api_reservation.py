@@ -7,7 +7,8 @@ per setting: the seconds until every reply is done, the mean and worst seconds p
 and how many sessions were rebuilt (a growth refused for lack of room: the reply waits and is replayed). Same replies
 both ways, or it says so.
 
-    PYTHONPATH=. python benchmarks/api_reservation.py [--users 8] [--cache-tokens 2400] [--reserve 128]
+    PYTHONPATH=. python benchmarks/api_reservation.py [--users 8] [--cache-tokens 2400] [--reserve 128] [--rounds 1]
+        [--reserve-only]
 """
 
 from __future__ import annotations
@@ -62,25 +63,37 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--cache-tokens", type=int, default=2400, help="the server's KV cache, in tokens")
     parser.add_argument("--reserve", type=int, default=128, help="--reserve-tokens of the API compared with 0")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, one after the other (and means)")
+    parser.add_argument("--reserve-only", action="store_true",
+                        help="run --reserve's setting alone: to compare two versions of the server")  # fmt: skip
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     blocks = f"0:{load_config(model).num_hidden_layers}"
+    settings = [args.reserve] if args.reserve_only else [0, args.reserve]
     with LocalSwarm() as swarm:
         swarm.start_dht()
         swarm.start_server(model, "--blocks", blocks, "--cache-tokens", str(args.cache_tokens), timeout=600)
-        whole, part = (run(swarm, model, args.users, reserve) for reserve in (0, args.reserve))
+        runs = {reserve: [run(swarm, model, args.users, reserve) for _ in range(args.rounds)] for reserve in settings}
     print(f"\nmodel {model}, one server ({blocks}, --cache-tokens {args.cache_tokens}), {args.users} users at once "
           f"through `meadow api`, each one greedy chat reply (max_tokens 512); {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print("| --reserve-tokens | all done s | mean s | worst s | reply tokens | sessions rebuilt |")
     print("|---|---|---|---|---|---|")
-    for reserve, row in ((0, whole), (args.reserve, part)):
-        print(f"| {reserve} | {row['all']:.1f} | {row['mean']:.1f} | {row['worst']:.1f} | {row['tokens']} | "
-              f"{row['rebuilt']} |")  # fmt: skip
-    ratios = {key: part[key] / whole[key] for key in ("all", "mean", "worst")}
-    print(f"ratios {args.reserve} / 0: all done {ratios['all']:.2f}, mean {ratios['mean']:.2f}, "
-          f"worst {ratios['worst']:.2f}")  # fmt: skip
-    print("same replies both ways:", "yes" if whole["texts"] == part["texts"] else "NO")
+    means = {}
+    for reserve, rows in runs.items():
+        shown = [(str(reserve), row) for row in rows]
+        means[reserve] = {key: statistics.mean(row[key] for row in rows) for key in ("all", "mean", "worst", "rebuilt")}
+        if len(rows) > 1:
+            shown.append((f"{reserve}, mean of {len(rows)}", {**means[reserve], "tokens": rows[0]["tokens"]}))
+        for label, row in shown:
+            print(f"| {label} | {row['all']:.1f} | {row['mean']:.1f} | {row['worst']:.1f} | {row['tokens']} | "
+                  f"{row['rebuilt']:.3g} |")  # fmt: skip
+    if not args.reserve_only:
+        ratios = {key: means[args.reserve][key] / means[0][key] for key in ("all", "mean", "worst")}
+        print(f"ratios {args.reserve} / 0: all done {ratios['all']:.2f}, mean {ratios['mean']:.2f}, "
+              f"worst {ratios['worst']:.2f}")  # fmt: skip
+    texts = [row["texts"] for rows in runs.values() for row in rows]
+    print("same replies in every run:", "yes" if all(text == texts[0] for text in texts) else "NO")
 
 
 if __name__ == "__main__":
