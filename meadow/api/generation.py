@@ -18,7 +18,7 @@ from meadow.api.json_mode import token_texts
 from meadow.api.kept_sessions import KeptSessions, close_quietly
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
-from meadow.client.config import RESERVE_TOKENS
+from meadow.client.config import RESERVE_TOKENS, reserved_reply
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ class TextGeneration:
 
         try:
             # a client gone away (`cancelled`) stops waits for room and failovers too, not only the token loop
-            reply = min(s.max_tokens, self.reserve_tokens) if self.reserve_tokens else s.max_tokens
-            length = self.prompt_tokens + reply
+            length = self.prompt_tokens + reserved_reply(s.max_tokens, self.reserve_tokens)
             if self.kept is not None and not s.prompt_logprobs:  # (those need the whole prompt's logits)
                 session, self.cached_tokens = self.kept.take(self.prompt_ids, length, self.cancelled)
             if session is not None:

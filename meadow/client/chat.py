@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from meadow.client.config import RESERVE_TOKENS, ClientConfig
+from meadow.client.config import RESERVE_TOKENS, ClientConfig, reserved_reply
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
 from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 
@@ -108,8 +108,7 @@ class Conversation:
                       "messages are dropped, and it goes on in a new session)\n")  # fmt: skip
             messages = kept
         # the servers hold the prompt and the start of the reply; the session grows on them as the reply does
-        reserved = min(sampling.max_new_tokens, self.reserve_tokens) if self.reserve_tokens else sampling.max_new_tokens
-        needed = ids.shape[1] + reserved
+        needed = ids.shape[1] + reserved_reply(sampling.max_new_tokens, self.reserve_tokens)
         if self.ids is None:
             self._session.enter_context(self.model.inference_session(max_length=needed))
         session = self.model.session

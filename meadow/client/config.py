@@ -12,6 +12,11 @@ from meadow.wire import check_wire_format
 RESERVE_TOKENS = 128
 
 
+def reserved_reply(max_new_tokens: int, reserve_tokens: int) -> int:
+    """The tokens of a reply of up to `max_new_tokens` that its session reserves up front (`reserve_tokens`; 0: all)."""
+    return min(max_new_tokens, reserve_tokens) if reserve_tokens else max_new_tokens
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Timeouts (seconds), retry limits and routing settings of a client, with defaults fit for a LAN or the internet."""
