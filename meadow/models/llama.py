@@ -8,6 +8,7 @@ Checked numerically against transformers' own implementation in tests/test_model
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ HF_TO_MEADOW = {
     "post_attention_layernorm": "ffn_norm",
     "mlp": "feed_forward",
 }
+# the gated MLP's activations, by HF's names (transformers' ACT2FN computes these the same way)
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 # where peft finds each linear layer inside a layer (HF names), by the leaf name LoRA targets
 LORA_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
@@ -137,6 +140,10 @@ class LlamaBlock(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary positions (and Qwen3's per-head q/k norms, a sliding window)."""
 
+    scale: float | None = None  # of the scores q.k; None: 1 / sqrt(head_dim) (Gemma sets its own)
+    softcap: float | None = None  # scores bounded by softcap * tanh(scores / softcap) (Gemma 2)
+    norm = RMSNorm  # of each head's queries and keys, with qk_norm
+
     def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = (
@@ -150,13 +157,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, hidden, bias=config.attention_out_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = self.norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.norm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
         sliding = layer_idx < len(config.layer_types) and config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
-        self.rotary = Rotary(self.head_dim, config.rope_type, config.rope_theta, config.hf_config)
+        self.rotary = self.rotary_for(config)
+
+    def rotary_for(self, config: LlamaConfig) -> Rotary:
+        """This layer's rotary table (Gemma 3's sliding layers have their own)."""
+        return Rotary(self.head_dim, config.rope_type, config.rope_theta, config.hf_config)
 
     def forward(self, x: Tensor, position_ids: Tensor, parts: list[Part], lora: BlockLora | None = None) -> Tensor:
         """x (B, T, hidden), the tokens of `parts` packed (B = 1) or one part; returns (B, T, hidden)."""
@@ -168,22 +179,23 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, position_ids)
-        y = attend_parts(q, k, v, parts, self.sliding_window)
+        y = attend_parts(q, k, v, parts, self.sliding_window, self.scale, self.softcap)
         return project(self.o_proj, y.view(B, T, self.n_head * self.head_dim), lora, "o_proj")
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with Gemma's gelu."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]
         bias = config.mlp_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
-        hidden = F.silu(project(self.gate_proj, x, lora, "gate_proj")) * project(self.up_proj, x, lora, "up_proj")
+        hidden = self.act(project(self.gate_proj, x, lora, "gate_proj")) * project(self.up_proj, x, lora, "up_proj")
         return project(self.down_proj, hidden, lora, "down_proj")
 
 

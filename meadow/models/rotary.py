@@ -11,9 +11,11 @@ from torch import Tensor
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_frequencies(head_dim: int, rope_type: str, rope_theta: float, hf_config: Any = None) -> tuple[Tensor, float]:
+def rope_frequencies(
+    head_dim: int, rope_type: str, rope_theta: float, hf_config: Any = None, layer_type: str | None = None
+) -> tuple[Tensor, float]:
     """Rotary inverse frequencies (float32, CPU) and the cos/sin scale for a rope type; scaled types are computed by
-    transformers' own helpers from `hf_config`."""
+    transformers' own helpers from `hf_config` (from its `rope_parameters[layer_type]` when given: Gemma 3's)."""
     # on CPU even when the block is built on the meta device for loading: the table is tiny and not in the checkpoint
     with torch.device("cpu"):
         if rope_type == "default":
@@ -25,7 +27,8 @@ def rope_frequencies(head_dim: int, rope_type: str, rope_theta: float, hf_config
             raise ValueError(f"rope type {rope_type!r} needs the HF config (BlockConfig.hf_config)")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # here: a server of plain rope skips ~0.5 s
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+        by_layer_type = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, **by_layer_type)
         return inv_freq.float(), float(scaling)
 
 
@@ -45,11 +48,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Rotary:
     """A block's rotary table: rotates packed queries and keys (N, heads, D) at their positions."""
 
-    def __init__(self, head_dim: int, rope_type: str = "default", rope_theta: float = 10000.0, hf_config: Any = None):
+    def __init__(
+        self, head_dim: int, rope_type: str = "default", rope_theta: float = 10000.0, hf_config: Any = None,
+        layer_type: str | None = None,
+    ):  # fmt: skip
         # a plain attribute, not a buffer: module.to(bfloat16) must not round the frequencies
         # (HF computes cos/sin in float32); moved to the input's device on first use
         self.head_dim = head_dim
-        self.inv_freq, self.scaling = rope_frequencies(head_dim, rope_type, rope_theta, hf_config)
+        self.inv_freq, self.scaling = rope_frequencies(head_dim, rope_type, rope_theta, hf_config, layer_type)
 
     def __call__(self, q: Tensor, k: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """q (N, heads, D), k (N, kv_heads, D) of the tokens at position_ids (any shape of N elements)."""

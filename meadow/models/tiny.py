@@ -17,6 +17,9 @@ from transformers import (
     AutoTokenizer,
     BloomConfig,
     FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -37,7 +40,7 @@ from meadow.models.gguf import (
     permute_rotary_rows,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -67,19 +70,21 @@ def make_tiny_checkpoint(
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
     qwen2, bloom and falcon have tied embeddings (`tie_word_embeddings` defaults to that, untied for the others).
-    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3. `rope_scaling` is an HF rope
-    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral and mixtral.
+    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3 and the gemmas. `rope_scaling` is an HF rope
+    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral, mixtral, gemma2 and
+    gemma3_text (whose `rope_scaling` scales its global layers' rope only).
     mixtral has `num_experts` experts, `experts_per_token` per token, saved in the classic layout that transformers
     writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
     has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
-    Falcon's new_decoder_architecture, alibi, bias or parallel_attn (bloom ignores intermediate_size and num_kv_heads:
+    Falcon's new_decoder_architecture, alibi, bias or parallel_attn, or Gemma's layer_types, query_pre_attn_scalar,
+    attn_logit_softcapping or final_logit_softcapping (bloom ignores intermediate_size and num_kv_heads:
     its MLP is 4 x hidden and its heads are all kv heads).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if options and family not in ("bloom", "falcon"):
-        raise ValueError(f"options {sorted(options)} are for bloom and falcon checkpoints only")
+    if options and family not in ("bloom", "falcon", "gemma2", "gemma3_text"):
+        raise ValueError(f"options {sorted(options)} are for bloom, falcon and gemma 2 and 3 checkpoints only")
     path = Path(path)
     tokenizer = make_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
@@ -97,7 +102,7 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    tied = family in ("qwen2", "bloom", "falcon")
+    tied = family in ("qwen2", "bloom", "falcon", "gemma", "gemma2", "gemma3_text")
     common["tie_word_embeddings"] = tied if tie_word_embeddings is None else tie_word_embeddings
     if family == "llama":
         config = LlamaConfig(**common)
@@ -110,6 +115,17 @@ def make_tiny_checkpoint(
     elif family == "mixtral":
         config = MixtralConfig(**common, sliding_window=sliding_window, num_local_experts=num_experts,
                                num_experts_per_tok=experts_per_token)  # fmt: skip
+    elif family in ("gemma", "gemma2", "gemma3_text"):
+        gemma = dict(head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias,
+                     **({"sliding_window": sliding_window} if family != "gemma" and sliding_window else {}))  # fmt: skip
+        if family == "gemma":
+            config = GemmaConfig(**common, **gemma)
+        elif family == "gemma2":
+            config = Gemma2Config(**common, **gemma, **options)
+        else:  # rope parameters by layer type: the global layers' may be scaled (rope_scaling), the sliding ones' plain
+            rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6, **(rope_scaling or {})},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}  # fmt: skip
+            config = Gemma3TextConfig(**{**common, "rope_parameters": rope}, **gemma, **options)
     elif family == "bloom":
         names = ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
         config = BloomConfig(**{k: common[k] for k in names}, n_layer=num_layers, n_head=num_heads, **options)
@@ -128,9 +144,10 @@ def make_tiny_checkpoint(
     with torch.no_grad():
         # HF's init leaves biases at 0 and norm scales at 1, which would let a test miss a bias or a norm;
         # std 0.1 also makes attention far from uniform, so a wrong mask or rotary shows up in the numbers
+        centre = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by (1 + weight)
         for name, p in model.named_parameters():
             if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
+                p.normal_(centre, 0.1)
             else:
                 p.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
