@@ -46,7 +46,7 @@ def checkpoints(tmp_path_factory):
     made = {}
 
     def get(family: str, **kwargs):
-        key = (family, tuple(sorted(kwargs.items())))
+        key = (family, repr(sorted(kwargs.items())))  # values may be lists and dicts
         if key not in made:
             path = tmp_path_factory.mktemp(f"tiny-{family}") / f"tiny-{family}"
             made[key] = make_tiny_checkpoint(path, family, **kwargs)

@@ -1,6 +1,7 @@
-"""Qwen3, Mixtral and Mistral with a sliding window shorter than the sequences, against transformers run locally on
-the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a real 2-server swarm on
-127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Qwen GGUF files."""
+"""Qwen3, Mixtral, Mistral, Gemma 2 and Gemma 3 with sliding windows shorter than the sequences, against transformers
+run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a real 2-server
+swarm on 127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Gemma 1 in-process;
+Qwen GGUF files."""
 
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ FAMILIES = {
     "mixtral": dict(hidden_size=48, num_heads=6, num_kv_heads=2, intermediate_size=40, num_experts=4,
                     experts_per_token=2, sliding_window=WINDOW, max_shard_size="40KB"),
     "mistral": dict(sliding_window=WINDOW),
+    # capped scores and logits (caps low enough to bite), a query scale of its own, every other layer sliding
+    "gemma2": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80, sliding_window=WINDOW,
+                   query_pre_attn_scalar=20, attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+    # q/k norms; sliding layers on their own rope base, the global one's scaled
+    "gemma3_text": dict(hidden_size=48, num_heads=4, num_kv_heads=1, head_dim=24, intermediate_size=80,
+                        sliding_window=WINDOW, query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]),
 }  # fmt: skip
+GEMMA_1 = dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80)  # in-process only
 LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # its experts take no LoRA (see mixtral.py)
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
@@ -45,11 +54,20 @@ def path(request, checkpoints):
 
 @pytest.fixture(scope="module")
 def local(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return reference(path)
 
 
 @pytest.fixture(scope="module")
 def span(path):
+    return whole_span(path)
+
+
+def reference(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def whole_span(path) -> tuple[Span, object]:
+    """Every block of the checkpoint as a server's span, and the client's parts."""
     config = load_config(path)
     blocks = load_blocks(path, config, 0, config.num_hidden_layers, torch.float32, progress=False)
     return Span(blocks, 0, config, torch.float32, torch.device("cpu")), load_client_parts(path, config, torch.float32)
@@ -60,7 +78,17 @@ def token_ids(vocab_size: int, rows: int = 2, length: int = LENGTH, seed: int = 
 
 
 def test_blocks_and_logits_match_transformers(path, local, span):
-    span, parts = span
+    check_blocks_and_logits(local, *span)
+
+
+def test_gemma_1_blocks_and_logits_match_transformers(checkpoints):
+    """Gemma 1: no sandwich norms, no caps, the scores scaled by 1 / sqrt(head_dim); not in the swarm (the blocks are
+    Gemma 2's and 3's, less those)."""
+    path = checkpoints("gemma", **GEMMA_1)
+    check_blocks_and_logits(reference(path), *whole_span(path))
+
+
+def check_blocks_and_logits(local, span, parts) -> None:
     ids = token_ids(span.config.vocab_size)
     captured = {}
     hook = local.model.norm.register_forward_hook(lambda module, args, out: captured.update(hidden=args[0]))
