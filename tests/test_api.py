@@ -637,13 +637,23 @@ def api_with_template(served, tmp_path, template: str):
 
 def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversation_is_a_400(served, tmp_path):
     """An API over a copy of the model whose chat template is HERMES_TEMPLATE: the tools and the calls of earlier turns
-    go to the template as they are; a system message is a 400 quoting the template, on every chat route."""
+    go to the template as they are; a system message, which it refuses, goes at the head of the first user message (on
+    every chat route); a conversation it refuses even so is a 400 quoting the template."""
     url, tokenizer = api_with_template(served, tmp_path, HERMES_TEMPLATE)
     hi, system = {"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}
-    refused = [("v1/chat/completions", {"messages": [system, hi]}), ("api/chat", {"messages": [system, hi]}),
-               ("v1/responses", {"input": "hi", "instructions": "Be brief."})]  # fmt: skip
-    for route, body in refused:
-        status, reply = http(url + route, json.dumps({"model": "tiny-llama", **body}).encode())
+    folded = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Be brief.\n\nhi"}]).shape[1]
+    asked = [("v1/chat/completions", {"messages": [system, hi]}), ("api/chat", {"messages": [system, hi]}),
+             ("v1/responses", {"input": "hi", "instructions": "Be brief."})]  # fmt: skip
+    for route, body in asked:
+        status, reply = http(url + route, json.dumps({"model": "tiny-llama", "stream": False, "max_tokens": 1,
+                                                      "max_output_tokens": 1,
+                                                      "options": {"num_predict": 1}, **body}).encode())  # fmt: skip
+        prompt_tokens = {"v1/chat/completions": lambda: reply["usage"]["prompt_tokens"],
+                         "api/chat": lambda: reply["prompt_eval_count"],
+                         "v1/responses": lambda: reply["usage"]["input_tokens"]}[route]  # fmt: skip
+        assert status == 200 and prompt_tokens() == folded, reply
+    for route in ("v1/chat/completions", "api/chat"):  # no user message to hold it
+        status, reply = http(url + route, json.dumps({"model": "tiny-llama", "stream": False, "messages": [system]}).encode())
         message = reply["error"] if route.startswith("api/") else reply["error"]["message"]
         assert status == 400 and "refuses the conversation: System messages are not supported" in message, reply
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)

@@ -267,7 +267,7 @@ ALTERNATING = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 
                "[{{ m.role }}] {{ m.content }}\n{% endfor %}")  # fmt: skip
 
 
-def test_a_template_without_a_system_message_gets_the_tools_before_the_first_user_message():
+def test_a_template_without_a_system_message_gets_it_and_the_tools_in_the_first_user_message():
     tokenizer = make_tokenizer()
     tokenizer.chat_template = ALTERNATING
     box, hi = toolbox(TOOLS, None, None), {"role": "user", "content": "hi"}
@@ -275,8 +275,15 @@ def test_a_template_without_a_system_message_gets_the_tools_before_the_first_use
         text = tokenizer.decode(tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), messages, box)[0])
         assert text.startswith("[user] You can call functions") and text.count("<tools>") == 1
         assert text.rstrip().endswith(last)
-    with pytest.raises(ConversationRefused, match="must alternate"):  # a system message of the user's own: refused
-        tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), [HISTORY[0], hi], box)
+    # a system message of the user's own: its text first, then the tools, then the user's
+    text = tokenizer.decode(tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), [HISTORY[0], hi], box)[0])
+    assert text.startswith("[user] Be brief.\n\nYou can call functions") and text.rstrip().endswith("</tool_response>.\n\nhi")
+    text = tokenizer.decode(chat_prompt_ids(tokenizer, [HISTORY[0], hi, {"role": "system", "content": "Be kind."}])[0])
+    assert text == "[user] Be brief.\n\nBe kind.\n\nhi\n"  # every system message, in their order
+    with pytest.raises(ConversationRefused, match="must alternate"):  # the template's refusal when folding is no help
+        chat_prompt_ids(tokenizer, [HISTORY[0], hi, hi])
+    with pytest.raises(ConversationRefused, match="must alternate"):  # nothing to fold into
+        chat_prompt_ids(tokenizer, [HISTORY[0]])
 
 
 def test_a_reasoning_models_think_block_opens_no_call():

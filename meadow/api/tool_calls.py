@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from meadow.api.errors import APIError
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node, SchemaError, compile_schema
-from meadow.client.chat_prompt import ConversationRefused, chat_prompt_ids
+from meadow.client.chat_prompt import chat_prompt_ids
 from meadow.client import reasoning
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -433,14 +433,12 @@ def read_reply(text: str, dialect: Dialect = DESCRIBED, callable: bool = True) -
     return content + reader.rest(), calls
 
 
-def conversation(
-    dialect: Dialect, messages: list[dict], box: Toolbox | None, in_user_message: bool = False
-) -> tuple[list[dict], list | None]:
+def conversation(dialect: Dialect, messages: list[dict], box: Toolbox | None) -> tuple[list[dict], list | None]:
     """`messages` (transformers' shape: an assistant's `tool_calls` with their arguments as objects, "tool" messages
     with the results) and the tools, as the chat template is given them. A template that shows tools (its `dialect`
     says) takes them as they are; for any other, the tools are described in the system message, calls written into
-    the assistant's text and results sent as the user's, each in its tags (the Hermes form); `in_user_message`: the
-    tools described before the first user message's text instead (for templates that take no system message)."""
+    the assistant's text and results sent as the user's, each in its tags (the Hermes form). (A template that takes
+    no system message gets it in the first user message: chat_prompt_ids.)"""
     if dialect.shown:
         return messages, box.shown() if box and box.callable else None
     out = []
@@ -457,10 +455,7 @@ def conversation(
         out.append({"role": role, "content": "\n".join([content, *calls] if content else calls)})
     if box and box.callable:
         described = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in box.shown()))
-        first_user = next((m for m in out if m["role"] == "user"), None)
-        if in_user_message and first_user is not None:
-            first_user["content"] = described + "\n\n" + first_user["content"]
-        elif out and out[0]["role"] == "system":
+        if out and out[0]["role"] == "system":
             out[0]["content"] += "\n\n" + described
         else:
             out.insert(0, {"role": "system", "content": described})
@@ -474,13 +469,5 @@ def _written(function: dict) -> str:
 
 def tool_prompt_ids(tokenizer, dialect: Dialect, messages: list[dict], box: Toolbox | None, **template_kwargs
                     ) -> torch.Tensor:  # fmt: skip
-    """The prompt's token ids for `messages` with `box`'s tools (see `conversation`). A template that refuses the
-    system message the tools were described in (some take none: Mistral's first ones need user and assistant to
-    alternate from the start) gets them before the first user message's text instead."""
-    try:
-        return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box), **template_kwargs)
-    except ConversationRefused:
-        if dialect.shown or not (box and box.callable):
-            raise  # not the description's doing
-        shown = conversation(dialect, messages, box, in_user_message=True)
-        return chat_prompt_ids(tokenizer, *shown, **template_kwargs)
+    """The prompt's token ids for `messages` with `box`'s tools (see `conversation`)."""
+    return chat_prompt_ids(tokenizer, *conversation(dialect, messages, box), **template_kwargs)
