@@ -1,7 +1,7 @@
-"""Qwen3, Mixtral, Mistral, Gemma 2 and Gemma 3 with sliding windows shorter than the sequences, against transformers
-run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a real 2-server
-swarm on 127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Gemma 1 in-process;
-Qwen GGUF files."""
+"""Qwen3, Mixtral, Mistral, Phi-3, Gemma 2 and Gemma 3 with sliding windows shorter than the sequences, against
+transformers run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a
+real 2-server swarm on 127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Gemma 1
+in-process; Qwen GGUF files."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ FAMILIES = {
     "mixtral": dict(hidden_size=48, num_heads=6, num_kv_heads=2, intermediate_size=40, num_experts=4,
                     experts_per_token=2, sliding_window=WINDOW, max_shard_size="40KB"),
     "mistral": dict(sliding_window=WINDOW),
+    "phi3": dict(hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=80, sliding_window=WINDOW),  # fused
     # capped scores and logits (caps low enough to bite), a query scale of its own, every other layer sliding
     "gemma2": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80, sliding_window=WINDOW,
                    query_pre_attn_scalar=20, attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
@@ -39,7 +40,8 @@ FAMILIES = {
                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]),
 }  # fmt: skip
 GEMMA_1 = dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80)  # in-process only
-LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # its experts take no LoRA (see mixtral.py)
+LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],  # its experts take no LoRA (see mixtral.py)
+                "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}  # its fused layers, as peft names them
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
 

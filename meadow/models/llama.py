@@ -107,11 +107,15 @@ class LlamaConfig(BlockConfig):
 class LlamaBlock(nn.Module):
     """One decoder layer: attention_norm -> attention -> residual -> ffn_norm -> MLP -> residual."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int = 0, feed_forward: nn.Module | None = None) -> None:
-        """`feed_forward` replaces the SwiGLU MLP (Mixtral's mixture of experts)."""
+    def __init__(
+        self, config: LlamaConfig, layer_idx: int = 0, feed_forward: nn.Module | None = None,
+        attention: nn.Module | None = None,
+    ) -> None:  # fmt: skip
+        """`feed_forward` replaces the SwiGLU MLP (Mixtral's mixture of experts), `attention` the attention (Phi-3's
+        fused projection)."""
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, layer_idx)
+        self.attention = attention if attention is not None else Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = feed_forward if feed_forward is not None else FeedForward(config)
 
@@ -173,14 +177,20 @@ class Attention(nn.Module):
         """x (B, T, hidden), the tokens of `parts` packed (B = 1) or one part; returns (B, T, hidden)."""
         B, T, _ = x.shape
         # projections and rotary run on every token at once, (N, heads, head_dim); attention per part
-        q = project(self.q_proj, x, lora, "q_proj").view(-1, self.n_head, self.head_dim)
-        k = project(self.k_proj, x, lora, "k_proj").view(-1, self.n_kv_head, self.head_dim)
-        v = project(self.v_proj, x, lora, "v_proj").view(-1, self.n_kv_head, self.head_dim)
+        q, k, v = self.projected(x, lora)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, position_ids)
         y = attend_parts(q, k, v, parts, self.sliding_window, self.scale, self.softcap)
         return project(self.o_proj, y.view(B, T, self.n_head * self.head_dim), lora, "o_proj")
+
+
+    def projected(self, x: Tensor, lora: BlockLora | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (N, heads, head_dim), keys and values (N, kv_heads, head_dim) of x's N tokens."""
+        q = project(self.q_proj, x, lora, "q_proj").view(-1, self.n_head, self.head_dim)
+        k = project(self.k_proj, x, lora, "k_proj").view(-1, self.n_kv_head, self.head_dim)
+        v = project(self.v_proj, x, lora, "v_proj").view(-1, self.n_kv_head, self.head_dim)
+        return q, k, v
 
 
 class FeedForward(nn.Module):

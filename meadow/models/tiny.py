@@ -23,6 +23,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     PreTrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -40,7 +41,8 @@ from meadow.models.gguf import (
     permute_rotary_rows,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text",
+            "phi3")  # fmt: skip
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -71,7 +73,7 @@ def make_tiny_checkpoint(
 
     qwen2, bloom and falcon have tied embeddings (`tie_word_embeddings` defaults to that, untied for the others).
     `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3 and the gemmas. `rope_scaling` is an HF rope
-    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral, mixtral, gemma2 and
+    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral, mixtral, phi3, gemma2 and
     gemma3_text (whose `rope_scaling` scales its global layers' rope only).
     mixtral has `num_experts` experts, `experts_per_token` per token, saved in the classic layout that transformers
     writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
@@ -115,6 +117,8 @@ def make_tiny_checkpoint(
     elif family == "mixtral":
         config = MixtralConfig(**common, sliding_window=sliding_window, num_local_experts=num_experts,
                                num_experts_per_tok=experts_per_token)  # fmt: skip
+    elif family == "phi3":
+        config = Phi3Config(**common, sliding_window=sliding_window)
     elif family in ("gemma", "gemma2", "gemma3_text"):
         gemma = dict(head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias,
                      **({"sliding_window": sliding_window} if family != "gemma" and sliding_window else {}))  # fmt: skip
