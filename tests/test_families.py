@@ -1,4 +1,4 @@
-"""Qwen3, Mixtral, Mistral, Phi-3, Gemma 2 and Gemma 3 with sliding windows shorter than the sequences, against
+"""Qwen3, Mixtral, Qwen3-MoE, Mistral, Phi-3, Gemma 2 and Gemma 3 (sliding windows shorter than the sequences) against
 transformers run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a
 real 2-server swarm on 127.0.0.1 per family (logits, greedy generation, gradients, deep prompts, client LoRA); Gemma 1
 in-process; Qwen GGUF files."""
@@ -29,6 +29,9 @@ FAMILIES = {
                   tie_word_embeddings=True, attention_bias=True),
     "mixtral": dict(hidden_size=48, num_heads=6, num_kv_heads=2, intermediate_size=40, num_experts=4,
                     experts_per_token=2, sliding_window=WINDOW, max_shard_size="40KB"),
+    # weights of the top k not renormalised, a dense layer among the sparse ones
+    "qwen3_moe": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40, num_experts=4,
+                      experts_per_token=2, mlp_only_layers=[1]),
     "mistral": dict(sliding_window=WINDOW),
     "phi3": dict(hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=80, sliding_window=WINDOW),  # fused
     # capped scores and logits (caps low enough to bite), a query scale of its own, every other layer sliding
@@ -41,6 +44,7 @@ FAMILIES = {
 }  # fmt: skip
 GEMMA_1 = dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80)  # in-process only
 LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],  # its experts take no LoRA (see mixtral.py)
+                "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}  # its fused layers, as peft names them
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 

@@ -91,7 +91,7 @@ class LlamaConfig(BlockConfig):
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             sliding_window=sliding_window,
             layer_types=tuple(layer_types),
-            qk_norm=hf.model_type == "qwen3",
+            qk_norm=hf.model_type in ("qwen3", "qwen3_moe"),
             hf_config=hf,
             **extra,
         )

@@ -1,19 +1,22 @@
-"""Mixtral decoder block: Llama's attention (with Mistral's sliding window) and a sparse mixture-of-experts MLP. Per
-token, a router picks the top-k experts (softmax, then the k weights renormalised to sum to 1, as HF does); each
-expert runs once on all the tokens routed to it, its outputs scatter-added back weighted.
+"""Mixtral and Qwen3-MoE decoder blocks: Llama's attention (with Mistral's sliding window, Qwen3's q/k norms) and a
+sparse mixture-of-experts MLP. Per token, a router picks the top-k experts (softmax, then the k weights renormalised to
+sum to 1, as HF does; Qwen3-MoE only with norm_topk_prob); each expert runs once on all the tokens routed to it, its
+outputs scatter-added back weighted. Qwen3-MoE may keep a dense MLP in some layers (mlp_only_layers,
+decoder_sparse_step).
 
 Checkpoints come in two layouts, both read: the classic one that transformers (5 too) saves and the hub holds
-(`block_sparse_moe.experts.N.w1/w2/w3.weight`, `block_sparse_moe.gate.weight`), and transformers 5's in-memory one
+(`block_sparse_moe.experts.N.w1/w2/w3.weight`, `block_sparse_moe.gate.weight`; Qwen3-MoE's
+`mlp.experts.N.gate_proj/up_proj/down_proj.weight`, `mlp.gate.weight`), and transformers 5's in-memory one
 (`mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I), `mlp.gate.weight`).
 
-LoRA applies to the attention projections, the layers peft targets in Mixtral (its experts are 3-D tensors in
+LoRA applies to the attention projections, the layers peft targets in these models (their experts are 3-D tensors in
 transformers 5, which peft's target_modules cannot adapt); an adapter for the experts gets an error listing these.
 Checked numerically against transformers in tests/test_families.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,26 +32,44 @@ if TYPE_CHECKING:
     from meadow.models.lora import BlockLora
 
 HF_TO_MEADOW = {**llama.HF_TO_MEADOW, "block_sparse_moe": "feed_forward"}  # "mlp" (fused layout) is llama's already
+EXPERT_LEAVES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Qwen3-MoE's names of an expert's layers
 LORA_PATHS = {name: path for name, path in llama.LORA_PATHS.items() if path.startswith("self_attn.")}
 
 
 @dataclass(frozen=True, kw_only=True)
 class MixtralConfig(LlamaConfig):
-    """A Mixtral block's hyperparameters: Llama's, and its experts (intermediate_size is one expert's)."""
+    """A Mixtral or Qwen3-MoE block's hyperparameters: Llama's, and its experts (intermediate_size is one expert's)."""
 
     num_experts: int
     experts_per_token: int
+    normalize_top_k: bool = True  # the k weights renormalised to sum to 1 (Qwen3-MoE: norm_topk_prob)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead (Qwen3-MoE) ...
+    dense_intermediate_size: int = 0  # ... of this size
 
     @classmethod
     def from_hf(cls, hf: Any, **extra: Any) -> "MixtralConfig":
-        return super().from_hf(hf, num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok, **extra)
+        if hf.model_type != "qwen3_moe":
+            return super().from_hf(hf, num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok,
+                                   **extra)  # fmt: skip
+        dense = tuple(
+            layer for layer in range(hf.num_hidden_layers)
+            if layer in (hf.mlp_only_layers or ()) or hf.num_experts == 0 or (layer + 1) % hf.decoder_sparse_step
+        )  # fmt: skip
+        config = super().from_hf(hf, num_experts=hf.num_experts, experts_per_token=hf.num_experts_per_tok,
+                                 normalize_top_k=bool(hf.norm_topk_prob), dense_layers=dense,
+                                 dense_intermediate_size=hf.intermediate_size, **extra)  # fmt: skip
+        return replace(config, intermediate_size=hf.moe_intermediate_size)
 
 
 class MixtralBlock(LlamaBlock):
-    """Llama's decoder layer with the sparse mixture of experts as its MLP."""
+    """Llama's decoder layer with the sparse mixture of experts as its MLP (or a dense one, in `dense_layers`)."""
 
     def __init__(self, config: MixtralConfig, layer_idx: int = 0) -> None:
-        super().__init__(config, layer_idx, feed_forward=SparseMoE(config))
+        if layer_idx in config.dense_layers:
+            feed_forward = llama.FeedForward(replace(config, intermediate_size=config.dense_intermediate_size))
+        else:
+            feed_forward = SparseMoE(config)
+        super().__init__(config, layer_idx, feed_forward=feed_forward)
 
 
 class SparseMoE(nn.Module):
@@ -76,19 +97,19 @@ class SparseMoE(nn.Module):
 
 
 class Router(nn.Module):
-    """The gate: softmax over experts in float32, the top-k kept and renormalised. A plain weight rather than an
+    """The gate: softmax over experts in float32, the top-k kept (and renormalised). A plain weight rather than an
     nn.Linear, so that quantizing a block's linear layers leaves the routing exact."""
 
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__()
-        self.top_k = config.experts_per_token
+        self.top_k, self.normalize = config.experts_per_token, config.normalize_top_k
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """The k weights (float32) and expert indices of each token, (N, k) each."""
         probs = F.softmax(F.linear(tokens, self.weight).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True), chosen
+        return (weights / weights.sum(dim=-1, keepdim=True) if self.normalize else weights), chosen
 
 
 class Expert(nn.Module):
@@ -110,6 +131,9 @@ def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Te
     for name, tensor in tensors.items():
         head, _, rest = name.partition(".")
         name = f"{HF_TO_MEADOW.get(head, head)}.{rest}"
+        if name.startswith("feed_forward.experts.") and name.count(".") == 4:  # feed_forward.experts.N.LEAF.weight
+            start, leaf, suffix = name.rsplit(".", 2)
+            name = f"{start}.{EXPERT_LEAVES.get(leaf, leaf)}.{suffix}"
         if name == "feed_forward.experts.gate_up_proj":  # fused (E, 2I, H): w1 (gate) rows first, then w3 (up)
             for expert, gate_up in enumerate(tensor.unbind(0)):
                 w1, w3 = gate_up.chunk(2, dim=0)

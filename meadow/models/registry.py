@@ -15,6 +15,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": llama.FAMILY,
     "qwen3": llama.FAMILY,
     "mixtral": mixtral.FAMILY,
+    "qwen3_moe": mixtral.FAMILY,
     "bloom": bloom.FAMILY,
     "falcon": falcon.FAMILY,
     "phi3": phi3.FAMILY,
