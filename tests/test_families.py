@@ -1,7 +1,7 @@
-"""Qwen3, Mixtral, Qwen3-MoE, Mistral, Phi-3, Gemma 2 and Gemma 3 (sliding windows shorter than the sequences) against
-transformers run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process, then a
-real swarm on 127.0.0.1 (logits, greedy generation, gradients, deep prompts, client LoRA: per family one server, or two
-in a chain); Gemma 1 in-process; Qwen GGUF files."""
+"""Qwen3, Mixtral, Qwen3-MoE, GPT-OSS, Mistral, Phi-3, Gemma 2 and Gemma 3 (sliding windows shorter than the sequences)
+against transformers run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process,
+then a real swarm on 127.0.0.1 (logits, greedy generation, gradients, deep prompts, client LoRA: per family one server,
+or two in a chain); Gemma 1 in-process; Qwen GGUF files."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ FAMILIES = {
     # weights of the top k not renormalised, a dense layer among the sparse ones
     "qwen3_moe": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40, num_experts=4,
                       experts_per_token=2, mlp_only_layers=[1]),
+    # sinks, biases, yarn rope, every other layer sliding; its experts' SwiGLU clamped (low enough to bite)
+    "gpt_oss": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40, num_experts=4,
+                    experts_per_token=2, sliding_window=WINDOW, swiglu_limit=0.3),
     "mistral": dict(sliding_window=WINDOW),
     "phi3": dict(hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=80, sliding_window=WINDOW),  # fused
     # capped scores and logits (caps low enough to bite), a query scale of its own, every other layer sliding
@@ -45,7 +48,7 @@ FAMILIES = {
 SPANS = {family: ("0:2", "2:4") for family in ("qwen3", "mixtral", "mistral")}  # the others on one server each
 GEMMA_1 = dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80)  # in-process only
 LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],  # its experts take no LoRA (see mixtral.py)
-                "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}  # its fused layers, as peft names them
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 

@@ -81,11 +81,12 @@ def packed_parts(
 
 def attend_parts(
     q: Tensor, k: Tensor, v: Tensor, parts: list[Part], sliding_window: int | None = None,
-    scale: float | None = None, softcap: float | None = None,
+    scale: float | None = None, softcap: float | None = None, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Attention of packed tokens, each part over its own cached and new keys: q (N, heads, D), k and v
     (N, kv_heads, D) -> (N, heads * D). `scale` multiplies the scores (None: 1 / sqrt(D)); `softcap` bounds them
-    to (-softcap, softcap) with tanh before the softmax (Gemma 2)."""
+    to (-softcap, softcap) with tanh before the softmax (Gemma 2); `sinks` (heads,) are logits the softmax counts as
+    one more key's, whose value is nothing (GPT-OSS)."""
     outputs, offset = [], 0
     head_dim = q.shape[-1]
     for part in parts:
@@ -93,7 +94,7 @@ def attend_parts(
         q_part, k_part, v_part = (
             t[offset : offset + n].view(part.batch, part.length, -1, head_dim).transpose(1, 2) for t in (q, k, v)
         )
-        y = attend(q_part, k_part, v_part, part, sliding_window, scale, softcap)
+        y = attend(q_part, k_part, v_part, part, sliding_window, scale, softcap, sinks)
         outputs.append(y.transpose(1, 2).reshape(n, -1))
         offset += n
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -101,30 +102,41 @@ def attend_parts(
 
 def attend(
     q: Tensor, k: Tensor, v: Tensor, part: Part, sliding_window: int | None = None, scale: float | None = None,
-    softcap: float | None = None,
+    softcap: float | None = None, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Attention of one part's queries (b, heads, t, D) over its cached and new keys/values (b, kv_heads, t, D)."""
     T, start, key_mask = q.shape[2], part.start, part.key_mask
     if part.cache is not None:
         k, v = part.cache.update(start, k, v)
     gqa = q.shape[1] != k.shape[1]  # each kv head serves heads / kv_heads query heads; SDPA needs no copies
+    eager = softcap is not None or sinks is not None  # what no SDPA kernel takes
     plain = key_mask is None and (start == 0 or T == 1) and (sliding_window is None or k.shape[2] <= sliding_window)
-    if plain and softcap is None:  # plain causal (or one new token that sees everything): SDPA's fastest kernel
+    if plain and not eager:  # plain causal (or one new token that sees everything): SDPA's fastest kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa, scale=scale)
     mask = attention_mask(T, k.shape[2], start, key_mask, sliding_window, q.device)
-    if softcap is not None:
-        return softcapped_attention(q, k, v, mask, scale, softcap)
+    if eager:
+        return eager_attention(q, k, v, mask, scale, softcap, sinks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
-def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, softcap: float) -> Tensor:
-    """Attention whose scores pass through softcap * tanh(scores / softcap) before the mask and a float32 softmax, as
-    transformers computes Gemma 2's (no SDPA kernel takes a cap). Shapes as attend's; mask True = attend."""
+def eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, softcap: float | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Attention written out, as transformers computes Gemma 2's (scores through softcap * tanh(scores / softcap)
+    before the mask, a float32 softmax) and GPT-OSS's (each head's sink logit in the softmax, then dropped; the softmax
+    in the scores' dtype). Shapes as attend's; mask True = attend."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(2, 3) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    scores = torch.tanh(scores / softcap) * softcap
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    else:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        weights = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1].to(v.dtype)
     return weights @ v
 
 

@@ -168,6 +168,7 @@ class Attention(nn.Module):
         sliding = layer_idx < len(config.layer_types) and config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
         self.rotary = self.rotary_for(config)
+        self.sinks: Tensor | None = None  # a logit per head that the softmax counts as one more key's (GPT-OSS)
 
     def rotary_for(self, config: LlamaConfig) -> Rotary:
         """This layer's rotary table (Gemma 3's sliding layers have their own)."""
@@ -181,7 +182,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, position_ids)
-        y = attend_parts(q, k, v, parts, self.sliding_window, self.scale, self.softcap)
+        y = attend_parts(q, k, v, parts, self.sliding_window, self.scale, self.softcap, self.sinks)
         return project(self.o_proj, y.view(B, T, self.n_head * self.head_dim), lora, "o_proj")
 
 

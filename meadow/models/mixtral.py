@@ -17,7 +17,7 @@ Checked numerically against transformers in tests/test_families.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,17 +83,23 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         weights, chosen = self.gate(tokens)  # (N, k) each
-        # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous run
-        order = chosen.reshape(-1).argsort()
-        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
-        weights = weights.reshape(-1)
-        out = torch.zeros_like(tokens)
-        for expert, pairs in zip(self.experts, order.split(counts)):
-            if pairs.numel():
-                rows = pairs // chosen.shape[1]
-                y = expert(tokens.index_select(0, rows)) * weights[pairs, None]
-                out.index_add_(0, rows, y.to(out.dtype))
-        return out.view(x.shape)
+        return mixed(tokens, weights, chosen, lambda expert, rows: self.experts[expert](rows)).view(x.shape)
+
+
+def mixed(tokens: Tensor, weights: Tensor, chosen: Tensor, expert: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """The sum over each token's chosen experts (N, k) of `expert(index, rows)` times its weight (N, k): each expert
+    runs once, on all the tokens routed to it."""
+    # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous run
+    order = chosen.reshape(-1).argsort()
+    counts = torch.bincount(chosen.reshape(-1)).tolist()
+    weights = weights.reshape(-1)
+    out = torch.zeros_like(tokens)
+    for index, pairs in enumerate(order.split(counts)):
+        if pairs.numel():
+            rows = pairs // chosen.shape[1]
+            y = expert(index, tokens.index_select(0, rows)) * weights[pairs, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+    return out
 
 
 class Router(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from meadow.models import bloom, falcon, gemma, llama, mixtral, phi3
+from meadow.models import bloom, falcon, gemma, gpt_oss, llama, mixtral, phi3
 from meadow.models.config import BlockConfig, UnsupportedModelError
 from meadow.models.family import Family
 
@@ -19,6 +19,7 @@ FAMILIES: dict[str, Family] = {
     "bloom": bloom.FAMILY,
     "falcon": falcon.FAMILY,
     "phi3": phi3.FAMILY,
+    "gpt_oss": gpt_oss.FAMILY,
     **{model_type: gemma.FAMILY for model_type in gemma.MODEL_TYPES},
 }
 

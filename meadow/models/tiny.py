@@ -20,6 +20,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -43,7 +44,7 @@ from meadow.models.gguf import (
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text",
-            "phi3", "qwen3_moe")  # fmt: skip
+            "phi3", "qwen3_moe", "gpt_oss")  # fmt: skip
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -76,7 +77,7 @@ def make_tiny_checkpoint(
     `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3 and the gemmas. `rope_scaling` is an HF rope
     dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral, mixtral, phi3, gemma2 and
     gemma3_text (whose `rope_scaling` scales its global layers' rope only).
-    mixtral and qwen3_moe have `num_experts` experts, `experts_per_token` per token (qwen3_moe's options: its
+    mixtral, qwen3_moe and gpt_oss have `num_experts` experts, `experts_per_token` per token (qwen3_moe's options: its
     norm_topk_prob, mlp_only_layers, decoder_sparse_step), saved in the classic layout that transformers writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
     has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
@@ -86,8 +87,8 @@ def make_tiny_checkpoint(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if options and family not in ("bloom", "falcon", "gemma2", "gemma3_text", "qwen3_moe"):
-        raise ValueError(f"options {sorted(options)} are for bloom, falcon, gemma 2 and 3 and qwen3_moe checkpoints only")
+    if options and family not in ("bloom", "falcon", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss"):
+        raise ValueError(f"options {sorted(options)} are for bloom, falcon, gemma2, gemma3_text, qwen3_moe and gpt_oss only")
     path = Path(path)
     tokenizer = make_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
@@ -123,6 +124,11 @@ def make_tiny_checkpoint(
                                 head_dim=head_dim or hidden_size // num_heads,
                                 num_experts=num_experts, num_experts_per_tok=experts_per_token,
                                 moe_intermediate_size=intermediate_size, **options)  # fmt: skip
+    elif family == "gpt_oss":  # its own yarn rope (transformers' defaults); every other layer sliding
+        rest = {k: v for k, v in common.items() if k != "rope_parameters"}
+        config = GptOssConfig(**rest, head_dim=head_dim or hidden_size // num_heads, num_local_experts=num_experts,
+                              num_experts_per_tok=experts_per_token,
+                              **({"sliding_window": sliding_window} if sliding_window else {}), **options)  # fmt: skip
     elif family == "phi3":
         config = Phi3Config(**common, sliding_window=sliding_window)
     elif family in ("gemma", "gemma2", "gemma3_text"):

@@ -1,0 +1,122 @@
+"""GPT-OSS decoder block (gpt-oss-20b, gpt-oss-120b): Llama's layout with biases on the attention's projections, a
+learned sink logit per head in the attention's softmax, sliding-window layers (128 tokens) between global ones, yarn
+rope, and a mixture of experts: a router with a bias takes each token's top-k logits and softmaxes them; each expert is
+a clamped SwiGLU, (clamp(up) + 1) * gate * sigmoid(alpha * gate) with gate clamped from above, its gate and up
+columns interleaved in one fused tensor. The experts stay as the checkpoint holds them, 3-D tensors (E, in, out).
+
+Checkpoints with the experts in bf16 or float32 are read (OpenAI's release stores them in MXFP4, which transformers
+dequantizes on loading; Meadow does not yet: it names the tensors it cannot read). LoRA applies to the attention's
+projections. Checked numerically against transformers in tests/test_families.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from meadow.models import llama, mixtral
+from meadow.models.config import BlockConfig, UnsupportedModelError
+from meadow.models.family import Family
+from meadow.models.llama import LlamaBlock, LlamaConfig
+
+if TYPE_CHECKING:
+    from meadow.models.lora import BlockLora
+
+LORA_PATHS = {name: path for name, path in llama.LORA_PATHS.items() if path.startswith("self_attn.")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GptOssConfig(LlamaConfig):
+    """A GPT-OSS block's hyperparameters: Llama's, and its experts' (intermediate_size is one expert's)."""
+
+    num_experts: int
+    experts_per_token: int
+    swiglu_alpha: float
+    swiglu_limit: float
+
+    @classmethod
+    def from_hf(cls, hf: Any, **extra: Any) -> "GptOssConfig":
+        return super().from_hf(hf, num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok,
+                               swiglu_alpha=hf.swiglu_alpha, swiglu_limit=hf.swiglu_limit, **extra)  # fmt: skip
+
+
+class GptOssBlock(LlamaBlock):
+    """Llama's decoder layer with sink attention and GPT-OSS's mixture of experts."""
+
+    def __init__(self, config: GptOssConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx, feed_forward=SparseMoE(config), attention=SinkAttention(config, layer_idx))
+
+
+class SinkAttention(llama.Attention):
+    """Llama's attention (biased projections) with each head's learned sink logit in the softmax."""
+
+    def __init__(self, config: GptOssConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx)
+        self.sinks = nn.Parameter(torch.empty(config.num_attention_heads))
+
+
+class SparseMoE(nn.Module):
+    """Router (logits with a bias, the top k softmaxed), then each token through its experts, weighted."""
+
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.router = nn.Linear(config.hidden_size, config.num_experts)
+        self.experts = Experts(config)
+        self.top_k = config.experts_per_token
+
+    def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        # a plain product, not the router module: quantizing a block's linear layers must leave the routing exact
+        top, chosen = F.linear(tokens, self.router.weight, self.router.bias).topk(self.top_k, dim=-1)
+        weights = top.softmax(dim=-1)
+        return mixtral.mixed(tokens, weights, chosen, self.experts).view(x.shape)
+
+
+class Experts(nn.Module):
+    """Every expert's weights as 3-D tensors, as the checkpoint holds them: gate_up_proj (E, hidden, 2I) with gate and
+    up columns interleaved, down_proj (E, I, hidden), and their biases."""
+
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        E, hidden, inner = config.num_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, hidden, 2 * inner))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * inner))
+        self.down_proj = nn.Parameter(torch.empty(E, inner, hidden))
+        self.down_proj_bias = nn.Parameter(torch.empty(E, hidden))
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    def forward(self, expert: int, x: Tensor) -> Tensor:
+        gate_up = x @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
+        gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(-self.limit, self.limit)
+        return ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[expert] + self.down_proj_bias[expert]
+
+
+def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:
+    """One layer's tensors as our block's state dict; a clear error for experts stored in MXFP4."""
+    packed = sorted(name for name in tensors if name.endswith(("_blocks", "_scales")))
+    if packed:
+        raise UnsupportedModelError(
+            f"the experts are stored in MXFP4 ({', '.join(packed[:2])}...), which Meadow does not read yet: use a "
+            "checkpoint with them in bf16 (transformers can save one: from_pretrained, then save_pretrained)"
+        )
+    return llama.FAMILY.layer_state(tensors, config)
+
+
+def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
+    """The layers LoRA can target: the attention projections."""
+    return {name: shape for name, shape in llama.linear_shapes(config).items() if name in LORA_PATHS}
+
+
+FAMILY = Family(
+    name="gpt_oss",
+    config_from_hf=GptOssConfig.from_hf,
+    block=GptOssBlock,
+    layer_state=layer_state,
+    load_client_parts=llama.load_client_parts,
+    linear_shapes=linear_shapes,
+    lora_paths=LORA_PATHS,
+)
