@@ -98,7 +98,19 @@ def test_gemma_1_blocks_and_logits_match_transformers(checkpoints):
     check_blocks_and_logits(reference(path), *whole_span(path))
 
 
-def check_blocks_and_logits(local, span, parts) -> None:
+def test_gpt_oss_experts_stored_in_mxfp4_load_as_transformers_unpacks_them(checkpoints):
+    """OpenAI's release stores the experts in MXFP4 (4-bit codes, a power of two per 32 values): a server unpacks them
+    into the values transformers does (which are not the float checkpoint's: the packing rounds)."""
+    kwargs = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=32, num_experts=4,
+                  experts_per_token=2, sliding_window=WINDOW)  # fmt: skip
+    packed, plain = checkpoints("gpt_oss", mxfp4_experts=True, **kwargs), checkpoints("gpt_oss", **kwargs)
+    local = check_blocks_and_logits(reference(packed), *whole_span(packed))
+    ids = token_ids(local.config.vocab_size)
+    with torch.no_grad():
+        assert (reference(plain)(ids).logits - local(ids).logits).abs().max() > 100 * ATOL
+
+
+def check_blocks_and_logits(local, span, parts):
     ids = token_ids(span.config.vocab_size)
     captured = {}
     hook = local.model.norm.register_forward_hook(lambda module, args, out: captured.update(hidden=args[0]))
@@ -109,6 +121,7 @@ def check_blocks_and_logits(local, span, parts) -> None:
                       span.range)  # fmt: skip
     assert (hidden - captured["hidden"]).abs().max() <= ATOL
     assert (parts.logits(hidden) - expected).abs().max() <= ATOL
+    return local
 
 
 def run_packed(span: Span, steps: list) -> list[torch.Tensor]:

@@ -186,8 +186,10 @@ def read_tensors(
     for file, names in sorted(by_file.items()):
         with safe_open(path / file, framework="pt") as f:
             for name in names:
-                # one tensor at a time: peak memory is the wanted tensors plus one in checkpoint dtype
-                tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                # one tensor at a time: peak memory is the wanted tensors plus one in checkpoint dtype; packed
+                # integers (GPT-OSS's MXFP4 experts) keep theirs, for the family to unpack
+                tensor = f.get_tensor(name)
+                tensors[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     return tensors
 
 

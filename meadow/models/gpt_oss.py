@@ -4,8 +4,8 @@ rope, and a mixture of experts: a router with a bias takes each token's top-k lo
 a clamped SwiGLU, (clamp(up) + 1) * gate * sigmoid(alpha * gate) with gate clamped from above, its gate and up
 columns interleaved in one fused tensor. The experts stay as the checkpoint holds them, 3-D tensors (E, in, out).
 
-Checkpoints with the experts in bf16 or float32 are read (OpenAI's release stores them in MXFP4, which transformers
-dequantizes on loading; Meadow does not yet: it names the tensors it cannot read). LoRA applies to the attention's
+The experts may be stored in bf16 or float32, or in MXFP4 as OpenAI released them: a server unpacks its own blocks'
+experts as it loads them, as transformers does on a machine without MXFP4 kernels. LoRA applies to the attention's
 projections. Checked numerically against transformers in tests/test_families.py.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meadow.models import llama, mixtral
-from meadow.models.config import BlockConfig, UnsupportedModelError
+from meadow.models.config import BlockConfig
 from meadow.models.family import Family
 from meadow.models.llama import LlamaBlock, LlamaConfig
 
@@ -96,13 +96,15 @@ class Experts(nn.Module):
 
 
 def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:
-    """One layer's tensors as our block's state dict; a clear error for experts stored in MXFP4."""
-    packed = sorted(name for name in tensors if name.endswith(("_blocks", "_scales")))
-    if packed:
-        raise UnsupportedModelError(
-            f"the experts are stored in MXFP4 ({', '.join(packed[:2])}...), which Meadow does not read yet: use a "
-            "checkpoint with them in bf16 (transformers can save one: from_pretrained, then save_pretrained)"
-        )
+    """One layer's tensors as our block's state dict, experts stored in MXFP4 (OpenAI's release: `X_blocks`, two 4-bit
+    values a byte, and `X_scales`, a power of two per 32 values) unpacked by transformers' own function, into the
+    dtype of their biases."""
+    tensors = dict(tensors)
+    for name in [name.removesuffix("_blocks") for name in tensors if name.endswith("_blocks")]:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # here: only such checkpoints need it
+
+        blocks, scales = tensors.pop(f"{name}_blocks"), tensors.pop(f"{name}_scales")
+        tensors[name] = convert_moe_packed_tensors(blocks, scales, dtype=tensors[f"{name}_bias"].dtype)
     return llama.FAMILY.layer_state(tensors, config)
 
 

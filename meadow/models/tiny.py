@@ -69,16 +69,19 @@ def make_tiny_checkpoint(
     num_experts: int = 4,
     experts_per_token: int = 2,
     fused_experts: bool = False,
+    mxfp4_experts: bool = False,
     **options,
 ) -> Path:
     """Save a randomly initialised HF model of `family` and its tokenizer in `path`; return the path.
 
     qwen2, bloom and falcon have tied embeddings (`tie_word_embeddings` defaults to that, untied for the others).
-    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3 and the gemmas. `rope_scaling` is an HF rope
-    dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral, mixtral, phi3, gemma2 and
-    gemma3_text (whose `rope_scaling` scales its global layers' rope only).
+    `head_dim` (default hidden_size / num_heads) and `attention_bias` apply to qwen3 and the gemmas. `rope_scaling` is
+    an HF rope dict such as {"rope_type": "llama3", "factor": 8.0, ...}. `sliding_window` applies to mistral, mixtral,
+    phi3, gpt_oss, gemma2 and gemma3_text (whose `rope_scaling` scales its global layers' rope only).
     mixtral, qwen3_moe and gpt_oss have `num_experts` experts, `experts_per_token` per token (qwen3_moe's options: its
-    norm_topk_prob, mlp_only_layers, decoder_sparse_step), saved in the classic layout that transformers writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py).
+    norm_topk_prob, mlp_only_layers, decoder_sparse_step). Mixtral's are saved in the classic layout that transformers
+    writes, or with `fused_experts` (one file only) in transformers 5's fused one (see models/mixtral.py); gpt_oss's
+    with `mxfp4_experts` (one file only) in MXFP4, as OpenAI released gpt-oss (see models/gpt_oss.py).
     `vocab_size` defaults to the tokenizer's size; a larger one (a real model's shape, for benchmarks)
     has ids the tokenizer decodes to nothing. `options` are further fields of the family's HF config, such as
     Falcon's new_decoder_architecture, alibi, bias or parallel_attn, or Gemma's layer_types, query_pre_attn_scalar,
@@ -154,6 +157,8 @@ def make_tiny_checkpoint(
         config = FalconConfig(**{k: common[k] for k in names}, **options)
     if fused_experts and (family != "mixtral" or max_shard_size):
         raise ValueError("fused_experts applies to an unsharded mixtral checkpoint only")
+    if mxfp4_experts and (family != "gpt_oss" or max_shard_size):
+        raise ValueError("mxfp4_experts applies to an unsharded gpt_oss checkpoint only")
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -169,6 +174,8 @@ def make_tiny_checkpoint(
     model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if fused_experts:
         fuse_experts(path / "model.safetensors", num_layers, num_experts)
+    if mxfp4_experts:
+        pack_experts(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -183,6 +190,31 @@ def fuse_experts(file: Path, num_layers: int, num_experts: int) -> None:
         tensors[f"{new}experts.down_proj"] = torch.stack(w2)
         tensors[f"{new}gate.weight"] = tensors.pop(f"{old}gate.weight")
     save_file(tensors, file, metadata={"format": "pt"})
+
+
+# the 16 values of a 4-bit E2M1 float (OCP's MX formats), by code: sign bit, 2 exponent bits, 1 mantissa bit
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def pack_experts(path: Path) -> None:
+    """Rewrite a GPT-OSS checkpoint's expert weights in MXFP4, as OpenAI's release stores them: for each (E, in, out)
+    tensor X, `X_blocks` (E, out, in / 32, 16) holding two 4-bit codes a byte (the even column in the low nibble) and
+    `X_scales` (E, out, in / 32), each group of 32 values' power of two plus 127; config.json says so."""
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    values = torch.tensor(FP4_VALUES)
+    for name in [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        rows = tensors.pop(name).float().transpose(1, 2)  # (E, out, in)
+        groups = rows.reshape(*rows.shape[:2], -1, 32)
+        exponents = torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 6.0))
+        codes = ((groups / 2.0**exponents)[..., None] - values).abs().argmin(-1).to(torch.uint8)
+        tensors[f"{name}_blocks"] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        tensors[f"{name}_scales"] = (exponents[..., 0] + 127).to(torch.uint8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
