@@ -653,7 +653,8 @@ def test_a_template_that_shows_tools_gets_them_and_one_that_refuses_a_conversati
                          "v1/responses": lambda: reply["usage"]["input_tokens"]}[route]  # fmt: skip
         assert status == 200 and prompt_tokens() == folded, reply
     for route in ("v1/chat/completions", "api/chat"):  # no user message to hold it
-        status, reply = http(url + route, json.dumps({"model": "tiny-llama", "stream": False, "messages": [system]}).encode())
+        body = {"model": "tiny-llama", "stream": False, "messages": [system]}
+        status, reply = http(url + route, json.dumps(body).encode())
         message = reply["error"] if route.startswith("api/") else reply["error"]["message"]
         assert status == 400 and "refuses the conversation: System messages are not supported" in message, reply
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)

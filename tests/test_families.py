@@ -38,17 +38,20 @@ FAMILIES = {
     "mistral": dict(sliding_window=WINDOW),
     "phi3": dict(hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=80, sliding_window=WINDOW),  # fused
     # capped scores and logits (caps low enough to bite), a query scale of its own, every other layer sliding
-    "gemma2": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80, sliding_window=WINDOW,
-                   query_pre_attn_scalar=20, attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+    "gemma2": dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80,
+                   sliding_window=WINDOW, query_pre_attn_scalar=20, attn_logit_softcapping=3.0,
+                   final_logit_softcapping=5.0),
     # q/k norms; sliding layers on their own rope base, the global one's scaled
     "gemma3_text": dict(hidden_size=48, num_heads=4, num_kv_heads=1, head_dim=24, intermediate_size=80,
-                        sliding_window=WINDOW, query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                        sliding_window=WINDOW, query_pre_attn_scalar=20,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0},
                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]),
 }  # fmt: skip
 SPANS = {family: ("0:2", "2:4") for family in ("qwen3", "mixtral", "mistral")}  # the others on one server each
 GEMMA_1 = dict(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=80)  # in-process only
 LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],  # its experts take no LoRA (see mixtral.py)
-                "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}  # its fused layers, as peft names them
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 

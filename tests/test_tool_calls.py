@@ -277,7 +277,8 @@ def test_a_template_without_a_system_message_gets_it_and_the_tools_in_the_first_
         assert text.rstrip().endswith(last)
     # a system message of the user's own: its text first, then the tools, then the user's
     text = tokenizer.decode(tool_prompt_ids(tokenizer, dialect_of(ALTERNATING), [HISTORY[0], hi], box)[0])
-    assert text.startswith("[user] Be brief.\n\nYou can call functions") and text.rstrip().endswith("</tool_response>.\n\nhi")
+    assert text.startswith("[user] Be brief.\n\nYou can call functions")
+    assert text.rstrip().endswith("</tool_response>.\n\nhi")
     text = tokenizer.decode(chat_prompt_ids(tokenizer, [HISTORY[0], hi, {"role": "system", "content": "Be kind."}])[0])
     assert text == "[user] Be brief.\n\nBe kind.\n\nhi\n"  # every system message, in their order
     with pytest.raises(ConversationRefused, match="must alternate"):  # the template's refusal when folding is no help

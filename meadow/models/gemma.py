@@ -150,8 +150,8 @@ class Attention(llama.Attention):
 def load_client_parts(read: TensorReader, config: GemmaConfig) -> ClientParts:
     """Embeddings (times sqrt(hidden_size)), the final norm and the LM head (the embedding matrix unless untied), whose
     logits Gemma 2 caps."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-    tensors = read(names)
+    untied = [] if config.tie_word_embeddings else ["lm_head.weight"]
+    tensors = read(["model.embed_tokens.weight", "model.norm.weight", *untied])
     norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
     norm.weight = nn.Parameter(tensors["model.norm.weight"], requires_grad=False)
     softcap = getattr(config.hf_config, "final_logit_softcapping", None)

@@ -92,7 +92,8 @@ class Experts(nn.Module):
     def forward(self, expert: int, x: Tensor) -> Tensor:
         gate_up = x @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
         gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(-self.limit, self.limit)
-        return ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[expert] + self.down_proj_bias[expert]
+        glu = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+        return glu @ self.down_proj[expert] + self.down_proj_bias[expert]
 
 
 def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:

@@ -38,7 +38,8 @@ class Phi3Block(LlamaBlock):
     """Llama's decoder layer with the fused attention and MLP."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
-        super().__init__(config, layer_idx, feed_forward=FusedFeedForward(config), attention=FusedAttention(config, layer_idx))
+        attention, feed_forward = FusedAttention(config, layer_idx), FusedFeedForward(config)
+        super().__init__(config, layer_idx, feed_forward=feed_forward, attention=attention)
 
 
 class FusedAttention(llama.Attention):
@@ -72,7 +73,8 @@ def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear layer of a block, by its HF leaf name."""
     hidden, q, ffn = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
     qkv = q + 2 * config.num_key_value_heads * config.head_dim
-    return {"qkv_proj": (hidden, qkv), "o_proj": (q, hidden), "gate_up_proj": (hidden, 2 * ffn), "down_proj": (ffn, hidden)}
+    return {"qkv_proj": (hidden, qkv), "o_proj": (q, hidden), "gate_up_proj": (hidden, 2 * ffn),
+            "down_proj": (ffn, hidden)}  # fmt: skip
 
 
 FAMILY = Family(

@@ -91,7 +91,8 @@ def make_tiny_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if options and family not in ("bloom", "falcon", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss"):
-        raise ValueError(f"options {sorted(options)} are for bloom, falcon, gemma2, gemma3_text, qwen3_moe and gpt_oss only")
+        families = "bloom, falcon, gemma2, gemma3_text, qwen3_moe and gpt_oss"
+        raise ValueError(f"options {sorted(options)} are for {families} checkpoints only")
     path = Path(path)
     tokenizer = make_tokenizer()
     if vocab_size is not None and vocab_size < len(tokenizer):
@@ -135,8 +136,8 @@ def make_tiny_checkpoint(
     elif family == "phi3":
         config = Phi3Config(**common, sliding_window=sliding_window)
     elif family in ("gemma", "gemma2", "gemma3_text"):
-        gemma = dict(head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias,
-                     **({"sliding_window": sliding_window} if family != "gemma" and sliding_window else {}))  # fmt: skip
+        window = {"sliding_window": sliding_window} if family != "gemma" and sliding_window else {}
+        gemma = dict(head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias, **window)
         if family == "gemma":
             config = GemmaConfig(**common, **gemma)
         elif family == "gemma2":
