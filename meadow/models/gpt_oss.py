@@ -26,9 +26,6 @@ from meadow.models.llama import LlamaBlock, LlamaConfig
 if TYPE_CHECKING:
     from meadow.models.lora import BlockLora
 
-LORA_PATHS = {name: path for name, path in llama.LORA_PATHS.items() if path.startswith("self_attn.")}
-
-
 @dataclass(frozen=True, kw_only=True)
 class GptOssConfig(LlamaConfig):
     """A GPT-OSS block's hyperparameters: Llama's, and its experts' (intermediate_size is one expert's)."""
@@ -109,17 +106,12 @@ def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Te
     return llama.FAMILY.layer_state(tensors, config)
 
 
-def linear_shapes(config: BlockConfig) -> dict[str, tuple[int, int]]:
-    """The layers LoRA can target: the attention projections."""
-    return {name: shape for name, shape in llama.linear_shapes(config).items() if name in LORA_PATHS}
-
-
 FAMILY = Family(
     name="gpt_oss",
     config_from_hf=GptOssConfig.from_hf,
     block=GptOssBlock,
     layer_state=layer_state,
     load_client_parts=llama.load_client_parts,
-    linear_shapes=linear_shapes,
-    lora_paths=LORA_PATHS,
+    linear_shapes=mixtral.linear_shapes,  # LoRA on the attention's projections, as in Mixtral
+    lora_paths=mixtral.LORA_PATHS,
 )
