@@ -154,7 +154,7 @@ def bench(
 
     local_model = load_reference_model(model, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in local_model.parameters()) / 1e6
-    layers = local_model.get_submodule(family_of(config).layer_prefix.partition(".{}")[0])  # model.layers, transformer.h
+    layers = local_model.get_submodule(family_of(config).layer_module_prefix(0).removesuffix(".0."))  # model.layers...
     for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as they are
         pack_block(quantize_block(layer, quant, device))
     local_model.to(device)

@@ -1,7 +1,7 @@
-"""Qwen3, Mixtral, Qwen3-MoE, GPT-OSS, Mistral, Phi-3, Gemma 2 and Gemma 3 (sliding windows shorter than the sequences)
-against transformers run locally on the same tiny checkpoints: blocks, KV-cache sessions and packed batches in-process,
-then a real swarm on 127.0.0.1 (logits, greedy generation, gradients, deep prompts, client LoRA: per family one server,
-or two in a chain); Gemma 1 in-process; Qwen GGUF files."""
+"""Qwen3, Mixtral, Qwen3-MoE, GPT-OSS, Mistral, Phi-3, Gemma 2 and Gemma 3 (text, and the image model's text part;
+sliding windows shorter than the sequences) against transformers run locally on the same tiny checkpoints: blocks,
+KV-cache sessions and packed batches in-process, then a real swarm on 127.0.0.1 (logits, greedy generation, gradients,
+deep prompts, client LoRA: per family one server, or two in a chain); Gemma 1 in-process; Qwen GGUF files."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ FAMILIES = {
                    sliding_window=WINDOW, query_pre_attn_scalar=20, attn_logit_softcapping=3.0,
                    final_logit_softcapping=5.0),
     # q/k norms; sliding layers on their own rope base, the global one's scaled
+    "gemma3": dict(hidden_size=48, num_heads=4, num_kv_heads=1, head_dim=24, intermediate_size=80,  # the image model's
+                   sliding_window=WINDOW, query_pre_attn_scalar=20),  # text part, its tensors under language_model.
     "gemma3_text": dict(hidden_size=48, num_heads=4, num_kv_heads=1, head_dim=24, intermediate_size=80,
                         sliding_window=WINDOW, query_pre_attn_scalar=20,
                         rope_scaling={"rope_type": "linear", "factor": 4.0},
@@ -108,7 +110,7 @@ def test_gpt_oss_experts_stored_in_mxfp4_load_as_transformers_unpacks_them(check
                   experts_per_token=2, sliding_window=WINDOW)  # fmt: skip
     packed, plain = checkpoints("gpt_oss", mxfp4_experts=True, **kwargs), checkpoints("gpt_oss", **kwargs)
     local = check_blocks_and_logits(reference(packed), *whole_span(packed))
-    ids = token_ids(local.config.vocab_size)
+    ids = token_ids(local.config.get_text_config().vocab_size)
     with torch.no_grad():
         assert (reference(plain)(ids).logits - local(ids).logits).abs().max() > 100 * ATOL
 
@@ -116,7 +118,7 @@ def test_gpt_oss_experts_stored_in_mxfp4_load_as_transformers_unpacks_them(check
 def check_blocks_and_logits(local, span, parts):
     ids = token_ids(span.config.vocab_size)
     captured = {}
-    hook = local.model.norm.register_forward_hook(lambda module, args, out: captured.update(hidden=args[0]))
+    hook = local.get_decoder().norm.register_forward_hook(lambda module, args, out: captured.update(hidden=args[0]))
     with torch.no_grad():
         expected = local(ids).logits
     hook.remove()
@@ -207,7 +209,7 @@ def distributed(path, swarm):
 
 def test_swarm_logits_and_greedy_generation_equal_transformers(distributed, local):
     model, _ = distributed
-    ids = token_ids(local.config.vocab_size, seed=1)
+    ids = token_ids(local.config.get_text_config().vocab_size, seed=1)
     with torch.no_grad():
         assert (model(ids).logits - local(ids).logits).abs().max() <= ATOL
     prompt = ids[:1, :10]  # then 26 new tokens: the session's cache grows far past the window
@@ -217,7 +219,7 @@ def test_swarm_logits_and_greedy_generation_equal_transformers(distributed, loca
 
 def test_swarm_gradients_equal_local(distributed, local):
     model, _ = distributed
-    ids = token_ids(local.config.vocab_size, seed=2)
+    ids = token_ids(local.config.get_text_config().vocab_size, seed=2)
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     model(inputs_embeds=embeds, labels=ids).loss.backward()
     local_embeds = local.get_input_embeddings()(ids).detach().requires_grad_()
@@ -232,7 +234,7 @@ def test_deep_prompts_equal_local_reference(path, distributed, local):
     with torch.no_grad():
         model.prompts.prefix.normal_(0, 0.5)
         model.prompts.deep.normal_(0, 0.5)
-    ids = token_ids(local.config.vocab_size, rows=1, length=20, seed=3)
+    ids = token_ids(local.config.get_text_config().vocab_size, rows=1, length=20, seed=3)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
 
@@ -244,14 +246,14 @@ def test_deep_prompts_equal_local_reference(path, distributed, local):
         return (torch.cat([hidden[:, :3] + deep[index], hidden[:, 3:]], dim=1), *args[1:]), kwargs
 
     hooks = [layer.register_forward_pre_hook(partial(add_prompt, index=i), with_kwargs=True)
-             for i, layer in enumerate(local.model.layers)]  # fmt: skip
+             for i, layer in enumerate(local.get_decoder().layers)]  # fmt: skip
     try:
         embeds = torch.cat([prefix[None], local.get_input_embeddings()(ids)], dim=1)
         logits = local(inputs_embeds=embeds).logits[:, 3:]
     finally:
         for hook in hooks:
             hook.remove()
-    local.loss_function(logits=logits, labels=ids, vocab_size=local.config.vocab_size).backward()
+    local.loss_function(logits=logits, labels=ids, vocab_size=local.config.get_text_config().vocab_size).backward()
     assert (out.logits - logits).abs().max() <= ATOL
     assert relative_error(model.prompts.deep.grad, deep.grad) <= ATOL
     assert relative_error(model.prompts.prefix.grad, prefix.grad) <= ATOL
@@ -260,23 +262,23 @@ def test_deep_prompts_equal_local_reference(path, distributed, local):
 
 def test_client_lora_equals_local_peft(path, distributed, local):
     _, swarm = distributed
-    model_type, lora_paths = load_config(path).model_type, family_of(load_config(path)).lora_paths
+    model_type, family = load_config(path).model_type, family_of(load_config(path))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS.get(model_type, DEFAULT_TARGETS))
     model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, lora=config)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
     generator = torch.Generator().manual_seed(4)
     for (block, module), (A, B) in zip(model.lora.keys, model.lora.pairs()):
         A.data.normal_(0, 0.2, generator=generator), B.data.normal_(0, 0.2, generator=generator)
-        layer = peft_model.get_submodule(f"base_model.model.model.layers.{block}.{lora_paths[module]}")
+        layer = peft_model.get_submodule(f"base_model.model.{family.layer_module_prefix(block)}{family.lora_paths[module]}")
         layer.lora_A["default"].weight.data.copy_(A.data)
         layer.lora_B["default"].weight.data.copy_(B.data)
-    ids = token_ids(local.config.vocab_size, seed=5)
+    ids = token_ids(local.config.get_text_config().vocab_size, seed=5)
     out, expected = model(input_ids=ids, labels=ids), peft_model(input_ids=ids, labels=ids)
     out.loss.backward()
     expected.loss.backward()
     assert (out.logits - expected.logits).abs().max() <= ATOL
     block, module = model.lora.keys[-1]
-    layer = peft_model.get_submodule(f"base_model.model.model.layers.{block}.{lora_paths[module]}")
+    layer = peft_model.get_submodule(f"base_model.model.{family.layer_module_prefix(block)}{family.lora_paths[module]}")
     assert relative_error(model.lora.pairs()[-1][0].grad, layer.lora_A["default"].weight.grad) <= ATOL
     model.sequence.close()
     if model_type == "mixtral":

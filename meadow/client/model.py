@@ -512,7 +512,8 @@ def load_distributed(
     active_adapter, ...). `sequence=` replaces the swarm with any object of the RemoteSequence interface (tests use
     an in-process one)."""
     path = resolve_model_path(model)
-    config = load_hf_config(path, **(config_overrides or {}))
+    # a multimodal model's text part (Gemma 3's): what the client runs, as the text model's own config describes it
+    config = load_hf_config(path, **(config_overrides or {})).get_text_config()
     config.name_or_path = str(path)  # as transformers' from_pretrained sets it: where the model came from
     block_config = load_config(path)
     _check_local_blocks(local_blocks, block_config.num_hidden_layers, tuning_mode, lora, kwargs.get("active_adapter"))

@@ -29,9 +29,14 @@ class Family:
     lora_paths: Mapping[str, str]  # LoRA target leaf name -> its HF module path inside a layer, as peft names it
     layer_prefix: str = "model.layers.{}."  # HF name prefix of layer N's tensors, formatted with N
     gguf_architectures: tuple[str, ...] = ()  # llama.cpp's general.architecture values of this family
+    # where layer N sits in transformers' model (peft's adapters name it so), if not where its tensors are stored
+    module_prefix: str | None = None
 
     def layer_tensor_prefix(self, index: int) -> str:
         return self.layer_prefix.format(index)
+
+    def layer_module_prefix(self, index: int) -> str:
+        return (self.module_prefix or self.layer_prefix).format(index)
 
 
 def renamed(names: Mapping[str, str]) -> Callable[[dict[str, Tensor], BlockConfig], dict[str, Tensor]]:

@@ -11,7 +11,8 @@ numerically against transformers in tests/test_families.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -42,8 +43,10 @@ class GemmaConfig(LlamaConfig):
 
     @classmethod
     def from_hf(cls, hf: Any, **extra: Any) -> "GemmaConfig":
-        """Build from a transformers config of Gemma, Gemma 2 or Gemma 3 (text); UnsupportedModelError for options
-        without block math here."""
+        """Build from a transformers config of Gemma, Gemma 2 or Gemma 3 (text, or the text part of a multimodal
+        one); UnsupportedModelError for options without block math here."""
+        if hf.model_type == "gemma3":  # the image model: Meadow serves its text model, its images are refused
+            return replace(cls.from_hf(hf.get_text_config(), **extra), model_type="gemma3")
         later = hf.model_type != "gemma"
         if getattr(hf, "use_bidirectional_attention", False):
             raise UnsupportedModelError("bidirectional attention (Gemma 3's embedding models) is not supported")
@@ -147,15 +150,15 @@ class Attention(llama.Attention):
         return Rotary(self.head_dim, config.rope_type, config.rope_theta, config.hf_config, layer_type="full_attention")
 
 
-def load_client_parts(read: TensorReader, config: GemmaConfig) -> ClientParts:
+def load_client_parts(read: TensorReader, config: GemmaConfig, model: str = "model.", head: str = "") -> ClientParts:
     """Embeddings (times sqrt(hidden_size)), the final norm and the LM head (the embedding matrix unless untied), whose
-    logits Gemma 2 caps."""
-    untied = [] if config.tie_word_embeddings else ["lm_head.weight"]
-    tensors = read(["model.embed_tokens.weight", "model.norm.weight", *untied])
+    logits Gemma 2 caps; under `model` and `head` in the checkpoint (a multimodal one's text model's names)."""
+    names = {"embed": f"{model}embed_tokens.weight", "norm": f"{model}norm.weight", "head": f"{head}lm_head.weight"}
+    tensors = read([names["embed"], names["norm"], *([] if config.tie_word_embeddings else [names["head"]])])
     norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-    norm.weight = nn.Parameter(tensors["model.norm.weight"], requires_grad=False)
+    norm.weight = nn.Parameter(tensors[names["norm"]], requires_grad=False)
     softcap = getattr(config.hf_config, "final_logit_softcapping", None)
-    return ClientParts.with_head(tensors["model.embed_tokens.weight"], norm, tensors.get("lm_head.weight"),
+    return ClientParts.with_head(tensors[names["embed"]], norm, tensors.get(names["head"]),
                                  embed_scale=config.hidden_size**0.5, logit_softcap=softcap)  # fmt: skip
 
 
@@ -167,4 +170,14 @@ FAMILY = Family(
     load_client_parts=load_client_parts,
     linear_shapes=llama.linear_shapes,
     lora_paths=llama.LORA_PATHS,
+)
+
+# Gemma 3's image-and-text models (4B, 12B, 27B: Gemma3ForConditionalGeneration): their text model, whose tensors
+# transformers saves under language_model.model. (and its model holds under model.language_model.)
+MULTIMODAL_FAMILY = replace(
+    FAMILY,
+    name="gemma3",
+    load_client_parts=partial(load_client_parts, model="language_model.model.", head="language_model."),
+    layer_prefix="language_model.model.layers.{}.",
+    module_prefix="model.language_model.layers.{}.",
 )

@@ -98,7 +98,7 @@ def load_peft_adapter(
 
 def peft_key_pattern(family: Family) -> re.Pattern:
     """peft's names of a family's LoRA weights: groups (layer index, module path inside the layer, A or B)."""
-    layer = re.escape(family.layer_prefix).replace(re.escape("{}"), r"(\d+)")
+    layer = re.escape(family.module_prefix or family.layer_prefix).replace(re.escape("{}"), r"(\d+)")
     return re.compile(rf"^{re.escape(PEFT_PREFIX)}{layer}([\w.]+)\.lora_([AB])\.weight$")
 
 
@@ -132,7 +132,7 @@ def save_peft_adapter(
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for (index, module), (A, B) in weights.items():
-        prefix = f"{PEFT_PREFIX}{family.layer_tensor_prefix(index)}{family.lora_paths[module]}"
+        prefix = f"{PEFT_PREFIX}{family.layer_module_prefix(index)}{family.lora_paths[module]}"
         tensors[f"{prefix}.lora_A.weight"] = A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.detach().cpu().contiguous()
     save_file(tensors, path / "adapter_model.safetensors")

@@ -21,6 +21,7 @@ FAMILIES: dict[str, Family] = {
     "phi3": phi3.FAMILY,
     "gpt_oss": gpt_oss.FAMILY,
     **{model_type: gemma.FAMILY for model_type in gemma.MODEL_TYPES},
+    "gemma3": gemma.MULTIMODAL_FAMILY,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

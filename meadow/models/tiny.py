@@ -18,6 +18,7 @@ from transformers import (
     BloomConfig,
     FalconConfig,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
     GptOssConfig,
@@ -30,6 +31,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    SiglipVisionConfig,
 )
 
 from safetensors.torch import load_file, save_file
@@ -44,7 +46,7 @@ from meadow.models.gguf import (
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text",
-            "phi3", "qwen3_moe", "gpt_oss")  # fmt: skip
+            "gemma3", "phi3", "qwen3_moe", "gpt_oss")  # fmt: skip
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 
 
@@ -90,8 +92,8 @@ def make_tiny_checkpoint(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if options and family not in ("bloom", "falcon", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss"):
-        families = "bloom, falcon, gemma2, gemma3_text, qwen3_moe and gpt_oss"
+    if options and family not in ("bloom", "falcon", "gemma2", "gemma3_text", "gemma3", "qwen3_moe", "gpt_oss"):
+        families = "bloom, falcon, gemma2, gemma3_text, gemma3, qwen3_moe and gpt_oss"
         raise ValueError(f"options {sorted(options)} are for {families} checkpoints only")
     path = Path(path)
     tokenizer = make_tokenizer()
@@ -110,7 +112,7 @@ def make_tiny_checkpoint(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    tied = family in ("qwen2", "bloom", "falcon", "gemma", "gemma2", "gemma3_text")
+    tied = family in ("qwen2", "bloom", "falcon", "gemma", "gemma2", "gemma3_text", "gemma3")
     common["tie_word_embeddings"] = tied if tie_word_embeddings is None else tie_word_embeddings
     if family == "llama":
         config = LlamaConfig(**common)
@@ -135,7 +137,7 @@ def make_tiny_checkpoint(
                               **({"sliding_window": sliding_window} if sliding_window else {}), **options)  # fmt: skip
     elif family == "phi3":
         config = Phi3Config(**common, sliding_window=sliding_window)
-    elif family in ("gemma", "gemma2", "gemma3_text"):
+    elif family in ("gemma", "gemma2", "gemma3_text", "gemma3"):
         window = {"sliding_window": sliding_window} if family != "gemma" and sliding_window else {}
         gemma = dict(head_dim=head_dim or hidden_size // num_heads, attention_bias=attention_bias, **window)
         if family == "gemma":
@@ -146,6 +148,11 @@ def make_tiny_checkpoint(
             rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6, **(rope_scaling or {})},
                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}  # fmt: skip
             config = Gemma3TextConfig(**{**common, "rope_parameters": rope}, **gemma, **options)
+        if family == "gemma3":  # the image model: that text model and a tiny vision tower nobody asks for here
+            vision = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=28, patch_size=14)  # fmt: skip
+            config = Gemma3Config(text_config=config, vision_config=vision, mm_tokens_per_image=4,
+                                  tie_word_embeddings=config.tie_word_embeddings)  # fmt: skip
     elif family == "bloom":
         names = ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
         config = BloomConfig(**{k: common[k] for k in names}, n_layer=num_layers, n_head=num_heads, **options)
