@@ -61,16 +61,29 @@ class SparseMoE(nn.Module):
 
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
-        self.router = nn.Linear(config.hidden_size, config.num_experts)
+        self.router = Router(config)
         self.experts = Experts(config)
-        self.top_k = config.experts_per_token
 
     def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        # a plain product, not the router module: quantizing a block's linear layers must leave the routing exact
-        top, chosen = F.linear(tokens, self.router.weight, self.router.bias).topk(self.top_k, dim=-1)
-        weights = top.softmax(dim=-1)
+        weights, chosen = self.router(tokens)
         return mixtral.mixed(tokens, weights, chosen, self.experts).view(x.shape)
+
+
+class Router(nn.Module):
+    """Each token's top-k experts by its logits (with a bias), and those k logits softmaxed as their weights. Plain
+    tensors rather than an nn.Linear, so that quantizing or packing a block's linear layers leaves the routing exact."""
+
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.top_k = config.experts_per_token
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.empty(config.num_experts))
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The k weights and expert indices of each token, (N, k) each."""
+        top, chosen = F.linear(tokens, self.weight, self.bias).topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), chosen
 
 
 class Experts(nn.Module):
