@@ -260,6 +260,10 @@ def test_deep_prompts_equal_local_reference(path, distributed, local):
     model.sequence.close()
 
 
+def peft_layer(peft_model, family, block: int, module: str):
+    return peft_model.get_submodule(f"base_model.model.{family.layer_module_prefix(block)}{family.lora_paths[module]}")
+
+
 def test_client_lora_equals_local_peft(path, distributed, local):
     _, swarm = distributed
     model_type, family = load_config(path).model_type, family_of(load_config(path))
@@ -269,7 +273,7 @@ def test_client_lora_equals_local_peft(path, distributed, local):
     generator = torch.Generator().manual_seed(4)
     for (block, module), (A, B) in zip(model.lora.keys, model.lora.pairs()):
         A.data.normal_(0, 0.2, generator=generator), B.data.normal_(0, 0.2, generator=generator)
-        layer = peft_model.get_submodule(f"base_model.model.{family.layer_module_prefix(block)}{family.lora_paths[module]}")
+        layer = peft_layer(peft_model, family, block, module)
         layer.lora_A["default"].weight.data.copy_(A.data)
         layer.lora_B["default"].weight.data.copy_(B.data)
     ids = token_ids(local.config.get_text_config().vocab_size, seed=5)
@@ -278,7 +282,7 @@ def test_client_lora_equals_local_peft(path, distributed, local):
     expected.loss.backward()
     assert (out.logits - expected.logits).abs().max() <= ATOL
     block, module = model.lora.keys[-1]
-    layer = peft_model.get_submodule(f"base_model.model.{family.layer_module_prefix(block)}{family.lora_paths[module]}")
+    layer = peft_layer(peft_model, family, block, module)
     assert relative_error(model.lora.pairs()[-1][0].grad, layer.lora_A["default"].weight.grad) <= ATOL
     model.sequence.close()
     if model_type == "mixtral":

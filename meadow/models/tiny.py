@@ -149,8 +149,8 @@ def make_tiny_checkpoint(
                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}  # fmt: skip
             config = Gemma3TextConfig(**{**common, "rope_parameters": rope}, **gemma, **options)
         if family == "gemma3":  # the image model: that text model and a tiny vision tower nobody asks for here
-            vision = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=28, patch_size=14)  # fmt: skip
+            vision = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
             config = Gemma3Config(text_config=config, vision_config=vision, mm_tokens_per_image=4,
                                   tie_word_embeddings=config.tie_word_embeddings)  # fmt: skip
     elif family == "bloom":
