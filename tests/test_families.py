@@ -290,14 +290,21 @@ def test_client_lora_equals_local_peft(path, distributed, local):
             AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm.initial_peers, lora=LoraConfig(r=2, target_modules=["w1"]))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+# Qwen3-MoE's: the experts' MLP at transformers' default size (it reads none from such files), the weights of the top k
+# renormalised (llama.cpp always does), every layer sparse (llama.cpp's files cannot say otherwise)
+QWEN3_MOE_GGUF = dict(hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=128, intermediate_size=768, num_experts=4,
+                      experts_per_token=2, num_layers=2, norm_topk_prob=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe"])
 def test_qwen_gguf_files_load_as_their_checkpoints(family, checkpoints, tmp_path):
-    """llama.cpp's qwen2/qwen3 files (q/k rows not permuted, biases, q/k norms); transformers reads no head_dim from
-    them, so Qwen3's is its default of 128, as in the real models."""
-    path = checkpoints(family, **({"num_heads": 2, "num_kv_heads": 1, "head_dim": 128} if family == "qwen3" else {}))
+    """llama.cpp's qwen2/qwen3/qwen3moe files (q/k rows not permuted, biases, q/k norms, the experts' layers as one
+    tensor each); transformers reads no head_dim from qwen3's, so it is its default of 128, as in the real models."""
+    kwargs = {"qwen3": {"num_heads": 2, "num_kv_heads": 1, "head_dim": 128}, "qwen3_moe": QWEN3_MOE_GGUF}
+    path = checkpoints(family, **kwargs.get(family, {}))
     gguf_file = make_tiny_gguf(path, tmp_path / f"{family}.gguf", "F16")
     config = load_config(gguf_file)
-    assert (config.model_type, config.head_dim, config.qk_norm) == (family, load_config(path).head_dim, family == "qwen3")
+    assert (config.model_type, config.head_dim, config.qk_norm) == (family, load_config(path).head_dim, family != "qwen2")
     blocks = load_blocks(gguf_file, config, 0, config.num_hidden_layers, torch.float32, progress=False)
     parts = load_client_parts(gguf_file, config, torch.float32)
     ids = token_ids(config.vocab_size, length=12)

@@ -39,6 +39,10 @@ BLOCK_TENSOR_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",  # Qwen3
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",  # Qwen3-MoE: the router, and every expert's layers as one (experts, out, in) tensor
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 # architectures whose q/k rows llama.cpp's converter permutes for GGML's rotary (not Qwen2/Qwen3's)
 ROTARY_PERMUTED = {"llama"}

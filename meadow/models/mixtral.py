@@ -7,7 +7,8 @@ decoder_sparse_step).
 Checkpoints come in two layouts, both read: the classic one that transformers (5 too) saves and the hub holds
 (`block_sparse_moe.experts.N.w1/w2/w3.weight`, `block_sparse_moe.gate.weight`; Qwen3-MoE's
 `mlp.experts.N.gate_proj/up_proj/down_proj.weight`, `mlp.gate.weight`), and transformers 5's in-memory one
-(`mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I), `mlp.gate.weight`).
+(`mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I), `mlp.gate.weight`); Qwen3-MoE's GGUF
+files hold each of gate, up and down as one (E, out, in) tensor too.
 
 LoRA applies to the attention projections, the layers peft targets in these models (their experts are 3-D tensors in
 transformers 5, which peft's target_modules cannot adapt); an adapter for the experts gets an error listing these.
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 HF_TO_MEADOW = {**llama.HF_TO_MEADOW, "block_sparse_moe": "feed_forward"}  # "mlp" (fused layout) is llama's already
 EXPERT_LEAVES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Qwen3-MoE's names of an expert's layers
+# every expert's layer as one (E, out, in) tensor -> the layers it holds, in row order: transformers 5's in-memory
+# layout (gate_up_proj: gate rows first, down_proj) and a GGUF file's (ffn_gate_exps, ffn_up_exps, ffn_down_exps)
+FUSED_EXPERTS = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",), "gate_proj": ("w1",), "up_proj": ("w3",)}
 LORA_PATHS = {name: path for name, path in llama.LORA_PATHS.items() if path.startswith("self_attn.")}
 
 
@@ -132,22 +136,19 @@ class Expert(nn.Module):
 
 
 def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:
-    """One layer's tensors, in either layout, as our block's state dict."""
+    """One layer's tensors, in any of the layouts, as our block's state dict."""
     state = {}
     for name, tensor in tensors.items():
         head, _, rest = name.partition(".")
         name = f"{HF_TO_MEADOW.get(head, head)}.{rest}"
-        if name.startswith("feed_forward.experts.") and name.count(".") == 4:  # feed_forward.experts.N.LEAF.weight
+        if name.startswith("feed_forward.experts.") and tensor.ndim == 3:  # all experts' layer(s) in one (E, out, in)
+            leaves = FUSED_EXPERTS[name.removeprefix("feed_forward.experts.").removesuffix(".weight")]
+            for expert, weights in enumerate(tensor.unbind(0)):
+                for leaf, weight in zip(leaves, weights.chunk(len(leaves), dim=0)):
+                    state[f"feed_forward.experts.{expert}.{leaf}.weight"] = weight
+        elif name.startswith("feed_forward.experts.") and name.count(".") == 4:  # feed_forward.experts.N.LEAF.weight
             start, leaf, suffix = name.rsplit(".", 2)
-            name = f"{start}.{EXPERT_LEAVES.get(leaf, leaf)}.{suffix}"
-        if name == "feed_forward.experts.gate_up_proj":  # fused (E, 2I, H): w1 (gate) rows first, then w3 (up)
-            for expert, gate_up in enumerate(tensor.unbind(0)):
-                w1, w3 = gate_up.chunk(2, dim=0)
-                state[f"feed_forward.experts.{expert}.w1.weight"] = w1
-                state[f"feed_forward.experts.{expert}.w3.weight"] = w3
-        elif name == "feed_forward.experts.down_proj":  # fused (E, H, I)
-            for expert, w2 in enumerate(tensor.unbind(0)):
-                state[f"feed_forward.experts.{expert}.w2.weight"] = w2
+            state[f"{start}.{EXPERT_LEAVES.get(leaf, leaf)}.{suffix}"] = tensor
         else:
             state[name] = tensor
     return state
@@ -166,4 +167,5 @@ FAMILY = Family(
     load_client_parts=llama.load_client_parts,
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,
+    gguf_architectures=("qwen3moe",),  # llama.cpp's Qwen3-MoE (its Mixtral files say "llama": not read)
 )

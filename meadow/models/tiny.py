@@ -201,6 +201,7 @@ def fuse_experts(file: Path, num_layers: int, num_experts: int) -> None:
 
 
 # the 16 values of a 4-bit E2M1 float (OCP's MX formats), by code: sign bit, 2 exponent bits, 1 mantissa bit
+GGUF_ARCHITECTURE = {"qwen3_moe": "qwen3moe"}  # llama.cpp's name where it is not transformers' model_type
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -272,7 +273,7 @@ def make_tiny_gguf(
     checkpoint, path = Path(checkpoint), Path(path)
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     qtype, rng = GGMLQuantizationType[quant], np.random.default_rng(seed)
-    writer = GGUFWriter(path, architecture or config.model_type)
+    writer = GGUFWriter(path, architecture or GGUF_ARCHITECTURE.get(config.model_type, config.model_type))
     writer.add_name("tiny")
     if config.model_type in ("bloom", "falcon"):
         add_alibi_family_metadata(writer, config)
@@ -281,6 +282,11 @@ def make_tiny_gguf(
     add_tokenizer(writer, AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
 
     state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    for name in [name for name in state if name.endswith("mlp.experts.gate_up_proj")]:  # Qwen3-MoE's, as llama.cpp
+        gate, up = state.pop(name).chunk(2, dim=1)  # (E, I, H) each
+        base = name.removesuffix("gate_up_proj")
+        state.update({f"{base}gate_proj.weight": gate, f"{base}up_proj.weight": up,
+                      f"{base}down_proj.weight": state.pop(f"{base}down_proj")})  # fmt: skip
     block_names, layer_prefix, model_names = TENSOR_NAMES.get(config.model_type, LLAMA_TENSOR_NAMES)
     to_gguf = {hf: name for name, hf in {**model_names, **block_names}.items()}
     layers = layer_prefix.removesuffix("{}.")
@@ -311,12 +317,17 @@ def make_tiny_gguf(
 
 
 def add_llama_metadata(writer: GGUFWriter, config: PreTrainedConfig) -> None:
-    """Llama's, Qwen2's and Qwen3's metadata, as llama.cpp writes it."""
+    """Llama's, Qwen2's, Qwen3's and Qwen3-MoE's metadata, as llama.cpp writes it."""
     rope_type = config.rope_parameters.get("rope_type", "default")
-    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3"} or rope_type != "default":
-        raise ValueError(
-            "make_tiny_gguf writes Llama, Qwen2, Qwen3, BLOOM and Falcon-7B checkpoints without rope scaling only"
-        )
+    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3", "qwen3_moe"} or rope_type != "default":
+        raise ValueError("make_tiny_gguf writes Llama, Qwen2, Qwen3, Qwen3-MoE, BLOOM and Falcon-7B checkpoints "
+                         "without rope scaling only")  # fmt: skip
+    if config.model_type == "qwen3_moe":  # transformers reads no moe_intermediate_size from such files: its default
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
