@@ -304,7 +304,8 @@ def test_qwen_gguf_files_load_as_their_checkpoints(family, checkpoints, tmp_path
     path = checkpoints(family, **kwargs.get(family, {}))
     gguf_file = make_tiny_gguf(path, tmp_path / f"{family}.gguf", "F16")
     config = load_config(gguf_file)
-    assert (config.model_type, config.head_dim, config.qk_norm) == (family, load_config(path).head_dim, family != "qwen2")
+    expected = (family, load_config(path).head_dim, family != "qwen2")
+    assert (config.model_type, config.head_dim, config.qk_norm) == expected
     blocks = load_blocks(gguf_file, config, 0, config.num_hidden_layers, torch.float32, progress=False)
     parts = load_client_parts(gguf_file, config, torch.float32)
     ids = token_ids(config.vocab_size, length=12)
