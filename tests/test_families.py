@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from meadow import AutoDistributedModelForCausalLM
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_blocks, load_client_parts, load_config, load_reference_model
+from meadow.models.config import UnsupportedModelError
 from meadow.models.registry import family_of
 from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
 from meadow.server.span import Session, Span
@@ -316,3 +317,7 @@ def test_qwen_gguf_files_load_as_their_checkpoints(family, checkpoints, tmp_path
         expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits
     assert (parts.logits(x) - expected).abs().max() <= 0.05 * expected.abs().max()  # F16 weights: close, not equal
     assert (parts.logits(x) - load_reference_model(gguf_file)(ids).logits).abs().max() <= ATOL
+    if family == "qwen3_moe":  # experts of another size: transformers' config of the file cannot hold them, said so
+        other = make_tiny_gguf(checkpoints(family, **{**QWEN3_MOE_GGUF, "intermediate_size": 256}), tmp_path / "o.gguf")
+        with pytest.raises(UnsupportedModelError, match="block 0's tensors do not fit the model's config: size mism"):
+            load_blocks(other, load_config(other), 0, 1, torch.float32, progress=False)

@@ -126,7 +126,12 @@ def load_block(
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
         block = family.block(config, index)
-    block.load_state_dict(state, strict=True, assign=True)  # strict: a missing or unknown tensor is an error
+    try:
+        block.load_state_dict(state, strict=True, assign=True)  # strict: a missing or unknown tensor is an error
+    except RuntimeError as e:  # the file's tensors and its config disagree (a GGUF file's converted config, say)
+        problems = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        message = f"{model}: block {index}'s tensors do not fit the model's config: {problems}"
+        raise UnsupportedModelError(message) from None
     return block.requires_grad_(False)  # servers never train their weights
 
 
