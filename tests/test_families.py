@@ -297,15 +297,16 @@ QWEN3_MOE_GGUF = dict(hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=128,
                       experts_per_token=2, num_layers=2, norm_topk_prob=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "phi3"])
 def test_qwen_gguf_files_load_as_their_checkpoints(family, checkpoints, tmp_path):
-    """llama.cpp's qwen2/qwen3/qwen3moe files (q/k rows not permuted, biases, q/k norms, the experts' layers as one
-    tensor each); transformers reads no head_dim from qwen3's, so it is its default of 128, as in the real models."""
+    """llama.cpp's qwen2/qwen3/qwen3moe/phi3 files (q/k rows not permuted, biases, q/k norms, the experts' layers as
+    one tensor each, Phi-3's fused layers); transformers reads no head_dim from qwen3's, so it is its default of 128,
+    as in the real models."""
     kwargs = {"qwen3": {"num_heads": 2, "num_kv_heads": 1, "head_dim": 128}, "qwen3_moe": QWEN3_MOE_GGUF}
     path = checkpoints(family, **kwargs.get(family, {}))
     gguf_file = make_tiny_gguf(path, tmp_path / f"{family}.gguf", "F16")
     config = load_config(gguf_file)
-    expected = (family, load_config(path).head_dim, family != "qwen2")
+    expected = (family, load_config(path).head_dim, family in ("qwen3", "qwen3_moe"))
     assert (config.model_type, config.head_dim, config.qk_norm) == expected
     blocks = load_blocks(gguf_file, config, 0, config.num_hidden_layers, torch.float32, progress=False)
     parts = load_client_parts(gguf_file, config, torch.float32)

@@ -67,6 +67,10 @@ TENSOR_NAMES = {
     arch: (ALIBI_BLOCK_TENSOR_NAMES, "transformer.h.{}.", ALIBI_MODEL_TENSOR_NAMES) for arch in ("bloom", "falcon")
 }
 LLAMA_TENSOR_NAMES = (BLOCK_TENSOR_NAMES, "model.layers.{}.", MODEL_TENSOR_NAMES)
+# Phi-3's fused layers, as llama.cpp keeps them: q, k and v rows in one tensor, and the MLP's gate and up rows in ffn_up
+TENSOR_NAMES["phi3"] = (
+    {**BLOCK_TENSOR_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}, *LLAMA_TENSOR_NAMES[1:]
+)
 # architectures whose fused query_key_value rows llama.cpp's converter turns from HF's per-head [q, k, v] into
 # [all q | all k | all v] (Falcon-7B's multi-query layout is that already: llama.cpp's Falcon reorder changes
 # nothing there, and transformers undoes none)

@@ -85,4 +85,5 @@ FAMILY = Family(
     load_client_parts=llama.load_client_parts,
     linear_shapes=linear_shapes,
     lora_paths=LORA_PATHS,
+    gguf_architectures=("phi3",),  # llama.cpp's name for Phi-3 and Phi-4 files
 )

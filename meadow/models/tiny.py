@@ -317,10 +317,10 @@ def make_tiny_gguf(
 
 
 def add_llama_metadata(writer: GGUFWriter, config: PreTrainedConfig) -> None:
-    """Llama's, Qwen2's, Qwen3's and Qwen3-MoE's metadata, as llama.cpp writes it."""
+    """Llama's, Qwen2's, Qwen3's, Qwen3-MoE's and Phi-3's metadata, as llama.cpp writes it."""
     rope_type = config.rope_parameters.get("rope_type", "default")
-    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3", "qwen3_moe"} or rope_type != "default":
-        raise ValueError("make_tiny_gguf writes Llama, Qwen2, Qwen3, Qwen3-MoE, BLOOM and Falcon-7B checkpoints "
+    if config.model_type not in ROTARY_PERMUTED | {"qwen2", "qwen3", "qwen3_moe", "phi3"} or rope_type != "default":
+        raise ValueError("make_tiny_gguf writes Llama, Qwen2, Qwen3, Qwen3-MoE, Phi-3, BLOOM and Falcon-7B checkpoints "
                          "without rope scaling only")  # fmt: skip
     if config.model_type == "qwen3_moe":  # transformers reads no moe_intermediate_size from such files: its default
         writer.add_expert_count(config.num_experts)
