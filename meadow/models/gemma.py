@@ -3,7 +3,7 @@ differences. Norms scale by (1 + weight) in float32; the MLP is GeGLU (tanh GELU
 by sqrt(hidden_size). Gemma 2 and 3 add a norm on the attention's output and on the MLP's, scale the scores by
 query_pre_attn_scalar ** -0.5, and give every other (Gemma 2) or most (Gemma 3) layers a sliding window. Gemma 2 caps
 the attention scores and the final logits with tanh; Gemma 3 norms each head's queries and keys, and its sliding layers
-have their own rotary base.
+have their own rotary base. Gemma 3's image models (4B to 27B) are served as their text model (MULTIMODAL_FAMILY).
 
 Module names are transformers' own (a layer's tensors load as they are, peft's LoRA paths are Llama's). Checked
 numerically against transformers in tests/test_families.py.
