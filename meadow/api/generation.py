@@ -19,6 +19,7 @@ from meadow.api.kept_sessions import KeptSessions, close_quietly
 from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 from meadow.client.config import RESERVE_TOKENS, reserved_reply
+from meadow.client.harmony import reply_reader
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class TextGeneration:
         self.outcome = Outcome()
         self.cancelled = threading.Event()
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._text = reply_reader(tokenizer, prompt_ids)  # gpt-oss's channels read into think blocks (harmony.py)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._first: tuple | None = None
@@ -291,12 +293,12 @@ class TextGeneration:
                 self.outcome.finish_reason = "stop"
                 break
             if entry is not None:
-                self._unsent.append(replace(entry, offset=len(self.tokenizer.decode(ids, skip_special_tokens=True))))
+                self._unsent.append(replace(entry, offset=len(self._text(ids))))
             ids.append(token)
             if self.outcome.completion_tokens >= self.sampling.max_tokens:
                 self.outcome.finish_reason = "length"
                 break
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._text(ids)
         hits = [i for i in (text.find(stop) for stop in self.sampling.stop) if i >= 0]
         if hits:
             self.outcome.finish_reason = "stop"

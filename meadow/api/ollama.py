@@ -30,6 +30,7 @@ from meadow.api.schemas import (
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import CallReader, OffersTools, Tool, dialect_of, tool_prompt_ids, toolbox
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
+from meadow.client.harmony import speaks_harmony
 from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
 from meadow.models.checkpoint import model_facts
 
@@ -201,6 +202,7 @@ def add_ollama_routes(
     shape = [(key, getattr(config, name, None)) for key, name in OLLAMA_SHAPE.items()]
     started = _now()
     thinking = thinks(tokenizer.chat_template)  # a reasoning model
+    harmonic = speaks_harmony(tokenizer.chat_template)  # gpt-oss: it cannot be asked not to think
     capabilities = ["completion", "tools", *["thinking"] * thinking]
 
     def check(name: str | None) -> None:
@@ -241,8 +243,11 @@ def add_ollama_routes(
 
     def thoughts(apart: bool, prompt_ids) -> Callable[[str, bool], tuple[str, str]]:
         """Splits the reply's pieces, as `content` sees them (the last one `done`), into its thinking and its answer
-        (with `apart`; without, all is the answer)."""
-        return ThinkingReader(opens_thinking(tokenizer, prompt_ids)).take if apart else lambda text, done: ("", text)
+        (with `apart`; without, all is the answer, but for gpt-oss, which thinks even so: its thinking is left out)."""
+        split = ThinkingReader(opens_thinking(tokenizer, prompt_ids)).take
+        if apart:
+            return split
+        return (lambda text, done: ("", split(text, done)[1])) if harmonic else (lambda text, done: ("", text))
 
     async def reply(
         request: _OllamaRequest, prompt_ids, extra_stop: list[str], http: Request, content: Callable, constraint=None,

@@ -25,7 +25,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from meadow.client.config import RESERVE_TOKENS, ClientConfig, reserved_reply
 from meadow.client.chat_prompt import chat_prompt_ids, stop_strings
-from meadow.client.reasoning import ThinkingReader, opens_thinking, thinks
+from meadow.client.harmony import reply_reader
+from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 
 logger = logging.getLogger(__name__)
 MULTILINE = '"""'  # around a message of several lines, as in Ollama's terminal chat
@@ -118,10 +119,10 @@ class Conversation:
         self._before_last, self.last_message = (messages[:-1], self.ids, held), text
         logger.debug(f"turn: the session holds {held} tokens, {ids.shape[1] - held} new tokens sent; room for "
                      f"{session.max_length}; ids {ids[0].tolist()}")  # fmt: skip
-        notify = write
+        notify, inside = write, self.thinks and opens_thinking(self.tokenizer, ids)
         if self.thinks:
-            write = ThoughtsApart(write, opens_thinking(self.tokenizer, ids), dim=sys.stdout.isatty())
-        printer = ReplyPrinter(self.tokenizer, write)
+            write = ThoughtsApart(write, inside, dim=sys.stdout.isatty())
+        printer = ReplyPrinter(self.tokenizer, write, reply_reader(self.tokenizer, ids))
         try:
             with WaitNotice(session, printer, notify):
                 output = self.model.generate(
@@ -137,7 +138,8 @@ class Conversation:
         if self.thinks:
             write("", last=True)
         logger.debug(f"reply: {output.shape[1] - ids.shape[1]} new tokens")
-        self.messages = [*messages, {"role": "assistant", "content": reply.strip()}]
+        answer = split_reasoning(reply, inside)[1] if self.thinks else reply  # templates leave earlier thinking out
+        self.messages = [*messages, {"role": "assistant", "content": answer.strip()}]
         return reply
 
     def retry(self, sampling: Sampling, stop: threading.Event, write: Callable[[str], None]) -> str:
@@ -225,8 +227,10 @@ class ReplyPrinter(BaseStreamer):
     """Writes a reply as its tokens come, holding back what may be the start of a stop string or of a character
     whose bytes are not all there yet."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, write: Callable[[str], None]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, write: Callable[[str], None],
+                 read: Callable[[list[int]], str] | None = None):  # fmt: skip
         self.tokenizer, self.write = tokenizer, write
+        self.read = read or (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # a reply's ids as text
         self.stops = stop_strings(tokenizer)
         self.ids: list[int] = []
         self.prompt_seen = False
@@ -252,7 +256,7 @@ class ReplyPrinter(BaseStreamer):
         return text
 
     def text(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        text = self.read(ids).lstrip()
         for stop in self.stops:
             text = text.split(stop, 1)[0]
         return text

@@ -3,17 +3,20 @@ begin a reply with their reasoning in a `<think>...</think>` block, then answer;
 model (the reply then begins inside it). The APIs give the reasoning in its own field, as the servers their clients
 know do (`reasoning_content` on OpenAI's chat completions: DeepSeek's and vLLM's name; a reasoning item on the
 Responses API; `thinking` on Ollama's routes), and `meadow chat` shows it apart from the answer.
-Only a block at the very beginning of the reply is reasoning; `<think>` later in an answer is the answer's text."""
+Only a block at the very beginning of the reply is reasoning; `<think>` later in an answer is the answer's text.
+gpt-oss's replies (harmony's channels) are read into this form first (harmony.py)."""
 
 from __future__ import annotations
+
+from meadow.client import harmony
 
 OPEN, CLOSE = "<think>", "</think>"
 
 
 def thinks(template: str | None) -> bool:
     """Whether a chat template is a reasoning model's: it writes think blocks (Qwen3's removes them from earlier
-    turns, DeepSeek-R1's opens one for the reply)."""
-    return bool(template) and CLOSE in template
+    turns, DeepSeek-R1's opens one for the reply), or harmony's (gpt-oss's analysis channel)."""
+    return bool(template) and CLOSE in template or harmony.speaks_harmony(template)
 
 
 def begins_thinking(prompt: str) -> bool:
@@ -93,5 +96,8 @@ def split_reasoning(text: str, inside: bool = False) -> tuple[str, str]:
 
 
 def opens_thinking(tokenizer, prompt_ids) -> bool:
-    """Whether the prompt's last tokens leave the reply inside an open think block."""
-    return begins_thinking(tokenizer.decode(prompt_ids[0, -16:]))
+    """Whether the prompt's last tokens leave the reply inside an open think block (or harmony's analysis message)."""
+    prompt = harmony.harmony_prompt(tokenizer, prompt_ids)
+    if prompt is not None:
+        return harmony.begins_thinking(prompt)
+    return begins_thinking(tokenizer.decode(prompt_ids[0, -harmony.PROMPT_TAIL :]))

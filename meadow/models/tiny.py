@@ -36,6 +36,7 @@ from transformers import (
 
 from safetensors.torch import load_file, save_file
 
+from meadow.client.harmony import MARKUP
 from meadow.models.gguf import (
     LLAMA_TENSOR_NAMES,
     QKV_REGROUPED,
@@ -48,6 +49,15 @@ from meadow.models.gguf import (
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text",
             "gemma3", "phi3", "qwen3_moe", "gpt_oss")  # fmt: skip
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
+# gpt_oss checkpoints speak harmony as gpt-oss does (client/harmony.py): its markup tokens, and a chat template of that
+# form (ours, far shorter than OpenAI's); the template variable `channel` opens the reply's message of that channel, as
+# a prompt that writes the reply's header does
+HARMONY_TEMPLATE = (
+    "{% for m in messages %}<|start|>{{ 'developer' if m.role == 'system' else m.role }}"
+    "{% if m.role == 'assistant' %}<|channel|>final{% endif %}<|message|>{{ m.content }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant"
+    "{% if channel is defined %}<|channel|>{{ channel }}<|message|>{% endif %}{% endif %}"
+)
 
 
 def make_tiny_checkpoint(
@@ -96,7 +106,7 @@ def make_tiny_checkpoint(
         families = "bloom, falcon, gemma2, gemma3_text, gemma3, qwen3_moe and gpt_oss"
         raise ValueError(f"options {sorted(options)} are for {families} checkpoints only")
     path = Path(path)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(harmony=family == "gpt_oss")
     if vocab_size is not None and vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     common = dict(
@@ -179,6 +189,9 @@ def make_tiny_checkpoint(
                 p.normal_(centre, 0.1)
             else:
                 p.normal_(0.0, 0.1)
+    if family == "gpt_oss":  # a reply ends at harmony's <|return|> (the answer) or <|call|> (a tool call), as gpt-oss's
+        ends = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *ends]
     model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if fused_experts:
         fuse_experts(path / "model.safetensors", num_layers, num_experts)
@@ -226,8 +239,9 @@ def pack_experts(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer over printable ASCII (plus newline and tab), with <unk> for other bytes.
+def make_tokenizer(harmony: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer over printable ASCII (plus newline and tab), with <unk> for other bytes; with `harmony`,
+    also harmony's markup as special tokens and HARMONY_TEMPLATE.
 
     Restricting the vocabulary to printable characters means that whatever a random model generates
     decodes to readable text.
@@ -242,9 +256,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    if harmony:
+        tokenizer.add_tokens(list(MARKUP), special_tokens=True)
+        tokenizer.chat_template = HARMONY_TEMPLATE
+    return tokenizer
 
 
 # gguf-py cannot quantize K-quants, so make_tiny_gguf fills their matrices with random blocks; these f16 scales (byte

@@ -1,0 +1,83 @@
+"""gpt-oss's replies (harmony's channels) read into the think-block form, token by token, as the API and `meadow chat`
+read them: its reasoning apart from its answer, no markup shown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meadow.client.chat import ReplyPrinter, ThoughtsApart
+from meadow.client.chat_prompt import chat_prompt_ids
+from meadow.client.harmony import MARKUP, reply_reader, speaks_harmony
+from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
+from meadow.models.tiny import make_tokenizer
+
+HI = [{"role": "user", "content": "Capital of France?"}]
+ANALYSIS, FINAL = "<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>final<|message|>"
+REPLIES = [  # (the channel the prompt opens, the reply as the model writes it, (reasoning, answer))
+    (None, f"{ANALYSIS}The user asks.<|end|>{FINAL}Paris.<|return|>", ("The user asks.", "Paris.")),
+    ("analysis", f"The user asks.<|end|>{FINAL}Paris.", ("The user asks.", "Paris.")),  # the prompt opened it
+    ("final", "Paris.", ("", "Paris.")),
+    (None, f"{ANALYSIS}Cut off by max_tokens", ("Cut off by max_tokens", "")),
+    # two messages of reasoning are one; a preamble (commentary without a recipient) and the final answer are the
+    # answer; reasoning after the answer began, and a tool call, are not shown
+    (None, f"{ANALYSIS}A.<|end|><|start|>assistant{ANALYSIS}B.<|end|><|start|>assistant<|channel|>commentary"
+           f"<|message|>Let me look.<|end|><|start|>assistant{ANALYSIS}C.<|end|>{FINAL}Paris.",
+     ("A.\n\nB.", "Let me look.\n\nParis.")),  # fmt: skip
+    (None, f'{ANALYSIS}Look it up.<|end|><|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>'
+           'json<|message|>{"city": "Paris"}<|call|>', ("Look it up.", "")),  # fmt: skip
+    (None, "<|channel|>final<|message|>No <think> here.", ("", "No <think> here.")),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(harmony=True)
+
+
+def reply_ids(tokenizer, reply: str) -> list[int]:
+    return tokenizer(reply, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("channel, reply, expected", REPLIES)
+def test_a_harmony_reply_reads_as_reasoning_and_answer_token_by_token(tokenizer, channel, reply, expected):
+    prompt = chat_prompt_ids(tokenizer, HI, **({"channel": channel} if channel else {}))
+    inside = opens_thinking(tokenizer, prompt)
+    assert inside == (channel == "analysis")
+    read, ids = reply_reader(tokenizer, prompt), reply_ids(tokenizer, reply)
+    texts = [read(ids[:n]) for n in range(len(ids) + 1)]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # it only grows: streamable
+    assert split_reasoning(texts[-1], inside) == expected
+    reader, got = ThinkingReader(inside), ["", ""]
+    for earlier, later in zip(texts, texts[1:]):
+        thought, answer = reader.feed(later[len(earlier) :])
+        got = [got[0] + thought, got[1] + answer]
+    rest = reader.rest()
+    assert (got[0] + rest[0], got[1] + rest[1]) == expected
+    assert not any(mark in got[0] + got[1] for mark in MARKUP) and "assistant" not in got[0] + got[1]
+
+
+def test_only_harmony_prompts_are_read_so(tokenizer):
+    assert speaks_harmony(tokenizer.chat_template) and thinks(tokenizer.chat_template)
+    assert not speaks_harmony(make_tokenizer().chat_template) and not speaks_harmony("{{ '</think>' }}")
+    ids = reply_ids(tokenizer, f"{ANALYSIS}x<|end|>")
+    raw = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]  # a raw completion's prompt: a plain decode
+    assert reply_reader(tokenizer, raw)(ids) == "analysisx" == tokenizer.decode(ids, skip_special_tokens=True)
+    plain = make_tokenizer()  # no markup at all
+    assert reply_reader(plain, chat_prompt_ids(plain, HI))(reply_ids(plain, "Hi.")) == "Hi."
+
+
+def test_meadow_chat_shows_the_thinking_apart_and_no_markup(tokenizer):
+    """`meadow chat`'s printer, given the prompt and then the reply's tokens one by one (as generate's streamer)."""
+    prompt = chat_prompt_ids(tokenizer, HI)
+    shown: list[str] = []
+    write = ThoughtsApart(lambda text: shown.append(text), opens_thinking(tokenizer, prompt), dim=False)
+    printer = ReplyPrinter(tokenizer, write, reply_reader(tokenizer, prompt))
+    printer.put(prompt)
+    ids = reply_ids(tokenizer, REPLIES[0][1])
+    for token in ids:
+        printer.put(torch.tensor([token]))
+    reply = printer.finish(torch.tensor(ids))
+    write("", last=True)
+    assert "".join(shown) == "Thinking...\nThe user asks.\n...done thinking.\n\nParis."
+    assert split_reasoning(reply) == ("The user asks.", "Paris.")
