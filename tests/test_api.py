@@ -707,6 +707,7 @@ def test_a_llama_template_gets_the_tools_and_its_calls_come_back_from_the_reply_
 # a reasoning model's: DeepSeek-R1's way, the reply opened inside a think block; Qwen3's enable_thinking=False closes
 # an empty one for it instead
 THINKING_TEMPLATE = (
+    "{% if reasoning_effort is defined %}effort: {{ reasoning_effort }}\n{% endif %}"
     "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
 )
@@ -741,6 +742,10 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     response = client.responses.create(**asked_once)
     assert [item.type for item in response.output] == ["reasoning", "message"] and response.output_text == ""
     assert response.output[0].content[0].text == thought
+    effort = client.responses.create(**asked_once, reasoning={"effort": "low"})  # the template shows the effort
+    assert effort.reasoning.effort == "low" and response.reasoning.effort is None
+    assert effort.usage.input_tokens == chat_prompt_ids(tokenizer, hi, reasoning_effort="low").shape[1]
+    assert response.usage.input_tokens == chat_prompt_ids(tokenizer, hi).shape[1]
     scored = client.responses.create(**asked_once, include=["message.output_text.logprobs"])
     assert scored.output[1].content[0].logprobs == []  # the answer's tokens only: none
     events = list(client.responses.create(**asked_once, stream=True))
@@ -772,10 +777,15 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     quiet = ollamas.chat(model="tiny-llama", messages=hi, options=greedy, think=False)
     assert (quiet.message.content, quiet.message.thinking) == (answer, None)
     assert quiet.prompt_eval_count == plain_ids.shape[1]
+    low = ollamas.chat(model="tiny-llama", messages=hi, options=greedy, think="low")
+    assert low.prompt_eval_count == chat_prompt_ids(tokenizer, hi, reasoning_effort="low").shape[1]
     generated = ollamas.generate(model="tiny-llama", prompt=hi[0]["content"], options=greedy)
     assert (generated.thinking, generated.response) == (thought, "")
     status, reply = http(served["url"] + "api/chat", json.dumps({**asked, "think": True}).encode())
     assert status == 400 and "does not support thinking" in reply["error"]  # a model that does not reason
+    effortful = {**asked_once, "reasoning": {"effort": "low"}}
+    status, reply = http(served["url"] + "v1/responses", json.dumps(effortful).encode())
+    assert status == 400 and reply["error"]["param"] == "reasoning.effort"
 
 
 def test_malformed_json_is_a_400_in_openais_shape(served):
@@ -825,6 +835,10 @@ def test_malformed_json_is_a_400_in_openais_shape(served):
           "chat_template_kwargs": {"raise_exception": 1}}, "chat_template_kwargs"),  # a function templates call
         ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": [1]},
          "chat_template_kwargs"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "most"},
+         "reasoning_effort"),
+        ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"},
+         "reasoning_effort"),  # a model that does not reason
     ],
 )
 def test_bad_fields_are_a_400_naming_the_field(served, body, param):

@@ -8,14 +8,17 @@ from __future__ import annotations
 import signal
 from functools import partial
 
+import openai
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from meadow import AutoDistributedModelForCausalLM
-from meadow.local_swarm import LocalSwarm
-from meadow.models import load_blocks, load_client_parts, load_config, load_reference_model
+from meadow.client.chat_prompt import chat_prompt_ids
+from meadow.client.harmony import markup_ids
+from meadow.local_swarm import LocalSwarm, Process
+from meadow.models import load_blocks, load_client_parts, load_config, load_reference_model, load_tokenizer
 from meadow.models.config import UnsupportedModelError
 from meadow.models.registry import family_of
 from meadow.models.tiny import make_tiny_checkpoint, make_tiny_gguf
@@ -216,6 +219,38 @@ def test_swarm_logits_and_greedy_generation_equal_transformers(distributed, loca
     prompt = ids[:1, :10]  # then 26 new tokens: the session's cache grows far past the window
     expected = local.generate(prompt, max_new_tokens=LENGTH - 10, do_sample=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=LENGTH - 10, do_sample=False), expected)
+
+
+def test_gpt_oss_thinking_and_answer_come_apart_through_the_api(checkpoints, swarm):
+    """`meadow api` over the tiny gpt_oss, which speaks harmony as gpt-oss does (its markup, a template of that form):
+    a reply in the analysis channel is the reasoning, one in the final channel the answer, each the text of
+    transformers' greedy tokens (special tokens held off by logit_bias, so that a random model writes text), streamed or not; the
+    reasoning effort reaches the template."""
+    path = checkpoints("gpt_oss", **FAMILIES["gpt_oss"])
+    api = Process(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0"], "api")
+    swarm.extra.append(api)
+    url = api.wait_for(lambda line: line.startswith("API ready"), timeout=180).split()[2] + "/v1"
+    local, tokenizer = load_reference_model(path), load_tokenizer(path)
+    held = sorted(set(markup_ids(tokenizer)) | set(tokenizer.all_special_ids))
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    model_id = client.models.list().data[0].id
+    hi = [{"role": "user", "content": "Why is the sky blue?"}]
+    asked = dict(model=model_id, messages=hi, max_tokens=8, temperature=0, logit_bias={str(i): -100 for i in held})
+    for channel, said in (("analysis", "reasoning_content"), ("final", "content")):
+        prompt = chat_prompt_ids(tokenizer, hi, channel=channel, reasoning_effort="low")
+        out = local.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                             suppress_tokens=held)  # fmt: skip
+        text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
+        variables = {"chat_template_kwargs": {"channel": channel}}
+        reply = client.chat.completions.create(**asked, reasoning_effort="low", extra_body=variables)
+        assert reply.usage.prompt_tokens == prompt.shape[1]
+        assert reply.usage.prompt_tokens != chat_prompt_ids(tokenizer, hi, channel=channel).shape[1]  # medium's
+        message, expected = reply.choices[0].message, text.strip() if said == "reasoning_content" else text
+        assert text.strip() and getattr(message, said) == expected  # the reasoning's whitespace is dropped
+        assert message.content == (text if said == "content" else "")
+        chunks = client.chat.completions.create(**asked, reasoning_effort="low", extra_body=variables, stream=True)
+        deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        assert "".join(getattr(delta, said, None) or "" for delta in deltas) == getattr(message, said)
 
 
 def test_swarm_gradients_equal_local(distributed, local):

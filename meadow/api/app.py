@@ -31,6 +31,7 @@ from meadow.api.response_store import ResponseStore
 from meadow.api.responses import add_responses_routes
 from meadow.api.schemas import (
     DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+    effort_variables,
 )
 from meadow.api.streaming import GenerationResponse, close, close_when_gone, collect_replies, merged
 from meadow.api.swarm_view import PointsView, read_swarm
@@ -176,7 +177,9 @@ def create_app(
         check(request)
         box = request.speaking(dialect)
         messages = [message.as_dict() for message in request.messages]
-        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **request.chat_template_kwargs or {})
+        variables = {**effort_variables(request.reasoning_effort, thinking, "reasoning_effort"),
+                     **(request.chat_template_kwargs or {})}  # fmt: skip
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, messages, box, **variables)
         inside = thinking and opens_thinking(tokenizer, prompt_ids)  # the template opened the reply's think block
         request.thinking(thinking, inside)  # no call opens in the think block
         requested = request.max_completion_tokens or request.max_tokens

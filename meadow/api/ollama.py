@@ -25,7 +25,7 @@ from meadow.api.generation import Delta, Sampling, TextGeneration
 from meadow.api.logprobs import TokenLogprob
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
-    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, refuse_unsupported,
+    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, effort_variables, json_constraint, json_format, refuse_unsupported,
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import CallReader, OffersTools, Tool, dialect_of, tool_prompt_ids, toolbox
@@ -239,7 +239,7 @@ def add_ollama_routes(
             return False, {"enable_thinking": False} if thinking else {}
         if request.think is not None and not thinking:
             raise APIError(400, f"'{model_id}' does not support thinking", param="think")
-        return thinking, {}
+        return thinking, effort_variables(None if request.think in (None, True) else request.think, thinking, "think")
 
     def thoughts(apart: bool, prompt_ids) -> Callable[[str, bool], tuple[str, str]]:
         """Splits the reply's pieces, as `content` sees them (the last one `done`), into its thinking and its answer

@@ -21,7 +21,8 @@ from meadow.api.response_store import ResponseStore
 from meadow.api.logprobs import answer_entries, chat_format
 from meadow.api.json_schema import Node
 from meadow.api.schemas import (
-    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, json_constraint, json_format, object_text, refuse_unsupported,
+    DEFAULT_CHAT_TOKENS, MAX_TOP_LOGPROBS, Effort, effort_variables, json_constraint, json_format, object_text,
+    refuse_unsupported,
 )
 from meadow.api.streaming import GenerationResponse, collect_replies
 from meadow.api.tool_calls import (
@@ -125,12 +126,19 @@ class NamedFunction(BaseModel):
     name: str
 
 
+class ReasoningOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # summary: the reasoning is given whole
+
+    effort: Effort | None = None
+
+
 class ResponseRequest(OffersTools):
-    model_config = ConfigDict(extra="ignore")  # user, metadata, reasoning, truncation, store options...
+    model_config = ConfigDict(extra="ignore")  # user, metadata, truncation, store options...
 
     model: str
     input: str | list[InputItem] = Field(min_length=1)
     instructions: str | None = None
+    reasoning: ReasoningOptions | None = None
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -215,7 +223,8 @@ def add_responses_routes(
         earlier = find(request.previous_response_id, "previous_response_id")[1] if request.previous_response_id else []
         instructions = [{"role": "system", "content": request.instructions}] if request.instructions else []
         history = [*earlier, *request.messages]  # the instructions are this response's only, as OpenAI's
-        prompt_ids = tool_prompt_ids(tokenizer, dialect, [*instructions, *history], box)
+        effort = effort_variables(request.reasoning and request.reasoning.effort, thinking, "reasoning.effort")
+        prompt_ids = tool_prompt_ids(tokenizer, dialect, [*instructions, *history], box, **effort)
         inside = thinking and opens_thinking(tokenizer, prompt_ids)  # the template opened the reply's think block
         request.thinking(thinking, inside)  # no call opens in the think block
         sampling = Sampling(
@@ -244,6 +253,7 @@ def add_responses_routes(
                 "parallel_tool_calls": request.parallel_tool_calls is not False, "store": request.store,
                 "text": {"format": request.text.format.model_dump(by_alias=True, exclude_none=True)},
                 "top_logprobs": request.top_logprobs,
+                "reasoning": {"effort": request.reasoning and request.reasoning.effort, "summary": None},
                 "usage": {
                     **tokens, "total_tokens": sum(tokens.values()), "output_tokens_details": {"reasoning_tokens": 0},
                     "input_tokens_details": {"cached_tokens": generation.cached_tokens, "cache_write_tokens": 0},

@@ -169,6 +169,20 @@ TEMPLATE_ARGUMENTS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_te
 }
 
 
+Effort = Literal["none", "minimal", "low", "medium", "high"]  # how long a reasoning model thinks: OpenAI's levels
+
+
+def effort_variables(effort: Effort | None, thinking: bool, param: str) -> dict:
+    """The chat template's variables for a reasoning effort: `reasoning_effort`, which gpt-oss's templates read
+    (another reasoning model's template may ignore it). A model that does not reason is refused one, as OpenAI's API
+    refuses it."""
+    if effort is None:
+        return {}
+    if not thinking:
+        raise APIError(400, f"{param}: this model does not reason (its chat template writes no thinking)", param=param)
+    return {"reasoning_effort": effort}
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
@@ -201,6 +215,7 @@ class ChatCompletionRequest(_Request, OffersTools):
     function_call: Literal["none", "auto"] | dict | None = None  # tool_choice's; {"name": ...}: call that one
     # variables for the chat template, as vLLM takes them: {"enable_thinking": false} turns Qwen3's reasoning off
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Effort | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -51,8 +51,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 # gpt_oss checkpoints speak harmony as gpt-oss does (client/harmony.py): its markup tokens, and a chat template of that
 # form (ours, far shorter than OpenAI's); the template variable `channel` opens the reply's message of that channel, as
-# a prompt that writes the reply's header does
+# a prompt that writes the reply's header does; `reasoning_effort` goes where gpt-oss's template puts it
 HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}<|end|>"
     "{% for m in messages %}<|start|>{{ 'developer' if m.role == 'system' else m.role }}"
     "{% if m.role == 'assistant' %}<|channel|>final{% endif %}<|message|>{{ m.content }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant"
