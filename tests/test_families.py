@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 from functools import partial
 
+import ollama
 import openai
 import pytest
 import torch
@@ -251,6 +252,21 @@ def test_gpt_oss_thinking_and_answer_come_apart_through_the_api(checkpoints, swa
         chunks = client.chat.completions.create(**asked, reasoning_effort="low", extra_body=variables, stream=True)
         deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
         assert "".join(getattr(delta, said, None) or "" for delta in deltas) == getattr(message, said)
+    # Ollama's raw prompts in harmony's form: the reply read apart too; asked not to think, gpt-oss's thinking is left
+    # out (it cannot be asked not to think)
+    ollamas = ollama.Client(host=url.removesuffix("/v1"), timeout=120)
+    for channel in ("analysis", "final"):
+        raw = tokenizer.decode(chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}], channel=channel)[0])
+        prompt = tokenizer(raw, return_tensors="pt")["input_ids"]  # with its markup and <s>, as Ollama's raw prompts
+        out = local.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+        assert not set(out[0, prompt.shape[1] :].tolist()) & set(markup_ids(tokenizer))  # all text, no header
+        text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
+        asked = dict(model=model_id, prompt=raw, raw=True, options={"temperature": 0, "num_predict": 12})
+        said = ollamas.generate(**asked)
+        assert text.strip() and (said.thinking, said.response) == ((text.strip(), "") if channel == "analysis"
+                                                                    else (None, text))  # fmt: skip
+        quiet = ollamas.generate(**asked, think=False)
+        assert (quiet.thinking, quiet.response) == (None, "" if channel == "analysis" else text)
 
 
 def test_swarm_gradients_equal_local(distributed, local):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meadow.api.generation import Sampling, TextGeneration
 from meadow.client.chat import ReplyPrinter, ThoughtsApart
 from meadow.client.chat_prompt import chat_prompt_ids
-from meadow.client.harmony import MARKUP, reply_reader, speaks_harmony
+from meadow.client.harmony import MARKUP, as_think_blocks, begins_thinking, reply_reader, speaks_harmony
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
+from meadow.models import load_reference_model, load_tokenizer
 from meadow.models.tiny import make_tokenizer
 
 HI = [{"role": "user", "content": "Capital of France?"}]
@@ -57,6 +59,17 @@ def test_a_harmony_reply_reads_as_reasoning_and_answer_token_by_token(tokenizer,
     assert not any(mark in got[0] + got[1] for mark in MARKUP) and "assistant" not in got[0] + got[1]
 
 
+def test_what_the_prompt_wrote_before_the_reply_is_not_the_replys():
+    """Earlier turns in the prompt's end (a user message, an earlier reply's reasoning and answer) neither open a think
+    block nor begin an answer for the reply."""
+    earlier = f"{FINAL}Hi.<|end|><|start|>user<|message|>Why?<|end|><|start|>assistant"
+    for prompt in ("<|start|>user<|message|>Why?<|end|><|start|>assistant", f"{ANALYSIS}Old.<|end|>{earlier}"):
+        text = prompt + f"{ANALYSIS}New.<|end|>{FINAL}Because."
+        assert as_think_blocks(text, len(prompt)) == "<think>New.</think>Because."
+        assert not begins_thinking(prompt) and begins_thinking(prompt + ANALYSIS)
+    assert as_think_blocks(f"{FINAL}Sure, the", len(FINAL) + 5) == " the"  # a reply that goes on the prompt's text
+
+
 def test_only_harmony_prompts_are_read_so(tokenizer):
     assert speaks_harmony(tokenizer.chat_template) and thinks(tokenizer.chat_template)
     assert not speaks_harmony(make_tokenizer().chat_template) and not speaks_harmony("{{ '</think>' }}")
@@ -72,7 +85,7 @@ def test_meadow_chat_shows_the_thinking_apart_and_no_markup(tokenizer):
     prompt = chat_prompt_ids(tokenizer, HI)
     shown: list[str] = []
     write = ThoughtsApart(lambda text: shown.append(text), opens_thinking(tokenizer, prompt), dim=False)
-    printer = ReplyPrinter(tokenizer, write, reply_reader(tokenizer, prompt))
+    printer = ReplyPrinter(tokenizer, write)
     printer.put(prompt)
     ids = reply_ids(tokenizer, REPLIES[0][1])
     for token in ids:
@@ -81,3 +94,22 @@ def test_meadow_chat_shows_the_thinking_apart_and_no_markup(tokenizer):
     write("", last=True)
     assert "".join(shown) == "Thinking...\nThe user asks.\n...done thinking.\n\nParis."
     assert split_reasoning(reply) == ("The user asks.", "Paris.")
+
+
+def test_the_apis_generation_reads_the_reply_and_ends_it_at_return(checkpoints):
+    """The API's TextGeneration (before any route splits it), given a gpt-oss-like model's tokens one by one: the text
+    it sends only grows, in the think-block form, and <|return|> (the tiny gpt_oss's generation config's end, as
+    gpt-oss's) ends the reply."""
+    path = checkpoints("gpt_oss", num_layers=1, hidden_size=16, intermediate_size=16, num_heads=2, num_kv_heads=1)
+    tokenizer = load_tokenizer(path)
+    prompt = chat_prompt_ids(tokenizer, HI)
+    generation = TextGeneration(load_reference_model(path), tokenizer, prompt, Sampling(max_tokens=100))
+    ids, sent, tokens = [], "", reply_ids(tokenizer, REPLIES[0][1] + "Not this.")
+    for token in tokens:  # as deltas() takes them, until one ends the reply
+        text, safe = generation._add(ids, [token], [None])
+        assert text.startswith(sent)
+        sent = text[:safe]
+        if generation.outcome.finish_reason is not None:
+            break
+    assert generation.outcome.finish_reason == "stop" and sent == "<think>The user asks.</think>Paris."
+    assert generation.outcome.token_ids == tokens[: len(reply_ids(tokenizer, REPLIES[0][1]))]

@@ -314,9 +314,9 @@ def add_ollama_routes(
         context = request.context or []
         if any(not 0 <= token < config.vocab_size for token in context):
             raise APIError(400, f"context token ids must be in [0, {config.vocab_size})", param="context")
-        if request.raw:  # the prompt as it is: its text says whether the model thinks
+        if request.raw:  # the prompt as it is: its text says whether the model thinks (gpt-oss's reply is read apart)
             prompt_ids = tokenizer(request.prompt, add_special_tokens=not context, return_tensors="pt")["input_ids"]
-            extra_stop, apart = [], False
+            extra_stop, apart = [], apart and harmonic
         else:
             system = [{"role": "system", "content": request.system}] if request.system else []
             prompt_ids = chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": request.prompt}], **variables)

@@ -122,7 +122,7 @@ class Conversation:
         notify, inside = write, self.thinks and opens_thinking(self.tokenizer, ids)
         if self.thinks:
             write = ThoughtsApart(write, inside, dim=sys.stdout.isatty())
-        printer = ReplyPrinter(self.tokenizer, write, reply_reader(self.tokenizer, ids))
+        printer = ReplyPrinter(self.tokenizer, write)
         try:
             with WaitNotice(session, printer, notify):
                 output = self.model.generate(
@@ -227,18 +227,18 @@ class ReplyPrinter(BaseStreamer):
     """Writes a reply as its tokens come, holding back what may be the start of a stop string or of a character
     whose bytes are not all there yet."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, write: Callable[[str], None],
-                 read: Callable[[list[int]], str] | None = None):  # fmt: skip
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, write: Callable[[str], None]):
         self.tokenizer, self.write = tokenizer, write
-        self.read = read or (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # a reply's ids as text
+        self.read = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # a reply's ids as text
         self.stops = stop_strings(tokenizer)
         self.ids: list[int] = []
         self.prompt_seen = False
         self.written = 0
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate passes the prompt first
+        if not self.prompt_seen:  # generate passes the prompt first: it tells how to read the reply (harmony.py)
             self.prompt_seen = True
+            self.read = reply_reader(self.tokenizer, value.reshape(1, -1))
             return
         self.ids.extend(value.reshape(-1).tolist())
         text = self.text(self.ids).rstrip("\ufffd")
