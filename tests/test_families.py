@@ -5,6 +5,7 @@ deep prompts, client LoRA: per family one server, or two in a chain); Gemma 1 in
 
 from __future__ import annotations
 
+import json
 import signal
 from functools import partial
 
@@ -16,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from meadow import AutoDistributedModelForCausalLM
+from meadow.api.schemas import ChatMessage
 from meadow.client.chat_prompt import chat_prompt_ids
 from meadow.client.harmony import markup_ids
 from meadow.local_swarm import LocalSwarm, Process
@@ -225,8 +227,9 @@ def test_swarm_logits_and_greedy_generation_equal_transformers(distributed, loca
 def test_gpt_oss_thinking_and_answer_come_apart_through_the_api(checkpoints, swarm):
     """`meadow api` over the tiny gpt_oss, which speaks harmony as gpt-oss does (its markup, a template of that form):
     a reply in the analysis channel is the reasoning, one in the final channel the answer, each the text of
-    transformers' greedy tokens (special tokens held off by logit_bias, so that a random model writes text), streamed or not; the
-    reasoning effort reaches the template."""
+    transformers' greedy tokens (special tokens held off by logit_bias, so that a random model writes text), streamed
+    or not; the reasoning effort reaches the template; a required call is written in harmony's form and read back as
+    a call, and the next turn shows it and its result as the template does."""
     path = checkpoints("gpt_oss", **FAMILIES["gpt_oss"])
     api = Process(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0"], "api")
     swarm.extra.append(api)
@@ -252,6 +255,22 @@ def test_gpt_oss_thinking_and_answer_come_apart_through_the_api(checkpoints, swa
         chunks = client.chat.completions.create(**asked, reasoning_effort="low", extra_body=variables, stream=True)
         deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
         assert "".join(getattr(delta, said, None) or "" for delta in deltas) == getattr(message, said)
+    city = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": city}}
+    spaces = {str(i): -100 for i in tokenizer.convert_tokens_to_ids(["ĉ", "Ċ", "Ġ"])}  # else a random model pads JSON
+    called = client.chat.completions.create(model=model_id, messages=hi, tools=[weather], tool_choice="required",
+                                            max_tokens=100, temperature=0, logit_bias=spaces)  # fmt: skip
+    assert called.usage.prompt_tokens == chat_prompt_ids(tokenizer, hi, [weather]).shape[1]  # shown by the template
+    (call,) = called.choices[0].message.tool_calls
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert list(json.loads(call.function.arguments)) == ["city"]
+    then = [*hi, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+    after = client.chat.completions.create(model=model_id, messages=then, tools=[weather], max_tokens=1)
+    shown = chat_prompt_ids(tokenizer, [ChatMessage.model_validate(m).as_dict() for m in then], [weather])
+    assert after.usage.prompt_tokens == shown.shape[1]
+    arguments = json.dumps(json.loads(call.function.arguments))  # as the template's tojson writes them
+    assert f"to=functions.get_weather <|constrain|>json<|message|>{arguments}<|call|>" in tokenizer.decode(shown[0])
     # Ollama's raw prompts in harmony's form: the reply read apart too; asked not to think, gpt-oss's thinking is left
     # out (it cannot be asked not to think)
     ollamas = ollama.Client(host=url.removesuffix("/v1"), timeout=120)

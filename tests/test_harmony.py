@@ -3,31 +3,39 @@ read them: its reasoning apart from its answer, no markup shown."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from meadow.api.generation import Sampling, TextGeneration
+from meadow.api.tool_calls import DESCRIBED, HARMONY, Tool, dialect_of, read_reply, toolbox
 from meadow.client.chat import ReplyPrinter, ThoughtsApart
 from meadow.client.chat_prompt import chat_prompt_ids
 from meadow.client.harmony import MARKUP, as_think_blocks, begins_thinking, reply_reader, speaks_harmony
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 from meadow.models import load_reference_model, load_tokenizer
-from meadow.models.tiny import make_tokenizer
+from meadow.models.tiny import HARMONY_TEMPLATE, make_tokenizer
 
 HI = [{"role": "user", "content": "Capital of France?"}]
 ANALYSIS, FINAL = "<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>final<|message|>"
+CALLED = '<tool_call>\n{"name": "lookup", "arguments": {"city": "Paris"}'
 REPLIES = [  # (the channel the prompt opens, the reply as the model writes it, (reasoning, answer))
     (None, f"{ANALYSIS}The user asks.<|end|>{FINAL}Paris.<|return|>", ("The user asks.", "Paris.")),
     ("analysis", f"The user asks.<|end|>{FINAL}Paris.", ("The user asks.", "Paris.")),  # the prompt opened it
     ("final", "Paris.", ("", "Paris.")),
     (None, f"{ANALYSIS}Cut off by max_tokens", ("Cut off by max_tokens", "")),
     # two messages of reasoning are one; a preamble (commentary without a recipient) and the final answer are the
-    # answer; reasoning after the answer began, and a tool call, are not shown
+    # answer; reasoning after the answer began is not shown
     (None, f"{ANALYSIS}A.<|end|><|start|>assistant{ANALYSIS}B.<|end|><|start|>assistant<|channel|>commentary"
            f"<|message|>Let me look.<|end|><|start|>assistant{ANALYSIS}C.<|end|>{FINAL}Paris.",
      ("A.\n\nB.", "Let me look.\n\nParis.")),  # fmt: skip
+    # a call of a function reads as Hermes writes it (the <|call|> that ends it ends the reply, so is not read);
+    # a call of a tool built into gpt-oss's runtime is not shown
     (None, f'{ANALYSIS}Look it up.<|end|><|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>'
-           'json<|message|>{"city": "Paris"}<|call|>', ("Look it up.", "")),  # fmt: skip
+           'json<|message|>{"city": "Paris"}', ("Look it up.", CALLED)),
+    (None, f"{ANALYSIS}Search.<|end|><|start|>assistant<|channel|>analysis to=browser.search<|message|>"
+           '{"query": "Paris"}<|call|>', ("Search.", "")),  # fmt: skip
     (None, "<|channel|>final<|message|>No <think> here.", ("", "No <think> here.")),
 ]
 
@@ -57,6 +65,28 @@ def test_a_harmony_reply_reads_as_reasoning_and_answer_token_by_token(tokenizer,
     rest = reader.rest()
     assert (got[0] + rest[0], got[1] + rest[1]) == expected
     assert not any(mark in got[0] + got[1] for mark in MARKUP) and "assistant" not in got[0] + got[1]
+
+
+def test_a_call_reads_as_the_apis_readers_read_calls_and_its_form_is_held_to_the_tools(tokenizer):
+    """gpt-oss's template shows tools, so its calls are HARMONY's: read from the reply's text (in the Hermes form), and
+    held, as the reply is written in harmony's markup, to a tool's name and parameters once the reply opens a call
+    outside its reasoning (or at once, when a call is required)."""
+    assert dialect_of(tokenizer.chat_template) is HARMONY
+    assert dialect_of(HARMONY_TEMPLATE.replace("tools", "x")) is DESCRIBED  # a harmony template that shows no tools
+    content, (call,) = read_reply(REPLIES[5][2][1], HARMONY)
+    assert (content, call.name, call.arguments, call.text) == ("", "lookup", {"city": "Paris"}, '{"city": "Paris"}')
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": False}  # fmt: skip
+    lookup = Tool.model_validate({"function": {"name": "lookup", "parameters": city}})
+    box = replace(toolbox([lookup], None, None).speaking(HARMONY), thinking="may")  # as a reasoning model's request
+    written = REPLIES[5][1]
+    assert box.prefix().fed(written).finished  # whole: the reply ends
+    assert box.prefix().fed(written.replace("lookup", "look")) is None  # no such tool
+    assert box.prefix().fed(written.replace('"city"', '"town"')) is None  # no such parameter
+    assert not box.prefix().fed(f"{ANALYSIS}Not {HARMONY.marker}nope <|end|>").finished  # reasoning: only text
+    required = toolbox([lookup], "required", None).speaking(HARMONY).prefix()
+    assert required.fed("<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{") is not None
+    assert required.fed(ANALYSIS) is None and required.fed("<|channel|>final") is None
 
 
 def test_what_the_prompt_wrote_before_the_reply_is_not_the_replys():

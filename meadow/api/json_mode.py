@@ -16,6 +16,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 from meadow.api.errors import APIError
 from meadow.api.json_numbers import reachable, within
 from meadow.api.json_schema import Node
+from meadow.client.harmony import markup_ids
 
 WHITESPACE = " \t\n\r"
 MAX_INDENT = 20  # spaces or tabs after a line break
@@ -319,7 +320,7 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, ...]:
     """Each token's text as it reads after other text (None for special tokens, which are never part of a JSON reply).
     Decoded after a token of its own, not alone: SentencePiece-style tokenizers drop the space a word's token begins
     with at the start of a text, and the reply would then hold spaces the state machine never saw."""
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) - set(markup_ids(tokenizer))  # harmony's markup is part of a call
     before = tokenizer.encode("a", add_special_tokens=False)
     start = tokenizer.decode(before)
     texts = tokenizer.batch_decode([[*before, i] for i in range(len(tokenizer))])

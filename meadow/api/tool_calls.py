@@ -26,7 +26,7 @@ from meadow.api.errors import APIError
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import Node, SchemaError, compile_schema
 from meadow.client.chat_prompt import chat_prompt_ids
-from meadow.client import reasoning
+from meadow.client import harmony, reasoning
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 LLAMA_FORMAT = '"parameters": dictionary of argument name'  # what Llama 3's templates tell the model
@@ -54,19 +54,27 @@ class Dialect:
     end: str  # what ends a call
     again: str | None  # what opens another call after one (then `start`); None: one call a reply
     shown: bool  # the template shows the tools (else Meadow describes them, and the calls, in the Hermes form)
-
-    @property
-    def arguments_key(self) -> str:
-        return self.arguments.split('"')[1]
+    quoted: bool = True  # the name is written as a JSON string (harmony's is bare)
+    think: tuple[str, str] = (reasoning.OPEN, reasoning.CLOSE)  # how a reasoning model's thinking opens and closes
+    reads: Dialect | None = None  # the form the reply's text is read in when not this one (see HARMONY)
 
 
 HERMES = Dialect(OPEN, '\n{"name": ', ', "arguments": ', "}\n" + CLOSE, "\n" + OPEN, shown=True)
 DESCRIBED = replace(HERMES, shown=False)
 LLAMA = Dialect(None, '{"name": ', ', "parameters": ', "}", None, shown=True)
+# gpt-oss's, in harmony's markup (client/harmony.py): a message to the function, its arguments as JSON, then <|call|>
+# (the end of the reply, so nothing to write), one call a reply; the reasoning is the analysis channel. A reply's text
+# is read with the calls rewritten in the Hermes form, which the readers below know.
+HARMONY = Dialect(
+    harmony.CALL_MARKER, "", f" {harmony.CONSTRAIN}json{harmony.MESSAGE}", "", None, shown=True, quoted=False,
+    think=(harmony.CHANNEL + "analysis" + harmony.MESSAGE, harmony.ENDS[0]), reads=HERMES,
+)
 
 
 def dialect_of(template: str | None) -> Dialect:
     """How a model whose chat template is `template` writes calls (and whether the template shows tools)."""
+    if template and "tools" in template and harmony.speaks_harmony(template):
+        return HARMONY
     if template and "tools" in template and OPEN in template:
         return HERMES
     if template and "tools" in template and LLAMA_FORMAT in template:
@@ -185,7 +193,13 @@ def toolbox(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool 
 
 
 def _names(box: Toolbox, made: frozenset = frozenset()) -> tuple:
-    return "name", tuple((json.dumps(name) + box.dialect.arguments, name) for name in box.callable), made
+    quoted = json.dumps if box.dialect.quoted else str
+    return "name", tuple((quoted(name) + box.dialect.arguments, name) for name in box.callable), made
+
+
+def _spelled(text: str, then: tuple) -> tuple:
+    """The phase that spells `text` (if any), then is `then`."""
+    return ("spell", text, then) if text else then
 
 
 def _same(name: str, arguments) -> str:
@@ -218,23 +232,24 @@ class ToolCallPrefix:
     def _step(self, phase: tuple, c: str) -> tuple | None:
         kind, dialect = phase[0], self.box.dialect
         if kind == "start":  # before anything but whitespace: a think block may open
-            text = phase[1] + c
-            if text.lstrip() == reasoning.OPEN:
+            text, (opening, closing) = phase[1] + c, dialect.think
+            if text.lstrip() == opening:
                 return "think", 0
-            if reasoning.OPEN.startswith(text.lstrip()):
+            if opening.startswith(text.lstrip()):
                 return "start", text
             phase = "free", 0  # no think block: all of it is free text (too short to hold a whole marker)
             for c in text:
                 phase = self._step(phase, c)
             return phase
         if kind == "think":  # all is thinking up to its end, a call's marker too
-            seen = reasoning.begun(reasoning.CLOSE[: phase[1]] + c, reasoning.CLOSE)
-            return ("free", 0) if seen == len(reasoning.CLOSE) else ("think", seen)
+            closing = dialect.think[1]
+            seen = reasoning.begun(closing[: phase[1]] + c, closing)
+            return ("free", 0) if seen == len(closing) else ("think", seen)
         if kind == "free":
             seen = reasoning.begun(dialect.marker[: phase[1]] + c, dialect.marker)
             if seen < len(dialect.marker):
                 return "free", seen
-            return ("spell", dialect.start, _names(self.box)) if self.box.callable else None
+            return _spelled(dialect.start, _names(self.box)) if self.box.callable else None
         if kind == "first":
             return self._step(("spell", dialect.start, _names(self.box)), c) if c == dialect.start[0] else ("text",)
         if kind == "text":
@@ -257,6 +272,9 @@ class ToolCallPrefix:
                 call = _same(name, json.loads(text))
                 return self._step(("spell", dialect.end, ("after", made | {call}, call in made)), c)
             arguments = arguments.fed(c)
+            if arguments and arguments.finished and not dialect.end:  # nothing to write after it (HARMONY's)
+                call = _same(name, json.loads(text + c))
+                return "after", made | {call}, call in made
             return arguments and ("args", name, arguments, text + c, made)
         if self._last(phase):
             return None
@@ -337,7 +355,7 @@ class CallReader:
     read back."""
 
     def __init__(self, dialect: Dialect = DESCRIBED, callable: bool = True):
-        self.dialect, self.callable = dialect, callable
+        self.dialect, self.callable = dialect.reads or dialect, callable
         self.text, self.given = "", 0  # the reply so far; content handed out
         self.begun: dict[int, _Begun] = {}  # the calls handed out (by their place among the written ones)
         self.skipped: set[int] = set()  # repeated calls

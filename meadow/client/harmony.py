@@ -6,18 +6,24 @@ The analysis channel is the model's reasoning, final its answer, commentary with
 user, and a message with a recipient (`to=functions.get_weather`) a tool call. The markup is special tokens, which a
 plain decode drops, leaving "analysisThe user asks ...assistantfinalParis.". Meadow reads a harmony reply into the
 form its reasoning readers know (reasoning.py): the reasoning at the beginning as one `<think>...</think>` block, then
-the answer; headers and markup are left out, and so is what they do not show to users (later reasoning, tool calls).
+the answer, its calls of functions as Hermes writes them (`<tool_call>\n{"name": ..., "arguments": ...}`, the form
+api/tool_calls.py reads); headers and markup are left out, and so is what is not for users (later reasoning, calls of
+tools built into gpt-oss's own runtime, such as `browser.search`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Callable
 
 START, CHANNEL, CONSTRAIN, MESSAGE = "<|start|>", "<|channel|>", "<|constrain|>", "<|message|>"
 ENDS = ("<|end|>", "<|return|>", "<|call|>")  # a message's end: another follows, the reply ends, a tool is called
 MARKUP = (START, CHANNEL, CONSTRAIN, MESSAGE, *ENDS)
+CALL_MARKER = CHANNEL + "commentary to=functions."  # how gpt-oss begins a call of a function
+CALLED = re.compile(r"to=functions\.([^\s<]+)")
+CALL_OPEN, CALL_CLOSE = '<tool_call>\n{"name": %s, "arguments": ', "}\n</tool_call>"  # a call, as the reply reads
 SPLIT = re.compile("(" + "|".join(re.escape(mark) for mark in MARKUP) + ")")
 PROMPT_TAIL = 16  # prompt tokens read for where the reply begins (inside a header, or a message of some channel)
 
@@ -47,7 +53,8 @@ def with_markup(tokenizer, ids: list[int]) -> str:
 
 
 def kind(header: str) -> str:
-    """What a message whose header is `header` is: "reasoning", "answer" or "call"."""
+    """What a message whose header is `header` is: "reasoning", "answer" or "call" (of a function, or a built-in
+    tool's: "hidden")."""
     if " to=" in f" {header}":  # a recipient, before or after the channel
         return "call"
     channel = header.split(CHANNEL, 1)[1].split() if CHANNEL in header else []
@@ -76,14 +83,24 @@ class Reading:
         elif piece in (CHANNEL, CONSTRAIN):
             self.header = (self.header or "") + piece
         elif piece == MESSAGE and self.header is not None:
-            self.writing, self.header = kind(self.header), None
-            if self.writing == "reasoning" and not self.answered:
+            header, self.header = self.header, None
+            self.writing = kind(header)
+            if self.writing == "call":
+                called = CALLED.search(header)
+                if called is None:  # a built-in tool's
+                    self.writing = "hidden"
+                elif ours:
+                    self.out.append(("</think>" if self.thinking else "") + CALL_OPEN % json.dumps(called.group(1)))
+                    self.thinking = False
+            elif self.writing == "reasoning" and not self.answered:
                 self.out += ["\n\n" if self.thinking else "<think>"] if ours else []
                 self.thinking = True
             elif self.writing == "answer":
                 self.out += ["</think>" if self.thinking else "\n\n" if self.answered else ""] if ours else []
                 self.thinking, self.answered = False, ours
         elif piece in ENDS:
+            if self.writing == "call" and ours:
+                self.out.append(CALL_CLOSE)
             self.writing = "answer"  # what follows outside a message
         elif self.header is not None:
             self.header += piece
@@ -91,7 +108,7 @@ class Reading:
             if self.writing == "answer":
                 self.out.append("</think>" + tail if self.thinking else tail)  # text after the reasoning, outside
                 self.thinking, self.answered = False, True
-            elif self.writing == "reasoning" and self.thinking:
+            elif self.writing == "call" or (self.writing == "reasoning" and self.thinking):
                 self.out.append(tail)
 
     def text(self) -> str:

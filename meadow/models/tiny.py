@@ -51,11 +51,17 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
 # gpt_oss checkpoints speak harmony as gpt-oss does (client/harmony.py): its markup tokens, and a chat template of that
 # form (ours, far shorter than OpenAI's); the template variable `channel` opens the reply's message of that channel, as
-# a prompt that writes the reply's header does; `reasoning_effort` goes where gpt-oss's template puts it
+# a prompt that writes the reply's header does; `reasoning_effort` goes where gpt-oss's template puts it; the tools, and
+# calls and their results in earlier turns, as harmony writes them
 HARMONY_TEMPLATE = (
     "<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}<|end|>"
-    "{% for m in messages %}<|start|>{{ 'developer' if m.role == 'system' else m.role }}"
-    "{% if m.role == 'assistant' %}<|channel|>final{% endif %}<|message|>{{ m.content }}<|end|>{% endfor %}"
+    "{% if tools %}<|start|>developer<|message|># Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|end|>"
+    "{% endif %}{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}{% for c in m.tool_calls %}"
+    "<|start|>assistant<|channel|>commentary to=functions.{{ c.function.name }} <|constrain|>json<|message|>"
+    "{{ c.function.arguments | tojson }}<|call|>{% endfor %}"
+    "{% elif m.role == 'tool' %}<|start|>functions to=assistant<|channel|>commentary<|message|>{{ m.content }}<|end|>"
+    "{% else %}<|start|>{{ 'developer' if m.role == 'system' else m.role }}"
+    "{% if m.role == 'assistant' %}<|channel|>final{% endif %}<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant"
     "{% if channel is defined %}<|channel|>{{ channel }}<|message|>{% endif %}{% endif %}"
 )
