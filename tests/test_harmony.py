@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from meadow.api.generation import Sampling, TextGeneration
+from meadow.api.json_mode import token_texts
 from meadow.api.tool_calls import DESCRIBED, HARMONY, Tool, dialect_of, read_reply, toolbox
 from meadow.client.chat import ReplyPrinter, ThoughtsApart
 from meadow.client.chat_prompt import chat_prompt_ids
-from meadow.client.harmony import MARKUP, as_think_blocks, begins_thinking, reply_reader, speaks_harmony
+from meadow.client.harmony import MARKUP, as_think_blocks, begins_thinking, markup_ids, reply_reader, speaks_harmony
 from meadow.client.reasoning import ThinkingReader, opens_thinking, split_reasoning, thinks
 from meadow.models import load_reference_model, load_tokenizer
 from meadow.models.tiny import HARMONY_TEMPLATE, make_tokenizer
@@ -87,6 +88,14 @@ def test_a_call_reads_as_the_apis_readers_read_calls_and_its_form_is_held_to_the
     required = toolbox([lookup], "required", None).speaking(HARMONY).prefix()
     assert required.fed("<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{") is not None
     assert required.fed(ANALYSIS) is None and required.fed("<|channel|>final") is None
+
+
+def test_the_markup_is_text_a_call_may_be_written_in_even_where_the_tokenizer_counts_it_special(tokenizer):
+    listed = make_tokenizer(harmony=True)
+    listed.add_special_tokens({"additional_special_tokens": list(MARKUP)})  # as some of gpt-oss's tokenizer files do
+    assert set(markup_ids(listed)) <= set(listed.all_special_ids)
+    texts = token_texts(listed)
+    assert [texts[i] for i in markup_ids(listed)] == list(MARKUP) and texts[listed.eos_token_id] is None
 
 
 def test_what_the_prompt_wrote_before_the_reply_is_not_the_replys():
