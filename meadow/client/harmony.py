@@ -23,7 +23,7 @@ ENDS = ("<|end|>", "<|return|>", "<|call|>")  # a message's end: another follows
 MARKUP = (START, CHANNEL, CONSTRAIN, MESSAGE, *ENDS)
 CALL_MARKER = CHANNEL + "commentary to=functions."  # how gpt-oss begins a call of a function
 CALLED = re.compile(r"to=functions\.([^\s<]+)")
-CALL_OPEN, CALL_CLOSE = '<tool_call>\n{"name": %s, "arguments": ', "}\n</tool_call>"  # a call, as the reply reads
+CALL_OPEN = '<tool_call>\n{"name": %s, "arguments": '  # a call, as the reply reads (its <|call|> ends the reply)
 SPLIT = re.compile("(" + "|".join(re.escape(mark) for mark in MARKUP) + ")")
 PROMPT_TAIL = 16  # prompt tokens read for where the reply begins (inside a header, or a message of some channel)
 
@@ -99,8 +99,6 @@ class Reading:
                 self.out += ["</think>" if self.thinking else "\n\n" if self.answered else ""] if ours else []
                 self.thinking, self.answered = False, ours
         elif piece in ENDS:
-            if self.writing == "call" and ours:
-                self.out.append(CALL_CLOSE)
             self.writing = "answer"  # what follows outside a message
         elif self.header is not None:
             self.header += piece
