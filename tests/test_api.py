@@ -729,8 +729,10 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     assert thought
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
     asked = {"model": "tiny-llama", "messages": hi, "max_tokens": 8, "temperature": 0}
-    message = client.chat.completions.create(**asked).choices[0].message
+    thinking = client.chat.completions.create(**asked)
+    message = thinking.choices[0].message
     assert (message.reasoning_content, message.content) == (thought, "")
+    assert thinking.usage.completion_tokens_details.reasoning_tokens == thinking.usage.completion_tokens == 8
     deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(**asked, stream=True) if chunk.choices]
     assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == thought
     assert not "".join(delta.content or "" for delta in deltas)
@@ -741,6 +743,7 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     asked_once = {"model": "tiny-llama", "input": hi[0]["content"], "max_output_tokens": 8, "temperature": 0}
     response = client.responses.create(**asked_once)
     assert [item.type for item in response.output] == ["reasoning", "message"] and response.output_text == ""
+    assert response.usage.output_tokens_details.reasoning_tokens == response.usage.output_tokens
     assert response.output[0].content[0].text == thought
     effort = client.responses.create(**asked_once, reasoning={"effort": "low"})  # the template shows the effort
     assert effort.reasoning.effort == "low" and response.reasoning.effort is None
@@ -763,6 +766,7 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer_on_every_route(
     said = plain.choices[0].message
     assert plain.usage.prompt_tokens == plain_ids.shape[1]
     assert (said.content, getattr(said, "reasoning_content", None)) == (answer, None)
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
     every = plain.usage.completion_tokens  # all of the reply is the answer: every token's logprob
     assert len(plain.choices[0].logprobs.content) == every
     assert len(streamed_logprobs(client.chat.completions.create(**unthinking, stream=True))) == every

@@ -152,3 +152,10 @@ def test_the_apis_generation_reads_the_reply_and_ends_it_at_return(checkpoints):
             break
     assert generation.outcome.finish_reason == "stop" and sent == "<think>The user asks.</think>Paris."
     assert generation.outcome.token_ids == tokens[: len(reply_ids(tokenizer, REPLIES[0][1]))]
+    thinking = f"{ANALYSIS}The user asks.<|end|>{FINAL}"  # up to the answer's first token
+    assert generation.reasoning_tokens(inside=False) == len(reply_ids(tokenizer, thinking))
+    for reply, thought in (("<|channel|>final<|message|><|end|>", ""), (f"{ANALYSIS}Hmm<|return|>", f"{ANALYSIS}Hmm")):
+        other, tokens = TextGeneration(generation.model, tokenizer, prompt, Sampling(100)), reply_ids(tokenizer, reply)
+        other._add([], tokens, [None] * len(tokens))  # an empty answer; a reply that ended while it thought
+        assert other.outcome.token_ids == tokens and other.reasoning_tokens(inside=False) == len(
+            reply_ids(tokenizer, thought))  # the end token is no thinking

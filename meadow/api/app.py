@@ -147,12 +147,18 @@ def create_app(
             watcher.cancel()
         return generations
 
-    def usage(generations: list[TextGeneration], n: int) -> dict:
+    def usage(generations: list[TextGeneration], n: int, inside: bool | None = None) -> dict:
+        """The tokens read and written; of a chat's (`inside`: whether its prompt opened a think block), how many were
+        a reasoning model's thinking."""
         done = sum(generation.outcome.completion_tokens for generation in generations)
         prompt = sum(generation.prompt_tokens for generation in generations[::n])  # each prompt counted once
         cached = sum(generation.cached_tokens for generation in generations[::n])  # (the first choice's, OpenAI's)
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
-                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+        counts = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                  "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+        if inside is not None:
+            thought = sum(generation.reasoning_tokens(inside) for generation in generations) if thinking else 0
+            counts["completion_tokens_details"] = {"reasoning_tokens": thought}
+        return counts
 
     def meadow_info(generations: list[TextGeneration]) -> dict:
         """The servers that served the choices, and how long the slowest took."""
@@ -226,7 +232,7 @@ def create_app(
         if not request.stream:
             replies = await collect_replies(generations, http)
             choices = [choice(index, *reply) for index, reply in enumerate(zip(generations, replies))]
-            extra = {"usage": usage(generations, request.n), "meadow": meadow_info(generations)}
+            extra = {"usage": usage(generations, request.n, inside), "meadow": meadow_info(generations)}
             return {**head, "object": "chat.completion", "choices": choices, **extra}
 
         async def chunks() -> AsyncIterator[dict]:
@@ -271,7 +277,8 @@ def create_app(
                         yield chunk(index, call_piece(call))
                         called[index] += call.begins
             if request.include_usage:
-                yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(generations, request.n)}
+                counts = usage(generations, request.n, inside)
+                yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": counts}
 
         return GenerationResponse(_sse(chunks()), generations, "text/event-stream")
 

@@ -20,6 +20,7 @@ from meadow.api.logprobs import Recorder, TokenLogprob, prompt_logprobs
 from meadow.api.sampling import logits_processors
 from meadow.client.config import RESERVE_TOKENS, reserved_reply
 from meadow.client.harmony import reply_reader
+from meadow.client.reasoning import split_reasoning
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +312,20 @@ class TextGeneration:
         while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes are not all generated yet
             safe -= 1
         return text, safe
+
+    def reasoning_tokens(self, inside: bool) -> int:
+        """How many of the reply's tokens are a reasoning model's thinking (`inside`: its prompt opened the think
+        block): those written before its answer began, the think block's tags too; 0 when it did not think."""
+        ids = self.outcome.token_ids[: self.outcome.completion_tokens]
+        ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        answer = lambda n: split_reasoning(self._text(ids[:n]), inside)[1]
+        if not split_reasoning(self._text(ids), inside)[0]:
+            return 0
+        low, high = 0, len(ids)  # the most tokens whose text has no answer yet: once the answer begins, it stays
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if not answer(middle) else (low, middle - 1)
+        return low
 
     def _entries_before(self, end: int) -> list[TokenLogprob]:
         """Take the entries of the tokens whose text begins before `end`."""

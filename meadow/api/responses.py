@@ -255,7 +255,8 @@ def add_responses_routes(
                 "top_logprobs": request.top_logprobs,
                 "reasoning": {"effort": request.reasoning and request.reasoning.effort, "summary": None},
                 "usage": {
-                    **tokens, "total_tokens": sum(tokens.values()), "output_tokens_details": {"reasoning_tokens": 0},
+                    **tokens, "total_tokens": sum(tokens.values()), "output_tokens_details": {
+                        "reasoning_tokens": generation.reasoning_tokens(inside) if thinking else 0},
                     "input_tokens_details": {"cached_tokens": generation.cached_tokens, "cache_write_tokens": 0},
                 } if done else None,
             }  # fmt: skip
