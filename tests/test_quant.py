@@ -20,9 +20,11 @@ from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.client.routing import MissingBlocksError
 from meadow.local_swarm import LocalSwarm
-from meadow.models import load_config
+from meadow.models import load_block, load_config
+from meadow.models.gpt_oss import MXFP4_BYTES
 from meadow.models.quant import QuantUnavailable, check_quant, quant_at_least, quantize_block, with_quant_at_least
 from meadow.server.server import Server, ServerConfig
+from meadow.server.sizing import QUANT_BYTES, block_bytes
 from meadow.server.throughput import cache_key, random_block
 from meadow.swarm import ServerInfo, ServerState
 
@@ -197,3 +199,31 @@ def test_a_quant_that_cannot_run_stops_the_server_with_a_clear_error(path, tmp_p
     assert "libbitsandbytes_cpu.so" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(QuantUnavailable, match="--quant nf4 cannot run on meta in float32 with bitsandbytes"):
         check_quant("nf4", torch.float32, "meta")  # bitsandbytes imports, but has no kernel for this device
+
+
+def test_gpt_oss_experts_are_packed_in_mxfp4_under_a_quant_exactly_as_released(checkpoints):
+    """`--quant` packs GPT-OSS's experts (nearly all of its weights) in MXFP4: the values of a checkpoint released so
+    are kept exactly (the experts' outputs equal the unpacked ones'), in the memory `block_bytes` counts for them; of a
+    float checkpoint, the nearest MXFP4 values."""
+    shape = dict(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64)
+    released = checkpoints("gpt_oss", mxfp4_experts=True, **shape)
+    config = load_config(released)
+    plain = load_block(released, config, 0, torch.float32)
+    packed = quantize_block(load_block(released, config, 0, torch.float32), "nf4", "cpu")
+    experts = packed.feed_forward.experts
+    assert not any(parameter.dim() == 3 for parameter in experts.parameters())  # both weights packed
+    x = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(experts(1, x[0]), plain.feed_forward.experts(1, x[0]))
+        assert torch.equal(packed.feed_forward(x, None), quantize_block(plain, "none", "cpu").feed_forward(x, None))
+    weights = plain.feed_forward.experts.gate_up_proj.numel() + plain.feed_forward.experts.down_proj.numel()
+    held = sum(buffer.numel() * buffer.element_size() for buffer in experts.buffers())
+    assert held == weights * MXFP4_BYTES  # about 0.53 bytes a weight: float32's 4, bf16's 2
+    saved = block_bytes(config, torch.float32) - block_bytes(config, torch.float32, "nf4")
+    linear = sum(module.weight.numel() for module in plain.modules() if isinstance(module, torch.nn.Linear))
+    assert saved == pytest.approx(weights * (4 - MXFP4_BYTES) + linear * (4 - QUANT_BYTES["nf4"]), abs=1)
+    float_experts = load_block(checkpoints("gpt_oss", **shape), config, 0, torch.float32).feed_forward.experts
+    weight = float_experts.down_proj.clone()
+    float_experts.compress()
+    error = (float_experts.weight("down_proj", 2) - weight[2]).abs().max() / weight[2].abs().max()
+    assert 0 < error <= 1 / 3  # MXFP4's rounding: half a step, at most its group's power of two, a third of its largest

@@ -5,8 +5,11 @@ a clamped SwiGLU, (clamp(up) + 1) * gate * sigmoid(alpha * gate) with gate clamp
 columns interleaved in one fused tensor. The experts stay as the checkpoint holds them, 3-D tensors (E, in, out).
 
 The experts may be stored in bf16 or float32, or in MXFP4 as OpenAI released them: a server unpacks its own blocks'
-experts as it loads them, as transformers does on a machine without MXFP4 kernels. LoRA applies to the attention's
-projections. Checked numerically against transformers in tests/test_families.py.
+experts as it loads them, as transformers does on a machine without MXFP4 kernels. Served with `--quant` (the experts
+are nearly all of the model: 19 of gpt-oss-20b's 21 billion weights), the experts are packed in MXFP4 again (`compress`:
+exactly the released values, since an MXFP4 value stays one at any power-of-two scale that holds its group) and an
+expert is unpacked only when tokens go through it. LoRA applies to the attention's projections. Checked numerically
+against transformers in tests/test_families.py.
 """
 
 from __future__ import annotations
@@ -86,9 +89,41 @@ class Router(nn.Module):
         return top.softmax(dim=-1), chosen
 
 
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1's: a code is the index, plus 8 when negative
+MXFP4_BYTES = (4 + 8 / 32) / 8  # a weight's share of memory, packed: its 4 bits and its group's 8-bit scale
+
+
+def pack_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """An (E, in, out) weight in MXFP4, as OpenAI's release stores it: `blocks` (E, out, in / 32, 16), two 4-bit codes
+    a byte (the even column in the low nibble), and `scales` (E, out, in / 32), each group of 32 values' power of two
+    plus 127, the least that holds the group's largest value; each value rounds to the nearest code. One expert at a
+    time: the codes of all would take several times the weights' memory."""
+    middles = torch.tensor(FP4_MAGNITUDES).diff() / 2 + torch.tensor(FP4_MAGNITUDES[:-1])
+    blocks, scales = [], []
+    for expert in weight:
+        groups = expert.float().T.reshape(expert.shape[1], -1, 32)  # (out, in / 32, 32)
+        exponents = torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 6.0))
+        scaled = groups / 2.0**exponents
+        codes = (torch.bucketize(scaled.abs(), middles.to(scaled.device)) | (scaled < 0) << 3).to(torch.uint8)
+        blocks.append(codes[..., 0::2] | (codes[..., 1::2] << 4))
+        scales.append((exponents[..., 0] + 127).to(torch.uint8))
+    return torch.stack(blocks), torch.stack(scales)
+
+
+def unpack_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (E, in, out) weight `pack_mxfp4` packed (or OpenAI's release holds), by transformers' own function."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # here: only packed experts need it
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+
+
 class Experts(nn.Module):
     """Every expert's weights as 3-D tensors, as the checkpoint holds them: gate_up_proj (E, hidden, 2I) with gate and
-    up columns interleaved, down_proj (E, I, hidden), and their biases."""
+    up columns interleaved, down_proj (E, I, hidden), and their biases; or, once `compress`ed, the two weights packed
+    in MXFP4, each expert's unpacked as tokens go through it."""
+
+    packed = ("gate_up_proj", "down_proj")  # what `compress` packs, at MXFP4_BYTES a weight
+    packed_bytes = MXFP4_BYTES
 
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
@@ -100,10 +135,24 @@ class Experts(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
     def forward(self, expert: int, x: Tensor) -> Tensor:
-        gate_up = x @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
+        gate_up = x @ self.weight("gate_up_proj", expert) + self.gate_up_proj_bias[expert]
         gate, up = gate_up[..., ::2].clamp(max=self.limit), gate_up[..., 1::2].clamp(-self.limit, self.limit)
         glu = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
-        return glu @ self.down_proj[expert] + self.down_proj_bias[expert]
+        return glu @ self.weight("down_proj", expert) + self.down_proj_bias[expert]
+
+    def weight(self, name: str, expert: int) -> Tensor:
+        """One expert's (in, out) weight `name`, unpacked if packed."""
+        if name in self._parameters:
+            return self._parameters[name][expert]
+        blocks, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
+        return unpack_mxfp4(blocks[expert : expert + 1], scales[expert : expert + 1], self.down_proj_bias.dtype)[0]
+
+    def compress(self) -> None:
+        """Keep the two weights packed in MXFP4 (about an eighth of float32's memory, a quarter of bf16's)."""
+        for name in self.packed:
+            blocks, scales = pack_mxfp4(self._parameters.pop(name))
+            self.register_buffer(f"{name}_blocks", blocks)
+            self.register_buffer(f"{name}_scales", scales)
 
 
 def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Tensor]:
@@ -112,10 +161,8 @@ def layer_state(tensors: dict[str, Tensor], config: BlockConfig) -> dict[str, Te
     dtype of their biases."""
     tensors = dict(tensors)
     for name in [name.removesuffix("_blocks") for name in tensors if name.endswith("_blocks")]:
-        from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # here: only such checkpoints need it
-
         blocks, scales = tensors.pop(f"{name}_blocks"), tensors.pop(f"{name}_scales")
-        tensors[name] = convert_moe_packed_tensors(blocks, scales, dtype=tensors[f"{name}_bias"].dtype)
+        tensors[name] = unpack_mxfp4(blocks, scales, dtype=tensors[f"{name}_bias"].dtype)
     return llama.FAMILY.layer_state(tensors, config)
 
 

@@ -74,6 +74,9 @@ def quantize_block(block: nn.Module, quant: str, device: str | torch.device) -> 
     if quant != "none":
         quantized = lambda linear: quantize_linear(linear, quant, device)
         replace_layers(block, lambda module: type(module) is nn.Linear, quantized)
+        for module in block.modules():
+            if hasattr(module, "compress"):  # weights that are no linear layer's: GPT-OSS's experts (MXFP4)
+                module.compress()
         let_go_of_checkpoint(block, replaced=_is_quantized)
     return block.to(device)
 

@@ -45,6 +45,7 @@ from meadow.models.gguf import (
     group_qkv_heads,
     permute_rotary_rows,
 )
+from meadow.models.gpt_oss import pack_mxfp4
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "falcon", "gemma", "gemma2", "gemma3_text",
             "gemma3", "phi3", "qwen3_moe", "gpt_oss")  # fmt: skip
@@ -222,23 +223,14 @@ def fuse_experts(file: Path, num_layers: int, num_experts: int) -> None:
 
 # the 16 values of a 4-bit E2M1 float (OCP's MX formats), by code: sign bit, 2 exponent bits, 1 mantissa bit
 GGUF_ARCHITECTURE = {"qwen3_moe": "qwen3moe"}  # llama.cpp's name where it is not transformers' model_type
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
 def pack_experts(path: Path) -> None:
     """Rewrite a GPT-OSS checkpoint's expert weights in MXFP4, as OpenAI's release stores them: for each (E, in, out)
     tensor X, `X_blocks` (E, out, in / 32, 16) holding two 4-bit codes a byte (the even column in the low nibble) and
     `X_scales` (E, out, in / 32), each group of 32 values' power of two plus 127; config.json says so."""
     file = path / "model.safetensors"
     tensors = load_file(file)
-    values = torch.tensor(FP4_VALUES)
     for name in [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        rows = tensors.pop(name).float().transpose(1, 2)  # (E, out, in)
-        groups = rows.reshape(*rows.shape[:2], -1, 32)
-        exponents = torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 6.0))
-        codes = ((groups / 2.0**exponents)[..., None] - values).abs().argmin(-1).to(torch.uint8)
-        tensors[f"{name}_blocks"] = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        tensors[f"{name}_scales"] = (exponents[..., 0] + 127).to(torch.uint8)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = pack_mxfp4(tensors.pop(name))
     save_file(tensors, file, metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",

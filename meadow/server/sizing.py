@@ -25,10 +25,13 @@ def block_bytes(config: BlockConfig, dtype: torch.dtype, quant: str = "none", ca
     with torch.device("meta"):
         block = make_block(config)
     linear = sum(module.weight.numel() for module in block.modules() if isinstance(module, nn.Linear))
-    other = sum(parameter.numel() for parameter in block.parameters()) - linear
+    # weights a quantized block packs itself (GPT-OSS's experts: see quant.quantize_block), and their bytes
+    packable = [module for module in block.modules() if hasattr(module, "compress")] if quant != "none" else []
+    packed = [(getattr(module, name).numel(), module.packed_bytes) for module in packable for name in module.packed]
+    other = sum(parameter.numel() for parameter in block.parameters()) - linear - sum(n for n, _ in packed)
     per_weight = QUANT_BYTES.get(quant, dtype.itemsize)
     cache = 2 * cache_tokens * config.num_key_value_heads * config.head_dim * dtype.itemsize  # keys and values
-    return int(linear * per_weight + other * dtype.itemsize + cache)
+    return int(linear * per_weight + sum(n * size for n, size in packed) + other * dtype.itemsize + cache)
 
 
 def free_memory(device: torch.device) -> int:
