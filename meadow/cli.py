@@ -10,6 +10,7 @@ from typing import Callable
 
 from meadow.api.kept_sessions import KEEP_SECONDS
 from meadow.client.config import RESERVE_TOKENS
+from meadow.client.reasoning import EFFORTS
 from meadow.wire import WIRE_FORMATS, BlockRange
 
 
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "session grows as the reply is written (default: %(default)s; 0: the whole "
                            "--max-new-tokens)")  # fmt: skip
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--reasoning-effort", choices=EFFORTS,
+                      help="how long a reasoning model thinks (its chat template's reasoning_effort, which "
+                           "gpt-oss's reads)")  # fmt: skip
     chat.add_argument("--dht-prefix", help="swarm name of the model (default: from the model's name)")
     chat.add_argument("--adapter", help="a LoRA adapter the servers serve (its folder name); only servers with it are used")
     _add_identity(chat)
@@ -426,7 +430,7 @@ def _run(args: argparse.Namespace) -> None:
         sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
         run_chat(
             _model(args), args.initial_peers, sampling, args.max_length, args.system, args.dht_prefix, args.adapter,
-            _client_config(args), args.reserve_tokens,
+            _client_config(args), args.reserve_tokens, args.reasoning_effort,
         )  # fmt: skip
     elif args.command == "api":
         from meadow.api.serve import run_api

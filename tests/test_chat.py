@@ -193,7 +193,8 @@ def test_replies_are_local_greedy_and_each_turn_sends_only_new_tokens(chat_swarm
 
 def test_a_reasoning_models_thinking_is_shown_apart_from_its_answer(chat_swarm, tmp_path):
     """A copy of the model whose template opens the reply's think block: the greedy reply (all thinking in 8 tokens)
-    is shown between "Thinking..." and "...done thinking.", as Ollama's terminal chat shows it."""
+    is shown between "Thinking..." and "...done thinking.", as Ollama's terminal chat shows it; --reasoning-effort
+    reaches the template (and is refused for a model that does not reason)."""
     swarm, templated, _, reference, _ = chat_swarm
     path = tmp_path / "tiny-thinking"
     shutil.copytree(templated, path)
@@ -201,14 +202,18 @@ def test_a_reasoning_models_thinking_is_shown_apart_from_its_answer(chat_swarm, 
     tokenizer.chat_template = THINKING_TEMPLATE
     tokenizer.save_pretrained(path)
     chat = Chat(str(path), "--initial-peers", *swarm.initial_peers, "--dht-prefix", dht_prefix_for(templated),
-                "--max-new-tokens", "8")  # fmt: skip
+                "--max-new-tokens", "8", "--reasoning-effort", "low")  # fmt: skip
     try:
         chat.wait(lambda: chat.out.endswith("> "), "prompt")
         _, ids, shown, _ = chat.turn("Why is the sky blue?")
+        assert tokenizer.decode(ids).startswith("effort: low\n")  # the template shows it
         thought = local_reply(reference, tokenizer, ids, 8)[1].strip()
         assert thought and shown.startswith(f"Thinking...\n{thought}\n...done thinking.\n\n"), shown
     finally:
         chat.close()
+    refused = subprocess.run([sys.executable, "-m", "meadow", "chat", str(templated), "--initial-peers",
+                              *swarm.initial_peers, "--reasoning-effort", "low"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "does not reason" in refused.stderr
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_swarm):

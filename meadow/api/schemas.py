@@ -15,6 +15,7 @@ from meadow.api.generation import Sampling
 from meadow.api.json_mode import JsonPrefix
 from meadow.api.json_schema import OBJECT, Node, SchemaError, compile_schema
 from meadow.api.tool_calls import Function, NamedChoice, OffersTools, Tool, ToolChoice, toolbox
+from meadow.client.reasoning import EFFORTS
 
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "the rest of the context", which would reserve every
 DEFAULT_COMPLETION_TOKENS = 16  # server's KV cache for the whole context; 16 is OpenAI's completions default
@@ -169,7 +170,7 @@ TEMPLATE_ARGUMENTS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_te
 }
 
 
-Effort = Literal["none", "minimal", "low", "medium", "high"]  # how long a reasoning model thinks: OpenAI's levels
+Effort = Literal[EFFORTS]
 
 
 def effort_variables(effort: Effort | None, thinking: bool, param: str) -> dict:

@@ -69,9 +69,12 @@ class Conversation:
         max_length: int,
         system: str | None = None,
         reserve_tokens: int = RESERVE_TOKENS,
+        reasoning_effort: str | None = None,
     ):
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.reserve_tokens = reserve_tokens
+        # the chat template's variables: how long a reasoning model thinks, which gpt-oss's template reads
+        self.variables = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.thinks = thinks(tokenizer.chat_template)  # a reasoning model: its thinking is shown apart
         self._session = ExitStack()  # holds the model's inference session open from turn to turn
@@ -159,7 +162,7 @@ class Conversation:
     def _continued(self, messages: list[dict[str, str]]) -> torch.Tensor | None:
         """The ids of `messages` as a continuation of what the session holds (all of them when it holds nothing);
         None when the template's rendering does not extend the session's tokens."""
-        prompt = chat_prompt_ids(self.tokenizer, messages)
+        prompt = chat_prompt_ids(self.tokenizer, messages, **self.variables)
         if self.ids is None:
             return prompt
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -181,7 +184,7 @@ class Conversation:
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system) :]
         while True:
-            ids = chat_prompt_ids(self.tokenizer, system + turns)
+            ids = chat_prompt_ids(self.tokenizer, system + turns, **self.variables)
             if ids.shape[1] + max_new_tokens <= self.max_length:
                 break
             if len(turns) == 1:
@@ -412,6 +415,7 @@ def run_chat(
     adapter: str | None = None,
     client_config: ClientConfig | None = None,
     reserve_tokens: int = RESERVE_TOKENS,
+    reasoning_effort: str | None = None,
 ) -> None:
     """`meadow chat`: join the swarm, then chat in the terminal until the user leaves."""
     from meadow.client.model import AutoDistributedModelForCausalLM
@@ -421,10 +425,13 @@ def run_chat(
         import readline  # noqa: F401  (line editing and history for input())
 
     tokenizer = load_tokenizer(model)
+    if reasoning_effort and not thinks(tokenizer.chat_template):
+        raise SystemExit(f"meadow chat: --reasoning-effort: {Path(model).name} does not reason (its chat template "
+                         "writes no thinking)")  # fmt: skip
     with AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers, dht_prefix=dht_prefix, active_adapter=adapter, client_config=client_config
     ) as distributed:
-        conversation = Conversation(distributed, tokenizer, max_length, system, reserve_tokens)
+        conversation = Conversation(distributed, tokenizer, max_length, system, reserve_tokens, reasoning_effort)
         print(f"Chatting with {Path(model).name} through the swarm. /help lists the commands.", flush=True)
         try:
             chat_loop(conversation, sampling)

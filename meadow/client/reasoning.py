@@ -11,6 +11,7 @@ from __future__ import annotations
 from meadow.client import harmony
 
 OPEN, CLOSE = "<think>", "</think>"
+EFFORTS = ("none", "minimal", "low", "medium", "high")  # how long a reasoning model thinks: OpenAI's levels
 
 
 def thinks(template: str | None) -> bool:
