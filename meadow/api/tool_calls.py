@@ -232,7 +232,7 @@ class ToolCallPrefix:
     def _step(self, phase: tuple, c: str) -> tuple | None:
         kind, dialect = phase[0], self.box.dialect
         if kind == "start":  # before anything but whitespace: a think block may open
-            text, (opening, closing) = phase[1] + c, dialect.think
+            text, opening = phase[1] + c, dialect.think[0]
             if text.lstrip() == opening:
                 return "think", 0
             if opening.startswith(text.lstrip()):

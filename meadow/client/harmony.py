@@ -53,8 +53,8 @@ def with_markup(tokenizer, ids: list[int]) -> str:
 
 
 def kind(header: str) -> str:
-    """What a message whose header is `header` is: "reasoning", "answer" or "call" (of a function, or a built-in
-    tool's: "hidden")."""
+    """What a message whose header is `header` is: "reasoning", "answer" or "call" (a message with a recipient: a
+    function's call, a built-in tool's, or a tool's result in the prompt)."""
     if " to=" in f" {header}":  # a recipient, before or after the channel
         return "call"
     channel = header.split(CHANNEL, 1)[1].split() if CHANNEL in header else []
