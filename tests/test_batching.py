@@ -749,3 +749,41 @@ def wait_for_server(sequence, blocks: str, timeout: float = 30.0):
                 return peer
         time.sleep(0.5)
     raise TimeoutError(f"no server of blocks {blocks} appeared")
+
+
+def test_a_chat_reply_that_must_wait_for_room_midway_says_so_and_goes_on(small_server, path):
+    """A turn reserves 8 tokens of its reply; the server's room is taken by another session meanwhile, so the session
+    cannot grow as the reply is written: the reply waits for room, says so on a line of its own (the chat would look
+    hung), and goes on once the other session ends, to the same reply as with room."""
+    from meadow.client.chat import Conversation, Sampling
+    from meadow.models import load_tokenizer
+
+    # the prompt is 31 tokens: with 8 of its reply, 39 fit in the 50 slots the holder leaves; with all 20, 51 do not
+    # (and its growth asks no more than that: a step of GROWTH_TOKENS would pass the 150 the server lends one peer)
+    peers, sampling, tokenizer = small_server.initial_peers, Sampling(max_new_tokens=20), load_tokenizer(path)
+    holder = connect_sequence(str(path), load_config(path), peers)
+    quick = ClientConfig(busy_retry=0.5)
+    with AutoDistributedModelForCausalLM.from_pretrained(str(path), peers, client_config=quick) as model:
+        roomy = Conversation(model, tokenizer, max_length=512, reserve_tokens=0)
+        expected = roomy.reply("Name a flower", sampling, threading.Event(), lambda text: None)
+        roomy.close()
+        conversation, shown = Conversation(model, tokenizer, max_length=512, reserve_tokens=8), []
+        try:
+            with holder.inference_session(150, 1) as held:
+                held.step(torch.randn(1, 3, HIDDEN), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool))
+
+                def write(text: str) -> None:
+                    shown.append(text)
+                    if "waits for room" in text:
+                        threading.Thread(target=held.close, daemon=True).start()
+
+                late = threading.Timer(60, held.close)  # without a notice, the room frees up anyway, later
+                late.start()
+                reply = conversation.reply("Name a flower", sampling, threading.Event(), write)
+                late.cancel()
+        finally:
+            conversation.close()
+            holder.close()
+    notices = [i for i, text in enumerate(shown) if "waits for room" in text]
+    assert len(notices) == 1 and 0 < notices[0] < len(shown) - 1 and shown[notices[0]].startswith("\n")
+    assert reply == expected and "".join(shown).replace(shown[notices[0]], "") == expected

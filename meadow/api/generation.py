@@ -199,6 +199,7 @@ class TextGeneration:
         """The prompt's logprobs if asked for and generate, inside `session`; the chain that served them."""
         s = self.sampling
         self.session = session  # start() asks it whether it waits for room
+        session.make_room(self.prompt_tokens, most=self.prompt_tokens + s.max_tokens)  # growth: no more than needed
         with torch.no_grad(), self.model.use_session(session):
             if s.prompt_logprobs:  # the prompt but its last token, into the session: generate sends only that one
                 self.prompt_logprobs = prompt_logprobs(self.model, self.tokenizer, self.prompt_ids, s.logprobs or 0)

@@ -116,7 +116,7 @@ class Conversation:
         if self.ids is None:
             self._session.enter_context(self.model.inference_session(max_length=needed))
         session = self.model.session
-        session.make_room(needed)
+        session.make_room(needed, most=ids.shape[1] + sampling.max_new_tokens)
         session.hand_over(stop)  # a Ctrl-C ends a wait for room on full servers too, not only the token loop
         held = session.position
         self._before_last, self.last_message = (messages[:-1], self.ids, held), text
@@ -271,8 +271,10 @@ class ReplyPrinter(BaseStreamer):
 
 
 class WaitNotice:
-    """While a reply has not begun, tells the user once per wait that every server that could hold the conversation
-    is full and the reply waits for room (until another session ends: the chat would look hung otherwise)."""
+    """Tells the user once per wait that every server that could hold the conversation is full and the reply waits for
+    room (until another session ends: the chat would look hung otherwise): before the reply begins, or in the middle of
+    it, on a line of its own (a session that could not grow as the reply was written, or one moved to another server
+    that is full)."""
 
     def __init__(self, session, printer: ReplyPrinter, write: Callable[[str], None]):
         self.session, self.printer, self.write = session, printer, write
@@ -293,6 +295,8 @@ class WaitNotice:
             waiting = self.session.waiting_for_room
             if waiting and not told and not self.printer.written:
                 self.write("(the servers are full: waiting for room; Ctrl-C stops waiting)\n")
+            elif waiting and not told:
+                self.write("\n(the servers are full: the reply waits for room to go on; Ctrl-C stops it here)\n")
             told = waiting
 
 

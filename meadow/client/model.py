@@ -67,6 +67,7 @@ class GenerationSession:
         give_up: threading.Event | None = None,
     ):
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
+        self.most: int | None = None  # see make_room
         self.give_up = give_up  # see InferenceSession
         self.prefix = prefix  # (P, H) trained prompt embeddings that go before the first token, if any
         self.tuning = tuning  # deep prompts and LoRA weights the servers apply for the whole session
@@ -139,6 +140,7 @@ class GenerationSession:
             batch_size = self.batch_size or hidden.shape[0]
             length = self.max_length + self.prefix_length
             self.remote = self.sequence.inference_session(length, batch_size, self.tuning, self.give_up)
+            self.remote.most = None if self.most is None else self.most + self.prefix_length
             if self.local_blocks is not None:
                 self.local = self.local_blocks.session(batch_size, length)
         if self.position == 0 and self.prefix is not None:  # the trained prompt goes first, once
@@ -163,11 +165,13 @@ class GenerationSession:
         if position == 0:
             self.token_ids = self.mask = None
 
-    def make_room(self, max_length: int) -> None:
-        """Let the session hold `max_length` tokens per row (at least): the servers grow it with the next step."""
-        self.max_length = max(self.max_length, max_length)
+    def make_room(self, max_length: int, most: int | None = None) -> None:
+        """Let the session hold `max_length` tokens per row (at least): the servers grow it with the next step. `most`:
+        the most it will hold for what comes (the prompt and the longest reply), which its growth asks no more than."""
+        self.max_length, self.most = max(self.max_length, max_length), most
         if self.remote is not None:
             self.remote.max_length = max(self.remote.max_length, max_length + self.prefix_length)
+            self.remote.most = None if most is None else max(most, max_length) + self.prefix_length
 
     def hand_over(self, give_up: threading.Event | None) -> None:
         """The session goes on for someone else (the next request of a conversation an API kept it for): whether

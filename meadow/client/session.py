@@ -42,9 +42,12 @@ DECODING_TOKENS = 4  # steps of at most this many new tokens are decoding steps,
 GROWTH_TOKENS = 128  # a session that outgrows its max_length grows by this many tokens at least: not a copy per token
 
 
-def grown_length(max_length: int, needed: int) -> int:
-    """The max_length a session of `max_length` grows to when it needs `needed` tokens."""
-    return max_length if needed <= max_length else max(needed, max_length + GROWTH_TOKENS)
+def grown_length(max_length: int, needed: int, most: int | None = None) -> int:
+    """The max_length a session of `max_length` grows to when it needs `needed` tokens: GROWTH_TOKENS more at least,
+    but no more than the `most` it will ever hold (a server that lends a peer fewer slots may still hold all of it)."""
+    if needed <= max_length:
+        return max_length
+    return max(needed, max_length + GROWTH_TOKENS if most is None else min(max_length + GROWTH_TOKENS, most))
 
 
 class HopFailed(Exception):
@@ -122,6 +125,7 @@ class InferenceSession:
         self.sequence, self.max_length, self.batch_size = sequence, max_length, batch_size
         self.give_up = give_up  # set when nobody waits for this session any more: no more failovers or waits for room
         self.tuning = tuning or RemoteTuning()  # deep prompts and LoRA weights, sent once per server at open
+        self.most: int | None = None  # the most tokens per row it will hold, if known: growth asks no more
         self.position = 0
         self.stored = 0  # tokens the servers hold: more than `position` after a rewind, until the next step
         self.replayed = 0  # tokens (per row) sent again to rebuild servers' caches (failover, a session closed as idle)
@@ -138,7 +142,7 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         length = hidden.shape[1]
-        self.max_length = grown_length(self.max_length, self.position + length)
+        self.max_length = grown_length(self.max_length, self.position + length, self.most)
         if self.segments is None:
             self.segments = self._open(self.sequence.blocks)
         inputs: Inputs = (hidden, position_ids, full_mask(hidden, key_mask))
