@@ -787,3 +787,25 @@ def test_a_chat_reply_that_must_wait_for_room_midway_says_so_and_goes_on(small_s
     notices = [i for i, text in enumerate(shown) if "waits for room" in text]
     assert len(notices) == 1 and 0 < notices[0] < len(shown) - 1 and shown[notices[0]].startswith("\n")
     assert reply == expected and "".join(shown).replace(shown[notices[0]], "") == expected
+
+
+def test_an_api_reply_grows_its_session_by_no_more_than_it_needs(small_server, path):
+    """The API reserves 8 tokens of a 20-token reply and grows the session as it is written: by no more than the
+    prompt and the reply need, not by a step of GROWTH_TOKENS that would pass the 150 slots the server lends one peer
+    (and be refused outright)."""
+    from meadow.api.generation import Sampling as Asked, TextGeneration
+    from meadow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    prompt = tokenizer("Which flowers grow best in a shady garden?", return_tensors="pt")["input_ids"]
+    assert prompt.shape[1] + 8 + GROWTH_TOKENS > 150 >= prompt.shape[1] + 20
+
+    async def generate(model) -> tuple[str, object]:
+        generation = TextGeneration(model, tokenizer, prompt, Asked(max_tokens=20, temperature=0), reserve_tokens=8)
+        await generation.start()
+        text = "".join([delta.text async for delta in generation.deltas()])
+        return text, generation.outcome
+
+    with AutoDistributedModelForCausalLM.from_pretrained(str(path), small_server.initial_peers) as model:
+        text, outcome = asyncio.run(generate(model))
+    assert outcome.finish_reason == "length" and outcome.completion_tokens == 20 and text  # it grew, and went on
