@@ -50,26 +50,6 @@ class JoinFailed(MeadowError):
     identity in use by another peer, say)."""
 
 
-READY_SECONDS = 90  # a DHT process not ready by then is stuck, not slow (joining takes seconds)
-
-
-def ready_or_relaunched(dht: hivemind.DHT, launch: Callable[[], hivemind.DHT]) -> hivemind.DHT:
-    """`dht` once ready; or, if its process is stuck, another one `launch`ed in its place (once). hivemind's DHT is a
-    forked process: forked while another thread of ours held a lock (a compute loop, a client's event loop), its copy
-    of the lock stays taken and the process may hang at start, never ready; seen twice in a full test run, where a
-    client's `connect_sequence` then waited forever. Only for a fresh identity: a kept one's p2pd may hold it still."""
-    try:
-        dht.wait_until_ready(timeout=READY_SECONDS)
-        return dht
-    except TimeoutError:
-        logger.warning(f"the DHT process did not become ready in {READY_SECONDS} s: starting another in its place")
-        dht.kill()
-        dht.join(timeout=10)
-    dht = launch()
-    dht.wait_until_ready(timeout=READY_SECONDS)
-    return dht
-
-
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
@@ -105,8 +85,7 @@ def start_dht(
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
         if client_mode:
             kind = type(f"Client{kind.__name__}", (ClientProcess, kind), {})
-        launch = partial(
-            kind,
+        dht = kind(
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,
@@ -120,7 +99,6 @@ def start_dht(
             await_ready=False,
             **extra,
         )
-        dht = launch()
         try:
             if while_joining is not None:
                 while_joining()
@@ -128,11 +106,7 @@ def start_dht(
             dht.shutdown()
             raise
         try:
-            # inside the folder: p2pd may not have read a fresh identity's key before
-            if identity is None:
-                dht = ready_or_relaunched(dht, launch)
-            else:
-                dht.wait_until_ready()
+            dht.wait_until_ready()  # inside the folder: p2pd may not have read a fresh identity's key before
         except (RuntimeError, P2PDaemonError) as e:  # "none of the initial_peers responded" (hivemind's DHT), or
             # "failed to connect to bootstrap peers" (p2pd, which reached none): say why, if they refused us, and what
             # to check if not
