@@ -13,6 +13,7 @@ tools built into gpt-oss's own runtime, such as `browser.search`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Callable
@@ -32,11 +33,11 @@ def speaks_harmony(template: str | None) -> bool:
     return bool(template) and CHANNEL in template
 
 
+@functools.cache
 def markup_ids(tokenizer) -> dict[int, str]:
-    """The tokenizer's ids of harmony's markup tokens (none for other tokenizers). Seven lookups, not the whole
-    vocabulary: it is asked at every token."""
-    ids = tokenizer.convert_tokens_to_ids(list(MARKUP))
-    return {i: mark for i, mark in zip(ids, MARKUP) if i is not None and tokenizer.convert_ids_to_tokens(i) == mark}
+    """The tokenizer's ids of harmony's markup tokens (none for other tokenizers)."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[mark]: mark for mark in MARKUP if mark in vocab}
 
 
 def with_markup(tokenizer, ids: list[int]) -> str:
