@@ -272,14 +272,14 @@ def run_clients_bench(
                     start_at = time.time() + 0.5
                     for _, commands in workers[:n]:
                         commands.put(start_at)
-                    spans = [results.get(timeout=600) for _ in range(n)]  # (start, end) of each client
-                    if failed := [detail for state, detail in spans if state == "failed"]:
+                    timings = [results.get(timeout=600) for _ in range(n)]  # (start, end) of each client
+                    if failed := [detail for state, detail in timings if state == "failed"]:
                         raise RuntimeError(f"a client process failed: {failed[0]}")
-                    wall = max(end for _, end in spans) - start_at
+                    wall = max(end for _, end in timings) - start_at
                     cpu[0] = cpu_seconds([server.popen.pid for server in servers]) - cpu[0]
                     cpu[1] = cpu_seconds([p.pid for p, _ in workers]) - cpu[1]
                     per_token = [seconds * 1000 / (n * new_tokens) for seconds in cpu]
-                    runs.append((n * new_tokens / wall, [new_tokens / (end - start_at) for _, end in spans], per_token))
+                    runs.append((n * new_tokens / wall, [new_tokens / (end - start_at) for _, end in timings], per_token))
                 aggregate, per_client, per_token = sorted(runs)[len(runs) // 2]  # the median run
                 rows.append((n, aggregate, per_client, per_token))
         finally:
