@@ -111,6 +111,12 @@ def attend(
     gqa = q.shape[1] != k.shape[1]  # each kv head serves heads / kv_heads query heads; SDPA needs no copies
     eager = softcap is not None or sinks is not None  # what no SDPA kernel takes
     plain = key_mask is None and (start == 0 or T == 1) and (sliding_window is None or k.shape[2] <= sliding_window)
+    if plain and not eager and T == 1 and gqa:
+        # one new token: the query heads that share a kv head go as that head's queries, so no kernel needs GQA (on a
+        # GPU in float32 none that is fast takes it; on a CPU this is ~20% quicker too)
+        batch, heads, _, head_dim = q.shape
+        folded = q.reshape(batch, k.shape[1], heads // k.shape[1], head_dim)
+        return F.scaled_dot_product_attention(folded, k, v, scale=scale).reshape(batch, heads, 1, head_dim)
     if plain and not eager:  # plain causal (or one new token that sees everything): SDPA's fastest kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa, scale=scale)
     mask = attention_mask(T, k.shape[2], start, key_mask, sliding_window, q.device)

@@ -29,7 +29,7 @@ class Piece:
 
     hidden: Tensor
     position_ids: Tensor
-    key_mask: Tensor | None  # (b, start + t) on the span's device, True = real key; None: nothing padded
+    key_mask: Tensor | None  # (b, start + t) on the CPU, True = real key; None: nothing padded
     blocks: BlockRange
     start: int = 0
     caches: list[KVCache] | None = None
@@ -106,9 +106,9 @@ class Span:
     ) -> Tensor:
         """x (B, T, H) on this span's device and dtype through `blocks`, without a cache; differentiable w.r.t. x,
         prompts and lora (training runs here; inference runs packed, in run_pieces)."""
-        position_ids, key_mask = position_ids.to(self.device), key_mask.to(self.device)
-        if bool(key_mask.all()):
-            key_mask = None  # no padding: the blocks may then use attention's fast causal path, with no mask to build
+        # no padding: the blocks may then use attention's fast causal path, with no mask to build
+        key_mask = None if bool(key_mask.all()) else key_mask.to(self.device)
+        position_ids = position_ids.to(self.device)
         for offset, index in enumerate(range(blocks.start, blocks.end)):
             if prompts is not None:
                 x = add_prompt(x, prompts[offset], 0)
@@ -121,7 +121,11 @@ class Span:
         """Several pieces as one pass: at each block, the tokens of every piece that uses it run as one batch through
         the norms, projections and MLP, and attend per piece over the piece's own cache. Each output is on the CPU in
         its input's dtype, equal (up to float rounding) to running the piece alone."""
-        hidden = [piece.hidden.to(self.device, self.dtype) for piece in pieces]
+        # one copy to the device and one back per pass, not one per piece: on a GPU each copy waits for the device
+        sizes = [piece.tokens for piece in pieces]
+        flat = torch.cat([piece.hidden.reshape(-1, self.config.hidden_size) for piece in pieces]).to(self.device, self.dtype)
+        hidden = [rows.view(piece.hidden.shape) for rows, piece in zip(flat.split(sizes), pieces)]
+        masks = [None if piece.key_mask is None else piece.key_mask.to(self.device) for piece in pieces]
         active: list[int] = []  # pieces in the batch now, in order
         x = positions = None
         for index in range(min(p.blocks.start for p in pieces), max(p.blocks.end for p in pieces)):
@@ -133,14 +137,15 @@ class Span:
                 positions = torch.cat([pieces[i].position_ids.reshape(-1) for i in active]).to(self.device)[None]
             x = self._add_prompts(x, index, [pieces[i] for i in active])
             parts = [
-                Part(*hidden[i].shape[:2], pieces[i].start, pieces[i].key_mask,
+                Part(*hidden[i].shape[:2], pieces[i].start, masks[i],
                      pieces[i].caches[index - pieces[i].blocks.start] if pieces[i].caches else None)
                 for i in active
             ]  # fmt: skip
             lora = self._rows_lora(index, [pieces[i] for i in active])
             x = self.blocks[index - self.first](x, positions, lora=lora, parts=parts)
         self._unpack(x, active, hidden)
-        return [h.to("cpu", piece.hidden.dtype) for h, piece in zip(hidden, pieces)]
+        flat = torch.cat([h.reshape(-1, self.config.hidden_size) for h in hidden]).cpu()
+        return [rows.view(piece.hidden.shape).to(piece.hidden.dtype) for rows, piece in zip(flat.split(sizes), pieces)]
 
     @staticmethod
     def _unpack(x: Tensor | None, active: list[int], hidden: list[Tensor]) -> None:
@@ -195,7 +200,7 @@ class Span:
         outputs = []
         for rows in row_groups(batch, length, chunk_tokens):
             if length <= chunk_tokens:
-                mask = key_mask[rows].to(self.device) if padded else None
+                mask = key_mask[rows] if padded else None
                 outputs.append((yield Piece(hidden[rows], position_ids[rows], mask, blocks, prompts=prompts, lora=lora)))
             else:
                 session = Session.open(self, blocks, hidden[rows].shape[0], length, tuning)
@@ -282,8 +287,8 @@ class Span:
         tuned = [t.detach().requires_grad_() for t in (tuning.prompts, tuning.lora_flat) if t is not None]
         prompts = tuned[0] if tuning.prompts is not None else None
         lora_flat = tuned[-1] if tuning.lora_flat is not None else None
-        position_ids, key_mask = position_ids.to(self.device), key_mask.to(self.device)
-        key_mask = None if bool(key_mask.all()) else key_mask  # as in forward: the fast causal path when unpadded
+        key_mask = None if bool(key_mask.all()) else key_mask.to(self.device)  # as in forward: the fast causal path
+        position_ids = position_ids.to(self.device)
 
         def run_block(x: Tensor, offset: int) -> Tensor:
             lora = tuning.block_loras(self.config, lora_flat)  # views of lora_flat, made in the current grad mode
@@ -344,7 +349,9 @@ class Session:
             KVCache(batch_size, config.num_key_value_heads, max_length, config.head_dim, span.dtype, span.device)
             for _ in range(len(blocks))
         ]
-        key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=span.device)
+        # on the CPU whatever the span's device: the event loop reads and writes it at every step, and on a GPU each
+        # access would wait for the pass in flight on the compute thread (run_pieces moves the mask when padded)
+        key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool)
         tuning = (tuning or TuningInputs(blocks)).to(span.device, span.dtype)
         return cls(blocks, batch_size, max_length, caches, key_mask, tuning.prompts, tuning.block_loras(config))
 
@@ -382,7 +389,7 @@ class Session:
         for begin in range(0, length, size):
             end = min(begin + size, length)
             stop = self.position + end - begin
-            mask = new_mask[:, begin:end].to(self.key_mask.device)
+            mask = new_mask[:, begin:end].cpu()
             self.key_mask[:, self.position : stop] = mask
             self.padded = self.padded or not bool(mask.all())
             key_mask = self.key_mask[:, :stop] if self.padded else None
