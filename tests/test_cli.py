@@ -231,3 +231,17 @@ def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "gpt2" in result.stderr and "llama" in result.stderr and "qwen2" in result.stderr
+
+
+def test_bench_clients_prints_one_row_per_number_of_clients(checkpoints):
+    """`meadow bench --clients`: N client processes at once against its own swarm, a table row for each N."""
+    path = checkpoints("llama", num_layers=6)
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "bench", str(path), "--servers", "2", "--clients", "2", "--new-tokens", "3"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 servers (spans 0:3, 3:6)" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "clients" not in line]
+    assert [int(row[0]) for row in rows] == [1, 2]  # one client alone is always measured: the efficiency's base
+    assert float(rows[0][3]) == 1.0 and all(float(row[1]) > 0 and 0 < float(row[3]) <= 2 for row in rows)

@@ -29,7 +29,10 @@ INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loo
 # fixed (reading the weights): on a CPU, 4 blocks of the 100M bench model take ~4.3 ms of CPU for one step and ~9.8 ms
 # for sixteen (packed weights), so a step that joins a pass costs ~0.4 ms instead of ~4. 4 rather than 2: with 8
 # clients on a 2-core machine, server CPU per token 7.0 -> 5.9 ms, passes per 656 tokens 116 -> 90 (first server);
-# with packed weights, 2 and 1 were no better (8 clients 128 and 116 tokens/s vs 128, 16 clients 142 and 127 vs 146).
+# with packed weights, 2 and 1 were no better (8 clients 128 and 116 tokens/s vs 128, 16 clients 142 and 127 vs 146),
+# and none was worse (4096-vocabulary bench model: 8 clients 136 tokens/s vs 170, server CPU per token 9.6 vs 4.7 ms).
+# A server on a GPU does not wait: its cores are free and a pass's cost grows with its pieces, so waiting only holds
+# the chain in lock-step (16 cores, H200, 2 servers: 16 clients 277 tokens/s without waiting vs 243 with).
 GATHER_PASSES = 4.0
 MAX_REMEMBERED_PEERS = 10_000  # whose last turns are kept; beyond it, the longest ago are forgotten
 RESERVED_EVERY = 4  # every 4th pass serves the lowest priority first: requesters without points are never starved
@@ -232,11 +235,11 @@ class ComputeLoop:
         """Before a pass with decoding steps, wait a little for the steps of other sessions that decode regularly and
         should send their next step soon: batching them now saves a whole pass later. The wait ends when they are
         in, when they are overdue, or after GATHER_PASSES passes' time since the oldest waiting step came. (A server
-        shares its cores with its clients: while it waits, they compute the steps it waits for.)"""
+        shares its cores with its clients: while it waits, they compute the steps it waits for.) Not on a GPU."""
         loop = asyncio.get_running_loop()
         while True:
             decoding = [job for job in self.waiting if job.decoding]
-            if not decoding:
+            if not decoding or decoding[0].span.device.type != "cpu":
                 return
             now, queued = loop.time(), {job.session for job in decoding}
             deadline = min(job.arrived for job in decoding) + GATHER_PASSES * self.pass_seconds
