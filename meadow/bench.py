@@ -279,7 +279,8 @@ def run_clients_bench(
                     cpu[0] = cpu_seconds([server.popen.pid for server in servers]) - cpu[0]
                     cpu[1] = cpu_seconds([p.pid for p, _ in workers]) - cpu[1]
                     per_token = [seconds * 1000 / (n * new_tokens) for seconds in cpu]
-                    runs.append((n * new_tokens / wall, [new_tokens / (end - start_at) for _, end in timings], per_token))
+                    per_client = [new_tokens / (end - start_at) for _, end in timings]
+                    runs.append((n * new_tokens / wall, per_client, per_token))
                 aggregate, per_client, per_token = sorted(runs)[len(runs) // 2]  # the median run
                 rows.append((n, aggregate, per_client, per_token))
         finally:

@@ -242,6 +242,7 @@ def test_bench_clients_prints_one_row_per_number_of_clients(checkpoints):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 servers (spans 0:3, 3:6)" in result.stdout
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "clients" not in line]
+    lines = result.stdout.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "clients" not in line]
     assert [int(row[0]) for row in rows] == [1, 2]  # one client alone is always measured: the efficiency's base
     assert float(rows[0][3]) == 1.0 and all(float(row[1]) > 0 and 0 < float(row[3]) <= 2 for row in rows)

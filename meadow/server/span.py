@@ -123,7 +123,8 @@ class Span:
         its input's dtype, equal (up to float rounding) to running the piece alone."""
         # one copy to the device and one back per pass, not one per piece: on a GPU each copy waits for the device
         sizes = [piece.tokens for piece in pieces]
-        flat = torch.cat([piece.hidden.reshape(-1, self.config.hidden_size) for piece in pieces]).to(self.device, self.dtype)
+        width = self.config.hidden_size
+        flat = torch.cat([piece.hidden.reshape(-1, width) for piece in pieces]).to(self.device, self.dtype)
         hidden = [rows.view(piece.hidden.shape) for rows, piece in zip(flat.split(sizes), pieces)]
         masks = [None if piece.key_mask is None else piece.key_mask.to(self.device) for piece in pieces]
         active: list[int] = []  # pieces in the batch now, in order
@@ -144,7 +145,7 @@ class Span:
             lora = self._rows_lora(index, [pieces[i] for i in active])
             x = self.blocks[index - self.first](x, positions, lora=lora, parts=parts)
         self._unpack(x, active, hidden)
-        flat = torch.cat([h.reshape(-1, self.config.hidden_size) for h in hidden]).cpu()
+        flat = torch.cat([h.reshape(-1, width) for h in hidden]).cpu()
         return [rows.view(piece.hidden.shape).to(piece.hidden.dtype) for rows, piece in zip(flat.split(sizes), pieces)]
 
     @staticmethod
