@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from meadow.home import meadow_home
 from meadow.local_swarm import LocalSwarm, Process, split_evenly
@@ -260,14 +261,19 @@ def run_clients_bench(
             )  # not a daemon: a client starts its own DHT process
             process.start()
             workers.append((process, commands))
+        progress = tqdm(total=len(workers), desc="client processes ready", unit="client")
         try:
             for _ in workers:
                 state, detail = results.get(timeout=600)
                 if state != "ready":
                     raise RuntimeError(f"a client process failed: {detail}")
+                progress.update()
+            progress.close()
+            progress = tqdm(total=len(clients) * repeats, desc="runs", unit="run")
             for n in clients:
                 runs = []
                 for _ in range(repeats):
+                    progress.set_postfix_str(f"{n} clients")
                     cpu = [cpu_seconds([server.popen.pid for server in servers]), cpu_seconds([p.pid for p, _ in workers])]
                     start_at = time.time() + 0.5
                     for _, commands in workers[:n]:
@@ -281,9 +287,11 @@ def run_clients_bench(
                     per_token = [seconds * 1000 / (n * new_tokens) for seconds in cpu]
                     per_client = [new_tokens / (end - start_at) for _, end in timings]
                     runs.append((n * new_tokens / wall, per_client, per_token))
+                    progress.update()
                 aggregate, per_client, per_token = sorted(runs)[len(runs) // 2]  # the median run
                 rows.append((n, aggregate, per_client, per_token))
         finally:
+            progress.close()
             for process, commands in workers:
                 commands.put(None)
             for process, _ in workers:
