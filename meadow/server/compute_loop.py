@@ -30,7 +30,8 @@ INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loo
 # for sixteen (packed weights), so a step that joins a pass costs ~0.4 ms instead of ~4. 4 rather than 2: with 8
 # clients on a 2-core machine, server CPU per token 7.0 -> 5.9 ms, passes per 656 tokens 116 -> 90 (first server);
 # with packed weights, 2 and 1 were no better (8 clients 128 and 116 tokens/s vs 128, 16 clients 142 and 127 vs 146),
-# and none was worse (4096-vocabulary bench model: 8 clients 136 tokens/s vs 170, server CPU per token 9.6 vs 4.7 ms).
+# and not waiting at all was worse (4096-vocabulary bench model: 8 clients 136 tokens/s vs 170, server CPU per token
+# 9.6 vs 4.7 ms).
 # A server on a GPU does not wait: its cores are free and a pass's cost grows with its pieces, so waiting only holds
 # the chain in lock-step (16 cores, H200, 2 servers: 16 clients 277 tokens/s without waiting vs 243 with).
 GATHER_PASSES = 4.0
