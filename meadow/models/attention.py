@@ -113,7 +113,7 @@ def attend(
     plain = key_mask is None and (start == 0 or T == 1) and (sliding_window is None or k.shape[2] <= sliding_window)
     if plain and not eager and T == 1 and gqa:
         # one new token: the query heads that share a kv head go as that head's queries, so no kernel needs GQA (on a
-        # GPU in float32 none that is fast takes it; on a CPU this is ~20% quicker too)
+        # GPU in float32, none of SDPA's fast kernels takes it)
         batch, heads, _, head_dim = q.shape
         folded = q.reshape(batch, k.shape[1], heads // k.shape[1], head_dim)
         return F.scaled_dot_product_attention(folded, k, v, scale=scale).reshape(batch, heads, 1, head_dim)
