@@ -29,7 +29,7 @@ from meadow.client.tuning import RemoteTuning
 from meadow.models import load_blocks, load_config
 from meadow.models.llama import linear_shapes
 from meadow.models.lora import load_peft_adapter
-from meadow.server.compute_loop import ComputeLoop, choose_batch
+from meadow.server.compute_loop import GATHER_PASSES, ComputeLoop, Decoder, choose_batch, gather_until
 from meadow.server.memory import BY_ARRIVAL_EVERY, LINE_PATIENCE, CacheBudget
 from meadow.server.span import Session, Span
 from meadow.server.tuning import TuningInputs
@@ -63,6 +63,23 @@ def test_higher_priority_work_goes_first():
     jobs = [Waiting("a", order) for order in range(5)] + [Waiting("b", 5, priority=1)]
     chosen = choose_batch(jobs, {True: {}, False: {}}, max_decoding_tokens=2, chunk_tokens=256)
     assert chosen[0].peer == "b" and len(chosen) == 2
+
+
+@dataclass
+class Arrived:
+    session: str
+    arrived: float
+
+
+def test_a_new_prompt_waits_for_the_decoding_steps_due_soon_but_a_long_prompts_later_chunks_do_not():
+    # on a CPU server, a prompt run alone would cost a whole pass and hold up the steps that come meanwhile
+    soon, late = Decoder(ended=10.0, interval=0.02), Decoder(ended=10.0, interval=0.5)
+    decoders, now, pass_seconds = {"soon": soon, "late": late}, 10.001, 0.01
+    assert soon.next <= now + GATHER_PASSES * pass_seconds < late.next
+    assert gather_until([Arrived("prompt", now)], decoders, now, pass_seconds) == soon.due  # not the late one
+    assert gather_until([Arrived("prompt", now), Arrived("soon", now)], decoders, now, pass_seconds) <= now  # all in
+    later_chunk = Arrived("prompt", now - 1.0)  # a job keeps its first arrival time: its next chunk runs at once
+    assert gather_until([later_chunk], decoders, now, pass_seconds) <= now
 
 
 def test_prefill_chunks_take_turns_among_peers_while_every_decoding_step_runs_each_pass():

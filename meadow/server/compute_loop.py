@@ -32,6 +32,8 @@ INLINE_SECONDS = 0.002  # decoding passes quicker than this run on the event loo
 # with packed weights, 2 and 1 were no better (8 clients 128 and 116 tokens/s vs 128, 16 clients 142 and 127 vs 146),
 # and not waiting at all was worse (4096-vocabulary bench model: 8 clients 136 tokens/s vs 170, server CPU per token
 # 9.6 vs 4.7 ms).
+# A new prompt waits too (gather_until): run alone, it costs a pass of its own and holds up the steps that arrive
+# meanwhile.
 # A server on a GPU does not wait: its cores are free and a pass's cost grows with its pieces, so waiting only holds
 # the chain in lock-step (16 cores, H200, 2 servers: 16 clients 277 tokens/s without waiting vs 243 with).
 GATHER_PASSES = 4.0
@@ -138,6 +140,24 @@ def choose_batch(
     return chosen
 
 
+class Arrival(Protocol):
+    """What `gather_until` reads of a waiting job."""
+
+    session: Hashable
+    arrived: float
+
+
+def gather_until(waiting: list[Arrival], decoders: dict[Hashable, Decoder], now: float, pass_seconds: float) -> float:
+    """When the next pass should start: once the steps of the decoding sessions due soon have come (or are overdue),
+    and no later than GATHER_PASSES passes' time after the oldest waiting job came. A prefill waits too: run alone,
+    it would cost a whole pass, and the steps that come meanwhile would wait for it (a job's later chunks come with
+    its first arrival time, so a long prompt's chunks never wait)."""
+    queued = {job.session for job in waiting}
+    deadline = min(job.arrived for job in waiting) + GATHER_PASSES * pass_seconds
+    coming = [d.due for s, d in decoders.items() if s not in queued and now < d.due and d.next <= deadline]
+    return min(deadline, max(coming, default=now))
+
+
 class ComputeLoop:
     """Runs every job of this server, batched and in fair turns, on one compute thread."""
 
@@ -233,19 +253,15 @@ class ComputeLoop:
                     self.waiting.append(job)
 
     async def _gather(self) -> None:
-        """Before a pass with decoding steps, wait a little for the steps of other sessions that decode regularly and
-        should send their next step soon: batching them now saves a whole pass later. The wait ends when they are
-        in, when they are overdue, or after GATHER_PASSES passes' time since the oldest waiting step came. (A server
-        shares its cores with its clients: while it waits, they compute the steps it waits for.) Not on a GPU."""
+        """Before a pass, wait a little for the steps of other sessions that decode regularly and should send their
+        next step soon (`gather_until`): batching them now saves a whole pass later. (A server shares its cores with
+        its clients: while it waits, they compute the steps it waits for.) Not on a GPU."""
         loop = asyncio.get_running_loop()
         while True:
-            decoding = [job for job in self.waiting if job.decoding]
-            if not decoding or decoding[0].span.device.type != "cpu":
+            if not self.waiting or self.waiting[0].span.device.type != "cpu":
                 return
-            now, queued = loop.time(), {job.session for job in decoding}
-            deadline = min(job.arrived for job in decoding) + GATHER_PASSES * self.pass_seconds
-            coming = [d.due for s, d in self.decoders.items() if s not in queued and now < d.due and d.next <= deadline]
-            until = min(deadline, max(coming, default=now))
+            now = loop.time()
+            until = gather_until(self.waiting, self.decoders, now, self.pass_seconds)
             if until <= now:
                 return
             self.changed.clear()
