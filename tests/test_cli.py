@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import hivemind
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +24,9 @@ from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm
 from meadow.server.sizing import block_bytes
 from meadow.models import load_config
+from meadow.swarm import dht as dht_module
 from meadow.swarm import dht_prefix_for, fetch_servers, start_dht
+from meadow.swarm.dht import JoinFailed
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +44,56 @@ def test_dht_prints_a_full_loopback_multiaddr(swarm_by_num_blocks):
     swarm, _ = swarm_by_num_blocks
     (maddr,) = swarm.initial_peers
     assert maddr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/Qm" in maddr  # an RSA peer id (see swarm/identity.py)
+
+
+@contextmanager
+def dht_processes_stopped(count: int):
+    """SIGSTOP the first `count` DHT processes that this process starts meanwhile, as soon as they appear (long before
+    they can be ready): a stopped one stands for one that hangs after its fork. Yields the list of those stopped."""
+    before, stopped, done = {p.pid for p in multiprocessing.active_children()}, [], threading.Event()
+
+    def stop_new_ones() -> None:
+        while not done.is_set() and len(stopped) < count:
+            for process in multiprocessing.active_children():
+                if isinstance(process, hivemind.DHT) and process.pid not in before | {p.pid for p in stopped}:
+                    os.kill(process.pid, signal.SIGSTOP)
+                    stopped.append(process)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_new_ones, daemon=True)
+    watcher.start()
+    try:
+        yield stopped
+    finally:
+        done.set()
+        watcher.join()
+
+
+@pytest.mark.timeout(120)
+def test_a_dht_process_that_never_gets_ready_is_killed_and_another_started(swarm_by_num_blocks, monkeypatch, caplog):
+    """hivemind waits for its DHT process to be ready without a timeout, and one forked from a process with threads
+    once hung there for good. A process not ready within READY_TIMEOUT is killed and a second one started; if that
+    one hangs too, JoinFailed says so. None is left behind."""
+    swarm, path = swarm_by_num_blocks
+    monkeypatch.setattr(dht_module, "READY_TIMEOUT", 10.0)
+    with dht_processes_stopped(1) as stopped, caplog.at_level(logging.WARNING, logger="meadow"):
+        dht = start_dht(swarm.initial_peers, client_mode=True)
+    killed = list(stopped)
+    try:
+        assert len(stopped) == 1 and dht.pid != stopped[0].pid
+        assert "not ready within 10 s; starting another" in caplog.text
+        per_block = fetch_servers(dht, dht_prefix_for(str(path)), load_config(path).num_hidden_layers)
+        assert [len(servers) for servers in per_block] == [1] * 6
+    finally:
+        dht.shutdown()
+
+    monkeypatch.setattr(dht_module, "READY_TIMEOUT", 1.0)
+    with dht_processes_stopped(2) as stopped, pytest.raises(JoinFailed, match="not ready within 1 s, twice"):
+        start_dht(swarm.initial_peers, client_mode=True)
+    assert len(stopped) == 2
+    for process in [*killed, *stopped]:
+        process.join(timeout=10)
+        assert process.exitcode == -signal.SIGKILL
 
 
 def test_servers_started_with_num_blocks_cover_the_model(swarm_by_num_blocks):

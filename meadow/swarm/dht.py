@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import hivemind
+import psutil
 from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
 
@@ -43,6 +44,9 @@ def start_shared_memory() -> None:
         SharedBytes.next()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+READY_TIMEOUT = 60.0  # a DHT joins in seconds (p2pd is given 15 s to start); one not ready by then is stuck
 
 
 class JoinFailed(MeadowError):
@@ -85,7 +89,8 @@ def start_dht(
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
         if client_mode:
             kind = type(f"Client{kind.__name__}", (ClientProcess, kind), {})
-        dht = kind(
+        launch = partial(
+            kind,
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,
@@ -99,6 +104,7 @@ def start_dht(
             await_ready=False,
             **extra,
         )
+        dht = launch()
         try:
             if while_joining is not None:
                 while_joining()
@@ -106,7 +112,8 @@ def start_dht(
             dht.shutdown()
             raise
         try:
-            dht.wait_until_ready()  # inside the folder: p2pd may not have read a fresh identity's key before
+            # inside the folder: p2pd may not have read a fresh identity's key before
+            dht = _wait_until_ready(dht, launch)
         except (RuntimeError, P2PDaemonError) as e:  # "none of the initial_peers responded" (hivemind's DHT), or
             # "failed to connect to bootstrap peers" (p2pd, which reached none): say why, if they refused us, and what
             # to check if not
@@ -128,6 +135,36 @@ def start_dht(
     dht.owner_subkey = owner_subkey(key)  # announce writes under it; the DHT process signs with the key it was given
     dht.allowed = allowed  # fetch_servers reads only these peers' records (None: anyone's)
     return dht
+
+
+def _wait_until_ready(dht: hivemind.DHT, launch: Callable[[], hivemind.DHT]) -> hivemind.DHT:
+    """`dht` once it is ready, or, if it is not within READY_TIMEOUT, a second one from `launch` (and the stuck one
+    killed). hivemind waits for a DHT process to be ready without a timeout, and one (forked from our process, threads
+    and all) hung there for good in two of our last four CI runs: its client waited until the test's timeout."""
+    for attempt in (1, 2):
+        try:
+            dht.wait_until_ready(READY_TIMEOUT)
+            return dht
+        except TimeoutError:
+            _kill_process_tree(dht.pid)
+            if attempt == 2:
+                raise JoinFailed(
+                    f"the DHT process was not ready within {READY_TIMEOUT:.0f} s, twice: is this machine overloaded, or "
+                    "does its network drop packets to the initial peers?"
+                ) from None
+            logger.warning(f"the DHT process was not ready within {READY_TIMEOUT:.0f} s; starting another")
+            # the identity's only other holder may be the p2pd just killed, whose peers have not yet seen it go
+            dht = launch(check_if_identity_free=False)
+
+
+def _kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and its children (a stuck DHT and its p2pd): a stopped or deadlocked one ignores SIGTERM."""
+    try:
+        root = psutil.Process(pid)
+        for process in [*root.children(recursive=True), root]:
+            process.kill()
+    except psutil.Error:  # it ended meanwhile
+        pass
 
 
 class ClientProcess:
