@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -89,7 +90,7 @@ def start_dht(
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
         if client_mode:
             kind = type(f"Client{kind.__name__}", (ClientProcess, kind), {})
-        launch = partial(
+        launch = partial(  # forks the DHT's process: start=True
             kind,
             initial_peers=list(initial_peers),
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -104,7 +105,7 @@ def start_dht(
             await_ready=False,
             **extra,
         )
-        dht = launch()
+        dht = _fork(launch)
         try:
             if while_joining is not None:
                 while_joining()
@@ -113,7 +114,7 @@ def start_dht(
             raise
         try:
             # inside the folder: p2pd may not have read a fresh identity's key before
-            dht = _wait_until_ready(dht, launch)
+            _wait_until_ready(dht)
         except (RuntimeError, P2PDaemonError) as e:  # "none of the initial_peers responded" (hivemind's DHT), or
             # "failed to connect to bootstrap peers" (p2pd, which reached none): say why, if they refused us, and what
             # to check if not
@@ -137,28 +138,34 @@ def start_dht(
     return dht
 
 
-def _wait_until_ready(dht: hivemind.DHT, launch: Callable[[], hivemind.DHT]) -> hivemind.DHT:
-    """`dht` once it is ready, or, if it is not within READY_TIMEOUT, a second one from `launch` (and the stuck one
-    killed). hivemind waits for a DHT process to be ready without a timeout, and one (forked from our process, threads
-    and all) hung there for good in two of our last four CI runs: its client waited until the test's timeout."""
-    for attempt in (1, 2):
-        try:
-            dht.wait_until_ready(READY_TIMEOUT)
-            return dht
-        except TimeoutError:
-            _kill_process_tree(dht.pid)
-            if attempt == 2:
-                raise JoinFailed(
-                    f"the DHT process was not ready within {READY_TIMEOUT:.0f} s, twice: is this machine overloaded, or "
-                    "does its network drop packets to the initial peers?"
-                ) from None
-            logger.warning(f"the DHT process was not ready within {READY_TIMEOUT:.0f} s; starting another")
-            # the identity's only other holder may be the p2pd just killed, whose peers have not yet seen it go
-            dht = launch(check_if_identity_free=False)
+def _fork(launch: Callable[[], hivemind.DHT]) -> hivemind.DHT:
+    """The DHT process `launch` forks, with every object of ours frozen meanwhile (gc.freeze, as Python's docs advise
+    before a fork): the child inherits our garbage too, and collecting it there ran its finalizers in a process that
+    does not own it. An abandoned inference session's close, run by the DHT process's first collection, waited forever
+    for servers it could not reach there, so that DHT was never ready. Unfrozen, our objects wait here for the next
+    full collection."""
+    gc.freeze()
+    try:
+        return launch()
+    finally:
+        gc.unfreeze()
+
+
+def _wait_until_ready(dht: hivemind.DHT) -> None:
+    """hivemind waits for its DHT process to be ready without a timeout: one that never is (the hang above) is killed
+    after READY_TIMEOUT, and the user told."""
+    try:
+        dht.wait_until_ready(READY_TIMEOUT)
+    except TimeoutError:
+        _kill_process_tree(dht.pid)
+        raise JoinFailed(
+            f"the DHT process was not ready within {READY_TIMEOUT:.0f} s: is this machine overloaded, or does its "
+            "network drop packets to the initial peers?"
+        ) from None
 
 
 def _kill_process_tree(pid: int) -> None:
-    """SIGKILL a process and its children (a stuck DHT and its p2pd): a stopped or deadlocked one ignores SIGTERM."""
+    """SIGKILL a process and its children (a stuck DHT and its p2pd): a stopped process does not act on SIGTERM."""
     try:
         root = psutil.Process(pid)
         for process in [*root.children(recursive=True), root]:
