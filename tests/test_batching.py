@@ -597,6 +597,7 @@ def test_a_chat_whose_servers_are_full_says_it_waits_and_a_ctrl_c_stops_the_wait
             assert [m["role"] for m in conversation.messages] == ["user", "assistant"] and reply
             assert shown.count("waiting for room") == 1 and shown.index("waiting for room") < shown.index(reply)
         finally:
+            conversation.close()  # its session, as `meadow chat` closes it
             holder.close()
 
 
