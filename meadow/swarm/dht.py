@@ -11,9 +11,10 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import hivemind
 import psutil
@@ -90,22 +91,21 @@ def start_dht(
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
         if client_mode:
             kind = type(f"Client{kind.__name__}", (ClientProcess, kind), {})
-        launch = partial(  # forks the DHT's process: start=True
-            kind,
-            initial_peers=list(initial_peers),
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            client_mode=client_mode,
-            nat_port_map=nat_port_map,
-            identity_path=str(key.path),
-            # a kept identity is checked not to be in use by another peer (the same server started twice); a
-            # fresh one cannot be
-            check_if_identity_free=identity is not None,
-            record_validators=meadow_validators(key, dict(swarms), allowed),
-            start=True,
-            await_ready=False,
-            **extra,
-        )
-        dht = _fork(launch)
+        with _objects_frozen():  # while the DHT's process is forked (start=True)
+            dht = kind(
+                initial_peers=list(initial_peers),
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                client_mode=client_mode,
+                nat_port_map=nat_port_map,
+                identity_path=str(key.path),
+                # a kept identity is checked not to be in use by another peer (the same server started twice); a
+                # fresh one cannot be
+                check_if_identity_free=identity is not None,
+                record_validators=meadow_validators(key, dict(swarms), allowed),
+                start=True,
+                await_ready=False,
+                **extra,
+            )
         try:
             if while_joining is not None:
                 while_joining()
@@ -113,8 +113,7 @@ def start_dht(
             dht.shutdown()
             raise
         try:
-            # inside the folder: p2pd may not have read a fresh identity's key before
-            _wait_until_ready(dht)
+            _wait_until_ready(dht)  # inside the folder: p2pd may not have read a fresh identity's key before
         except (RuntimeError, P2PDaemonError) as e:  # "none of the initial_peers responded" (hivemind's DHT), or
             # "failed to connect to bootstrap peers" (p2pd, which reached none): say why, if they refused us, and what
             # to check if not
@@ -138,15 +137,16 @@ def start_dht(
     return dht
 
 
-def _fork(launch: Callable[[], hivemind.DHT]) -> hivemind.DHT:
-    """The DHT process `launch` forks, with every object of ours frozen meanwhile (gc.freeze, as Python's docs advise
-    before a fork): the child inherits our garbage too, and collecting it there ran its finalizers in a process that
+@contextmanager
+def _objects_frozen() -> Iterator[None]:
+    """Every object of ours frozen (gc.freeze, as Python's docs advise before a fork) while hivemind forks the DHT's
+    process: the child inherits our garbage too, and collecting it there ran its finalizers in a process that
     does not own it. An abandoned inference session's close, run by the DHT process's first collection, waited forever
     for servers it could not reach there, so that DHT was never ready. Unfrozen, our objects wait here for the next
     full collection."""
     gc.freeze()
     try:
-        return launch()
+        yield
     finally:
         gc.unfreeze()
 
