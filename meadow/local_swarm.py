@@ -14,7 +14,7 @@ from pathlib import Path
 from meadow.wire import MeadowError
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL, so no swarm outlives its owner."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
@@ -42,6 +42,8 @@ def split_evenly(num_blocks: int, parts: int) -> list[str]:
 class Process:
     """A `meadow ...` child (or `program ...`) in its own process group; its output is kept and optionally echoed."""
 
+    forked = False  # `meadow ...` forked from a process that has imported its libraries already (`warm_start`)
+
     def __init__(
         self, args: list[str], name: str, echo: bool = False, program: list[str] | None = None, env: dict | None = None
     ):
@@ -49,15 +51,20 @@ class Process:
         # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
         # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.popen = subprocess.Popen(
-            [*(program or [sys.executable, "-m", "meadow"]), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # its own group, so stop() reaches the DHT and p2pd children too
-            preexec_fn=_die_with_parent,
-            env=env,
-        )
+        if program is None and self.forked:
+            from meadow.warm_start import ForkedCommand
+
+            self.popen = ForkedCommand(args, env)
+        else:
+            self.popen = subprocess.Popen(
+                [*(program or [sys.executable, "-m", "meadow"]), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # its own group, so stop() reaches the DHT and p2pd children too
+                preexec_fn=die_with_parent,
+                env=env,
+            )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -6,7 +6,11 @@ import os
 
 import pytest
 
-from meadow.local_swarm import LocalSwarm
+from meadow.local_swarm import LocalSwarm, Process
+
+# the suite starts hundreds of `meadow` processes: forked from a zygote that has imported torch, hivemind and
+# transformers once, each saves those 2-3 CPU seconds (`meadow.warm_start`); what they run is the same
+Process.forked = True
 
 
 def start_swarm(model, spans: list[str], *extra: str, options: dict[str, list[str]] = {}) -> LocalSwarm:
