@@ -52,7 +52,8 @@ def test_a_forked_command_leads_its_own_session_and_ends_with_the_process_that_s
         print(dht.popen.pid, flush=True)
         time.sleep(600)
     """)
-    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
     try:
         pid = int(starter.stdout.readline())
         assert os.getsid(pid) == pid and os.getpgid(pid) == pid  # its own session, whose group it leads
