@@ -27,8 +27,7 @@ import threading
 
 # what the commands import before they work (the zygote imports them once; a child imports only what is left)
 PRELOAD = ["meadow.cli", "meadow.server.server", "meadow.server.handler", "meadow.swarm", "meadow.points.service",
-           "meadow.client.model", "meadow.client.text",
-           "meadow.client.chat", "meadow.api.serve"]  # fmt: skip
+           "meadow.client.model", "meadow.client.text", "meadow.client.chat", "meadow.api.serve"]  # fmt: skip
 MESSAGE_BYTES = 1 << 20
 
 
@@ -105,7 +104,7 @@ os.register_at_fork(after_in_child=_forget_zygote)
 def _the_zygote() -> _Zygote:
     global _zygote
     with _zygote_lock:
-        if _zygote is None or _zygote.owner != os.getpid():
+        if _zygote is None or _zygote.owner != os.getpid() or _zygote.gone:  # none yet, not ours, or it died
             _zygote = _Zygote()
         return _zygote
 
@@ -117,11 +116,14 @@ class ForkedCommand:
     def __init__(self, args: list[str], env: dict[str, str]):
         self.args, self.returncode, self._zygote = args, None, _the_zygote()
         reader, writer = os.pipe()
+        self.stdout = open(reader, encoding="utf-8", errors="replace")
         try:
             self.pid = self._zygote.start(args, env, writer)
+        except BaseException:
+            self.stdout.close()
+            raise
         finally:
             os.close(writer)
-        self.stdout = open(reader, encoding="utf-8", errors="replace")
 
     def poll(self) -> int | None:
         if self.returncode is None:
