@@ -66,3 +66,22 @@ def test_a_forked_command_leads_its_own_session_and_ends_with_the_process_that_s
     finally:
         os.killpg(starter.pid, signal.SIGKILL)  # the starter's own child, and the zygote if it is still there
         starter.wait()
+
+
+def test_a_zygote_that_died_is_replaced_and_its_commands_end_with_it():
+    """Killed (out of memory, say), the zygote takes its commands with it, and the next command gets a new one."""
+    from meadow import warm_start
+
+    dht = ForkedCommand(["dht", "--host", "127.0.0.1"], dict(os.environ))
+    assert dht.stdout.readline().startswith("/ip4/")
+    zygote = warm_start._the_zygote()
+    zygote.process.kill()
+    zygote.process.wait()
+    assert dht.wait(HANG) == -signal.SIGTERM  # what it got; the zygote could no longer tell how it ended
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline and group_members(dht.pid):
+        time.sleep(0.1)
+    assert not group_members(dht.pid), group_members(dht.pid)
+    again = ForkedCommand(["--help"], dict(os.environ))
+    assert again.wait(60) == 0 and "usage" in again.stdout.read()
+    assert warm_start._the_zygote() is not zygote
