@@ -172,8 +172,8 @@ def _serve_forks(control: socket.socket) -> dict:
                     os.close(fd)
                 control.close()
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else signal.default_int_handler)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own: KeyboardInterrupt
                 for fd in (1, 2):
                     os.dup2(fds[0], fd)
                 os.close(fds[0])
