@@ -3,6 +3,10 @@ Every result is compared with transformers running the same checkpoint locally."
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,3 +95,35 @@ def test_sampling_with_a_seed_matches_local(swarm_and_models):
     torch.manual_seed(7)
     got = distributed.generate(**inputs, **kwargs)
     assert torch.equal(got, expected)
+
+
+def test_a_session_is_closed_only_by_the_process_that_opened_it(swarm_and_models):
+    """A child forked mid-session (a fork-based DataLoader's worker, say) that closes its copy, as its garbage collector
+    would, ends at once and leaves the session alone: the streams are the parent's, whose generation goes on."""
+    distributed, local, tokenizer = swarm_and_models
+    input_ids = tokenizer("Forked", return_tensors="pt")["input_ids"]
+    expected = local.generate(local.generate(input_ids, max_new_tokens=4, do_sample=False), max_new_tokens=4,
+                              do_sample=False)  # fmt: skip
+    with distributed.inference_session(max_length=32) as session:
+        ids = distributed.generate(input_ids, max_new_tokens=4, do_sample=False)
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                session.close()
+                code = 0
+            finally:
+                os._exit(code)
+        status, deadline = None, time.monotonic() + 20
+        while status is None and time.monotonic() < deadline:
+            pid, code = os.waitpid(child, os.WNOHANG)
+            if pid:
+                status = os.waitstatus_to_exitcode(code)
+            else:
+                time.sleep(0.05)
+        if status is None:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        assert status == 0, "the child's close of the session it inherited hung" if status is None else status
+        ids = distributed.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ids, expected)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import statistics
 import threading
 import time
@@ -134,6 +135,7 @@ class InferenceSession:
         # keeps our place in full servers' lines for room, from try to try: one session, one place at each server
         self.ticket = uuid.uuid4().hex
         self.waiting_at: set[PeerID] = set()  # full servers that keep a place for our ticket in their lines
+        self.owner = os.getpid()  # the process whose event loop holds the session's streams
 
     @property
     def hops(self) -> list[Hop]:
@@ -368,6 +370,12 @@ class InferenceSession:
         self.waiting_at.clear()
 
     def close(self) -> None:
+        if os.getpid() != self.owner:
+            # a copy in a child forked from the owner (a fork-based DataLoader's worker, say, whose garbage collector
+            # finalizes what it inherited): the streams are the owner's, and closing them from here would wait
+            # forever or end the owner's session; the owner closes it, or the servers drop it when it falls idle
+            self.segments = None
+            return
         self._leave_lines()
         if self.segments is not None:
             for segment in self.segments:
