@@ -1,6 +1,7 @@
 """`meadow dht` and `meadow serve` stop for good, whichever way they are stopped: SIGINT or SIGTERM, sent to the main
 process or to its whole process group (as `kill -- -PGID`, supervisors and systemd do). No process of the group
-(hivemind's DHT process, the p2pd daemons) survives. A client's close() ends its own DHT process and p2pd."""
+(hivemind's DHT process, the p2pd daemons) survives. A client's close() ends its own DHT process and p2pd. And a
+node or server whose DHT process died says so and exits."""
 
 from __future__ import annotations
 
@@ -51,10 +52,10 @@ def assert_group_ends(process: Process, pgid: int) -> None:
 WAYS = [(sig, target) for sig in (signal.SIGINT, signal.SIGTERM) for target in ("main", "group")]
 
 
-def start(command: str, initial_peers: list[str], model: Path) -> Process:
+def start(command: str, initial_peers: list[str], model: Path, *extra: str) -> Process:
     if command == "dht":
         return Process(["dht", "--initial-peers", *initial_peers], "dht")
-    args = ["serve", str(model), "--initial-peers", *initial_peers, "--blocks", "0:2", "--throughput", "100"]
+    args = ["serve", str(model), "--initial-peers", *initial_peers, "--blocks", "0:2", "--throughput", "100", *extra]
     return Process(args, "serve")
 
 
@@ -204,3 +205,29 @@ def test_a_stop_signal_while_torch_starts_its_shared_memory_manager_is_handled_a
     result = subprocess.run([sys.executable, "-c", SIGNALS_DURING_SHARED_MEMORY_START], capture_output=True,
                             text=True, timeout=HANG)  # fmt: skip
     assert result.returncode == 0 and result.stdout.split() == ["started"], result.stderr[-2000:]
+
+
+def dht_process_of(pid: int) -> int:
+    """The DHT process hivemind forked from `pid` (a child running Python, not its torch_shm_manager)."""
+    for child in descendants(pid):
+        stat = Path(f"/proc/{child}/stat").read_text()
+        name, parent = stat[stat.index("(") + 1 : stat.rindex(")")], int(stat[stat.rindex(")") + 2 :].split()[1])
+        if parent == pid and name.startswith("python"):
+            return child
+    raise AssertionError(f"no DHT process under {pid}")
+
+
+@pytest.mark.parametrize("command", ["dht", "serve"])
+def test_a_process_whose_dht_process_died_says_so_and_exits_with_its_group(command, started):
+    """Its DHT process killed (out of memory, say), a node or server can no longer be found in the swarm: it says so
+    and exits, rather than living on unseen."""
+    _, initial_peers, model = started
+    process = start(command, initial_peers, model, "--update-period", "1")
+    try:
+        wait_ready(process)
+        os.kill(dht_process_of(process.popen.pid), signal.SIGKILL)
+        assert process.popen.wait(HANG) == 1, "\n".join(process.lines[-20:])
+        assert f"meadow {command}: error: the DHT process ended (exit code -9)" in process.lines[-1], process.lines[-5:]
+        assert_group_ends(process, process.popen.pid)
+    finally:
+        process.stop(timeout=1)

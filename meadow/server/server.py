@@ -30,6 +30,7 @@ from meadow.stopping import exit_now, on_stop_signals
 from meadow.swarm import (
     ModelInfo, ServerInfo, ServerState, announce, announce_ledger, dht_prefix_for, fetch_servers, model_name, start_dht,
 )  # fmt: skip
+from meadow.swarm.dht import check_dht_alive
 from meadow.swarm.records import MAX_SPEED
 from meadow.wire import BlockRange
 
@@ -332,6 +333,7 @@ class Server:
                 pass
             if stop.is_set():
                 break
+            check_dht_alive(self.dht)
             if loop.time() >= next_check:
                 moved = await self._balance()
                 # a server that just moved sits out one more period: the swarm's view of it needs time to settle

@@ -56,6 +56,18 @@ class JoinFailed(MeadowError):
     identity in use by another peer, say)."""
 
 
+class DHTProcessDied(MeadowError):
+    """A command's DHT process ended under it (killed, out of memory): nobody can find the command in the swarm."""
+
+
+def check_dht_alive(dht: hivemind.DHT) -> None:
+    """Raise DHTProcessDied if `dht`'s process has ended: a server or node that lived on without it would be unseen,
+    its calls into the DHT failing or never returning."""
+    if not dht.is_alive():
+        raise DHTProcessDied(f"the DHT process ended (exit code {dht.exitcode}): nobody can find this process in the "
+                             "swarm any more, so it stops")  # fmt: skip
+
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
@@ -314,6 +326,7 @@ def serve_dht_node(
         print(f"Others join with --initial-peers {maddrs[0]}, or after export MEADOW_INITIAL_PEERS={maddrs[0]}",
               file=sys.stderr, flush=True)  # fmt: skip
         while not stop:
+            check_dht_alive(dht)
             time.sleep(0.2)
     finally:
         dht.shutdown()
