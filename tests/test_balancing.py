@@ -108,7 +108,9 @@ def test_a_gap_left_by_a_killed_server_is_filled(swarm):
         now = online_spans(dht, path)
         if victim_peer not in now and any(start <= gap[0] and gap[1] <= end for start, end in now.values()):
             break
-        assert time.monotonic() - killed < 60, f"blocks {gap} still uncovered 60 s after the kill: {now}"
+        assert time.monotonic() - killed < 60, f"blocks {gap} still uncovered 60 s after the kill: {now}\n" + "\n".join(
+            f"exit code {server.popen.poll()}, last lines {server.lines[-3:]}" for server in swarm.servers
+        )  # a swarm gone silent: what its servers said last
         time.sleep(0.25)
     print(f"blocks {gap[0]}:{gap[1]} served again {time.monotonic() - killed:.1f} s after their only server was killed")
     assert sum(count(server, "Moving from") for server in swarm.servers) > moves  # filled by a move, not by chance
