@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -209,12 +210,9 @@ def test_a_stop_signal_while_torch_starts_its_shared_memory_manager_is_handled_a
 
 def dht_process_of(pid: int) -> int:
     """The DHT process hivemind forked from `pid` (a child running Python, not its torch_shm_manager)."""
-    for child in descendants(pid):
-        stat = Path(f"/proc/{child}/stat").read_text()
-        name, parent = stat[stat.index("(") + 1 : stat.rindex(")")], int(stat[stat.rindex(")") + 2 :].split()[1])
-        if parent == pid and name.startswith("python"):
-            return child
-    raise AssertionError(f"no DHT process under {pid}")
+    found = [child.pid for child in psutil.Process(pid).children() if child.name().startswith("python")]
+    assert len(found) == 1, f"not one DHT process under {pid}: {found}"
+    return found[0]
 
 
 @pytest.mark.parametrize("command", ["dht", "serve"])
