@@ -2,9 +2,10 @@
 
 Cheating servers are the real server started by tests/tampering_server.py with its outputs tampered (noise added by
 its blocks; a NaN, or a token missing, in what it sends). Honest servers of the same blocks announce a low speed
-(--throughput 1: routing takes a step through a span of theirs for 1 s, against a few ms measured), so routing takes
-the cheaters first: what the client then returns equals the model run locally. The model has 24 blocks so that the
-speeds, not the first pings' round trips (up to 0.5 s on a loaded machine), decide the route.
+(SLOW: routing takes a step through a span of theirs for 120 s, against a few ms measured), so routing takes the
+cheaters first: what the client then returns equals the model run locally. That is more than a server whose ping
+failed costs (routing.UNREACHABLE_RTT), so neither a slow first ping on a loaded machine nor a failed one sends the
+client to an honest server first (with 1 s announced, one clean-clone run of the suite started on the honest one).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
+from meadow.client.routing import UNREACHABLE_RTT
 from meadow.client.transport import BadReply, check_reply, is_server_failure
 from meadow.client.verify import WrongOutputs, disagreement, tolerance
 from meadow.local_swarm import LocalSwarm
@@ -31,7 +33,7 @@ from meadow.models.default import default_model_path
 
 NEW_TOKENS = 12
 TAMPERING_SERVER = str(Path(__file__).with_name("tampering_server.py"))
-SLOW = ("--throughput", "1")  # announced, not measured: routing prefers the measured (fast) cheaters
+SLOW = ("--throughput", str(1 / (2 * UNREACHABLE_RTT)))  # announced: routing prefers the measured (fast) cheaters
 
 
 def start(model, servers: list[tuple[str, str | None, tuple[str, ...]]]) -> LocalSwarm:
