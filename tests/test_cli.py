@@ -175,6 +175,23 @@ def test_a_number_an_option_cannot_mean_is_a_usage_error(argv, said, capsys):
     assert getattr(build_parser().parse_args([argv[0], option, str(default)]), option[2:].replace("-", "_")) == default
 
 
+@pytest.mark.parametrize("argv, user_policy, spins", [
+    (["chat", "--help"], None, False),
+    (["-v", "api", "--help"], None, False),
+    (["chat", "--help"], "ACTIVE", True),  # the user's own setting wins
+    (["serve", "--help"], None, True),
+])  # fmt: skip
+def test_client_commands_let_openmp_threads_wait_without_spinning(argv, user_policy, spins):
+    """What OpenMP itself read as torch loaded it (OMP_DISPLAY_ENV): a spin count of 0 is a passive wait. Run as the
+    user runs it: the installed `meadow` script, with the environment of a shell that set nothing."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OMP_", "GOMP_"))}
+    env.update({"OMP_DISPLAY_ENV": "VERBOSE", **({"OMP_WAIT_POLICY": user_policy} if user_policy else {})})
+    done = subprocess.run([Path(sys.executable).with_name("meadow"), *argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (spin_count,) = [line.split("=")[1].strip(" '") for line in done.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
+    assert (int(spin_count) > 0) == spins
+
+
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
     swarm, _ = swarm_by_num_blocks
     roots = {process.popen.pid for process in [swarm.dht, *swarm.servers]}
