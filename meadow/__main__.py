@@ -6,8 +6,9 @@ import sys
 # A client spends most of each token waiting for the swarm, and OpenMP's default makes torch's threads spin after each
 # product meanwhile, on cores its servers may share. `benchmarks/client_wait.py` (one client beside its servers, 2
 # cores): waiting passively, the client took 36% less CPU per token and generated 5-10% faster. A server keeps the
-# default: its threads soon have the next step's products to run.
-CLIENT_COMMANDS = ("generate", "chat", "api", "demo")
+# default: its threads soon have the next step's products to run. `meadow bench` runs clients too, and its local run,
+# which it compares them with, under the same setting.
+CLIENT_COMMANDS = ("generate", "chat", "api", "demo", "bench")
 
 
 def command_name(argv: list[str]) -> str | None:
