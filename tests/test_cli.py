@@ -175,21 +175,27 @@ def test_a_number_an_option_cannot_mean_is_a_usage_error(argv, said, capsys):
     assert getattr(build_parser().parse_args([argv[0], option, str(default)]), option[2:].replace("-", "_")) == default
 
 
-@pytest.mark.parametrize("argv, user_policy, spins", [
-    (["chat", "--help"], None, False),
-    (["-v", "api", "--help"], None, False),
-    (["chat", "--help"], "ACTIVE", True),  # the user's own setting wins
-    (["serve", "--help"], None, True),
-])  # fmt: skip
-def test_client_commands_let_openmp_threads_wait_without_spinning(argv, user_policy, spins):
+def test_client_commands_let_openmp_threads_wait_without_spinning():
     """What OpenMP itself read as torch loaded it (OMP_DISPLAY_ENV): a spin count of 0 is a passive wait. Run as the
-    user runs it: the installed `meadow` script, with the environment of a shell that set nothing."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OMP_", "GOMP_"))}
-    env.update({"OMP_DISPLAY_ENV": "VERBOSE", **({"OMP_WAIT_POLICY": user_policy} if user_policy else {})})
-    done = subprocess.run([Path(sys.executable).with_name("meadow"), *argv], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    (spin_count,) = [line.split("=")[1].strip(" '") for line in done.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
-    assert (int(spin_count) > 0) == spins
+    user runs it: the installed `meadow` script, with the environment of a shell that set nothing (or the user's
+    own OMP_WAIT_POLICY, which wins). The runs go at once: each imports torch for seconds."""
+    cases = [  # argv, the user's own policy, whether OpenMP then spins
+        (["chat", "--help"], None, False),
+        (["-v", "api", "--help"], None, False),
+        (["chat", "--help"], "ACTIVE", True),
+        (["serve", "--help"], None, True),
+    ]
+    shell = {key: value for key, value in os.environ.items() if not key.startswith(("OMP_", "GOMP_"))}
+    runs = []
+    for argv, policy, _ in cases:
+        env = {**shell, "OMP_DISPLAY_ENV": "VERBOSE", **({"OMP_WAIT_POLICY": policy} if policy else {})}
+        argv = [Path(sys.executable).with_name("meadow"), *argv]
+        runs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for (argv, policy, spins), run in zip(cases, runs):
+        err = run.communicate(timeout=120)[1]
+        assert run.returncode == 0, err
+        (spin_count,) = [line.split("=")[1].strip(" '") for line in err.splitlines() if "GOMP_SPINCOUNT" in line]
+        assert (int(spin_count) > 0) == spins, (argv, policy, spin_count)
 
 
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
