@@ -7,6 +7,7 @@ import copy
 import multiprocessing
 import os
 import resource
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ from meadow.wire import default_wire
 
 BENCH_MODEL_DIR = meadow_home() / "bench-llama-100m"
 PREFILL_BATCH, PREFILL_LENGTH = 8, 128
+GENERATION_ROUNDS = 5  # swarm and local generation, timed one after the other this many times: medians are printed
 
 
 def default_bench_model() -> Path:
@@ -88,15 +90,21 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, new_tokens: int, vocab_size: int, generated: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Generation tokens/s, prefill and training-step seconds; `generated` is called after the generations."""
-    prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
-    prompt, prefill = prompt.to(model.device), prefill.to(model.device)  # a local model on a GPU takes its inputs there
+def generation_seconds(model, new_tokens: int, vocab_size: int, repeats: int = 3) -> float:
+    """Seconds to generate `new_tokens` greedy tokens after a 16-token prompt (the mean of `repeats`, after a warm-up)."""
+    prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(model.device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
-        generate_time = timed(lambda: model.generate(prompt, **kwargs), repeats=3)
-        generated()
+        return timed(lambda: model.generate(prompt, **kwargs), repeats)
+
+
+def measure(model, new_tokens: int, vocab_size: int, generated: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Generation tokens/s, prefill and training-step seconds; `generated` is called after the generations."""
+    prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
+    prefill = prefill.to(model.device)  # a local model on a GPU takes its inputs there
+    generate_time = generation_seconds(model, new_tokens, vocab_size)
+    generated()
+    with torch.no_grad():
         prefill_time = timed(lambda: model(prefill), repeats=3)
     model.requires_grad_(False)  # frozen weights, as on the servers; the gradient flows to the input embeddings
 
@@ -147,19 +155,26 @@ def bench(
         remote = measure(distributed, new_tokens, config.vocab_size, generated)
         client_peak = peak_rss_mib()
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
+        figures = dict(model=model, blocks=blocks, spans=spans, remote=remote, client_peak=client_peak,
+                       server_peaks=server_peaks, generation_peaks=generation_peaks, generation_rss=generation_rss)  # fmt: skip
+        if local:
+            local_model = load_reference_model(model, dtype=getattr(torch, dtype))
+            params = sum(p.numel() for p in local_model.parameters()) / 1e6
+            layers = local_model.get_submodule(family_of(config).layer_module_prefix(0).removesuffix(".0."))
+            for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as they are
+                pack_block(quantize_block(layer, quant, device))
+            local_model.to(device)
+            figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
+            # generation once more, in rounds that time the swarm and the local model one after the other: a slow spell
+            # of the machine (the local run alone has varied 37-51 tokens/s between runs here) then slows both alike
+            rounds = [
+                [generation_seconds(m, new_tokens, config.vocab_size, repeats=1) for m in (distributed, local_model)]
+                for _ in range(GENERATION_ROUNDS)
+            ]  # fmt: skip
+            remote["tokens_per_s"] = new_tokens / statistics.median(swarm for swarm, _ in rounds)
+            figures["local"]["tokens_per_s"] = new_tokens / statistics.median(alone for _, alone in rounds)
+            figures["generation_ratios"] = sorted(alone / swarm for swarm, alone in rounds)
         distributed.sequence.close()
-    figures = dict(model=model, blocks=blocks, spans=spans, remote=remote, client_peak=client_peak,
-                   server_peaks=server_peaks, generation_peaks=generation_peaks, generation_rss=generation_rss)  # fmt: skip
-    if not local:
-        return figures
-
-    local_model = load_reference_model(model, dtype=getattr(torch, dtype))
-    params = sum(p.numel() for p in local_model.parameters()) / 1e6
-    layers = local_model.get_submodule(family_of(config).layer_module_prefix(0).removesuffix(".0."))  # model.layers...
-    for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as they are
-        pack_block(quantize_block(layer, quant, device))
-    local_model.to(device)
-    figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
     return figures
 
 
@@ -177,8 +192,10 @@ def run_bench(
           f"{num_servers} servers (spans {', '.join(spans)})")  # fmt: skip
     print("| measure | local | swarm | swarm/local |")
     print("|---|---|---|---|")
-    print(f"| generation, tokens/s (batch 1, {new_tokens} new) | {local['tokens_per_s']:.1f} | {remote['tokens_per_s']:.1f} "
-          f"| {remote['tokens_per_s'] / local['tokens_per_s']:.2f}x |")  # fmt: skip
+    ratios = figures["generation_ratios"]
+    print(f"| generation, tokens/s (batch 1, {new_tokens} new; medians of {len(ratios)} rounds, ratio's range) "
+          f"| {local['tokens_per_s']:.1f} | {remote['tokens_per_s']:.1f} "
+          f"| {statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) |")  # fmt: skip
     print(f"| prefill {PREFILL_BATCH}x{PREFILL_LENGTH}, s | {local['prefill_s']:.3f} | {remote['prefill_s']:.3f} "
           f"| {remote['prefill_s'] / local['prefill_s']:.2f}x |")  # fmt: skip
     print(f"| training step {PREFILL_BATCH}x{PREFILL_LENGTH} (forward + backward), s | {local['train_s']:.3f} "
