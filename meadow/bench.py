@@ -91,7 +91,7 @@ def synchronize() -> None:
 
 
 def generation_seconds(model, new_tokens: int, vocab_size: int, repeats: int = 3) -> float:
-    """Seconds to generate `new_tokens` greedy tokens after a 16-token prompt (the mean of `repeats`, after a warm-up)."""
+    """Seconds to generate `new_tokens` greedy tokens after a 16-token prompt: mean of `repeats`, after a warm-up."""
     prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(model.device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
@@ -155,13 +155,15 @@ def bench(
         remote = measure(distributed, new_tokens, config.vocab_size, generated)
         client_peak = peak_rss_mib()
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
-        figures = dict(model=model, blocks=blocks, spans=spans, remote=remote, client_peak=client_peak,
-                       server_peaks=server_peaks, generation_peaks=generation_peaks, generation_rss=generation_rss)  # fmt: skip
+        figures = dict(
+            model=model, blocks=blocks, spans=spans, remote=remote, client_peak=client_peak, server_peaks=server_peaks,
+            generation_peaks=generation_peaks, generation_rss=generation_rss,
+        )  # fmt: skip
         if local:
             local_model = load_reference_model(model, dtype=getattr(torch, dtype))
             params = sum(p.numel() for p in local_model.parameters()) / 1e6
             layers = local_model.get_submodule(family_of(config).layer_module_prefix(0).removesuffix(".0."))
-            for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as they are
+            for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as is
                 pack_block(quantize_block(layer, quant, device))
             local_model.to(device)
             figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
