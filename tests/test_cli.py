@@ -325,6 +325,23 @@ def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path):
     assert "gpt2" in result.stderr and "llama" in result.stderr and "qwen2" in result.stderr
 
 
+def test_bench_prints_swarm_against_local_with_generation_timed_in_rounds(checkpoints):
+    """`meadow bench`: its table of local and swarm figures; generation's ratio is the median of its rounds, with
+    their range."""
+    path = checkpoints("llama", num_layers=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "meadow", "bench", str(path), "--servers", "2", "--new-tokens", "3"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if line[:2] == "| "}
+    local, swarm, ratio = rows["generation, tokens/s (batch 1, 3 new; medians of 5 rounds, ratio's range)"]
+    median, low, high = (float(x) for x in ratio.replace("x", "").replace("(", "-").replace(")", "").split("-"))
+    assert float(local) > 0 and float(swarm) > 0 and 0 < low <= median <= high
+    assert {"prefill 8x128, s", "training step 8x128 (forward + backward), s"} <= set(rows)
+    assert "peak memory: client" in result.stdout
+
+
 def test_bench_clients_prints_one_row_per_number_of_clients(checkpoints):
     """`meadow bench --clients`: N client processes at once against its own swarm, a table row for each N."""
     path = checkpoints("llama", num_layers=6)
