@@ -334,7 +334,8 @@ def test_bench_prints_swarm_against_local_with_generation_timed_in_rounds(checkp
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if line[:2] == "| "}
+    table = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows = {row[0].strip(): row[1:] for row in table}
     local, swarm, ratio = rows["generation, tokens/s (batch 1, 3 new; medians of 5 rounds, ratio's range)"]
     median, low, high = (float(x) for x in ratio.replace("x", "").replace("(", "-").replace(")", "").split("-"))
     assert float(local) > 0 and float(swarm) > 0 and 0 < low <= median <= high
