@@ -229,3 +229,20 @@ def test_a_process_whose_dht_process_died_says_so_and_exits_with_its_group(comma
         assert_group_ends(process, process.popen.pid)
     finally:
         process.stop(timeout=1)
+
+
+@pytest.mark.parametrize("command", ["dht", "serve"])
+def test_a_process_whose_dht_process_hangs_still_obeys_its_stop(command, started):
+    """Its DHT process stopped (SIGSTOP: alive, but it never answers), a node or server still stops on SIGTERM, and its
+    DHT process goes with it. The server had an announcement under way (every second), which never returns."""
+    _, initial_peers, model = started
+    process = start(command, initial_peers, model, "--update-period", "1")
+    try:
+        wait_ready(process)
+        os.kill(dht_process_of(process.popen.pid), signal.SIGSTOP)
+        time.sleep(2.5)  # an announcement begins meanwhile, and hangs
+        process.popen.send_signal(signal.SIGTERM)
+        assert process.popen.wait(HANG) == 0, "\n".join(process.lines[-20:])
+        assert_group_ends(process, process.popen.pid)
+    finally:
+        process.stop(timeout=1)

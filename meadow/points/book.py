@@ -16,6 +16,7 @@ from meadow.points.rpc import fetch_ledger
 from meadow.points.standing import points
 from meadow.points.verify import LedgerReport, verify_ledger
 from meadow.swarm import fetch_ledgers
+from meadow.swarm.dht import call_dht
 from meadow.swarm.records import LedgerHead
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class PointsBook:
     async def refresh(self, dht: hivemind.DHT, p2p: P2P, local: Ledger | None = None) -> None:
         """Fetch and verify every ledger announced in the DHT (`local`: our own server's, read from disk instead),
         then recompute points. A ledger found valid before is fetched and checked from where that check ended."""
-        heads = await asyncio.get_running_loop().run_in_executor(None, fetch_ledgers, dht)
+        heads = await call_dht(fetch_ledgers, dht)
         reports = await asyncio.gather(*(self._check(p2p, peer, head, local) for peer, head in heads.items()))
         self.update({report.server: report for report in reports})
 

@@ -30,7 +30,7 @@ from meadow.stopping import exit_now, on_stop_signals
 from meadow.swarm import (
     ModelInfo, ServerInfo, ServerState, announce, announce_ledger, dht_prefix_for, fetch_servers, model_name, start_dht,
 )  # fmt: skip
-from meadow.swarm.dht import check_dht_alive
+from meadow.swarm.dht import call_dht, check_dht_alive, shut_down_dht
 from meadow.swarm.records import MAX_SPEED
 from meadow.wire import BlockRange
 
@@ -55,6 +55,20 @@ def points_summary(points: dict[str, float], me: str, shown: int = 10) -> str:
     top += [me] if me in points and me not in top else []
     more = f", and {len(points) - len(top)} more" if len(points) > len(top) else ""
     return ", ".join(f"{peer} {points[peer]:.6g}" for peer in top) + more
+
+
+async def unless_stopped(work: asyncio.Future, stop: asyncio.Event) -> bool:
+    """Wait for `work` or for `stop`, whichever comes first; True if `work` is done, else it is cancelled. A server
+    must obey its stop even while a call into its DHT process hangs (stopped, stuck), which never returns."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not work.done():
+        work.cancel()
+        return False
+    return True
 
 
 class BadServerConfig(ValueError):
@@ -183,7 +197,7 @@ class Server:
             if self.span_range is not None:
                 await self._announce_offline()
             await self.handler.sessions_told(timeout=1.0)
-            self.dht.shutdown()
+            shut_down_dht(self.dht)
             if self.handler.points is not None:
                 self.handler.points.ledger.close()
             self.claims.release()
@@ -210,9 +224,7 @@ class Server:
             await asyncio.sleep(self.config.points_period)
             try:
                 head = await asyncio.get_running_loop().run_in_executor(None, service.ledger.head)
-                await asyncio.get_running_loop().run_in_executor(
-                    None, announce_ledger, self.dht, head, 3 * self.config.update_period
-                )  # fmt: skip
+                await call_dht(announce_ledger, self.dht, head, 3 * self.config.update_period)
                 before = dict(service.book.points)
                 await service.book.refresh(self.dht, p2p, local=service.ledger)
                 if service.book.points != before:  # a line when something changed, for operators and tests
@@ -335,16 +347,20 @@ class Server:
                 break
             check_dht_alive(self.dht)
             if loop.time() >= next_check:
-                moved = await self._balance()
+                balancing = asyncio.ensure_future(self._balance())
+                if not await unless_stopped(balancing, stop):
+                    break
+                moved = balancing.result()
                 # a server that just moved sits out one more period: the swarm's view of it needs time to settle
                 next_check = loop.time() + self._balance_wait() + (config.balance_period if moved else 0.0)
                 if moved:
                     next_announce = loop.time() + config.update_period
             if loop.time() >= next_announce:
-                try:
-                    await self._announce()
-                except Exception as e:  # the record lives 3 periods: the next announcement may still make it
-                    logger.warning(f"could not announce: {e!r}")
+                announcing = asyncio.ensure_future(self._announce())
+                if not await unless_stopped(announcing, stop):
+                    break
+                if announcing.exception() is not None:  # the record lives 3 periods: the next one may still make it
+                    logger.warning(f"could not announce: {announcing.exception()!r}")
                 next_announce = loop.time() + config.update_period
 
     def _balance_wait(self) -> float:
@@ -353,9 +369,9 @@ class Server:
 
     async def _balance(self) -> bool:
         """One balance check: move if the swarm needs this server elsewhere. True if it moved."""
-        total, loop = self.model_config.num_hidden_layers, asyncio.get_running_loop()
+        total = self.model_config.num_hidden_layers
         try:
-            per_block = await loop.run_in_executor(None, fetch_servers, self.dht, self.dht_prefix, total)
+            per_block = await call_dht(fetch_servers, self.dht, self.dht_prefix, total)
         except Exception as e:  # a DHT hiccup: keep serving where we are, look again next time
             logger.warning(f"balance check skipped: could not read the swarm ({e!r})")
             return False
@@ -429,7 +445,7 @@ class Server:
         model = ModelInfo(  # for monitors
             dht_prefix=self.dht_prefix, num_blocks=self.model_config.num_hidden_layers, name=model_name(self.model_path)
         )
-        await asyncio.get_running_loop().run_in_executor(None, announce, self.dht, self.dht_prefix, info, expiration, model)
+        await call_dht(announce, self.dht, self.dht_prefix, info, expiration, model)
         if self.handler.points is not None:
             head = await asyncio.get_running_loop().run_in_executor(None, self.handler.points.ledger.head)
-            await asyncio.get_running_loop().run_in_executor(None, announce_ledger, self.dht, head, expiration)
+            await call_dht(announce_ledger, self.dht, head, expiration)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -66,6 +67,41 @@ def check_dht_alive(dht: hivemind.DHT) -> None:
     if not dht.is_alive():
         raise DHTProcessDied(f"the DHT process ended (exit code {dht.exitcode}): nobody can find this process in the "
                              "swarm any more, so it stops")  # fmt: skip
+
+
+async def call_dht(fn: Callable, *args):
+    """`fn(*args)`, a blocking call into a DHT process, awaited from an event loop, in a daemon thread of its own. A
+    DHT process that hangs (stopped, stuck) never answers, and the thread left waiting must not keep its process from
+    exiting: asyncio.run joins its executor's threads at the end, and so does a normal exit."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error: BaseException | None) -> None:
+        if not future.done():  # (cancelled: nobody waits any more)
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def call() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the process is leaving
+            pass
+
+    threading.Thread(target=call, name=f"meadow-dht-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+def shut_down_dht(dht: hivemind.DHT) -> None:
+    """Ask the DHT process to leave. One that does not (stopped, or stuck) is killed: hivemind then only sends it a
+    SIGTERM, which a stopped process never acts on, and our exit would wait for it forever (multiprocessing joins
+    its children)."""
+    dht.shutdown()
+    if dht.is_alive():
+        dht.kill()
+        dht.join(5)
 
 
 def start_dht(
@@ -329,4 +365,4 @@ def serve_dht_node(
             check_dht_alive(dht)
             time.sleep(0.2)
     finally:
-        dht.shutdown()
+        shut_down_dht(dht)
