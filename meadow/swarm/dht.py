@@ -77,8 +77,12 @@ async def call_dht(fn: Callable, *args):
     future = loop.create_future()
 
     def settle(result, error: BaseException | None) -> None:
-        if not future.done():  # (cancelled: nobody waits any more)
-            future.set_result(result) if error is None else future.set_exception(error)
+        if future.done():  # cancelled: nobody waits any more
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
     def call() -> None:
         try:
