@@ -10,14 +10,18 @@ command line as `ps` shows it (the zygote's): its own session and process group,
 it was given, its output (stdout and stderr together) on a pipe, and its exit code, which the zygote reports.
 
 Python's `multiprocessing` fork server does much of this, but it runs the parent's main script again in the child and
-wraps the exit; a command must start as a fresh `meadow` process does.
+wraps the exit; a command must start as a fresh `meadow` process does. So a child also gets multiprocessing locks of
+its own for those that hivemind makes as it is imported: forked, they would be shared by every command, and one command
+killed while holding one (a DHT process stopped in the middle of a reply, say) would hang all the others.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import queue
+import runpy
 import select
 import signal
 import socket
@@ -49,9 +53,9 @@ class _Zygote:
         self.gone = False
         threading.Thread(target=self._receive, daemon=True, name="zygote").start()
 
-    def start(self, args: list[str], env: dict[str, str], output: int) -> int:
-        """Fork `meadow *args` with `output` as its stdout and stderr; its pid."""
-        request = json.dumps({"args": args, "env": env, "cwd": os.getcwd()}).encode()
+    def start(self, args: list[str], env: dict[str, str], output: int, script: str | None) -> int:
+        """Fork `meadow *args` (or `python script *args`) with `output` as its stdout and stderr; its pid."""
+        request = json.dumps({"args": args, "env": env, "cwd": os.getcwd(), "script": script}).encode()
         with self.lock:
             if self.gone:
                 raise RuntimeError("the zygote that starts meadow commands has exited")
@@ -110,15 +114,15 @@ def _the_zygote() -> _Zygote:
 
 
 class ForkedCommand:
-    """`meadow *args` forked from the zygote, with the part of `subprocess.Popen`'s interface that
-    `local_swarm.Process` and tests use: pid, stdout (text), poll, wait, send_signal, returncode."""
+    """`meadow *args` (or `python script *args`) forked from the zygote, with the part of `subprocess.Popen`'s
+    interface that `local_swarm.Process` and tests use: pid, stdout (text), poll, wait, send_signal, returncode."""
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], script: str | None = None):
         self.args, self.returncode, self._zygote = args, None, _the_zygote()
         reader, writer = os.pipe()
         self.stdout = open(reader, encoding="utf-8", errors="replace")
         try:
-            self.pid = self._zygote.start(args, env, writer)
+            self.pid = self._zygote.start(args, env, writer, script)
         except BaseException:
             self.stdout.close()
             raise
@@ -182,18 +186,34 @@ def _serve_forks(control: socket.socket) -> dict:
             control.send(json.dumps({"started": pid}).encode())
 
 
+def _own_locks() -> None:
+    """In a forked child: new multiprocessing locks in place of those hivemind made at import, which the zygote's
+    children would otherwise all share (see the module's docstring)."""
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()  # MPFuture's two locks and SharedBytes'
+    _AsyncContextWrapper.EXECUTOR_LOCK = multiprocessing.Lock()
+
+
 def _run_command(request: dict) -> None:
-    """In a forked child: become what a new `meadow` process would be, then run the command."""
+    """In a forked child: become what a new `meadow` (or `python script`) process would be, then run it."""
     from meadow.cli import command_line
     from meadow.local_swarm import die_with_parent
 
     os.setsid()
     die_with_parent()  # the zygote, which ends when the process that asked for this command does
+    _own_locks()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv = ["meadow", *request["args"]]
-    command_line()
+    if request["script"] is None:
+        sys.argv = ["meadow", *request["args"]]
+        command_line()
+    else:
+        sys.argv = [request["script"], *request["args"]]
+        sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))  # as `python script` has it
+        runpy.run_path(request["script"], run_name="__main__")
 
 
 if __name__ == "__main__":

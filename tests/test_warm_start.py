@@ -5,6 +5,7 @@ its own session; and it ends when the process that started it dies, whatever els
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -85,3 +86,34 @@ def test_a_zygote_that_died_is_replaced_and_its_commands_end_with_it():
     again = ForkedCommand(["--help"], dict(os.environ))
     assert again.wait(60) == 0 and "usage" in again.stdout.read()
     assert warm_start._the_zygote() is not zygote
+
+
+def test_a_command_killed_holding_a_lock_does_not_hang_the_others(tmp_path):
+    """A forked command that dies holding every multiprocessing lock it has (hivemind makes some as it is imported,
+    and a DHT process can be killed or stopped while it holds one) does not hang the commands forked after it."""
+    from meadow import warm_start
+
+    script = tmp_path / "locks.py"  # "hold": take them all and die; "count": how many are held by another process
+    script.write_text(textwrap.dedent("""
+        import gc, multiprocessing.synchronize, os, signal, sys
+        locks = [thing for thing in gc.get_objects() if isinstance(thing, multiprocessing.synchronize.SemLock)]
+        if sys.argv[1] == "count":
+            print(len(locks), sum(not lock.acquire(timeout=5) for lock in locks), flush=True)
+        else:
+            for lock in locks:
+                lock.acquire()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    try:
+        assert ForkedCommand(["hold"], dict(os.environ), script=str(script)).wait(60) == -signal.SIGKILL
+        count = ForkedCommand(["count"], dict(os.environ), script=str(script))
+        assert count.wait(60) == 0
+        found, held = map(int, count.stdout.read().split()[-2:])
+        assert found >= 4 and held == 0, f"{held} of the {found} locks of a command are held by one that died"
+        dht = ForkedCommand(["dht", "--host", "127.0.0.1"], dict(os.environ))
+        assert select.select([dht.stdout], [], [], 60)[0], "a DHT node forked next said nothing in 60 s"
+        assert dht.stdout.readline().startswith("/ip4/")
+    finally:  # the next test gets a zygote that no lock-holder has touched, whatever happened here
+        zygote = warm_start._the_zygote()
+        zygote.process.kill()
+        zygote.process.wait()
