@@ -51,10 +51,12 @@ class Process:
         # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
         # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        if program is None and self.forked:
+        # `python script ...` (a doctored server of the tests) is forked as well as `meadow ...`
+        script = program[1] if program and program[0] == sys.executable and program[1:2] != [] else None
+        if self.forked and (program is None or script and script.endswith(".py")):
             from meadow.warm_start import ForkedCommand
 
-            self.popen = ForkedCommand(args, env)
+            self.popen = ForkedCommand([*(program or [])[2:], *args], env, script)
         else:
             self.popen = subprocess.Popen(
                 [*(program or [sys.executable, "-m", "meadow"]), *args],
