@@ -18,7 +18,7 @@ killed while holding one (a DHT process stopped in the middle of a reply, say) w
 from __future__ import annotations
 
 import json
-import multiprocessing
+import multiprocessing.synchronize
 import os
 import queue
 import runpy
@@ -187,13 +187,17 @@ def _serve_forks(control: socket.socket) -> dict:
 
 
 def _own_locks() -> None:
-    """In a forked child: new multiprocessing locks in place of those hivemind made at import, which the zygote's
-    children would otherwise all share (see the module's docstring)."""
-    from hivemind.utils.asyncio import _AsyncContextWrapper
-    from hivemind.utils.mpfuture import MPFuture
-
-    MPFuture.reset_backend()  # MPFuture's two locks and SharedBytes'
-    _AsyncContextWrapper.EXECUTOR_LOCK = multiprocessing.Lock()
+    """In a forked child: new multiprocessing locks in place of those hivemind made at import (MPFuture's, say),
+    which the zygote's children would otherwise all share (see the module's docstring). Found by type, not by name,
+    so that a lock a later hivemind adds is not missed."""
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] != "hivemind":
+            continue
+        classes = [thing for thing in vars(module).values() if isinstance(thing, type) and thing.__module__ == name]
+        for holder in [module, *classes]:
+            for attribute, value in list(vars(holder).items()):
+                if isinstance(value, multiprocessing.synchronize.Lock):
+                    setattr(holder, attribute, multiprocessing.Lock())
 
 
 def _run_command(request: dict) -> None:
