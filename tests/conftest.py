@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import pytest
 
+from meadow.client.routing import UNREACHABLE_RTT
 from meadow.local_swarm import LocalSwarm, Process
 
 # the suite starts hundreds of `meadow` processes: forked from a zygote that has imported torch, hivemind and
 # transformers once, each saves those 2-3 CPU seconds (`meadow.warm_start`); what they run is the same
 Process.forked = True
 
+# the speed a server announces when routing must take other servers of its blocks first: a step through its span
+# costs 120 s, more than a server whose ping failed (UNREACHABLE_RTT), so neither a slow first ping on a loaded
+# machine nor a failed one sends the client to it first (with 1 s announced, one clean-clone run of test_verify did)
+SLOW = ("--throughput", str(1 / (2 * UNREACHABLE_RTT)))
 
-def start_swarm(model, spans: list[str], *extra: str, options: dict[str, list[str]] = {}) -> LocalSwarm:
+
+def start_swarm(model, spans: list[str], *extra: str, options: dict[str, Sequence[str]] = {}) -> LocalSwarm:
     """A DHT node and one server per span ("START:END"), started in parallel, all ready on return. Every server gets
     `extra` arguments, and those of a span in `options` its own too."""
     swarm = LocalSwarm()

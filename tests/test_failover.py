@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import start_swarm
+from conftest import SLOW, start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
@@ -129,7 +129,7 @@ def test_a_failed_server_stays_avoided_after_its_ban_until_it_announces_again(mo
     prompt, reference = expected
     swarm = start_swarm(model_path, ["0:3", "3:6"], "--update-period", "10")
     try:
-        slow = swarm.start_server(model_path, "--blocks", "3:6", "--throughput", "0.1")  # routing: 10 s a step
+        slow = swarm.start_server(model_path, "--blocks", "3:6", *SLOW)
         model = client(model_path, swarm, ban_seconds=1.0, step_timeout=2.0, min_step_timeout=2.0, connect_timeout=2.0)
         hung = server_of(swarm, "3:6")
         streamer = AfterTokens({3: lambda: hung.signal(signal.SIGSTOP)})
@@ -185,7 +185,7 @@ def test_a_replacement_that_fails_its_replay_is_banned_and_the_next_one_taken(mo
     prompt, reference = expected
     swarm = start_swarm(model_path, ["0:6", "0:3"], "--update-period", "2")
     try:
-        swarm.start_server(model_path, "--blocks", "3:6", "--throughput", "1", "--update-period", "2")  # slow, honest
+        swarm.start_server(model_path, "--blocks", "3:6", *SLOW, "--update-period", "2")  # honest
         model = client(model_path, swarm, routes_max_age=1.0)  # the failover reads the servers' records again
         broken: list = []
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import start_swarm
+from conftest import SLOW, start_swarm
 from meadow import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from meadow.client.config import ClientConfig
 from meadow.client.model import positions_from_mask
@@ -193,10 +193,8 @@ def test_a_backward_whose_server_died_is_computed_by_a_chain_of_two_as_it_would_
     prompts, each block's from the server that ran it) are those of the same backward when no server failed, and
     transformers'."""
     path = checkpoints("llama", num_layers=4, hidden_size=256, intermediate_size=512)
-    # 2:3 and 3:4 announce a speed (routing takes a step through each for 1 s) far below what 2:4 measures: the
-    # forward takes 2:4, with any jitter
-    slow = ["--throughput", "1"]
-    swarm = start_swarm(path, ["0:2", "2:4", "2:3", "3:4"], options={"2:3": slow, "3:4": slow})
+    # 2:3 and 3:4 announce a speed far below what 2:4 measures: the forward takes 2:4, with any jitter
+    swarm = start_swarm(path, ["0:2", "2:4", "2:3", "3:4"], options={"2:3": SLOW, "3:4": SLOW})
     try:
         model = connect(path, swarm, tuning_mode="deep_ptune", pre_seq_len=3)
         prompts = model.prompts

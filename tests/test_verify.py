@@ -2,10 +2,8 @@
 
 Cheating servers are the real server started by tests/tampering_server.py with its outputs tampered (noise added by
 its blocks; a NaN, or a token missing, in what it sends). Honest servers of the same blocks announce a low speed
-(SLOW: routing takes a step through a span of theirs for 120 s, against a few ms measured), so routing takes the
-cheaters first: what the client then returns equals the model run locally. That is more than a server whose ping
-failed costs (routing.UNREACHABLE_RTT), so neither a slow first ping on a loaded machine nor a failed one sends the
-client to an honest server first (with 1 s announced, one clean-clone run of the suite started on the honest one).
+(conftest.SLOW: routing takes a step through a span of theirs for 120 s, against a few ms measured), so routing
+takes the cheaters first: what the client then returns equals the model run locally.
 """
 
 from __future__ import annotations
@@ -22,9 +20,9 @@ import torch
 from hivemind.p2p import PeerID
 from transformers import AutoModelForCausalLM
 
+from conftest import SLOW
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
-from meadow.client.routing import UNREACHABLE_RTT
 from meadow.client.transport import BadReply, check_reply, is_server_failure
 from meadow.client.verify import WrongOutputs, disagreement, tolerance
 from meadow.local_swarm import LocalSwarm
@@ -33,7 +31,6 @@ from meadow.models.default import default_model_path
 
 NEW_TOKENS = 12
 TAMPERING_SERVER = str(Path(__file__).with_name("tampering_server.py"))
-SLOW = ("--throughput", str(1 / (2 * UNREACHABLE_RTT)))  # announced: routing prefers the measured (fast) cheaters
 
 
 def start(model, servers: list[tuple[str, str | None, tuple[str, ...]]]) -> LocalSwarm:
