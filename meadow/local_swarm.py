@@ -51,9 +51,9 @@ class Process:
         # processes of one swarm share this machine's cores: OpenMP threads that spin-wait after their work (the
         # default) steal them from the next server of the chain; passive waiting keeps the handoff fair
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        # `python script ...` (a doctored server of the tests) is forked as well as `meadow ...`
-        script = program[1] if program and program[0] == sys.executable and program[1:2] != [] else None
-        if self.forked and (program is None or script and script.endswith(".py")):
+        # `python script.py ...` (a doctored server of the tests) is forked as well as `meadow ...`
+        script = program[1] if program and len(program) > 1 and program[0] == sys.executable else None
+        if self.forked and (program is None or script is not None and script.endswith(".py")):
             from meadow.warm_start import ForkedCommand
 
             self.popen = ForkedCommand([*(program or [])[2:], *args], env, script)
