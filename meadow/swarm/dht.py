@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import os
@@ -73,29 +74,17 @@ async def call_dht(fn: Callable, *args):
     """`fn(*args)`, a blocking call into a DHT process, awaited from an event loop, in a daemon thread of its own. A
     DHT process that hangs (stopped, stuck) never answers, and the thread left waiting must not keep its process from
     exiting: asyncio.run joins its executor's threads at the end, and so does a normal exit."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result, error: BaseException | None) -> None:
-        if future.done():  # cancelled: nobody waits any more
-            return
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
+    future: concurrent.futures.Future = concurrent.futures.Future()
 
     def call() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as e:
-            result, error = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop has closed: the process is leaving
-            pass
+        if future.set_running_or_notify_cancel():  # not cancelled before it began
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:
+                future.set_exception(e)
 
     threading.Thread(target=call, name=f"meadow-dht-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(future)  # which drops a reply that comes after a cancel or the loop's end
 
 
 def shut_down_dht(dht: hivemind.DHT) -> None:
