@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import pytest
+from hivemind.p2p import PeerID
 
 from meadow.client.routing import UNREACHABLE_RTT
 from meadow.local_swarm import LocalSwarm, Process
@@ -18,6 +20,16 @@ Process.forked = True
 # costs 120 s, more than a server whose ping failed (UNREACHABLE_RTT), so neither a slow first ping on a loaded
 # machine nor a failed one sends the client to it first (with 1 s announced, one clean-clone run of test_verify did)
 SLOW = ("--throughput", str(1 / (2 * UNREACHABLE_RTT)))
+
+
+def peer_of(server: Process) -> str | None:
+    """The peer ID in a server's ready line (None before it): its later lines name other peers too (its points)."""
+    found = re.search(r"Server ready: .* as (\w+),", "\n".join(list(server.lines)))
+    return found and found.group(1)
+
+
+def server_with_peer(servers: Sequence[Process], peer: PeerID) -> Process:
+    return next(server for server in servers if peer_of(server) == peer.to_base58())
 
 
 def start_swarm(model, spans: list[str], *extra: str, options: dict[str, Sequence[str]] = {}) -> LocalSwarm:

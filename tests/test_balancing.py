@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from conftest import server_with_peer
 from meadow.local_swarm import LocalSwarm
 from meadow.models import load_config
 from meadow.server.block_selection import placements
@@ -98,7 +99,7 @@ def test_a_gap_left_by_a_killed_server_is_filled(swarm):
     spans = wait_until_settled(dht, path, timeout=60)
     holders = {b: [p for p, (s, e) in spans.items() if s <= b < e] for b in range(NUM_BLOCKS)}
     victim_peer = next(holders[b][0] for b in range(NUM_BLOCKS) if len(holders[b]) == 1)  # the only holder of a block
-    victim = next(server for server in swarm.servers if victim_peer.to_base58() in "\n".join(server.lines))
+    victim = server_with_peer(swarm.servers, victim_peer)
     gap = spans[victim_peer]
     moves = sum(count(server, "Moving from") for server in swarm.servers)
 

@@ -21,7 +21,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from conftest import start_swarm
+from conftest import peer_of, start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client.config import ClientConfig
 from meadow.models import load_reference_model
@@ -73,7 +73,7 @@ def server(checkpoints):
     swarm = start_swarm(path, [f"0:{NUM_BLOCKS}"], *limits)
     try:
         (process,) = swarm.servers
-        peer = re.search(r"Server ready: .* as (\w+),", "\n".join(process.lines)).group(1)
+        peer = peer_of(process)
         yield swarm, path, process, f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer}", PeerID.from_base58(peer)
     finally:
         swarm.stop()

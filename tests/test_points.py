@@ -33,17 +33,13 @@ from meadow.points.verify import verify_ledger
 from meadow.swarm import generate_identity, load_identity
 from meadow.swarm.records import LedgerHead
 from meadow.wire import BlockRange, ForwardRequest
-from tests.conftest import start_swarm
+from tests.conftest import peer_of, start_swarm
 from tests.test_pages import browser  # noqa: F401 (a fixture: headless Chromium)
 
 NUM_BLOCKS = 4
 CHUNK = 8  # the busy server runs 8 tokens a pass: a 512-token forward takes 64 passes, so requests queue there
 FORWARD_TOKENS = 512
 THREADS = 5  # requests each client keeps in flight: enough that its queue at the busy server never runs dry
-
-
-def peer_of(server: Process) -> str:
-    return re.search(r"Server ready: .* as (\w+),", "\n".join(server.lines)).group(1)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import SLOW, start_swarm
+from conftest import SLOW, server_with_peer, start_swarm
 from meadow import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from meadow.client.config import ClientConfig
 from meadow.client.model import positions_from_mask
@@ -209,7 +209,7 @@ def test_a_backward_whose_server_died_is_computed_by_a_chain_of_two_as_it_would_
             used = model.sequence.last_hops[-1]
             assert (used.blocks.start, used.blocks.end) == (2, 4)
             if kill:
-                next(s for s in swarm.servers if used.peer.to_base58() in "\n".join(s.lines)).signal(signal.SIGKILL)
+                server_with_peer(swarm.servers, used.peer).signal(signal.SIGKILL)
             loss.backward()
             grads.append((prompts.prefix.grad.clone(), prompts.deep.grad.clone()))
         assert all(relative_error(after, before) <= 1e-7 for before, after in zip(*grads))

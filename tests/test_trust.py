@@ -18,6 +18,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from conftest import peer_of
 from meadow import AutoDistributedModelForCausalLM
 from meadow.cli import main
 from meadow.client.config import ClientConfig
@@ -41,10 +42,6 @@ def keygen(path) -> str:
     result = subprocess.run([sys.executable, "-m", "meadow", "keygen", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return re.search(r"peer id (\w+)", result.stdout).group(1)
-
-
-def peer_of(server: Process) -> str:
-    return re.search(r"Server ready: .* as (\w+),", "\n".join(server.lines)).group(1)
 
 
 @pytest.fixture(scope="module")
