@@ -74,14 +74,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn, repeats: int = 1) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int = 1, warm_up: bool = True) -> float:
+    """Mean seconds of `repeats` calls (0: only the warm-up is run, and 0.0 returned)."""
+    if warm_up:
+        fn()
     synchronize()
     began = time.perf_counter()
     for _ in range(repeats):
         fn()
     synchronize()
-    return (time.perf_counter() - began) / repeats
+    return (time.perf_counter() - began) / repeats if repeats else 0.0
 
 
 def synchronize() -> None:
@@ -90,19 +92,22 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def generation_seconds(model, new_tokens: int, vocab_size: int, repeats: int = 3) -> float:
-    """Seconds to generate `new_tokens` greedy tokens after a 16-token prompt: mean of `repeats`, after a warm-up."""
+def generation_seconds(model, new_tokens: int, vocab_size: int, repeats: int = 3, warm_up: bool = True) -> float:
+    """Seconds to generate `new_tokens` greedy tokens after a 16-token prompt: mean of `repeats` (see timed)."""
     prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(model.device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
-        return timed(lambda: model.generate(prompt, **kwargs), repeats)
+        return timed(lambda: model.generate(prompt, **kwargs), repeats, warm_up)
 
 
-def measure(model, new_tokens: int, vocab_size: int, generated: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Generation tokens/s, prefill and training-step seconds; `generated` is called after the generations."""
+def measure(
+    model, new_tokens: int, vocab_size: int, generated: Callable[[], None] = lambda: None, timed_generation: bool = True
+) -> dict[str, float]:
+    """Generation tokens/s, prefill and training-step seconds; `generated` is called after the generations. Without
+    `timed_generation`, one generation is run (for `generated`) and not timed: the caller times generation itself."""
     prefill = torch.randint(0, vocab_size, (PREFILL_BATCH, PREFILL_LENGTH), generator=torch.Generator().manual_seed(1))
     prefill = prefill.to(model.device)  # a local model on a GPU takes its inputs there
-    generate_time = generation_seconds(model, new_tokens, vocab_size)
+    generate_time = generation_seconds(model, new_tokens, vocab_size, repeats=3 if timed_generation else 0)
     generated()
     with torch.no_grad():
         prefill_time = timed(lambda: model(prefill), repeats=3)
@@ -112,7 +117,8 @@ def measure(model, new_tokens: int, vocab_size: int, generated: Callable[[], Non
         embeds = model.get_input_embeddings()(prefill).detach().requires_grad_()
         model(inputs_embeds=embeds, labels=prefill).loss.backward()
 
-    return {"tokens_per_s": new_tokens / generate_time, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=3)}
+    tokens_per_s = {"tokens_per_s": new_tokens / generate_time} if timed_generation else {}
+    return {**tokens_per_s, "prefill_s": prefill_time, "train_s": timed(train_step, repeats=3)}
 
 
 def wire_label(wire: str | None, dtype: str) -> str:
@@ -152,7 +158,8 @@ def bench(
             generation_peaks.extend(peak_rss_mib(server.popen.pid) for server in servers)
             generation_rss.extend(peak_rss_mib(server.popen.pid, "VmRSS") for server in servers)
 
-        remote = measure(distributed, new_tokens, config.vocab_size, generated)
+        # with `local`, generation is timed in rounds below, against the local model's, and only run once here
+        remote = measure(distributed, new_tokens, config.vocab_size, generated, timed_generation=not local)
         client_peak = peak_rss_mib()
         server_peaks = [peak_rss_mib(server.popen.pid) for server in servers]
         figures = dict(
@@ -166,11 +173,13 @@ def bench(
             for layer in layers:  # the same quantized (or packed) blocks as the servers'; embeddings and head as is
                 pack_block(quantize_block(layer, quant, device))
             local_model.to(device)
-            figures.update(local=measure(local_model, new_tokens, config.vocab_size), params=params)
-            # generation once more, in rounds that time the swarm and the local model one after the other: a slow spell
-            # of the machine (the local run alone has varied 37-51 tokens/s between runs here) then slows both alike
+            local_figures = measure(local_model, new_tokens, config.vocab_size, timed_generation=False)
+            figures.update(local=local_figures, params=params)
+            # generation, in rounds that time the swarm and the local model one after the other: a slow spell of the
+            # machine (the local run alone has varied 37-51 tokens/s between runs here) then slows both alike
+            both = (distributed, local_model)  # each warmed up by measure()
             rounds = [
-                [generation_seconds(m, new_tokens, config.vocab_size, repeats=1) for m in (distributed, local_model)]
+                [generation_seconds(m, new_tokens, config.vocab_size, 1, warm_up=False) for m in both]
                 for _ in range(GENERATION_ROUNDS)
             ]  # fmt: skip
             remote["tokens_per_s"] = new_tokens / statistics.median(swarm for swarm, _ in rounds)
