@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import start_swarm
+from conftest import server_with_peer, start_swarm
 from meadow import AutoDistributedModelForCausalLM
 from meadow.client import transport
 from meadow.client.config import ClientConfig
 from meadow.client.event_loop import run
 from meadow.client.model import GenerationSession
 from meadow.wire import OpenSession, RemoteError, Step
-from test_failover import AfterTokens, server_running
+from test_failover import AfterTokens
 
 PROMPT = torch.tensor([[1, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])  # repeats: prompt lookup finds drafts
 NEW_TOKENS = 24
@@ -134,7 +134,7 @@ def test_greedy_speculation_survives_a_killed_server(model, swarm, reference):
 
     def kill_current_server():
         peer = next(s.hop.peer for s in model.session.remote.segments if s.hop.blocks.start == 3)
-        server_running(swarm, peer).signal(signal.SIGKILL)
+        server_with_peer(swarm.servers, peer).signal(signal.SIGKILL)
 
     streamer = AfterTokens({4: kill_current_server})
     got = model.generate(PROMPT, **GREEDY, prompt_lookup_num_tokens=3, streamer=streamer)
