@@ -34,6 +34,10 @@ def swarm_and_models(request, checkpoints):
         distributed.sequence.close()
     finally:
         swarm.stop()
+    # a clean stop, without a traceback: a server that another still had a push stream open to printed one
+    for server in swarm.servers:
+        said = "\n".join(server.lines)
+        assert "Server stopped" in server.lines and "Traceback" not in said, said
 
 
 def test_logits_equal_local_model(swarm_and_models):

@@ -48,6 +48,14 @@ def serving_blocks(
     return load_blocks(path, config, blocks.start, blocks.end, dtype, read_on, prepare=prepare)
 
 
+def _quiet_about_cancelled_callbacks(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The loop's handler of errors in callbacks, minus a cancellation: Python 3.11's asyncio streams call a cancelled
+    handler task's exception() in a callback (3.12 checks first), so each stream another server still had open to us
+    (a push) when we stopped printed a traceback after "Server stopped", for nothing."""
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
+
+
 def points_summary(points: dict[str, float], me: str, shown: int = 10) -> str:
     """The `shown` highest points and ours, highest first, and how many more peers there are: in a swarm of a
     thousand servers, a line listing every one would be unreadable."""
@@ -150,6 +158,7 @@ class Server:
 
     async def _serve(self) -> None:
         config, loop = self.config, asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_about_cancelled_callbacks)
         stop, started = asyncio.Event(), threading.Event()
 
         def on_stop() -> None:
