@@ -182,6 +182,7 @@ class Server:
             identity=config.identity, swarms={self.dht_prefix: self.model_config.num_hidden_layers},
             allow_peers=config.allow_peers, while_joining=load_given_span,
         )  # fmt: skip
+        p2p = None
         try:
             speed_source = await loop.run_in_executor(None, self._measure)
             rtt = await loop.run_in_executor(None, ping_peers, self.dht)
@@ -206,6 +207,8 @@ class Server:
             if self.span_range is not None:
                 await self._announce_offline()
             await self.handler.sessions_told(timeout=1.0)
+            if p2p is not None:  # our line to the DHT process's p2pd: closed here, its socket file is removed
+                await p2p.shutdown()
             shut_down_dht(self.dht)
             if self.handler.points is not None:
                 self.handler.points.ledger.close()
