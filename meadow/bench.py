@@ -179,7 +179,7 @@ def bench(
             # machine (the local run alone has varied 37-51 tokens/s between runs here) then slows both alike
             both = (distributed, local_model)  # each warmed up by measure()
             rounds = [
-                [generation_seconds(m, new_tokens, config.vocab_size, 1, warm_up=False) for m in both]
+                [generation_seconds(m, new_tokens, config.vocab_size, repeats=1, warm_up=False) for m in both]
                 for _ in range(GENERATION_ROUNDS)
             ]  # fmt: skip
             remote["tokens_per_s"] = new_tokens / statistics.median(swarm for swarm, _ in rounds)

@@ -208,7 +208,10 @@ class Server:
                 await self._announce_offline()
             await self.handler.sessions_told(timeout=1.0)
             if p2p is not None:  # our line to the DHT process's p2pd: closed here, its socket file is removed
-                await p2p.shutdown()
+                try:
+                    await p2p.shutdown()
+                except Exception as e:  # whatever went wrong there, the DHT process must still be shut down below
+                    logger.debug(f"could not close our p2p connection: {e!r}")
             shut_down_dht(self.dht)
             if self.handler.points is not None:
                 self.handler.points.ledger.close()
