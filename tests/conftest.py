@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hivemind.p2p import PeerID
@@ -30,6 +31,28 @@ def peer_of(server: Process) -> str | None:
 
 def server_with_peer(servers: Sequence[Process], peer: PeerID) -> Process:
     return next(server for server in servers if peer_of(server) == peer.to_base58())
+
+
+def p2p_daemons(groups: set[int]) -> list[list[str]]:
+    """The command lines of the p2pd processes running now in these process groups."""
+    daemons = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            group = os.getpgid(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if group in groups and args and args[0].endswith(b"p2pd"):
+            daemons.append([arg.decode() for arg in args if arg])
+    return daemons
+
+
+def assert_on_loopback_with_upnp_off(daemon: list[str]) -> None:
+    assert "-natPortMap=0" in daemon, daemon
+    listen = [arg for arg in daemon if arg.startswith("-hostAddrs=")]
+    assert listen and all("/ip4/127.0.0.1/" in addr for addr in listen[0].split("=", 1)[1].split(",")), daemon
 
 
 def start_swarm(model, spans: list[str], *extra: str, options: dict[str, Sequence[str]] = {}) -> LocalSwarm:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import assert_on_loopback_with_upnp_off, p2p_daemons
 from meadow.cli import build_parser, main
 from meadow.client.sequence import connect_sequence
 from meadow.local_swarm import LocalSwarm
@@ -201,22 +202,10 @@ def test_client_commands_let_openmp_threads_wait_without_spinning():
 def test_every_p2p_daemon_listens_on_loopback_with_upnp_off(swarm_by_num_blocks):
     swarm, _ = swarm_by_num_blocks
     roots = {process.popen.pid for process in [swarm.dht, *swarm.servers]}
-    daemons = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-            group = os.getpgid(int(proc.name))
-        except (OSError, ProcessLookupError):
-            continue
-        if group in roots and args and args[0].endswith(b"p2pd"):
-            daemons.append([arg.decode() for arg in args])
+    daemons = p2p_daemons(roots)
     assert len(daemons) >= len(roots)
-    for args in daemons:
-        assert "-natPortMap=0" in args, args
-        listen = [arg for arg in args if arg.startswith("-hostAddrs=")]
-        assert listen and all("/ip4/127.0.0.1/" in addr for addr in listen[0].split("=", 1)[1].split(",")), args
+    for daemon in daemons:
+        assert_on_loopback_with_upnp_off(daemon)
 
 
 def test_servers_size_their_span_to_their_memory_or_warn_that_it_may_not_fit(swarm_by_num_blocks):

@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from functools import partial
 
 import hivemind
@@ -18,7 +19,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from conftest import peer_of
+from conftest import assert_on_loopback_with_upnp_off, p2p_daemons, peer_of
 from meadow import AutoDistributedModelForCausalLM
 from meadow.cli import main
 from meadow.client.config import ClientConfig
@@ -78,10 +79,26 @@ def test_keygen_file_gives_the_same_peer_id_at_every_start(swarm, tmp_path, caps
     with pytest.raises(SystemExit) as refused:
         main(["dht", "--identity", str(tmp_path / "nope.key")])
     assert refused.value.code == 2 and "meadow keygen" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as refused:  # server0's identity, in use: one line, no traceback
-        main(["dht", "--identity", str(keys / "server0.key"), "--initial-peers", *local_swarm.initial_peers])
-    assert str(refused.value) == (f"meadow dht: error: could not start the p2p daemon: Identity from "
-                                  f"`{keys / 'server0.key'}` is already taken by another peer")  # fmt: skip
+    # server0's identity, in use: refused in one line, no traceback (a process of its own: one that joined the swarm
+    # as a second server0 would stay, and confuse the other tests' lookups)
+    taken = Process(["dht", "--identity", str(keys / "server0.key"), "--initial-peers", *local_swarm.initial_peers],
+                    "dht-with-taken-identity")  # fmt: skip
+    daemons = set()  # its p2pd processes, the short-lived one that looks for the identity's peer included
+    try:
+        deadline = time.monotonic() + 60
+        while taken.popen.poll() is None and time.monotonic() < deadline:
+            daemons |= {tuple(daemon) for daemon in p2p_daemons({taken.popen.pid})}
+            time.sleep(0.01)
+        refused = taken.wait_for(lambda line: "error:" in line, timeout=1)
+        assert taken.popen.wait(15) == 1
+    finally:
+        taken.stop()
+    assert refused == (f"meadow dht: error: could not start the p2p daemon: Identity from `{keys / 'server0.key'}` is "
+                       "already taken by another peer")  # fmt: skip
+    assert not any("Traceback" in line for line in taken.lines), "\n".join(taken.lines)
+    assert daemons
+    for daemon in daemons:
+        assert_on_loopback_with_upnp_off(list(daemon))
     seen = []
     for _ in range(2):  # a restart keeps the peer id
         node = Process(["dht", "--identity", str(path)], "dht-with-identity")

@@ -25,7 +25,7 @@ from hivemind.utils import get_dht_time
 
 from meadow.listening import check_port_free
 from meadow.swarm.allow_list import AllowListDHT, NotAllowed, load_allow_list, refused_reason
-from meadow.swarm.identity import generate_identity, load_identity
+from meadow.swarm.identity import IdentityCheckingP2P, generate_identity, load_identity
 from meadow.swarm.records import LEDGERS_KEY, MODELS_KEY, LedgerHead, ModelInfo, ServerInfo, ServerState, block_key
 from meadow.swarm.validation import (
     InvalidRecord, check_ledger_record, check_model_record, check_record, meadow_validators, owner_subkey,
@@ -132,6 +132,8 @@ def start_dht(
         kind, extra = (hivemind.DHT, {}) if allowed is None else (AllowListDHT, {"allowed": allowed})
         if client_mode:
             kind = type(f"Client{kind.__name__}", (ClientProcess, kind), {})
+        if identity is not None:
+            kind = type(f"IdentityChecked{kind.__name__}", (IdentityChecked, kind), {})
         with _objects_frozen():  # while the DHT's process is forked (start=True)
             dht = kind(
                 initial_peers=list(initial_peers),
@@ -139,8 +141,8 @@ def start_dht(
                 client_mode=client_mode,
                 nat_port_map=nat_port_map,
                 identity_path=str(key.path),
-                # a kept identity is checked not to be in use by another peer (the same server started twice); a
-                # fresh one cannot be
+                # a kept identity is checked not to be in use by another peer (the same server started twice), by
+                # IdentityChecked; a fresh one cannot be
                 check_if_identity_free=identity is not None,
                 record_validators=meadow_validators(key, dict(swarms), allowed),
                 start=True,
@@ -213,6 +215,16 @@ def _kill_process_tree(pid: int) -> None:
             process.kill()
     except psutil.Error:  # it ended meanwhile
         pass
+
+
+class IdentityChecked:
+    """A DHT whose process checks that its kept identity is not in use with Meadow's check (IdentityCheckingP2P).
+    hivemind's DHTNode creates its P2P inside the DHT's own (forked) process, so that process swaps in the subclass;
+    the parent process is untouched."""
+
+    def run(self) -> None:
+        hivemind.dht.node.P2P = IdentityCheckingP2P
+        super().run()
 
 
 class ClientProcess:
