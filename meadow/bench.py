@@ -263,6 +263,18 @@ def client_worker(
     distributed.sequence.close()
 
 
+def wait_until_idle(pids: list[int], timeout: float = 60.0, window: float = 0.5, busy: float = 0.2) -> None:
+    """Wait until processes and their descendants use less than `busy` of a core over `window` seconds (at most
+    `timeout`). Clients that have just said they are ready still work a moment (16 of them kept both cores busy for
+    ~2 s, their DHT processes settling in the swarm), and the first runs would time that too."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        began = cpu_seconds(pids)
+        time.sleep(window)
+        if cpu_seconds(pids) - began < busy * window:
+            return
+
+
 def run_clients_bench(
     model: str | None, num_servers: int, clients: list[int], new_tokens: int, dtype: str, device: str, repeats: int = 3,
     wire: str | None = None,
@@ -274,7 +286,10 @@ def run_clients_bench(
     blocks = config.num_hidden_layers
     spans = split_evenly(blocks, num_servers)
     clients = sorted(set(clients) | {1})
-    context = multiprocessing.get_context("spawn")
+    # client processes are forked from one that has imported the client once: spawned, each imported torch and
+    # hivemind itself (16 clients were ready after 71 s here, forked after 13 s)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["meadow.bench", "meadow.client.model"])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as for servers: clients that share cores must not spin
     rows = []
     with LocalSwarm() as swarm:
@@ -297,6 +312,7 @@ def run_clients_bench(
                     raise RuntimeError(f"a client process failed: {detail}")
                 progress.update()
             progress.close()
+            wait_until_idle([process.pid for process, _ in workers])
             progress = tqdm(total=len(clients) * repeats, desc="runs", unit="run")
             for n in clients:
                 runs = []
