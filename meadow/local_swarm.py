@@ -86,7 +86,9 @@ class Process:
                 if predicate(line):
                     return line
             if self.popen.poll() is not None and seen >= len(self.lines):
-                break
+                self._reader.join(1.0)  # its last lines may not be read yet
+                if seen >= len(self.lines):
+                    break
             time.sleep(0.05)
         tail = "\n".join(self.lines[-30:])
         state = f"exited with {self.popen.returncode}" if self.popen.poll() is not None else "timed out"
