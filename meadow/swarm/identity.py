@@ -89,7 +89,9 @@ class IdentityCheckingP2P(P2P):
             deadline = time.monotonic() + cls.CHECK_TIMEOUT
             while True:
                 try:
-                    await anonymous._client.connect(peer_id, [])  # found and reached: another peer has this identity
+                    # found and reached: another peer has this identity (P2P has no public connect; hivemind's own
+                    # check calls its daemon client so too)
+                    await anonymous._client.connect(peer_id, [])
                     return True
                 except ControlFailure as e:
                     if "failed to find any peer in table" not in str(e):  # asked: "routing: not found"
