@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from meadow import lazy_imports  # noqa: F401  (first: before any module of ours imports hivemind)
+
 
 def __getattr__(name: str):
     # lazy, so that `meadow dht` and `meadow serve` do not import the client stack
