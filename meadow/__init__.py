@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from meadow import lazy_imports  # noqa: F401  (first: before any module of ours imports hivemind)
+from meadow import startup  # noqa: F401  (first: before any module of ours imports hivemind or torch)
 
 
 def __getattr__(name: str):

@@ -202,9 +202,11 @@ print("started")
 def test_a_stop_signal_while_torch_starts_its_shared_memory_manager_is_handled_after_it():
     """A handled signal that interrupts that start made torch retry the same failed read forever (a process spinning
     at full CPU, which only SIGKILL ends: seen when a demo was stopped while its servers started). start_dht holds
-    SIGINT and SIGTERM back until the manager is up."""
+    SIGINT and SIGTERM back until the manager is up. Meadow shares through file descriptors, which need no manager,
+    unless told to use named files, as here."""
+    environment = {**os.environ, "HIVEMIND_MEMORY_SHARING_STRATEGY": "file_system"}  # not Meadow's default
     result = subprocess.run([sys.executable, "-c", SIGNALS_DURING_SHARED_MEMORY_START], capture_output=True,
-                            text=True, timeout=HANG)  # fmt: skip
+                            text=True, timeout=HANG, env=environment)  # fmt: skip
     assert result.returncode == 0 and result.stdout.split() == ["started"], result.stderr[-2000:]
 
 

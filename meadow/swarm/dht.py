@@ -36,11 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 def start_shared_memory() -> None:
-    """Start this process's torch_shm_manager, if it has none yet, with SIGINT and SIGTERM held back meanwhile.
-    hivemind shares one byte per DHT call's future through torch's file_system memory sharing, whose first use starts
-    that manager and reads its address from a pipe; a signal with a handler (Python's own Ctrl-C handler counts) that
-    interrupts the read makes torch retry the same failed result forever: a process spinning at full CPU that only
-    SIGKILL ends. Held back, the signal is handled as soon as the manager is up."""
+    """Start this process's torch_shm_manager, if it needs one and has none yet, with SIGINT and SIGTERM held back
+    meanwhile. It needs one only with HIVEMIND_MEMORY_SHARING_STRATEGY=file_system (hivemind's default, not Meadow's:
+    startup.py): hivemind shares one byte per DHT call's future through torch's memory sharing, whose first use with
+    named files starts that manager and reads its address from a pipe; a signal with a handler (Python's own Ctrl-C
+    handler counts) that interrupts the read makes torch retry the same failed result forever: a process spinning at
+    full CPU that only SIGKILL ends. Held back, the signal is handled as soon as the manager is up."""
     from hivemind.utils.mpfuture import SharedBytes
 
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

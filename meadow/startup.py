@@ -1,14 +1,23 @@
-"""Modules our dependencies import at start-up but Meadow never uses, imported only if something reads from them.
+"""What Meadow changes in how its dependencies start, done as `meadow` is imported, before any of them is.
 
-hivemind's package imports its averaging code, which imports scipy.optimize (for one linear program in its load
-balancing): 0.3 s of every Meadow process's start (a server's, a client's, `meadow dht`'s), a tenth of a server's
-start to ready. The standard library's LazyLoader does not help here: Python 3.11's `import scipy.optimize` reads
-the module's `__spec__`, which makes a LazyLoader module load."""
+- Modules they import that Meadow never uses are imported only if something reads from them (`Deferred`).
+  hivemind's package imports its averaging code, which imports scipy.optimize (for one linear program in its load
+  balancing): 0.3 s of every server's and DHT node's start, a tenth of a server's start to ready. The standard
+  library's LazyLoader does not help here: Python 3.11's `import scipy.optimize` reads the module's `__spec__`, which
+  makes a LazyLoader module load.
+- hivemind shares one byte per DHT call's future (MPFuture) with the DHT's process, and switches torch's sharing of
+  CPU tensors from its default (file descriptors) to named files (`file_system`). Named files need a manager process,
+  torch_shm_manager, started at a process's first shared tensor: a program that loads libtorch, 0.25 s of every
+  process that starts a DHT node, with the interpreter's lock held all along. The futures work as well with file
+  descriptors (passed over a socket, as multiprocessing passes them), which need no manager: Meadow keeps torch's
+  default, unless HIVEMIND_MEMORY_SHARING_STRATEGY says otherwise (hivemind reads it as it is imported).
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 
@@ -47,3 +56,4 @@ def defer(name: str) -> None:
 
 for _name in NEVER_USED_AT_START:
     defer(_name)
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")  # our children inherit it, as they should
