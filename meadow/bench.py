@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import statistics
@@ -291,6 +292,7 @@ def run_clients_bench(
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["meadow.bench", "meadow.client.model"])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as for servers: clients that share cores must not spin
+    multiprocessing.forkserver.ensure_running()  # now: its imports overlap the swarm's start (the DHT's uses one core)
     rows = []
     with LocalSwarm() as swarm:
         swarm.start_dht()
