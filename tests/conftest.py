@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hivemind.p2p import PeerID
+
+import meadow  # noqa: F401  first, as a user's program imports it: its start-up changes come before hivemind loads
+from hivemind.p2p import PeerID  # noqa: E402
 
 from meadow.client.routing import UNREACHABLE_RTT
 from meadow.local_swarm import LocalSwarm, Process
