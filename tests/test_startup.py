@@ -1,4 +1,5 @@
-"""Modules our dependencies import at start-up that Meadow never uses stay unimported until something reads them."""
+"""What importing meadow changes in its dependencies' start-up (startup.py): modules they import that Meadow never
+uses stay unimported until something reads them, and hivemind's futures share without a manager process."""
 
 import subprocess
 import sys
